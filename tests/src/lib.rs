@@ -1,0 +1,1 @@
+//! NAT lab harness
