@@ -1,1 +1,402 @@
-fn main() {}
+//! `nettool`: connect two peers behind NATs.
+//!
+//! Commands: `rendezvous` (the meeting point), `connect` (one peer; netcat-like once linked),
+//! `demo` (a rendezvous and two peers on loopback, in one process).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nettool_config::{StrategyConfig, StrategyName};
+use nettool_core::orchestrator::Event;
+use nettool_core::server::{RendezvousServer, ServerConfig};
+use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DEFAULT_PORT: u16 = 8877;
+
+/// Connect two peers that sit behind NATs and firewalls.
+///
+/// A rendezvous server introduces the peers; they then try connection strategies in order
+/// (TCP hole punching first) and report which one produced the link.
+#[derive(Debug, Parser)]
+#[command(name = "nettool", version, propagate_version = true)]
+struct Cli {
+    /// Log more (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a rendezvous server that pairs peers by session name.
+    ///
+    /// Run it on a host both peers can reach. It serves TCP on the given address; peers that
+    /// give the same --session are paired, at most two per session.
+    Rendezvous(RendezvousArgs),
+    /// Connect to the peer that uses the same session, then act like netcat.
+    ///
+    /// stdin goes to the peer until EOF (then the sending side is closed); the peer's bytes
+    /// go to stdout until the peer closes. Progress and a summary go to stderr.
+    ///
+    /// Example, on two machines:
+    ///   nettool connect --server rv.example.net:8877 --session demo --strategy tcp-punch
+    Connect(ConnectArgs),
+    /// Run a rendezvous server and two peers on loopback and link them with every strategy.
+    ///
+    /// Needs no setup: shows what nettool does and that this machine's TCP stack supports it.
+    Demo,
+}
+
+#[derive(Debug, Args)]
+struct RendezvousArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8877")]
+    listen: SocketAddr,
+    /// How long a session waits for its second peer before it expires (e.g. 5m, 30s).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    session_expiry: Duration,
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// Rendezvous server, HOST:PORT (port defaults to 8877).
+    #[arg(long)]
+    server: String,
+    /// Session name; the peer must use the same one.
+    #[arg(long)]
+    session: String,
+    /// Strategy to try; repeat to give an order. Default: every strategy, in the default order.
+    #[arg(long = "strategy", value_name = "NAME", value_parser = parse_strategy)]
+    strategies: Vec<StrategyName>,
+    /// Overall deadline for pairing and all attempts (e.g. 30s, 1m).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Timeout of each strategy's attempt (default: the strategy's own, 10s for tcp-punch).
+    #[arg(long, value_parser = parse_duration)]
+    strategy_timeout: Option<Duration>,
+    /// Shared secret both peers must give; without it, anyone who knows the session name
+    /// can pass as the peer.
+    #[arg(long, env = "NETTOOL_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Write the JSON report of the connect to this file (also when no link was made).
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// tcp-punch: TTL of the first SYN to each candidate (0 turns the low-TTL SYN off).
+    #[arg(long, default_value_t = 2)]
+    punch_ttl: u32,
+    /// tcp-punch: local port to punch from (0 = any free port).
+    #[arg(long, default_value_t = 0)]
+    local_port: u16,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("bad duration '{s}': {e} (examples: 500ms, 10s, 2m)"))
+}
+
+fn parse_strategy(s: &str) -> Result<StrategyName, String> {
+    s.parse()
+        .map_err(|e: nettool_config::UnknownStrategy| e.to_string())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nettool: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = runtime.block_on(async {
+        match run(cli.command).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("nettool: {e:#}");
+                1
+            }
+        }
+    });
+    // stdin may still be blocked in a reader thread; do not wait for it.
+    std::process::exit(code);
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(command: Command) -> Result<i32> {
+    match command {
+        Command::Rendezvous(args) => rendezvous(args).await,
+        Command::Connect(args) => connect(args).await,
+        Command::Demo => demo().await,
+    }
+}
+
+async fn rendezvous(args: RendezvousArgs) -> Result<i32> {
+    let config = ServerConfig {
+        session_expiry: args.session_expiry,
+        ..ServerConfig::default()
+    };
+    let server = RendezvousServer::bind(args.listen, config)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "nettool rendezvous: listening on {} (tcp)",
+        server.local_addr()?
+    );
+    tokio::select! {
+        () = server.run() => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("nettool rendezvous: interrupted, stopping"),
+    }
+    Ok(0)
+}
+
+/// The strategies to run, in order, with their settings.
+fn strategy_configs(
+    names: &[StrategyName],
+    strategy_timeout: Option<Duration>,
+    punch_ttl: u32,
+    local_port: u16,
+) -> Vec<StrategyConfig> {
+    let names = if names.is_empty() {
+        StrategyName::ALL
+    } else {
+        names
+    };
+    let mut out: Vec<StrategyConfig> = Vec::new();
+    for name in names {
+        if out.iter().any(|c| c.name() == *name) {
+            continue; // a repeated --strategy keeps its first position
+        }
+        let mut config = StrategyConfig::default_for(*name);
+        if let Some(t) = strategy_timeout {
+            config.set_timeout(t);
+        }
+        match &mut config {
+            StrategyConfig::TcpPunch(c) => {
+                c.low_ttl = (punch_ttl > 0).then_some(punch_ttl);
+                c.local_port = local_port;
+            }
+        }
+        out.push(config);
+    }
+    out
+}
+
+fn orchestrator(configs: &[StrategyConfig], overall: Duration) -> Orchestrator {
+    Orchestrator::new(
+        configs
+            .iter()
+            .map(|c| (nettool_strategies::build(c), c.timeout()))
+            .collect(),
+        overall,
+    )
+}
+
+async fn resolve_server(server: &str) -> Result<SocketAddr> {
+    let with_port = if server.parse::<SocketAddr>().is_ok()
+        || server
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok())
+    {
+        server.to_owned()
+    } else {
+        format!("{server}:{DEFAULT_PORT}")
+    };
+    let mut addrs = tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("cannot resolve rendezvous server '{server}'"))?;
+    addrs
+        .next()
+        .with_context(|| format!("rendezvous server '{server}' has no address"))
+}
+
+fn progress(event: Event) {
+    match event {
+        Event::Waiting => eprintln!("nettool: joined; waiting for the peer"),
+        Event::Paired { role, strategies } => eprintln!(
+            "nettool: paired as {role}; strategies: {}",
+            strategies.join(", ")
+        ),
+        Event::AttemptStarted { strategy } => eprintln!("nettool: trying {strategy} ..."),
+        Event::AttemptFinished(a) => match a.outcome {
+            Outcome::Connected => {
+                eprintln!("nettool: {} linked in {} ms", a.strategy, a.elapsed_ms)
+            }
+            _ => eprintln!(
+                "nettool: {} {} after {} ms: {}",
+                a.strategy,
+                a.outcome.as_str(),
+                a.elapsed_ms,
+                a.error.as_deref().unwrap_or("")
+            ),
+        },
+        _ => {}
+    }
+}
+
+async fn connect(args: ConnectArgs) -> Result<i32> {
+    if args.session.is_empty() {
+        bail!("--session must not be empty");
+    }
+    let server = resolve_server(&args.server).await?;
+    if args.secret.is_none() {
+        eprintln!(
+            "nettool: warning: no --secret given; the link key is derived from the session name, \
+             so anyone who knows the name can pass as the peer"
+        );
+    }
+    let configs = strategy_configs(
+        &args.strategies,
+        args.strategy_timeout,
+        args.punch_ttl,
+        args.local_port,
+    );
+    let orch = orchestrator(&configs, args.timeout);
+    let params = ConnectParams {
+        server,
+        session: args.session.clone(),
+        secret: args.secret.clone(),
+    };
+    let (link, report) = orch.connect(&params, &progress).await;
+    if let Some(path) = &args.report {
+        write_report(path, &report)?;
+    }
+    let Some(link) = link else {
+        eprintln!(
+            "nettool: no link: {}",
+            report.error.as_deref().unwrap_or("unknown reason")
+        );
+        return Ok(1);
+    };
+    eprintln!(
+        "nettool: linked with {} via {}: {} -> {}",
+        report.role.map(|r| r.as_str()).unwrap_or("?"),
+        link.strategy,
+        link.local,
+        link.remote
+    );
+    let (sent, received) = pump_stdio(link).await?;
+    eprintln!("nettool: done: sent {sent} bytes, received {received} bytes");
+    Ok(0)
+}
+
+fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, json + "\n")
+        .with_context(|| format!("cannot write the report to {}", path.display()))
+}
+
+/// stdin → link until EOF (then half-close), link → stdout until the peer's EOF.
+async fn pump_stdio(link: Link) -> Result<(u64, u64)> {
+    let (mut rd, mut wr) = tokio::io::split(link.stream);
+    let up = async {
+        let mut stdin = tokio::io::stdin();
+        let n = tokio::io::copy(&mut stdin, &mut wr)
+            .await
+            .context("sending stdin to the peer")?;
+        wr.shutdown().await.context("closing the sending side")?;
+        Ok::<_, anyhow::Error>(n)
+    };
+    let down = async {
+        let mut stdout = tokio::io::stdout();
+        let n = tokio::io::copy(&mut rd, &mut stdout)
+            .await
+            .context("receiving from the peer")?;
+        stdout.flush().await.context("writing stdout")?;
+        Ok::<_, anyhow::Error>(n)
+    };
+    tokio::try_join!(up, down)
+}
+
+async fn demo() -> Result<i32> {
+    let server = RendezvousServer::bind("127.0.0.1:0".parse()?, ServerConfig::default())
+        .await
+        .context("cannot start the embedded rendezvous server on loopback")?;
+    let addr = server.local_addr()?;
+    let server_task = tokio::spawn(server.run());
+    println!("nettool demo: rendezvous on {addr}; two peers on loopback");
+    let mut failures = 0;
+    for name in StrategyName::ALL {
+        let configs = strategy_configs(&[*name], Some(Duration::from_secs(10)), 2, 0);
+        let orch = Arc::new(orchestrator(&configs, Duration::from_secs(20)));
+        let session = format!("demo-{name}");
+        let params = ConnectParams {
+            server: addr,
+            session,
+            secret: Some("demo".into()),
+        };
+        let start = Instant::now();
+        let (a, b) = tokio::join!(
+            demo_peer(orch.clone(), params.clone(), b"hello from first\n"),
+            demo_peer(orch.clone(), params.clone(), b"hello from second\n"),
+        );
+        match (a, b) {
+            (Ok((ra, got_a)), Ok((_, got_b))) => println!(
+                "{name:<10} linked in {} ms ({} -> {}); first heard {:?}, second heard {:?}",
+                start.elapsed().as_millis(),
+                ra.local.as_deref().unwrap_or("?"),
+                ra.remote.as_deref().unwrap_or("?"),
+                String::from_utf8_lossy(&got_a).trim_end(),
+                String::from_utf8_lossy(&got_b).trim_end(),
+            ),
+            (a, b) => {
+                failures += 1;
+                let why = [a.err(), b.err()]
+                    .into_iter()
+                    .flatten()
+                    .map(|e| format!("{e:#}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                println!("{name:<10} FAILED: {why}");
+            }
+        }
+    }
+    server_task.abort();
+    Ok(if failures == 0 { 0 } else { 1 })
+}
+
+/// One demo peer: connect, send a line, half-close, read the peer's line.
+async fn demo_peer(
+    orch: Arc<Orchestrator>,
+    params: ConnectParams,
+    message: &'static [u8],
+) -> Result<(Report, Vec<u8>)> {
+    let (link, report) = orch.connect(&params, &|_| {}).await;
+    let Some(link) = link else {
+        bail!(
+            "no link: {}",
+            report
+                .attempts
+                .last()
+                .and_then(|a| a.error.clone())
+                .or(report.error.clone())
+                .unwrap_or_default()
+        );
+    };
+    let (mut rd, mut wr) = tokio::io::split(link.stream);
+    wr.write_all(message).await?;
+    wr.shutdown().await?;
+    let mut got = Vec::new();
+    rd.read_to_end(&mut got).await?;
+    Ok((report, got))
+}

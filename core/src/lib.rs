@@ -1,1 +1,30 @@
-//! placeholder
+//! The core of nettool: everything two peers need to meet and agree, independent of how a
+//! particular strategy opens its sockets.
+//!
+//! - [`protocol`]: the versioned rendezvous messages and their line codec.
+//! - [`client`]: the peer's side of the rendezvous conversation.
+//! - [`server`] (feature `server`): the rendezvous server that pairs peers by session name.
+//! - [`strategy`]: the object-safe [`Strategy`] trait, the [`Link`] it produces and the
+//!   [`Attempt`] context it runs in.
+//! - [`handshake`]: the link handshake that proves both ends of a raw link belong to the same
+//!   session before any user data flows.
+//! - [`orchestrator`]: runs strategies in order with timeouts and always produces a [`Report`].
+//! - [`report`]: the JSON report of one connect.
+
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod handshake;
+pub mod orchestrator;
+pub mod protocol;
+pub mod report;
+#[cfg(feature = "server")]
+pub mod server;
+pub mod strategy;
+
+pub use client::{ClientError, Pairing, RendezvousClient};
+pub use handshake::{HandshakeError, LinkKey};
+pub use orchestrator::{ConnectParams, Orchestrator};
+pub use protocol::Role;
+pub use report::{AttemptReport, Outcome, Report};
+pub use strategy::{Attempt, Link, LinkStream, Strategy, StrategyError};

@@ -1,0 +1,319 @@
+//! The peer's side of the rendezvous conversation.
+//!
+//! [`RendezvousClient::join`] opens the control connection and waits until the server pairs
+//! this peer; afterwards the orchestrator and strategies exchange offers and results through
+//! it. [`observe`] runs the one-frame observe exchange on a connection a strategy opened from
+//! its own punch port.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use crate::protocol::{
+    ClientToServer, FramedConn, RecvError, Role, ServerToClient, DEFAULT_MAX_FRAME_LEN,
+    PROTOCOL_VERSION,
+};
+
+/// Why talking to the rendezvous server failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot reach the rendezvous server at {addr}: {source}")]
+    Connect {
+        /// The server's address.
+        addr: SocketAddr,
+        /// The connect error.
+        source: std::io::Error,
+    },
+    /// The connection to the server failed or closed.
+    #[error("rendezvous connection lost: {0}")]
+    Lost(String),
+    /// The server refused a request and said why.
+    #[error("rendezvous server: {0}")]
+    Refused(String),
+    /// The peer left the session.
+    #[error("the peer left the session")]
+    PeerLeft,
+    /// The server sent something this client did not expect at this point.
+    #[error("unexpected message from the rendezvous server: {0}")]
+    Unexpected(String),
+    /// A deadline passed while waiting for the server or the peer.
+    #[error("timed out waiting for {0}")]
+    TimedOut(&'static str),
+}
+
+impl From<RecvError> for ClientError {
+    fn from(e: RecvError) -> Self {
+        Self::Lost(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Lost(e.to_string())
+    }
+}
+
+/// What the server told a peer when it paired it.
+#[derive(Debug, Clone)]
+pub struct Pairing {
+    /// This peer's role.
+    pub role: Role,
+    /// Strategies both peers offered, in the first peer's order.
+    pub strategies: Vec<String>,
+    /// Random identifier of this pairing.
+    pub pair_id: String,
+    /// This peer's control address as the server saw it.
+    pub observed: SocketAddr,
+    /// The peer's control address as the server saw it.
+    pub peer: SocketAddr,
+}
+
+/// A joined and paired control connection to the rendezvous server.
+#[derive(Debug)]
+pub struct RendezvousClient {
+    conn: FramedConn<TcpStream>,
+    server: SocketAddr,
+    next_ping: u64,
+    /// Results the peer sent while this side was still busy with an attempt.
+    early_results: Vec<(String, bool, Option<String>)>,
+}
+
+impl RendezvousClient {
+    /// Connects, joins `session` offering `strategies`, and waits until paired or `deadline`.
+    ///
+    /// `on_waiting` is called once if the server says this peer is the first and waits.
+    pub async fn join(
+        server: SocketAddr,
+        session: &str,
+        strategies: &[String],
+        deadline: Instant,
+        on_waiting: impl FnOnce(),
+    ) -> Result<(Self, Pairing), ClientError> {
+        let stream = within(
+            deadline,
+            "the rendezvous server",
+            TcpStream::connect(server),
+        )
+        .await?
+        .map_err(|source| ClientError::Connect {
+            addr: server,
+            source,
+        })?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = FramedConn::new(stream, DEFAULT_MAX_FRAME_LEN);
+        conn.send(&ClientToServer::Join {
+            version: PROTOCOL_VERSION,
+            session: session.to_owned(),
+            strategies: strategies.to_vec(),
+        })
+        .await?;
+        let mut on_waiting = Some(on_waiting);
+        loop {
+            let msg = within(deadline, "a peer to join the session", conn.recv()).await??;
+            match msg {
+                None => return Err(ClientError::Lost("server closed the connection".into())),
+                Some(ServerToClient::Waiting { .. }) => {
+                    if let Some(f) = on_waiting.take() {
+                        f();
+                    }
+                }
+                Some(ServerToClient::Paired {
+                    role,
+                    strategies,
+                    pair_id,
+                    observed,
+                    peer,
+                }) => {
+                    let client = Self {
+                        conn,
+                        server,
+                        next_ping: 0,
+                        early_results: Vec::new(),
+                    };
+                    let pairing = Pairing {
+                        role,
+                        strategies,
+                        pair_id,
+                        observed,
+                        peer,
+                    };
+                    return Ok((client, pairing));
+                }
+                Some(other) => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// The rendezvous server's address.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// Measures the round-trip time to the server (the smallest of `count` pings).
+    pub async fn rtt(&mut self, count: usize, deadline: Instant) -> Result<Duration, ClientError> {
+        let mut best = Duration::MAX;
+        for _ in 0..count.max(1) {
+            self.next_ping += 1;
+            let id = self.next_ping;
+            let start = Instant::now();
+            self.conn.send(&ClientToServer::Ping { id }).await?;
+            loop {
+                match self.recv(deadline, "the server's pong").await? {
+                    ServerToClient::Pong { id: got } if got == id => break,
+                    ServerToClient::Pong { .. } => continue,
+                    other => return Err(unexpected(other)),
+                }
+            }
+            best = best.min(start.elapsed());
+        }
+        Ok(best)
+    }
+
+    /// Sends this peer's offer for `strategy` and waits for the peer's (the server delivers
+    /// both at the same moment).
+    pub async fn exchange_offer(
+        &mut self,
+        strategy: &str,
+        payload: serde_json::Value,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.conn
+            .send(&ClientToServer::Offer {
+                strategy: strategy.to_owned(),
+                payload,
+            })
+            .await?;
+        loop {
+            match self.recv(deadline, "the peer's offer").await? {
+                ServerToClient::Offer {
+                    strategy: s,
+                    payload,
+                } if s == strategy => return Ok(payload),
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// Sends this peer's result for `strategy`.
+    pub async fn send_result(
+        &mut self,
+        strategy: &str,
+        ok: bool,
+        error: Option<String>,
+    ) -> Result<(), ClientError> {
+        self.conn
+            .send(&ClientToServer::Result {
+                strategy: strategy.to_owned(),
+                ok,
+                error,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Waits for the peer's result for `strategy`: `Ok(None)` when the peer succeeded,
+    /// `Ok(Some(reason))` when it failed.
+    pub async fn peer_result(
+        &mut self,
+        strategy: &str,
+        deadline: Instant,
+    ) -> Result<Result<(), String>, ClientError> {
+        if let Some(i) = self.early_results.iter().position(|r| r.0 == strategy) {
+            let (_, ok, error) = self.early_results.remove(i);
+            return Ok(to_result(ok, error));
+        }
+        loop {
+            match self.recv(deadline, "the peer's result").await? {
+                ServerToClient::Result {
+                    strategy: s,
+                    ok,
+                    error,
+                } => {
+                    if s == strategy {
+                        return Ok(to_result(ok, error));
+                    }
+                    self.early_results.push((s, ok, error));
+                }
+                // A peer that gave up early may have skipped its offer; ignore stale offers.
+                ServerToClient::Offer { .. } => {}
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    async fn recv(
+        &mut self,
+        deadline: Instant,
+        what: &'static str,
+    ) -> Result<ServerToClient, ClientError> {
+        loop {
+            match within(deadline, what, self.conn.recv()).await?? {
+                None => return Err(ClientError::Lost("server closed the connection".into())),
+                Some(ServerToClient::Error { message }) => {
+                    return Err(ClientError::Refused(message))
+                }
+                Some(ServerToClient::PeerLeft) => return Err(ClientError::PeerLeft),
+                // A result may overtake our own wait for something else.
+                Some(ServerToClient::Result {
+                    strategy,
+                    ok,
+                    error,
+                }) if what != "the peer's result" => {
+                    self.early_results.push((strategy, ok, error));
+                }
+                Some(msg) => return Ok(msg),
+            }
+        }
+    }
+}
+
+fn to_result(ok: bool, error: Option<String>) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(error.unwrap_or_else(|| "no reason given".into()))
+    }
+}
+
+fn unexpected(msg: ServerToClient) -> ClientError {
+    match msg {
+        ServerToClient::Error { message } => ClientError::Refused(message),
+        ServerToClient::PeerLeft => ClientError::PeerLeft,
+        other => ClientError::Unexpected(
+            serde_json::to_string(&other).unwrap_or_else(|_| format!("{other:?}")),
+        ),
+    }
+}
+
+async fn within<F: std::future::Future>(
+    deadline: Instant,
+    what: &'static str,
+    fut: F,
+) -> Result<F::Output, ClientError> {
+    tokio::time::timeout_at(deadline.into(), fut)
+        .await
+        .map_err(|_| ClientError::TimedOut(what))
+}
+
+/// Runs the observe exchange on `stream` (a connection to the rendezvous server opened from a
+/// strategy's punch port): returns the address the server saw, which is the NAT's public
+/// mapping of that port, and the connection, which should be kept open while the mapping is
+/// needed.
+pub async fn observe(
+    stream: TcpStream,
+    deadline: Instant,
+) -> Result<(SocketAddr, FramedConn<TcpStream>), ClientError> {
+    let mut conn = FramedConn::new(stream, DEFAULT_MAX_FRAME_LEN);
+    conn.send(&ClientToServer::Observe {
+        version: PROTOCOL_VERSION,
+    })
+    .await?;
+    match within(deadline, "the server's observe answer", conn.recv()).await?? {
+        Some(ServerToClient::Observed { addr }) => Ok((addr, conn)),
+        Some(other) => Err(unexpected(other)),
+        None => Err(ClientError::Lost("server closed the connection".into())),
+    }
+}

@@ -1,0 +1,341 @@
+//! Rendezvous protocol: versioned messages, one JSON object per line.
+//!
+//! Messages are named by direction ([`ClientToServer`], [`ServerToClient`]). Every connection
+//! starts with either [`ClientToServer::Join`] (a control connection that takes part in a
+//! session) or [`ClientToServer::Observe`] (a short-lived connection from a strategy's punch
+//! port, answered with the address the server saw, i.e. the NAT's mapping of that port).
+//! Offers are opaque JSON payloads owned by each strategy; the server relays them verbatim.
+//!
+//! Decoding is separate from I/O so it can be tested (and fuzzed) without sockets.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the rendezvous protocol spoken by this build.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default largest frame (one JSON line, without its newline), in bytes.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Which end of a session a peer is: the one that joined first, or the second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Joined the session first.
+    First,
+    /// Joined the session second.
+    Second,
+}
+
+impl Role {
+    /// The other end.
+    pub fn other(self) -> Self {
+        match self {
+            Self::First => Self::Second,
+            Self::Second => Self::First,
+        }
+    }
+
+    /// "first" or "second".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::First => "first",
+            Self::Second => "second",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Messages a peer sends to the rendezvous server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum ClientToServer {
+    /// Join a session (first frame of a control connection).
+    Join {
+        /// Protocol version the client speaks.
+        version: u32,
+        /// Session name; the server pairs the two peers that give the same name.
+        session: String,
+        /// The strategies this peer is willing to try, in its order of preference.
+        strategies: Vec<String>,
+    },
+    /// Ask for this connection's source address as the server sees it (first frame of an
+    /// observe connection).
+    Observe {
+        /// Protocol version the client speaks.
+        version: u32,
+    },
+    /// A strategy's offer (candidates, parameters); relayed to the peer once both offered.
+    Offer {
+        /// Strategy the offer is for.
+        strategy: String,
+        /// Strategy-specific payload, relayed verbatim.
+        payload: serde_json::Value,
+    },
+    /// The outcome of this peer's attempt with a strategy; relayed to the peer.
+    Result {
+        /// Strategy the result is for.
+        strategy: String,
+        /// Whether this peer got an authenticated link.
+        ok: bool,
+        /// Why not, when `ok` is false.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// Round-trip probe; answered with [`ServerToClient::Pong`].
+    Ping {
+        /// Echoed back.
+        id: u64,
+    },
+}
+
+/// Messages the rendezvous server sends to a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum ServerToClient {
+    /// Joined; waiting for the second peer.
+    Waiting {
+        /// The session joined.
+        session: String,
+    },
+    /// Both peers are here.
+    Paired {
+        /// This peer's role.
+        role: Role,
+        /// The strategies both offered, in the first peer's order.
+        strategies: Vec<String>,
+        /// Random identifier of this pairing; bound into the link handshake so connections
+        /// left over from an earlier pairing of the same session are refused.
+        pair_id: String,
+        /// This peer's control connection address as the server saw it.
+        observed: SocketAddr,
+        /// The peer's control connection address as the server saw it.
+        peer: SocketAddr,
+    },
+    /// Answer to [`ClientToServer::Observe`].
+    Observed {
+        /// The connection's source address as the server saw it.
+        addr: SocketAddr,
+    },
+    /// The peer's offer for a strategy.
+    Offer {
+        /// Strategy the offer is for.
+        strategy: String,
+        /// The peer's payload, verbatim.
+        payload: serde_json::Value,
+    },
+    /// The peer's result for a strategy.
+    Result {
+        /// Strategy the result is for.
+        strategy: String,
+        /// Whether the peer got an authenticated link.
+        ok: bool,
+        /// Why not, when `ok` is false.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// Answer to [`ClientToServer::Ping`].
+    Pong {
+        /// The ping's id.
+        id: u64,
+    },
+    /// The peer's control connection closed; the session is over.
+    PeerLeft,
+    /// The server refuses something; the connection is closed after this message.
+    Error {
+        /// What went wrong, for humans.
+        message: String,
+    },
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The line is longer than the frame size limit.
+    #[error("frame too long (limit {limit} bytes)")]
+    TooLong {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The line is not a valid message (bad JSON, unknown type or field, missing field).
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The line is not UTF-8.
+    #[error("malformed frame: not UTF-8")]
+    NotUtf8,
+}
+
+/// Decodes one line (without its newline) into a message.
+pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8], limit: usize) -> Result<T, FrameError> {
+    if line.len() > limit {
+        return Err(FrameError::TooLong { limit });
+    }
+    let text = std::str::from_utf8(line).map_err(|_| FrameError::NotUtf8)?;
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    serde_json::from_str(text).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Encodes a message as one line, newline included.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(msg).expect("protocol messages always serialize");
+    out.push(b'\n');
+    out
+}
+
+/// A framed connection speaking the rendezvous protocol, generic over the stream.
+///
+/// Reads are bounded: a line longer than the limit is an error, never an allocation.
+#[derive(Debug)]
+pub struct FramedConn<S> {
+    stream: tokio::io::BufReader<S>,
+    limit: usize,
+    line: Vec<u8>,
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> FramedConn<S> {
+    /// Wraps a stream.
+    pub fn new(stream: S, limit: usize) -> Self {
+        Self {
+            stream: tokio::io::BufReader::new(stream),
+            limit,
+            line: Vec::new(),
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        self.stream.get_ref()
+    }
+
+    /// Sends one message.
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.get_mut().write_all(&encode(msg)).await
+    }
+
+    /// Receives one message; `Ok(None)` on a clean end of stream between frames.
+    ///
+    /// Cancel safe: bytes of a partly read frame are kept for the next call, so this can be
+    /// one branch of a `select!`.
+    pub async fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, RecvError> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        // Read at most limit + 1 bytes (plus newline) so an endless line cannot exhaust memory.
+        let max = self.limit as u64 + 2;
+        let budget = max.saturating_sub(self.line.len() as u64);
+        let n = (&mut self.stream)
+            .take(budget)
+            .read_until(b'\n', &mut self.line)
+            .await
+            .map_err(RecvError::Io)?;
+        if self.line.last() != Some(&b'\n') {
+            if self.line.len() as u64 >= max {
+                return Err(RecvError::Frame(FrameError::TooLong { limit: self.limit }));
+            }
+            if n == 0 && self.line.is_empty() {
+                return Ok(None);
+            }
+            return Err(RecvError::Truncated);
+        }
+        let mut frame = std::mem::take(&mut self.line);
+        frame.pop();
+        decode(&frame, self.limit)
+            .map(Some)
+            .map_err(RecvError::Frame)
+    }
+}
+
+/// Why receiving a frame failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// The connection failed.
+    #[error("connection error: {0}")]
+    Io(std::io::Error),
+    /// The connection ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    /// The frame could not be decoded.
+    #[error(transparent)]
+    Frame(FrameError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_round_trips() {
+        let msg = ClientToServer::Join {
+            version: PROTOCOL_VERSION,
+            session: "demo".into(),
+            strategies: vec!["tcp-punch".into()],
+        };
+        let line = encode(&msg);
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "{\"type\":\"join\",\"version\":1,\"session\":\"demo\",\"strategies\":[\"tcp-punch\"]}\n"
+        );
+        let back: ClientToServer = decode(&line[..line.len() - 1], 1024).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn malformed_frames_are_named() {
+        let err = decode::<ClientToServer>(b"{\"type\":\"jion\"}", 1024).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("malformed frame: unknown variant `jion`"));
+        let err = decode::<ClientToServer>(b"\xff\xfe", 1024).unwrap_err();
+        assert_eq!(err.to_string(), "malformed frame: not UTF-8");
+        let err = decode::<ClientToServer>(&[b'a'; 2000], 1024).unwrap_err();
+        assert_eq!(err.to_string(), "frame too long (limit 1024 bytes)");
+        let err =
+            decode::<ClientToServer>(b"{\"type\":\"ping\",\"id\":1,\"x\":2}", 1024).unwrap_err();
+        assert!(err.to_string().contains("unknown field `x`"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn framed_reader_bounds_long_lines() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut conn = FramedConn::new(b, 100);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            a.write_all(&[b'x'; 10_000]).await.unwrap();
+        });
+        let err = conn.recv::<ClientToServer>().await.unwrap_err();
+        assert!(matches!(
+            err,
+            RecvError::Frame(FrameError::TooLong { limit: 100 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn framed_reader_splits_merged_frames() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut conn = FramedConn::new(b, 1000);
+        use tokio::io::AsyncWriteExt;
+        a.write_all(b"{\"type\":\"ping\",\"id\":1}\n{\"type\":\"ping\",\"id\":2}\n")
+            .await
+            .unwrap();
+        drop(a);
+        assert_eq!(
+            conn.recv::<ClientToServer>().await.unwrap(),
+            Some(ClientToServer::Ping { id: 1 })
+        );
+        assert_eq!(
+            conn.recv::<ClientToServer>().await.unwrap(),
+            Some(ClientToServer::Ping { id: 2 })
+        );
+        assert_eq!(conn.recv::<ClientToServer>().await.unwrap(), None);
+    }
+}

@@ -1,0 +1,67 @@
+//! The report of one connect: which strategy produced the link and how every attempt went.
+//!
+//! The field names are stable: scripts and people compare reports across networks.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Role;
+
+/// How one attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The strategy produced the link.
+    Connected,
+    /// The strategy gave up with an error.
+    Failed,
+    /// The strategy's timeout (or the overall deadline) ran out.
+    TimedOut,
+    /// The strategy was not tried.
+    Skipped,
+}
+
+impl Outcome {
+    /// The name used in the JSON report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connected => "connected",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed-out",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// One strategy's attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptReport {
+    /// The strategy's name.
+    pub strategy: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// How long it took, in milliseconds.
+    pub elapsed_ms: u64,
+    /// Why it did not connect (null when it did).
+    pub error: Option<String>,
+}
+
+/// The report of one connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The session name.
+    pub session: String,
+    /// This peer's role, null when it was never paired.
+    pub role: Option<Role>,
+    /// The strategy that produced the link, null when none did.
+    pub strategy: Option<String>,
+    /// Local address of the link.
+    pub local: Option<String>,
+    /// Remote address of the link.
+    pub remote: Option<String>,
+    /// Time from start to link (or to giving up), in milliseconds.
+    pub elapsed_ms: u64,
+    /// Every attempt, in the order tried.
+    pub attempts: Vec<AttemptReport>,
+    /// Why the connect failed before or outside the attempts (e.g. server unreachable).
+    pub error: Option<String>,
+}

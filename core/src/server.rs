@@ -1,0 +1,480 @@
+//! The rendezvous server: pairs peers by session name and relays their offers and results.
+//!
+//! Each connection is served by its own task; a bad client (garbage, oversized lines, silence)
+//! gets an error message and loses only its own connection. Session state lives in one map
+//! behind a mutex that is held only for map operations, never across an await.
+//!
+//! Offers are held until both peers have offered for the same strategy and then delivered to
+//! both at once, so both start punching at (nearly) the same instant: the skew is only the
+//! difference between the two one-way delays from the server.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::RngCore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::protocol::{
+    ClientToServer, FramedConn, RecvError, Role, ServerToClient, PROTOCOL_VERSION,
+};
+
+/// Limits and timings of a [`RendezvousServer`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// How long a session may wait for its second peer before it expires.
+    pub session_expiry: Duration,
+    /// Largest accepted frame, in bytes.
+    pub max_frame_len: usize,
+    /// How long a new connection may take to send its first frame.
+    pub first_frame_timeout: Duration,
+    /// How long an observe connection is held open at most.
+    pub observe_hold: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            session_expiry: Duration::from_secs(300),
+            max_frame_len: crate::protocol::DEFAULT_MAX_FRAME_LEN,
+            first_frame_timeout: Duration::from_secs(10),
+            observe_hold: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A rendezvous server bound to a TCP port.
+#[derive(Debug)]
+pub struct RendezvousServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: ServerConfig,
+    sessions: Mutex<HashMap<String, SessionSlot>>,
+    next_conn: std::sync::atomic::AtomicU64,
+}
+
+/// What the map holds for a session name.
+#[derive(Debug)]
+enum SessionSlot {
+    Waiting(Waiter),
+    Paired(Arc<Pair>),
+}
+
+#[derive(Debug)]
+struct Waiter {
+    conn: u64,
+    addr: SocketAddr,
+    strategies: Vec<String>,
+    tx: mpsc::UnboundedSender<Outbound>,
+}
+
+/// A paired session: both peers' outboxes and the offers held until both have offered.
+#[derive(Debug)]
+struct Pair {
+    session: String,
+    conns: [u64; 2],
+    txs: [mpsc::UnboundedSender<Outbound>; 2],
+    held_offers: Mutex<HashMap<String, (Role, serde_json::Value)>>,
+}
+
+impl Pair {
+    fn index(role: Role) -> usize {
+        match role {
+            Role::First => 0,
+            Role::Second => 1,
+        }
+    }
+
+    fn send(&self, to: Role, msg: ServerToClient) {
+        let _ = self.txs[Self::index(to)].send(Outbound::Msg(msg));
+    }
+
+    fn offer(&self, from: Role, strategy: String, payload: serde_json::Value) {
+        let mut held = self.held_offers.lock().expect("offer map poisoned");
+        match held.remove(&strategy) {
+            Some((role, theirs)) if role != from => {
+                drop(held);
+                self.send(
+                    from,
+                    ServerToClient::Offer {
+                        strategy: strategy.clone(),
+                        payload: theirs,
+                    },
+                );
+                self.send(role, ServerToClient::Offer { strategy, payload });
+            }
+            _ => {
+                held.insert(strategy, (from, payload));
+            }
+        }
+    }
+}
+
+/// What a connection task is told by others.
+#[derive(Debug)]
+enum Outbound {
+    Msg(ServerToClient),
+    Paired(Arc<Pair>, Role, ServerToClient),
+    /// Send this message, then close.
+    Fatal(ServerToClient),
+}
+
+impl RendezvousServer {
+    /// Binds the server's TCP listener.
+    pub async fn bind(addr: SocketAddr, config: ServerConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared {
+                config,
+                sessions: Mutex::new(HashMap::new()),
+                next_conn: std::sync::atomic::AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Number of sessions currently known (waiting or paired).
+    pub fn session_count(&self) -> usize {
+        self.shared
+            .sessions
+            .lock()
+            .expect("sessions poisoned")
+            .len()
+    }
+
+    /// Serves until the task is dropped. Accept errors (e.g. out of file descriptors) are
+    /// logged and retried after a short pause; they never end the server.
+    pub async fn run(self) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, addr)) => {
+                    let shared = self.shared.clone();
+                    let conn = shared
+                        .next_conn
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let span = tracing::info_span!("conn", id = conn, peer = %addr);
+                    tokio::spawn(
+                        async move {
+                            serve_connection(shared, stream, addr, conn).await;
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, conn: u64) {
+    let _ = stream.set_nodelay(true);
+    let mut framed = FramedConn::new(stream, shared.config.max_frame_len);
+    let first = match tokio::time::timeout(
+        shared.config.first_frame_timeout,
+        framed.recv::<ClientToServer>(),
+    )
+    .await
+    {
+        Err(_) => {
+            refuse(&mut framed, "no request within the time limit").await;
+            return;
+        }
+        Ok(Ok(Some(msg))) => msg,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            refuse(&mut framed, &e.to_string()).await;
+            return;
+        }
+    };
+    match first {
+        ClientToServer::Observe { version } => {
+            if check_version(&mut framed, version).await {
+                serve_observe(&shared, framed, addr).await;
+            }
+        }
+        ClientToServer::Join {
+            version,
+            session,
+            strategies,
+        } => {
+            if check_version(&mut framed, version).await {
+                serve_control(&shared, framed, addr, conn, session, strategies).await;
+            }
+        }
+        other => {
+            let what = serde_json::to_value(&other)
+                .ok()
+                .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+                .unwrap_or_default();
+            refuse(
+                &mut framed,
+                &format!("expected 'join' or 'observe' as the first frame, got '{what}'"),
+            )
+            .await;
+        }
+    }
+}
+
+async fn check_version(framed: &mut FramedConn<TcpStream>, version: u32) -> bool {
+    if version == PROTOCOL_VERSION {
+        return true;
+    }
+    refuse(
+        framed,
+        &format!("unsupported protocol version {version} (server speaks {PROTOCOL_VERSION})"),
+    )
+    .await;
+    false
+}
+
+async fn refuse(framed: &mut FramedConn<TcpStream>, message: &str) {
+    warn!("refusing client: {message}");
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        framed.send(&ServerToClient::Error {
+            message: message.to_owned(),
+        }),
+    )
+    .await;
+}
+
+async fn serve_observe(shared: &Shared, mut framed: FramedConn<TcpStream>, addr: SocketAddr) {
+    debug!("observe");
+    if framed
+        .send(&ServerToClient::Observed { addr })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Hold the connection (and with it the NAT mapping) until the client closes it.
+    let _ = tokio::time::timeout(shared.config.observe_hold, async {
+        while let Ok(Some(_)) = framed.recv::<ClientToServer>().await {}
+    })
+    .await;
+}
+
+async fn serve_control(
+    shared: &Shared,
+    mut framed: FramedConn<TcpStream>,
+    addr: SocketAddr,
+    conn: u64,
+    session: String,
+    strategies: Vec<String>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if session.is_empty() || session.len() > 256 {
+        refuse(&mut framed, "session name must be 1 to 256 bytes").await;
+        return;
+    }
+    // Join: either wait, or pair with the waiter.
+    let joined = {
+        let mut sessions = shared.sessions.lock().expect("sessions poisoned");
+        match sessions.remove(&session) {
+            None => {
+                sessions.insert(
+                    session.clone(),
+                    SessionSlot::Waiting(Waiter {
+                        conn,
+                        addr,
+                        strategies,
+                        tx: tx.clone(),
+                    }),
+                );
+                Ok(None)
+            }
+            Some(SessionSlot::Paired(pair)) => {
+                sessions.insert(session.clone(), SessionSlot::Paired(pair));
+                Err(format!("session '{session}' already has two peers"))
+            }
+            Some(SessionSlot::Waiting(waiter)) => {
+                let agreed: Vec<String> = waiter
+                    .strategies
+                    .iter()
+                    .filter(|s| strategies.contains(s))
+                    .cloned()
+                    .collect();
+                if agreed.is_empty() {
+                    let msg = format!(
+                        "no strategy in common (first peer offers [{}], second peer offers [{}])",
+                        waiter.strategies.join(", "),
+                        strategies.join(", ")
+                    );
+                    let _ = waiter.tx.send(Outbound::Fatal(ServerToClient::Error {
+                        message: msg.clone(),
+                    }));
+                    Err(msg)
+                } else {
+                    let mut id = [0u8; 16];
+                    rand::thread_rng().fill_bytes(&mut id);
+                    let pair_id = hex::encode(id);
+                    let pair = Arc::new(Pair {
+                        session: session.clone(),
+                        conns: [waiter.conn, conn],
+                        txs: [waiter.tx.clone(), tx.clone()],
+                        held_offers: Mutex::new(HashMap::new()),
+                    });
+                    sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
+                    let _ = waiter.tx.send(Outbound::Paired(
+                        pair.clone(),
+                        Role::First,
+                        ServerToClient::Paired {
+                            role: Role::First,
+                            strategies: agreed.clone(),
+                            pair_id: pair_id.clone(),
+                            observed: waiter.addr,
+                            peer: addr,
+                        },
+                    ));
+                    let _ = tx.send(Outbound::Paired(
+                        pair.clone(),
+                        Role::Second,
+                        ServerToClient::Paired {
+                            role: Role::Second,
+                            strategies: agreed,
+                            pair_id,
+                            observed: addr,
+                            peer: waiter.addr,
+                        },
+                    ));
+                    Ok(Some(pair))
+                }
+            }
+        }
+    };
+    match joined {
+        Err(msg) => {
+            refuse(&mut framed, &msg).await;
+            return;
+        }
+        Ok(None) => {
+            info!(session = %session, "waiting for the second peer");
+            if framed
+                .send(&ServerToClient::Waiting {
+                    session: session.clone(),
+                })
+                .await
+                .is_err()
+            {
+                leave(shared, &session, conn, None);
+                return;
+            }
+        }
+        Ok(Some(_)) => info!(session = %session, "paired"),
+    }
+
+    let mut pair: Option<(Arc<Pair>, Role)> = None;
+    let expiry = tokio::time::sleep(shared.config.session_expiry);
+    tokio::pin!(expiry);
+    loop {
+        tokio::select! {
+            out = rx.recv() => {
+                let Some(out) = out else { break };
+                let (msg, fatal) = match out {
+                    Outbound::Msg(m) => (m, false),
+                    Outbound::Fatal(m) => (m, true),
+                    Outbound::Paired(p, role, m) => {
+                        pair = Some((p, role));
+                        (m, false)
+                    }
+                };
+                if framed.send(&msg).await.is_err() || fatal {
+                    break;
+                }
+            }
+            () = &mut expiry, if pair.is_none() => {
+                let secs = shared.config.session_expiry.as_secs_f64();
+                refuse(&mut framed, &format!("session '{session}' expired: no second peer joined within {secs}s")).await;
+                break;
+            }
+            frame = framed.recv::<ClientToServer>() => {
+                match frame {
+                    Ok(None) => break,
+                    Err(RecvError::Io(_)) | Err(RecvError::Truncated) => break,
+                    Err(RecvError::Frame(e)) => {
+                        refuse(&mut framed, &e.to_string()).await;
+                        break;
+                    }
+                    Ok(Some(msg)) => {
+                        if let Err(e) = handle_frame(&mut framed, pair.as_ref(), msg).await {
+                            refuse(&mut framed, &e).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    leave(shared, &session, conn, pair.as_ref());
+}
+
+async fn handle_frame(
+    framed: &mut FramedConn<TcpStream>,
+    pair: Option<&(Arc<Pair>, Role)>,
+    msg: ClientToServer,
+) -> Result<(), String> {
+    match msg {
+        ClientToServer::Ping { id } => framed
+            .send(&ServerToClient::Pong { id })
+            .await
+            .map_err(|e| e.to_string()),
+        ClientToServer::Offer { strategy, payload } => {
+            let (pair, role) = pair.ok_or("offer before the session was paired")?;
+            pair.offer(*role, strategy, payload);
+            Ok(())
+        }
+        ClientToServer::Result {
+            strategy,
+            ok,
+            error,
+        } => {
+            let (pair, role) = pair.ok_or("result before the session was paired")?;
+            pair.send(
+                role.other(),
+                ServerToClient::Result {
+                    strategy,
+                    ok,
+                    error,
+                },
+            );
+            Ok(())
+        }
+        ClientToServer::Join { .. } => Err("already joined a session on this connection".into()),
+        ClientToServer::Observe { .. } => {
+            Err("'observe' must be the first frame of its own connection".into())
+        }
+    }
+}
+
+/// Removes this connection's part of a session and tells the peer, if any.
+fn leave(shared: &Shared, session: &str, conn: u64, pair: Option<&(Arc<Pair>, Role)>) {
+    let mut sessions = shared.sessions.lock().expect("sessions poisoned");
+    let ours = match sessions.get(session) {
+        Some(SessionSlot::Waiting(w)) => w.conn == conn,
+        Some(SessionSlot::Paired(p)) => p.conns.contains(&conn),
+        None => false,
+    };
+    if ours {
+        sessions.remove(session);
+    }
+    drop(sessions);
+    if let Some((pair, role)) = pair {
+        debug!(session = %pair.session, "peer left");
+        pair.send(role.other(), ServerToClient::PeerLeft);
+    }
+}

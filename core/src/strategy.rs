@@ -1,0 +1,199 @@
+//! The [`Strategy`] trait, the [`Link`] a strategy produces and the [`Attempt`] it runs in.
+//!
+//! A strategy is one way of getting a raw link between the two peers (TCP simultaneous open,
+//! listen/dial, UDP + QUIC, relay). It owns its sockets; the core only sees the finished,
+//! authenticated [`Link`]. Strategies are stored as `Arc<dyn Strategy>` and built from config
+//! by one function in `nettool-strategies`.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::client::{ClientError, Pairing, RendezvousClient};
+use crate::handshake::{self, HandshakeContext, HandshakeError, LinkKey};
+use crate::protocol::Role;
+
+/// A byte stream a link runs over.
+pub trait LinkStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> LinkStream for T {}
+
+/// An authenticated link to the peer.
+pub struct Link {
+    /// The stream; user data flows here.
+    pub stream: Box<dyn LinkStream>,
+    /// This end's address of the link.
+    pub local: SocketAddr,
+    /// The peer's address of the link as seen from here.
+    pub remote: SocketAddr,
+    /// The strategy that made it.
+    pub strategy: &'static str,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .field("strategy", &self.strategy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a strategy produced no link.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StrategyError {
+    /// Talking to the rendezvous server failed (the peer's offer never came, the server left).
+    #[error(transparent)]
+    Rendezvous(#[from] ClientError),
+    /// A local socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The peer's offer could not be understood.
+    #[error("bad offer from the peer: {0}")]
+    BadOffer(String),
+    /// No authenticated link was made, and nothing more can be tried.
+    #[error("{0}")]
+    NoLink(String),
+    /// The attempt's deadline passed; the text says what was tried and how it failed.
+    #[error("{0}")]
+    TimedOut(String),
+}
+
+impl StrategyError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Everything a strategy needs for one attempt.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    /// The session name.
+    pub session: &'a str,
+    /// What the server said when pairing.
+    pub pairing: &'a Pairing,
+    /// Key derived from the session secret.
+    pub key: &'a LinkKey,
+    /// The control connection, for offers.
+    pub rendezvous: &'a mut RendezvousClient,
+    /// Round-trip time to the rendezvous server, measured after pairing.
+    pub server_rtt: Duration,
+    /// When this attempt must be over.
+    pub deadline: Instant,
+}
+
+impl Attempt<'_> {
+    /// This peer's role.
+    pub fn role(&self) -> Role {
+        self.pairing.role
+    }
+
+    /// The handshake context for a link made by `strategy`.
+    pub fn handshake_context(&self, strategy: &str) -> HandshakeContext {
+        HandshakeContext {
+            key: self.key.clone(),
+            pair_id: self.pairing.pair_id.clone(),
+            strategy: strategy.to_owned(),
+            role: self.pairing.role,
+        }
+    }
+}
+
+/// One way of making a link. Object safe; stored as `Arc<dyn Strategy>`.
+#[async_trait::async_trait]
+pub trait Strategy: Send + Sync {
+    /// The strategy's name as used on the command line and in reports (`tcp-punch`).
+    fn name(&self) -> &'static str;
+
+    /// Makes an authenticated link, or says why not. The orchestrator enforces the deadline by
+    /// dropping the future, so everything the strategy opened must close on drop.
+    async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError>;
+}
+
+/// A raw connection a strategy found, with its addresses.
+#[derive(Debug)]
+pub struct RawLink<S> {
+    /// The stream.
+    pub stream: S,
+    /// Local address.
+    pub local: SocketAddr,
+    /// Remote address.
+    pub remote: SocketAddr,
+}
+
+/// Authenticates raw links as they arrive on `incoming` and returns the one both peers agree
+/// on: the first peer picks the first that authenticates and selects it; the second peer
+/// takes the one the first selects. Links that fail authentication (strangers, stale
+/// connections, another secret) are logged and dropped.
+pub async fn agree_on_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    ctx: &HandshakeContext,
+    mut incoming: mpsc::Receiver<RawLink<S>>,
+    per_link_timeout: Duration,
+) -> Result<RawLink<S>, StrategyError> {
+    let mut pending = FuturesUnordered::new();
+    let mut open = true;
+    let mut rejected: Vec<String> = Vec::new();
+    loop {
+        tokio::select! {
+            raw = incoming.recv(), if open => match raw {
+                Some(mut raw) => {
+                    let ctx = ctx.clone();
+                    pending.push(async move {
+                        let res = tokio::time::timeout(per_link_timeout, async {
+                            handshake::authenticate(&mut raw.stream, &ctx).await?;
+                            if ctx.role == Role::Second {
+                                handshake::await_select(&mut raw.stream).await?;
+                            }
+                            Ok::<_, HandshakeError>(())
+                        })
+                        .await;
+                        (raw, res)
+                    });
+                }
+                None => open = false,
+            },
+            Some((mut raw, res)) = pending.next(), if !pending.is_empty() => match res {
+                Ok(Ok(())) => {
+                    if ctx.role == Role::First {
+                        if let Err(e) = handshake::select(&mut raw.stream).await {
+                            rejected.push(format!("{}: {e}", raw.remote));
+                            continue;
+                        }
+                    }
+                    debug!(remote = %raw.remote, "link authenticated");
+                    return Ok(raw);
+                }
+                Ok(Err(e)) => {
+                    warn!(remote = %raw.remote, "refused connection: {e}");
+                    rejected.push(format!("{}: {e}", raw.remote));
+                }
+                Err(_) => {
+                    warn!(remote = %raw.remote, "refused connection: handshake timed out");
+                    rejected.push(format!("{}: handshake timed out", raw.remote));
+                }
+            },
+            else => {
+                let why = if rejected.is_empty() {
+                    "no connection was established".to_owned()
+                } else {
+                    format!("no connection authenticated ({})", rejected.join("; "))
+                };
+                return Err(StrategyError::NoLink(why));
+            }
+        }
+    }
+}
