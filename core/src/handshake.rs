@@ -177,11 +177,13 @@ mod tests {
 
     #[tokio::test]
     async fn matching_peers_authenticate() {
-        let (mut a, mut b) = tokio::io::duplex(4096);
-        let (ra, rb) = tokio::join!(
-            authenticate(&mut a, &ctx(Role::First, "s")),
-            authenticate(&mut b, &ctx(Role::Second, "s"))
+        let (first, second, _other) = (
+            ctx(Role::First, "s"),
+            ctx(Role::Second, "s"),
+            ctx(Role::Second, "other"),
         );
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let (ra, rb) = tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &second));
         ra.unwrap();
         rb.unwrap();
         let (sa, sb) = tokio::join!(select(&mut a), await_select(&mut b));
@@ -191,29 +193,29 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_secret_is_refused_on_both_ends() {
-        let (mut a, mut b) = tokio::io::duplex(4096);
-        let (ra, rb) = tokio::join!(
-            authenticate(&mut a, &ctx(Role::First, "s")),
-            authenticate(&mut b, &ctx(Role::Second, "other"))
+        let (first, _second, other) = (
+            ctx(Role::First, "s"),
+            ctx(Role::Second, "s"),
+            ctx(Role::Second, "other"),
         );
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let (ra, rb) = tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &other));
         assert!(matches!(ra, Err(HandshakeError::BadProof)));
         assert!(matches!(rb, Err(HandshakeError::BadProof)));
     }
 
     #[tokio::test]
     async fn same_role_and_garbage_are_refused() {
+        let first = ctx(Role::First, "s");
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let (ra, _) = tokio::join!(
-            authenticate(&mut a, &ctx(Role::First, "s")),
-            authenticate(&mut b, &ctx(Role::First, "s"))
-        );
+        let (ra, _) = tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &first));
         assert!(matches!(ra, Err(HandshakeError::SameRole)));
 
         let (mut a, mut b) = tokio::io::duplex(4096);
         let stranger = async {
             b.write_all(&[b'G'; HELLO_LEN]).await.unwrap();
         };
-        let (ra, ()) = tokio::join!(authenticate(&mut a, &ctx(Role::First, "s")), stranger);
+        let (ra, ()) = tokio::join!(authenticate(&mut a, &first), stranger);
         assert!(matches!(ra, Err(HandshakeError::NotAPeer)));
     }
 }
