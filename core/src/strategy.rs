@@ -135,20 +135,43 @@ pub struct RawLink<S> {
     pub remote: SocketAddr,
 }
 
+/// Why [`agree_on_link`] produced no link.
+#[derive(Debug, Clone, Default)]
+pub struct NoAgreement {
+    /// The deadline passed (rather than every source of links closing).
+    pub timed_out: bool,
+    /// Each refused connection with the reason.
+    pub rejected: Vec<String>,
+}
+
+impl std::fmt::Display for NoAgreement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.rejected.is_empty() {
+            f.write_str("no connection was established")
+        } else {
+            write!(f, "connections refused: {}", self.rejected.join("; "))
+        }
+    }
+}
+
 /// Authenticates raw links as they arrive on `incoming` and returns the one both peers agree
 /// on: the first peer picks the first that authenticates and selects it; the second peer
 /// takes the one the first selects. Links that fail authentication (strangers, stale
-/// connections, another secret) are logged and dropped.
+/// connections, another secret) are logged and dropped. Gives up at `deadline`.
 pub async fn agree_on_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     ctx: &HandshakeContext,
     mut incoming: mpsc::Receiver<RawLink<S>>,
     per_link_timeout: Duration,
-) -> Result<RawLink<S>, StrategyError> {
+    deadline: Instant,
+) -> Result<RawLink<S>, NoAgreement> {
     let mut pending = FuturesUnordered::new();
     let mut open = true;
     let mut rejected: Vec<String> = Vec::new();
+    let stop = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(stop);
     loop {
         tokio::select! {
+            () = &mut stop => return Err(NoAgreement { timed_out: true, rejected }),
             raw = incoming.recv(), if open => match raw {
                 Some(mut raw) => {
                     let ctx = ctx.clone();
@@ -186,14 +209,7 @@ pub async fn agree_on_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     rejected.push(format!("{}: handshake timed out", raw.remote));
                 }
             },
-            else => {
-                let why = if rejected.is_empty() {
-                    "no connection was established".to_owned()
-                } else {
-                    format!("no connection authenticated ({})", rejected.join("; "))
-                };
-                return Err(StrategyError::NoLink(why));
-            }
+            else => return Err(NoAgreement { timed_out: false, rejected }),
         }
     }
 }

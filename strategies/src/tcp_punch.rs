@@ -1,19 +1,29 @@
-//! tcp-punch: TCP simultaneous open from one shared local port.
+//! tcp-punch: TCP simultaneous open through NATs.
 //!
-//! 1. Bind a listener on one local port with SO_REUSEADDR + SO_REUSEPORT.
-//! 2. From that same port, connect to the rendezvous server and ask what address it sees: the
-//!    NAT's mapping of the port. The connection stays open (and the mapping with it) for the
-//!    whole attempt.
-//! 3. Offer the candidates (the observed public endpoint first, then this host's own addresses
-//!    with the port) and the round trip to the server; the server hands both offers out at the
-//!    same moment, so both peers start together.
-//! 4. To every peer candidate, from the same port: first a SYN with a small TTL, enough to pass
-//!    our own NAT but not to reach the peer's, so our mapping exists before the peer's SYN
-//!    arrives (a reset-answering router on our side would otherwise refuse it, and a
-//!    dropping one would cost a SYN retransmission); then after the start skew bound
-//!    (half the larger server round trip) real SYNs, again and again until one connects.
-//!    The listener accepts too: the first connection established in either direction whose
-//!    link handshake passes wins.
+//! Each peer uses two local ports, each bound with SO_REUSEADDR + SO_REUSEPORT and each
+//! observed by the rendezvous server from that very port (so the server sees the NAT's
+//! mapping of it, which stays held by the observe connection):
+//!
+//! - the **receive port** *primes* its NAT: to every candidate of the peer's dial port it sends
+//!   a SYN with a small TTL — enough to pass its own NAT, too small to reach the peer's — and
+//!   keeps that connecting socket. The NAT now holds a mapping (and connection-tracking
+//!   state) for exactly the peer's dial endpoint, so the peer's SYN is let in instead of being
+//!   dropped or answered with a reset by the router.
+//! - the **dial port** sends real SYNs to every candidate of the peer's receive port, starting
+//!   once the peer's priming SYN is out (half the larger round trip to the server after the
+//!   server handed out both offers at once), and again after each failure.
+//!
+//! Why two ports: a Linux NAT's connection tracking remembers the initial sequence number of
+//! the first SYN it saw for a connection. When the peer's SYN comes in for that connection,
+//! the answer must come from the very socket that sent the SYN (a listener or a fresh socket
+//! has another sequence number, and the NAT then drops everything as invalid). The primed
+//! socket is that socket: it answers the peer's SYN by simultaneous open. If the router's
+//! ICMP time-exceeded for the priming SYN kills it, it is primed again at once. Dialing from
+//! the same port would replace the primed socket and break exactly this.
+//!
+//! Listeners on both ports accept connections from peers without NAT state in the way (public
+//! hosts, full-cone NATs, endpoint-dependent NATs whose SYNs arrive from unexpected ports).
+//! The first connection in either direction whose link handshake passes wins.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +36,7 @@ use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -50,14 +61,56 @@ impl TcpPunch {
 /// What each peer tells the other.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct PunchOffer {
-    /// Where this peer can be reached, best first (observed public endpoint, then own addresses).
-    candidates: Vec<SocketAddr>,
+    /// Where the receive port can be reached, best first (observed public endpoint, then own
+    /// addresses).
+    receive: Vec<SocketAddr>,
+    /// Where SYNs from the dial port come from, same order.
+    dial: Vec<SocketAddr>,
     /// This peer's round trip to the server, in microseconds.
     server_rtt_us: u64,
 }
 
 /// Last error seen per candidate, for the report.
-type DialErrors = Arc<Mutex<BTreeMap<SocketAddr, String>>>;
+type DialErrors = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// One bound, observed port.
+struct PunchPort {
+    listener: TcpListener,
+    local: SocketAddr,
+    candidates: Vec<SocketAddr>,
+    /// Holds the NAT mapping open while the attempt runs.
+    _observe: nettool_core::protocol::FramedConn<TcpStream>,
+}
+
+async fn open_port(
+    unspecified: IpAddr,
+    port: u16,
+    server: SocketAddr,
+    deadline: Instant,
+    what: &str,
+) -> Result<PunchPort, StrategyError> {
+    let listener = listen(SocketAddr::new(unspecified, port))
+        .map_err(|e| StrategyError::io(format!("binding the {what} port"), e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| StrategyError::io(format!("reading the {what} port"), e))?;
+    let local = SocketAddr::new(unspecified, local.port());
+    let stream = tokio::time::timeout_at(deadline.into(), connect_from(local, server))
+        .await
+        .map_err(|_| StrategyError::TimedOut(format!("observing the {what} port timed out")))?
+        .map_err(|e| StrategyError::io(format!("observe connection to {server}"), e))?;
+    let via = stream
+        .local_addr()
+        .map_err(|e| StrategyError::io("reading the observe address", e))?;
+    let (public, conn) = observe(stream, deadline).await?;
+    debug!(%public, port = local.port(), "{what} port observed");
+    Ok(PunchPort {
+        listener,
+        local,
+        candidates: candidates(public, via, server.ip().is_loopback()),
+        _observe: conn,
+    })
+}
 
 #[async_trait::async_trait]
 impl Strategy for TcpPunch {
@@ -71,31 +124,20 @@ impl Strategy for TcpPunch {
             SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
             SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
         };
-        let listener = listen(SocketAddr::new(unspecified, self.config.local_port))
-            .map_err(|e| StrategyError::io("binding the punch port", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| StrategyError::io("reading the punch port", e))?
-            .port();
-        let local = SocketAddr::new(unspecified, port);
-
-        // Let the server observe the NAT's mapping of the punch port.
-        let obs_stream = connect_from(local, server, None)
-            .await
-            .map_err(|e| StrategyError::io(format!("observe connection to {server}"), e))?;
-        let via = obs_stream
-            .local_addr()
-            .map_err(|e| StrategyError::io("reading the observe address", e))?;
-        let (public, _observe_conn) = observe(obs_stream, attempt.deadline).await?;
-        debug!(%public, "observed");
+        let receive = open_port(
+            unspecified,
+            self.config.local_port,
+            server,
+            attempt.deadline,
+            "receive",
+        )
+        .await?;
+        let dial = open_port(unspecified, 0, server, attempt.deadline, "dial").await?;
 
         let offer = PunchOffer {
-            candidates: candidates(public, via, server.ip().is_loopback()),
-            server_rtt_us: attempt
-                .server_rtt
-                .as_micros()
-                .try_into()
-                .unwrap_or(u64::MAX),
+            receive: receive.candidates.clone(),
+            dial: dial.candidates.clone(),
+            server_rtt_us: attempt.server_rtt.as_micros().try_into().unwrap_or(u64::MAX),
         };
         let payload = serde_json::to_value(&offer).expect("offer serializes");
         let theirs = attempt
@@ -104,27 +146,28 @@ impl Strategy for TcpPunch {
             .await?;
         let theirs: PunchOffer =
             serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
-        let peer_candidates: Vec<SocketAddr> = theirs
-            .candidates
-            .iter()
-            .copied()
-            .filter(|c| c.is_ipv4() == server.is_ipv4() && c.port() != 0)
-            .collect();
-        if peer_candidates.is_empty() {
+        let usable = |v: &[SocketAddr]| -> Vec<SocketAddr> {
+            v.iter()
+                .copied()
+                .filter(|c| c.is_ipv4() == server.is_ipv4() && c.port() != 0)
+                .collect()
+        };
+        let (peer_receive, peer_dial) = (usable(&theirs.receive), usable(&theirs.dial));
+        if peer_receive.is_empty() || peer_dial.is_empty() {
             return Err(StrategyError::BadOffer(
                 "no candidate address of this address family".into(),
             ));
         }
-        debug!(candidates = ?peer_candidates, "peer offer");
+        debug!(receive = ?peer_receive, dial = ?peer_dial, "peer offer");
 
         let peer_rtt = Duration::from_micros(theirs.server_rtt_us.min(60_000_000));
         let max_rtt = attempt.server_rtt.max(peer_rtt);
-        // The server hands out both offers at once: the start skew is at most half the larger
-        // round trip. Our primed mapping must exist before the peer's real SYN arrives.
-        let prime = self
-            .config
-            .low_ttl
-            .map(|ttl| (ttl, max_rtt / 2 + Duration::from_millis(2)));
+        // The server hands out both offers at once, so the peers start at most half the larger
+        // server round trip apart. Dial once the peer's priming SYN is surely out.
+        let dial_delay = match self.config.low_ttl {
+            Some(_) => max_rtt / 2 + Duration::from_millis(2),
+            None => Duration::ZERO,
+        };
         let syn_timeout = self
             .config
             .min_syn_timeout
@@ -132,21 +175,34 @@ impl Strategy for TcpPunch {
 
         let (tx, rx) = mpsc::channel(16);
         let errors: DialErrors = Arc::default();
-        // Dropping the JoinSet (on success, error or cancellation) aborts every dialer and the
-        // acceptor, which closes their sockets.
+        // Dropping the JoinSet (on success, error or cancellation) aborts every task, which
+        // closes their sockets.
         let mut tasks = JoinSet::new();
-        for cand in peer_candidates.iter().copied() {
+        if let Some(ttl) = self.config.low_ttl {
+            for cand in peer_dial.iter().copied() {
+                tasks.spawn(prime_loop(
+                    receive.local,
+                    cand,
+                    ttl,
+                    self.config.retry_interval,
+                    tx.clone(),
+                    errors.clone(),
+                ));
+            }
+        }
+        for cand in peer_receive.iter().copied() {
             tasks.spawn(dial_loop(
-                local,
+                dial.local,
                 cand,
-                prime,
+                dial_delay,
                 syn_timeout,
                 self.config.retry_interval,
                 tx.clone(),
                 errors.clone(),
             ));
         }
-        tasks.spawn(accept_loop(listener, tx));
+        tasks.spawn(accept_loop(receive.listener, tx.clone()));
+        tasks.spawn(accept_loop(dial.listener, tx));
 
         let ctx = attempt.handshake_context(NAME);
         let stop = attempt
@@ -154,26 +210,28 @@ impl Strategy for TcpPunch {
             .checked_sub(Duration::from_millis(50))
             .unwrap_or(attempt.deadline);
         let started = Instant::now();
-        let agreed =
-            tokio::time::timeout_at(stop.into(), agree_on_link(&ctx, rx, Duration::from_secs(5)))
-                .await;
+        let agreed = agree_on_link(&ctx, rx, Duration::from_secs(3), stop).await;
         tasks.abort_all();
         let raw = match agreed {
-            Ok(res) => res?,
-            Err(_) => {
+            Ok(raw) => raw,
+            Err(none) => {
                 let errs = errors.lock().expect("errors poisoned");
-                let detail = if errs.is_empty() {
-                    "no answer from any candidate".to_owned()
+                let mut detail: Vec<String> =
+                    errs.iter().map(|(c, e)| format!("{c}: {e}")).collect();
+                if detail.is_empty() {
+                    detail.push("no answer from any candidate".to_owned());
+                }
+                let msg = format!(
+                    "no authenticated connection within {:.1}s of punching ({}; {})",
+                    started.elapsed().as_secs_f64(),
+                    none,
+                    detail.join("; ")
+                );
+                return Err(if none.timed_out {
+                    StrategyError::TimedOut(msg)
                 } else {
-                    errs.iter()
-                        .map(|(c, e)| format!("{c}: {e}"))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                };
-                return Err(StrategyError::TimedOut(format!(
-                    "no authenticated connection within {:.1}s of punching ({detail})",
-                    started.elapsed().as_secs_f64()
-                )));
+                    StrategyError::NoLink(msg)
+                });
             }
         };
         let _ = raw.stream.set_nodelay(true);
@@ -228,22 +286,22 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Connects from `local` to `remote`. With `ttl`, the SYN is sent with that TTL and the
-/// socket's normal TTL is restored right after, so retransmissions and a simultaneous-open
-/// SYN-ACK travel normally.
-async fn connect_from(
+/// Starts a non-blocking connect from `local` to `remote`; with `ttl`, the SYN leaves with that
+/// TTL and the socket's normal TTL is restored right after, so a retransmitted SYN or a
+/// simultaneous-open SYN-ACK travels normally.
+fn start_connect(
     local: SocketAddr,
     remote: SocketAddr,
     ttl: Option<u32>,
 ) -> std::io::Result<TcpStream> {
     let socket = reuse_socket(local)?;
     let normal_ttl = match ttl {
-        Some(low) => {
+        Some(low) if remote.is_ipv4() => {
             let normal = socket.ttl_v4()?;
             socket.set_ttl_v4(low)?;
             Some(normal)
         }
-        None => None,
+        _ => None,
     };
     match socket.connect(&remote.into()) {
         Ok(()) => {}
@@ -253,45 +311,84 @@ async fn connect_from(
     if let Some(normal) = normal_ttl {
         socket.set_ttl_v4(normal)?;
     }
-    let stream = TcpStream::from_std(socket.into())?;
-    stream.writable().await?;
-    if let Some(e) = stream.take_error()? {
-        return Err(e);
+    TcpStream::from_std(socket.into())
+}
+
+/// Waits until a started connect is established (`Ok`) or has failed (`Err`).
+async fn established(stream: &TcpStream) -> std::io::Result<()> {
+    loop {
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+        if stream.peer_addr().is_ok() {
+            return Ok(());
+        }
+        // Woken without being connected: clear the readiness and wait again.
+        let _ = stream.try_io(Interest::WRITABLE, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
     }
-    // Writable without error means connected; peer_addr confirms it.
-    stream.peer_addr()?;
+}
+
+async fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = start_connect(local, remote, None)?;
+    established(&stream).await?;
     Ok(stream)
+}
+
+/// Keeps one primed connecting socket from the receive port to `remote` until it connects
+/// (the peer's SYN met it: simultaneous open). A priming socket killed by an ICMP error or a
+/// reset is replaced at once, so the NAT's state always belongs to a live socket.
+async fn prime_loop(
+    local: SocketAddr,
+    remote: SocketAddr,
+    ttl: u32,
+    retry_interval: Duration,
+    tx: mpsc::Sender<RawLink<TcpStream>>,
+    errors: DialErrors,
+) {
+    let mut deaths = 0u32;
+    loop {
+        let stream = match start_connect(local, remote, Some(ttl)) {
+            Ok(s) => s,
+            Err(e) => {
+                record(&errors, format!("prime {remote}"), e.to_string());
+                tokio::time::sleep(retry_interval).await;
+                continue;
+            }
+        };
+        match established(&stream).await {
+            Ok(()) => {
+                trace!(%remote, deaths, "primed socket connected");
+                let _ = send(&tx, stream).await;
+                return;
+            }
+            Err(e) => {
+                deaths += 1;
+                trace!(%remote, "primed socket died: {e}");
+                if deaths % 16 == 0 {
+                    record(&errors, format!("prime {remote}"), e.to_string());
+                    // Something keeps refusing: do not spin.
+                    tokio::time::sleep(retry_interval).await;
+                }
+            }
+        }
+    }
 }
 
 async fn dial_loop(
     local: SocketAddr,
     remote: SocketAddr,
-    prime: Option<(u32, Duration)>,
+    delay: Duration,
     syn_timeout: Duration,
     retry_interval: Duration,
     tx: mpsc::Sender<RawLink<TcpStream>>,
     errors: DialErrors,
 ) {
-    let record = |e: String| {
-        errors.lock().expect("errors poisoned").insert(remote, e);
-    };
-    if let Some((ttl, delay)) = prime {
-        let until = tokio::time::Instant::now() + delay;
-        if remote.is_ipv4() {
-            match tokio::time::timeout_at(until, connect_from(local, remote, Some(ttl))).await {
-                Ok(Ok(stream)) => {
-                    trace!(%remote, "connected during priming");
-                    let _ = send(&tx, stream).await;
-                    return;
-                }
-                Ok(Err(e)) => trace!(%remote, "primed SYN: {e}"),
-                Err(_) => {}
-            }
-        }
-        tokio::time::sleep_until(until).await;
-    }
+    tokio::time::sleep(delay).await;
     loop {
-        match tokio::time::timeout(syn_timeout, connect_from(local, remote, None)).await {
+        match tokio::time::timeout(syn_timeout, connect_from(local, remote)).await {
             Ok(Ok(stream)) => {
                 trace!(%remote, "connected");
                 let _ = send(&tx, stream).await;
@@ -299,12 +396,21 @@ async fn dial_loop(
             }
             Ok(Err(e)) => {
                 trace!(%remote, "connect: {e}");
-                record(e.to_string());
+                record(&errors, format!("dial {remote}"), e.to_string());
+                tokio::time::sleep(retry_interval).await;
             }
-            Err(_) => record(format!("no answer within {}ms", syn_timeout.as_millis())),
+            // Silently dropped: send the next SYN right away from a fresh socket.
+            Err(_) => record(
+                &errors,
+                format!("dial {remote}"),
+                format!("no answer within {}ms", syn_timeout.as_millis()),
+            ),
         }
-        tokio::time::sleep(retry_interval).await;
     }
+}
+
+fn record(errors: &DialErrors, what: String, error: String) {
+    errors.lock().expect("errors poisoned").insert(what, error);
 }
 
 async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<RawLink<TcpStream>>) {

@@ -1,3 +1,6 @@
-//! e2e
+//! End-to-end tests: the real `nettool` binary over loopback and through the NAT lab.
 
 mod lab;
+mod loopback;
+mod nat_punch;
+mod support;

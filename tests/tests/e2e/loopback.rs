@@ -1,0 +1,151 @@
+//! The real `nettool` binary over loopback: rendezvous plus two connecting peers.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{finish_peer, nettool_bin, sha256, spawn_peer, test_data, Proc, TempDir};
+
+/// Starts `nettool rendezvous` on a free loopback port; returns the process and its address.
+fn rendezvous() -> (Proc, String) {
+    let mut cmd = Command::new(nettool_bin());
+    cmd.args(["rendezvous", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut proc = Proc::spawn(cmd);
+    let line = proc.stderr_line_containing("listening on");
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .expect("address in the listening line")
+        .to_owned();
+    (proc, addr)
+}
+
+fn args(server: &str, session: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "--server".to_owned(),
+        server.to_owned(),
+        "--session".to_owned(),
+        session.to_owned(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn two_peers_link_and_exchange_data_intact() {
+    let (_server, addr) = rendezvous();
+    let dir = TempDir::new("loop");
+    let a_in = test_data(3 << 20, 1);
+    let b_in = test_data(2 << 20, 2);
+    let common = args(
+        &addr,
+        "loop",
+        &["--strategy", "tcp-punch", "--secret", "s3"],
+    );
+    let (a, _) = spawn_peer(Command::new(nettool_bin()), &dir, "a", &a_in, &common);
+    std::thread::sleep(Duration::from_millis(100));
+    let (b, _) = spawn_peer(Command::new(nettool_bin()), &dir, "b", &b_in, &common);
+    let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
+    let b = finish_peer(b, &dir, "b", Duration::from_secs(30));
+    assert!(a.status.unwrap().success(), "a failed: {}", a.stderr);
+    assert!(b.status.unwrap().success(), "b failed: {}", b.stderr);
+    assert_eq!(sha256(&b.stdout), sha256(&a_in), "a -> b data differs");
+    assert_eq!(sha256(&a.stdout), sha256(&b_in), "b -> a data differs");
+    let ra = a.report.as_ref().unwrap();
+    let rb = b.report.as_ref().unwrap();
+    assert_eq!(ra["session"], "loop");
+    assert_eq!(ra["role"], "first");
+    assert_eq!(rb["role"], "second");
+    assert_eq!(ra["strategy"], "tcp-punch");
+    assert_eq!(ra["local"], rb["remote"]);
+    assert_eq!(ra["remote"], rb["local"]);
+    let attempt = &ra["attempts"][0];
+    assert_eq!(attempt["strategy"], "tcp-punch");
+    assert_eq!(attempt["outcome"], "connected");
+    assert!(attempt["elapsed_ms"].as_u64().is_some());
+    assert!(attempt["error"].is_null());
+}
+
+#[test]
+fn a_peer_with_the_wrong_secret_is_refused() {
+    let (_server, addr) = rendezvous();
+    let dir = TempDir::new("secret");
+    let base = ["--strategy-timeout", "2s", "--timeout", "20s"];
+    let mut a_args = args(&addr, "sec", &base);
+    a_args.extend(["--secret".into(), "right".into()]);
+    let mut b_args = args(&addr, "sec", &base);
+    b_args.extend(["--secret".into(), "wrong".into()]);
+    let (a, _) = spawn_peer(
+        Command::new(nettool_bin()),
+        &dir,
+        "a",
+        b"secret data",
+        &a_args,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let (b, _) = spawn_peer(
+        Command::new(nettool_bin()),
+        &dir,
+        "b",
+        b"other data",
+        &b_args,
+    );
+    for (run, name) in [
+        (finish_peer(a, &dir, "a", Duration::from_secs(20)), "a"),
+        (finish_peer(b, &dir, "b", Duration::from_secs(20)), "b"),
+    ] {
+        assert_eq!(
+            run.status.and_then(|s| s.code()),
+            Some(1),
+            "{name}: {}",
+            run.stderr
+        );
+        assert!(run.stdout.is_empty(), "{name} received data without a link");
+        let report = run.report.as_ref().expect("report written on failure");
+        assert!(report["strategy"].is_null());
+        let err = report["attempts"][0]["error"].as_str().unwrap();
+        assert!(err.contains("failed authentication"), "{name}: {err}");
+    }
+}
+
+#[test]
+fn unreachable_server_fails_with_a_report() {
+    // A port nothing listens on: bind, note the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = TempDir::new("unreach");
+    let (p, _) = spawn_peer(
+        Command::new(nettool_bin()),
+        &dir,
+        "a",
+        b"",
+        &args(&format!("127.0.0.1:{port}"), "x", &["--timeout", "5s"]),
+    );
+    let run = finish_peer(p, &dir, "a", Duration::from_secs(10));
+    assert_eq!(run.status.and_then(|s| s.code()), Some(1));
+    let report = run.report.unwrap();
+    assert!(report["role"].is_null());
+    let err = report["error"].as_str().unwrap();
+    assert!(err.contains("cannot reach the rendezvous server"), "{err}");
+}
+
+#[test]
+fn demo_links_on_loopback() {
+    let out = Command::new(nettool_bin()).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("tcp-punch  linked in"), "{stdout}");
+    assert!(
+        stdout.contains("first heard \"hello from second\""),
+        "{stdout}"
+    );
+}

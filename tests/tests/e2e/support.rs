@@ -1,0 +1,183 @@
+//! Helpers shared by the end-to-end tests: finding the `nettool` binary, running it with a
+//! guard that kills it on drop, test data and checksums.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The `nettool` binary: `NETTOOL_BIN`, else the one cargo built next to this test binary
+/// (`cargo test --workspace` builds it, because the cli package has integration tests).
+pub(crate) fn nettool_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NETTOOL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("nettool");
+    assert!(
+        bin.exists(),
+        "{} not found: run the tests with `cargo test --workspace` (which builds the binary) \
+         or set NETTOOL_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process killed (and reaped) when dropped.
+pub(crate) struct Proc {
+    pub(crate) child: Child,
+}
+
+impl Proc {
+    pub(crate) fn spawn(mut cmd: Command) -> Self {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        Self { child }
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub(crate) fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Reads the child's stderr until a line containing `needle`; returns that line.
+    pub(crate) fn stderr_line_containing(&mut self, needle: &str) -> String {
+        let stderr = self.child.stderr.take().expect("stderr piped");
+        let mut reader = BufReader::new(stderr);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).expect("read stderr");
+            assert!(n > 0, "process ended before printing {needle:?}");
+            if line.contains(needle) {
+                // Keep draining in the background so the child never blocks on stderr.
+                std::thread::spawn(move || {
+                    let mut sink = Vec::new();
+                    let _ = reader.read_to_end(&mut sink);
+                });
+                return line;
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures can be reproduced.
+pub(crate) fn test_data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub(crate) fn sha256(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// A fresh temporary directory under the system temp dir, removed on drop.
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "nettool-e2e-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The outcome of one `nettool connect` run.
+#[derive(Debug)]
+pub(crate) struct PeerRun {
+    pub(crate) status: Option<ExitStatus>,
+    pub(crate) report: Option<serde_json::Value>,
+    pub(crate) stdout: Vec<u8>,
+    pub(crate) stderr: String,
+}
+
+impl PeerRun {
+    pub(crate) fn strategy(&self) -> Option<&str> {
+        self.report.as_ref()?.get("strategy")?.as_str()
+    }
+
+    pub(crate) fn first_attempt(&self) -> Option<&serde_json::Value> {
+        self.report.as_ref()?.get("attempts")?.get(0)
+    }
+}
+
+/// Starts `nettool connect` through `cmd` (already holding the program, e.g. wrapped in
+/// `ip netns exec`), feeding `input` from a file and capturing stdout, stderr and the report.
+pub(crate) fn spawn_peer(
+    mut cmd: Command,
+    dir: &TempDir,
+    name: &str,
+    input: &[u8],
+    args: &[String],
+) -> (Proc, PathBuf) {
+    let input_path = dir.path(&format!("{name}.in"));
+    std::fs::write(&input_path, input).expect("write input");
+    let report = dir.path(&format!("{name}.report.json"));
+    cmd.arg("connect")
+        .args(args)
+        .arg("--report")
+        .arg(&report)
+        .stdin(std::fs::File::open(&input_path).expect("open input"))
+        .stdout(std::fs::File::create(dir.path(&format!("{name}.out"))).expect("create out"))
+        .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).expect("create err"));
+    (Proc::spawn(cmd), report)
+}
+
+/// Waits for a peer started with [`spawn_peer`] and collects what it produced.
+pub(crate) fn finish_peer(mut proc: Proc, dir: &TempDir, name: &str, limit: Duration) -> PeerRun {
+    let status = proc.wait_timeout(limit);
+    drop(proc);
+    let report = std::fs::read(dir.path(&format!("{name}.report.json")))
+        .ok()
+        .map(|b| serde_json::from_slice(&b).expect("report is valid JSON"));
+    PeerRun {
+        status,
+        report,
+        stdout: std::fs::read(dir.path(&format!("{name}.out"))).unwrap_or_default(),
+        stderr: std::fs::read_to_string(dir.path(&format!("{name}.err"))).unwrap_or_default(),
+    }
+}
