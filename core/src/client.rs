@@ -192,6 +192,8 @@ impl RendezvousClient {
                     strategy: s,
                     payload,
                 } if s == strategy => return Ok(payload),
+                // A late offer for a strategy both already gave up on.
+                ServerToClient::Offer { .. } => continue,
                 other => return Err(unexpected(other)),
             }
         }

@@ -137,7 +137,11 @@ impl Strategy for TcpPunch {
         let offer = PunchOffer {
             receive: receive.candidates.clone(),
             dial: dial.candidates.clone(),
-            server_rtt_us: attempt.server_rtt.as_micros().try_into().unwrap_or(u64::MAX),
+            server_rtt_us: attempt
+                .server_rtt
+                .as_micros()
+                .try_into()
+                .unwrap_or(u64::MAX),
         };
         let payload = serde_json::to_value(&offer).expect("offer serializes");
         let theirs = attempt
@@ -367,7 +371,7 @@ async fn prime_loop(
             Err(e) => {
                 deaths += 1;
                 trace!(%remote, "primed socket died: {e}");
-                if deaths % 16 == 0 {
+                if deaths.is_multiple_of(16) {
                     record(&errors, format!("prime {remote}"), e.to_string());
                     // Something keeps refusing: do not spin.
                     tokio::time::sleep(retry_interval).await;

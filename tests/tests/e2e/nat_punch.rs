@@ -251,13 +251,6 @@ fn repeated(a: NatKind, b: NatKind) {
         return;
     }
     let lab = RunningLab::new(a, b);
-    if std::env::var_os("EXPERIMENT_LIBERAL").is_some() {
-        for h in [Host::A, Host::B] {
-            let ns = lab.lab.router_netns(h).unwrap();
-            let st = std::process::Command::new("ip").args(["netns", "exec", ns, "sysctl", "-w", "net.netfilter.nf_conntrack_tcp_be_liberal=1"]).status().unwrap();
-            assert!(st.success());
-        }
-    }
     let flags = punch_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut times = Vec::new();
@@ -311,9 +304,16 @@ fn tcp_punch_cone_rst_x_cone_rst_20_runs() {
 fn hold_lab_for_debugging() {
     let lab = RunningLab::new(NatKind::ConeRst, NatKind::ConeRst);
     for h in [Host::Server, Host::A, Host::B] {
-        eprintln!("{h:?}: {} router {:?}", lab.lab.netns(h), lab.lab.router_netns(h));
+        eprintln!(
+            "{h:?}: {} router {:?}",
+            lab.lab.netns(h),
+            lab.lab.router_netns(h)
+        );
     }
     std::thread::sleep(Duration::from_secs(
-        std::env::var("HOLD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120),
+        std::env::var("HOLD_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(120),
     ));
 }
