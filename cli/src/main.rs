@@ -90,7 +90,8 @@ struct ConnectArgs {
     /// tcp-punch: TTL of the first SYN to each candidate (0 turns the low-TTL SYN off).
     #[arg(long, default_value_t = 2)]
     punch_ttl: u32,
-    /// tcp-punch: local port to punch from (0 = any free port).
+    /// Local port for tcp-punch's receive port, udp-quic's socket and tcp-direct's listener
+    /// (0 = any free port).
     #[arg(long, default_value_t = 0)]
     local_port: u16,
 }
@@ -196,6 +197,8 @@ fn strategy_configs(
                 c.low_ttl = (punch_ttl > 0).then_some(punch_ttl);
                 c.local_port = local_port;
             }
+            StrategyConfig::UdpQuic(c) => c.local_port = local_port,
+            StrategyConfig::TcpDirect(c) => c.listen_port = local_port,
         }
         out.push(config);
     }

@@ -15,18 +15,24 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StrategyName {
-    /// TCP simultaneous open from one shared local port ("TCP hole punching").
+    /// TCP simultaneous open ("TCP hole punching").
     TcpPunch,
+    /// UDP hole punching with QUIC on top.
+    UdpQuic,
+    /// One side listens, the other dials; then the roles swap.
+    TcpDirect,
 }
 
 impl StrategyName {
     /// Every strategy this build knows, in the default order (first = highest priority).
-    pub const ALL: &'static [Self] = &[Self::TcpPunch];
+    pub const ALL: &'static [Self] = &[Self::TcpPunch, Self::UdpQuic, Self::TcpDirect];
 
     /// The name as written on the command line, in configs and in reports.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::TcpPunch => "tcp-punch",
+            Self::UdpQuic => "udp-quic",
+            Self::TcpDirect => "tcp-direct",
         }
     }
 
@@ -99,11 +105,63 @@ impl Default for TcpPunchConfig {
     }
 }
 
+/// Settings of the udp-quic strategy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpQuicConfig {
+    /// How long one attempt may take before it counts as timed out.
+    pub timeout: Duration,
+    /// Local UDP port; 0 picks a free one.
+    pub local_port: u16,
+    /// Pause between two rounds of punch datagrams.
+    pub punch_interval: Duration,
+    /// QUIC keep-alive interval on the link, so NAT mappings outlive idle periods.
+    pub keep_alive: Duration,
+    /// How long the link may be idle (no packets at all) before QUIC gives up.
+    pub idle_timeout: Duration,
+}
+
+impl Default for UdpQuicConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            local_port: 0,
+            punch_interval: Duration::from_millis(50),
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Settings of the tcp-direct strategy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpDirectConfig {
+    /// How long one attempt may take (both directions together).
+    pub timeout: Duration,
+    /// Port the listening side binds (all interfaces); 0 picks a free one.
+    pub listen_port: u16,
+    /// How long the dialing side tries before the roles swap.
+    pub dial_timeout: Duration,
+}
+
+impl Default for TcpDirectConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            listen_port: 0,
+            dial_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
 /// One strategy with its settings; the orchestrator runs a list of these in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StrategyConfig {
     /// TCP simultaneous open.
     TcpPunch(TcpPunchConfig),
+    /// UDP hole punching with QUIC on top.
+    UdpQuic(UdpQuicConfig),
+    /// Listen on one side, dial from the other.
+    TcpDirect(TcpDirectConfig),
 }
 
 impl StrategyConfig {
@@ -111,6 +169,8 @@ impl StrategyConfig {
     pub fn default_for(name: StrategyName) -> Self {
         match name {
             StrategyName::TcpPunch => Self::TcpPunch(TcpPunchConfig::default()),
+            StrategyName::UdpQuic => Self::UdpQuic(UdpQuicConfig::default()),
+            StrategyName::TcpDirect => Self::TcpDirect(TcpDirectConfig::default()),
         }
     }
 
@@ -118,6 +178,8 @@ impl StrategyConfig {
     pub fn name(&self) -> StrategyName {
         match self {
             Self::TcpPunch(_) => StrategyName::TcpPunch,
+            Self::UdpQuic(_) => StrategyName::UdpQuic,
+            Self::TcpDirect(_) => StrategyName::TcpDirect,
         }
     }
 
@@ -125,6 +187,8 @@ impl StrategyConfig {
     pub fn timeout(&self) -> Duration {
         match self {
             Self::TcpPunch(c) => c.timeout,
+            Self::UdpQuic(c) => c.timeout,
+            Self::TcpDirect(c) => c.timeout,
         }
     }
 
@@ -132,6 +196,8 @@ impl StrategyConfig {
     pub fn set_timeout(&mut self, timeout: Duration) {
         match self {
             Self::TcpPunch(c) => c.timeout = timeout,
+            Self::UdpQuic(c) => c.timeout = timeout,
+            Self::TcpDirect(c) => c.timeout = timeout,
         }
     }
 }
@@ -176,7 +242,7 @@ mod tests {
         let err = "tcp-pnuch".parse::<StrategyName>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown strategy 'tcp-pnuch' (valid: tcp-punch)"
+            "unknown strategy 'tcp-pnuch' (valid: tcp-punch, udp-quic, tcp-direct)"
         );
     }
 }

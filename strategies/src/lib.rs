@@ -1,7 +1,9 @@
 //! Connection strategies for nettool, one module each, and the one function that builds them
 //! from configuration.
 //!
-//! - [`tcp_punch`]: TCP simultaneous open from one shared local port.
+//! - [`tcp_punch`]: TCP simultaneous open through NATs.
+//! - [`udp_quic`]: UDP hole punching with QUIC on top.
+//! - [`tcp_direct`]: one side listens, the other dials; then the roles swap.
 
 #![warn(missing_docs)]
 
@@ -10,11 +12,15 @@ use std::sync::Arc;
 use nettool_config::StrategyConfig;
 use nettool_core::Strategy;
 
+pub mod tcp_direct;
 pub mod tcp_punch;
+pub mod udp_quic;
 
 /// Builds the strategy a config entry describes.
 pub fn build(config: &StrategyConfig) -> Arc<dyn Strategy> {
     match config {
         StrategyConfig::TcpPunch(c) => Arc::new(tcp_punch::TcpPunch::new(c.clone())),
+        StrategyConfig::UdpQuic(c) => Arc::new(udp_quic::UdpQuic::new(c.clone())),
+        StrategyConfig::TcpDirect(c) => Arc::new(tcp_direct::TcpDirect::new(c.clone())),
     }
 }
