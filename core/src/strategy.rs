@@ -200,6 +200,12 @@ pub async fn agree_on_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     debug!(remote = %raw.remote, "link authenticated");
                     return Ok(raw);
                 }
+                Ok(Err(e @ (HandshakeError::Io(_) | HandshakeError::NotSelected))) => {
+                    // The other end dropped it: usually a duplicate link the first peer did
+                    // not pick.
+                    debug!(remote = %raw.remote, "link dropped during handshake: {e}");
+                    rejected.push(format!("{}: {e}", raw.remote));
+                }
                 Ok(Err(e)) => {
                     warn!(remote = %raw.remote, "refused connection: {e}");
                     rejected.push(format!("{}: {e}", raw.remote));

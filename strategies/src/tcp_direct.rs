@@ -1,7 +1,29 @@
-//! tcp-direct: listen on one side, dial from the other. (Being written.)
+//! tcp-direct: listen on one side, dial from the other.
+//!
+//! Both peers listen on a port (all interfaces; `listen_port` or any free one) and advertise
+//! it: at the public address the rendezvous server saw for the control connection (right for
+//! a public host and for a 1:1 full-cone NAT, which keeps the port) and at this host's own
+//! addresses (right on a shared LAN). Each peer then dials all of the other's candidates at
+//! once (happy eyeballs) from fresh ephemeral ports. Running both directions at the same time
+//! is the listen/dial role swap without its wait: whichever side is reachable gets dialed.
+//!
+//! Unlike tcp-punch this never opens a NAT: it links only when one side accepts unsolicited
+//! connections (public, full-cone or port-mapped) or both share a network. The link handshake
+//! refuses strangers that find the listening port.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nettool_config::TcpDirectConfig;
+use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, trace};
 
 /// The strategy's name.
 pub const NAME: &str = "tcp-direct";
@@ -9,7 +31,6 @@ pub const NAME: &str = "tcp-direct";
 /// Listen/dial.
 #[derive(Debug, Clone)]
 pub struct TcpDirect {
-    #[allow(dead_code)]
     config: TcpDirectConfig,
 }
 
@@ -20,15 +41,142 @@ impl TcpDirect {
     }
 }
 
+/// What each peer tells the other.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DirectOffer {
+    /// Where this peer's listener may be reachable, best first.
+    listen: Vec<SocketAddr>,
+}
+
 #[async_trait::async_trait]
 impl Strategy for TcpDirect {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    async fn connect(&self, _attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
-        Err(StrategyError::NoLink(
-            "tcp-direct is not implemented yet".into(),
-        ))
+    async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
+        let server = attempt.rendezvous.server();
+        let unspecified: IpAddr = match server {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let bind = SocketAddr::new(unspecified, self.config.listen_port);
+        let listener = TcpListener::bind(bind)
+            .await
+            .map_err(|e| StrategyError::io(format!("listening on {bind}"), e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| StrategyError::io("reading the listening port", e))?
+            .port();
+        let public = SocketAddr::new(attempt.pairing.observed.ip(), port);
+        let offer = DirectOffer {
+            listen: crate::tcp_punch::candidates(public, public, server.ip().is_loopback()),
+        };
+        let payload = serde_json::to_value(&offer).expect("offer serializes");
+        let theirs = attempt
+            .rendezvous
+            .exchange_offer(NAME, payload, attempt.deadline)
+            .await?;
+        let theirs: DirectOffer =
+            serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
+        let peer: Vec<SocketAddr> = theirs
+            .listen
+            .into_iter()
+            .filter(|c| c.is_ipv4() == server.is_ipv4() && c.port() != 0)
+            .collect();
+        if peer.is_empty() {
+            return Err(StrategyError::BadOffer(
+                "no candidate address of this address family".into(),
+            ));
+        }
+        debug!(candidates = ?peer, "peer offer");
+
+        let (tx, rx) = mpsc::channel(16);
+        let errors: Arc<Mutex<BTreeMap<SocketAddr, String>>> = Arc::default();
+        let mut tasks = JoinSet::new();
+        let dial_until = Instant::now() + self.config.dial_timeout;
+        for cand in peer {
+            let (tx, errors) = (tx.clone(), errors.clone());
+            tasks.spawn(async move {
+                let res = tokio::time::timeout_at(dial_until.into(), dial(cand)).await;
+                let err = match res {
+                    Ok(Ok(stream)) => {
+                        trace!(remote = %cand, "connected");
+                        let _ = send(&tx, stream).await;
+                        return;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer".to_owned(),
+                };
+                errors.lock().expect("errors poisoned").insert(cand, err);
+            });
+        }
+        tasks.spawn(async move {
+            while let Ok((stream, remote)) = listener.accept().await {
+                trace!(%remote, "accepted");
+                if send(&tx, stream).await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        let ctx = attempt.handshake_context(NAME);
+        let stop = attempt
+            .deadline
+            .checked_sub(Duration::from_millis(50))
+            .unwrap_or(attempt.deadline);
+        let started = Instant::now();
+        let agreed = agree_on_link(&ctx, rx, Duration::from_secs(3), stop).await;
+        tasks.abort_all();
+        let raw = agreed.map_err(|none| {
+            let errs = errors.lock().expect("errors poisoned");
+            let detail: Vec<String> = errs.iter().map(|(c, e)| format!("dial {c}: {e}")).collect();
+            let msg = format!(
+                "no authenticated connection within {:.1}s; neither side reachable ({}; {})",
+                started.elapsed().as_secs_f64(),
+                none,
+                if detail.is_empty() {
+                    "no dial finished".to_owned()
+                } else {
+                    detail.join("; ")
+                }
+            );
+            if none.timed_out {
+                StrategyError::TimedOut(msg)
+            } else {
+                StrategyError::NoLink(msg)
+            }
+        })?;
+        let _ = raw.stream.set_nodelay(true);
+        Ok(Link {
+            stream: Box::new(raw.stream),
+            local: raw.local,
+            remote: raw.remote,
+            strategy: NAME,
+        })
     }
+}
+
+async fn dial(remote: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if remote.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.connect(remote).await
+}
+
+async fn send(
+    tx: &mpsc::Sender<RawLink<TcpStream>>,
+    stream: TcpStream,
+) -> Result<(), mpsc::error::SendError<RawLink<TcpStream>>> {
+    let (Ok(local), Ok(remote)) = (stream.local_addr(), stream.peer_addr()) else {
+        return Ok(());
+    };
+    tx.send(RawLink {
+        stream,
+        local,
+        remote,
+    })
+    .await
 }

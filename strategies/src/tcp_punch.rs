@@ -250,7 +250,7 @@ impl Strategy for TcpPunch {
 
 /// Our candidates: the observed public endpoint, the local address the server connection
 /// used, then this host's other addresses (loopback only when the server is on loopback).
-fn candidates(public: SocketAddr, via: SocketAddr, loopback: bool) -> Vec<SocketAddr> {
+pub(crate) fn candidates(public: SocketAddr, via: SocketAddr, loopback: bool) -> Vec<SocketAddr> {
     let mut out = vec![public];
     let mut push = |a: SocketAddr| {
         if !out.contains(&a) {

@@ -149,3 +149,20 @@ fn demo_links_on_loopback() {
         "{stdout}"
     );
 }
+
+#[test]
+fn default_order_tries_tcp_punch_first() {
+    let (_server, addr) = rendezvous();
+    let dir = TempDir::new("default");
+    let common = args(&addr, "default", &["--secret", "d"]);
+    let (a, _) = spawn_peer(Command::new(nettool_bin()), &dir, "a", b"one", &common);
+    std::thread::sleep(Duration::from_millis(100));
+    let (b, _) = spawn_peer(Command::new(nettool_bin()), &dir, "b", b"two", &common);
+    let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
+    let b = finish_peer(b, &dir, "b", Duration::from_secs(30));
+    assert_eq!(a.stdout, b"two", "{}", a.stderr);
+    assert_eq!(b.stdout, b"one", "{}", b.stderr);
+    let report = a.report.unwrap();
+    assert_eq!(report["strategy"], "tcp-punch");
+    assert_eq!(report["attempts"].as_array().unwrap().len(), 1);
+}

@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `nettool` binary over loopback and through the NAT lab.
 
+mod fallback;
 mod lab;
 mod loopback;
 mod nat_punch;

@@ -1,5 +1,6 @@
-//! tcp-punch through the NAT lab: every pair of NAT kinds with the expected outcome asserted,
-//! data checked each way, and repeated runs for the two hard pairs.
+//! Strategies through the NAT lab: every ordered pair of NAT kinds with the expected outcome
+//! asserted, data checked each way, and repeated runs for the hard pairs. The matrix and
+//! repeat helpers are generic over the strategy; tcp-punch's and tcp-direct's tests live here.
 
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -12,7 +13,7 @@ use crate::support::{
 };
 
 /// Per-attempt timeout in the lab; pairs that must fail end after this.
-const PUNCH_TIMEOUT_S: u64 = 4;
+pub(crate) const ATTEMPT_TIMEOUT_S: u64 = 4;
 
 /// design.md §6: hole punching links a pair unless one side is `sym` and the other is `cone`,
 /// `cone-rst`, `sym` or `fw`.
@@ -85,12 +86,18 @@ impl RunningLab {
     }
 }
 
-fn punch_flags() -> Vec<String> {
+/// design.md §6: tcp-direct links a pair when one side is `none` or `full` (reachable).
+pub(crate) fn direct_expected(a: NatKind, b: NatKind) -> bool {
+    let reachable = |k: NatKind| matches!(k, NatKind::None | NatKind::Full);
+    reachable(a) || reachable(b)
+}
+
+pub(crate) fn strategy_flags(strategy: &str) -> Vec<String> {
     vec![
         "--strategy".into(),
-        "tcp-punch".into(),
+        strategy.into(),
         "--strategy-timeout".into(),
-        format!("{PUNCH_TIMEOUT_S}s"),
+        format!("{ATTEMPT_TIMEOUT_S}s"),
         "--timeout".into(),
         "30s".into(),
     ]
@@ -105,25 +112,27 @@ struct Cell {
     problem: Option<String>,
 }
 
-fn run_cell(a: NatKind, b: NatKind) -> Cell {
+fn run_cell(flags: &[String], expected: Option<&str>, a: NatKind, b: NatKind) -> Cell {
     let lab = RunningLab::new(a, b);
     let a_in = test_data(256 << 10, 11);
     let b_in = test_data(192 << 10, 12);
-    let flags = punch_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (ra, rb) = lab.connect_pair(&format!("m-{a}-{b}"), &flags, &a_in, &b_in);
-    let expected = punch_expected(a, b);
-    let linked = ra.strategy() == Some("tcp-punch") && rb.strategy() == Some("tcp-punch");
+    let linked = ra.strategy().is_some() && ra.strategy() == rb.strategy();
     let ms = ra
-        .first_attempt()
+        .report
+        .as_ref()
+        .and_then(|r| r["attempts"].as_array())
+        .and_then(|v| v.iter().find(|x| x["outcome"] == "connected"))
         .and_then(|x| x["elapsed_ms"].as_u64())
         .unwrap_or(0);
     let mut problems = Vec::new();
-    if linked != expected {
+    if ra.strategy() != expected || rb.strategy() != expected {
         problems.push(format!(
-            "expected {}, got {}; a: {} b: {}",
-            if expected { "a link" } else { "no link" },
-            if linked { "a link" } else { "no link" },
+            "expected {}, got a: {:?} b: {:?}; a: {} b: {}",
+            expected.map_or("no link".to_owned(), |s| format!("a link by {s}")),
+            ra.strategy(),
+            rb.strategy(),
             ra.stderr.trim(),
             rb.stderr.trim()
         ));
@@ -157,22 +166,27 @@ fn run_cell(a: NatKind, b: NatKind) -> Cell {
                     run.status
                 ));
             }
-            let attempt = run.first_attempt();
-            let outcome = attempt
-                .and_then(|x| x["outcome"].as_str())
-                .unwrap_or("none");
-            let error = attempt.and_then(|x| x["error"].as_str()).unwrap_or("");
-            let elapsed = attempt
-                .and_then(|x| x["elapsed_ms"].as_u64())
-                .unwrap_or(u64::MAX);
-            if !matches!(outcome, "timed-out" | "failed") || error.is_empty() {
-                problems.push(format!(
-                    "{name}: report lacks the reason: {outcome} {error:?}"
-                ));
+            let attempts = run
+                .report
+                .as_ref()
+                .and_then(|r| r["attempts"].as_array().cloned())
+                .unwrap_or_default();
+            if attempts.is_empty() {
+                problems.push(format!("{name}: report lists no attempt"));
             }
-            // The attempt ends within its timeout (plus the wait for the peer's result).
-            if elapsed > (PUNCH_TIMEOUT_S + 2) * 1000 {
-                problems.push(format!("{name}: failing attempt took {elapsed} ms"));
+            for attempt in attempts {
+                let outcome = attempt["outcome"].as_str().unwrap_or("none");
+                let error = attempt["error"].as_str().unwrap_or("");
+                let elapsed = attempt["elapsed_ms"].as_u64().unwrap_or(u64::MAX);
+                if !matches!(outcome, "timed-out" | "failed") || error.is_empty() {
+                    problems.push(format!(
+                        "{name}: report lacks the reason: {outcome} {error:?}"
+                    ));
+                }
+                // Each attempt ends within its timeout (plus the wait for the peer's result).
+                if elapsed > (ATTEMPT_TIMEOUT_S + 2) * 1000 {
+                    problems.push(format!("{name}: failing attempt took {elapsed} ms"));
+                }
             }
         }
     }
@@ -185,11 +199,14 @@ fn run_cell(a: NatKind, b: NatKind) -> Cell {
     }
 }
 
-#[test]
-fn tcp_punch_links_exactly_the_expected_pairs() {
-    if !require_lab() {
-        return;
-    }
+/// Runs `nettool connect` with `flags` for every ordered pair of NAT kinds (4 labs at a time),
+/// prints the table of times to link under `title` and asserts that each pair linked with
+/// exactly the strategy `expected` names (`None`: no link).
+pub(crate) fn run_matrix_with(
+    title: &str,
+    flags: &[String],
+    expected: impl Fn(NatKind, NatKind) -> Option<&'static str> + Sync,
+) {
     let pairs: Vec<(NatKind, NatKind)> = NatKind::ALL
         .iter()
         .flat_map(|a| NatKind::ALL.iter().map(move |b| (*a, *b)))
@@ -202,14 +219,13 @@ fn tcp_punch_links_exactly_the_expected_pairs() {
                 let Some((a, b)) = queue.lock().unwrap().pop() else {
                     return;
                 };
-                let cell = run_cell(a, b);
+                let cell = run_cell(flags, expected(a, b), a, b);
                 cells.lock().unwrap().push(cell);
             });
         }
     });
     let cells = cells.into_inner().unwrap();
-    // The measured table (A = first peer, rows; B = second peer, columns).
-    let mut table = String::from("tcp-punch, A (rows, first) x B (columns, second):\n");
+    let mut table = format!("{title}, A (rows, first) x B (columns, second):\n");
     table.push_str(&format!("{:>9}", ""));
     for b in NatKind::ALL {
         table.push_str(&format!("{b:>10}"));
@@ -245,21 +261,43 @@ fn tcp_punch_links_exactly_the_expected_pairs() {
     );
 }
 
-/// 20 runs in one lab; a run counts when it links within 1.5 s.
-fn repeated(a: NatKind, b: NatKind) {
+/// [`run_matrix_with`] for one strategy on its own.
+pub(crate) fn run_matrix(strategy: &'static str, expected: fn(NatKind, NatKind) -> bool) {
+    run_matrix_with(strategy, &strategy_flags(strategy), |a, b| {
+        expected(a, b).then_some(strategy)
+    });
+}
+
+#[test]
+fn tcp_punch_links_exactly_the_expected_pairs() {
+    if require_lab() {
+        run_matrix("tcp-punch", punch_expected);
+    }
+}
+
+#[test]
+fn tcp_direct_links_exactly_the_expected_pairs() {
+    if require_lab() {
+        run_matrix("tcp-direct", direct_expected);
+    }
+}
+
+/// 20 runs of `strategy` in one lab; a run counts when it links within 1.5 s. Prints and
+/// asserts the count (at least 19).
+pub(crate) fn repeated(strategy: &str, a: NatKind, b: NatKind) {
     if !require_lab() {
         return;
     }
     let lab = RunningLab::new(a, b);
-    let flags = punch_flags();
+    let flags = strategy_flags(strategy);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut times = Vec::new();
     let mut failures = Vec::new();
     for i in 0..20 {
         let (ra, rb) = lab.connect_pair(&format!("r-{i}"), &flags, b"ping", b"pong");
         let ms = ra.first_attempt().and_then(|x| x["elapsed_ms"].as_u64());
-        let ok = ra.strategy() == Some("tcp-punch")
-            && rb.strategy() == Some("tcp-punch")
+        let ok = ra.strategy() == Some(strategy)
+            && rb.strategy() == Some(strategy)
             && ra.stdout == b"pong"
             && rb.stdout == b"ping"
             && ms.is_some_and(|ms| ms <= 1500);
@@ -275,7 +313,7 @@ fn repeated(a: NatKind, b: NatKind) {
     }
     times.sort_unstable();
     eprintln!(
-        "tcp-punch {a} x {b}: {}/20 linked within 1.5 s; time to link min {:?} median {:?} max {:?} ms",
+        "{strategy} {a} x {b}: {}/20 linked within 1.5 s; time to link min {:?} median {:?} max {:?} ms",
         times.len(),
         times.first(),
         times.get(times.len() / 2),
@@ -291,12 +329,12 @@ fn repeated(a: NatKind, b: NatKind) {
 
 #[test]
 fn tcp_punch_cone_x_cone_20_runs() {
-    repeated(NatKind::Cone, NatKind::Cone);
+    repeated("tcp-punch", NatKind::Cone, NatKind::Cone);
 }
 
 #[test]
 fn tcp_punch_cone_rst_x_cone_rst_20_runs() {
-    repeated(NatKind::ConeRst, NatKind::ConeRst);
+    repeated("tcp-punch", NatKind::ConeRst, NatKind::ConeRst);
 }
 
 #[test]

@@ -1,0 +1,104 @@
+//! Orchestrated connects in the NAT lab: fallback from a strategy that cannot work to one that
+//! can, the default order across every pair, and large transfers through each strategy.
+
+use nettool_tests::{require_lab, NatKind};
+
+use crate::nat_punch::{punch_expected, run_matrix_with, RunningLab, ATTEMPT_TIMEOUT_S};
+use crate::support::{sha256, test_data, PeerRun};
+
+fn attempts(run: &PeerRun) -> Vec<serde_json::Value> {
+    run.report
+        .as_ref()
+        .and_then(|r| r["attempts"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn tcp_direct_fails_between_two_cone_nats_then_tcp_punch_links() {
+    if !require_lab() {
+        return;
+    }
+    let lab = RunningLab::new(NatKind::Cone, NatKind::Cone);
+    let timeout = format!("{ATTEMPT_TIMEOUT_S}s");
+    let flags = [
+        "--strategy",
+        "tcp-direct",
+        "--strategy",
+        "tcp-punch",
+        "--strategy-timeout",
+        &timeout,
+    ];
+    let (a_in, b_in) = (test_data(100_000, 3), test_data(50_000, 4));
+    let (ra, rb) = lab.connect_pair("fallback", &flags, &a_in, &b_in);
+    for (run, name) in [(&ra, "a"), (&rb, "b")] {
+        assert_eq!(run.strategy(), Some("tcp-punch"), "{name}: {}", run.stderr);
+        let att = attempts(run);
+        assert_eq!(att.len(), 2, "{name}: {att:?}");
+        assert_eq!(att[0]["strategy"], "tcp-direct");
+        assert_eq!(att[0]["outcome"], "timed-out", "{name}: {:?}", att[0]);
+        assert!(att[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("neither side reachable"));
+        assert_eq!(att[1]["strategy"], "tcp-punch");
+        assert_eq!(att[1]["outcome"], "connected");
+        assert!(att[1]["error"].is_null());
+    }
+    assert_eq!(sha256(&rb.stdout), sha256(&a_in));
+    assert_eq!(sha256(&ra.stdout), sha256(&b_in));
+}
+
+#[test]
+fn default_order_links_every_pair_any_strategy_can() {
+    if !require_lab() {
+        return;
+    }
+    let timeout = format!("{ATTEMPT_TIMEOUT_S}s");
+    let flags: Vec<String> = ["--strategy-timeout", &timeout, "--timeout", "60s"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // tcp-punch comes first and links every pair that any direct strategy can link
+    // (tcp-direct's pairs are a subset, udp-quic's are the same).
+    run_matrix_with("default order", &flags, |a, b| {
+        punch_expected(a, b).then_some("tcp-punch")
+    });
+}
+
+/// 64 MiB each way through `strategy` between NAT kinds `a` and `b`, checked with SHA-256.
+fn big_transfer(strategy: &str, a: NatKind, b: NatKind) {
+    if !require_lab() {
+        return;
+    }
+    let lab = RunningLab::new(a, b);
+    let a_in = test_data(64 << 20, 21);
+    let b_in = test_data(64 << 20, 22);
+    let start = std::time::Instant::now();
+    let (ra, rb) = lab.connect_pair(
+        &format!("big-{strategy}"),
+        &["--strategy", strategy, "--timeout", "120s"],
+        &a_in,
+        &b_in,
+    );
+    let secs = start.elapsed().as_secs_f64();
+    assert!(ra.status.is_some_and(|s| s.success()), "a: {}", ra.stderr);
+    assert!(rb.status.is_some_and(|s| s.success()), "b: {}", rb.stderr);
+    assert_eq!(ra.strategy(), Some(strategy));
+    assert_eq!(rb.stdout.len(), a_in.len(), "a -> b length");
+    assert_eq!(ra.stdout.len(), b_in.len(), "b -> a length");
+    assert_eq!(sha256(&rb.stdout), sha256(&a_in), "a -> b data differs");
+    assert_eq!(sha256(&ra.stdout), sha256(&b_in), "b -> a data differs");
+    eprintln!(
+        "{strategy} {a} x {b}: 64 MiB each way intact in {secs:.1} s (debug build, whole run)"
+    );
+}
+
+#[test]
+fn sixty_four_mib_each_way_through_tcp_punch() {
+    big_transfer("tcp-punch", NatKind::Cone, NatKind::ConeRst);
+}
+
+#[test]
+fn sixty_four_mib_each_way_through_tcp_direct() {
+    big_transfer("tcp-direct", NatKind::Cone, NatKind::Full);
+}
