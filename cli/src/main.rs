@@ -16,6 +16,8 @@ use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod legacy;
+
 const DEFAULT_PORT: u16 = 8877;
 
 /// Connect two peers that sit behind NATs and firewalls.
@@ -58,6 +60,10 @@ struct RendezvousArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8877")]
     listen: SocketAddr,
+    /// Serve the original demo's 8877 text protocol instead ("first\n", "<ip1> <port1>
+    /// <port2>\n", ...), byte for byte, for the original clients and `connect --legacy`.
+    #[arg(long)]
+    legacy: bool,
     /// How long a session waits for its second peer before it expires (e.g. 5m, 30s).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     session_expiry: Duration,
@@ -69,8 +75,16 @@ struct ConnectArgs {
     #[arg(long)]
     server: String,
     /// Session name; the peer must use the same one.
+    #[arg(long, required_unless_present = "legacy")]
+    session: Option<String>,
+    /// Speak the original demo's 8877 text protocol with the server (no sessions: the server
+    /// pairs clients in arrival order), then punch a plain TCP link as that demo meant to.
+    #[arg(long, conflicts_with_all = ["strategies", "secret", "session"])]
+    legacy: bool,
+    /// Instead of stdin/stdout: the first peer sends "Hello, world" once a second and prints
+    /// "send message: Hello, world"; the second prints "recv message: Hello, world" for each.
     #[arg(long)]
-    session: String,
+    hello: bool,
     /// Strategy to try; repeat to give an order. Default: every strategy, in the default order.
     #[arg(long = "strategy", value_name = "NAME", value_parser = parse_strategy)]
     strategies: Vec<StrategyName>,
@@ -153,6 +167,9 @@ async fn run(command: Command) -> Result<i32> {
 }
 
 async fn rendezvous(args: RendezvousArgs) -> Result<i32> {
+    if args.legacy {
+        return legacy::serve(args.listen).await;
+    }
     let config = ServerConfig {
         session_expiry: args.session_expiry,
         ..ServerConfig::default()
@@ -258,10 +275,14 @@ fn progress(event: Event) {
 }
 
 async fn connect(args: ConnectArgs) -> Result<i32> {
-    if args.session.is_empty() {
+    let server = resolve_server(&args.server).await?;
+    if args.legacy {
+        return legacy::connect(server, args.hello, args.timeout).await;
+    }
+    let session = args.session.clone().unwrap_or_default();
+    if session.is_empty() {
         bail!("--session must not be empty");
     }
-    let server = resolve_server(&args.server).await?;
     if args.secret.is_none() {
         eprintln!(
             "nettool: warning: no --secret given; the link key is derived from the session name, \
@@ -277,7 +298,7 @@ async fn connect(args: ConnectArgs) -> Result<i32> {
     let orch = orchestrator(&configs, args.timeout);
     let params = ConnectParams {
         server,
-        session: args.session.clone(),
+        session,
         secret: args.secret.clone(),
     };
     let (link, report) = orch.connect(&params, &progress).await;
@@ -298,6 +319,10 @@ async fn connect(args: ConnectArgs) -> Result<i32> {
         link.local,
         link.remote
     );
+    if args.hello {
+        let role = report.role.expect("a linked report has a role");
+        return legacy::hello(link, role).await;
+    }
     let (sent, received) = pump_stdio(link).await?;
     eprintln!("nettool: done: sent {sent} bytes, received {received} bytes");
     Ok(0)
@@ -310,7 +335,7 @@ fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
 }
 
 /// stdin → link until EOF (then half-close), link → stdout until the peer's EOF.
-async fn pump_stdio(link: Link) -> Result<(u64, u64)> {
+pub(crate) async fn pump_stdio(link: Link) -> Result<(u64, u64)> {
     let (mut rd, mut wr) = tokio::io::split(link.stream);
     let up = async {
         let mut stdin = tokio::io::stdin();
