@@ -21,6 +21,8 @@ pub mod report;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod strategy;
+#[cfg(feature = "server")]
+pub mod stun;
 
 pub use client::{ClientError, Pairing, RendezvousClient};
 pub use handshake::{HandshakeError, LinkKey};

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::RngCore;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
@@ -46,10 +46,12 @@ impl Default for ServerConfig {
     }
 }
 
-/// A rendezvous server bound to a TCP port.
+/// A rendezvous server bound to a TCP port, and a UDP socket with the same number that
+/// answers STUN Binding requests (so UDP strategies learn their public mapping).
 #[derive(Debug)]
 pub struct RendezvousServer {
     listener: TcpListener,
+    udp: UdpSocket,
     shared: Arc<Shared>,
 }
 
@@ -127,11 +129,15 @@ enum Outbound {
 }
 
 impl RendezvousServer {
-    /// Binds the server's TCP listener.
+    /// Binds the server's TCP listener, then a UDP socket on the same address and port
+    /// number (so port 0 picks one number for both).
     pub async fn bind(addr: SocketAddr, config: ServerConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
+        let port = listener.local_addr()?.port();
+        let udp = UdpSocket::bind(SocketAddr::new(addr.ip(), port)).await?;
         Ok(Self {
             listener,
+            udp,
             shared: Arc::new(Shared {
                 config,
                 sessions: Mutex::new(HashMap::new()),
@@ -145,6 +151,11 @@ impl RendezvousServer {
         self.listener.local_addr()
     }
 
+    /// The address the server answers STUN on (UDP, same port number as the TCP listener).
+    pub fn udp_local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
     /// Number of sessions currently known (waiting or paired).
     pub fn session_count(&self) -> usize {
         self.shared
@@ -154,28 +165,62 @@ impl RendezvousServer {
             .len()
     }
 
-    /// Serves until the task is dropped. Accept errors (e.g. out of file descriptors) are
-    /// logged and retried after a short pause; they never end the server.
+    /// Serves until the task is dropped: TCP connections and STUN on UDP. Accept and socket
+    /// errors (e.g. out of file descriptors) are logged and retried after a short pause; they
+    /// never end the server.
     pub async fn run(self) {
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, addr)) => {
-                    let shared = self.shared.clone();
-                    let conn = shared
-                        .next_conn
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let span = tracing::info_span!("conn", id = conn, peer = %addr);
-                    tokio::spawn(
-                        async move {
-                            serve_connection(shared, stream, addr, conn).await;
-                        }
-                        .instrument(span),
-                    );
+        let Self {
+            listener,
+            udp,
+            shared,
+        } = self;
+        tokio::join!(accept_loop(listener, shared), serve_stun(udp));
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let shared = shared.clone();
+                let conn = shared
+                    .next_conn
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let span = tracing::info_span!("conn", id = conn, peer = %addr);
+                tokio::spawn(
+                    async move {
+                        serve_connection(shared, stream, addr, conn).await;
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Answers STUN Binding requests; ignores everything else.
+async fn serve_stun(udp: UdpSocket) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        match udp.recv_from(&mut buf).await {
+            Ok((n, from)) => match crate::stun::answer(&buf[..n], from) {
+                Some(reply) => {
+                    if let Err(e) = udp.send_to(&reply, from).await {
+                        debug!(%from, "stun: sending the answer failed: {e}");
+                    }
                 }
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                None => {
+                    debug!(%from, len = n, "stun: ignored a datagram that is not a binding request")
                 }
+            },
+            // ICMP errors of earlier answers surface here (ECONNREFUSED and friends).
+            Err(e) => {
+                debug!("stun: receive failed: {e}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
     }

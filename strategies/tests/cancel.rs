@@ -1,0 +1,62 @@
+//! Attempts that fail or time out leave no socket behind (counted via /proc/self/fd).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nettool_config::{StrategyConfig, StrategyName};
+use nettool_core::server::{RendezvousServer, ServerConfig};
+use nettool_core::{ConnectParams, Orchestrator, Outcome};
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_attempts_close_every_socket() {
+    let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run());
+    let baseline = open_fds();
+    for name in [StrategyName::TcpPunch, StrategyName::TcpDirect] {
+        let mut config = StrategyConfig::default_for(name);
+        config.set_timeout(Duration::from_millis(800));
+        let orch = Arc::new(Orchestrator::new(
+            vec![(nettool_strategies::build(&config), config.timeout())],
+            Duration::from_secs(10),
+        ));
+        let params = |secret: &str| ConnectParams {
+            server: addr,
+            session: format!("cancel-{name}"),
+            secret: Some(secret.into()),
+        };
+        // Different secrets: every raw link is refused, so each attempt runs to its timeout.
+        let (one, two) = (params("one"), params("two"));
+        let (a, b) = tokio::join!(orch.connect(&one, &|_| {}), orch.connect(&two, &|_| {}));
+        for (link, report) in [a, b] {
+            assert!(link.is_none());
+            let attempt = &report.attempts[0];
+            assert!(
+                matches!(attempt.outcome, Outcome::TimedOut | Outcome::Failed),
+                "{attempt:?}"
+            );
+        }
+    }
+    // Aborted tasks drop their sockets on the runtime's next turn; allow a moment.
+    let mut now = open_fds();
+    for _ in 0..50 {
+        if now <= baseline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        now = open_fds();
+    }
+    assert!(
+        now <= baseline,
+        "{} file descriptors left open",
+        now - baseline
+    );
+}
