@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use nettool_config::{StrategyConfig, StrategyName};
+use std::io::IsTerminal;
+
+use nettool_config::{LoadOptions, Loaded, Overrides, Settings, StrategyConfig, StrategyName};
 use nettool_core::orchestrator::Event;
 use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
@@ -30,6 +32,8 @@ struct Cli {
     /// Log more (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,29 +57,47 @@ enum Command {
     ///
     /// Needs no setup: shows what nettool does and that this machine's TCP stack supports it.
     Demo,
+    /// Inspect the configuration.
+    ///
+    /// Settings come from, lowest first: built-in defaults, the config file's [default]
+    /// table, its [profile.NAME] table, NETTOOL_* environment variables (NETTOOL_TIMEOUT=30s,
+    /// NETTOOL_TCP_PUNCH__TIMEOUT=5s: `_` for `-`, `__` between sections), command-line flags.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// Config file (TOML with a [default] table and [profile.NAME] tables). Default:
+    /// $NETTOOL_CONFIG, else ./nettool.toml, else the user config dir's nettool/config.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Profile of the config file to use on top of [default] (default: $NETTOOL_PROFILE).
+    #[arg(long, global = true, value_name = "NAME")]
+    profile: Option<String>,
 }
 
 #[derive(Debug, Args)]
 struct RendezvousArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0:8877")]
-    listen: SocketAddr,
+    /// Address to listen on (default 0.0.0.0:8877, or `rendezvous.listen` in the config).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Serve the original demo's 8877 text protocol instead ("first\n", "<ip1> <port1>
     /// <port2>\n", ...), byte for byte, for the original clients and `connect --legacy`.
     #[arg(long)]
     legacy: bool,
     /// How long a session waits for its second peer before it expires (e.g. 5m, 30s).
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    session_expiry: Duration,
+    #[arg(long, value_parser = parse_duration)]
+    session_expiry: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
 struct ConnectArgs {
-    /// Rendezvous server, HOST:PORT (port defaults to 8877).
+    /// Rendezvous server, HOST:PORT (port defaults to 8877). Or `server` in the config.
     #[arg(long)]
-    server: String,
-    /// Session name; the peer must use the same one.
-    #[arg(long, required_unless_present = "legacy")]
+    server: Option<String>,
+    /// Session name; the peer must use the same one. Or `session` in the config.
+    #[arg(long)]
     session: Option<String>,
     /// Speak the original demo's 8877 text protocol with the server (no sessions: the server
     /// pairs clients in arrival order), then punch a plain TCP link as that demo meant to.
@@ -85,29 +107,75 @@ struct ConnectArgs {
     /// "send message: Hello, world"; the second prints "recv message: Hello, world" for each.
     #[arg(long)]
     hello: bool,
-    /// Strategy to try; repeat to give an order. Default: every strategy, in the default order.
+    /// With --hello: stop after N messages (the first peer then closes its sending side).
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "hello",
+        env = "NETTOOL_HELLO_COUNT"
+    )]
+    hello_count: Option<u64>,
+    /// Strategy to try; repeat to give an order. Default: `strategies` from the config, else
+    /// tcp-punch, udp-quic, tcp-direct.
     #[arg(long = "strategy", value_name = "NAME", value_parser = parse_strategy)]
     strategies: Vec<StrategyName>,
-    /// Overall deadline for pairing and all attempts (e.g. 30s, 1m).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    timeout: Duration,
-    /// Timeout of each strategy's attempt (default: the strategy's own, 10s for tcp-punch).
+    /// Overall deadline for pairing and all attempts (e.g. 30s, 1m; default 60s).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Timeout of each strategy's attempt (default: each strategy's own, 10s).
     #[arg(long, value_parser = parse_duration)]
     strategy_timeout: Option<Duration>,
     /// Shared secret both peers must give; without it, anyone who knows the session name
-    /// can pass as the peer.
-    #[arg(long, env = "NETTOOL_SECRET", hide_env_values = true)]
+    /// can pass as the peer. Also NETTOOL_SECRET or `secret` in the config.
+    #[arg(long)]
     secret: Option<String>,
     /// Write the JSON report of the connect to this file (also when no link was made).
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
-    /// tcp-punch: TTL of the first SYN to each candidate (0 turns the low-TTL SYN off).
-    #[arg(long, default_value_t = 2)]
-    punch_ttl: u32,
+    /// tcp-punch: TTL of the priming SYN to each candidate (default 2; 0 turns priming off).
+    #[arg(long)]
+    punch_ttl: Option<u32>,
     /// Local port for tcp-punch's receive port, udp-quic's socket and tcp-direct's listener
     /// (0 = any free port).
-    #[arg(long, default_value_t = 0)]
-    local_port: u16,
+    #[arg(long)]
+    local_port: Option<u16>,
+}
+
+impl ConnectArgs {
+    /// The flags that override config values.
+    fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        o.set_opt("server", self.server.as_ref(), "--server");
+        o.set_opt("session", self.session.as_ref(), "--session");
+        o.set_opt("secret", self.secret.as_ref(), "--secret");
+        if !self.strategies.is_empty() {
+            let names: Vec<&str> = self.strategies.iter().map(|s| s.as_str()).collect();
+            o.set("strategies", names, "--strategy");
+        }
+        o.set_opt("timeout", self.timeout.map(fmt_duration), "--timeout");
+        for s in ["tcp-punch", "udp-quic", "tcp-direct"] {
+            o.set_opt(
+                &format!("{s}.timeout"),
+                self.strategy_timeout.map(fmt_duration),
+                "--strategy-timeout",
+            );
+        }
+        o.set_opt("tcp-punch.low-ttl", self.punch_ttl, "--punch-ttl");
+        o.set_opt("tcp-punch.local-port", self.local_port, "--local-port");
+        o.set_opt("udp-quic.local-port", self.local_port, "--local-port");
+        o.set_opt("tcp-direct.listen-port", self.local_port, "--local-port");
+        o
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective settings and where each value came from.
+    Show,
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -131,7 +199,7 @@ fn main() {
         }
     };
     let code = runtime.block_on(async {
-        match run(cli.command).await {
+        match run(cli.command, cli.config).await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("nettool: {e:#}");
@@ -158,25 +226,76 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-async fn run(command: Command) -> Result<i32> {
+async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
+    let load = |overrides: Overrides| {
+        Settings::load(LoadOptions {
+            config: config.config.clone(),
+            profile: config.profile.clone(),
+            overrides,
+        })
+        .map_err(anyhow::Error::from)
+    };
     match command {
-        Command::Rendezvous(args) => rendezvous(args).await,
-        Command::Connect(args) => connect(args).await,
+        Command::Rendezvous(args) => {
+            let mut o = Overrides::default();
+            o.set_opt("rendezvous.listen", args.listen, "--listen");
+            o.set_opt(
+                "rendezvous.session-expiry",
+                args.session_expiry.map(fmt_duration),
+                "--session-expiry",
+            );
+            rendezvous(args.legacy, load(o)?.settings).await
+        }
+        Command::Connect(args) => {
+            let loaded = load(args.overrides())?;
+            connect(args, loaded.settings).await
+        }
         Command::Demo => demo().await,
+        Command::Config(ConfigCommand::Show) => config_show(&load(Overrides::default())?),
     }
 }
 
-async fn rendezvous(args: RendezvousArgs) -> Result<i32> {
-    if args.legacy {
-        return legacy::serve(args.listen).await;
+fn config_show(loaded: &Loaded) -> Result<i32> {
+    println!(
+        "# config file: {}",
+        loaded
+            .file
+            .as_ref()
+            .map_or("none".to_owned(), |p| p.display().to_string())
+    );
+    println!("# profile: {}", loaded.profile.as_deref().unwrap_or("none"));
+    let rows = loaded.explain();
+    let width = rows
+        .iter()
+        .map(|(k, v, _)| k.len() + v.len() + 3)
+        .max()
+        .unwrap_or(0);
+    for (key, value, source) in rows {
+        let value = if key == "secret" && value != "null" {
+            "\"(hidden)\"".to_owned()
+        } else {
+            value
+        };
+        let kv = format!("{key} = {value}");
+        println!("{kv:<width$}  # {source}");
+    }
+    Ok(0)
+}
+
+async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
+    let rv = settings.rendezvous;
+    if legacy {
+        return legacy::serve(rv.listen).await;
     }
     let config = ServerConfig {
-        session_expiry: args.session_expiry,
-        ..ServerConfig::default()
+        session_expiry: rv.session_expiry,
+        max_frame_len: rv.max_frame_len,
+        first_frame_timeout: rv.first_frame_timeout,
+        observe_hold: rv.observe_hold,
     };
-    let server = RendezvousServer::bind(args.listen, config)
+    let server = RendezvousServer::bind(rv.listen, config)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {}", rv.listen))?;
     eprintln!(
         "nettool rendezvous: listening on {} (tcp)",
         server.local_addr()?
@@ -186,40 +305,6 @@ async fn rendezvous(args: RendezvousArgs) -> Result<i32> {
         _ = tokio::signal::ctrl_c() => eprintln!("nettool rendezvous: interrupted, stopping"),
     }
     Ok(0)
-}
-
-/// The strategies to run, in order, with their settings.
-fn strategy_configs(
-    names: &[StrategyName],
-    strategy_timeout: Option<Duration>,
-    punch_ttl: u32,
-    local_port: u16,
-) -> Vec<StrategyConfig> {
-    let names = if names.is_empty() {
-        StrategyName::ALL
-    } else {
-        names
-    };
-    let mut out: Vec<StrategyConfig> = Vec::new();
-    for name in names {
-        if out.iter().any(|c| c.name() == *name) {
-            continue; // a repeated --strategy keeps its first position
-        }
-        let mut config = StrategyConfig::default_for(*name);
-        if let Some(t) = strategy_timeout {
-            config.set_timeout(t);
-        }
-        match &mut config {
-            StrategyConfig::TcpPunch(c) => {
-                c.low_ttl = (punch_ttl > 0).then_some(punch_ttl);
-                c.local_port = local_port;
-            }
-            StrategyConfig::UdpQuic(c) => c.local_port = local_port,
-            StrategyConfig::TcpDirect(c) => c.listen_port = local_port,
-        }
-        out.push(config);
-    }
-    out
 }
 
 fn orchestrator(configs: &[StrategyConfig], overall: Duration) -> Orchestrator {
@@ -274,34 +359,39 @@ fn progress(event: Event) {
     }
 }
 
-async fn connect(args: ConnectArgs) -> Result<i32> {
-    let server = resolve_server(&args.server).await?;
+async fn connect(args: ConnectArgs, settings: Settings) -> Result<i32> {
+    let Some(server) = settings.server.as_deref() else {
+        bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
+    };
+    let server = resolve_server(server).await?;
     if args.legacy {
-        return legacy::connect(server, args.hello, args.timeout).await;
+        return legacy::connect(server, args.hello, args.hello_count, settings.timeout).await;
     }
-    let session = args.session.clone().unwrap_or_default();
+    let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {
-        bail!("--session must not be empty");
+        bail!("no session: give --session NAME (not empty) or set `session` in the config");
     }
-    if args.secret.is_none() {
+    if settings.secret.is_none() {
         eprintln!(
             "nettool: warning: no --secret given; the link key is derived from the session name, \
              so anyone who knows the name can pass as the peer"
         );
     }
-    let configs = strategy_configs(
-        &args.strategies,
-        args.strategy_timeout,
-        args.punch_ttl,
-        args.local_port,
-    );
-    let orch = orchestrator(&configs, args.timeout);
+    let configs = settings.strategy_configs();
+    let orch = orchestrator(&configs, settings.timeout);
     let params = ConnectParams {
         server,
         session,
-        secret: args.secret.clone(),
+        secret: settings.secret.clone(),
     };
-    let (link, report) = orch.connect(&params, &progress).await;
+    let quiet = !std::io::stderr().is_terminal();
+    let (link, report) = orch
+        .connect(&params, &|e| {
+            if !quiet {
+                progress(e)
+            }
+        })
+        .await;
     if let Some(path) = &args.report {
         write_report(path, &report)?;
     }
@@ -321,7 +411,7 @@ async fn connect(args: ConnectArgs) -> Result<i32> {
     );
     if args.hello {
         let role = report.role.expect("a linked report has a role");
-        return legacy::hello(link, role).await;
+        return legacy::hello(link, role, args.hello_count).await;
     }
     let (sent, received) = pump_stdio(link).await?;
     eprintln!("nettool: done: sent {sent} bytes, received {received} bytes");
@@ -365,7 +455,7 @@ async fn demo() -> Result<i32> {
     println!("nettool demo: rendezvous on {addr}; two peers on loopback");
     let mut failures = 0;
     for name in StrategyName::ALL {
-        let configs = strategy_configs(&[*name], Some(Duration::from_secs(10)), 2, 0);
+        let configs = vec![StrategyConfig::default_for(*name)];
         let orch = Arc::new(orchestrator(&configs, Duration::from_secs(20)));
         let session = format!("demo-{name}");
         let params = ConnectParams {

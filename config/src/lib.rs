@@ -6,10 +6,15 @@
 //! into a running strategy with one builder function.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+mod load;
+
+pub use load::{ConfigError, LoadOptions, Loaded, Overrides, Settings, Source};
 
 /// The name of a connection strategy, as users type it (`--strategy tcp-punch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -78,19 +83,30 @@ impl FromStr for StrategyName {
 }
 
 /// Settings of the tcp-punch strategy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TcpPunchConfig {
     /// How long one attempt may take before it counts as timed out.
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Local port to punch from; 0 picks a free one.
     pub local_port: u16,
-    /// TTL of the first SYN to each candidate (enough to pass the own NAT, too small to reach the
-    /// peer's), so the own mapping exists before the peer's SYN arrives. `None` turns it off.
-    pub low_ttl: Option<u32>,
+    /// TTL of the priming SYN to each candidate (enough to pass the own NAT, too small to reach
+    /// the peer's), so the own mapping exists before the peer's SYN arrives. 0 turns it off.
+    pub low_ttl: u32,
     /// Pause between two connect attempts to the same candidate after a failure.
+    #[serde(with = "humantime_serde")]
     pub retry_interval: Duration,
     /// Shortest time one SYN is given to be answered before it is sent again.
+    #[serde(with = "humantime_serde")]
     pub min_syn_timeout: Duration,
+}
+
+impl TcpPunchConfig {
+    /// The priming TTL, `None` when priming is off.
+    pub fn priming_ttl(&self) -> Option<u32> {
+        (self.low_ttl > 0).then_some(self.low_ttl)
+    }
 }
 
 impl Default for TcpPunchConfig {
@@ -98,7 +114,7 @@ impl Default for TcpPunchConfig {
         Self {
             timeout: Duration::from_secs(10),
             local_port: 0,
-            low_ttl: Some(2),
+            low_ttl: 2,
             retry_interval: Duration::from_millis(100),
             min_syn_timeout: Duration::from_millis(500),
         }
@@ -106,17 +122,22 @@ impl Default for TcpPunchConfig {
 }
 
 /// Settings of the udp-quic strategy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct UdpQuicConfig {
     /// How long one attempt may take before it counts as timed out.
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Local UDP port; 0 picks a free one.
     pub local_port: u16,
     /// Pause between two rounds of punch datagrams.
+    #[serde(with = "humantime_serde")]
     pub punch_interval: Duration,
     /// QUIC keep-alive interval on the link, so NAT mappings outlive idle periods.
+    #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
     /// How long the link may be idle (no packets at all) before QUIC gives up.
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }
 
@@ -133,13 +154,16 @@ impl Default for UdpQuicConfig {
 }
 
 /// Settings of the tcp-direct strategy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TcpDirectConfig {
     /// How long one attempt may take (both directions together).
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Port the listening side binds (all interfaces); 0 picks a free one.
     pub listen_port: u16,
-    /// How long the dialing side tries before the roles swap.
+    /// How long each side keeps dialing the other's candidates.
+    #[serde(with = "humantime_serde")]
     pub dial_timeout: Duration,
 }
 
@@ -203,21 +227,28 @@ impl StrategyConfig {
 }
 
 /// Settings of the rendezvous server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RendezvousConfig {
+    /// Address to listen on (TCP, and UDP for STUN on the same port).
+    pub listen: SocketAddr,
     /// How long a session may wait for its second peer before it expires.
+    #[serde(with = "humantime_serde")]
     pub session_expiry: Duration,
     /// Largest accepted frame (one JSON line), in bytes.
     pub max_frame_len: usize,
     /// How long a new connection may take to send its first frame.
+    #[serde(with = "humantime_serde")]
     pub first_frame_timeout: Duration,
     /// How long an observe connection is held open at most.
+    #[serde(with = "humantime_serde")]
     pub observe_hold: Duration,
 }
 
 impl Default for RendezvousConfig {
     fn default() -> Self {
         Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8877)),
             session_expiry: Duration::from_secs(300),
             max_frame_len: 64 * 1024,
             first_frame_timeout: Duration::from_secs(10),

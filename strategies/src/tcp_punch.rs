@@ -168,7 +168,7 @@ impl Strategy for TcpPunch {
         let max_rtt = attempt.server_rtt.max(peer_rtt);
         // The server hands out both offers at once, so the peers start at most half the larger
         // server round trip apart. Dial once the peer's priming SYN is surely out.
-        let dial_delay = match self.config.low_ttl {
+        let dial_delay = match self.config.priming_ttl() {
             Some(_) => max_rtt / 2 + Duration::from_millis(2),
             None => Duration::ZERO,
         };
@@ -182,7 +182,7 @@ impl Strategy for TcpPunch {
         // Dropping the JoinSet (on success, error or cancellation) aborts every task, which
         // closes their sockets.
         let mut tasks = JoinSet::new();
-        if let Some(ttl) = self.config.low_ttl {
+        if let Some(ttl) = self.config.priming_ttl() {
             for cand in peer_dial.iter().copied() {
                 tasks.spawn(prime_loop(
                     receive.local,

@@ -166,3 +166,39 @@ fn default_order_tries_tcp_punch_first() {
     assert_eq!(report["strategy"], "tcp-punch");
     assert_eq!(report["attempts"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_config_profile_sets_the_order_and_timeouts_connect_uses() {
+    let (_server, addr) = rendezvous();
+    let dir = TempDir::new("profile");
+    let file = dir.path("nettool.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[default]\nserver = \"{addr}\"\nsession = \"prof\"\n\
+             [profile.lab]\nstrategies = [\"tcp-direct\", \"tcp-punch\"]\n\
+             [profile.lab.tcp-direct]\ntimeout = \"1500ms\"\n\
+             [profile.lab.tcp-punch]\ntimeout = \"1500ms\"\n"
+        ),
+    )
+    .unwrap();
+    // Different secrets: every attempt runs into its (profile-configured) timeout.
+    let run = |name: &str, secret: &str| {
+        let mut cmd = Command::new(nettool_bin());
+        cmd.args(["--config", file.to_str().unwrap(), "--profile", "lab"]);
+        spawn_peer(cmd, &dir, name, b"", &["--secret".into(), secret.into()]).0
+    };
+    let a = run("a", "one");
+    std::thread::sleep(Duration::from_millis(100));
+    let b = run("b", "two");
+    let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
+    let _ = finish_peer(b, &dir, "b", Duration::from_secs(30));
+    let report = a.report.expect("report");
+    let attempts = report["attempts"].as_array().unwrap();
+    let names: Vec<&str> = attempts.iter().map(|x| x["strategy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["tcp-direct", "tcp-punch"], "{}", a.stderr);
+    for attempt in attempts {
+        let ms = attempt["elapsed_ms"].as_u64().unwrap();
+        assert!((1300..3000).contains(&ms), "{attempt}");
+    }
+}

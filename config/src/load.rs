@@ -1,0 +1,621 @@
+//! Loading the effective settings with figment, and where each value came from.
+//!
+//! Precedence, lowest first: built-in defaults < the config file's `[default]` table < its
+//! `[profile.NAME]` table < `NETTOOL_*` environment variables < command-line flags.
+//!
+//! The file is `--config FILE`, else `$NETTOOL_CONFIG`, else `./nettool.toml`, else
+//! `<user config dir>/nettool/config.toml`; a file that was named explicitly must exist. The
+//! profile is `--profile NAME`, else `$NETTOOL_PROFILE`. Keys are kebab-case; in the
+//! environment `_` stands for `-` and `__` separates sections
+//! (`NETTOOL_TCP_PUNCH__TIMEOUT=5s` sets `tcp-punch.timeout`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    RendezvousConfig, StrategyConfig, StrategyName, TcpDirectConfig, TcpPunchConfig, UdpQuicConfig,
+};
+
+/// Every setting nettool reads from defaults, files, environment and flags.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// Rendezvous server, `HOST:PORT`.
+    pub server: Option<String>,
+    /// Session name shared with the peer.
+    pub session: Option<String>,
+    /// Shared secret both peers must give.
+    pub secret: Option<String>,
+    /// Strategies to try, in order (first = highest priority).
+    #[serde(deserialize_with = "strategy_list")]
+    pub strategies: Vec<StrategyName>,
+    /// Overall deadline of one connect, pairing included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// tcp-punch settings.
+    pub tcp_punch: TcpPunchConfig,
+    /// udp-quic settings.
+    pub udp_quic: UdpQuicConfig,
+    /// tcp-direct settings.
+    pub tcp_direct: TcpDirectConfig,
+    /// Rendezvous server settings.
+    pub rendezvous: RendezvousConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            server: None,
+            session: None,
+            secret: None,
+            strategies: StrategyName::ALL.to_vec(),
+            timeout: Duration::from_secs(60),
+            tcp_punch: TcpPunchConfig::default(),
+            udp_quic: UdpQuicConfig::default(),
+            tcp_direct: TcpDirectConfig::default(),
+            rendezvous: RendezvousConfig::default(),
+        }
+    }
+}
+
+impl Settings {
+    /// The configured strategies with their settings, in order (repeats dropped).
+    pub fn strategy_configs(&self) -> Vec<StrategyConfig> {
+        let mut out: Vec<StrategyConfig> = Vec::new();
+        for name in &self.strategies {
+            if out.iter().any(|c| c.name() == *name) {
+                continue;
+            }
+            out.push(match name {
+                StrategyName::TcpPunch => StrategyConfig::TcpPunch(self.tcp_punch.clone()),
+                StrategyName::UdpQuic => StrategyConfig::UdpQuic(self.udp_quic.clone()),
+                StrategyName::TcpDirect => StrategyConfig::TcpDirect(self.tcp_direct.clone()),
+            });
+        }
+        out
+    }
+}
+
+/// Accepts a list of names or one comma-separated string (handy in the environment).
+fn strategy_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<StrategyName>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        One(String),
+    }
+    let names = match Raw::deserialize(d)? {
+        Raw::List(v) => v,
+        Raw::One(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
+    };
+    if names.is_empty() {
+        return Err(serde::de::Error::custom(format!(
+            "the strategy list is empty (valid: {})",
+            StrategyName::valid_names()
+        )));
+    }
+    names
+        .iter()
+        .map(|n| n.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Built into nettool.
+    Default,
+    /// A table of a config file.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// `[default]` or `[profile.NAME]`.
+        table: String,
+    },
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Default => f.write_str("built-in default"),
+            Self::File { path, table } => write!(f, "{} [{table}]", path.display()),
+            Self::Env(var) => write!(f, "environment {var}"),
+            Self::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A config file named explicitly does not exist or cannot be read.
+    #[error("cannot read config file {}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has tables other than `[default]` and `[profile.*]`.
+    #[error("config file {}: {message}", .path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The requested profile is not in the file.
+    #[error("profile '{profile}' not found{}; available: {available}", .path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    NoProfile {
+        /// The profile asked for.
+        profile: String,
+        /// The file searched, if any.
+        path: Option<PathBuf>,
+        /// The profiles the file has.
+        available: String,
+    },
+    /// A value is invalid: unknown key, bad duration, unknown strategy, wrong type.
+    #[error("{message}{}", .origin.as_ref().map(|s| format!(" (from {s})")).unwrap_or_default())]
+    Invalid {
+        /// What is wrong, naming the key.
+        message: String,
+        /// Where the bad value came from, when known.
+        origin: Option<Source>,
+    },
+}
+
+/// Settings set by command-line flags: the top layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    values: Vec<(String, Value, String)>,
+}
+
+impl Overrides {
+    /// Sets `key` (a dotted kebab-case path such as `tcp-punch.timeout`) from `flag`.
+    pub fn set(&mut self, key: &str, value: impl Serialize, flag: &str) {
+        let value = Value::serialize(value).expect("flag values serialize");
+        self.values.push((key.to_owned(), value, flag.to_owned()));
+    }
+
+    /// Sets `key` when `value` is `Some`.
+    pub fn set_opt<T: Serialize>(&mut self, key: &str, value: Option<T>, flag: &str) {
+        if let Some(v) = value {
+            self.set(key, v, flag);
+        }
+    }
+}
+
+/// One layer of values with a name for `config show`.
+struct Layer {
+    source: Source,
+    dict: Dict,
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.source.to_string())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+/// The loaded settings and the layers they came from.
+pub struct Loaded {
+    /// The effective settings.
+    pub settings: Settings,
+    /// The config file used, if any.
+    pub file: Option<PathBuf>,
+    /// The profile used, if any.
+    pub profile: Option<String>,
+    figment: Figment,
+    sources: Vec<Source>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("settings", &self.settings)
+            .field("file", &self.file)
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Loaded {
+    /// Every effective leaf value as `(key, value, source)`, sorted by key.
+    pub fn explain(&self) -> Vec<(String, String, Source)> {
+        let mut out = Vec::new();
+        let effective = Value::serialize(&self.settings).expect("settings serialize");
+        flatten("", &effective, &mut out);
+        out.into_iter()
+            .map(|(key, value)| {
+                let source = self.source_of(&key).unwrap_or(Source::Default);
+                (key, value, source)
+            })
+            .collect()
+    }
+
+    fn source_of(&self, key: &str) -> Option<Source> {
+        let name = self.figment.find_metadata(key)?.name.to_string();
+        self.sources.iter().find(|s| s.to_string() == name).cloned()
+    }
+}
+
+fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
+    match value {
+        Value::Dict(_, dict) => {
+            for (k, v) in dict {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            let text = serde_json::to_string(&other).unwrap_or_else(|_| format!("{other:?}"));
+            out.push((prefix.to_owned(), text));
+        }
+    }
+}
+
+/// Where to look for the file and which profile to use, before the environment is consulted.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// `--config FILE`.
+    pub config: Option<PathBuf>,
+    /// `--profile NAME`.
+    pub profile: Option<String>,
+    /// Command-line flags.
+    pub overrides: Overrides,
+}
+
+/// Names of the top-level settings, which `NETTOOL_*` variables may set.
+const TOP_LEVEL: &[&str] = &[
+    "server",
+    "session",
+    "secret",
+    "strategies",
+    "timeout",
+    "tcp-punch",
+    "udp-quic",
+    "tcp-direct",
+    "rendezvous",
+];
+
+impl Settings {
+    /// Loads the effective settings (see the module docs for the order).
+    pub fn load(options: LoadOptions) -> Result<Loaded, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let var = |name: &str| {
+            env.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+        };
+        let (path, explicit) = match (&options.config, var("NETTOOL_CONFIG")) {
+            (Some(p), _) => (Some(p.clone()), true),
+            (None, Some(p)) => (Some(PathBuf::from(p)), true),
+            (None, None) => {
+                let local = PathBuf::from("nettool.toml");
+                let user = dirs::config_dir().map(|d| d.join("nettool").join("config.toml"));
+                let found = std::iter::once(local).chain(user).find(|p| p.is_file());
+                (found, false)
+            }
+        };
+        let profile = options.profile.clone().or_else(|| var("NETTOOL_PROFILE"));
+
+        let mut layers = vec![Layer {
+            source: Source::Default,
+            dict: dict_of(&Settings::default()),
+        }];
+        match &path {
+            Some(p) => layers.extend(file_layers(p, profile.as_deref())?),
+            None if explicit => unreachable!("explicit paths are always Some"),
+            None => {
+                if let Some(name) = &profile {
+                    return Err(ConfigError::NoProfile {
+                        profile: name.clone(),
+                        path: None,
+                        available: "none (no config file found)".into(),
+                    });
+                }
+            }
+        }
+        for (name, value) in &env {
+            let Some(rest) = name.strip_prefix("NETTOOL_") else {
+                continue;
+            };
+            if matches!(rest, "CONFIG" | "PROFILE") {
+                continue;
+            }
+            let key = rest
+                .to_ascii_lowercase()
+                .split("__")
+                .map(|seg| seg.replace('_', "-"))
+                .collect::<Vec<_>>()
+                .join(".");
+            let top = key.split('.').next().unwrap_or_default();
+            if !TOP_LEVEL.contains(&top) {
+                continue; // another program's variable (or a test harness's)
+            }
+            let parsed: Value = value.parse().expect("infallible");
+            layers.push(Layer {
+                source: Source::Env(name.clone()),
+                dict: nest(&key, parsed),
+            });
+        }
+        for (key, value, flag) in &options.overrides.values {
+            layers.push(Layer {
+                source: Source::Flag(flag.clone()),
+                dict: nest(key, value.clone()),
+            });
+        }
+
+        let sources: Vec<Source> = layers.iter().map(|l| l.source.clone()).collect();
+        let mut figment = Figment::new();
+        for layer in layers {
+            figment = figment.merge(layer);
+        }
+        let settings: Settings = figment
+            .extract()
+            .map_err(|e| invalid(&figment, &sources, e))?;
+        Ok(Loaded {
+            settings,
+            file: path,
+            profile,
+            figment,
+            sources,
+        })
+    }
+}
+
+fn dict_of<T: Serialize>(value: &T) -> Dict {
+    Value::serialize(value)
+        .expect("settings serialize")
+        .into_dict()
+        .expect("settings are a table")
+}
+
+fn nest(key: &str, value: Value) -> Dict {
+    let mut value = value;
+    for part in key.rsplit('.') {
+        let mut d = Dict::new();
+        d.insert(part.to_owned(), value);
+        value = Value::from(d);
+    }
+    value.into_dict().expect("nested value is a table")
+}
+
+fn file_layers(path: &Path, profile: Option<&str>) -> Result<Vec<Layer>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let bad = |message: String| ConfigError::File {
+        path: path.to_owned(),
+        message,
+    };
+    let root = figment::providers::Format::string(&text);
+    let root: figment::providers::Data<figment::providers::Toml> = root;
+    let mut root = root
+        .data()
+        .map_err(|e| bad(e.to_string()))?
+        .remove(&Profile::Default)
+        .unwrap_or_default();
+    let default = match root.remove("default") {
+        None => Dict::new(),
+        Some(Value::Dict(_, d)) => d,
+        Some(_) => return Err(bad("`default` must be a table".into())),
+    };
+    let profiles = match root.remove("profile") {
+        None => Dict::new(),
+        Some(Value::Dict(_, d)) => d,
+        Some(_) => {
+            return Err(bad(
+                "`profile` must be a table of [profile.NAME] tables".into()
+            ))
+        }
+    };
+    if let Some(other) = root.keys().next() {
+        return Err(bad(format!(
+            "unknown top-level key `{other}` (expected [default] and [profile.NAME] tables)"
+        )));
+    }
+    let mut layers = vec![Layer {
+        source: Source::File {
+            path: path.to_owned(),
+            table: "default".into(),
+        },
+        dict: default,
+    }];
+    if let Some(name) = profile {
+        match profiles.get(name) {
+            Some(Value::Dict(_, d)) => layers.push(Layer {
+                source: Source::File {
+                    path: path.to_owned(),
+                    table: format!("profile.{name}"),
+                },
+                dict: d.clone(),
+            }),
+            Some(_) => return Err(bad(format!("`profile.{name}` must be a table"))),
+            None => {
+                let available = if profiles.is_empty() {
+                    "none".to_owned()
+                } else {
+                    profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                };
+                return Err(ConfigError::NoProfile {
+                    profile: name.to_owned(),
+                    path: Some(path.to_owned()),
+                    available,
+                });
+            }
+        }
+    }
+    Ok(layers)
+}
+
+/// Turns figment's error into one that names the key and where the value came from.
+fn invalid(figment: &Figment, sources: &[Source], e: figment::Error) -> ConfigError {
+    let key = e.path.join(".");
+    let source = e
+        .metadata
+        .as_ref()
+        .and_then(|m| sources.iter().find(|s| s.to_string() == m.name))
+        .cloned()
+        .or_else(|| {
+            let name = figment.find_metadata(&key)?.name.to_string();
+            sources.iter().find(|s| s.to_string() == name).cloned()
+        });
+    let kind = e.kind.to_string();
+    let message = if key.is_empty() {
+        kind
+    } else {
+        format!("bad setting `{key}`: {kind}")
+    };
+    ConfigError::Invalid {
+        message,
+        origin: source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nettool-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn load(
+        path: &Path,
+        profile: Option<&str>,
+        overrides: Overrides,
+    ) -> Result<Loaded, ConfigError> {
+        Settings::load(LoadOptions {
+            config: Some(path.to_owned()),
+            profile: profile.map(str::to_owned),
+            overrides,
+        })
+    }
+
+    const FILE: &str = r#"
+[default]
+server = "a.example:8877"
+timeout = "30s"
+[default.tcp-punch]
+timeout = "7s"
+[profile.office]
+strategies = ["tcp-direct", "tcp-punch"]
+[profile.office.tcp-punch]
+timeout = "3s"
+"#;
+
+    #[test]
+    fn file_then_profile_then_flags() {
+        let p = write("precedence.toml", FILE);
+        let plain = load(&p, None, Overrides::default()).unwrap();
+        assert_eq!(plain.settings.server.as_deref(), Some("a.example:8877"));
+        assert_eq!(plain.settings.timeout, Duration::from_secs(30));
+        assert_eq!(plain.settings.tcp_punch.timeout, Duration::from_secs(7));
+        assert_eq!(plain.settings.strategies, StrategyName::ALL);
+
+        let office = load(&p, Some("office"), Overrides::default()).unwrap();
+        assert_eq!(
+            office.settings.strategies,
+            [StrategyName::TcpDirect, StrategyName::TcpPunch]
+        );
+        assert_eq!(office.settings.tcp_punch.timeout, Duration::from_secs(3));
+        // Untouched by the profile: still the [default] value.
+        assert_eq!(office.settings.timeout, Duration::from_secs(30));
+
+        let mut flags = Overrides::default();
+        flags.set("tcp-punch.timeout", "1s", "--strategy-timeout");
+        let flagged = load(&p, Some("office"), flags).unwrap();
+        assert_eq!(flagged.settings.tcp_punch.timeout, Duration::from_secs(1));
+
+        let sources: Vec<_> = flagged.explain();
+        let source = |key: &str| sources.iter().find(|r| r.0 == key).unwrap().2.to_string();
+        assert_eq!(source("tcp-punch.timeout"), "flag --strategy-timeout");
+        assert_eq!(
+            source("strategies"),
+            format!("{} [profile.office]", p.display())
+        );
+        assert_eq!(source("server"), format!("{} [default]", p.display()));
+        assert_eq!(source("udp-quic.timeout"), "built-in default");
+        // The strategy configs follow the order and carry the timeouts.
+        let configs = flagged.settings.strategy_configs();
+        assert_eq!(configs[0].name(), StrategyName::TcpDirect);
+        assert_eq!(configs[1].timeout(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_values_name_the_key_the_file_and_the_choices() {
+        let cases = [
+            (
+                "[default]\ntimeout = \"soon\"\n",
+                "bad setting `timeout`: invalid value string \"soon\", expected a duration",
+            ),
+            (
+                "[default.tcp-punch]\ntimout = \"5s\"\n",
+                "bad setting `tcp-punch.timout`: unknown field: found `timout`",
+            ),
+            (
+                "[default]\nstrategies = [\"tcp-punch\", \"pigeon\"]\n",
+                "unknown strategy 'pigeon' (valid: tcp-punch, udp-quic, tcp-direct)",
+            ),
+            ("[defualt]\n", "unknown top-level key `defualt`"),
+            (
+                "[default]\nnonsense = 1\n",
+                "bad setting `nonsense`: unknown field",
+            ),
+        ];
+        for (i, (text, expected)) in cases.iter().enumerate() {
+            let p = write(&format!("bad{i}.toml"), text);
+            let err = load(&p, None, Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{err}");
+            assert!(
+                err.contains(&p.display().to_string()),
+                "no file named: {err}"
+            );
+        }
+        let p = write("profiles.toml", FILE);
+        let err = load(&p, Some("home"), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("profile 'home' not found") && err.contains("available: office"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nettool.example.toml");
+        for profile in [None, Some("office"), Some("hotspot")] {
+            let loaded = load(&p, profile, Overrides::default()).unwrap();
+            assert!(!loaded.settings.strategy_configs().is_empty());
+        }
+        let office = load(&p, Some("office"), Overrides::default()).unwrap();
+        assert_eq!(office.settings.tcp_direct.listen_port, 40000);
+    }
+}
