@@ -5,8 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -16,8 +15,9 @@ use nettool_config::{LoadOptions, Loaded, Overrides, Settings, StrategyConfig, S
 use nettool_core::orchestrator::Event;
 use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
+mod compare;
 mod legacy;
 
 const DEFAULT_PORT: u16 = 8877;
@@ -57,6 +57,15 @@ enum Command {
     ///
     /// Needs no setup: shows what nettool does and that this machine's TCP stack supports it.
     Demo,
+    /// Try every strategy on its own with the peer and compare them side by side.
+    ///
+    /// Both peers run it with the same --session. For each strategy: outcome, time to link,
+    /// round trip over the link and throughput each way. A table on stdout (or --json); each
+    /// run is appended to a history file with --label, and --summary compares labels.
+    ///
+    /// Example, on two machines:
+    ///   nettool compare --server rv.example.net:8877 --session cmp --label office
+    Compare(CompareArgs),
     /// Inspect the configuration.
     ///
     /// Settings come from, lowest first: built-in defaults, the config file's [default]
@@ -92,29 +101,13 @@ struct RendezvousArgs {
 }
 
 #[derive(Debug, Args)]
-struct ConnectArgs {
+struct PeerArgs {
     /// Rendezvous server, HOST:PORT (port defaults to 8877). Or `server` in the config.
     #[arg(long)]
     server: Option<String>,
     /// Session name; the peer must use the same one. Or `session` in the config.
     #[arg(long)]
     session: Option<String>,
-    /// Speak the original demo's 8877 text protocol with the server (no sessions: the server
-    /// pairs clients in arrival order), then punch a plain TCP link as that demo meant to.
-    #[arg(long, conflicts_with_all = ["strategies", "secret", "session"])]
-    legacy: bool,
-    /// Instead of stdin/stdout: the first peer sends "Hello, world" once a second and prints
-    /// "send message: Hello, world"; the second prints "recv message: Hello, world" for each.
-    #[arg(long)]
-    hello: bool,
-    /// With --hello: stop after N messages (the first peer then closes its sending side).
-    #[arg(
-        long,
-        value_name = "N",
-        requires = "hello",
-        env = "NETTOOL_HELLO_COUNT"
-    )]
-    hello_count: Option<u64>,
     /// Strategy to try; repeat to give an order. Default: `strategies` from the config, else
     /// tcp-punch, udp-quic, tcp-direct.
     #[arg(long = "strategy", value_name = "NAME", value_parser = parse_strategy)]
@@ -129,9 +122,6 @@ struct ConnectArgs {
     /// can pass as the peer. Also NETTOOL_SECRET or `secret` in the config.
     #[arg(long)]
     secret: Option<String>,
-    /// Write the JSON report of the connect to this file (also when no link was made).
-    #[arg(long, value_name = "FILE")]
-    report: Option<PathBuf>,
     /// tcp-punch: TTL of the priming SYN to each candidate (default 2; 0 turns priming off).
     #[arg(long)]
     punch_ttl: Option<u32>,
@@ -141,7 +131,7 @@ struct ConnectArgs {
     local_port: Option<u16>,
 }
 
-impl ConnectArgs {
+impl PeerArgs {
     /// The flags that override config values.
     fn overrides(&self) -> Overrides {
         let mut o = Overrides::default();
@@ -166,6 +156,88 @@ impl ConnectArgs {
         o.set_opt("tcp-direct.listen-port", self.local_port, "--local-port");
         o
     }
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// Speak the original demo's 8877 text protocol with the server (no sessions: the server
+    /// pairs clients in arrival order), then punch a plain TCP link as that demo meant to.
+    #[arg(long, conflicts_with_all = ["strategies", "secret", "session"])]
+    legacy: bool,
+    /// Instead of stdin/stdout: the first peer sends "Hello, world" once a second and prints
+    /// "send message: Hello, world"; the second prints "recv message: Hello, world" for each.
+    #[arg(long)]
+    hello: bool,
+    /// With --hello: stop after N messages (the first peer then closes its sending side).
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "hello",
+        env = "NETTOOL_HELLO_COUNT"
+    )]
+    hello_count: Option<u64>,
+    /// Write the JSON report of the connect to this file (also when no link was made).
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// Name of the network you are on, stored with the results (e.g. home, office, lte).
+    #[arg(long, default_value = "unlabelled")]
+    label: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Rounds over all strategies.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// Bytes sent each way for the throughput figure (suffixes K, M, G, KiB, MiB, GiB).
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    size: u64,
+    /// Pings each way for the round-trip figure (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pings: u32,
+    /// History file the run is appended to as one JSON line (default: the user data dir's
+    /// nettool/history.jsonl).
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
+    /// Do not append to the history.
+    #[arg(long, conflicts_with = "history")]
+    no_history: bool,
+    /// Print success rate and median time to link per label and strategy from the history,
+    /// instead of running a comparison.
+    #[arg(long)]
+    summary: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size '{s}' (examples: 1000000, 500K, 8MiB, 1G)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "bad size unit '{other}' in '{s}' (use K, M, G, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,8 +319,21 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
             rendezvous(args.legacy, load(o)?.settings).await
         }
         Command::Connect(args) => {
-            let loaded = load(args.overrides())?;
+            let loaded = load(args.peer.overrides())?;
             connect(args, loaded.settings).await
+        }
+        Command::Compare(args) => {
+            if args.summary {
+                let path = args
+                    .history
+                    .clone()
+                    .or_else(compare::default_history)
+                    .context("no history file: give --history FILE")?;
+                println!("{}", compare::summary(&path)?);
+                return Ok(0);
+            }
+            let loaded = load(args.peer.overrides())?;
+            compare_cmd(args, loaded.settings).await
         }
         Command::Demo => demo().await,
         Command::Config(ConfigCommand::Show) => config_show(&load(Overrides::default())?),
@@ -452,69 +537,102 @@ async fn demo() -> Result<i32> {
         .context("cannot start the embedded rendezvous server on loopback")?;
     let addr = server.local_addr()?;
     let server_task = tokio::spawn(server.run());
-    println!("nettool demo: rendezvous on {addr}; two peers on loopback");
-    let mut failures = 0;
-    for name in StrategyName::ALL {
-        let configs = vec![StrategyConfig::default_for(*name)];
-        let orch = Arc::new(orchestrator(&configs, Duration::from_secs(20)));
-        let session = format!("demo-{name}");
-        let params = ConnectParams {
-            server: addr,
-            session,
-            secret: Some("demo".into()),
-        };
-        let start = Instant::now();
-        let (a, b) = tokio::join!(
-            demo_peer(orch.clone(), params.clone(), b"hello from first\n"),
-            demo_peer(orch.clone(), params.clone(), b"hello from second\n"),
-        );
-        match (a, b) {
-            (Ok((ra, got_a)), Ok((_, got_b))) => println!(
-                "{name:<10} linked in {} ms ({} -> {}); first heard {:?}, second heard {:?}",
-                start.elapsed().as_millis(),
-                ra.local.as_deref().unwrap_or("?"),
-                ra.remote.as_deref().unwrap_or("?"),
-                String::from_utf8_lossy(&got_a).trim_end(),
-                String::from_utf8_lossy(&got_b).trim_end(),
-            ),
-            (a, b) => {
-                failures += 1;
-                let why = [a.err(), b.err()]
-                    .into_iter()
-                    .flatten()
-                    .map(|e| format!("{e:#}"))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                println!("{name:<10} FAILED: {why}");
-            }
+    println!("nettool demo: rendezvous on {addr}; two peers on loopback compare every strategy");
+    let settings = Settings::default();
+    let params = ConnectParams {
+        server: addr,
+        session: "demo".into(),
+        secret: Some("demo".into()),
+    };
+    let options = compare::CompareOptions {
+        rounds: 1,
+        size: 8 << 20,
+        pings: 10,
+    };
+    let quiet = !std::io::stderr().is_terminal();
+    let show = |line: &str| {
+        if !quiet {
+            eprintln!("nettool demo: {line}");
         }
-    }
+    };
+    let ((_, rows), _) = tokio::join!(
+        compare::run(&settings, &params, &options, &show),
+        compare::run(&settings, &params, &options, &|_| {}),
+    );
     server_task.abort();
-    Ok(if failures == 0 { 0 } else { 1 })
+    println!("{}", compare::table(&rows));
+    let linked: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.outcome == Outcome::Connected && r.error.is_none())
+        .map(|r| r.strategy.as_str())
+        .collect();
+    println!(
+        "linked with: {}",
+        if linked.is_empty() {
+            "nothing".to_owned()
+        } else {
+            linked.join(", ")
+        }
+    );
+    Ok(if linked.len() == rows.len() { 0 } else { 1 })
 }
 
-/// One demo peer: connect, send a line, half-close, read the peer's line.
-async fn demo_peer(
-    orch: Arc<Orchestrator>,
-    params: ConnectParams,
-    message: &'static [u8],
-) -> Result<(Report, Vec<u8>)> {
-    let (link, report) = orch.connect(&params, &|_| {}).await;
-    let Some(link) = link else {
-        bail!(
-            "no link: {}",
-            report
-                .attempts
-                .last()
-                .and_then(|a| a.error.clone())
-                .or(report.error.clone())
-                .unwrap_or_default()
-        );
+async fn compare_cmd(args: CompareArgs, settings: Settings) -> Result<i32> {
+    let Some(server) = settings.server.as_deref() else {
+        bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
     };
-    let (mut rd, mut wr) = tokio::io::split(link.stream);
-    wr.write_all(message).await?;
-    wr.shutdown().await?;
-    let mut got = Vec::new();
-    rd.read_to_end(&mut got).await?;
-    Ok((report, got))
+    let server = resolve_server(server).await?;
+    let session = settings.session.clone().unwrap_or_default();
+    if session.is_empty() {
+        bail!("no session: give --session NAME (not empty) or set `session` in the config");
+    }
+    let history = if args.no_history {
+        None
+    } else {
+        Some(
+            args.history
+                .clone()
+                .or_else(compare::default_history)
+                .context(
+                    "no user data directory for the history: give --history FILE or --no-history",
+                )?,
+        )
+    };
+    let params = ConnectParams {
+        server,
+        session: session.clone(),
+        secret: settings.secret.clone(),
+    };
+    let options = compare::CompareOptions {
+        rounds: args.rounds,
+        size: args.size,
+        pings: args.pings.max(1),
+    };
+    let quiet = !std::io::stderr().is_terminal();
+    let (role, rows) = compare::run(&settings, &params, &options, &|line| {
+        if !quiet {
+            eprintln!("nettool compare: {line}");
+        }
+    })
+    .await;
+    let run = compare::CompareRun {
+        time_unix: compare::now_unix(),
+        label: args.label.clone(),
+        session,
+        role,
+        size: args.size,
+        rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&run)?);
+    } else {
+        println!("{}", compare::table(&run.rows));
+    }
+    if let Some(path) = history {
+        compare::append_history(&path, &run)?;
+        if !quiet {
+            eprintln!("nettool compare: appended to {}", path.display());
+        }
+    }
+    Ok(0)
 }

@@ -102,3 +102,61 @@ fn sixty_four_mib_each_way_through_tcp_punch() {
 fn sixty_four_mib_each_way_through_tcp_direct() {
     big_transfer("tcp-direct", NatKind::Cone, NatKind::Full);
 }
+
+#[test]
+fn compare_in_the_lab_gives_a_row_per_strategy_with_the_expected_outcome() {
+    if !require_lab() {
+        return;
+    }
+    let (ka, kb) = (NatKind::Cone, NatKind::ConeRst);
+    let lab = RunningLab::new(ka, kb);
+    let dir = crate::support::TempDir::new("lab-compare");
+    let history = dir.path("history.jsonl");
+    let server = format!("{}:8877", lab.lab.server_ip());
+    let peer = |host: nettool_tests::Host, name: &str| {
+        let mut cmd = lab.lab.command(host, crate::support::nettool_bin());
+        cmd.args(["compare", "--server", &server, "--session", "cmp", "--secret", "s"])
+            .args(["--json", "--size", "2MiB", "--label", "lab-cone-conerst"])
+            .args(["--strategy-timeout", &format!("{ATTEMPT_TIMEOUT_S}s")])
+            .arg("--history")
+            .arg(&history)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(dir.path(&format!("{name}.json"))).unwrap())
+            .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).unwrap());
+        crate::support::Proc::spawn(cmd)
+    };
+    let mut a = peer(nettool_tests::Host::A, "a");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let mut b = peer(nettool_tests::Host::B, "b");
+    let limit = std::time::Duration::from_secs(90);
+    assert!(a.wait_timeout(limit).is_some_and(|s| s.success()));
+    assert!(b.wait_timeout(limit).is_some_and(|s| s.success()));
+    let both = format!(
+        "a: {}\nb: {}",
+        std::fs::read_to_string(dir.path("a.json")).unwrap_or_default(),
+        std::fs::read_to_string(dir.path("b.json")).unwrap_or_default()
+    );
+    for name in ["a", "b"] {
+        let run: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path(&format!("{name}.json"))).unwrap())
+                .unwrap();
+        let rows = run["rows"].as_array().unwrap();
+        let outcome = |s: &str| {
+            rows.iter()
+                .find(|r| r["strategy"] == s)
+                .unwrap_or_else(|| panic!("{name}: no row for {s}: {run}"))
+        };
+        for s in ["tcp-punch", "udp-quic"] {
+            let row = outcome(s);
+            assert_eq!(row["outcome"], "connected", "{name}: {row}");
+            assert!(row["first_to_second_mbps"].as_f64().is_some_and(|v| v > 0.0), "{both}");
+            assert!(row["rtt_ms"].as_f64().is_some_and(|v| v > 0.0), "{name}: {row}");
+        }
+        let direct = outcome("tcp-direct");
+        assert_eq!(direct["outcome"], "timed-out", "{name}: {direct}");
+        assert!(direct["error"].as_str().unwrap().contains("neither side reachable"));
+        assert_eq!(rows.len(), 3);
+    }
+    let history = std::fs::read_to_string(&history).unwrap();
+    assert_eq!(history.lines().count(), 2, "both peers append their run");
+}

@@ -135,19 +135,71 @@ fn unreachable_server_fails_with_a_report() {
 }
 
 #[test]
-fn demo_links_on_loopback() {
+fn demo_compares_every_strategy_on_loopback() {
     let out = Command::new(nettool_bin()).arg("demo").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("tcp-punch  linked in"), "{stdout}");
-    assert!(
-        stdout.contains("first heard \"hello from second\""),
-        "{stdout}"
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for strategy in ["tcp-punch", "udp-quic", "tcp-direct"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.contains(&format!(" {strategy} ")))
+            .unwrap_or_else(|| panic!("no row for {strategy}: {stdout}"));
+        assert!(row.contains("connected") && row.contains("MB/s"), "{row}");
+    }
+    assert!(stdout.contains("linked with: tcp-punch, udp-quic, tcp-direct"), "{stdout}");
+}
+
+#[test]
+fn compare_appends_history_and_summarises_by_label() {
+    let (_server, addr) = rendezvous();
+    let dir = TempDir::new("compare");
+    let history = dir.path("history.jsonl");
+    for round in 0..2 {
+        let peer = |name: &str| {
+            let mut cmd = Command::new(nettool_bin());
+            cmd.args(["compare", "--server", &addr, "--session"])
+                .arg(format!("cmp{round}"))
+                .args(["--secret", "c", "--json", "--size", "1MiB", "--label", "loop"])
+                .args(["--strategy", "tcp-punch", "--strategy", "tcp-direct"])
+                .arg("--history")
+                .arg(&history)
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(dir.path(&format!("{name}{round}.json"))).unwrap())
+                .stderr(Stdio::null());
+            Proc::spawn(cmd)
+        };
+        let mut a = peer("a");
+        std::thread::sleep(Duration::from_millis(100));
+        let mut b = peer("b");
+        assert!(a.wait_timeout(Duration::from_secs(60)).unwrap().success());
+        assert!(b.wait_timeout(Duration::from_secs(60)).unwrap().success());
+        let run: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path(&format!("a{round}.json"))).unwrap())
+                .unwrap();
+        assert_eq!(run["label"], "loop");
+        let rows = run["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{run}");
+        for row in rows {
+            assert_eq!(row["outcome"], "connected", "{row}");
+            assert!(row["rtt_ms"].as_f64().unwrap() > 0.0);
+            assert!(row["first_to_second_mbps"].as_f64().unwrap() > 0.0);
+            assert!(row["second_to_first_mbps"].as_f64().unwrap() > 0.0);
+        }
+    }
+    // Both peers appended each run: 4 lines.
+    let lines = std::fs::read_to_string(&history).unwrap();
+    assert_eq!(lines.lines().count(), 4, "{lines}");
+    let out = Command::new(nettool_bin())
+        .args(["compare", "--summary", "--history"])
+        .arg(&history)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for strategy in ["tcp-punch", "tcp-direct"] {
+        let row = text.lines().find(|l| l.contains(strategy)).expect(strategy);
+        assert!(row.contains("loop") && row.contains("4/4") && row.contains("100%"), "{row}");
+    }
 }
 
 #[test]

@@ -1,0 +1,376 @@
+//! `nettool compare`: every strategy on its own, side by side, on the network you are on.
+//!
+//! Both peers run it with the same session name. For each round and strategy the peers
+//! connect with that strategy alone (fresh sockets, a session name derived from the round and
+//! strategy), then over the link measure the round-trip time (median of pings) and the
+//! throughput each way. Results go to stdout as a table (or JSON) and are appended to a
+//! history file (JSON lines) with a label for the network, so `compare --summary` can put
+//! networks side by side.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Table};
+use nettool_config::{Settings, StrategyConfig};
+use nettool_core::{ConnectParams, Link, Outcome, Role};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// How to compare.
+#[derive(Debug, Clone)]
+pub(crate) struct CompareOptions {
+    /// Rounds over all strategies.
+    pub(crate) rounds: u32,
+    /// Bytes sent each way for the throughput figure.
+    pub(crate) size: u64,
+    /// Pings for the RTT figure.
+    pub(crate) pings: u32,
+}
+
+/// One strategy's result in one round, as this peer saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct CompareRow {
+    pub(crate) round: u32,
+    pub(crate) strategy: String,
+    pub(crate) outcome: Outcome,
+    /// Time from the attempt's start to an authenticated link.
+    pub(crate) time_to_link_ms: Option<u64>,
+    /// Median round trip over the link.
+    pub(crate) rtt_ms: Option<f64>,
+    /// Throughput from the first peer to the second, MB/s (10^6 bytes per second).
+    pub(crate) first_to_second_mbps: Option<f64>,
+    /// Throughput from the second peer to the first, MB/s.
+    pub(crate) second_to_first_mbps: Option<f64>,
+    pub(crate) error: Option<String>,
+}
+
+/// One run of `compare`, as stored in the history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CompareRun {
+    pub(crate) time_unix: u64,
+    pub(crate) label: String,
+    pub(crate) session: String,
+    pub(crate) role: Option<Role>,
+    pub(crate) size: u64,
+    pub(crate) rows: Vec<CompareRow>,
+}
+
+/// Runs the comparison as one peer.
+pub(crate) async fn run(
+    settings: &Settings,
+    base: &ConnectParams,
+    options: &CompareOptions,
+    progress: &(dyn Fn(&str) + Sync),
+) -> (Option<Role>, Vec<CompareRow>) {
+    let mut rows = Vec::new();
+    let mut role = None;
+    for round in 1..=options.rounds.max(1) {
+        for config in settings.strategy_configs() {
+            let name = config.name().as_str();
+            progress(&format!("round {round}: {name} ..."));
+            let params = ConnectParams {
+                session: format!("{}/{round}/{name}", base.session),
+                ..base.clone()
+            };
+            let row = one(
+                &config,
+                settings.timeout,
+                &params,
+                options,
+                round,
+                &mut role,
+            )
+            .await;
+            progress(&format!(
+                "round {round}: {name} {}",
+                match &row.error {
+                    None => format!("linked in {} ms", row.time_to_link_ms.unwrap_or(0)),
+                    Some(e) => format!("{}: {e}", row.outcome.as_str()),
+                }
+            ));
+            rows.push(row);
+        }
+    }
+    (role, rows)
+}
+
+async fn one(
+    config: &StrategyConfig,
+    overall: Duration,
+    params: &ConnectParams,
+    options: &CompareOptions,
+    round: u32,
+    role: &mut Option<Role>,
+) -> CompareRow {
+    let orch = crate::orchestrator(std::slice::from_ref(config), overall);
+    let (link, report) = orch.connect(params, &|_| {}).await;
+    *role = report.role.or(*role);
+    let attempt = report.attempts.first();
+    let mut row = CompareRow {
+        round,
+        strategy: config.name().as_str().to_owned(),
+        outcome: attempt.map_or(Outcome::Failed, |a| a.outcome),
+        time_to_link_ms: None,
+        rtt_ms: None,
+        first_to_second_mbps: None,
+        second_to_first_mbps: None,
+        error: attempt
+            .and_then(|a| a.error.clone())
+            .or(report.error.clone()),
+    };
+    let (Some(link), Some(r)) = (link, report.role) else {
+        if row.error.is_none() {
+            row.error = Some("no link".into());
+        }
+        return row;
+    };
+    row.time_to_link_ms = attempt.map(|a| a.elapsed_ms);
+    match tokio::time::timeout(overall, measure(link, r, options)).await {
+        Ok(Ok(m)) => {
+            row.rtt_ms = Some(m.rtt_ms);
+            row.first_to_second_mbps = Some(m.first_to_second);
+            row.second_to_first_mbps = Some(m.second_to_first);
+        }
+        Ok(Err(e)) => row.error = Some(format!("measuring over the link: {e:#}")),
+        Err(_) => row.error = Some("measuring over the link timed out".into()),
+    }
+    row
+}
+
+struct Measured {
+    rtt_ms: f64,
+    first_to_second: f64,
+    second_to_first: f64,
+}
+
+/// Pings, then a bulk transfer each way, over the link. Both ends end up with all figures.
+async fn measure(link: Link, role: Role, options: &CompareOptions) -> Result<Measured> {
+    let (mut rd, mut wr) = tokio::io::split(link.stream);
+    // RTT: the first pings, the second echoes; then the other way round.
+    let mut rtts = Vec::new();
+    for phase in [Role::First, Role::Second] {
+        for i in 0..options.pings {
+            let word = u64::from(i).to_be_bytes();
+            if role == phase {
+                let start = Instant::now();
+                wr.write_all(&word).await?;
+                wr.flush().await?;
+                let mut echo = [0u8; 8];
+                rd.read_exact(&mut echo).await?;
+                anyhow::ensure!(echo == word, "ping {i} came back wrong");
+                rtts.push(start.elapsed().as_secs_f64() * 1000.0);
+            } else {
+                let mut got = [0u8; 8];
+                rd.read_exact(&mut got).await?;
+                wr.write_all(&got).await?;
+                wr.flush().await?;
+            }
+        }
+    }
+    rtts.sort_by(f64::total_cmp);
+    let rtt_ms = rtts.get(rtts.len() / 2).copied().unwrap_or(0.0);
+    // Throughput: the sender times from its first byte to the receiver's acknowledgement.
+    let mut mine = 0.0;
+    for phase in [Role::First, Role::Second] {
+        if role == phase {
+            mine = send_bulk(&mut wr, &mut rd, options.size).await?;
+        } else {
+            receive_bulk(&mut rd, &mut wr, options.size).await?;
+        }
+    }
+    // Swap the figures so both ends know both directions.
+    wr.write_all(&mine.to_be_bytes()).await?;
+    wr.flush().await?;
+    let mut theirs = [0u8; 8];
+    rd.read_exact(&mut theirs).await?;
+    let theirs = f64::from_be_bytes(theirs);
+    // Close gracefully: both ends half-close and wait for the other's end, so no byte is
+    // still in flight when the link is dropped. The figures are complete already, so an error
+    // here (the peer closing first) does not spoil them.
+    let mut rest = Vec::new();
+    let _ = tokio::join!(wr.shutdown(), rd.read_to_end(&mut rest));
+    let (first_to_second, second_to_first) = match role {
+        Role::First => (mine, theirs),
+        Role::Second => (theirs, mine),
+    };
+    Ok(Measured {
+        rtt_ms,
+        first_to_second,
+        second_to_first,
+    })
+}
+
+async fn send_bulk<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
+    wr: &mut W,
+    rd: &mut R,
+    size: u64,
+) -> Result<f64> {
+    let chunk = vec![0x5au8; 64 << 10];
+    let start = Instant::now();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        wr.write_all(&chunk[..n]).await?;
+        left -= n as u64;
+    }
+    wr.flush().await?;
+    let mut ack = [0u8; 1];
+    rd.read_exact(&mut ack).await?;
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    Ok(size as f64 / secs / 1e6)
+}
+
+async fn receive_bulk<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut R,
+    wr: &mut W,
+    size: u64,
+) -> Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        let got = rd.read(&mut buf[..n]).await?;
+        anyhow::ensure!(got > 0, "the link closed during the transfer");
+        left -= got as u64;
+    }
+    wr.write_all(&[1]).await?;
+    wr.flush().await?;
+    Ok(())
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".to_owned(), |x| format!("{x:.digits$}"))
+}
+
+/// The rows as a table.
+pub(crate) fn table(rows: &[CompareRow]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header([
+        "round",
+        "strategy",
+        "outcome",
+        "time to link",
+        "rtt",
+        "first→second",
+        "second→first",
+        "error",
+    ]);
+    for r in rows {
+        t.add_row([
+            Cell::new(r.round),
+            Cell::new(&r.strategy),
+            Cell::new(r.outcome.as_str()),
+            Cell::new(r.time_to_link_ms.map_or("-".into(), |v| format!("{v} ms"))),
+            Cell::new(fmt_opt(r.rtt_ms, 3) + if r.rtt_ms.is_some() { " ms" } else { "" }),
+            Cell::new(
+                fmt_opt(r.first_to_second_mbps, 1)
+                    + if r.first_to_second_mbps.is_some() {
+                        " MB/s"
+                    } else {
+                        ""
+                    },
+            ),
+            Cell::new(
+                fmt_opt(r.second_to_first_mbps, 1)
+                    + if r.second_to_first_mbps.is_some() {
+                        " MB/s"
+                    } else {
+                        ""
+                    },
+            ),
+            Cell::new(
+                r.error
+                    .as_deref()
+                    .map(|e| truncate(e, 60))
+                    .unwrap_or_default(),
+            ),
+        ]);
+    }
+    t.to_string()
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        s.chars().take(max).collect::<String>() + "…"
+    }
+}
+
+/// The default history file: `<user data dir>/nettool/history.jsonl`.
+pub(crate) fn default_history() -> Option<PathBuf> {
+    dirs::data_dir().map(|d| d.join("nettool").join("history.jsonl"))
+}
+
+/// Appends one run to the history (JSON lines).
+pub(crate) fn append_history(path: &Path, run: &CompareRun) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open the history file {}", path.display()))?;
+    let line = serde_json::to_string(run)? + "\n";
+    f.write_all(line.as_bytes())
+        .with_context(|| format!("cannot write the history file {}", path.display()))
+}
+
+/// Success rate and median time to link per label and strategy, from the history.
+pub(crate) fn summary(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the history file {}", path.display()))?;
+    let mut groups: std::collections::BTreeMap<(String, String), (u32, u32, Vec<u64>)> =
+        Default::default();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let run: CompareRun = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not a compare run", path.display(), i + 1))?;
+        for row in run.rows {
+            let g = groups
+                .entry((run.label.clone(), row.strategy.clone()))
+                .or_default();
+            g.1 += 1;
+            if row.outcome == Outcome::Connected {
+                g.0 += 1;
+                g.2.extend(row.time_to_link_ms);
+            }
+        }
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header([
+        "label",
+        "strategy",
+        "linked",
+        "success",
+        "median time to link",
+    ]);
+    for ((label, strategy), (ok, total, mut times)) in groups {
+        times.sort_unstable();
+        t.add_row([
+            label,
+            strategy,
+            format!("{ok}/{total}"),
+            format!("{:.0}%", 100.0 * f64::from(ok) / f64::from(total.max(1))),
+            times
+                .get(times.len() / 2)
+                .map_or("-".into(), |v| format!("{v} ms")),
+        ]);
+    }
+    Ok(t.to_string())
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
