@@ -13,7 +13,7 @@ use std::io::IsTerminal;
 
 use nettool_config::{LoadOptions, Loaded, Overrides, Settings, StrategyConfig, StrategyName};
 use nettool_core::orchestrator::Event;
-use nettool_core::server::{RendezvousServer, ServerConfig};
+use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use tokio::io::AsyncWriteExt;
 
@@ -98,6 +98,21 @@ struct RendezvousArgs {
     /// How long a session waits for its second peer before it expires (e.g. 5m, 30s).
     #[arg(long, value_parser = parse_duration)]
     session_expiry: Option<Duration>,
+    /// Do not relay (peers asking for the relay strategy are refused with a clear message).
+    #[arg(long)]
+    no_relay: bool,
+    /// Bytes per second per relayed session, both directions together (0 = unlimited).
+    #[arg(long, value_parser = parse_size)]
+    relay_rate: Option<u64>,
+    /// Bytes per relayed session (0 = unlimited).
+    #[arg(long, value_parser = parse_size)]
+    relay_max_bytes: Option<u64>,
+    /// How long one relay may last (0s = unlimited).
+    #[arg(long, value_parser = parse_duration)]
+    relay_max_duration: Option<Duration>,
+    /// Sessions relayed at the same time.
+    #[arg(long)]
+    relay_max_sessions: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -143,7 +158,7 @@ impl PeerArgs {
             o.set("strategies", names, "--strategy");
         }
         o.set_opt("timeout", self.timeout.map(fmt_duration), "--timeout");
-        for s in ["tcp-punch", "udp-quic", "tcp-direct"] {
+        for s in ["tcp-punch", "udp-quic", "tcp-direct", "relay"] {
             o.set_opt(
                 &format!("{s}.timeout"),
                 self.strategy_timeout.map(fmt_duration),
@@ -316,6 +331,25 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
                 args.session_expiry.map(fmt_duration),
                 "--session-expiry",
             );
+            if args.no_relay {
+                o.set("rendezvous.relay", false, "--no-relay");
+            }
+            o.set_opt("rendezvous.relay-rate", args.relay_rate, "--relay-rate");
+            o.set_opt(
+                "rendezvous.relay-max-bytes",
+                args.relay_max_bytes,
+                "--relay-max-bytes",
+            );
+            o.set_opt(
+                "rendezvous.relay-max-duration",
+                args.relay_max_duration.map(fmt_duration),
+                "--relay-max-duration",
+            );
+            o.set_opt(
+                "rendezvous.relay-max-sessions",
+                args.relay_max_sessions,
+                "--relay-max-sessions",
+            );
             rendezvous(args.legacy, load(o)?.settings).await
         }
         Command::Connect(args) => {
@@ -377,12 +411,19 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
         max_frame_len: rv.max_frame_len,
         first_frame_timeout: rv.first_frame_timeout,
         observe_hold: rv.observe_hold,
+        relay: rv.relay.then_some(RelayLimits {
+            max_sessions: rv.relay_max_sessions,
+            rate: rv.relay_rate,
+            max_bytes: rv.relay_max_bytes,
+            max_duration: rv.relay_max_duration,
+            attach_timeout: rv.relay_attach_timeout,
+        }),
     };
     let server = RendezvousServer::bind(rv.listen, config)
         .await
         .with_context(|| format!("cannot listen on {}", rv.listen))?;
     eprintln!(
-        "nettool rendezvous: listening on {} (tcp)",
+        "nettool rendezvous: listening on {} (tcp, and udp for STUN)",
         server.local_addr()?
     );
     tokio::select! {

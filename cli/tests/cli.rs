@@ -23,7 +23,7 @@ fn bad_flags_are_named() {
                 "--strategy",
                 "tcp-pnuch",
             ],
-            "unknown strategy 'tcp-pnuch' (valid: tcp-punch, udp-quic, tcp-direct)",
+            "unknown strategy 'tcp-pnuch' (valid: tcp-punch, udp-quic, tcp-direct, relay)",
         ),
         (
             &[

@@ -26,11 +26,13 @@ pub enum StrategyName {
     UdpQuic,
     /// One side listens, the other dials; then the roles swap.
     TcpDirect,
+    /// Through the rendezvous server (last resort).
+    Relay,
 }
 
 impl StrategyName {
     /// Every strategy this build knows, in the default order (first = highest priority).
-    pub const ALL: &'static [Self] = &[Self::TcpPunch, Self::UdpQuic, Self::TcpDirect];
+    pub const ALL: &'static [Self] = &[Self::TcpPunch, Self::UdpQuic, Self::TcpDirect, Self::Relay];
 
     /// The name as written on the command line, in configs and in reports.
     pub fn as_str(self) -> &'static str {
@@ -38,6 +40,7 @@ impl StrategyName {
             Self::TcpPunch => "tcp-punch",
             Self::UdpQuic => "udp-quic",
             Self::TcpDirect => "tcp-direct",
+            Self::Relay => "relay",
         }
     }
 
@@ -177,6 +180,23 @@ impl Default for TcpDirectConfig {
     }
 }
 
+/// Settings of the relay strategy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RelayConfig {
+    /// How long attaching to the relay and the link handshake through it may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// One strategy with its settings; the orchestrator runs a list of these in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StrategyConfig {
@@ -186,6 +206,8 @@ pub enum StrategyConfig {
     UdpQuic(UdpQuicConfig),
     /// Listen on one side, dial from the other.
     TcpDirect(TcpDirectConfig),
+    /// Through the rendezvous server.
+    Relay(RelayConfig),
 }
 
 impl StrategyConfig {
@@ -195,6 +217,7 @@ impl StrategyConfig {
             StrategyName::TcpPunch => Self::TcpPunch(TcpPunchConfig::default()),
             StrategyName::UdpQuic => Self::UdpQuic(UdpQuicConfig::default()),
             StrategyName::TcpDirect => Self::TcpDirect(TcpDirectConfig::default()),
+            StrategyName::Relay => Self::Relay(RelayConfig::default()),
         }
     }
 
@@ -204,6 +227,7 @@ impl StrategyConfig {
             Self::TcpPunch(_) => StrategyName::TcpPunch,
             Self::UdpQuic(_) => StrategyName::UdpQuic,
             Self::TcpDirect(_) => StrategyName::TcpDirect,
+            Self::Relay(_) => StrategyName::Relay,
         }
     }
 
@@ -213,6 +237,7 @@ impl StrategyConfig {
             Self::TcpPunch(c) => c.timeout,
             Self::UdpQuic(c) => c.timeout,
             Self::TcpDirect(c) => c.timeout,
+            Self::Relay(c) => c.timeout,
         }
     }
 
@@ -222,6 +247,7 @@ impl StrategyConfig {
             Self::TcpPunch(c) => c.timeout = timeout,
             Self::UdpQuic(c) => c.timeout = timeout,
             Self::TcpDirect(c) => c.timeout = timeout,
+            Self::Relay(c) => c.timeout = timeout,
         }
     }
 }
@@ -243,6 +269,20 @@ pub struct RendezvousConfig {
     /// How long an observe connection is held open at most.
     #[serde(with = "humantime_serde")]
     pub observe_hold: Duration,
+    /// Whether the server relays (the relay strategy's last resort).
+    pub relay: bool,
+    /// Sessions relayed at the same time.
+    pub relay_max_sessions: usize,
+    /// Bytes per second per relayed session, both directions together; 0 = unlimited.
+    pub relay_rate: u64,
+    /// Bytes per relayed session, both directions together; 0 = unlimited.
+    pub relay_max_bytes: u64,
+    /// How long one relay may last; "0s" = unlimited.
+    #[serde(with = "humantime_serde")]
+    pub relay_max_duration: Duration,
+    /// How long the first peer to attach to a relay waits for the second.
+    #[serde(with = "humantime_serde")]
+    pub relay_attach_timeout: Duration,
 }
 
 impl Default for RendezvousConfig {
@@ -253,6 +293,12 @@ impl Default for RendezvousConfig {
             max_frame_len: 64 * 1024,
             first_frame_timeout: Duration::from_secs(10),
             observe_hold: Duration::from_secs(120),
+            relay: true,
+            relay_max_sessions: 100,
+            relay_rate: 0,
+            relay_max_bytes: 0,
+            relay_max_duration: Duration::ZERO,
+            relay_attach_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -273,7 +319,7 @@ mod tests {
         let err = "tcp-pnuch".parse::<StrategyName>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown strategy 'tcp-pnuch' (valid: tcp-punch, udp-quic, tcp-direct)"
+            "unknown strategy 'tcp-pnuch' (valid: tcp-punch, udp-quic, tcp-direct, relay)"
         );
     }
 }

@@ -17,7 +17,8 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    RendezvousConfig, StrategyConfig, StrategyName, TcpDirectConfig, TcpPunchConfig, UdpQuicConfig,
+    RelayConfig, RendezvousConfig, StrategyConfig, StrategyName, TcpDirectConfig, TcpPunchConfig,
+    UdpQuicConfig,
 };
 
 /// Every setting nettool reads from defaults, files, environment and flags.
@@ -42,6 +43,8 @@ pub struct Settings {
     pub udp_quic: UdpQuicConfig,
     /// tcp-direct settings.
     pub tcp_direct: TcpDirectConfig,
+    /// relay settings.
+    pub relay: RelayConfig,
     /// Rendezvous server settings.
     pub rendezvous: RendezvousConfig,
 }
@@ -57,6 +60,7 @@ impl Default for Settings {
             tcp_punch: TcpPunchConfig::default(),
             udp_quic: UdpQuicConfig::default(),
             tcp_direct: TcpDirectConfig::default(),
+            relay: RelayConfig::default(),
             rendezvous: RendezvousConfig::default(),
         }
     }
@@ -74,6 +78,7 @@ impl Settings {
                 StrategyName::TcpPunch => StrategyConfig::TcpPunch(self.tcp_punch.clone()),
                 StrategyName::UdpQuic => StrategyConfig::UdpQuic(self.udp_quic.clone()),
                 StrategyName::TcpDirect => StrategyConfig::TcpDirect(self.tcp_direct.clone()),
+                StrategyName::Relay => StrategyConfig::Relay(self.relay.clone()),
             });
         }
         out
@@ -292,6 +297,7 @@ const TOP_LEVEL: &[&str] = &[
     "tcp-punch",
     "udp-quic",
     "tcp-direct",
+    "relay",
     "rendezvous",
 ];
 
@@ -319,7 +325,7 @@ impl Settings {
 
         let mut layers = vec![Layer {
             source: Source::Default,
-            dict: dict_of(&Settings::default()),
+            dict: dict_of(&Self::default()),
         }];
         match &path {
             Some(p) => layers.extend(file_layers(p, profile.as_deref())?),
@@ -369,7 +375,7 @@ impl Settings {
         for layer in layers {
             figment = figment.merge(layer);
         }
-        let settings: Settings = figment
+        let settings: Self = figment
             .extract()
             .map_err(|e| invalid(&figment, &sources, e))?;
         Ok(Loaded {
@@ -579,7 +585,7 @@ timeout = "3s"
             ),
             (
                 "[default]\nstrategies = [\"tcp-punch\", \"pigeon\"]\n",
-                "unknown strategy 'pigeon' (valid: tcp-punch, udp-quic, tcp-direct)",
+                "unknown strategy 'pigeon' (valid: tcp-punch, udp-quic, tcp-direct, relay)",
             ),
             ("[defualt]\n", "unknown top-level key `defualt`"),
             (

@@ -69,6 +69,8 @@ pub struct Pairing {
     pub observed: SocketAddr,
     /// The peer's control address as the server saw it.
     pub peer: SocketAddr,
+    /// Token for attaching to the server's relay; `None` when the server does not relay.
+    pub relay_token: Option<String>,
 }
 
 /// A joined and paired control connection to the rendezvous server.
@@ -126,6 +128,7 @@ impl RendezvousClient {
                     pair_id,
                     observed,
                     peer,
+                    relay_token,
                 }) => {
                     let client = Self {
                         conn,
@@ -139,6 +142,7 @@ impl RendezvousClient {
                         pair_id,
                         observed,
                         peer,
+                        relay_token,
                     };
                     return Ok((client, pairing));
                 }

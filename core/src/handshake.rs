@@ -44,6 +44,20 @@ impl LinkKey {
         h.update(secret.as_bytes());
         Self(h.finalize().into())
     }
+
+    /// HMAC-SHA256 keyed with this key over `label` and the length-prefixed `parts`: a tag
+    /// that authenticates small messages outside the link handshake (e.g. UDP punch
+    /// datagrams). Different labels give independent tags.
+    pub fn tag(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
+        mac.update(&(label.len() as u64).to_be_bytes());
+        mac.update(label);
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
 }
 
 /// What both ends must agree on for a handshake to succeed.

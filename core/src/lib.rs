@@ -10,18 +10,21 @@
 //!   session before any user data flows.
 //! - [`orchestrator`]: runs strategies in order with timeouts and always produces a [`Report`].
 //! - [`report`]: the JSON report of one connect.
+//! - [`legacy`]: the original demo's 8877 text protocol (client; server with feature `server`).
+//! - [`stun`]: a minimal STUN Binding codec (UDP strategies learn their public mapping).
 
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod handshake;
+pub mod legacy;
 pub mod orchestrator;
 pub mod protocol;
+pub mod relay;
 pub mod report;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod strategy;
-#[cfg(feature = "server")]
 pub mod stun;
 
 pub use client::{ClientError, Pairing, RendezvousClient};

@@ -90,6 +90,18 @@ pub enum ClientToServer {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// Attach this connection to the relay of a paired session (first frame of a relay
+    /// connection); answered with [`ServerToClient::Relaying`] once both peers attached.
+    Relay {
+        /// Protocol version the client speaks.
+        version: u32,
+        /// The session.
+        session: String,
+        /// The relay token from [`ServerToClient::Paired`].
+        token: String,
+        /// This peer's role in the session.
+        role: Role,
+    },
     /// Round-trip probe; answered with [`ServerToClient::Pong`].
     Ping {
         /// Echoed back.
@@ -120,7 +132,14 @@ pub enum ServerToClient {
         observed: SocketAddr,
         /// The peer's control connection address as the server saw it.
         peer: SocketAddr,
+        /// Token both peers present to attach to the relay for this pairing; absent when the
+        /// server does not relay.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay_token: Option<String>,
     },
+    /// Answer to [`ClientToServer::Relay`]: both peers are attached. From here on the server
+    /// sends relay frames (see [`crate::relay`]) and the client sends raw link bytes.
+    Relaying,
     /// Answer to [`ClientToServer::Observe`].
     Observed {
         /// The connection's source address as the server saw it.
@@ -215,6 +234,13 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> FramedConn<S> {
     /// The wrapped stream.
     pub fn get_ref(&self) -> &S {
         self.stream.get_ref()
+    }
+
+    /// The wrapped stream and the bytes already read past the last frame.
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        let mut rest = self.line;
+        rest.extend_from_slice(self.stream.buffer());
+        (self.stream.into_inner(), rest)
     }
 
     /// Sends one message.

@@ -33,6 +33,36 @@ pub struct ServerConfig {
     pub first_frame_timeout: Duration,
     /// How long an observe connection is held open at most.
     pub observe_hold: Duration,
+    /// Relay limits; `None` turns relaying off (relay requests are refused clearly).
+    pub relay: Option<RelayLimits>,
+}
+
+/// Limits of the relay through the server. Hitting one ends that relay with a message to both
+/// peers.
+#[derive(Debug, Clone)]
+pub struct RelayLimits {
+    /// Sessions relayed at the same time (attached peers waiting for their partner count).
+    pub max_sessions: usize,
+    /// Bytes per second per session, both directions together; 0 = unlimited.
+    pub rate: u64,
+    /// Bytes per session, both directions together; 0 = unlimited.
+    pub max_bytes: u64,
+    /// How long one relay may last; zero = unlimited.
+    pub max_duration: Duration,
+    /// How long the first peer to attach waits for the second.
+    pub attach_timeout: Duration,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 100,
+            rate: 0,
+            max_bytes: 0,
+            max_duration: Duration::ZERO,
+            attach_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -42,6 +72,7 @@ impl Default for ServerConfig {
             max_frame_len: crate::protocol::DEFAULT_MAX_FRAME_LEN,
             first_frame_timeout: Duration::from_secs(10),
             observe_hold: Duration::from_secs(120),
+            relay: Some(RelayLimits::default()),
         }
     }
 }
@@ -60,6 +91,17 @@ struct Shared {
     config: ServerConfig,
     sessions: Mutex<HashMap<String, SessionSlot>>,
     next_conn: std::sync::atomic::AtomicU64,
+    /// First peers attached to a relay, waiting for the second, by relay token.
+    relay_waiting: Mutex<HashMap<String, RelayWaiter>>,
+    /// Relays attached or running.
+    relays: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug)]
+struct RelayWaiter {
+    role: Role,
+    conn: u64,
+    tx: tokio::sync::oneshot::Sender<(TcpStream, Vec<u8>)>,
 }
 
 /// What the map holds for a session name.
@@ -81,6 +123,7 @@ struct Waiter {
 #[derive(Debug)]
 struct Pair {
     session: String,
+    relay_token: Option<String>,
     conns: [u64; 2],
     txs: [mpsc::UnboundedSender<Outbound>; 2],
     held_offers: Mutex<HashMap<String, (Role, serde_json::Value)>>,
@@ -142,6 +185,8 @@ impl RendezvousServer {
                 config,
                 sessions: Mutex::new(HashMap::new()),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
+                relay_waiting: Mutex::new(HashMap::new()),
+                relays: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -261,6 +306,16 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
                 serve_control(&shared, framed, addr, conn, session, strategies).await;
             }
         }
+        ClientToServer::Relay {
+            version,
+            session,
+            token,
+            role,
+        } => {
+            if check_version(&mut framed, version).await {
+                serve_relay(&shared, framed, addr, conn, &session, token, role).await;
+            }
+        }
         other => {
             let what = serde_json::to_value(&other)
                 .ok()
@@ -268,7 +323,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
                 .unwrap_or_default();
             refuse(
                 &mut framed,
-                &format!("expected 'join' or 'observe' as the first frame, got '{what}'"),
+                &format!("expected 'join', 'observe' or 'relay' as the first frame, got '{what}'"),
             )
             .await;
         }
@@ -368,8 +423,14 @@ async fn serve_control(
                     let mut id = [0u8; 16];
                     rand::thread_rng().fill_bytes(&mut id);
                     let pair_id = hex::encode(id);
+                    let relay_token = shared.config.relay.as_ref().map(|_| {
+                        let mut t = [0u8; 16];
+                        rand::thread_rng().fill_bytes(&mut t);
+                        hex::encode(t)
+                    });
                     let pair = Arc::new(Pair {
                         session: session.clone(),
+                        relay_token: relay_token.clone(),
                         conns: [waiter.conn, conn],
                         txs: [waiter.tx.clone(), tx.clone()],
                         held_offers: Mutex::new(HashMap::new()),
@@ -384,6 +445,7 @@ async fn serve_control(
                             pair_id: pair_id.clone(),
                             observed: waiter.addr,
                             peer: addr,
+                            relay_token: relay_token.clone(),
                         },
                     ));
                     let _ = tx.send(Outbound::Paired(
@@ -395,6 +457,7 @@ async fn serve_control(
                             pair_id,
                             observed: addr,
                             peer: waiter.addr,
+                            relay_token,
                         },
                     ));
                     Ok(Some(pair))
@@ -500,6 +563,9 @@ async fn handle_frame(
             Ok(())
         }
         ClientToServer::Join { .. } => Err("already joined a session on this connection".into()),
+        ClientToServer::Relay { .. } => {
+            Err("'relay' must be the first frame of its own connection".into())
+        }
         ClientToServer::Observe { .. } => {
             Err("'observe' must be the first frame of its own connection".into())
         }
@@ -522,4 +588,117 @@ fn leave(shared: &Shared, session: &str, conn: u64, pair: Option<&(Arc<Pair>, Ro
         debug!(session = %pair.session, "peer left");
         pair.send(role.other(), ServerToClient::PeerLeft);
     }
+}
+
+/// Releases a relay slot when dropped.
+struct RelaySlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for RelaySlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn serve_relay(
+    shared: &Shared,
+    mut framed: FramedConn<TcpStream>,
+    addr: SocketAddr,
+    conn: u64,
+    session: &str,
+    token: String,
+    role: Role,
+) {
+    let Some(limits) = shared.config.relay.clone() else {
+        refuse(
+            &mut framed,
+            "this server does not relay (relaying is turned off)",
+        )
+        .await;
+        return;
+    };
+    let known = {
+        let sessions = shared.sessions.lock().expect("sessions poisoned");
+        matches!(sessions.get(session), Some(SessionSlot::Paired(p)) if p.relay_token.as_deref() == Some(token.as_str()))
+    };
+    if !known {
+        warn!(%addr, session, "relay refused: no paired session with that name and token");
+        refuse(
+            &mut framed,
+            "relay refused: no paired session with that name and token",
+        )
+        .await;
+        return;
+    }
+    // The second peer hands its connection to the first, whose task runs the relay.
+    let partner = {
+        let mut waiting = shared.relay_waiting.lock().expect("relay map poisoned");
+        match waiting.remove(&token) {
+            Some(w) if w.role != role => Ok(Some(w)),
+            Some(w) => {
+                waiting.insert(token.clone(), w);
+                Err(())
+            }
+            None => Ok(None),
+        }
+    };
+    let Ok(partner) = partner else {
+        refuse(
+            &mut framed,
+            &format!("relay refused: the {role} peer of this session is already attached"),
+        )
+        .await;
+        return;
+    };
+    if let Some(w) = partner {
+        if framed.send(&ServerToClient::Relaying).await.is_ok() {
+            let _ = w.tx.send(framed.into_parts());
+        }
+        return;
+    }
+    let active = shared
+        .relays
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let _slot = RelaySlot(&shared.relays);
+    if active >= limits.max_sessions {
+        warn!(%addr, session, "relay refused: {} sessions relayed already", limits.max_sessions);
+        refuse(
+            &mut framed,
+            &format!(
+                "relay refused: the server relays at most {} sessions at a time",
+                limits.max_sessions
+            ),
+        )
+        .await;
+        return;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    shared
+        .relay_waiting
+        .lock()
+        .expect("relay map poisoned")
+        .insert(token.clone(), RelayWaiter { role, conn, tx });
+    let other = tokio::time::timeout(limits.attach_timeout, rx).await;
+    let Ok(Ok(other)) = other else {
+        {
+            let mut waiting = shared.relay_waiting.lock().expect("relay map poisoned");
+            if waiting.get(&token).is_some_and(|w| w.conn == conn) {
+                waiting.remove(&token);
+            }
+        }
+        refuse(
+            &mut framed,
+            &format!(
+                "the peer did not attach to the relay within {:.1}s",
+                limits.attach_timeout.as_secs_f64()
+            ),
+        )
+        .await;
+        return;
+    };
+    if framed.send(&ServerToClient::Relaying).await.is_err() {
+        return;
+    }
+    info!(session, "relaying");
+    let why = crate::relay::splice(framed.into_parts(), other, &limits).await;
+    info!(session, "relay ended: {why}");
 }

@@ -1,17 +1,13 @@
 //! Attempts that fail or time out leave no socket behind (counted via /proc/self/fd).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use nettool_config::{StrategyConfig, StrategyName};
 use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Orchestrator, Outcome};
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_attempts_close_every_socket() {
@@ -20,7 +16,7 @@ async fn failed_attempts_close_every_socket() {
         .unwrap();
     let addr = server.local_addr().unwrap();
     tokio::spawn(server.run());
-    let baseline = open_fds();
+    let baseline = common::open_fds();
     for name in [StrategyName::TcpPunch, StrategyName::TcpDirect] {
         let mut config = StrategyConfig::default_for(name);
         config.set_timeout(Duration::from_millis(800));
@@ -45,18 +41,5 @@ async fn failed_attempts_close_every_socket() {
             );
         }
     }
-    // Aborted tasks drop their sockets on the runtime's next turn; allow a moment.
-    let mut now = open_fds();
-    for _ in 0..50 {
-        if now <= baseline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        now = open_fds();
-    }
-    assert!(
-        now <= baseline,
-        "{} file descriptors left open",
-        now - baseline
-    );
+    common::assert_no_descriptor_left(&baseline).await;
 }

@@ -59,10 +59,48 @@ fn default_order_links_every_pair_any_strategy_can() {
         .map(|s| s.to_string())
         .collect();
     // tcp-punch comes first and links every pair that any direct strategy can link
-    // (tcp-direct's pairs are a subset, udp-quic's are the same).
+    // (tcp-direct's pairs are a subset, udp-quic's are the same); the relay links the rest.
     run_matrix_with("default order", &flags, |a, b| {
-        punch_expected(a, b).then_some("tcp-punch")
+        Some(if punch_expected(a, b) {
+            "tcp-punch"
+        } else {
+            "relay"
+        })
     });
+}
+
+#[test]
+fn two_symmetric_nats_end_up_relayed_after_every_direct_strategy_failed() {
+    if !require_lab() {
+        return;
+    }
+    let lab = RunningLab::new(NatKind::Sym, NatKind::Sym);
+    let timeout = format!("{ATTEMPT_TIMEOUT_S}s");
+    let (a_in, b_in) = (test_data(300_000, 5), test_data(200_000, 6));
+    let (ra, rb) = lab.connect_pair("symsym", &["--strategy-timeout", &timeout], &a_in, &b_in);
+    for (run, name) in [(&ra, "a"), (&rb, "b")] {
+        let att = attempts(run);
+        assert_eq!(run.strategy(), Some("relay"), "{name}: {att:#?}");
+        let names: Vec<&str> = att
+            .iter()
+            .map(|x| x["strategy"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["tcp-punch", "udp-quic", "tcp-direct", "relay"],
+            "{name}"
+        );
+        for x in &att[..3] {
+            assert!(
+                matches!(x["outcome"].as_str(), Some("timed-out" | "failed")),
+                "{name}: {x}"
+            );
+            assert!(!x["error"].as_str().unwrap_or("").is_empty(), "{name}: {x}");
+        }
+        assert_eq!(att[3]["outcome"], "connected");
+    }
+    assert_eq!(sha256(&rb.stdout), sha256(&a_in));
+    assert_eq!(sha256(&ra.stdout), sha256(&b_in));
 }
 
 /// 64 MiB each way through `strategy` between NAT kinds `a` and `b`, checked with SHA-256.
@@ -99,6 +137,11 @@ fn sixty_four_mib_each_way_through_tcp_punch() {
 }
 
 #[test]
+fn sixty_four_mib_each_way_through_the_relay() {
+    big_transfer("relay", NatKind::Sym, NatKind::Sym);
+}
+
+#[test]
 fn sixty_four_mib_each_way_through_tcp_direct() {
     big_transfer("tcp-direct", NatKind::Cone, NatKind::Full);
 }
@@ -115,14 +158,22 @@ fn compare_in_the_lab_gives_a_row_per_strategy_with_the_expected_outcome() {
     let server = format!("{}:8877", lab.lab.server_ip());
     let peer = |host: nettool_tests::Host, name: &str| {
         let mut cmd = lab.lab.command(host, crate::support::nettool_bin());
-        cmd.args(["compare", "--server", &server, "--session", "cmp", "--secret", "s"])
-            .args(["--json", "--size", "2MiB", "--label", "lab-cone-conerst"])
-            .args(["--strategy-timeout", &format!("{ATTEMPT_TIMEOUT_S}s")])
-            .arg("--history")
-            .arg(&history)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::fs::File::create(dir.path(&format!("{name}.json"))).unwrap())
-            .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).unwrap());
+        cmd.args([
+            "compare",
+            "--server",
+            &server,
+            "--session",
+            "cmp",
+            "--secret",
+            "s",
+        ])
+        .args(["--json", "--size", "2MiB", "--label", "lab-cone-conerst"])
+        .args(["--strategy-timeout", &format!("{ATTEMPT_TIMEOUT_S}s")])
+        .arg("--history")
+        .arg(&history)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(dir.path(&format!("{name}.json"))).unwrap())
+        .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).unwrap());
         crate::support::Proc::spawn(cmd)
     };
     let mut a = peer(nettool_tests::Host::A, "a");
@@ -149,13 +200,26 @@ fn compare_in_the_lab_gives_a_row_per_strategy_with_the_expected_outcome() {
         for s in ["tcp-punch", "udp-quic"] {
             let row = outcome(s);
             assert_eq!(row["outcome"], "connected", "{name}: {row}");
-            assert!(row["first_to_second_mbps"].as_f64().is_some_and(|v| v > 0.0), "{both}");
-            assert!(row["rtt_ms"].as_f64().is_some_and(|v| v > 0.0), "{name}: {row}");
+            assert!(
+                row["first_to_second_mbps"]
+                    .as_f64()
+                    .is_some_and(|v| v > 0.0),
+                "{both}"
+            );
+            assert!(
+                row["rtt_ms"].as_f64().is_some_and(|v| v > 0.0),
+                "{name}: {row}"
+            );
         }
         let direct = outcome("tcp-direct");
         assert_eq!(direct["outcome"], "timed-out", "{name}: {direct}");
-        assert!(direct["error"].as_str().unwrap().contains("neither side reachable"));
-        assert_eq!(rows.len(), 3);
+        assert!(direct["error"]
+            .as_str()
+            .unwrap()
+            .contains("neither side reachable"));
+        let relay = outcome("relay");
+        assert_eq!(relay["outcome"], "connected", "{name}: {relay}");
+        assert_eq!(rows.len(), 4);
     }
     let history = std::fs::read_to_string(&history).unwrap();
     assert_eq!(history.lines().count(), 2, "both peers append their run");

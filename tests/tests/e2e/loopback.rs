@@ -138,7 +138,11 @@ fn unreachable_server_fails_with_a_report() {
 fn demo_compares_every_strategy_on_loopback() {
     let out = Command::new(nettool_bin()).arg("demo").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for strategy in ["tcp-punch", "udp-quic", "tcp-direct"] {
         let row = stdout
             .lines()
@@ -146,7 +150,10 @@ fn demo_compares_every_strategy_on_loopback() {
             .unwrap_or_else(|| panic!("no row for {strategy}: {stdout}"));
         assert!(row.contains("connected") && row.contains("MB/s"), "{row}");
     }
-    assert!(stdout.contains("linked with: tcp-punch, udp-quic, tcp-direct"), "{stdout}");
+    assert!(
+        stdout.contains("linked with: tcp-punch, udp-quic, tcp-direct"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -159,7 +166,9 @@ fn compare_appends_history_and_summarises_by_label() {
             let mut cmd = Command::new(nettool_bin());
             cmd.args(["compare", "--server", &addr, "--session"])
                 .arg(format!("cmp{round}"))
-                .args(["--secret", "c", "--json", "--size", "1MiB", "--label", "loop"])
+                .args([
+                    "--secret", "c", "--json", "--size", "1MiB", "--label", "loop",
+                ])
                 .args(["--strategy", "tcp-punch", "--strategy", "tcp-direct"])
                 .arg("--history")
                 .arg(&history)
@@ -195,10 +204,17 @@ fn compare_appends_history_and_summarises_by_label() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for strategy in ["tcp-punch", "tcp-direct"] {
         let row = text.lines().find(|l| l.contains(strategy)).expect(strategy);
-        assert!(row.contains("loop") && row.contains("4/4") && row.contains("100%"), "{row}");
+        assert!(
+            row.contains("loop") && row.contains("4/4") && row.contains("100%"),
+            "{row}"
+        );
     }
 }
 
@@ -247,7 +263,10 @@ fn a_config_profile_sets_the_order_and_timeouts_connect_uses() {
     let _ = finish_peer(b, &dir, "b", Duration::from_secs(30));
     let report = a.report.expect("report");
     let attempts = report["attempts"].as_array().unwrap();
-    let names: Vec<&str> = attempts.iter().map(|x| x["strategy"].as_str().unwrap()).collect();
+    let names: Vec<&str> = attempts
+        .iter()
+        .map(|x| x["strategy"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["tcp-direct", "tcp-punch"], "{}", a.stderr);
     for attempt in attempts {
         let ms = attempt["elapsed_ms"].as_u64().unwrap();

@@ -2,6 +2,8 @@
 
 mod fallback;
 mod lab;
+mod legacy;
 mod loopback;
 mod nat_punch;
+mod nat_quic;
 mod support;

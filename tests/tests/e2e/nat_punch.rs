@@ -128,13 +128,19 @@ fn run_cell(flags: &[String], expected: Option<&str>, a: NatKind, b: NatKind) ->
         .unwrap_or(0);
     let mut problems = Vec::new();
     if ra.strategy() != expected || rb.strategy() != expected {
+        let attempts = |r: &PeerRun| {
+            r.report
+                .as_ref()
+                .map(|x| x["attempts"].to_string())
+                .unwrap_or_else(|| r.stderr.trim().to_owned())
+        };
         problems.push(format!(
             "expected {}, got a: {:?} b: {:?}; a: {} b: {}",
             expected.map_or("no link".to_owned(), |s| format!("a link by {s}")),
             ra.strategy(),
             rb.strategy(),
-            ra.stderr.trim(),
-            rb.stderr.trim()
+            attempts(&ra),
+            attempts(&rb)
         ));
     } else if linked {
         for (run, name) in [(&ra, "a"), (&rb, "b")] {

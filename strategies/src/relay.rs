@@ -1,0 +1,131 @@
+//! relay: both peers attach to the rendezvous server, which splices their connections.
+//!
+//! The last resort: it works whenever both peers reach the server, whatever NATs are in the
+//! way, at the cost of the server's bandwidth and an extra hop. Attaching needs the relay token
+//! the server issued to both peers at pairing, so nobody else can attach to the session's
+//! relay. The link handshake runs end to end through the relay: the server never holds the
+//! session key.
+
+use std::time::Duration;
+
+use nettool_config::RelayConfig;
+use nettool_core::protocol::{
+    ClientToServer, FramedConn, ServerToClient, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+use nettool_core::relay::RelayStream;
+use nettool_core::strategy::{agree_on_link, RawLink};
+use nettool_core::{Attempt, Link, Strategy, StrategyError};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// The strategy's name.
+pub const NAME: &str = "relay";
+
+/// Relay through the rendezvous server.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    #[allow(dead_code)]
+    config: RelayConfig,
+}
+
+impl Relay {
+    /// A relay strategy with these settings.
+    pub fn new(config: RelayConfig) -> Self {
+        Self { config }
+    }
+}
+
+#[async_trait::async_trait]
+impl Strategy for Relay {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
+        let token = attempt.pairing.relay_token.clone().ok_or_else(|| {
+            StrategyError::NoLink(
+                "the rendezvous server does not relay (it runs with relaying turned off)".into(),
+            )
+        })?;
+        // Lock step: both peers attach at about the same time.
+        attempt
+            .rendezvous
+            .exchange_offer(NAME, serde_json::json!({}), attempt.deadline)
+            .await?;
+        let server = attempt.rendezvous.server();
+        let deadline = attempt.deadline;
+        let stream = tokio::time::timeout_at(deadline.into(), TcpStream::connect(server))
+            .await
+            .map_err(|_| StrategyError::TimedOut(format!("connecting to the relay at {server}")))?
+            .map_err(|e| StrategyError::io(format!("connecting to the relay at {server}"), e))?;
+        let _ = stream.set_nodelay(true);
+        let local = stream
+            .local_addr()
+            .map_err(|e| StrategyError::io("reading the relay connection's address", e))?;
+        let mut framed = FramedConn::new(stream, DEFAULT_MAX_FRAME_LEN);
+        framed
+            .send(&ClientToServer::Relay {
+                version: PROTOCOL_VERSION,
+                session: attempt.session.to_owned(),
+                token,
+                role: attempt.role(),
+            })
+            .await
+            .map_err(|e| StrategyError::io("attaching to the relay", e))?;
+        let answer = tokio::time::timeout_at(deadline.into(), framed.recv::<ServerToClient>())
+            .await
+            .map_err(|_| {
+                StrategyError::TimedOut("the relay did not answer before the deadline".into())
+            })?
+            .map_err(|e| StrategyError::NoLink(format!("attaching to the relay: {e}")))?;
+        match answer {
+            Some(ServerToClient::Relaying) => {}
+            Some(ServerToClient::Error { message }) => {
+                return Err(StrategyError::NoLink(format!(
+                    "the server refused to relay: {message}"
+                )))
+            }
+            Some(other) => {
+                return Err(StrategyError::NoLink(format!(
+                    "unexpected answer from the relay: {other:?}"
+                )))
+            }
+            None => {
+                return Err(StrategyError::NoLink(
+                    "the relay closed the connection".into(),
+                ))
+            }
+        }
+        let (stream, prefix) = framed.into_parts();
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx
+            .send(RawLink {
+                stream: RelayStream::new(stream, prefix),
+                local,
+                remote: server,
+            })
+            .await;
+        drop(tx);
+        let raw = agree_on_link(
+            &attempt.handshake_context(NAME),
+            rx,
+            Duration::from_secs(10),
+            deadline,
+        )
+        .await
+        .map_err(|none| {
+            let msg = format!("no authenticated link through the relay ({none})");
+            if none.timed_out {
+                StrategyError::TimedOut(msg)
+            } else {
+                StrategyError::NoLink(msg)
+            }
+        })?;
+        Ok(Link {
+            stream: Box::new(raw.stream),
+            local: raw.local,
+            remote: raw.remote,
+            strategy: NAME,
+        })
+    }
+}
