@@ -76,6 +76,7 @@ pub(crate) async fn run(
             let row = one(
                 &config,
                 settings.timeout,
+                settings.server_token.as_deref(),
                 &params,
                 options,
                 round,
@@ -98,12 +99,14 @@ pub(crate) async fn run(
 async fn one(
     config: &StrategyConfig,
     overall: Duration,
+    server_token: Option<&str>,
     params: &ConnectParams,
     options: &CompareOptions,
     round: u32,
     role: &mut Option<Role>,
 ) -> CompareRow {
-    let orch = crate::orchestrator(std::slice::from_ref(config), overall);
+    let orch = crate::orchestrator(std::slice::from_ref(config), overall)
+        .with_server_token(server_token.map(str::to_owned));
     let (link, report) = orch.connect(params, &|_| {}).await;
     *role = report.role.or(*role);
     let attempt = report.attempts.first();
@@ -138,14 +141,18 @@ async fn one(
     row
 }
 
-struct Measured {
-    rtt_ms: f64,
-    first_to_second: f64,
-    second_to_first: f64,
+/// Figures measured over one link (both ends get all of them).
+pub(crate) struct Measured {
+    /// Median round trip, ms.
+    pub(crate) rtt_ms: f64,
+    /// MB/s from the first peer to the second.
+    pub(crate) first_to_second: f64,
+    /// MB/s from the second peer to the first.
+    pub(crate) second_to_first: f64,
 }
 
 /// Pings, then a bulk transfer each way, over the link. Both ends end up with all figures.
-async fn measure(link: Link, role: Role, options: &CompareOptions) -> Result<Measured> {
+pub(crate) async fn measure(link: Link, role: Role, options: &CompareOptions) -> Result<Measured> {
     let (mut rd, mut wr) = tokio::io::split(link.stream);
     // RTT: the first pings, the second echoes; then the other way round.
     let mut rtts = Vec::new();

@@ -17,6 +17,7 @@ use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use tokio::io::AsyncWriteExt;
 
+mod bench;
 mod compare;
 mod legacy;
 
@@ -66,6 +67,16 @@ enum Command {
     /// Example, on two machines:
     ///   nettool compare --server rv.example.net:8877 --session cmp --label office
     Compare(CompareArgs),
+    /// Measure time to link, link throughput and rendezvous capacity, with targets.
+    ///
+    /// Without --server everything runs on this machine (a rendezvous server in a child
+    /// process, both peers in this one) and prints a table per section (or --json), each figure
+    /// with PASS or MISS against its target. With --server and --session it is one peer of a
+    /// time-to-link benchmark against that server (the other peer runs the same command).
+    ///
+    /// Example (small and quick):
+    ///   nettool bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
+    Bench(bench::BenchArgs),
     /// Inspect the configuration.
     ///
     /// Settings come from, lowest first: built-in defaults, the config file's [default]
@@ -113,6 +124,25 @@ struct RendezvousArgs {
     /// Sessions relayed at the same time.
     #[arg(long)]
     relay_max_sessions: Option<usize>,
+    /// Connections open at once from one source IP address (default 64; 0 = unlimited).
+    #[arg(long)]
+    max_conns_per_ip: Option<usize>,
+    /// Sessions known at once, waiting or paired (default 100000; 0 = unlimited).
+    #[arg(long)]
+    max_sessions: Option<usize>,
+    /// A paired peer that completes no frame for this long is dropped (default 2m; 0s = off).
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Joins per second per source IP address (default 20; 0 = unlimited).
+    #[arg(long)]
+    join_rate: Option<u32>,
+    /// Joins one source IP address may make in a burst (default 40).
+    #[arg(long)]
+    join_burst: Option<u32>,
+    /// Require this token in every join (clients give it with --server-token). Also
+    /// NETTOOL_RENDEZVOUS__SERVER_TOKEN or `rendezvous.server-token` in the config.
+    #[arg(long)]
+    server_token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -137,6 +167,10 @@ struct PeerArgs {
     /// can pass as the peer. Also NETTOOL_SECRET or `secret` in the config.
     #[arg(long)]
     secret: Option<String>,
+    /// Token the rendezvous server requires to join, if it requires one. Also
+    /// NETTOOL_SERVER_TOKEN or `server-token` in the config.
+    #[arg(long)]
+    server_token: Option<String>,
     /// tcp-punch: TTL of the priming SYN to each candidate (default 2; 0 turns priming off).
     #[arg(long)]
     punch_ttl: Option<u32>,
@@ -153,6 +187,7 @@ impl PeerArgs {
         o.set_opt("server", self.server.as_ref(), "--server");
         o.set_opt("session", self.session.as_ref(), "--session");
         o.set_opt("secret", self.secret.as_ref(), "--secret");
+        o.set_opt("server-token", self.server_token.as_ref(), "--server-token");
         if !self.strategies.is_empty() {
             let names: Vec<&str> = self.strategies.iter().map(|s| s.as_str()).collect();
             o.set("strategies", names, "--strategy");
@@ -350,6 +385,16 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
                 args.relay_max_sessions,
                 "--relay-max-sessions",
             );
+            let r = &args;
+            let per_ip = r.max_conns_per_ip;
+            o.set_opt("rendezvous.max-conns-per-ip", per_ip, "--max-conns-per-ip");
+            o.set_opt("rendezvous.max-sessions", r.max_sessions, "--max-sessions");
+            let idle = r.idle_timeout.map(fmt_duration);
+            o.set_opt("rendezvous.idle-timeout", idle, "--idle-timeout");
+            o.set_opt("rendezvous.join-rate", r.join_rate, "--join-rate");
+            o.set_opt("rendezvous.join-burst", r.join_burst, "--join-burst");
+            let token = r.server_token.as_ref();
+            o.set_opt("rendezvous.server-token", token, "--server-token");
             rendezvous(args.legacy, load(o)?.settings).await
         }
         Command::Connect(args) => {
@@ -370,6 +415,10 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
             compare_cmd(args, loaded.settings).await
         }
         Command::Demo => demo().await,
+        Command::Bench(args) => {
+            let loaded = load(args.peer.overrides())?;
+            bench::run(args, loaded.settings).await
+        }
         Command::Config(ConfigCommand::Show) => config_show(&load(Overrides::default())?),
     }
 }
@@ -390,7 +439,8 @@ fn config_show(loaded: &Loaded) -> Result<i32> {
         .max()
         .unwrap_or(0);
     for (key, value, source) in rows {
-        let value = if key == "secret" && value != "null" {
+        let hidden = ["secret", "server-token", "rendezvous.server-token"];
+        let value = if hidden.contains(&key.as_str()) && value != "null" {
             "\"(hidden)\"".to_owned()
         } else {
             value
@@ -418,6 +468,12 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
             max_duration: rv.relay_max_duration,
             attach_timeout: rv.relay_attach_timeout,
         }),
+        max_conns_per_ip: rv.max_conns_per_ip,
+        max_sessions: rv.max_sessions,
+        idle_timeout: rv.idle_timeout,
+        join_rate: rv.join_rate,
+        join_burst: rv.join_burst,
+        server_token: rv.server_token.clone(),
     };
     let server = RendezvousServer::bind(rv.listen, config)
         .await
@@ -504,7 +560,8 @@ async fn connect(args: ConnectArgs, settings: Settings) -> Result<i32> {
         );
     }
     let configs = settings.strategy_configs();
-    let orch = orchestrator(&configs, settings.timeout);
+    let orch =
+        orchestrator(&configs, settings.timeout).with_server_token(settings.server_token.clone());
     let params = ConnectParams {
         server,
         session,

@@ -103,6 +103,8 @@ fn config_show_explains_file_env_and_defaults() {
         ])
         .env("NETTOOL_TCP_PUNCH__TIMEOUT", "5s")
         .env("NETTOOL_SECRET", "hush")
+        .env("NETTOOL_SERVER_TOKEN", "psst")
+        .env("NETTOOL_RENDEZVOUS__SERVER_TOKEN", "shh")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -129,4 +131,74 @@ fn config_show_explains_file_env_and_defaults() {
     // Secrets are not printed.
     assert!(!text.contains("hush"), "{text}");
     assert!(line("secret").contains("(hidden)"));
+    assert!(!text.contains("psst") && !text.contains("shh"), "{text}");
+    assert!(line("server-token").contains("(hidden)"));
+    assert!(line("rendezvous.server-token").contains("(hidden)"));
+    assert!(line("rendezvous.max-conns-per-ip").contains("64"));
+}
+
+/// `nettool bench` with tiny sizes: every section is there, in the table and in the JSON.
+/// No timing is asserted (figures are the benchmark's business, not the tests').
+#[test]
+fn bench_smoke_prints_every_section() {
+    let small = [
+        "bench",
+        "--runs",
+        "3",
+        "--size",
+        "1MiB",
+        "--rounds",
+        "1",
+        "--pairings",
+        "200",
+        "--concurrency",
+        "16",
+        "--sessions",
+        "200",
+    ];
+    let out = nettool(&small);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{stderr}");
+    for needle in [
+        "Time to link",
+        "Throughput",
+        "Rendezvous capacity",
+        "pairings per second",
+        "server RSS, 200 waiting sessions",
+        "plain TCP",
+        "tcp-punch",
+        "udp-quic",
+        "tcp-direct",
+        "relay",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in\n{text}");
+    }
+
+    let mut argv = small.to_vec();
+    argv.push("--json");
+    let out = nettool(&argv);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench --json parses");
+    let ttl = v["time_to_link"].as_array().expect("time_to_link");
+    assert_eq!(ttl.len(), 4, "{v}");
+    for row in ttl {
+        assert_eq!(row["runs"], 3, "{row}");
+        assert!(row["verdict"].is_string(), "{row}");
+    }
+    let rows = v["throughput"]["rows"].as_array().expect("throughput rows");
+    assert_eq!(rows[0]["link"], "plain TCP", "{v}");
+    assert_eq!(rows.len(), 5, "{v}");
+    let cap = &v["capacity"];
+    assert!(cap["pairing"]["pairings"].as_u64().is_some(), "{cap}");
+    assert_eq!(cap["memory"][0]["sessions"], 200, "{cap}");
+    assert!(
+        cap["memory"][0]["rss_after_kib"].as_u64().is_some(),
+        "{cap}"
+    );
 }

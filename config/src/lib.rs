@@ -283,6 +283,22 @@ pub struct RendezvousConfig {
     /// How long the first peer to attach to a relay waits for the second.
     #[serde(with = "humantime_serde")]
     pub relay_attach_timeout: Duration,
+    /// Connections open at the same time from one source IP address (all kinds); 0 =
+    /// unlimited.
+    pub max_conns_per_ip: usize,
+    /// Sessions known at the same time (waiting or paired); 0 = unlimited.
+    pub max_sessions: usize,
+    /// How long a paired peer may go without sending a complete frame (and a write to a
+    /// client may take); "0s" = unlimited. A peer waiting for its partner is bounded by
+    /// `session-expiry` instead.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Joins per second per source IP address; 0 = unlimited.
+    pub join_rate: u32,
+    /// Joins one source IP address may make in a burst.
+    pub join_burst: u32,
+    /// Token every join must carry (clients: `server-token`); unset = anyone may join.
+    pub server_token: Option<String>,
 }
 
 impl Default for RendezvousConfig {
@@ -299,6 +315,12 @@ impl Default for RendezvousConfig {
             relay_max_bytes: 0,
             relay_max_duration: Duration::ZERO,
             relay_attach_timeout: Duration::from_secs(10),
+            max_conns_per_ip: 64,
+            max_sessions: 100_000,
+            idle_timeout: Duration::from_secs(120),
+            join_rate: 20,
+            join_burst: 40,
+            server_token: None,
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct Settings {
     pub session: Option<String>,
     /// Shared secret both peers must give.
     pub secret: Option<String>,
+    /// Token the rendezvous server requires to join (its `rendezvous.server-token`).
+    pub server_token: Option<String>,
     /// Strategies to try, in order (first = highest priority).
     #[serde(deserialize_with = "strategy_list")]
     pub strategies: Vec<StrategyName>,
@@ -55,6 +57,7 @@ impl Default for Settings {
             server: None,
             session: None,
             secret: None,
+            server_token: None,
             strategies: StrategyName::ALL.to_vec(),
             timeout: Duration::from_secs(60),
             tcp_punch: TcpPunchConfig::default(),
@@ -292,6 +295,7 @@ const TOP_LEVEL: &[&str] = &[
     "server",
     "session",
     "secret",
+    "server-token",
     "strategies",
     "timeout",
     "tcp-punch",
@@ -610,6 +614,44 @@ timeout = "3s"
             .to_string();
         assert!(
             err.contains("profile 'home' not found") && err.contains("available: office"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rendezvous_limits_and_server_tokens_load() {
+        let p = write(
+            "limits.toml",
+            "[default]\nserver-token = \"c\"\n[default.rendezvous]\nmax-conns-per-ip = 8\n\
+             max-sessions = 1000\nidle-timeout = \"30s\"\njoin-rate = 5\njoin-burst = 10\n\
+             server-token = \"s\"\n",
+        );
+        let s = load(&p, None, Overrides::default()).unwrap().settings;
+        assert_eq!(s.server_token.as_deref(), Some("c"));
+        let rv = s.rendezvous;
+        assert_eq!(
+            (
+                rv.max_conns_per_ip,
+                rv.max_sessions,
+                rv.join_rate,
+                rv.join_burst
+            ),
+            (8, 1000, 5, 10)
+        );
+        assert_eq!(rv.idle_timeout, Duration::from_secs(30));
+        assert_eq!(rv.server_token.as_deref(), Some("s"));
+        let defaults = RendezvousConfig::default();
+        assert_eq!(defaults.server_token, None);
+        assert_eq!(defaults.max_conns_per_ip, 64);
+        let p = write(
+            "badlimit.toml",
+            "[default.rendezvous]\nidle-timeout = \"soon\"\n",
+        );
+        let err = load(&p, None, Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad setting `rendezvous.idle-timeout`"),
             "{err}"
         );
     }

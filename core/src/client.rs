@@ -94,6 +94,19 @@ impl RendezvousClient {
         deadline: Instant,
         on_waiting: impl FnOnce(),
     ) -> Result<(Self, Pairing), ClientError> {
+        Self::join_with_token(server, session, strategies, None, deadline, on_waiting).await
+    }
+
+    /// As [`join`](Self::join), giving `token` to a server that requires a server token to
+    /// join (`None` sends no token, as older clients do).
+    pub async fn join_with_token(
+        server: SocketAddr,
+        session: &str,
+        strategies: &[String],
+        token: Option<&str>,
+        deadline: Instant,
+        on_waiting: impl FnOnce(),
+    ) -> Result<(Self, Pairing), ClientError> {
         let stream = within(
             deadline,
             "the rendezvous server",
@@ -110,6 +123,7 @@ impl RendezvousClient {
             version: PROTOCOL_VERSION,
             session: session.to_owned(),
             strategies: strategies.to_vec(),
+            token: token.map(str::to_owned),
         })
         .await?;
         let mut on_waiting = Some(on_waiting);

@@ -71,6 +71,10 @@ pub struct HandshakeContext {
     pub strategy: String,
     /// This end's role.
     pub role: Role,
+    /// Channel binding: a value both ends derive from the secure channel the handshake runs
+    /// over (a TLS keying-material exporter), so the proof cannot be relayed into another
+    /// channel. Empty when the link has no secure channel below it.
+    pub binding: Vec<u8>,
 }
 
 /// Why a link handshake failed.
@@ -92,6 +96,10 @@ pub enum HandshakeError {
     /// The first peer closed the link without selecting it.
     #[error("link not selected by the first peer")]
     NotSelected,
+    /// The secure channel (TLS) below the handshake could not be set up: wrong certificate
+    /// (not the one pinned in the offer), not TLS, or the connection failed.
+    #[error("TLS failed: {0}")]
+    Secure(std::io::Error),
 }
 
 fn role_byte(role: Role) -> u8 {
@@ -186,6 +194,7 @@ mod tests {
             pair_id: "p1".into(),
             strategy: "tcp-punch".into(),
             role,
+            binding: Vec::new(),
         }
     }
 

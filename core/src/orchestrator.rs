@@ -56,6 +56,7 @@ pub struct ConnectParams {
 pub struct Orchestrator {
     strategies: Vec<(Arc<dyn Strategy>, Duration)>,
     overall: Duration,
+    server_token: Option<String>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -84,7 +85,14 @@ impl Orchestrator {
         Self {
             strategies,
             overall,
+            server_token: None,
         }
+    }
+
+    /// Gives `token` in the join, for a rendezvous server that requires a server token.
+    pub fn with_server_token(mut self, token: Option<String>) -> Self {
+        self.server_token = token;
+        self
     }
 
     /// The strategy names, in order.
@@ -115,11 +123,15 @@ impl Orchestrator {
             error: None,
         };
         let names = self.names();
-        let joined =
-            RendezvousClient::join(params.server, &params.session, &names, deadline, || {
-                events(Event::Waiting)
-            })
-            .await;
+        let joined = RendezvousClient::join_with_token(
+            params.server,
+            &params.session,
+            &names,
+            self.server_token.as_deref(),
+            deadline,
+            || events(Event::Waiting),
+        )
+        .await;
         let (mut client, pairing) = match joined {
             Ok(x) => x,
             Err(e) => {

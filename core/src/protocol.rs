@@ -66,6 +66,10 @@ pub enum ClientToServer {
         session: String,
         /// The strategies this peer is willing to try, in its order of preference.
         strategies: Vec<String>,
+        /// The server token, when the server requires one to join (`--server-token`). Absent
+        /// from the frame when `None`, so frames of clients that predate it stay valid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Ask for this connection's source address as the server sees it (first frame of an
     /// observe connection).
@@ -211,6 +215,10 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
+/// Read buffer of a [`FramedConn`]: frames are small JSON lines, and a server holds one per
+/// connection (every waiting session), so 1 KiB rather than the default 8 KiB.
+const READ_BUFFER: usize = 1024;
+
 /// A framed connection speaking the rendezvous protocol, generic over the stream.
 ///
 /// Reads are bounded: a line longer than the limit is an error, never an allocation.
@@ -225,7 +233,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> FramedConn<S> {
     /// Wraps a stream.
     pub fn new(stream: S, limit: usize) -> Self {
         Self {
-            stream: tokio::io::BufReader::new(stream),
+            stream: tokio::io::BufReader::with_capacity(READ_BUFFER, stream),
             limit,
             line: Vec::new(),
         }
@@ -305,6 +313,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             session: "demo".into(),
             strategies: vec!["tcp-punch".into()],
+            token: None,
         };
         let line = encode(&msg);
         assert_eq!(
@@ -313,6 +322,18 @@ mod tests {
         );
         let back: ClientToServer = decode(&line[..line.len() - 1], 1024).unwrap();
         assert_eq!(back, msg);
+        let with_token = ClientToServer::Join {
+            version: PROTOCOL_VERSION,
+            session: "demo".into(),
+            strategies: vec![],
+            token: Some("t0ken".into()),
+        };
+        let line = encode(&with_token);
+        assert!(std::str::from_utf8(&line)
+            .unwrap()
+            .contains("\"token\":\"t0ken\""));
+        let back: ClientToServer = decode(&line[..line.len() - 1], 1024).unwrap();
+        assert_eq!(back, with_token);
     }
 
     #[test]

@@ -8,8 +8,13 @@
 //!
 //! ```text
 //! kind (u8) | length (u32, big endian) | payload
-//! kind 0: link data   kind 1: the peer closed its sending side   kind 2: the relay ended, payload = why (UTF-8)
+//! kind 0: link data   kind 2: the relay ended, payload = why (UTF-8)
 //! ```
+//!
+//! When a peer closes its sending side, the server half-closes the other peer's connection
+//! (a TCP FIN between frames is the link's end of stream). Kind 1 (end of stream as a frame)
+//! is understood but not sent: a peer that stops reading at its TLS close_notify would leave
+//! it unread, and closing a socket with unread bytes resets the connection.
 //!
 //! [`RelayStream`] is the client's side: it decodes the frames and turns an end message into
 //! an I/O error carrying the server's words.
@@ -99,7 +104,7 @@ impl RelayStream {
 fn closed() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
-        "the relay connection closed without an end message",
+        "the relay connection closed in the middle of a frame",
     )
 }
 
@@ -116,13 +121,19 @@ impl AsyncRead for RelayStream {
                 ReadState::Failed(msg) => return Poll::Ready(Err(io::Error::other(msg.clone()))),
                 ReadState::Header { filled, .. } => {
                     let mut tmp = [0u8; 5];
-                    let want = 5 - *filled;
+                    let already = *filled;
+                    let want = 5 - already;
                     let n = match this.poll_raw(cx, &mut tmp[..want]) {
                         Poll::Ready(Ok(n)) => n,
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Pending => return Poll::Pending,
                     };
                     if n == 0 {
+                        // The server half-closed between frames: the peer's end of the link.
+                        if already == 0 {
+                            this.state = ReadState::Eof;
+                            return Poll::Ready(Ok(()));
+                        }
                         return Poll::Ready(Err(closed()));
                     }
                     let ReadState::Header { buf: h, filled } = &mut this.state else {
@@ -237,7 +248,7 @@ mod splice_impl {
     use tokio::net::TcpStream;
     use tokio::sync::Mutex;
 
-    use super::{header, FRAME_DATA, FRAME_END, FRAME_EOF, MAX_FRAME};
+    use super::{header, FRAME_DATA, FRAME_END, MAX_FRAME};
     use crate::server::RelayLimits;
 
     /// Shared accounting of one relayed session.
@@ -274,8 +285,11 @@ mod splice_impl {
                 n
             };
             if n == 0 {
+                // Pass the half-close on as a TCP half-close, not as a frame: a peer that
+                // stops reading at its TLS close_notify must not leave unread bytes behind,
+                // or closing its socket would reset the connection and lose data in flight.
                 let mut w = to.lock().await;
-                let _ = w.write_all(&header(FRAME_EOF, 0)).await;
+                let _ = w.shutdown().await;
                 return DirEnd::Eof;
             }
             let total = budget

@@ -7,15 +7,37 @@
 //! Offers are held until both peers have offered for the same strategy and then delivered to
 //! both at once, so both start punching at (nearly) the same instant: the skew is only the
 //! difference between the two one-way delays from the server.
+//!
+//! # Limits
+//!
+//! The server is meant to face the internet, so every resource a client can make it hold is
+//! bounded (see [`ServerConfig`]); each refusal is an [`ServerToClient::Error`] to that client
+//! and a `warn!` line, and touches no other client:
+//!
+//! - frame size (`max_frame_len`): a longer line is an error, never an allocation;
+//! - connections open at once per source IP address (`max_conns_per_ip`), all kinds counted
+//!   (control, observe, relay), checked at accept;
+//! - sessions known at once (`max_sessions`), checked when a join would create one;
+//! - joins per second per source IP address (`join_rate`, `join_burst`): a token bucket;
+//! - an optional server token (`server_token`) every join must carry;
+//! - time: a new connection has `first_frame_timeout` (capped by `idle_timeout`) for its whole
+//!   first frame, so sending it byte by byte does not help; a waiting peer only reads, and is
+//!   bounded by `session_expiry`; a paired peer must complete a frame at least every
+//!   `idle_timeout` (bytes of a partial frame do not count); every write to a client must finish
+//!   within `idle_timeout` (a client that does not read is dropped). Observe connections are
+//!   bounded by `observe_hold`, relays by their [`RelayLimits`].
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+// futures' channel, not tokio's: tokio's allocates a 32-slot block up front (about 1.3 KB per
+// connection with `Outbound`), futures' one node per message; every waiting session has one.
+use futures::channel::mpsc;
+use futures::StreamExt;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::protocol::{
@@ -35,6 +57,21 @@ pub struct ServerConfig {
     pub observe_hold: Duration,
     /// Relay limits; `None` turns relaying off (relay requests are refused clearly).
     pub relay: Option<RelayLimits>,
+    /// Connections open at the same time from one source IP address (control, observe and
+    /// relay connections alike); 0 = unlimited.
+    pub max_conns_per_ip: usize,
+    /// Sessions known at the same time (waiting or paired); 0 = unlimited.
+    pub max_sessions: usize,
+    /// How long a paired peer's control connection may go without completing a frame, how
+    /// long a write to any client may take, and a cap on `first_frame_timeout`. A peer waiting
+    /// for its partner is bounded by `session_expiry` instead. Zero = unlimited.
+    pub idle_timeout: Duration,
+    /// Joins per second per source IP address (the token bucket's refill rate); 0 = unlimited.
+    pub join_rate: u32,
+    /// Joins one source IP address may make at once (the token bucket's size; at least 1).
+    pub join_burst: u32,
+    /// A token every join must carry; `None` = anyone may join.
+    pub server_token: Option<String>,
 }
 
 /// Limits of the relay through the server. Hitting one ends that relay with a message to both
@@ -73,7 +110,20 @@ impl Default for ServerConfig {
             first_frame_timeout: Duration::from_secs(10),
             observe_hold: Duration::from_secs(120),
             relay: Some(RelayLimits::default()),
+            max_conns_per_ip: 64,
+            max_sessions: 100_000,
+            idle_timeout: Duration::from_secs(120),
+            join_rate: 20,
+            join_burst: 40,
+            server_token: None,
         }
+    }
+}
+
+impl ServerConfig {
+    /// How long a write to a client may take.
+    fn write_timeout(&self) -> Option<Duration> {
+        (!self.idle_timeout.is_zero()).then_some(self.idle_timeout)
     }
 }
 
@@ -95,13 +145,170 @@ struct Shared {
     relay_waiting: Mutex<HashMap<String, RelayWaiter>>,
     /// Relays attached or running.
     relays: std::sync::atomic::AtomicUsize,
+    /// Per source IP address: open connections and the join token bucket.
+    ips: Mutex<IpTable>,
 }
+
+/// Per-source-address state.
+#[derive(Debug, Default)]
+struct IpTable {
+    by_ip: HashMap<IpAddr, IpState>,
+    /// Size at which the table is next swept of entries that hold nothing.
+    sweep_at: usize,
+}
+
+#[derive(Debug)]
+struct IpState {
+    conns: usize,
+    /// Join tokens left (a token bucket refilled at `join_rate` per second up to `join_burst`).
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl IpState {
+    fn new(config: &ServerConfig, now: Instant) -> Self {
+        Self {
+            conns: 0,
+            tokens: f64::from(config.join_burst.max(1)),
+            refilled: now,
+        }
+    }
+
+    fn refill(&mut self, config: &ServerConfig, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * f64::from(config.join_rate))
+            .min(f64::from(config.join_burst.max(1)));
+        self.refilled = now;
+    }
+
+    /// Whether the entry can go: no connection open and the bucket would be full anyway.
+    fn idle(&self, config: &ServerConfig, now: Instant) -> bool {
+        if self.conns > 0 {
+            return false;
+        }
+        if config.join_rate == 0 {
+            return true;
+        }
+        let missing = f64::from(config.join_burst.max(1)) - self.tokens;
+        now.saturating_duration_since(self.refilled).as_secs_f64() * f64::from(config.join_rate)
+            >= missing
+    }
+}
+
+/// The key a source address is counted under (IPv4-mapped IPv6 addresses count as IPv4).
+fn ip_key(addr: SocketAddr) -> IpAddr {
+    addr.ip().to_canonical()
+}
+
+/// One open connection counted against its source address; released when dropped. Travels
+/// with the socket (a relayed connection is handed to its partner's task).
+#[derive(Debug)]
+struct ConnSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut ips = self.shared.ips.lock().expect("ip table poisoned");
+        if let Some(state) = ips.by_ip.get_mut(&self.ip) {
+            state.conns = state.conns.saturating_sub(1);
+            if state.idle(&self.shared.config, Instant::now()) {
+                ips.by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Counts a new connection from `addr`, or says why it is refused.
+    fn admit(self: &Arc<Self>, addr: SocketAddr) -> Result<ConnSlot, String> {
+        let ip = ip_key(addr);
+        let now = Instant::now();
+        let mut ips = self.ips.lock().expect("ip table poisoned");
+        if ips.by_ip.len() >= ips.sweep_at {
+            ips.by_ip.retain(|_, s| !s.idle(&self.config, now));
+            ips.sweep_at = (ips.by_ip.len() * 2).max(1024);
+        }
+        let state = ips
+            .by_ip
+            .entry(ip)
+            .or_insert_with(|| IpState::new(&self.config, now));
+        let max = self.config.max_conns_per_ip;
+        if max > 0 && state.conns >= max {
+            return Err(format!(
+                "too many connections from {ip}: the server allows {max} at a time per address"
+            ));
+        }
+        state.conns += 1;
+        Ok(ConnSlot {
+            shared: self.clone(),
+            ip,
+        })
+    }
+
+    /// Takes one join token of `addr`'s bucket, or says why the join is refused.
+    fn take_join_token(&self, addr: SocketAddr) -> Result<(), String> {
+        let rate = self.config.join_rate;
+        if rate == 0 {
+            return Ok(());
+        }
+        let ip = ip_key(addr);
+        let now = Instant::now();
+        let mut ips = self.ips.lock().expect("ip table poisoned");
+        let state = ips
+            .by_ip
+            .entry(ip)
+            .or_insert_with(|| IpState::new(&self.config, now));
+        state.refill(&self.config, now);
+        if state.tokens >= 1.0 {
+            state.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(format!(
+                "too many joins from {ip}: the server allows {rate} per second (bursts of {}); \
+                 try again shortly",
+                self.config.join_burst.max(1)
+            ))
+        }
+    }
+
+    /// Checks the join's server token against the configured one.
+    fn check_server_token(&self, given: Option<&str>) -> Result<(), String> {
+        let Some(expected) = self.config.server_token.as_deref() else {
+            return Ok(());
+        };
+        let Some(given) = given else {
+            return Err(
+                "this server requires a server token to join: give --server-token \
+                 (or `server-token` in the config)"
+                    .into(),
+            );
+        };
+        // Compare digests, in time independent of where the tokens differ.
+        use sha2::{Digest, Sha256};
+        let (a, b) = (Sha256::digest(expected), Sha256::digest(given));
+        if a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+        {
+            Ok(())
+        } else {
+            Err("wrong server token".into())
+        }
+    }
+}
+
+/// A relay connection handed to the partner's task, with what was read past its first frame
+/// and its connection slot.
+type Attached = (TcpStream, Vec<u8>, ConnSlot);
 
 #[derive(Debug)]
 struct RelayWaiter {
     role: Role,
     conn: u64,
-    tx: tokio::sync::oneshot::Sender<(TcpStream, Vec<u8>)>,
+    tx: tokio::sync::oneshot::Sender<Attached>,
 }
 
 /// What the map holds for a session name.
@@ -138,11 +345,22 @@ impl Pair {
     }
 
     fn send(&self, to: Role, msg: ServerToClient) {
-        let _ = self.txs[Self::index(to)].send(Outbound::Msg(msg));
+        let _ = self.txs[Self::index(to)].unbounded_send(Outbound::Msg(msg));
     }
 
-    fn offer(&self, from: Role, strategy: String, payload: serde_json::Value) {
+    /// Holds or delivers an offer; refuses one more held offer than [`MAX_HELD_OFFERS`].
+    fn offer(
+        &self,
+        from: Role,
+        strategy: String,
+        payload: serde_json::Value,
+    ) -> Result<(), String> {
         let mut held = self.held_offers.lock().expect("offer map poisoned");
+        if !held.contains_key(&strategy) && held.len() >= MAX_HELD_OFFERS {
+            return Err(format!(
+                "too many offers waiting for the peer (at most {MAX_HELD_OFFERS})"
+            ));
+        }
         match held.remove(&strategy) {
             Some((role, theirs)) if role != from => {
                 drop(held);
@@ -159,8 +377,13 @@ impl Pair {
                 held.insert(strategy, (from, payload));
             }
         }
+        Ok(())
     }
 }
+
+/// Offers one pairing may hold for the peer at once (a peer offers one strategy at a time; the
+/// cap bounds the memory a misbehaving peer can pin with offers for made-up strategies).
+const MAX_HELD_OFFERS: usize = 16;
 
 /// What a connection task is told by others.
 #[derive(Debug)]
@@ -187,8 +410,14 @@ impl RendezvousServer {
                 next_conn: std::sync::atomic::AtomicU64::new(1),
                 relay_waiting: Mutex::new(HashMap::new()),
                 relays: std::sync::atomic::AtomicUsize::new(0),
+                ips: Mutex::new(IpTable::default()),
             }),
         })
+    }
+
+    /// A handle that reads the server's counters while it runs.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats(self.shared.clone())
     }
 
     /// The address the server listens on.
@@ -203,11 +432,7 @@ impl RendezvousServer {
 
     /// Number of sessions currently known (waiting or paired).
     pub fn session_count(&self) -> usize {
-        self.shared
-            .sessions
-            .lock()
-            .expect("sessions poisoned")
-            .len()
+        self.stats().session_count()
     }
 
     /// Serves until the task is dropped: TCP connections and STUN on UDP. Accept and socket
@@ -223,18 +448,49 @@ impl RendezvousServer {
     }
 }
 
+/// Reads a running server's counters.
+#[derive(Debug, Clone)]
+pub struct ServerStats(Arc<Shared>);
+
+impl ServerStats {
+    /// Number of sessions currently known (waiting or paired).
+    pub fn session_count(&self) -> usize {
+        self.0.sessions.lock().expect("sessions poisoned").len()
+    }
+
+    /// Number of client connections currently open (all kinds; a running relay counts both
+    /// of its connections).
+    pub fn connection_count(&self) -> usize {
+        let ips = self.0.ips.lock().expect("ip table poisoned");
+        ips.by_ip.values().map(|s| s.conns).sum()
+    }
+
+    /// Number of source addresses the server currently keeps state for.
+    pub fn tracked_addresses(&self) -> usize {
+        self.0.ips.lock().expect("ip table poisoned").by_ip.len()
+    }
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
-                let shared = shared.clone();
                 let conn = shared
                     .next_conn
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let span = tracing::info_span!("conn", id = conn, peer = %addr);
+                let admitted = shared.admit(addr);
+                let shared = shared.clone();
                 tokio::spawn(
                     async move {
-                        serve_connection(shared, stream, addr, conn).await;
+                        match admitted {
+                            Ok(slot) => serve_connection(shared, stream, addr, conn, slot).await,
+                            Err(why) => {
+                                let _ = stream.set_nodelay(true);
+                                let mut framed = FramedConn::new(stream, 0);
+                                refuse(&mut framed, &why).await;
+                            }
+                        }
                     }
                     .instrument(span),
                 );
@@ -271,26 +527,40 @@ async fn serve_stun(udp: UdpSocket) {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, conn: u64) {
+async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    conn: u64,
+    slot: ConnSlot,
+) {
     let _ = stream.set_nodelay(true);
     let mut framed = FramedConn::new(stream, shared.config.max_frame_len);
-    let first = match tokio::time::timeout(
-        shared.config.first_frame_timeout,
-        framed.recv::<ClientToServer>(),
-    )
-    .await
-    {
-        Err(_) => {
-            refuse(&mut framed, "no request within the time limit").await;
-            return;
-        }
-        Ok(Ok(Some(msg))) => msg,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            refuse(&mut framed, &e.to_string()).await;
-            return;
-        }
-    };
+    let mut first_frame_timeout = shared.config.first_frame_timeout;
+    if !shared.config.idle_timeout.is_zero() {
+        first_frame_timeout = first_frame_timeout.min(shared.config.idle_timeout);
+    }
+    // The whole first frame must arrive in time: sending it byte by byte does not help.
+    let first =
+        match tokio::time::timeout(first_frame_timeout, framed.recv::<ClientToServer>()).await {
+            Err(_) => {
+                refuse(
+                    &mut framed,
+                    &format!(
+                        "no request within the time limit ({:.1}s)",
+                        first_frame_timeout.as_secs_f64()
+                    ),
+                )
+                .await;
+                return;
+            }
+            Ok(Ok(Some(msg))) => msg,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                refuse(&mut framed, &e.to_string()).await;
+                return;
+            }
+        };
     match first {
         ClientToServer::Observe { version } => {
             if check_version(&mut framed, version).await {
@@ -301,9 +571,18 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
             version,
             session,
             strategies,
+            token,
         } => {
-            if check_version(&mut framed, version).await {
-                serve_control(&shared, framed, addr, conn, session, strategies).await;
+            if !check_version(&mut framed, version).await {
+                return;
+            }
+            // The rate first, so guessing the server token is rate limited too.
+            let admitted = shared
+                .take_join_token(addr)
+                .and_then(|()| shared.check_server_token(token.as_deref()));
+            match admitted {
+                Ok(()) => serve_control(&shared, framed, addr, conn, session, strategies).await,
+                Err(why) => refuse(&mut framed, &why).await,
             }
         }
         ClientToServer::Relay {
@@ -313,7 +592,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
             role,
         } => {
             if check_version(&mut framed, version).await {
-                serve_relay(&shared, framed, addr, conn, &session, token, role).await;
+                serve_relay(&shared, framed, slot, conn, &session, token, role).await;
             }
         }
         other => {
@@ -342,6 +621,28 @@ async fn check_version(framed: &mut FramedConn<TcpStream>, version: u32) -> bool
     false
 }
 
+/// Sends `msg`, giving up after the write timeout (a client that does not read).
+async fn send_within(
+    shared: &Shared,
+    framed: &mut FramedConn<TcpStream>,
+    msg: &ServerToClient,
+) -> Result<(), String> {
+    let Some(limit) = shared.config.write_timeout() else {
+        return framed.send(msg).await.map_err(|e| e.to_string());
+    };
+    match tokio::time::timeout(limit, framed.send(msg)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => {
+            warn!(
+                "dropping client: it read nothing for {:.1}s (idle-timeout)",
+                limit.as_secs_f64()
+            );
+            Err("write timed out".into())
+        }
+    }
+}
+
+/// Sends the client an error (the connection is closed afterwards) and logs it.
 async fn refuse(framed: &mut FramedConn<TcpStream>, message: &str) {
     warn!("refusing client: {message}");
     let _ = tokio::time::timeout(
@@ -377,7 +678,7 @@ async fn serve_control(
     session: String,
     strategies: Vec<String>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded();
     if session.is_empty() || session.len() > 256 {
         refuse(&mut framed, "session name must be 1 to 256 bytes").await;
         return;
@@ -385,7 +686,11 @@ async fn serve_control(
     // Join: either wait, or pair with the waiter.
     let joined = {
         let mut sessions = shared.sessions.lock().expect("sessions poisoned");
+        let max = shared.config.max_sessions;
         match sessions.remove(&session) {
+            None if max > 0 && sessions.len() >= max => Err(format!(
+                "the server is full: it holds at most {max} sessions at a time; try again later"
+            )),
             None => {
                 sessions.insert(
                     session.clone(),
@@ -415,9 +720,11 @@ async fn serve_control(
                         waiter.strategies.join(", "),
                         strategies.join(", ")
                     );
-                    let _ = waiter.tx.send(Outbound::Fatal(ServerToClient::Error {
-                        message: msg.clone(),
-                    }));
+                    let _ = waiter
+                        .tx
+                        .unbounded_send(Outbound::Fatal(ServerToClient::Error {
+                            message: msg.clone(),
+                        }));
                     Err(msg)
                 } else {
                     let mut id = [0u8; 16];
@@ -436,7 +743,7 @@ async fn serve_control(
                         held_offers: Mutex::new(HashMap::new()),
                     });
                     sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
-                    let _ = waiter.tx.send(Outbound::Paired(
+                    let _ = waiter.tx.unbounded_send(Outbound::Paired(
                         pair.clone(),
                         Role::First,
                         ServerToClient::Paired {
@@ -448,7 +755,7 @@ async fn serve_control(
                             relay_token: relay_token.clone(),
                         },
                     ));
-                    let _ = tx.send(Outbound::Paired(
+                    let _ = tx.unbounded_send(Outbound::Paired(
                         pair.clone(),
                         Role::Second,
                         ServerToClient::Paired {
@@ -472,13 +779,10 @@ async fn serve_control(
         }
         Ok(None) => {
             info!(session = %session, "waiting for the second peer");
-            if framed
-                .send(&ServerToClient::Waiting {
-                    session: session.clone(),
-                })
-                .await
-                .is_err()
-            {
+            let waiting = ServerToClient::Waiting {
+                session: session.clone(),
+            };
+            if send_within(shared, &mut framed, &waiting).await.is_err() {
                 leave(shared, &session, conn, None);
                 return;
             }
@@ -489,21 +793,32 @@ async fn serve_control(
     let mut pair: Option<(Arc<Pair>, Role)> = None;
     let expiry = tokio::time::sleep(shared.config.session_expiry);
     tokio::pin!(expiry);
+    // While waiting for its partner a peer only reads (bounded by the expiry); once paired it
+    // must complete a frame at least every idle timeout.
+    let idle_timeout = shared.config.idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
-            out = rx.recv() => {
+            out = rx.next() => {
                 let Some(out) = out else { break };
                 let (msg, fatal) = match out {
                     Outbound::Msg(m) => (m, false),
                     Outbound::Fatal(m) => (m, true),
                     Outbound::Paired(p, role, m) => {
                         pair = Some((p, role));
+                        idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                         (m, false)
                     }
                 };
-                if framed.send(&msg).await.is_err() || fatal {
+                if send_within(shared, &mut framed, &msg).await.is_err() || fatal {
                     break;
                 }
+            }
+            () = &mut idle, if pair.is_some() && !idle_timeout.is_zero() => {
+                let secs = idle_timeout.as_secs_f64();
+                refuse(&mut framed, &format!("idle for {secs:.1}s: no complete frame received within the idle timeout")).await;
+                break;
             }
             () = &mut expiry, if pair.is_none() => {
                 let secs = shared.config.session_expiry.as_secs_f64();
@@ -519,7 +834,8 @@ async fn serve_control(
                         break;
                     }
                     Ok(Some(msg)) => {
-                        if let Err(e) = handle_frame(&mut framed, pair.as_ref(), msg).await {
+                        idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                        if let Err(e) = handle_frame(shared, &mut framed, pair.as_ref(), msg).await {
                             refuse(&mut framed, &e).await;
                             break;
                         }
@@ -532,19 +848,18 @@ async fn serve_control(
 }
 
 async fn handle_frame(
+    shared: &Shared,
     framed: &mut FramedConn<TcpStream>,
     pair: Option<&(Arc<Pair>, Role)>,
     msg: ClientToServer,
 ) -> Result<(), String> {
     match msg {
-        ClientToServer::Ping { id } => framed
-            .send(&ServerToClient::Pong { id })
-            .await
-            .map_err(|e| e.to_string()),
+        ClientToServer::Ping { id } => {
+            send_within(shared, framed, &ServerToClient::Pong { id }).await
+        }
         ClientToServer::Offer { strategy, payload } => {
             let (pair, role) = pair.ok_or("offer before the session was paired")?;
-            pair.offer(*role, strategy, payload);
-            Ok(())
+            pair.offer(*role, strategy, payload)
         }
         ClientToServer::Result {
             strategy,
@@ -602,7 +917,7 @@ impl Drop for RelaySlot<'_> {
 async fn serve_relay(
     shared: &Shared,
     mut framed: FramedConn<TcpStream>,
-    addr: SocketAddr,
+    slot: ConnSlot,
     conn: u64,
     session: &str,
     token: String,
@@ -621,7 +936,6 @@ async fn serve_relay(
         matches!(sessions.get(session), Some(SessionSlot::Paired(p)) if p.relay_token.as_deref() == Some(token.as_str()))
     };
     if !known {
-        warn!(%addr, session, "relay refused: no paired session with that name and token");
         refuse(
             &mut framed,
             "relay refused: no paired session with that name and token",
@@ -650,17 +964,20 @@ async fn serve_relay(
         return;
     };
     if let Some(w) = partner {
-        if framed.send(&ServerToClient::Relaying).await.is_ok() {
-            let _ = w.tx.send(framed.into_parts());
+        if send_within(shared, &mut framed, &ServerToClient::Relaying)
+            .await
+            .is_ok()
+        {
+            let (stream, rest) = framed.into_parts();
+            let _ = w.tx.send((stream, rest, slot));
         }
         return;
     }
     let active = shared
         .relays
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let _slot = RelaySlot(&shared.relays);
+    let _relay_slot = RelaySlot(&shared.relays);
     if active >= limits.max_sessions {
-        warn!(%addr, session, "relay refused: {} sessions relayed already", limits.max_sessions);
         refuse(
             &mut framed,
             &format!(
@@ -695,10 +1012,16 @@ async fn serve_relay(
         .await;
         return;
     };
-    if framed.send(&ServerToClient::Relaying).await.is_err() {
+    if send_within(shared, &mut framed, &ServerToClient::Relaying)
+        .await
+        .is_err()
+    {
         return;
     }
     info!(session, "relaying");
-    let why = crate::relay::splice(framed.into_parts(), other, &limits).await;
+    // Both connection slots stay taken while the relay runs.
+    let (other_stream, other_rest, _other_slot) = other;
+    let _conn_slot = slot;
+    let why = crate::relay::splice(framed.into_parts(), (other_stream, other_rest), &limits).await;
     info!(session, "relay ended: {why}");
 }

@@ -109,6 +109,7 @@ impl Attempt<'_> {
             pair_id: self.pairing.pair_id.clone(),
             strategy: strategy.to_owned(),
             role: self.pairing.role,
+            binding: Vec::new(),
         }
     }
 }
@@ -158,12 +159,22 @@ impl std::fmt::Display for NoAgreement {
 /// on: the first peer picks the first that authenticates and selects it; the second peer
 /// takes the one the first selects. Links that fail authentication (strangers, stale
 /// connections, another secret) are logged and dropped. Gives up at `deadline`.
-pub async fn agree_on_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+///
+/// `upgrade` runs first on every raw link (e.g. TLS, concurrently for all links) and returns
+/// the stream the handshake runs over with its channel-binding value.
+pub async fn agree_on_link<S, T, F, Fut>(
     ctx: &HandshakeContext,
     mut incoming: mpsc::Receiver<RawLink<S>>,
+    upgrade: F,
     per_link_timeout: Duration,
     deadline: Instant,
-) -> Result<RawLink<S>, NoAgreement> {
+) -> Result<RawLink<T>, NoAgreement>
+where
+    S: Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(S) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(T, Vec<u8>)>> + Send,
+{
     let mut pending = FuturesUnordered::new();
     let mut open = true;
     let mut rejected: Vec<String> = Vec::new();
@@ -173,46 +184,51 @@ pub async fn agree_on_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         tokio::select! {
             () = &mut stop => return Err(NoAgreement { timed_out: true, rejected }),
             raw = incoming.recv(), if open => match raw {
-                Some(mut raw) => {
-                    let ctx = ctx.clone();
+                Some(raw) => {
+                    let mut ctx = ctx.clone();
+                    let (local, remote) = (raw.local, raw.remote);
+                    let upgrading = upgrade(raw.stream);
                     pending.push(async move {
                         let res = tokio::time::timeout(per_link_timeout, async {
-                            handshake::authenticate(&mut raw.stream, &ctx).await?;
+                            let (mut stream, binding) =
+                                upgrading.await.map_err(HandshakeError::Secure)?;
+                            ctx.binding = binding;
+                            handshake::authenticate(&mut stream, &ctx).await?;
                             if ctx.role == Role::Second {
-                                handshake::await_select(&mut raw.stream).await?;
+                                handshake::await_select(&mut stream).await?;
                             }
-                            Ok::<_, HandshakeError>(())
+                            Ok::<_, HandshakeError>(stream)
                         })
                         .await;
-                        (raw, res)
+                        (local, remote, res)
                     });
                 }
                 None => open = false,
             },
-            Some((mut raw, res)) = pending.next(), if !pending.is_empty() => match res {
-                Ok(Ok(())) => {
+            Some((local, remote, res)) = pending.next(), if !pending.is_empty() => match res {
+                Ok(Ok(mut stream)) => {
                     if ctx.role == Role::First {
-                        if let Err(e) = handshake::select(&mut raw.stream).await {
-                            rejected.push(format!("{}: {e}", raw.remote));
+                        if let Err(e) = handshake::select(&mut stream).await {
+                            rejected.push(format!("{remote}: {e}"));
                             continue;
                         }
                     }
-                    debug!(remote = %raw.remote, "link authenticated");
-                    return Ok(raw);
+                    debug!(%remote, "link authenticated");
+                    return Ok(RawLink { stream, local, remote });
                 }
                 Ok(Err(e @ (HandshakeError::Io(_) | HandshakeError::NotSelected))) => {
                     // The other end dropped it: usually a duplicate link the first peer did
                     // not pick.
-                    debug!(remote = %raw.remote, "link dropped during handshake: {e}");
-                    rejected.push(format!("{}: {e}", raw.remote));
+                    debug!(%remote, "link dropped during handshake: {e}");
+                    rejected.push(format!("{remote}: {e}"));
                 }
                 Ok(Err(e)) => {
-                    warn!(remote = %raw.remote, "refused connection: {e}");
-                    rejected.push(format!("{}: {e}", raw.remote));
+                    warn!(%remote, "refused connection: {e}");
+                    rejected.push(format!("{remote}: {e}"));
                 }
                 Err(_) => {
-                    warn!(remote = %raw.remote, "refused connection: handshake timed out");
-                    rejected.push(format!("{}: handshake timed out", raw.remote));
+                    warn!(%remote, "refused connection: handshake timed out");
+                    rejected.push(format!("{remote}: handshake timed out"));
                 }
             },
             else => return Err(NoAgreement { timed_out: false, rejected }),

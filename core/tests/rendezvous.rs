@@ -3,8 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use nettool_core::client::{ClientError, RendezvousClient};
 use nettool_core::protocol::{ClientToServer, FramedConn, ServerToClient, PROTOCOL_VERSION};
-use nettool_core::server::{RendezvousServer, ServerConfig};
+use nettool_core::server::{RendezvousServer, ServerConfig, ServerStats};
 use nettool_core::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -12,16 +13,50 @@ use tokio::net::TcpStream;
 type Conn = FramedConn<TcpStream>;
 
 async fn start(config: ServerConfig) -> SocketAddr {
-    let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), config)
+    start_with_stats(config).await.0
+}
+
+async fn start_with_stats(config: ServerConfig) -> (SocketAddr, ServerStats) {
+    // Listen on all loopback addresses, so tests can connect from 127.0.0.2 as another host.
+    let server = RendezvousServer::bind("0.0.0.0:0".parse().unwrap(), config)
         .await
         .unwrap();
-    let addr = server.local_addr().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], server.local_addr().unwrap().port()));
+    let stats = server.stats();
     tokio::spawn(server.run());
-    addr
+    (addr, stats)
 }
 
 async fn conn(addr: SocketAddr) -> Conn {
     FramedConn::new(TcpStream::connect(addr).await.unwrap(), 1 << 16)
+}
+
+/// A connection from another loopback address (another "host" as far as per-address limits
+/// go).
+async fn conn_from(addr: SocketAddr, source: [u8; 4]) -> Conn {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    FramedConn::new(socket.connect(addr).await.unwrap(), 1 << 16)
+}
+
+fn join_frame(session: &str, token: Option<&str>) -> ClientToServer {
+    ClientToServer::Join {
+        version: PROTOCOL_VERSION,
+        session: session.into(),
+        strategies: vec!["tcp-punch".into()],
+        token: token.map(str::to_owned),
+    }
+}
+
+/// Waits until `f` holds (the server updates its counters when connection tasks end).
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
 }
 
 async fn join(addr: SocketAddr, session: &str, strategies: &[&str]) -> Conn {
@@ -30,6 +65,7 @@ async fn join(addr: SocketAddr, session: &str, strategies: &[&str]) -> Conn {
         version: PROTOCOL_VERSION,
         session: session.into(),
         strategies: strategies.iter().map(|s| s.to_string()).collect(),
+        token: None,
     })
     .await
     .unwrap();
@@ -187,6 +223,8 @@ async fn bad_input_gets_a_named_error_and_only_that_connection_closes() {
     let addr = start(ServerConfig {
         first_frame_timeout: Duration::from_millis(300),
         max_frame_len: 4096,
+        // 41 joins from one address within milliseconds; the join rate has its own test.
+        join_rate: 0,
         ..ServerConfig::default()
     })
     .await;
@@ -244,6 +282,7 @@ async fn a_paired_peer_sending_garbage_loses_only_its_own_connection() {
         version: 1,
         session: "again".into(),
         strategies: vec![],
+        token: None,
     })
     .await
     .unwrap();
@@ -254,7 +293,13 @@ async fn a_paired_peer_sending_garbage_loses_only_its_own_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_sessions_pair() {
-    let addr = start(ServerConfig::default()).await;
+    // 2000 connections and joins from one address: far over the per-address defaults.
+    let addr = start(ServerConfig {
+        max_conns_per_ip: 0,
+        join_rate: 0,
+        ..ServerConfig::default()
+    })
+    .await;
     let mut firsts = Vec::new();
     for i in 0..1000 {
         let mut a = join(addr, &format!("many-{i}"), &["tcp-punch"]).await;
@@ -268,4 +313,286 @@ async fn a_thousand_concurrent_sessions_pair() {
     for c in firsts.iter_mut().chain(seconds.iter_mut()) {
         assert!(matches!(recv(c).await, ServerToClient::Paired { .. }));
     }
+}
+
+// --- Limits -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn connections_per_address_are_capped_and_other_addresses_are_unaffected() {
+    let (addr, stats) = start_with_stats(ServerConfig {
+        max_conns_per_ip: 3,
+        ..ServerConfig::default()
+    })
+    .await;
+    // Three open connections of different kinds from 127.0.0.1.
+    let (mut a, _b) = pair(addr, "cap").await;
+    let mut o = conn(addr).await;
+    o.send(&ClientToServer::Observe {
+        version: PROTOCOL_VERSION,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        recv(&mut o).await,
+        ServerToClient::Observed { .. }
+    ));
+    eventually("3 connections counted", || stats.connection_count() == 3).await;
+    // The fourth is refused clearly, before it sends anything.
+    let mut d = conn(addr).await;
+    expect_error(
+        recv(&mut d).await,
+        "too many connections from 127.0.0.1: the server allows 3 at a time per address",
+    );
+    assert!(
+        d.recv::<ServerToClient>().await.unwrap().is_none(),
+        "closed"
+    );
+    // Another address is not affected.
+    let mut e = conn_from(addr, [127, 0, 0, 2]).await;
+    e.send(&join_frame("elsewhere", None)).await.unwrap();
+    assert!(matches!(recv(&mut e).await, ServerToClient::Waiting { .. }));
+    // Nor are the open connections.
+    a.send(&ClientToServer::Ping { id: 7 }).await.unwrap();
+    assert_eq!(recv(&mut a).await, ServerToClient::Pong { id: 7 });
+    // A closed connection frees its place.
+    drop(o);
+    eventually("the observe connection released", || {
+        stats.connection_count() == 3
+    })
+    .await;
+    let mut f = conn(addr).await;
+    f.send(&ClientToServer::Observe {
+        version: PROTOCOL_VERSION,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        recv(&mut f).await,
+        ServerToClient::Observed { .. }
+    ));
+}
+
+#[tokio::test]
+async fn total_sessions_are_capped() {
+    let (addr, stats) = start_with_stats(ServerConfig {
+        max_sessions: 2,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut one = join(addr, "one", &["tcp-punch"]).await;
+    assert!(matches!(
+        recv(&mut one).await,
+        ServerToClient::Waiting { .. }
+    ));
+    let mut two = join(addr, "two", &["tcp-punch"]).await;
+    assert!(matches!(
+        recv(&mut two).await,
+        ServerToClient::Waiting { .. }
+    ));
+    let mut three = join(addr, "three", &["tcp-punch"]).await;
+    expect_error(
+        recv(&mut three).await,
+        "the server is full: it holds at most 2 sessions at a time",
+    );
+    // Completing a waiting session needs no new slot.
+    let mut one_b = join(addr, "one", &["tcp-punch"]).await;
+    assert!(matches!(
+        recv(&mut one).await,
+        ServerToClient::Paired { .. }
+    ));
+    assert!(matches!(
+        recv(&mut one_b).await,
+        ServerToClient::Paired { .. }
+    ));
+    assert_eq!(stats.session_count(), 2);
+    // A session that ends frees its slot.
+    drop((one, one_b));
+    eventually("session 'one' gone", || stats.session_count() == 1).await;
+    let mut three = join(addr, "three", &["tcp-punch"]).await;
+    assert!(matches!(
+        recv(&mut three).await,
+        ServerToClient::Waiting { .. }
+    ));
+}
+
+#[tokio::test]
+async fn silent_and_idle_clients_are_dropped_but_waiting_peers_are_not() {
+    let idle = Duration::from_millis(400);
+    let (addr, stats) = start_with_stats(ServerConfig {
+        idle_timeout: idle,
+        ..ServerConfig::default()
+    })
+    .await;
+    // Silent from the start: the idle timeout caps the first-frame timeout (10 s here).
+    let mut silent = conn(addr).await;
+    let start = std::time::Instant::now();
+    expect_error(
+        recv(&mut silent).await,
+        "no request within the time limit (0.4s)",
+    );
+    assert!(start.elapsed() < Duration::from_secs(3));
+
+    // A waiting peer only reads; it waits past the idle timeout (bounded by session expiry).
+    let mut a = join(addr, "idle", &["tcp-punch"]).await;
+    assert!(matches!(recv(&mut a).await, ServerToClient::Waiting { .. }));
+    tokio::time::sleep(idle * 3).await;
+    let mut b = join(addr, "idle", &["tcp-punch"]).await;
+    assert!(matches!(recv(&mut a).await, ServerToClient::Paired { .. }));
+    assert!(matches!(recv(&mut b).await, ServerToClient::Paired { .. }));
+
+    // Paired: a keeps sending frames, b dribbles one byte of a frame every 50 ms (no complete
+    // frame): b is dropped with an error, a is told its peer left.
+    let keep_alive = async {
+        // Pings until told the peer left (an error here would mean a was dropped instead).
+        let mut pongs = 0;
+        for id in 0..50u64 {
+            a.send(&ClientToServer::Ping { id }).await.unwrap();
+            match recv(&mut a).await {
+                ServerToClient::Pong { id: got } if got == id => pongs += 1,
+                ServerToClient::PeerLeft => return pongs,
+                other => panic!("a got {other:?}"),
+            }
+            tokio::time::sleep(idle / 4).await;
+        }
+        panic!("the dribbling peer was never dropped");
+    };
+    let loris = async {
+        let frame = b"{\"type\":\"ping\",\"id\":1}\n";
+        for byte in frame.iter().take(frame.len() - 1) {
+            // recv is cancel safe: wait 50 ms for the server's answer, then send a byte more.
+            if let Ok(msg) =
+                tokio::time::timeout(Duration::from_millis(50), b.recv::<ServerToClient>()).await
+            {
+                return msg.unwrap().expect("an answer before the close");
+            }
+            b.get_ref().writable().await.unwrap();
+            assert_eq!(
+                b.get_ref().try_write(std::slice::from_ref(byte)).unwrap(),
+                1
+            );
+        }
+        panic!("the server waited for the whole frame");
+    };
+    let (pongs, answer) = tokio::join!(keep_alive, loris);
+    expect_error(answer, "idle for 0.4s: no complete frame received");
+    assert!(pongs >= 3, "{pongs} pongs");
+    eventually("all sessions gone", || stats.session_count() == 0).await;
+}
+
+#[tokio::test]
+async fn joins_per_address_are_rate_limited() {
+    let (addr, _) = start_with_stats(ServerConfig {
+        join_rate: 4,
+        join_burst: 3,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        let mut c = join(addr, &format!("r{i}"), &["tcp-punch"]).await;
+        assert!(matches!(recv(&mut c).await, ServerToClient::Waiting { .. }));
+        kept.push(c);
+    }
+    let mut over = join(addr, "r3", &["tcp-punch"]).await;
+    expect_error(
+        recv(&mut over).await,
+        "too many joins from 127.0.0.1: the server allows 4 per second (bursts of 3)",
+    );
+    // Another address has its own bucket.
+    let mut other = conn_from(addr, [127, 0, 0, 2]).await;
+    other.send(&join_frame("r4", None)).await.unwrap();
+    assert!(matches!(
+        recv(&mut other).await,
+        ServerToClient::Waiting { .. }
+    ));
+    // Observing is not joining.
+    let mut o = conn(addr).await;
+    o.send(&ClientToServer::Observe {
+        version: PROTOCOL_VERSION,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        recv(&mut o).await,
+        ServerToClient::Observed { .. }
+    ));
+    // The bucket refills at 4 per second.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut later = join(addr, "r5", &["tcp-punch"]).await;
+    assert!(matches!(
+        recv(&mut later).await,
+        ServerToClient::Waiting { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_server_token_is_required_when_configured() {
+    let addr = start(ServerConfig {
+        server_token: Some("0pen-sesame".into()),
+        ..ServerConfig::default()
+    })
+    .await;
+    for (token, expected) in [
+        (
+            None,
+            "this server requires a server token to join: give --server-token",
+        ),
+        (Some("open-sesame"), "wrong server token"),
+        (Some(""), "wrong server token"),
+    ] {
+        let mut c = conn(addr).await;
+        c.send(&join_frame("t", token)).await.unwrap();
+        expect_error(recv(&mut c).await, expected);
+        assert!(
+            c.recv::<ServerToClient>().await.unwrap().is_none(),
+            "closed"
+        );
+    }
+    // With the right token two peers pair, through the real client too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let names = vec!["tcp-punch".to_owned()];
+    let first =
+        RendezvousClient::join_with_token(addr, "t", &names, Some("0pen-sesame"), deadline, || {});
+    let second = async {
+        let mut c = conn(addr).await;
+        c.send(&join_frame("t", Some("0pen-sesame"))).await.unwrap();
+        loop {
+            match recv(&mut c).await {
+                ServerToClient::Waiting { .. } => continue,
+                ServerToClient::Paired { .. } => break c,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let (first, _second) = tokio::join!(first, second);
+    let (_client, pairing) = first.expect("paired with the right token");
+    assert_eq!(pairing.strategies, names);
+    // The client without a token gets the server's reason.
+    let err = RendezvousClient::join(addr, "u", &names, deadline, || {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Refused(m) if m.contains("requires a server token")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_sent_to_an_open_server_is_ignored_and_old_join_frames_still_work() {
+    let addr = start(ServerConfig::default()).await;
+    let mut a = conn(addr).await;
+    a.send(&join_frame("compat", Some("unneeded")))
+        .await
+        .unwrap();
+    assert!(matches!(recv(&mut a).await, ServerToClient::Waiting { .. }));
+    // A frame exactly as clients before the token field write it.
+    let mut raw = TcpStream::connect(addr).await.unwrap();
+    raw.write_all(
+        b"{\"type\":\"join\",\"version\":1,\"session\":\"compat\",\"strategies\":[\"tcp-punch\"]}\n",
+    )
+    .await
+    .unwrap();
+    let mut b = FramedConn::new(raw, 1 << 16);
+    assert!(matches!(recv(&mut b).await, ServerToClient::Paired { .. }));
+    assert!(matches!(recv(&mut a).await, ServerToClient::Paired { .. }));
 }

@@ -13,9 +13,11 @@ use std::sync::Arc;
 use nettool_config::StrategyConfig;
 use nettool_core::Strategy;
 
+mod net;
 pub mod relay;
 pub mod tcp_direct;
 pub mod tcp_punch;
+mod tls;
 pub mod udp_quic;
 
 /// Builds the strategy a config entry describes.

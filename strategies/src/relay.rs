@@ -18,6 +18,8 @@ use nettool_core::{Attempt, Link, Strategy, StrategyError};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::tls::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
+
 /// The strategy's name.
 pub const NAME: &str = "relay";
 
@@ -47,11 +49,22 @@ impl Strategy for Relay {
                 "the rendezvous server does not relay (it runs with relaying turned off)".into(),
             )
         })?;
-        // Lock step: both peers attach at about the same time.
-        attempt
+        // Lock step: both peers attach at about the same time; the offers carry the TLS
+        // certificate fingerprints (the link is encrypted end to end through the relay).
+        let identity = Identity::generate()?;
+        let theirs = attempt
             .rendezvous
-            .exchange_offer(NAME, serde_json::json!({}), attempt.deadline)
+            .exchange_offer(
+                NAME,
+                serde_json::json!({ "fingerprint": fingerprint_hex(&identity.fingerprint) }),
+                attempt.deadline,
+            )
             .await?;
+        let peer_fp = theirs
+            .get("fingerprint")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| StrategyError::BadOffer("no certificate fingerprint".into()))?;
+        let tls = LinkTls::new(attempt.role(), &identity, parse_fingerprint(peer_fp)?)?;
         let server = attempt.rendezvous.server();
         let deadline = attempt.deadline;
         let stream = tokio::time::timeout_at(deadline.into(), TcpStream::connect(server))
@@ -106,9 +119,14 @@ impl Strategy for Relay {
             })
             .await;
         drop(tx);
+        let upgrade = |s: RelayStream| {
+            let tls = tls.clone();
+            async move { tls.upgrade(s).await }
+        };
         let raw = agree_on_link(
             &attempt.handshake_context(NAME),
             rx,
+            upgrade,
             Duration::from_secs(10),
             deadline,
         )

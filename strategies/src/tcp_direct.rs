@@ -17,8 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nettool_config::TcpDirectConfig;
-use nettool_core::strategy::{agree_on_link, RawLink};
+use nettool_core::strategy::agree_on_link;
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
+
+use crate::net::{candidates, send_tcp};
+use crate::tls::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
@@ -46,6 +49,8 @@ impl TcpDirect {
 struct DirectOffer {
     /// Where this peer's listener may be reachable, best first.
     listen: Vec<SocketAddr>,
+    /// SHA-256 of this attempt's TLS certificate, hex.
+    fingerprint: String,
 }
 
 #[async_trait::async_trait]
@@ -69,8 +74,10 @@ impl Strategy for TcpDirect {
             .map_err(|e| StrategyError::io("reading the listening port", e))?
             .port();
         let public = SocketAddr::new(attempt.pairing.observed.ip(), port);
+        let identity = Identity::generate()?;
         let offer = DirectOffer {
-            listen: crate::tcp_punch::candidates(public, public, server.ip().is_loopback()),
+            listen: candidates(public, public, server.ip().is_loopback()),
+            fingerprint: fingerprint_hex(&identity.fingerprint),
         };
         let payload = serde_json::to_value(&offer).expect("offer serializes");
         let theirs = attempt
@@ -79,6 +86,11 @@ impl Strategy for TcpDirect {
             .await?;
         let theirs: DirectOffer =
             serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
+        let tls = LinkTls::new(
+            attempt.role(),
+            &identity,
+            parse_fingerprint(&theirs.fingerprint)?,
+        )?;
         let peer: Vec<SocketAddr> = theirs
             .listen
             .into_iter()
@@ -102,7 +114,7 @@ impl Strategy for TcpDirect {
                 let err = match res {
                     Ok(Ok(stream)) => {
                         trace!(remote = %cand, "connected");
-                        let _ = send(&tx, stream).await;
+                        let _ = send_tcp(&tx, stream).await;
                         return;
                     }
                     Ok(Err(e)) => e.to_string(),
@@ -114,7 +126,7 @@ impl Strategy for TcpDirect {
         tasks.spawn(async move {
             while let Ok((stream, remote)) = listener.accept().await {
                 trace!(%remote, "accepted");
-                if send(&tx, stream).await.is_err() {
+                if send_tcp(&tx, stream).await.is_err() {
                     return;
                 }
             }
@@ -126,7 +138,11 @@ impl Strategy for TcpDirect {
             .checked_sub(Duration::from_millis(50))
             .unwrap_or(attempt.deadline);
         let started = Instant::now();
-        let agreed = agree_on_link(&ctx, rx, Duration::from_secs(3), stop).await;
+        let upgrade = |s: TcpStream| {
+            let tls = tls.clone();
+            async move { tls.upgrade(s).await }
+        };
+        let agreed = agree_on_link(&ctx, rx, upgrade, Duration::from_secs(3), stop).await;
         tasks.abort_all();
         let raw = agreed.map_err(|none| {
             let errs = errors.lock().expect("errors poisoned");
@@ -147,7 +163,6 @@ impl Strategy for TcpDirect {
                 StrategyError::NoLink(msg)
             }
         })?;
-        let _ = raw.stream.set_nodelay(true);
         Ok(Link {
             stream: Box::new(raw.stream),
             local: raw.local,
@@ -164,19 +179,4 @@ async fn dial(remote: SocketAddr) -> std::io::Result<TcpStream> {
         TcpSocket::new_v6()?
     };
     socket.connect(remote).await
-}
-
-async fn send(
-    tx: &mpsc::Sender<RawLink<TcpStream>>,
-    stream: TcpStream,
-) -> Result<(), mpsc::error::SendError<RawLink<TcpStream>>> {
-    let (Ok(local), Ok(remote)) = (stream.local_addr(), stream.peer_addr()) else {
-        return Ok(());
-    };
-    tx.send(RawLink {
-        stream,
-        local,
-        remote,
-    })
-    .await
 }

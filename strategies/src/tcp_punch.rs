@@ -34,6 +34,9 @@ use nettool_config::TcpPunchConfig;
 use nettool_core::client::observe;
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
+
+use crate::net::{candidates, send_tcp};
+use crate::tls::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -68,6 +71,8 @@ struct PunchOffer {
     dial: Vec<SocketAddr>,
     /// This peer's round trip to the server, in microseconds.
     server_rtt_us: u64,
+    /// SHA-256 of this attempt's TLS certificate, hex.
+    fingerprint: String,
 }
 
 /// Last error seen per candidate, for the report.
@@ -133,6 +138,7 @@ impl Strategy for TcpPunch {
         )
         .await?;
         let dial = open_port(unspecified, 0, server, attempt.deadline, "dial").await?;
+        let identity = Identity::generate()?;
 
         let offer = PunchOffer {
             receive: receive.candidates.clone(),
@@ -142,6 +148,7 @@ impl Strategy for TcpPunch {
                 .as_micros()
                 .try_into()
                 .unwrap_or(u64::MAX),
+            fingerprint: fingerprint_hex(&identity.fingerprint),
         };
         let payload = serde_json::to_value(&offer).expect("offer serializes");
         let theirs = attempt
@@ -156,6 +163,11 @@ impl Strategy for TcpPunch {
                 .filter(|c| c.is_ipv4() == server.is_ipv4() && c.port() != 0)
                 .collect()
         };
+        let tls = LinkTls::new(
+            attempt.role(),
+            &identity,
+            parse_fingerprint(&theirs.fingerprint)?,
+        )?;
         let (peer_receive, peer_dial) = (usable(&theirs.receive), usable(&theirs.dial));
         if peer_receive.is_empty() || peer_dial.is_empty() {
             return Err(StrategyError::BadOffer(
@@ -214,7 +226,11 @@ impl Strategy for TcpPunch {
             .checked_sub(Duration::from_millis(50))
             .unwrap_or(attempt.deadline);
         let started = Instant::now();
-        let agreed = agree_on_link(&ctx, rx, Duration::from_secs(3), stop).await;
+        let upgrade = |s: TcpStream| {
+            let tls = tls.clone();
+            async move { tls.upgrade(s).await }
+        };
+        let agreed = agree_on_link(&ctx, rx, upgrade, Duration::from_secs(3), stop).await;
         tasks.abort_all();
         let raw = match agreed {
             Ok(raw) => raw,
@@ -238,7 +254,6 @@ impl Strategy for TcpPunch {
                 });
             }
         };
-        let _ = raw.stream.set_nodelay(true);
         Ok(Link {
             stream: Box::new(raw.stream),
             local: raw.local,
@@ -246,33 +261,6 @@ impl Strategy for TcpPunch {
             strategy: NAME,
         })
     }
-}
-
-/// Our candidates: the observed public endpoint, the local address the server connection
-/// used, then this host's other addresses (loopback only when the server is on loopback).
-pub(crate) fn candidates(public: SocketAddr, via: SocketAddr, loopback: bool) -> Vec<SocketAddr> {
-    let mut out = vec![public];
-    let mut push = |a: SocketAddr| {
-        if !out.contains(&a) {
-            out.push(a);
-        }
-    };
-    push(via);
-    if let Ok(ifaces) = if_addrs::get_if_addrs() {
-        for iface in ifaces {
-            let ip = iface.ip();
-            if ip.is_loopback() == loopback && ip.is_ipv4() == via.is_ipv4() {
-                if let IpAddr::V6(v6) = ip {
-                    if v6.segments()[0] & 0xffc0 == 0xfe80 {
-                        continue; // link-local needs a scope id
-                    }
-                }
-                push(SocketAddr::new(ip, via.port()));
-            }
-        }
-    }
-    out.retain(|a| a.ip().is_loopback() == loopback || *a == public);
-    out
 }
 
 fn reuse_socket(addr: SocketAddr) -> std::io::Result<Socket> {
@@ -365,7 +353,7 @@ async fn prime_loop(
         match established(&stream).await {
             Ok(()) => {
                 trace!(%remote, deaths, "primed socket connected");
-                let _ = send(&tx, stream).await;
+                let _ = send_tcp(&tx, stream).await;
                 return;
             }
             Err(e) => {
@@ -395,7 +383,7 @@ async fn dial_loop(
         match tokio::time::timeout(syn_timeout, connect_from(local, remote)).await {
             Ok(Ok(stream)) => {
                 trace!(%remote, "connected");
-                let _ = send(&tx, stream).await;
+                let _ = send_tcp(&tx, stream).await;
                 return;
             }
             Ok(Err(e)) => {
@@ -422,7 +410,7 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<RawLink<TcpStream>>
         match listener.accept().await {
             Ok((stream, remote)) => {
                 trace!(%remote, "accepted");
-                if send(&tx, stream).await.is_err() {
+                if send_tcp(&tx, stream).await.is_err() {
                     return;
                 }
             }
@@ -431,33 +419,5 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<RawLink<TcpStream>>
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-    }
-}
-
-async fn send(
-    tx: &mpsc::Sender<RawLink<TcpStream>>,
-    stream: TcpStream,
-) -> Result<(), mpsc::error::SendError<RawLink<TcpStream>>> {
-    let (Ok(local), Ok(remote)) = (stream.local_addr(), stream.peer_addr()) else {
-        return Ok(());
-    };
-    tx.send(RawLink {
-        stream,
-        local,
-        remote,
-    })
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn candidates_start_with_the_public_endpoint_and_stay_on_loopback() {
-        let public: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        let c = candidates(public, public, true);
-        assert_eq!(c[0], public);
-        assert!(c.iter().all(|a| a.ip().is_loopback()));
     }
 }

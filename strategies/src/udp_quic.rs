@@ -44,16 +44,13 @@ use std::time::{Duration, Instant};
 use nettool_config::UdpQuicConfig;
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{stun, Attempt, Link, LinkKey, Role, Strategy, StrategyError};
+
+use crate::net::candidates;
+use crate::tls::{client_tls, server_tls, tls_error, Identity, EXPORTER_LABEL};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt};
 use rand::RngCore;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UdpSocket;
@@ -63,8 +60,8 @@ use tracing::{debug, trace, warn};
 
 /// The strategy's name.
 pub const NAME: &str = "udp-quic";
-/// ALPN protocol of nettool links over QUIC.
-pub const ALPN: &[u8] = b"nettool/1";
+/// ALPN protocol of nettool links over QUIC (the same as over TLS on TCP).
+pub const ALPN: &[u8] = crate::tls::ALPN;
 /// TTL of the first punch datagram to each candidate: passes the own NAT, not the peer's.
 const LOW_TTL: u32 = 2;
 /// Pause between STUN Binding requests until one is answered.
@@ -209,7 +206,15 @@ impl Strategy for UdpQuic {
             }
         }
         let ctx = attempt.handshake_context(NAME);
-        let agreed = agree_on_link(&ctx, rx, Duration::from_secs(3), stop).await;
+        // QUIC's TLS is the secure channel; bind the link handshake to it.
+        let upgrade = |s: QuicStream| async move {
+            let mut binding = vec![0u8; 32];
+            s.connection()
+                .export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+                .map_err(|e| io::Error::other(format!("TLS exporter: {e:?}")))?;
+            Ok((s, binding))
+        };
+        let agreed = agree_on_link(&ctx, rx, upgrade, Duration::from_secs(3), stop).await;
         tasks.abort_all();
         let raw = agreed.map_err(|none| {
             let msg = format!(
@@ -317,33 +322,6 @@ async fn stun_mapping(
             )));
         }
     }
-}
-
-/// Our candidates: the observed public endpoint, the local address that routes to the server,
-/// then this host's other addresses (loopback only when the server is on loopback).
-fn candidates(public: SocketAddr, via: SocketAddr, loopback: bool) -> Vec<SocketAddr> {
-    let mut out = vec![public];
-    let mut push = |a: SocketAddr| {
-        if !out.contains(&a) && !a.ip().is_unspecified() {
-            out.push(a);
-        }
-    };
-    push(via);
-    if let Ok(ifaces) = if_addrs::get_if_addrs() {
-        for iface in ifaces {
-            let ip = iface.ip();
-            if ip.is_loopback() == loopback && ip.is_ipv4() == via.is_ipv4() {
-                if let IpAddr::V6(v6) = ip {
-                    if v6.segments()[0] & 0xffc0 == 0xfe80 {
-                        continue; // link-local needs a scope id
-                    }
-                }
-                push(SocketAddr::new(ip, via.port()));
-            }
-        }
-    }
-    out.retain(|a| a.ip().is_loopback() == loopback || *a == public);
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,183 +637,11 @@ fn describe(
 // ---------------------------------------------------------------------------------------------
 // QUIC
 
-/// This attempt's self-signed certificate, its key and fingerprint.
-struct Identity {
-    cert: CertificateDer<'static>,
-    key: PrivatePkcs8KeyDer<'static>,
-    fingerprint: [u8; 32],
-}
-
-impl Identity {
-    fn generate() -> Result<Self, StrategyError> {
-        let certified = rcgen::generate_simple_self_signed(vec!["nettool".to_owned()])
-            .map_err(|e| StrategyError::NoLink(format!("generating the certificate: {e}")))?;
-        let cert = certified.cert.der().clone();
-        let fingerprint = Sha256::digest(&cert).into();
-        Ok(Self {
-            cert,
-            key: PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()),
-            fingerprint,
-        })
-    }
-
-    fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(self.key.clone_key())
-    }
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn tls_error(what: &str, e: impl std::fmt::Display) -> StrategyError {
-    StrategyError::NoLink(format!("{what}: {e}"))
-}
-
-/// Accepts exactly the certificate with this SHA-256 fingerprint.
-#[derive(Debug)]
-struct Pinned {
-    fingerprint: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl Pinned {
-    fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-        let got: [u8; 32] = Sha256::digest(cert.as_ref()).into();
-        if got == self.fingerprint {
-            Ok(())
-        } else {
-            Err(rustls::Error::General(
-                "certificate does not match the fingerprint in the offer".into(),
-            ))
-        }
-    }
-
-    fn verify12(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify13(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity)
-            .map(|()| ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.verify12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.verify13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.schemes()
-    }
-}
-
-impl ClientCertVerifier for Pinned {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity)
-            .map(|()| ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.verify12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.verify13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.schemes()
-    }
-}
-
 fn client_config(
     identity: &Identity,
     peer_fingerprint: [u8; 32],
 ) -> Result<quinn::ClientConfig, StrategyError> {
-    let provider = provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_error("TLS client config", e))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned {
-            fingerprint: peer_fingerprint,
-            provider,
-        }))
-        .with_client_auth_cert(vec![identity.cert.clone()], identity.key())
-        .map_err(|e| tls_error("TLS client certificate", e))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = client_tls(identity, peer_fingerprint)?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| tls_error("QUIC client config", e))?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
@@ -845,17 +651,7 @@ fn server_config(
     peer_fingerprint: [u8; 32],
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ServerConfig, StrategyError> {
-    let provider = provider();
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_error("TLS server config", e))?
-        .with_client_cert_verifier(Arc::new(Pinned {
-            fingerprint: peer_fingerprint,
-            provider,
-        }))
-        .with_single_cert(vec![identity.cert.clone()], identity.key())
-        .map_err(|e| tls_error("TLS server certificate", e))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = server_tls(identity, peer_fingerprint)?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| tls_error("QUIC server config", e))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport);
@@ -1209,25 +1005,5 @@ mod tests {
             decode_punch(&k, "pair", Role::Second, &stun),
             Err(PunchError::NotAPunch)
         );
-    }
-
-    #[test]
-    fn candidates_start_with_the_public_endpoint_and_stay_on_loopback() {
-        let public: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        let c = candidates(public, public, true);
-        assert_eq!(c[0], public);
-        assert!(c.iter().all(|a| a.ip().is_loopback()));
-    }
-
-    #[test]
-    fn identities_are_pinned_by_fingerprint() {
-        let a = Identity::generate().unwrap();
-        let b = Identity::generate().unwrap();
-        let pinned = Pinned {
-            fingerprint: a.fingerprint,
-            provider: provider(),
-        };
-        assert!(pinned.check(&a.cert).is_ok());
-        assert!(pinned.check(&b.cert).is_err());
     }
 }

@@ -90,6 +90,7 @@ async fn a_third_party_without_the_token_cannot_attach() {
             version: PROTOCOL_VERSION,
             session: "victim".into(),
             strategies: vec!["relay".into()],
+            token: None,
         })
         .await
         .unwrap();

@@ -69,10 +69,10 @@ fn two_peers_link_and_exchange_data_intact() {
 }
 
 #[test]
-fn a_peer_with_the_wrong_secret_is_refused() {
+fn a_peer_with_the_wrong_secret_is_refused_on_every_strategy() {
     let (_server, addr) = rendezvous();
     let dir = TempDir::new("secret");
-    let base = ["--strategy-timeout", "2s", "--timeout", "20s"];
+    let base = ["--strategy-timeout", "2s", "--timeout", "30s"];
     let mut a_args = args(&addr, "sec", &base);
     a_args.extend(["--secret".into(), "right".into()]);
     let mut b_args = args(&addr, "sec", &base);
@@ -105,9 +105,101 @@ fn a_peer_with_the_wrong_secret_is_refused() {
         assert!(run.stdout.is_empty(), "{name} received data without a link");
         let report = run.report.as_ref().expect("report written on failure");
         assert!(report["strategy"].is_null());
-        let err = report["attempts"][0]["error"].as_str().unwrap();
-        assert!(err.contains("failed authentication"), "{name}: {err}");
+        let attempts = report["attempts"].as_array().unwrap();
+        let names: Vec<&str> = attempts
+            .iter()
+            .map(|x| x["strategy"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["tcp-punch", "udp-quic", "tcp-direct", "relay"],
+            "{name}"
+        );
+        for attempt in attempts {
+            let err = attempt["error"].as_str().unwrap_or("");
+            assert!(err.contains("failed authentication"), "{name}: {attempt}");
+        }
     }
+}
+
+#[test]
+fn a_stranger_on_the_listening_port_gets_no_data_and_is_logged() {
+    use std::io::{Read, Write};
+    let (_server, addr) = rendezvous();
+    let dir = TempDir::new("stranger");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The peers hold different secrets, so the attempt runs its full 2 s while a stranger
+    // keeps knocking on the second peer's listening port.
+    let base = ["--strategy", "tcp-direct", "--strategy-timeout", "2s"];
+    let mut a_args = args(&addr, "stranger", &base);
+    a_args.extend(["--secret".into(), "one".into()]);
+    let mut b_args = args(&addr, "stranger", &base);
+    b_args.extend([
+        "--secret".into(),
+        "two".into(),
+        "--local-port".into(),
+        port.to_string(),
+    ]);
+    let marker: &[u8] = b"PLAINTEXT-MARKER-";
+    let (a, _) = spawn_peer(
+        Command::new(nettool_bin()),
+        &dir,
+        "a",
+        &marker.repeat(100),
+        &a_args,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stranger = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut heard = Vec::new();
+            let mut knocks = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    knocks += 1;
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        heard.extend_from_slice(&buf[..n]);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (knocks, heard)
+        })
+    };
+    let (b, _) = spawn_peer(
+        Command::new(nettool_bin()),
+        &dir,
+        "b",
+        &marker.repeat(100),
+        &b_args,
+    );
+    let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
+    let b = finish_peer(b, &dir, "b", Duration::from_secs(30));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (knocks, heard) = stranger.join().unwrap();
+    assert!(knocks > 0, "the stranger never reached the port");
+    assert!(
+        !heard.windows(marker.len()).any(|w| w == marker),
+        "the stranger received user data"
+    );
+    assert!(a.stdout.is_empty() && b.stdout.is_empty());
+    // The stranger fails TLS (it cannot show the pinned certificate) and is logged.
+    assert!(
+        b.stderr.contains("refused connection: TLS failed"),
+        "the refusal is logged: {}",
+        b.stderr
+    );
 }
 
 #[test]

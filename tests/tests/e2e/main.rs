@@ -1,9 +1,11 @@
 //! End-to-end tests: the real `nettool` binary over loopback and through the NAT lab.
 
+mod bench;
 mod fallback;
 mod lab;
 mod legacy;
 mod loopback;
 mod nat_punch;
 mod nat_quic;
+mod security;
 mod support;

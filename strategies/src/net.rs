@@ -1,0 +1,65 @@
+//! Addresses and sockets shared by the strategies.
+
+use std::net::{IpAddr, SocketAddr};
+
+use nettool_core::strategy::RawLink;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// Our candidates: the observed public endpoint, the local address that reaches the server,
+/// then this host's other addresses with the same port (loopback only when the server is on
+/// loopback, and then only loopback).
+pub(crate) fn candidates(public: SocketAddr, via: SocketAddr, loopback: bool) -> Vec<SocketAddr> {
+    let mut out = vec![public];
+    let mut push = |a: SocketAddr| {
+        if !out.contains(&a) && !a.ip().is_unspecified() {
+            out.push(a);
+        }
+    };
+    push(via);
+    if let Ok(ifaces) = if_addrs::get_if_addrs() {
+        for iface in ifaces {
+            let ip = iface.ip();
+            if ip.is_loopback() == loopback && ip.is_ipv4() == via.is_ipv4() {
+                if let IpAddr::V6(v6) = ip {
+                    if v6.segments()[0] & 0xffc0 == 0xfe80 {
+                        continue; // link-local needs a scope id
+                    }
+                }
+                push(SocketAddr::new(ip, via.port()));
+            }
+        }
+    }
+    out.retain(|a| a.ip().is_loopback() == loopback || *a == public);
+    out
+}
+
+/// Hands a connected TCP stream to the link agreement; drops it when its addresses are gone.
+pub(crate) async fn send_tcp(
+    tx: &mpsc::Sender<RawLink<TcpStream>>,
+    stream: TcpStream,
+) -> Result<(), mpsc::error::SendError<RawLink<TcpStream>>> {
+    let (Ok(local), Ok(remote)) = (stream.local_addr(), stream.peer_addr()) else {
+        return Ok(());
+    };
+    let _ = stream.set_nodelay(true);
+    tx.send(RawLink {
+        stream,
+        local,
+        remote,
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_start_with_the_public_endpoint_and_stay_on_loopback() {
+        let public: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let c = candidates(public, public, true);
+        assert_eq!(c[0], public);
+        assert!(c.iter().all(|a| a.ip().is_loopback()));
+    }
+}

@@ -1,0 +1,343 @@
+//! TLS for links: per-attempt self-signed certificates, pinned by the SHA-256 fingerprints the
+//! peers exchange in their offers, and TLS 1.3 over any stream (TCP strategies and the relay;
+//! udp-quic hands the same rustls configurations to QUIC).
+//!
+//! Both ends authenticate: the client checks the server's certificate against the fingerprint
+//! from the peer's offer, the server requires a client certificate and checks it the same way.
+//! There is no certificate authority and no name check: the fingerprint is the identity. The
+//! link handshake that follows inside TLS binds the session secret to this very TLS session
+//! (via a keying-material exporter), so even the rendezvous server, which relays the
+//! fingerprints, cannot sit in the middle without the secret.
+
+use std::io;
+use std::sync::Arc;
+
+use nettool_core::{Role, StrategyError};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// ALPN protocol id of nettool links.
+pub(crate) const ALPN: &[u8] = b"nettool/1";
+/// Label of the keying-material exporter bound into the link handshake.
+pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-nettool-link-v1";
+/// This attempt's self-signed certificate, its key and fingerprint.
+pub(crate) struct Identity {
+    pub(crate) cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+    pub(crate) fingerprint: [u8; 32],
+}
+
+impl Identity {
+    /// A fresh self-signed certificate (ECDSA P-256) for one attempt.
+    pub(crate) fn generate() -> Result<Self, StrategyError> {
+        let certified = rcgen::generate_simple_self_signed(vec!["nettool".to_owned()])
+            .map_err(|e| StrategyError::NoLink(format!("generating the certificate: {e}")))?;
+        let cert = certified.cert.der().clone();
+        let fingerprint = Sha256::digest(&cert).into();
+        Ok(Self {
+            cert,
+            key: PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()),
+            fingerprint,
+        })
+    }
+
+    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+}
+
+/// The one crypto provider of the tree: ring.
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub(crate) fn tls_error(what: &str, e: impl std::fmt::Display) -> StrategyError {
+    StrategyError::NoLink(format!("{what}: {e}"))
+}
+
+/// Accepts exactly the certificate with this SHA-256 fingerprint.
+#[derive(Debug)]
+pub(crate) struct Pinned {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl Pinned {
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let got: [u8; 32] = Sha256::digest(cert.as_ref()).into();
+        if got == self.fingerprint {
+            Ok(())
+        } else {
+            Err(rustls::Error::General(
+                "certificate does not match the fingerprint in the offer".into(),
+            ))
+        }
+    }
+
+    fn verify12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes()
+    }
+}
+
+impl ClientCertVerifier for Pinned {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes()
+    }
+}
+
+/// The fingerprint as lowercase hex, for offers.
+pub(crate) fn fingerprint_hex(fp: &[u8; 32]) -> String {
+    hex::encode(fp)
+}
+
+/// Parses a fingerprint from an offer.
+pub(crate) fn parse_fingerprint(hex_text: &str) -> Result<[u8; 32], StrategyError> {
+    let bytes = hex::decode(hex_text)
+        .map_err(|e| StrategyError::BadOffer(format!("certificate fingerprint: {e}")))?;
+    bytes
+        .try_into()
+        .map_err(|_| StrategyError::BadOffer("certificate fingerprint is not 32 bytes".into()))
+}
+
+/// TLS client configuration: our certificate for client authentication, the peer's pinned.
+pub(crate) fn client_tls(
+    identity: &Identity,
+    peer_fingerprint: [u8; 32],
+) -> Result<rustls::ClientConfig, StrategyError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error("TLS client config", e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned {
+            fingerprint: peer_fingerprint,
+            provider,
+        }))
+        .with_client_auth_cert(vec![identity.cert.clone()], identity.key())
+        .map_err(|e| tls_error("TLS client certificate", e))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// TLS server configuration: our certificate, the peer's required and pinned.
+pub(crate) fn server_tls(
+    identity: &Identity,
+    peer_fingerprint: [u8; 32],
+) -> Result<rustls::ServerConfig, StrategyError> {
+    let provider = provider();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error("TLS server config", e))?
+        .with_client_cert_verifier(Arc::new(Pinned {
+            fingerprint: peer_fingerprint,
+            provider,
+        }))
+        .with_single_cert(vec![identity.cert.clone()], identity.key())
+        .map_err(|e| tls_error("TLS server certificate", e))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// Runs TLS over raw links of one attempt: the first peer is the TLS client, the second the
+/// server; both pin the other's certificate.
+#[derive(Clone)]
+pub(crate) struct LinkTls {
+    role: Role,
+    connector: tokio_rustls::TlsConnector,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl LinkTls {
+    /// TLS for this attempt: our identity, the peer's fingerprint from its offer.
+    pub(crate) fn new(
+        role: Role,
+        identity: &Identity,
+        peer_fingerprint: [u8; 32],
+    ) -> Result<Self, StrategyError> {
+        Ok(Self {
+            role,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client_tls(
+                identity,
+                peer_fingerprint,
+            )?)),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(
+                identity,
+                peer_fingerprint,
+            )?)),
+        })
+    }
+
+    /// TLS over `stream`; returns the encrypted stream and this TLS session's exporter value
+    /// for the link handshake's channel binding.
+    pub(crate) async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+    ) -> io::Result<(tokio_rustls::TlsStream<S>, Vec<u8>)> {
+        let mut binding = vec![0u8; 32];
+        let tls: tokio_rustls::TlsStream<S> = match self.role {
+            Role::First => {
+                let name = ServerName::try_from("nettool.peer").expect("static name is valid");
+                let s = self.connector.connect(name, stream).await?;
+                s.get_ref()
+                    .1
+                    .export_keying_material(&mut binding, EXPORTER_LABEL, None)
+                    .map_err(io::Error::other)?;
+                s.into()
+            }
+            Role::Second => {
+                let s = self.acceptor.accept(stream).await?;
+                s.get_ref()
+                    .1
+                    .export_keying_material(&mut binding, EXPORTER_LABEL, None)
+                    .map_err(io::Error::other)?;
+                s.into()
+            }
+        };
+        Ok((tls, binding))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_are_pinned_by_fingerprint() {
+        let a = Identity::generate().unwrap();
+        let b = Identity::generate().unwrap();
+        let pinned = Pinned {
+            fingerprint: a.fingerprint,
+            provider: provider(),
+        };
+        assert!(pinned.check(&a.cert).is_ok());
+        assert!(pinned.check(&b.cert).is_err());
+        assert_eq!(
+            parse_fingerprint(&fingerprint_hex(&a.fingerprint)).unwrap(),
+            a.fingerprint
+        );
+        assert!(parse_fingerprint("zz").is_err());
+        assert!(parse_fingerprint("abcd").is_err());
+    }
+
+    #[tokio::test]
+    async fn tls_links_pin_both_ends_and_agree_on_the_exporter() {
+        let (a, b) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let first = LinkTls::new(Role::First, &a, b.fingerprint).unwrap();
+        let second = LinkTls::new(Role::Second, &b, a.fingerprint).unwrap();
+        let (x, y) = tokio::io::duplex(1 << 16);
+        let (rx, ry) = tokio::join!(first.upgrade(x), second.upgrade(y));
+        let ((_, bx), (_, by)) = (rx.unwrap(), ry.unwrap());
+        assert_eq!(bx, by);
+        assert_eq!(bx.len(), 32);
+
+        // A third identity is refused by both sides.
+        let c = Identity::generate().unwrap();
+        let impostor = LinkTls::new(Role::Second, &c, a.fingerprint).unwrap();
+        let (x, y) = tokio::io::duplex(1 << 16);
+        let (rx, ry) = tokio::join!(first.upgrade(x), impostor.upgrade(y));
+        assert!(rx.is_err() && ry.is_err());
+    }
+}
