@@ -36,7 +36,7 @@ pub const FRAME_EOF: u8 = 1;
 /// Frame kind: the relay ended; the payload says why.
 pub const FRAME_END: u8 = 2;
 /// Largest frame payload the server sends.
-pub const MAX_FRAME: usize = 64 * 1024;
+pub const MAX_FRAME: usize = 256 * 1024;
 
 /// Encodes a frame header.
 pub fn header(kind: u8, len: usize) -> [u8; 5] {
