@@ -145,6 +145,18 @@ pub struct NoAgreement {
     pub rejected: Vec<String>,
 }
 
+impl NoAgreement {
+    /// The strategy error for this outcome with the strategy's own description: timed out
+    /// when the deadline passed, no link otherwise.
+    pub fn into_error(self, message: String) -> StrategyError {
+        if self.timed_out {
+            StrategyError::TimedOut(message)
+        } else {
+            StrategyError::NoLink(message)
+        }
+    }
+}
+
 impl std::fmt::Display for NoAgreement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.rejected.is_empty() {

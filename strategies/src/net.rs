@@ -34,6 +34,14 @@ pub(crate) fn candidates(public: SocketAddr, via: SocketAddr, loopback: bool) ->
     out
 }
 
+/// The unspecified address of the server's family, to bind sockets on all interfaces.
+pub(crate) fn unspecified_for(server: SocketAddr) -> IpAddr {
+    match server {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
 /// Hands a connected TCP stream to the link agreement; drops it when its addresses are gone.
 pub(crate) async fn send_tcp(
     tx: &mpsc::Sender<RawLink<TcpStream>>,

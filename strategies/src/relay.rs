@@ -133,11 +133,7 @@ impl Strategy for Relay {
         .await
         .map_err(|none| {
             let msg = format!("no authenticated link through the relay ({none})");
-            if none.timed_out {
-                StrategyError::TimedOut(msg)
-            } else {
-                StrategyError::NoLink(msg)
-            }
+            none.into_error(msg)
         })?;
         Ok(Link {
             stream: Box::new(raw.stream),

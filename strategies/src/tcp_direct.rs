@@ -12,7 +12,7 @@
 //! refuses strangers that find the listening port.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,10 +61,7 @@ impl Strategy for TcpDirect {
 
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
         let server = attempt.rendezvous.server();
-        let unspecified: IpAddr = match server {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-        };
+        let unspecified = crate::net::unspecified_for(server);
         let bind = SocketAddr::new(unspecified, self.config.listen_port);
         let listener = TcpListener::bind(bind)
             .await
@@ -157,11 +154,7 @@ impl Strategy for TcpDirect {
                     detail.join("; ")
                 }
             );
-            if none.timed_out {
-                StrategyError::TimedOut(msg)
-            } else {
-                StrategyError::NoLink(msg)
-            }
+            none.into_error(msg)
         })?;
         Ok(Link {
             stream: Box::new(raw.stream),

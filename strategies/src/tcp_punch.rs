@@ -125,10 +125,7 @@ impl Strategy for TcpPunch {
 
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
         let server = attempt.rendezvous.server();
-        let unspecified: IpAddr = match server {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-        };
+        let unspecified = crate::net::unspecified_for(server);
         let receive = open_port(
             unspecified,
             self.config.local_port,
@@ -247,11 +244,7 @@ impl Strategy for TcpPunch {
                     none,
                     detail.join("; ")
                 );
-                return Err(if none.timed_out {
-                    StrategyError::TimedOut(msg)
-                } else {
-                    StrategyError::NoLink(msg)
-                });
+                return Err(none.into_error(msg));
             }
         };
         Ok(Link {

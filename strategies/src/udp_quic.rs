@@ -101,10 +101,7 @@ impl Strategy for UdpQuic {
 
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
         let server = attempt.rendezvous.server();
-        let unspecified: IpAddr = match server {
-            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-        };
+        let unspecified = crate::net::unspecified_for(server);
         let socket = bind_udp(SocketAddr::new(unspecified, self.config.local_port))
             .map_err(|e| StrategyError::io("binding the UDP socket", e))?;
         let port = socket
@@ -221,11 +218,7 @@ impl Strategy for UdpQuic {
                 "punched through to {peer}, but no authenticated QUIC link within {:.1}s ({none})",
                 started.elapsed().as_secs_f64()
             );
-            if none.timed_out {
-                StrategyError::TimedOut(msg)
-            } else {
-                StrategyError::NoLink(msg)
-            }
+            none.into_error(msg)
         })?;
         if role == Role::Second {
             endpoint.set_server_config(None); // no further connections
