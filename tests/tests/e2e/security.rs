@@ -37,15 +37,32 @@ fn captured_bytes_hold_no_plaintext_on_any_strategy() {
     let router = lab.lab.router_netns(Host::A).expect("A has a router");
     let mut capture = Command::new("ip");
     capture
+        .args(["netns", "exec", router, "tcpdump", "-i", "wan", "-n", "-U"])
         .args([
-            "netns", "exec", router, "tcpdump", "-i", "wan", "-n", "-U", "-s", "0", "-w",
+            "--immediate-mode",
+            "-B",
+            "8192",
+            "-Z",
+            "root",
+            "-s",
+            "0",
+            "-w",
         ])
         .arg(&pcap)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(std::fs::File::create(dir.path("tcpdump.err")).unwrap());
     let mut capture = Proc::spawn(capture);
-    capture.stderr_line_containing("listening on");
+    let log = || std::fs::read_to_string(dir.path("tcpdump.err")).unwrap_or_default();
+    let started = std::time::Instant::now();
+    while !log().contains("listening on") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "tcpdump did not start: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let marker: &[u8] = b"TOP-SECRET-PLAINTEXT-";
     let data = marker.repeat(2000);
@@ -109,7 +126,9 @@ fn captured_bytes_hold_no_plaintext_on_any_strategy() {
     let contains = |needle: &[u8]| wire.windows(needle.len()).any(|w| w == needle);
     assert!(
         contains(control),
-        "the capture works: the plaintext control is on the wire"
+        "the capture works: the plaintext control is on the wire ({} bytes captured; tcpdump: {})",
+        wire.len(),
+        log()
     );
     assert!(
         !contains(marker),
