@@ -12,22 +12,30 @@
 //! Each prints its own p50/p95 with PASS/MISS; this test prints both tables and checks only
 //! that every run linked and the JSON parses (no timing assertions).
 
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nettool_tests::{require_lab, Host, NatKind};
+use nettool_tests::{require_lab, Host, Lab, NatKind};
 
-use crate::nat_punch::RunningLab;
 use crate::support::{nettool_bin, Proc};
 
 /// Runs both peers of `nettool bench` (peer mode) for `strategies` through a lab `a` × `b`.
 fn bench_pair(a: NatKind, b: NatKind, strategies: &[&str], runs: u32) {
-    let lab = RunningLab::new(a, b);
-    let server = format!("{}:8877", lab.lab.server_ip());
+    let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
+    // The server's per-address join rate limit (20/s) would throttle 50 back-to-back runs.
+    let mut cmd = lab.command(Host::Server, nettool_bin());
+    cmd.args(["rendezvous", "--listen", "0.0.0.0:8877", "--join-rate", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut server = Proc::spawn(cmd);
+    server.stderr_line_containing("listening on");
+    let server = format!("{}:8877", lab.server_ip());
     let session = format!("bench-{a}-{b}");
     let runs = runs.to_string();
     let peer = |h: Host| {
-        let mut cmd: Command = lab.lab.command(h, nettool_bin());
+        let mut cmd: Command = lab.command(h, nettool_bin());
         cmd.args(["bench", "--server", &server, "--session", &session])
             .args([
                 "--secret",
@@ -46,29 +54,36 @@ fn bench_pair(a: NatKind, b: NatKind, strategies: &[&str], runs: u32) {
             .stderr(Stdio::piped());
         Proc::spawn(cmd)
     };
-    let pa = peer(Host::A);
-    std::thread::sleep(Duration::from_millis(100));
-    let pb = peer(Host::B);
+    let mut procs = [("A", peer(Host::A)), ("B", peer(Host::B))];
+    // Both run to the end, or the first failure ends both (a lone peer would wait for nothing).
+    let end = std::time::Instant::now() + Duration::from_secs(900);
+    loop {
+        let states: Vec<_> = procs
+            .iter_mut()
+            .map(|(_, p)| p.child.try_wait().expect("try_wait"))
+            .collect();
+        let failed = states.iter().flatten().any(|s| !s.success());
+        if states.iter().all(Option::is_some) || failed || std::time::Instant::now() >= end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut tables = Vec::new();
-    for (name, p) in [("A", pa), ("B", pb)] {
-        let mut p = p;
-        let status = p.wait_timeout(Duration::from_secs(600));
+    for (name, p) in &mut procs {
+        let _ = p.child.kill();
+        let status = p.child.wait().expect("wait");
         let mut out = String::new();
         let mut err = String::new();
-        use std::io::Read;
         if let Some(s) = p.child.stdout.as_mut() {
             s.read_to_string(&mut out).unwrap();
         }
         if let Some(s) = p.child.stderr.as_mut() {
             s.read_to_string(&mut err).unwrap();
         }
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "peer {name}: {status:?}\n{err}"
-        );
+        assert!(status.success(), "peer {name}: {status:?}\n{err}");
         let v: serde_json::Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("peer {name}: bad JSON ({e}):\n{out}"));
-        tables.push((name, v));
+        tables.push((*name, v));
     }
     println!("nettool bench in the NAT lab, {a} (A, first) x {b} (B):");
     for (name, v) in &tables {
@@ -94,13 +109,18 @@ fn bench_lab_time_to_link() {
     if !require_lab() {
         return;
     }
+    // NETTOOL_BENCH_RUNS: runs per strategy (default 50).
+    let runs = std::env::var("NETTOOL_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
     // The punching strategies and the relay through two NATs, one answering with resets.
     bench_pair(
         NatKind::Cone,
         NatKind::ConeRst,
         &["tcp-punch", "udp-quic", "relay"],
-        50,
+        runs,
     );
     // tcp-direct needs a reachable side.
-    bench_pair(NatKind::Cone, NatKind::Full, &["tcp-direct"], 50);
+    bench_pair(NatKind::Cone, NatKind::Full, &["tcp-direct"], runs);
 }
