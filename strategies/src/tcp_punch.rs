@@ -178,7 +178,7 @@ impl Strategy for TcpPunch {
         // The server hands out both offers at once, so the peers start at most half the larger
         // server round trip apart. Dial once the peer's priming SYN is surely out.
         let dial_delay = match self.config.priming_ttl() {
-            Some(_) => max_rtt / 2 + Duration::from_millis(2),
+            Some(_) => max_rtt / 2 + Duration::from_millis(1),
             None => Duration::ZERO,
         };
         let syn_timeout = self
