@@ -42,6 +42,19 @@ pub(crate) fn unspecified_for(server: SocketAddr) -> IpAddr {
     }
 }
 
+/// Options every TCP link gets: keep-alives, so NAT mappings outlive idle periods (15 s idle,
+/// then every 5 s), and a user timeout, so data that stays unacknowledged for 60 s (a
+/// middlebox silently dropping the connection) ends the link with an error instead of a hang.
+pub(crate) fn link_socket_options(stream: &TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(15))
+        .with_interval(std::time::Duration::from_secs(5))
+        .with_retries(4);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    let _ = sock.set_tcp_user_timeout(Some(std::time::Duration::from_secs(60)));
+}
+
 /// Hands a connected TCP stream to the link agreement; drops it when its addresses are gone.
 pub(crate) async fn send_tcp(
     tx: &mpsc::Sender<RawLink<TcpStream>>,
@@ -51,6 +64,7 @@ pub(crate) async fn send_tcp(
         return Ok(());
     };
     let _ = stream.set_nodelay(true);
+    link_socket_options(&stream);
     tx.send(RawLink {
         stream,
         local,

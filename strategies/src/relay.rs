@@ -72,6 +72,7 @@ impl Strategy for Relay {
             .map_err(|_| StrategyError::TimedOut(format!("connecting to the relay at {server}")))?
             .map_err(|e| StrategyError::io(format!("connecting to the relay at {server}"), e))?;
         let _ = stream.set_nodelay(true);
+        crate::net::link_socket_options(&stream);
         let local = stream
             .local_addr()
             .map_err(|e| StrategyError::io("reading the relay connection's address", e))?;
