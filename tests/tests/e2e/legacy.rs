@@ -174,19 +174,7 @@ fn legacy_clients_work_with_an_original_style_server() {
 
 /// `nettool rendezvous --legacy` on a free loopback port.
 fn legacy_rendezvous() -> (Proc, String) {
-    let mut cmd = Command::new(nettool_bin());
-    cmd.args(["rendezvous", "--legacy", "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut proc = Proc::spawn(cmd);
-    let line = proc.stderr_line_containing("listening on");
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .expect("address in the listening line")
-        .to_owned();
-    (proc, addr)
+    crate::support::loopback_rendezvous(&["--legacy"])
 }
 
 #[test]

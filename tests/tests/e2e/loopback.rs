@@ -5,21 +5,8 @@ use std::time::Duration;
 
 use crate::support::{finish_peer, nettool_bin, sha256, spawn_peer, test_data, Proc, TempDir};
 
-/// Starts `nettool rendezvous` on a free loopback port; returns the process and its address.
 fn rendezvous() -> (Proc, String) {
-    let mut cmd = Command::new(nettool_bin());
-    cmd.args(["rendezvous", "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut proc = Proc::spawn(cmd);
-    let line = proc.stderr_line_containing("listening on");
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .expect("address in the listening line")
-        .to_owned();
-    (proc, addr)
+    crate::support::loopback_rendezvous(&[])
 }
 
 fn args(server: &str, session: &str, extra: &[&str]) -> Vec<String> {

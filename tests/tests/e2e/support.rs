@@ -181,3 +181,22 @@ pub(crate) fn finish_peer(mut proc: Proc, dir: &TempDir, name: &str, limit: Dura
         stderr: std::fs::read_to_string(dir.path(&format!("{name}.err"))).unwrap_or_default(),
     }
 }
+
+/// Starts `nettool rendezvous` (with `extra` flags, e.g. `--legacy`) on a free loopback port;
+/// returns the process and its address.
+pub(crate) fn loopback_rendezvous(extra: &[&str]) -> (Proc, String) {
+    let mut cmd = Command::new(nettool_bin());
+    cmd.args(["rendezvous", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut proc = Proc::spawn(cmd);
+    let line = proc.stderr_line_containing("listening on");
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .expect("address in the listening line")
+        .to_owned();
+    (proc, addr)
+}
