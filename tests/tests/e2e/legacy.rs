@@ -276,7 +276,19 @@ fn original_style_clients_talk_to_nettool_clients() {
     s.read_to_end(&mut rest).unwrap(); // the server closes
     assert!(rest.iter().all(|b| *b == 0), "{rest:?}");
     drop(s);
-    let listener = TcpListener::bind(("127.0.0.1", own_port)).unwrap();
+    // Our side of the server connection may still be closing (LAST_ACK) for a moment; an
+    // original client would set SO_REUSEADDR, here we retry the bind briefly.
+    let bind_until = std::time::Instant::now() + Duration::from_secs(3);
+    let listener = loop {
+        match TcpListener::bind(("127.0.0.1", own_port)) {
+            Ok(l) => break l,
+            Err(e) if std::time::Instant::now() < bind_until => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot listen on port {own_port}: {e}"),
+        }
+    };
     let (mut link, _) = listener.accept().unwrap();
     link.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
