@@ -246,7 +246,7 @@ impl RendezvousClient {
             return Ok(to_result(ok, error));
         }
         loop {
-            match self.recv(deadline, "the peer's result").await? {
+            match self.recv_any(deadline, "the peer's result", true).await? {
                 ServerToClient::Result {
                     strategy: s,
                     ok,
@@ -264,10 +264,22 @@ impl RendezvousClient {
         }
     }
 
+    /// Receives the next message other than a result (results that arrive meanwhile are kept
+    /// for [`Self::peer_result`]).
     async fn recv(
         &mut self,
         deadline: Instant,
         what: &'static str,
+    ) -> Result<ServerToClient, ClientError> {
+        self.recv_any(deadline, what, false).await
+    }
+
+    /// Receives the next message; results are returned only when `results` is set.
+    async fn recv_any(
+        &mut self,
+        deadline: Instant,
+        what: &'static str,
+        results: bool,
     ) -> Result<ServerToClient, ClientError> {
         loop {
             match within(deadline, what, self.conn.recv()).await?? {
@@ -281,7 +293,7 @@ impl RendezvousClient {
                     strategy,
                     ok,
                     error,
-                }) if what != "the peer's result" => {
+                }) if !results => {
                     self.early_results.push((strategy, ok, error));
                 }
                 Some(msg) => return Ok(msg),
