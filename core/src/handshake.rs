@@ -1,10 +1,24 @@
 //! The link handshake: proves that both ends of a raw link belong to the same pairing of the
-//! same session, before any user data flows.
+//! same session and hold the same secret, inside the secure channel (TLS or QUIC) and bound to
+//! it, before any user data flows.
 //!
-//! Both ends send a hello (magic, version, role, fresh nonce), then an HMAC-SHA256 over both
-//! nonces, the pairing id, the strategy and the sender's role, keyed with the session key. A
-//! stranger who reaches a punched port, a connection left over from an earlier pairing, or a
-//! peer with another secret fails here and the connection is dropped.
+//! The proof is a password-authenticated key exchange (SPAKE2 over Ed25519, RustCrypto
+//! `spake2`) on the session secret, followed by key confirmation:
+//!
+//! 1. Both ends send a hello: magic, version, role, a fresh nonce and their SPAKE2 message.
+//!    The SPAKE2 message is blinded by the password: nothing in it lets an observer or the
+//!    rendezvous server test guesses of the secret offline.
+//! 2. Both derive the SPAKE2 key. The confirmation of each end is an HMAC keyed with that key
+//!    over a transcript hash of: the pairing id, the strategy, the **channel binding** (the
+//!    secure channel's keying-material exporter) and both hellos.
+//! 3. The second peer sends its confirmation first. The first peer checks it **before** it
+//!    sends its own (verify before reveal), and the second peer then checks the first's.
+//!
+//! Two TLS sessions spliced by a man in the middle (for example a rendezvous server that swaps
+//! the certificate fingerprints in the offers) have two different exporters, so the
+//! confirmations fail even when the attacker forwards every handshake byte. An attacker who
+//! does not know the secret and runs the exchange itself gets one guess per attempt, and the
+//! victim sees that attempt fail.
 //!
 //! When a strategy ends up with several authenticated raw links (it dials many candidates), the
 //! first peer picks one and sends [`SELECT`] on it; the second peer uses the link on which it
@@ -13,18 +27,27 @@
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use spake2::{Ed25519Group, Identity, Password, Spake2};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::Role;
 
 const MAGIC: &[u8; 4] = b"NTLK";
-const VERSION: u8 = 1;
-const HELLO_LEN: usize = 4 + 1 + 1 + 32;
+const VERSION: u8 = 2;
+const NONCE_LEN: usize = 32;
+/// Length of a SPAKE2 message over Ed25519 (side byte + point).
+const PAKE_MSG_LEN: usize = 33;
+const HELLO_LEN: usize = 4 + 1 + 1 + NONCE_LEN + PAKE_MSG_LEN;
 const MAC_LEN: usize = 32;
 /// Byte the first peer sends on the one link it picked.
 pub const SELECT: u8 = 0x5e;
+/// SPAKE2 identities of the two roles.
+const ID_FIRST: &[u8] = b"nettool link first";
+const ID_SECOND: &[u8] = b"nettool link second";
 
-/// The key both peers derive from the session secret.
+/// The password both peers feed into the PAKE, derived from the session secret and the
+/// session name. It never leaves the process in any form an observer could test guesses
+/// against.
 #[derive(Clone)]
 pub struct LinkKey([u8; 32]);
 
@@ -38,25 +61,37 @@ impl LinkKey {
     /// Derives the key from a shared secret and the session name.
     pub fn derive(session: &str, secret: &str) -> Self {
         let mut h = Sha256::new();
-        h.update(b"nettool link key v1\0");
+        h.update(b"nettool link key v2\0");
         h.update((session.len() as u64).to_be_bytes());
         h.update(session.as_bytes());
         h.update(secret.as_bytes());
         Self(h.finalize().into())
     }
+}
 
-    /// HMAC-SHA256 keyed with this key over `label` and the length-prefixed `parts`: a tag
-    /// that authenticates small messages outside the link handshake (e.g. UDP punch
-    /// datagrams). Different labels give independent tags.
-    pub fn tag(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
-        mac.update(&(label.len() as u64).to_be_bytes());
-        mac.update(label);
-        for part in parts {
-            mac.update(&(part.len() as u64).to_be_bytes());
-            mac.update(part);
-        }
-        mac.finalize().into_bytes().into()
+/// Test-only switch that leaves the channel binding out of the confirmation, so the
+/// man-in-the-middle tests can show that their attack succeeds without it. Compiled only with
+/// the dev-only `insecure-test-switches` feature, which no released binary enables.
+#[cfg(feature = "insecure-test-switches")]
+pub mod insecure {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static BINDING_OFF: AtomicBool = AtomicBool::new(false);
+
+    /// Turns channel binding off (`true`) or back on for every handshake in this process.
+    pub fn set_binding_off(off: bool) {
+        BINDING_OFF.store(off, Ordering::SeqCst);
+    }
+
+    pub(crate) fn binding_off() -> bool {
+        BINDING_OFF.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(not(feature = "insecure-test-switches"))]
+mod insecure {
+    pub(crate) fn binding_off() -> bool {
+        false
     }
 }
 
@@ -73,7 +108,7 @@ pub struct HandshakeContext {
     pub role: Role,
     /// Channel binding: a value both ends derive from the secure channel the handshake runs
     /// over (a TLS keying-material exporter), so the proof cannot be relayed into another
-    /// channel. Empty when the link has no secure channel below it.
+    /// channel. Must not be empty: a handshake without a secure channel below it is refused.
     pub binding: Vec<u8>,
 }
 
@@ -84,15 +119,22 @@ pub enum HandshakeError {
     /// The raw link failed or closed during the handshake.
     #[error("link closed during handshake: {0}")]
     Io(#[from] std::io::Error),
-    /// The other end does not speak nettool's link protocol.
+    /// The other end does not speak nettool's link protocol (or another version of it).
     #[error("not a nettool peer (bad hello)")]
     NotAPeer,
     /// The other end claims the same role as this end.
     #[error("the other end claims the same role")]
     SameRole,
-    /// The other end's proof does not match: another session, pairing or secret.
-    #[error("the other end failed authentication (wrong session, pairing or secret)")]
+    /// The other end's key confirmation does not match: another secret, session or pairing,
+    /// or a man in the middle (the secure channels of the two ends differ).
+    #[error(
+        "the other end failed authentication (wrong secret, session or pairing, \
+         or a man in the middle: the secure channel is not the peer's)"
+    )]
     BadProof,
+    /// The link has no secure channel to bind the proof to; nettool never accepts such a link.
+    #[error("no secure channel below the link handshake (channel binding is empty)")]
+    Unbound,
     /// The first peer closed the link without selecting it.
     #[error("link not selected by the first peer")]
     NotSelected,
@@ -109,63 +151,105 @@ fn role_byte(role: Role) -> u8 {
     }
 }
 
-fn proof(
-    ctx: &HandshakeContext,
-    nonce_first: &[u8],
-    nonce_second: &[u8],
-    sender: Role,
-) -> Hmac<Sha256> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&ctx.key.0).expect("any key length");
-    mac.update(b"nettool link proof v1\0");
+/// Hash over everything the two ends must agree on.
+fn transcript(ctx: &HandshakeContext, hello_first: &[u8], hello_second: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"nettool link transcript v2\0");
+    let binding: &[u8] = if insecure::binding_off() {
+        b""
+    } else {
+        &ctx.binding
+    };
     for part in [
         ctx.pair_id.as_bytes(),
         ctx.strategy.as_bytes(),
-        nonce_first,
-        nonce_second,
+        binding,
+        hello_first,
+        hello_second,
     ] {
-        mac.update(&(part.len() as u64).to_be_bytes());
-        mac.update(part);
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
     }
+    h.finalize().into()
+}
+
+fn confirmation(pake_key: &[u8], transcript: &[u8; 32], sender: Role) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(pake_key).expect("any key length");
+    mac.update(b"nettool link confirm v2\0");
+    mac.update(transcript);
     mac.update(&[role_byte(sender)]);
     mac
 }
 
-/// Runs the mutual proof on a raw link. Does not select: see [`select`] and [`await_select`].
+/// Runs the mutual proof on a raw link (inside its secure channel). Does not select: see
+/// [`select`] and [`await_select`].
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     ctx: &HandshakeContext,
 ) -> Result<(), HandshakeError> {
-    let mut nonce = [0u8; 32];
+    if ctx.binding.is_empty() {
+        return Err(HandshakeError::Unbound);
+    }
+    let password = Password::new(ctx.key.0);
+    let (id_first, id_second) = (Identity::new(ID_FIRST), Identity::new(ID_SECOND));
+    let (pake, pake_msg) = match ctx.role {
+        Role::First => Spake2::<Ed25519Group>::start_a(&password, &id_first, &id_second),
+        Role::Second => Spake2::<Ed25519Group>::start_b(&password, &id_first, &id_second),
+    };
+    debug_assert_eq!(pake_msg.len(), PAKE_MSG_LEN);
+    let mut nonce = [0u8; NONCE_LEN];
     rand::thread_rng().fill_bytes(&mut nonce);
     let mut hello = Vec::with_capacity(HELLO_LEN);
     hello.extend_from_slice(MAGIC);
     hello.push(VERSION);
     hello.push(role_byte(ctx.role));
     hello.extend_from_slice(&nonce);
+    hello.extend_from_slice(&pake_msg);
     stream.write_all(&hello).await?;
     stream.flush().await?;
 
     let mut theirs = [0u8; HELLO_LEN];
-    stream.read_exact(&mut theirs).await?;
+    stream.read_exact(&mut theirs[..6]).await?;
     if &theirs[..4] != MAGIC || theirs[4] != VERSION {
         return Err(HandshakeError::NotAPeer);
     }
     if theirs[5] != role_byte(ctx.role.other()) {
         return Err(HandshakeError::SameRole);
     }
-    let their_nonce = &theirs[6..];
-    let (nf, ns) = match ctx.role {
-        Role::First => (&nonce[..], their_nonce),
-        Role::Second => (their_nonce, &nonce[..]),
+    stream.read_exact(&mut theirs[6..]).await?;
+    let pake_key = pake
+        .finish(&theirs[6 + NONCE_LEN..])
+        .map_err(|_| HandshakeError::NotAPeer)?;
+    let (hello_first, hello_second) = match ctx.role {
+        Role::First => (&hello[..], &theirs[..]),
+        Role::Second => (&theirs[..], &hello[..]),
     };
-    let mine = proof(ctx, nf, ns, ctx.role).finalize().into_bytes();
-    stream.write_all(&mine).await?;
-    stream.flush().await?;
+    let transcript = transcript(ctx, hello_first, hello_second);
+    let mine = confirmation(&pake_key, &transcript, ctx.role)
+        .finalize()
+        .into_bytes();
+    let check = |their_mac: &[u8]| {
+        confirmation(&pake_key, &transcript, ctx.role.other())
+            .verify_slice(their_mac)
+            .map_err(|_| HandshakeError::BadProof)
+    };
     let mut their_mac = [0u8; MAC_LEN];
-    stream.read_exact(&mut their_mac).await?;
-    proof(ctx, nf, ns, ctx.role.other())
-        .verify_slice(&their_mac)
-        .map_err(|_| HandshakeError::BadProof)
+    match ctx.role {
+        // Verify before reveal: the first peer only confirms to a peer that has proved itself.
+        Role::First => {
+            stream.read_exact(&mut their_mac).await?;
+            check(&their_mac)?;
+            stream.write_all(&mine).await?;
+            stream.flush().await?;
+        }
+        Role::Second => {
+            stream.write_all(&mine).await?;
+            stream.flush().await?;
+            stream.read_exact(&mut their_mac).await?;
+            check(&their_mac)?;
+        }
+    }
+    Ok(())
 }
 
 /// The first peer: marks an authenticated link as the one both ends use.
@@ -194,17 +278,33 @@ mod tests {
             pair_id: "p1".into(),
             strategy: "tcp-punch".into(),
             role,
-            binding: Vec::new(),
+            binding: vec![7; 32],
         }
+    }
+
+    /// Runs both ends; each end drops its stream when its handshake ends, as a strategy does.
+    async fn run_pair(
+        first: &HandshakeContext,
+        second: &HandshakeContext,
+    ) -> (Result<(), HandshakeError>, Result<(), HandshakeError>) {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        tokio::join!(
+            async move {
+                let r = authenticate(&mut a, first).await;
+                drop(a);
+                r
+            },
+            async move {
+                let r = authenticate(&mut b, second).await;
+                drop(b);
+                r
+            }
+        )
     }
 
     #[tokio::test]
     async fn matching_peers_authenticate() {
-        let (first, second, _other) = (
-            ctx(Role::First, "s"),
-            ctx(Role::Second, "s"),
-            ctx(Role::Second, "other"),
-        );
+        let (first, second) = (ctx(Role::First, "s"), ctx(Role::Second, "s"));
         let (mut a, mut b) = tokio::io::duplex(4096);
         let (ra, rb) = tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &second));
         ra.unwrap();
@@ -216,15 +316,75 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_secret_is_refused_on_both_ends() {
-        let (first, _second, other) = (
-            ctx(Role::First, "s"),
-            ctx(Role::Second, "s"),
-            ctx(Role::Second, "other"),
-        );
+        let (first, other) = (ctx(Role::First, "s"), ctx(Role::Second, "other"));
+        let (ra, rb) = run_pair(&first, &other).await;
+        assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
+        // The first peer never confirmed: the second sees the link close.
+        assert!(rb.is_err(), "{rb:?}");
+    }
+
+    #[tokio::test]
+    async fn different_channels_are_refused() {
+        // What a man in the middle produces: the same secret on both ends, but two TLS
+        // sessions, so two different exporters.
+        let first = ctx(Role::First, "s");
+        let mut second = ctx(Role::Second, "s");
+        second.binding = vec![8; 32];
+        let (ra, rb) = run_pair(&first, &second).await;
+        assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
+        assert!(rb.is_err(), "{rb:?}");
+    }
+
+    #[tokio::test]
+    async fn a_link_without_a_secure_channel_is_refused() {
+        let mut first = ctx(Role::First, "s");
+        first.binding.clear();
+        let (mut a, _b) = tokio::io::duplex(4096);
+        let r = authenticate(&mut a, &first).await;
+        assert!(matches!(r, Err(HandshakeError::Unbound)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn the_first_peer_verifies_before_it_reveals() {
+        // An impostor in the second role that guessed the secret wrong sends a well-formed
+        // hello and a confirmation. The first peer must refuse it without ever sending its
+        // own confirmation: all the impostor gets is the first peer's hello.
+        let first = ctx(Role::First, "s");
+        let impostor = ctx(Role::Second, "guess");
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let (ra, rb) = tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &other));
-        assert!(matches!(ra, Err(HandshakeError::BadProof)));
-        assert!(matches!(rb, Err(HandshakeError::BadProof)));
+        let attacker = async move {
+            let password = Password::new(impostor.key.0);
+            let (_, msg) = Spake2::<Ed25519Group>::start_b(
+                &password,
+                &Identity::new(ID_FIRST),
+                &Identity::new(ID_SECOND),
+            );
+            let mut hello = Vec::new();
+            hello.extend_from_slice(MAGIC);
+            hello.push(VERSION);
+            hello.push(2);
+            hello.extend_from_slice(&[1; NONCE_LEN]);
+            hello.extend_from_slice(&msg);
+            b.write_all(&hello).await.unwrap();
+            b.write_all(&[0x55; MAC_LEN]).await.unwrap();
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let (ra, got) = tokio::join!(
+            async move {
+                let r = authenticate(&mut a, &first).await;
+                drop(a);
+                r
+            },
+            attacker
+        );
+        assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
+        assert_eq!(
+            got.len(),
+            HELLO_LEN,
+            "only the hello may reach an unproven peer"
+        );
     }
 
     #[tokio::test]
@@ -240,5 +400,32 @@ mod tests {
         };
         let (ra, ()) = tokio::join!(authenticate(&mut a, &first), stranger);
         assert!(matches!(ra, Err(HandshakeError::NotAPeer)));
+    }
+
+    #[tokio::test]
+    async fn the_wire_carries_nothing_to_test_guesses_against() {
+        // Two handshakes with the same secret: apart from the fixed header, the hellos share
+        // nothing (fresh nonces, fresh SPAKE2 scalars), so an observer has no password-derived
+        // value to test guesses against. (The confirmations are keyed with the PAKE key, which
+        // an observer cannot compute.)
+        let mut hellos = Vec::new();
+        for _ in 0..2 {
+            let (mut a, mut b) = tokio::io::duplex(4096);
+            let first = ctx(Role::First, "s");
+            let (_, got) = tokio::join!(
+                async move {
+                    let _ = authenticate(&mut a, &first).await;
+                },
+                async move {
+                    let mut buf = vec![0u8; HELLO_LEN];
+                    b.read_exact(&mut buf).await.unwrap();
+                    drop(b);
+                    buf
+                }
+            );
+            hellos.push(got);
+        }
+        assert_eq!(hellos[0][..6], hellos[1][..6]);
+        assert_ne!(hellos[0][6 + NONCE_LEN..], hellos[1][6 + NONCE_LEN..]);
     }
 }

@@ -20,7 +20,7 @@ use nettool_config::TcpDirectConfig;
 use nettool_core::strategy::agree_on_link;
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
-use crate::net::{candidates, send_tcp};
+use crate::net::{candidates, peer_candidates, send_tcp};
 use crate::tls::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -88,14 +88,10 @@ impl Strategy for TcpDirect {
             &identity,
             parse_fingerprint(&theirs.fingerprint)?,
         )?;
-        let peer: Vec<SocketAddr> = theirs
-            .listen
-            .into_iter()
-            .filter(|c| c.is_ipv4() == server.is_ipv4() && c.port() != 0)
-            .collect();
+        let peer = peer_candidates(&theirs.listen, attempt.pairing.peer.ip(), server);
         if peer.is_empty() {
             return Err(StrategyError::BadOffer(
-                "no candidate address of this address family".into(),
+                "no usable candidate address (of this address family, private or the one the server observed)".into(),
             ));
         }
         debug!(candidates = ?peer, "peer offer");

@@ -35,7 +35,7 @@ use nettool_core::client::observe;
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
-use crate::net::{candidates, send_tcp};
+use crate::net::{candidates, peer_candidates, send_tcp};
 use crate::tls::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -45,6 +45,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, trace};
 
+/// Most connection attempts (SYNs from a fresh socket) per destination and port per attempt,
+/// priming and dialing each: a bound on what an offer can make this peer send.
+const MAX_SYNS_PER_DESTINATION: u32 = 512;
 /// The strategy's name.
 pub const NAME: &str = "tcp-punch";
 
@@ -154,12 +157,8 @@ impl Strategy for TcpPunch {
             .await?;
         let theirs: PunchOffer =
             serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
-        let usable = |v: &[SocketAddr]| -> Vec<SocketAddr> {
-            v.iter()
-                .copied()
-                .filter(|c| c.is_ipv4() == server.is_ipv4() && c.port() != 0)
-                .collect()
-        };
+        let observed = attempt.pairing.peer.ip();
+        let usable = |v: &[SocketAddr]| peer_candidates(v, observed, server);
         let tls = LinkTls::new(
             attempt.role(),
             &identity,
@@ -168,7 +167,7 @@ impl Strategy for TcpPunch {
         let (peer_receive, peer_dial) = (usable(&theirs.receive), usable(&theirs.dial));
         if peer_receive.is_empty() || peer_dial.is_empty() {
             return Err(StrategyError::BadOffer(
-                "no candidate address of this address family".into(),
+                "no usable candidate address (of this address family, private or the one the server observed)".into(),
             ));
         }
         debug!(receive = ?peer_receive, dial = ?peer_dial, "peer offer");
@@ -334,7 +333,7 @@ async fn prime_loop(
     errors: DialErrors,
 ) {
     let mut deaths = 0u32;
-    loop {
+    for _ in 0..MAX_SYNS_PER_DESTINATION {
         let stream = match start_connect(local, remote, Some(ttl)) {
             Ok(s) => s,
             Err(e) => {
@@ -360,6 +359,11 @@ async fn prime_loop(
             }
         }
     }
+    record(
+        &errors,
+        format!("prime {remote}"),
+        format!("gave up after {MAX_SYNS_PER_DESTINATION} priming SYNs"),
+    );
 }
 
 async fn dial_loop(
@@ -372,7 +376,7 @@ async fn dial_loop(
     errors: DialErrors,
 ) {
     tokio::time::sleep(delay).await;
-    loop {
+    for _ in 0..MAX_SYNS_PER_DESTINATION {
         match tokio::time::timeout(syn_timeout, connect_from(local, remote)).await {
             Ok(Ok(stream)) => {
                 trace!(%remote, "connected");
@@ -392,6 +396,11 @@ async fn dial_loop(
             ),
         }
     }
+    record(
+        &errors,
+        format!("dial {remote}"),
+        format!("gave up after {MAX_SYNS_PER_DESTINATION} SYNs"),
+    );
 }
 
 fn record(errors: &DialErrors, what: String, error: String) {

@@ -9,8 +9,11 @@
 //!    server round trip go to the peer through the rendezvous server, which hands both offers
 //!    out at the same moment.
 //! 3. **Punching.** Both peers send authenticated punch datagrams (HMAC over the pairing id,
-//!    the strategy, the sender's role, flags and a nonce, keyed from the session secret) to
-//!    every peer candidate, and to every address a valid punch came from, every
+//!    the strategy, the sender's role, flags and a nonce, keyed with a random per-attempt punch
+//!    key that travels in the sender's offer, independent of the session secret: their only job
+//!    is to recognise the peer's punches, so nothing on the wire lets anyone test guesses of the
+//!    secret) to every peer candidate (at most [`MAX_CANDIDATES_PER_FAMILY`], validated against
+//!    the address the server observed), and to every address a valid punch came from, every
 //!    `punch_interval`. The *first* datagram to each candidate goes out with TTL 2: it passes
 //!    the own NAT (which now holds the mapping for that peer endpoint) but dies before the
 //!    peer's router. Without it, a router that answers unsolicited datagrams with ICMP
@@ -43,9 +46,9 @@ use std::time::{Duration, Instant};
 
 use nettool_config::UdpQuicConfig;
 use nettool_core::strategy::{agree_on_link, RawLink};
-use nettool_core::{stun, Attempt, Link, LinkKey, Role, Strategy, StrategyError};
+use nettool_core::{stun, Attempt, Link, Role, Strategy, StrategyError};
 
-use crate::net::candidates;
+use crate::net::{candidates, peer_candidates, MAX_CANDIDATES_PER_FAMILY};
 use crate::tls::{client_tls, server_tls, tls_error, Identity, EXPORTER_LABEL};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt};
@@ -91,6 +94,8 @@ struct QuicOffer {
     fingerprint: String,
     /// This peer's round trip to the server, in microseconds.
     server_rtt_us: u64,
+    /// Random per-attempt key (hex, 32 bytes) this peer tags its punch datagrams with.
+    punch_key: String,
 }
 
 #[async_trait::async_trait]
@@ -118,7 +123,10 @@ impl Strategy for UdpQuic {
         debug!(%public, ?candidates, "UDP socket observed");
 
         let identity = Identity::generate()?;
+        let mut punch_key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut punch_key);
         let offer = QuicOffer {
+            punch_key: hex::encode(punch_key),
             candidates,
             fingerprint: hex::encode(identity.fingerprint),
             server_rtt_us: attempt
@@ -138,17 +146,14 @@ impl Strategy for UdpQuic {
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| StrategyError::BadOffer("bad certificate fingerprint".into()))?;
-        let peer_candidates: Vec<SocketAddr> = theirs
-            .candidates
-            .iter()
-            .copied()
-            .filter(|c| c.is_ipv4() == server.is_ipv4() && c.port() != 0)
-            .collect();
+        let peer_candidates =
+            peer_candidates(&theirs.candidates, attempt.pairing.peer.ip(), server);
         if peer_candidates.is_empty() {
             return Err(StrategyError::BadOffer(
-                "no candidate address of this address family".into(),
+                "no usable candidate address (of this address family, private or the one the server observed)".into(),
             ));
         }
+        let peer_punch_key = parse_punch_key(&theirs.punch_key)?;
         debug!(candidates = ?peer_candidates, "peer offer");
 
         let peer_rtt = Duration::from_micros(theirs.server_rtt_us.min(60_000_000));
@@ -160,7 +165,8 @@ impl Strategy for UdpQuic {
         let started = Instant::now();
         let puncher = Puncher {
             socket: &socket,
-            key: attempt.key,
+            my_key: &punch_key,
+            peer_key: &peer_punch_key,
             pair_id: &attempt.pairing.pair_id,
             role: attempt.role(),
             interval: self.config.punch_interval,
@@ -168,7 +174,7 @@ impl Strategy for UdpQuic {
             // low-TTL datagrams are out by then.
             full_ttl_delay: max_rtt / 2 + Duration::from_millis(5),
         };
-        let peer = puncher.run(&peer_candidates, stop).await.map_err(|fail| {
+        let paths = puncher.run(&peer_candidates, stop).await.map_err(|fail| {
             let msg = format!(
                 "no punch through within {:.1}s ({})",
                 started.elapsed().as_secs_f64(),
@@ -180,7 +186,7 @@ impl Strategy for UdpQuic {
                 StrategyError::NoLink(msg)
             }
         })?;
-        debug!(%peer, "punched through");
+        debug!(?paths, "punched through");
 
         let transport = self.transport(attempt.server_rtt + peer_rtt);
         let local = SocketAddr::new(via, port);
@@ -196,7 +202,7 @@ impl Strategy for UdpQuic {
         let mut tasks = JoinSet::new();
         match role {
             Role::First => {
-                tasks.spawn(dial(endpoint.clone(), peer, local, tx));
+                tasks.spawn(dial_each(endpoint.clone(), paths.clone(), local, tx));
             }
             Role::Second => {
                 tasks.spawn(accept(endpoint.clone(), local, tx));
@@ -215,7 +221,12 @@ impl Strategy for UdpQuic {
         tasks.abort_all();
         let raw = agreed.map_err(|none| {
             let msg = format!(
-                "punched through to {peer}, but no authenticated QUIC link within {:.1}s ({none})",
+                "punched through to {}, but no authenticated QUIC link within {:.1}s ({none})",
+                paths
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 started.elapsed().as_secs_f64()
             );
             none.into_error(msg)
@@ -327,6 +338,12 @@ const PUNCH_VERSION: u8 = 1;
 const PUNCH_LABEL: &[u8] = b"nettool udp punch v1";
 const NONCE_LEN: usize = 16;
 const PUNCH_LEN: usize = 4 + 1 + 1 + 1 + NONCE_LEN + 32;
+/// Most addresses punched per attempt: the validated candidates plus addresses valid punches
+/// came from.
+const MAX_TARGETS: usize = 2 * MAX_CANDIDATES_PER_FAMILY;
+/// Most punch datagrams sent to one address per attempt (at the default 50 ms interval, more
+/// than a 10 s attempt needs).
+const MAX_PUNCHES_PER_TARGET: u64 = 256;
 /// Flag: the sender has heard a valid punch from the receiver.
 const FLAG_HEARD: u8 = 0x01;
 
@@ -355,14 +372,34 @@ fn role_byte(role: Role) -> u8 {
     }
 }
 
-fn punch_tag(key: &LinkKey, pair_id: &str, head: &[u8], nonce: &[u8]) -> [u8; 32] {
-    key.tag(
-        PUNCH_LABEL,
-        &[pair_id.as_bytes(), NAME.as_bytes(), head, nonce],
-    )
+/// A punch key from a peer's offer.
+fn parse_punch_key(hex_text: &str) -> Result<PunchKey, StrategyError> {
+    hex::decode(hex_text)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| StrategyError::BadOffer("punch key is not 32 bytes of hex".into()))
 }
 
-fn encode_punch(key: &LinkKey, pair_id: &str, punch: Punch) -> Vec<u8> {
+/// Key of one peer's punch datagrams in one attempt.
+type PunchKey = [u8; 32];
+
+fn punch_tag(key: &PunchKey, pair_id: &str, head: &[u8], nonce: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    for part in [
+        PUNCH_LABEL,
+        pair_id.as_bytes(),
+        NAME.as_bytes(),
+        head,
+        nonce,
+    ] {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn encode_punch(key: &PunchKey, pair_id: &str, punch: Punch) -> Vec<u8> {
     let mut out = Vec::with_capacity(PUNCH_LEN);
     out.extend_from_slice(&PUNCH_MAGIC);
     out.push(PUNCH_VERSION);
@@ -378,7 +415,7 @@ fn encode_punch(key: &LinkKey, pair_id: &str, punch: Punch) -> Vec<u8> {
 
 /// Checks a datagram claimed to come from the peer (whose role is `from_role`).
 fn decode_punch(
-    key: &LinkKey,
+    key: &PunchKey,
     pair_id: &str,
     from_role: Role,
     packet: &[u8],
@@ -415,7 +452,10 @@ fn decode_punch(
 /// One punching run over the attempt's socket.
 struct Puncher<'a> {
     socket: &'a UdpSocket,
-    key: &'a LinkKey,
+    /// Our punch key (in our offer).
+    my_key: &'a PunchKey,
+    /// The peer's punch key (from its offer).
+    peer_key: &'a PunchKey,
     pair_id: &'a str,
     role: Role,
     interval: Duration,
@@ -441,7 +481,7 @@ struct Seen {
 impl Puncher<'_> {
     fn punch(&self, heard: bool) -> Vec<u8> {
         encode_punch(
-            self.key,
+            self.my_key,
             self.pair_id,
             Punch {
                 role: self.role,
@@ -452,6 +492,9 @@ impl Puncher<'_> {
 
     async fn send(&self, to: SocketAddr, heard: bool, seen: &mut BTreeMap<SocketAddr, Seen>) {
         let entry = seen.entry(to).or_default();
+        if entry.sent >= MAX_PUNCHES_PER_TARGET {
+            return;
+        }
         entry.sent += 1;
         match self.socket.send_to(&self.punch(heard), to).await {
             Ok(_) => {}
@@ -464,13 +507,19 @@ impl Puncher<'_> {
     }
 
     /// Punches until a valid punch from the peer was heard and the peer confirmed hearing
-    /// ours; returns the address the confirming punch came from (or, for the second peer, the
-    /// address the first peer's QUIC packets come from).
+    /// ours; returns the peer's addresses that punched through: first the one the confirming
+    /// punch came from (or, for the second peer, the one the first peer's QUIC packets come
+    /// from), then every other address a valid punch came from, so QUIC can try them all.
     async fn run(
         &self,
         peer_candidates: &[SocketAddr],
         stop: Instant,
-    ) -> Result<SocketAddr, PunchFailure> {
+    ) -> Result<Vec<SocketAddr>, PunchFailure> {
+        let paths = |best: SocketAddr, heard: &HashSet<SocketAddr>| {
+            let mut out = vec![best];
+            out.extend(heard.iter().copied().filter(|a| *a != best));
+            out
+        };
         let mut targets: Vec<SocketAddr> = peer_candidates.to_vec();
         let mut seen: BTreeMap<SocketAddr, Seen> = BTreeMap::new();
         let mut heard_from: HashSet<SocketAddr> = HashSet::new();
@@ -504,7 +553,7 @@ impl Puncher<'_> {
                 for _ in 0..3 {
                     self.send(from, true, &mut seen).await;
                 }
-                return Ok(from);
+                return Ok(paths(from, &heard_from));
             }
             tokio::select! {
                 () = tokio::time::sleep_until(stop.into()) => {
@@ -530,7 +579,7 @@ impl Puncher<'_> {
                         }
                     };
                     let packet = &buf[..n];
-                    let punch = decode_punch(self.key, self.pair_id, self.role.other(), packet);
+                    let punch = decode_punch(self.peer_key, self.pair_id, self.role.other(), packet);
                     if punch.is_err()
                         && self.role == Role::Second
                         && heard_from.contains(&from)
@@ -539,7 +588,7 @@ impl Puncher<'_> {
                         // A QUIC long-header packet from the peer: it is done punching, so it
                         // heard ours. Leave the packet for the QUIC endpoint.
                         debug!(%from, "the peer started QUIC");
-                        return Ok(from);
+                        return Ok(paths(from, &heard_from));
                     }
                     let _ = self.socket.recv_from(&mut buf).await;
                     let entry = seen.entry(from).or_default();
@@ -547,7 +596,7 @@ impl Puncher<'_> {
                         Ok(p) => {
                             entry.valid += 1;
                             trace!(%from, heard = p.heard, "valid punch");
-                            if !targets.contains(&from) {
+                            if !targets.contains(&from) && targets.len() < MAX_TARGETS {
                                 debug!(%from, "peer reachable at an address it did not offer");
                                 targets.push(from);
                             }
@@ -696,40 +745,64 @@ impl Drop for EndpointGuard {
     }
 }
 
+/// The first peer: dials QUIC to each address that punched through, in order, until one
+/// connection is handed to the link agreement (which may still refuse it; then the next is
+/// tried).
+async fn dial_each(
+    endpoint: Endpoint,
+    paths: Vec<SocketAddr>,
+    local: SocketAddr,
+    tx: mpsc::Sender<RawLink<QuicStream>>,
+) {
+    for peer in paths {
+        if tx.is_closed() {
+            return;
+        }
+        if let Some(conn) = dial(endpoint.clone(), peer, local, &tx).await {
+            // The agreement refused it when it closes; then try the next address. (When the
+            // agreement takes it, the attempt ends and aborts this task.)
+            let why = conn.closed().await;
+            debug!(%peer, "QUIC connection ended before it became the link: {why}");
+        }
+    }
+}
+
+/// Dials one address; the connection when it went to the link agreement with its stream.
 async fn dial(
     endpoint: Endpoint,
     peer: SocketAddr,
     local: SocketAddr,
-    tx: mpsc::Sender<RawLink<QuicStream>>,
-) {
+    tx: &mpsc::Sender<RawLink<QuicStream>>,
+) -> Option<Connection> {
     let conn = match endpoint.connect(peer, "nettool") {
         Ok(connecting) => match connecting.await {
             Ok(c) => c,
             Err(e) => {
                 warn!(%peer, "QUIC connection failed: {e}");
-                return;
+                return None;
             }
         },
         Err(e) => {
             warn!(%peer, "QUIC connect: {e}");
-            return;
+            return None;
         }
     };
     let (send, recv) = match conn.open_bi().await {
         Ok(s) => s,
         Err(e) => {
             warn!(%peer, "opening the QUIC stream: {e}");
-            return;
+            return None;
         }
     };
     let remote = conn.remote_address();
-    let _ = tx
-        .send(RawLink {
-            stream: QuicStream::new(endpoint, conn, send, recv),
-            local,
-            remote,
-        })
-        .await;
+    tx.send(RawLink {
+        stream: QuicStream::new(endpoint, conn.clone(), send, recv),
+        local,
+        remote,
+    })
+    .await
+    .ok()?;
+    Some(conn)
 }
 
 async fn accept(endpoint: Endpoint, local: SocketAddr, tx: mpsc::Sender<RawLink<QuicStream>>) {
@@ -928,9 +1001,10 @@ impl AsyncWrite for QuicStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest;
 
-    fn key(secret: &str) -> LinkKey {
-        LinkKey::derive("demo", secret)
+    fn key(seed: &str) -> PunchKey {
+        sha2::Sha256::digest(seed.as_bytes()).into()
     }
 
     #[test]
