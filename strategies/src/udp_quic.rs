@@ -334,8 +334,8 @@ async fn stun_mapping(
 /// First bytes of a punch datagram. The first byte has QUIC's fixed bit (0x40) clear, so a late
 /// punch is never taken for a QUIC packet.
 const PUNCH_MAGIC: [u8; 4] = [0x00, b'N', b'T', b'P'];
-const PUNCH_VERSION: u8 = 1;
-const PUNCH_LABEL: &[u8] = b"nettool udp punch v1";
+const PUNCH_VERSION: u8 = 2;
+const PUNCH_LABEL: &[u8] = b"nettool udp punch v2";
 const NONCE_LEN: usize = 16;
 const PUNCH_LEN: usize = 4 + 1 + 1 + 1 + NONCE_LEN + 32;
 /// Most addresses punched per attempt: the validated candidates plus addresses valid punches

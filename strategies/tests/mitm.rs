@@ -130,6 +130,8 @@ impl ClientCertVerifier for AcceptAny {
 
 struct DoubleTls {
     fingerprint: String,
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
     acceptor: tokio_rustls::TlsAcceptor,
     connector: tokio_rustls::TlsConnector,
 }
@@ -156,10 +158,13 @@ impl DoubleTls {
             .with_client_auth_cert(vec![cert.clone()], key())
             .unwrap();
         client.alpn_protocols = vec![b"nettool/1".to_vec()];
+        let (server, client) = (Arc::new(server), Arc::new(client));
         Self {
             fingerprint: hex::encode(Sha256::digest(&cert)),
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            acceptor: tokio_rustls::TlsAcceptor::from(server.clone()),
+            connector: tokio_rustls::TlsConnector::from(client.clone()),
+            server,
+            client,
         }
     }
 }
@@ -198,6 +203,12 @@ struct DoubleState {
     /// from the peer talking to that pose.
     poses: Mutex<HashMap<(String, Role), SocketAddr>>,
     parked: Mutex<HashMap<(String, Role), Vec<Plain>>>,
+    /// The pairing id (from the paired message) and each role's udp-quic punch key (from its
+    /// original offer).
+    pair_id: Mutex<String>,
+    punch_keys: Mutex<HashMap<Role, [u8; 32]>>,
+    /// The double's own punch key.
+    punch_key: [u8; 32],
 }
 
 impl Double {
@@ -224,6 +235,9 @@ impl Double {
             terminated: terminated.clone(),
             poses: Mutex::default(),
             parked: Mutex::default(),
+            pair_id: Mutex::default(),
+            punch_keys: Mutex::default(),
+            punch_key: [0x42; 32],
         });
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
@@ -295,6 +309,8 @@ impl DoubleState {
                 }
                 let mut msg: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
                 if msg["type"] == "paired" {
+                    *me.pair_id.lock().unwrap() =
+                        msg["pair_id"].as_str().unwrap_or_default().into();
                     role = Some(if msg["role"] == "first" {
                         Role::First
                     } else {
@@ -328,6 +344,14 @@ impl DoubleState {
             if key == "fingerprint" && matches!(self.mode, Mode::Swap) {
                 *value = Value::String(self.tls.fingerprint.clone());
             }
+            if key == "punch_key" && matches!(self.mode, Mode::Swap) {
+                let theirs: [u8; 32] = hex::decode(value.as_str().unwrap())
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                self.punch_keys.lock().unwrap().insert(posed, theirs);
+                *value = Value::String(hex::encode(self.punch_key));
+            }
             let is_addr_list = value.as_array().is_some_and(|a| {
                 a.iter()
                     .all(|v| v.as_str().is_some_and(|s| s.parse::<SocketAddr>().is_ok()))
@@ -344,6 +368,13 @@ impl DoubleState {
         if let Some(addr) = poses.get(&(strategy.to_owned(), posed)) {
             return *addr;
         }
+        if strategy == "udp-quic" {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let addr = socket.local_addr().unwrap();
+            tokio::spawn(self.clone().quic_pose(posed, socket));
+            poses.insert((strategy.to_owned(), posed), addr);
+            return addr;
+        }
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
@@ -356,6 +387,84 @@ impl DoubleState {
         });
         poses.insert((strategy.to_owned(), posed), addr);
         addr
+    }
+
+    /// udp-quic: answers the peer's punches as `posed` (with the double's own punch key), then
+    /// terminates QUIC with it (first = QUIC client) and bridges the stream.
+    async fn quic_pose(self: Arc<Self>, posed: Role, socket: std::net::UdpSocket) {
+        socket.set_nonblocking(true).unwrap();
+        let udp = UdpSocket::from_std(socket).unwrap();
+        let mut buf = vec![0u8; 2048];
+        let peer = loop {
+            let Ok((n, from)) = udp.recv_from(&mut buf).await else {
+                return;
+            };
+            let key = self.punch_keys.lock().unwrap().get(&posed.other()).copied();
+            let pair_id = self.pair_id.lock().unwrap().clone();
+            if key.is_some_and(|k| punch_is_valid(&k, &pair_id, posed.other(), &buf[..n])) {
+                for _ in 0..3 {
+                    let p = punch(&self.punch_key, &pair_id, posed);
+                    let _ = udp.send_to(&p, from).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                break from;
+            }
+        };
+        let socket = udp.into_std().unwrap();
+        let plain: Plain = match posed {
+            Role::Second => {
+                let server = quinn::ServerConfig::with_crypto(Arc::new(
+                    quinn::crypto::rustls::QuicServerConfig::try_from(self.tls.server.clone())
+                        .unwrap(),
+                ));
+                let endpoint = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .unwrap();
+                let Some(incoming) = endpoint.accept().await else {
+                    return;
+                };
+                let Ok(conn) = incoming.await else { return };
+                let Ok((send, recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                Box::new(QuicPlain {
+                    stream: tokio::io::join(recv, send),
+                    _conn: conn,
+                    _endpoint: endpoint,
+                })
+            }
+            Role::First => {
+                let mut endpoint = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .unwrap();
+                endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+                    quinn::crypto::rustls::QuicClientConfig::try_from(self.tls.client.clone())
+                        .unwrap(),
+                )));
+                let Ok(connecting) = endpoint.connect(peer, "nettool") else {
+                    return;
+                };
+                let Ok(conn) = connecting.await else { return };
+                let Ok((send, recv)) = conn.open_bi().await else {
+                    return;
+                };
+                Box::new(QuicPlain {
+                    stream: tokio::io::join(recv, send),
+                    _conn: conn,
+                    _endpoint: endpoint,
+                })
+            }
+        };
+        self.terminated.fetch_add(1, Ordering::SeqCst);
+        self.pair_up("udp-quic".into(), posed, plain).await;
     }
 
     /// Terminates TLS with a peer as the role `posed` (first = TLS client) and bridges the
@@ -380,6 +489,10 @@ impl DoubleState {
             },
         };
         self.terminated.fetch_add(1, Ordering::SeqCst);
+        self.pair_up(strategy, posed, plain).await;
+    }
+
+    async fn pair_up(&self, strategy: String, posed: Role, plain: Plain) {
         // Pair with a stream from the peer talking to the other pose of the same strategy.
         let partner = {
             let mut parked = self.parked.lock().unwrap();
@@ -398,6 +511,91 @@ impl DoubleState {
             bridge(plain, other, self.seen.clone()).await;
         }
     }
+}
+
+/// A QUIC stream, keeping its connection and endpoint alive.
+struct QuicPlain {
+    stream: tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
+    _conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl AsyncRead for QuicPlain {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicPlain {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+// udp-quic's punch datagram, as the peers speak it (strategies/src/udp_quic.rs): magic,
+// version, role, flags, nonce, HMAC-SHA256 under the sender's punch key.
+const PUNCH_HEAD: [u8; 5] = [0x00, b'N', b'T', b'P', 2];
+
+fn punch_mac(key: &[u8; 32], pair_id: &str, head: &[u8], nonce: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap();
+    for part in [
+        b"nettool udp punch v2".as_slice(),
+        pair_id.as_bytes(),
+        b"udp-quic",
+        head,
+        nonce,
+    ] {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn role_byte(role: Role) -> u8 {
+    if role == Role::First {
+        1
+    } else {
+        2
+    }
+}
+
+/// A punch from `role` that says it heard the receiver.
+fn punch(key: &[u8; 32], pair_id: &str, role: Role) -> Vec<u8> {
+    let mut out = PUNCH_HEAD.to_vec();
+    out.extend_from_slice(&[role_byte(role), 1]);
+    let nonce = [7u8; 16];
+    out.extend_from_slice(&nonce);
+    let tag = punch_mac(key, pair_id, &out[4..7], &nonce);
+    out.extend_from_slice(&tag);
+    out
+}
+
+fn punch_is_valid(key: &[u8; 32], pair_id: &str, from: Role, p: &[u8]) -> bool {
+    p.len() == 55
+        && p[..5] == PUNCH_HEAD
+        && p[5] == role_byte(from)
+        && punch_mac(key, pair_id, &p[4..7], &p[7..23]) == p[23..]
 }
 
 /// Forwards both ways, keeping a copy of every byte.
@@ -500,10 +698,13 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mitm_double_is_refused_by_every_tcp_strategy_and_wins_without_binding() {
+async fn mitm_double_is_refused_by_every_strategy_and_wins_without_binding() {
     let _switch = SWITCH.lock().await;
     let upstream = real_server().await;
-    for (i, name) in ["tcp-direct", "tcp-punch", "relay"].into_iter().enumerate() {
+    for (i, name) in ["tcp-direct", "tcp-punch", "relay", "udp-quic"]
+        .into_iter()
+        .enumerate()
+    {
         // With binding (the product): refused, and nothing of the peers' data reaches the double.
         let double = Double::start(upstream, Mode::Swap).await;
         let ((a, ra), (b, rb)) = pair(
