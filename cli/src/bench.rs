@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use nettool_config::{Settings, StrategyConfig, StrategyName};
+use nettool_config::Settings;
+
+use crate::ConfiguredStrategy as StrategyConfig;
 use nettool_core::orchestrator::Event;
 use nettool_core::protocol::PROTOCOL_VERSION;
 use nettool_core::{ConnectParams, Link, Orchestrator, Role};
@@ -220,17 +222,17 @@ struct MemoryRow {
     error: Option<String>,
 }
 
-fn target_time_to_link_ms(s: StrategyName) -> f64 {
+fn target_time_to_link_ms(s: &str) -> f64 {
     match s {
-        StrategyName::UdpQuic => 15.0,
+        "udp-quic" => 15.0,
         _ => 5.0,
     }
 }
 
-fn target_ratio(s: StrategyName) -> f64 {
+fn target_ratio(s: &str) -> f64 {
     match s {
-        StrategyName::UdpQuic => 0.3,
-        StrategyName::Relay => 0.5,
+        "udp-quic" => 0.3,
+        "relay" => 0.5,
         _ => 0.6,
     }
 }
@@ -239,7 +241,11 @@ const TARGET_PAIRINGS_PER_SECOND: f64 = 10_000.0;
 const TARGET_100K_MB: f64 = 500.0;
 
 /// `nettool bench`.
-pub(crate) async fn run(args: BenchArgs, settings: Settings) -> Result<i32> {
+pub(crate) async fn run(
+    args: BenchArgs,
+    settings: Settings,
+    configs: &[StrategyConfig],
+) -> Result<i32> {
     let peer_mode = args.peer.server.is_some();
     let sections: Vec<Section> = if args.sections.is_empty() {
         if peer_mode {
@@ -262,7 +268,6 @@ pub(crate) async fn run(args: BenchArgs, settings: Settings) -> Result<i32> {
             eprintln!("nettool bench: {line}");
         }
     };
-    let configs = settings.strategy_configs();
     let mut report = BenchReport {
         mode: if peer_mode { "peer" } else { "loopback" },
         time_to_link: Vec::new(),
@@ -285,7 +290,7 @@ pub(crate) async fn run(args: BenchArgs, settings: Settings) -> Result<i32> {
             session,
             secret: settings.secret.clone(),
         };
-        for config in &configs {
+        for config in configs {
             let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
                 .with_server_token(settings.server_token.clone());
             report
@@ -305,7 +310,7 @@ pub(crate) async fn run(args: BenchArgs, settings: Settings) -> Result<i32> {
             secret: Some("bench".into()),
         };
         if sections.contains(&Section::TimeToLink) {
-            for config in &configs {
+            for config in configs {
                 report.time_to_link.push(
                     time_to_link_local(config, settings.timeout, &params, args.runs, &progress)
                         .await,
@@ -321,7 +326,7 @@ pub(crate) async fn run(args: BenchArgs, settings: Settings) -> Result<i32> {
         if sections.contains(&Section::Throughput) {
             report.throughput = Some(
                 throughput(
-                    &configs,
+                    configs,
                     settings.timeout,
                     &params,
                     args.size,
@@ -467,17 +472,12 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-fn ttl_row(
-    name: StrategyName,
-    runs: u32,
-    mut times: Vec<f64>,
-    error: Option<String>,
-) -> TimeToLinkRow {
+fn ttl_row(name: &str, runs: u32, mut times: Vec<f64>, error: Option<String>) -> TimeToLinkRow {
     times.sort_by(f64::total_cmp);
     let target = target_time_to_link_ms(name);
     let p50 = percentile(&times, 50.0);
     TimeToLinkRow {
-        strategy: name.as_str().into(),
+        strategy: name.into(),
         runs,
         linked: times.len() as u32,
         p50_ms: p50,
@@ -567,7 +567,7 @@ async fn time_to_link_local(
 
 async fn time_to_link_peer(
     orch: &Orchestrator,
-    name: StrategyName,
+    name: &str,
     base: &ConnectParams,
     runs: u32,
     progress: &dyn Fn(&str),
@@ -722,7 +722,7 @@ async fn throughput(
         };
         let target = target_ratio(name);
         rows.push(ThroughputRow {
-            link: name.as_str().into(),
+            link: name.into(),
             first_to_second_mbps: medians[i + 1].0,
             second_to_first_mbps: medians[i + 1].1,
             ratio,

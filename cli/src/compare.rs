@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Table};
-use nettool_config::{Settings, StrategyConfig};
+use nettool_config::Settings;
+
+use crate::ConfiguredStrategy as StrategyConfig;
 use nettool_core::{ConnectParams, Link, Outcome, Role};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -59,6 +61,7 @@ pub(crate) struct CompareRun {
 /// Runs the comparison as one peer.
 pub(crate) async fn run(
     settings: &Settings,
+    strategies: &[StrategyConfig],
     base: &ConnectParams,
     options: &CompareOptions,
     progress: &(dyn Fn(&str) + Sync),
@@ -66,15 +69,15 @@ pub(crate) async fn run(
     let mut rows = Vec::new();
     let mut role = None;
     for round in 1..=options.rounds.max(1) {
-        for config in settings.strategy_configs() {
-            let name = config.name().as_str();
+        for config in strategies {
+            let name = config.name();
             progress(&format!("round {round}: {name} ..."));
             let params = ConnectParams {
                 session: format!("{}/{round}/{name}", base.session),
                 ..base.clone()
             };
             let row = one(
-                &config,
+                config,
                 settings.timeout,
                 settings.server_token.as_deref(),
                 &params,
@@ -112,7 +115,7 @@ async fn one(
     let attempt = report.attempts.first();
     let mut row = CompareRow {
         round,
-        strategy: config.name().as_str().to_owned(),
+        strategy: config.name().to_owned(),
         outcome: attempt.map_or(Outcome::Failed, |a| a.outcome),
         time_to_link_ms: None,
         rtt_ms: None,

@@ -89,7 +89,7 @@ fn config_show_explains_file_env_and_defaults() {
     let file = dir.join("c.toml");
     std::fs::write(
         &file,
-        "[default]\ntimeout = \"30s\"\n[default.tcp-punch]\ntimeout = \"7s\"\n[profile.p]\nstrategies = \"tcp-direct\"\n",
+        "[default]\ntimeout = \"30s\"\n[strategy.tcp-punch]\ntimeout = \"7s\"\n[profile.p]\nstrategies = \"tcp-direct\"\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_nettool"))
@@ -101,7 +101,7 @@ fn config_show_explains_file_env_and_defaults() {
             "config",
             "show",
         ])
-        .env("NETTOOL_TCP_PUNCH__TIMEOUT", "5s")
+        .env("NETTOOL_STRATEGY__TCP_PUNCH__TIMEOUT", "5s")
         .env("NETTOOL_SECRET", "hush")
         .env("NETTOOL_SERVER_TOKEN", "psst")
         .env("NETTOOL_RENDEZVOUS__SERVER_TOKEN", "shh")
@@ -120,14 +120,19 @@ fn config_show_explains_file_env_and_defaults() {
             .to_owned()
     };
     // The environment beats the file.
-    assert!(line("tcp-punch.timeout").contains("\"5s\""), "{text}");
-    assert!(line("tcp-punch.timeout").contains("environment NETTOOL_TCP_PUNCH__TIMEOUT"));
+    assert!(
+        line("strategy.tcp-punch.timeout").contains("\"5s\""),
+        "{text}"
+    );
+    assert!(line("strategy.tcp-punch.timeout")
+        .contains("environment NETTOOL_STRATEGY__TCP_PUNCH__TIMEOUT"));
+    assert!(line("strategy.tcp-punch.low-ttl").contains("built-in default"));
     assert!(line("timeout").contains("\"30s\"") && line("timeout").contains("[default]"));
     assert!(
         line("strategies").contains("[\"tcp-direct\"]")
             && line("strategies").contains("[profile.p]")
     );
-    assert!(line("udp-quic.timeout").contains("built-in default"));
+    assert!(line("strategy.udp-quic.timeout").contains("built-in default"));
     // Secrets are not printed.
     assert!(!text.contains("hush"), "{text}");
     assert!(line("secret").contains("(hidden)"));
@@ -135,6 +140,55 @@ fn config_show_explains_file_env_and_defaults() {
     assert!(line("server-token").contains("(hidden)"));
     assert!(line("rendezvous.server-token").contains("(hidden)"));
     assert!(line("rendezvous.max-conns-per-ip").contains("64"));
+}
+
+#[test]
+fn strategy_tables_are_checked_by_their_strategy_and_old_tables_say_where_they_moved() {
+    let dir = std::env::temp_dir().join(format!("nettool-cli-tables-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "[strategy.tcp-punch]\nlow-tl = 3\n",
+            "bad setting `strategy.tcp-punch`: unknown field `low-tl`, expected one of",
+        ),
+        (
+            "[strategy.pigeon]\nspeed = 1\n",
+            "unknown strategy 'pigeon' (valid: tcp-punch, udp-quic, tcp-direct, relay)",
+        ),
+        (
+            "[default]\nstrategies = [\"tcp-punch\", \"pigeon\"]\n",
+            "unknown strategy 'pigeon' (valid: tcp-punch, udp-quic, tcp-direct, relay)",
+        ),
+        (
+            "[default.tcp-punch]\ntimeout = \"5s\"\n",
+            "`tcp-punch.timeout` has moved: strategy settings now live in [strategy.tcp-punch]",
+        ),
+        (
+            "[strategy.relay]\ntimeout = \"soon\"\n",
+            "bad `timeout` 'soon'",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let file = dir.join(format!("t{i}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let out = nettool(&["--config", file.to_str().unwrap(), "config", "show"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {stderr}");
+        assert!(stderr.contains(expected), "{text}: {stderr}");
+        assert!(
+            stderr.contains(file.to_str().unwrap()),
+            "no file named: {stderr}"
+        );
+    }
+    let out = nettool(&["strategies"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "tcp-punch",
+        "strategy.tcp-punch.low-ttl = 2",
+        "strategy.relay.timeout",
+    ] {
+        assert!(text.contains(line), "{text}");
+    }
 }
 
 /// `nettool bench` with tiny sizes: every section is there, in the table and in the JSON.

@@ -3,12 +3,18 @@
 //! Precedence, lowest first: built-in defaults < the config file's `[default]` table < its
 //! `[profile.NAME]` table < `NETTOOL_*` environment variables < command-line flags.
 //!
+//! Strategy settings live in `[strategy.NAME]` tables: at the top level of the file (or in
+//! `[default.strategy.NAME]`), overridden by `[profile.P.strategy.NAME]`, by
+//! `NETTOOL_STRATEGY__TCP_PUNCH__TIMEOUT=5s` and by flags. Their keys are checked by each
+//! strategy's factory when the registry builds it, not here.
+//!
 //! The file is `--config FILE`, else `$NETTOOL_CONFIG`, else `./nettool.toml`, else
 //! `<user config dir>/nettool/config.toml`; a file that was named explicitly must exist. The
 //! profile is `--profile NAME`, else `$NETTOOL_PROFILE`. Keys are kebab-case; in the
 //! environment `_` stands for `-` and `__` separates sections
-//! (`NETTOOL_TCP_PUNCH__TIMEOUT=5s` sets `tcp-punch.timeout`).
+//! (`NETTOOL_STRATEGY__TCP_PUNCH__TIMEOUT=5s` sets `strategy.tcp-punch.timeout`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,10 +22,11 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    RelayConfig, RendezvousConfig, StrategyConfig, StrategyName, TcpDirectConfig, TcpPunchConfig,
-    UdpQuicConfig,
-};
+use crate::RendezvousConfig;
+
+/// Where the per-strategy tables used to be (before `[strategy.NAME]`); named in the error
+/// that says where they moved.
+const MOVED_STRATEGY_TABLES: &[&str] = &["tcp-punch", "udp-quic", "tcp-direct", "relay"];
 
 /// Every setting nettool reads from defaults, files, environment and flags.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,20 +40,19 @@ pub struct Settings {
     pub secret: Option<String>,
     /// Token the rendezvous server requires to join (its `rendezvous.server-token`).
     pub server_token: Option<String>,
-    /// Strategies to try, in order (first = highest priority).
-    #[serde(deserialize_with = "strategy_list")]
-    pub strategies: Vec<StrategyName>,
+    /// Strategies to try, in order (first = highest priority); empty = every registered
+    /// strategy in the registry's order. Names are checked against the registry.
+    #[serde(
+        deserialize_with = "strategy_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub strategies: Vec<String>,
     /// Overall deadline of one connect, pairing included.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// tcp-punch settings.
-    pub tcp_punch: TcpPunchConfig,
-    /// udp-quic settings.
-    pub udp_quic: UdpQuicConfig,
-    /// tcp-direct settings.
-    pub tcp_direct: TcpDirectConfig,
-    /// relay settings.
-    pub relay: RelayConfig,
+    /// Each strategy's own table (`[strategy.NAME]`), as given; the strategy's factory
+    /// deserializes it.
+    pub strategy: BTreeMap<String, serde_json::Value>,
     /// Rendezvous server settings.
     pub rendezvous: RendezvousConfig,
 }
@@ -58,38 +64,16 @@ impl Default for Settings {
             session: None,
             secret: None,
             server_token: None,
-            strategies: StrategyName::ALL.to_vec(),
+            strategies: Vec::new(),
             timeout: Duration::from_secs(60),
-            tcp_punch: TcpPunchConfig::default(),
-            udp_quic: UdpQuicConfig::default(),
-            tcp_direct: TcpDirectConfig::default(),
-            relay: RelayConfig::default(),
+            strategy: BTreeMap::new(),
             rendezvous: RendezvousConfig::default(),
         }
     }
 }
 
-impl Settings {
-    /// The configured strategies with their settings, in order (repeats dropped).
-    pub fn strategy_configs(&self) -> Vec<StrategyConfig> {
-        let mut out: Vec<StrategyConfig> = Vec::new();
-        for name in &self.strategies {
-            if out.iter().any(|c| c.name() == *name) {
-                continue;
-            }
-            out.push(match name {
-                StrategyName::TcpPunch => StrategyConfig::TcpPunch(self.tcp_punch.clone()),
-                StrategyName::UdpQuic => StrategyConfig::UdpQuic(self.udp_quic.clone()),
-                StrategyName::TcpDirect => StrategyConfig::TcpDirect(self.tcp_direct.clone()),
-                StrategyName::Relay => StrategyConfig::Relay(self.relay.clone()),
-            });
-        }
-        out
-    }
-}
-
 /// Accepts a list of names or one comma-separated string (handy in the environment).
-fn strategy_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<StrategyName>, D::Error> {
+fn strategy_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -100,16 +84,12 @@ fn strategy_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<StrategyN
         Raw::List(v) => v,
         Raw::One(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
     };
-    if names.is_empty() {
-        return Err(serde::de::Error::custom(format!(
-            "the strategy list is empty (valid: {})",
-            StrategyName::valid_names()
-        )));
+    if names.is_empty() || names.iter().any(String::is_empty) {
+        return Err(serde::de::Error::custom(
+            "the strategy list is empty or has an empty name",
+        ));
     }
-    names
-        .iter()
-        .map(|n| n.parse().map_err(serde::de::Error::custom))
-        .collect()
+    Ok(names)
 }
 
 /// Where a value came from.
@@ -254,6 +234,11 @@ impl Loaded {
             .collect()
     }
 
+    /// Where the value at `key` (dotted, e.g. `strategy.tcp-punch`) came from.
+    pub fn origin(&self, key: &str) -> Option<Source> {
+        self.source_of(key)
+    }
+
     fn source_of(&self, key: &str) -> Option<Source> {
         let name = self.figment.find_metadata(key)?.name.to_string();
         self.sources.iter().find(|s| s.to_string() == name).cloned()
@@ -288,6 +273,11 @@ pub struct LoadOptions {
     pub profile: Option<String>,
     /// Command-line flags.
     pub overrides: Overrides,
+    /// Every registered strategy's table at its defaults (from the registry): the lowest
+    /// layer of `strategy.*`, so `config show` lists every key with its source.
+    pub strategy_defaults: BTreeMap<String, serde_json::Value>,
+    /// The registry's order of strategies: the default of `strategies`.
+    pub default_strategies: Vec<String>,
 }
 
 /// Names of the top-level settings, which `NETTOOL_*` variables may set.
@@ -298,11 +288,13 @@ const TOP_LEVEL: &[&str] = &[
     "server-token",
     "strategies",
     "timeout",
+    "strategy",
+    "rendezvous",
+    // Moved to `strategy.*`: still read, to say where they went.
     "tcp-punch",
     "udp-quic",
     "tcp-direct",
     "relay",
-    "rendezvous",
 ];
 
 impl Settings {
@@ -327,9 +319,14 @@ impl Settings {
         };
         let profile = options.profile.clone().or_else(|| var("NETTOOL_PROFILE"));
 
+        let mut defaults = Self {
+            strategy: options.strategy_defaults.clone(),
+            ..Self::default()
+        };
+        defaults.strategies = options.default_strategies.clone();
         let mut layers = vec![Layer {
             source: Source::Default,
-            dict: dict_of(&Self::default()),
+            dict: dict_of(&defaults),
         }];
         match &path {
             Some(p) => layers.extend(file_layers(p, profile.as_deref())?),
@@ -374,6 +371,26 @@ impl Settings {
             });
         }
 
+        for layer in &layers {
+            if let Some(old) = MOVED_STRATEGY_TABLES
+                .iter()
+                .find(|k| layer.dict.contains_key(**k))
+            {
+                let key = layer.dict[*old]
+                    .as_dict()
+                    .and_then(|d| d.keys().next().cloned())
+                    .map(|k| format!(".{k}"))
+                    .unwrap_or_default();
+                return Err(ConfigError::Invalid {
+                    message: format!(
+                        "`{old}{key}` has moved: strategy settings now live in [strategy.{old}] \
+                         (`strategy.{old}{key}`; environment NETTOOL_STRATEGY__{}__...)",
+                        old.to_ascii_uppercase().replace('-', "_")
+                    ),
+                    origin: Some(layer.source.clone()),
+                });
+            }
+        }
         let sources: Vec<Source> = layers.iter().map(|l| l.source.clone()).collect();
         let mut figment = Figment::new();
         for layer in layers {
@@ -430,6 +447,26 @@ fn file_layers(path: &Path, profile: Option<&str>) -> Result<Vec<Layer>, ConfigE
         Some(Value::Dict(_, d)) => d,
         Some(_) => return Err(bad("`default` must be a table".into())),
     };
+    // Top-level [strategy.NAME] tables belong to the file's default layer.
+    let mut default = default;
+    match root.remove("strategy") {
+        None => {}
+        Some(Value::Dict(_, d)) => {
+            let mut merged = match default.remove("strategy") {
+                Some(Value::Dict(_, inner)) => inner,
+                _ => Dict::new(),
+            };
+            for (k, v) in d {
+                merged.entry(k).or_insert(v);
+            }
+            default.insert("strategy".into(), Value::from(merged));
+        }
+        Some(_) => {
+            return Err(bad(
+                "`strategy` must be a table of [strategy.NAME] tables".into()
+            ))
+        }
+    }
     let profiles = match root.remove("profile") {
         None => Dict::new(),
         Some(Value::Dict(_, d)) => d,
@@ -441,7 +478,8 @@ fn file_layers(path: &Path, profile: Option<&str>) -> Result<Vec<Layer>, ConfigE
     };
     if let Some(other) = root.keys().next() {
         return Err(bad(format!(
-            "unknown top-level key `{other}` (expected [default] and [profile.NAME] tables)"
+            "unknown top-level key `{other}` (expected [default], [strategy.NAME] and \
+             [profile.NAME] tables)"
         )));
     }
     let mut layers = vec![Layer {
@@ -519,10 +557,22 @@ mod tests {
         profile: Option<&str>,
         overrides: Overrides,
     ) -> Result<Loaded, ConfigError> {
+        let strategy_defaults = BTreeMap::from([
+            (
+                "tcp-punch".to_owned(),
+                serde_json::json!({"timeout": "10s", "low-ttl": 2}),
+            ),
+            (
+                "tcp-direct".to_owned(),
+                serde_json::json!({"timeout": "10s", "listen-port": 0}),
+            ),
+        ]);
         Settings::load(LoadOptions {
             config: Some(path.to_owned()),
             profile: profile.map(str::to_owned),
             overrides,
+            strategy_defaults,
+            default_strategies: vec!["tcp-punch".into(), "tcp-direct".into()],
         })
     }
 
@@ -530,13 +580,17 @@ mod tests {
 [default]
 server = "a.example:8877"
 timeout = "30s"
-[default.tcp-punch]
+[strategy.tcp-punch]
 timeout = "7s"
 [profile.office]
 strategies = ["tcp-direct", "tcp-punch"]
-[profile.office.tcp-punch]
+[profile.office.strategy.tcp-punch]
 timeout = "3s"
 "#;
+
+    fn strategy_key(settings: &Settings, name: &str, key: &str) -> serde_json::Value {
+        settings.strategy[name][key].clone()
+    }
 
     #[test]
     fn file_then_profile_then_flags() {
@@ -544,36 +598,53 @@ timeout = "3s"
         let plain = load(&p, None, Overrides::default()).unwrap();
         assert_eq!(plain.settings.server.as_deref(), Some("a.example:8877"));
         assert_eq!(plain.settings.timeout, Duration::from_secs(30));
-        assert_eq!(plain.settings.tcp_punch.timeout, Duration::from_secs(7));
-        assert_eq!(plain.settings.strategies, StrategyName::ALL);
+        assert_eq!(strategy_key(&plain.settings, "tcp-punch", "timeout"), "7s");
+        // Defaults of the same table stay.
+        assert_eq!(strategy_key(&plain.settings, "tcp-punch", "low-ttl"), 2);
+        assert_eq!(plain.settings.strategies, ["tcp-punch", "tcp-direct"]);
 
         let office = load(&p, Some("office"), Overrides::default()).unwrap();
-        assert_eq!(
-            office.settings.strategies,
-            [StrategyName::TcpDirect, StrategyName::TcpPunch]
-        );
-        assert_eq!(office.settings.tcp_punch.timeout, Duration::from_secs(3));
+        assert_eq!(office.settings.strategies, ["tcp-direct", "tcp-punch"]);
+        assert_eq!(strategy_key(&office.settings, "tcp-punch", "timeout"), "3s");
         // Untouched by the profile: still the [default] value.
         assert_eq!(office.settings.timeout, Duration::from_secs(30));
 
         let mut flags = Overrides::default();
-        flags.set("tcp-punch.timeout", "1s", "--strategy-timeout");
+        flags.set("strategy.tcp-punch.timeout", "1s", "--strategy-timeout");
         let flagged = load(&p, Some("office"), flags).unwrap();
-        assert_eq!(flagged.settings.tcp_punch.timeout, Duration::from_secs(1));
+        assert_eq!(
+            strategy_key(&flagged.settings, "tcp-punch", "timeout"),
+            "1s"
+        );
 
         let sources: Vec<_> = flagged.explain();
         let source = |key: &str| sources.iter().find(|r| r.0 == key).unwrap().2.to_string();
-        assert_eq!(source("tcp-punch.timeout"), "flag --strategy-timeout");
+        assert_eq!(
+            source("strategy.tcp-punch.timeout"),
+            "flag --strategy-timeout"
+        );
         assert_eq!(
             source("strategies"),
             format!("{} [profile.office]", p.display())
         );
         assert_eq!(source("server"), format!("{} [default]", p.display()));
-        assert_eq!(source("udp-quic.timeout"), "built-in default");
-        // The strategy configs follow the order and carry the timeouts.
-        let configs = flagged.settings.strategy_configs();
-        assert_eq!(configs[0].name(), StrategyName::TcpDirect);
-        assert_eq!(configs[1].timeout(), Duration::from_secs(1));
+        assert_eq!(source("strategy.tcp-direct.timeout"), "built-in default");
+    }
+
+    #[test]
+    fn strategy_tables_of_plugins_and_profiles() {
+        // A plugin's table the defaults do not know is kept for its factory to check.
+        let p = write(
+            "plugin.toml",
+            "[strategy.port-forwarded]\nport = 4000\n[profile.home.strategy.port-forwarded]\nport = 5000\n",
+        );
+        let plain = load(&p, None, Overrides::default()).unwrap();
+        assert_eq!(
+            strategy_key(&plain.settings, "port-forwarded", "port"),
+            4000
+        );
+        let home = load(&p, Some("home"), Overrides::default()).unwrap();
+        assert_eq!(strategy_key(&home.settings, "port-forwarded", "port"), 5000);
     }
 
     #[test]
@@ -584,18 +655,15 @@ timeout = "3s"
                 "bad setting `timeout`: invalid value string \"soon\", expected a duration",
             ),
             (
-                "[default.tcp-punch]\ntimout = \"5s\"\n",
-                "bad setting `tcp-punch.timout`: unknown field: found `timout`",
-            ),
-            (
-                "[default]\nstrategies = [\"tcp-punch\", \"pigeon\"]\n",
-                "unknown strategy 'pigeon' (valid: tcp-punch, udp-quic, tcp-direct, relay)",
+                "[default.tcp-punch]\ntimeout = \"5s\"\n",
+                "`tcp-punch.timeout` has moved: strategy settings now live in [strategy.tcp-punch]",
             ),
             ("[defualt]\n", "unknown top-level key `defualt`"),
             (
                 "[default]\nnonsense = 1\n",
                 "bad setting `nonsense`: unknown field",
             ),
+            ("[default]\nstrategies = []\n", "the strategy list is empty"),
         ];
         for (i, (text, expected)) in cases.iter().enumerate() {
             let p = write(&format!("bad{i}.toml"), text);
@@ -660,10 +728,12 @@ timeout = "3s"
     fn the_example_config_loads() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nettool.example.toml");
         for profile in [None, Some("office"), Some("hotspot")] {
-            let loaded = load(&p, profile, Overrides::default()).unwrap();
-            assert!(!loaded.settings.strategy_configs().is_empty());
+            load(&p, profile, Overrides::default()).unwrap();
         }
         let office = load(&p, Some("office"), Overrides::default()).unwrap();
-        assert_eq!(office.settings.tcp_direct.listen_port, 40000);
+        assert_eq!(
+            strategy_key(&office.settings, "tcp-direct", "listen-port"),
+            40000
+        );
     }
 }

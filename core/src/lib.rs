@@ -4,6 +4,7 @@
 //! - [`protocol`]: the versioned rendezvous messages and their line codec.
 //! - [`client`]: the peer's side of the rendezvous conversation.
 //! - [`server`] (feature `server`): the rendezvous server that pairs peers by session name.
+//! - [`registry`]: strategies by name, each built from its own `[strategy.NAME]` table.
 //! - [`strategy`]: the object-safe [`Strategy`] trait, the [`Link`] it produces and the
 //!   [`Attempt`] context it runs in.
 //! - [`handshake`]: the link handshake that proves both ends of a raw link belong to the same
@@ -20,6 +21,7 @@ pub mod handshake;
 pub mod legacy;
 pub mod orchestrator;
 pub mod protocol;
+pub mod registry;
 pub mod relay;
 pub mod report;
 #[cfg(feature = "server")]
@@ -31,5 +33,6 @@ pub use client::{ClientError, Pairing, RendezvousClient};
 pub use handshake::{HandshakeError, LinkKey};
 pub use orchestrator::{ConnectParams, Orchestrator};
 pub use protocol::Role;
+pub use registry::{StrategyFactory, StrategyRegistry};
 pub use report::{AttemptReport, Outcome, Report};
 pub use strategy::{Attempt, Link, LinkStream, Strategy, StrategyError};

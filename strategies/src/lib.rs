@@ -1,17 +1,14 @@
-//! Connection strategies for nettool, one module each, and the one function that builds them
-//! from configuration.
+//! Connection strategies for nettool, one module each. Each owns its config type (read from
+//! its `[strategy.NAME]` table) and registers itself with [`register_builtin`].
 //!
 //! - [`tcp_punch`]: TCP simultaneous open through NATs.
 //! - [`udp_quic`]: UDP hole punching with QUIC on top.
-//! - [`tcp_direct`]: one side listens, the other dials; then the roles swap.
+//! - [`tcp_direct`]: both sides listen and dial each other at once.
 //! - [`relay`]: through the rendezvous server, the last resort.
 
 #![warn(missing_docs)]
 
-use std::sync::Arc;
-
-use nettool_config::StrategyConfig;
-use nettool_core::Strategy;
+use nettool_core::registry::{typed, StrategyRegistry};
 
 mod net;
 pub mod relay;
@@ -20,12 +17,41 @@ pub mod tcp_punch;
 mod tls;
 pub mod udp_quic;
 
-/// Builds the strategy a config entry describes.
-pub fn build(config: &StrategyConfig) -> Arc<dyn Strategy> {
-    match config {
-        StrategyConfig::TcpPunch(c) => Arc::new(tcp_punch::TcpPunch::new(c.clone())),
-        StrategyConfig::UdpQuic(c) => Arc::new(udp_quic::UdpQuic::new(c.clone())),
-        StrategyConfig::TcpDirect(c) => Arc::new(tcp_direct::TcpDirect::new(c.clone())),
-        StrategyConfig::Relay(c) => Arc::new(relay::Relay::new(c.clone())),
+/// Registers the built-in strategies in the default order: tcp-punch, udp-quic, tcp-direct,
+/// relay.
+pub fn register_builtin(registry: &mut StrategyRegistry) {
+    let factories = [
+        typed(
+            tcp_punch::NAME,
+            "TCP simultaneous open with a low-TTL priming SYN",
+            tcp_punch::TcpPunch::new,
+        ),
+        typed(
+            udp_quic::NAME,
+            "UDP hole punching (STUN, authenticated punches), then QUIC on the same socket",
+            udp_quic::UdpQuic::new,
+        ),
+        typed(
+            tcp_direct::NAME,
+            "both sides listen and dial each other's candidates at once",
+            tcp_direct::TcpDirect::new,
+        ),
+        typed(
+            relay::NAME,
+            "through the rendezvous server's relay (always works when both reach it)",
+            relay::Relay::new,
+        ),
+    ];
+    for factory in factories {
+        registry
+            .register(factory)
+            .expect("built-in strategy names are unique and registered first");
     }
+}
+
+/// A registry holding the built-in strategies.
+pub fn registry() -> StrategyRegistry {
+    let mut registry = StrategyRegistry::new();
+    register_builtin(&mut registry);
+    registry
 }

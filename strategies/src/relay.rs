@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use nettool_config::RelayConfig;
 use nettool_core::protocol::{
     ClientToServer, FramedConn, ServerToClient, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
@@ -19,6 +18,13 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::tls::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
+use serde::{Deserialize, Serialize};
+
+/// Settings of the relay strategy: none beyond the common `timeout` (attaching to the relay
+/// and the link handshake through it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RelayConfig {}
 
 /// The strategy's name.
 pub const NAME: &str = "relay";

@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nettool_config::TcpDirectConfig;
 use nettool_core::strategy::agree_on_link;
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
@@ -27,6 +26,26 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, trace};
+
+/// Settings of the tcp-direct strategy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TcpDirectConfig {
+    /// Port the listening side binds (all interfaces); 0 picks a free one.
+    pub listen_port: u16,
+    /// How long each side keeps dialing the other's candidates.
+    #[serde(with = "humantime_serde")]
+    pub dial_timeout: Duration,
+}
+
+impl Default for TcpDirectConfig {
+    fn default() -> Self {
+        Self {
+            listen_port: 0,
+            dial_timeout: Duration::from_secs(3),
+        }
+    }
+}
 
 /// The strategy's name.
 pub const NAME: &str = "tcp-direct";

@@ -30,7 +30,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nettool_config::TcpPunchConfig;
 use nettool_core::client::observe;
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
@@ -48,6 +47,41 @@ use tracing::{debug, trace};
 /// Most connection attempts (SYNs from a fresh socket) per destination and port per attempt,
 /// priming and dialing each: a bound on what an offer can make this peer send.
 const MAX_SYNS_PER_DESTINATION: u32 = 512;
+/// Settings of the tcp-punch strategy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TcpPunchConfig {
+    /// Local port to punch from; 0 picks a free one.
+    pub local_port: u16,
+    /// TTL of the priming SYN to each candidate (enough to pass the own NAT, too small to reach
+    /// the peer's), so the own mapping exists before the peer's SYN arrives. 0 turns it off.
+    pub low_ttl: u32,
+    /// Pause between two connect attempts to the same candidate after a failure.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// Shortest time one SYN is given to be answered before it is sent again.
+    #[serde(with = "humantime_serde")]
+    pub min_syn_timeout: Duration,
+}
+
+impl TcpPunchConfig {
+    /// The priming TTL, `None` when priming is off.
+    pub fn priming_ttl(&self) -> Option<u32> {
+        (self.low_ttl > 0).then_some(self.low_ttl)
+    }
+}
+
+impl Default for TcpPunchConfig {
+    fn default() -> Self {
+        Self {
+            local_port: 0,
+            low_ttl: 2,
+            retry_interval: Duration::from_millis(100),
+            min_syn_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
 /// The strategy's name.
 pub const NAME: &str = "tcp-punch";
 

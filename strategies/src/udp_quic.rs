@@ -44,7 +44,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use nettool_config::UdpQuicConfig;
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{stun, Attempt, Link, Role, Strategy, StrategyError};
 
@@ -60,6 +59,34 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, trace, warn};
+
+/// Settings of the udp-quic strategy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UdpQuicConfig {
+    /// Local UDP port; 0 picks a free one.
+    pub local_port: u16,
+    /// Pause between two rounds of punch datagrams.
+    #[serde(with = "humantime_serde")]
+    pub punch_interval: Duration,
+    /// QUIC keep-alive interval on the link, so NAT mappings outlive idle periods.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// How long the link may be idle (no packets at all) before QUIC gives up.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for UdpQuicConfig {
+    fn default() -> Self {
+        Self {
+            local_port: 0,
+            punch_interval: Duration::from_millis(50),
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// The strategy's name.
 pub const NAME: &str = "udp-quic";

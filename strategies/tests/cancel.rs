@@ -5,7 +5,6 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nettool_config::{StrategyConfig, StrategyName};
 use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Orchestrator, Outcome};
 
@@ -17,13 +16,16 @@ async fn failed_attempts_close_every_socket() {
     let addr = server.local_addr().unwrap();
     tokio::spawn(server.run());
     let baseline = common::open_fds();
-    for name in [StrategyName::TcpPunch, StrategyName::TcpDirect] {
-        let mut config = StrategyConfig::default_for(name);
-        config.set_timeout(Duration::from_millis(800));
-        let orch = Arc::new(Orchestrator::new(
-            vec![(nettool_strategies::build(&config), config.timeout())],
-            Duration::from_secs(10),
-        ));
+    for name in ["tcp-punch", "tcp-direct"] {
+        let tables = std::collections::BTreeMap::from([(
+            name.to_owned(),
+            serde_json::json!({ "timeout": "800ms" }),
+        )]);
+        let built = nettool_strategies::registry()
+            .build(&[name.to_owned()], &tables)
+            .map_err(|e| e.to_string())
+            .unwrap();
+        let orch = Arc::new(Orchestrator::new(built, Duration::from_secs(10)));
         let params = |secret: &str| ConnectParams {
             server: addr,
             session: format!("cancel-{name}"),

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nettool_config::{StrategyConfig, StrategyName};
 use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Report, Role};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -642,17 +641,6 @@ async fn real_server() -> SocketAddr {
     addr
 }
 
-fn strategy(name: &str) -> StrategyConfig {
-    let name = match name {
-        "tcp-punch" => StrategyName::TcpPunch,
-        "tcp-direct" => StrategyName::TcpDirect,
-        "udp-quic" => StrategyName::UdpQuic,
-        "relay" => StrategyName::Relay,
-        other => panic!("unknown strategy {other}"),
-    };
-    StrategyConfig::default_for(name)
-}
-
 async fn pair(
     server: SocketAddr,
     session: &str,
@@ -660,7 +648,16 @@ async fn pair(
     attempt: Duration,
 ) -> ((Option<Link>, Report), (Option<Link>, Report)) {
     let orch = Arc::new(Orchestrator::new(
-        vec![(nettool_strategies::build(&strategy(name)), attempt)],
+        nettool_strategies::registry()
+            .build(
+                &[name.to_owned()],
+                &std::collections::BTreeMap::from([(
+                    name.to_owned(),
+                    serde_json::json!({ "timeout": humantime_ms(attempt) }),
+                )]),
+            )
+            .map_err(|e| e.to_string())
+            .unwrap(),
         attempt + Duration::from_secs(5),
     ));
     let params = ConnectParams {
@@ -672,6 +669,10 @@ async fn pair(
         orch.connect(&params, &|_| {}),
         orch.connect(&params, &|_| {})
     )
+}
+
+fn humantime_ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
 }
 
 const MARKER: &[u8] = b"USER-DATA-THE-DOUBLE-MUST-NEVER-READ";

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nettool_config::{StrategyConfig, StrategyName};
 use nettool_core::protocol::{ClientToServer, FramedConn, ServerToClient, PROTOCOL_VERSION};
 use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report, Role};
@@ -29,9 +28,9 @@ async fn relay_pair(
     addr: SocketAddr,
     session: &str,
 ) -> ((Option<Link>, Report), (Option<Link>, Report)) {
-    let config = StrategyConfig::default_for(StrategyName::Relay);
+    let relay = nettool_strategies::relay::Relay::new(Default::default());
     let orch = Arc::new(Orchestrator::new(
-        vec![(nettool_strategies::build(&config), Duration::from_secs(5))],
+        vec![(Arc::new(relay), Duration::from_secs(5))],
         Duration::from_secs(10),
     ));
     let params = ConnectParams {

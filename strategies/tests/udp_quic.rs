@@ -6,7 +6,6 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nettool_config::{StrategyConfig, StrategyName};
 use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use sha2::{Digest, Sha256};
@@ -26,10 +25,9 @@ async fn server() -> std::net::SocketAddr {
 }
 
 fn orchestrator(timeout: Duration) -> Arc<Orchestrator> {
-    let mut config = StrategyConfig::default_for(StrategyName::UdpQuic);
-    config.set_timeout(timeout);
+    let strategy = nettool_strategies::udp_quic::UdpQuic::new(Default::default());
     Arc::new(Orchestrator::new(
-        vec![(nettool_strategies::build(&config), config.timeout())],
+        vec![(Arc::new(strategy), timeout)],
         Duration::from_secs(20),
     ))
 }

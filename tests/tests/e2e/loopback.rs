@@ -324,8 +324,8 @@ fn a_config_profile_sets_the_order_and_timeouts_connect_uses() {
         format!(
             "[default]\nserver = \"{addr}\"\nsession = \"prof\"\n\
              [profile.lab]\nstrategies = [\"tcp-direct\", \"tcp-punch\"]\n\
-             [profile.lab.tcp-direct]\ntimeout = \"1500ms\"\n\
-             [profile.lab.tcp-punch]\ntimeout = \"1500ms\"\n"
+             [profile.lab.strategy.tcp-direct]\ntimeout = \"1500ms\"\n\
+             [profile.lab.strategy.tcp-punch]\ntimeout = \"1500ms\"\n"
         ),
     )
     .unwrap();

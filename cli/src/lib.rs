@@ -1,0 +1,857 @@
+//! `nettool`: connect two peers behind NATs.
+//!
+//! Commands: `rendezvous` (the meeting point), `connect` (one peer; netcat-like once linked),
+//! `demo` (a rendezvous and two peers on loopback, in one process), and more (`--help`).
+//!
+//! The binary is [`run_with`] over the built-in strategies. A custom binary registers its own
+//! strategies too and runs the same CLI, where `--strategy NAME`, `strategies = [...]` and
+//! `[strategy.NAME]` tables then accept them:
+//!
+//! ```no_run
+//! let mut registry = nettool_strategies::registry();
+//! // registry.register(my_plugin::factory()).unwrap();
+//! std::process::exit(nettool::run_with(registry));
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
+
+use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
+use nettool_core::orchestrator::Event;
+use nettool_core::registry::{RegistryError, StrategyRegistry};
+use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
+use nettool_core::Strategy;
+use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+mod bench;
+mod compare;
+mod legacy;
+
+const DEFAULT_PORT: u16 = 8877;
+
+/// Connect two peers that sit behind NATs and firewalls.
+///
+/// A rendezvous server introduces the peers; they then try connection strategies in order
+/// (TCP hole punching first) and report which one produced the link.
+#[derive(Debug, Parser)]
+#[command(name = "nettool", version, propagate_version = true)]
+struct Cli {
+    /// Log more (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a rendezvous server that pairs peers by session name.
+    ///
+    /// Run it on a host both peers can reach. It serves TCP on the given address; peers that
+    /// give the same --session are paired, at most two per session.
+    Rendezvous(RendezvousArgs),
+    /// Connect to the peer that uses the same session, then act like netcat.
+    ///
+    /// stdin goes to the peer until EOF (then the sending side is closed); the peer's bytes
+    /// go to stdout until the peer closes. Progress and a summary go to stderr.
+    ///
+    /// Example, on two machines:
+    ///   nettool connect --server rv.example.net:8877 --session demo --strategy tcp-punch
+    Connect(ConnectArgs),
+    /// Run a rendezvous server and two peers on loopback and link them with every strategy.
+    ///
+    /// Needs no setup: shows what nettool does and that this machine's TCP stack supports it.
+    Demo,
+    /// Try every strategy on its own with the peer and compare them side by side.
+    ///
+    /// Both peers run it with the same --session. For each strategy: outcome, time to link,
+    /// round trip over the link and throughput each way. A table on stdout (or --json); each
+    /// run is appended to a history file with --label, and --summary compares labels.
+    ///
+    /// Example, on two machines:
+    ///   nettool compare --server rv.example.net:8877 --session cmp --label office
+    Compare(CompareArgs),
+    /// Measure time to link, link throughput and rendezvous capacity, with targets.
+    ///
+    /// Without --server everything runs on this machine (a rendezvous server in a child
+    /// process, both peers in this one) and prints a table per section (or --json), each figure
+    /// with PASS or MISS against its target. With --server and --session it is one peer of a
+    /// time-to-link benchmark against that server (the other peer runs the same command).
+    ///
+    /// Example (small and quick):
+    ///   nettool bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
+    Bench(bench::BenchArgs),
+    /// Inspect the configuration.
+    ///
+    /// Settings come from, lowest first: built-in defaults, the config file's [default]
+    /// table (and top-level [strategy.NAME] tables), its [profile.NAME] table (and
+    /// [profile.NAME.strategy.NAME]), NETTOOL_* environment variables (NETTOOL_TIMEOUT=30s,
+    /// NETTOOL_STRATEGY__TCP_PUNCH__TIMEOUT=5s: `_` for `-`, `__` between sections),
+    /// command-line flags.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// List the strategies this binary knows, in the default order, with their settings.
+    ///
+    /// Each strategy reads its own [strategy.NAME] table; every one takes `timeout` (one
+    /// attempt's ceiling). A custom binary built with `nettool::run_with` lists its own too.
+    Strategies,
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// Config file (TOML with a [default] table and [profile.NAME] tables). Default:
+    /// $NETTOOL_CONFIG, else ./nettool.toml, else the user config dir's nettool/config.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Profile of the config file to use on top of [default] (default: $NETTOOL_PROFILE).
+    #[arg(long, global = true, value_name = "NAME")]
+    profile: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RendezvousArgs {
+    /// Address to listen on (default 0.0.0.0:8877, or `rendezvous.listen` in the config).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Serve the original demo's 8877 text protocol instead ("first\n", "<ip1> <port1>
+    /// <port2>\n", ...), byte for byte, for the original clients and `connect --legacy`.
+    #[arg(long)]
+    legacy: bool,
+    /// How long a session waits for its second peer before it expires (e.g. 5m, 30s).
+    #[arg(long, value_parser = parse_duration)]
+    session_expiry: Option<Duration>,
+    /// Do not relay (peers asking for the relay strategy are refused with a clear message).
+    #[arg(long)]
+    no_relay: bool,
+    /// Bytes per second per relayed session, both directions together (0 = unlimited).
+    #[arg(long, value_parser = parse_size)]
+    relay_rate: Option<u64>,
+    /// Bytes per relayed session (0 = unlimited).
+    #[arg(long, value_parser = parse_size)]
+    relay_max_bytes: Option<u64>,
+    /// How long one relay may last (0s = unlimited).
+    #[arg(long, value_parser = parse_duration)]
+    relay_max_duration: Option<Duration>,
+    /// Sessions relayed at the same time.
+    #[arg(long)]
+    relay_max_sessions: Option<usize>,
+    /// Connections open at once from one source IP address (default 64; 0 = unlimited).
+    #[arg(long)]
+    max_conns_per_ip: Option<usize>,
+    /// Sessions known at once, waiting or paired (default 100000; 0 = unlimited).
+    #[arg(long)]
+    max_sessions: Option<usize>,
+    /// A paired peer that completes no frame for this long is dropped (default 2m; 0s = off).
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Joins per second per source IP address (default 20; 0 = unlimited).
+    #[arg(long)]
+    join_rate: Option<u32>,
+    /// Joins one source IP address may make in a burst (default 40).
+    #[arg(long)]
+    join_burst: Option<u32>,
+    /// Require this token in every join (clients give it with --server-token). Also
+    /// NETTOOL_RENDEZVOUS__SERVER_TOKEN or `rendezvous.server-token` in the config.
+    #[arg(long)]
+    server_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct PeerArgs {
+    /// Rendezvous server, HOST:PORT (port defaults to 8877). Or `server` in the config.
+    #[arg(long)]
+    server: Option<String>,
+    /// Session name; the peer must use the same one. Or `session` in the config.
+    #[arg(long)]
+    session: Option<String>,
+    /// Strategy to try; repeat to give an order (`nettool strategies` lists the names).
+    /// Default: `strategies` from the config, else every registered strategy: tcp-punch,
+    /// udp-quic, tcp-direct, relay.
+    #[arg(long = "strategy", value_name = "NAME")]
+    strategies: Vec<String>,
+    /// Overall deadline for pairing and all attempts (e.g. 30s, 1m; default 60s).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Timeout of each strategy's attempt (default: each strategy's own, 10s).
+    #[arg(long, value_parser = parse_duration)]
+    strategy_timeout: Option<Duration>,
+    /// Shared secret both peers must give; without it, anyone who knows the session name
+    /// can pass as the peer. Also NETTOOL_SECRET or `secret` in the config.
+    #[arg(long)]
+    secret: Option<String>,
+    /// Token the rendezvous server requires to join, if it requires one. Also
+    /// NETTOOL_SERVER_TOKEN or `server-token` in the config.
+    #[arg(long)]
+    server_token: Option<String>,
+    /// tcp-punch: TTL of the priming SYN to each candidate (default 2; 0 turns priming off).
+    #[arg(long)]
+    punch_ttl: Option<u32>,
+    /// Local port for tcp-punch's receive port, udp-quic's socket and tcp-direct's listener
+    /// (0 = any free port).
+    #[arg(long)]
+    local_port: Option<u16>,
+}
+
+impl PeerArgs {
+    /// The flags that override config values.
+    fn overrides(&self, registry: &StrategyRegistry) -> Overrides {
+        let mut o = Overrides::default();
+        o.set_opt("server", self.server.as_ref(), "--server");
+        o.set_opt("session", self.session.as_ref(), "--session");
+        o.set_opt("secret", self.secret.as_ref(), "--secret");
+        o.set_opt("server-token", self.server_token.as_ref(), "--server-token");
+        if !self.strategies.is_empty() {
+            o.set("strategies", &self.strategies, "--strategy");
+        }
+        o.set_opt("timeout", self.timeout.map(fmt_duration), "--timeout");
+        for s in registry.names() {
+            o.set_opt(
+                &format!("strategy.{s}.timeout"),
+                self.strategy_timeout.map(fmt_duration),
+                "--strategy-timeout",
+            );
+        }
+        // Flags of built-in strategies (absent from a registry without them).
+        let mut builtin = |name: &str, key: &str, value: Option<u32>, flag: &str| {
+            if registry.get(name).is_some() {
+                o.set_opt(&format!("strategy.{name}.{key}"), value, flag);
+            }
+        };
+        builtin("tcp-punch", "low-ttl", self.punch_ttl, "--punch-ttl");
+        let port = self.local_port.map(u32::from);
+        builtin("tcp-punch", "local-port", port, "--local-port");
+        builtin("udp-quic", "local-port", port, "--local-port");
+        builtin("tcp-direct", "listen-port", port, "--local-port");
+        o
+    }
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// Speak the original demo's 8877 text protocol with the server (no sessions: the server
+    /// pairs clients in arrival order), then punch a plain TCP link as that demo meant to.
+    #[arg(long, conflicts_with_all = ["strategies", "secret", "session"])]
+    legacy: bool,
+    /// Instead of stdin/stdout: the first peer sends "Hello, world" once a second and prints
+    /// "send message: Hello, world"; the second prints "recv message: Hello, world" for each.
+    #[arg(long)]
+    hello: bool,
+    /// With --hello: stop after N messages (the first peer then closes its sending side).
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "hello",
+        env = "NETTOOL_HELLO_COUNT"
+    )]
+    hello_count: Option<u64>,
+    /// Write the JSON report of the connect to this file (also when no link was made).
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// Name of the network you are on, stored with the results (e.g. home, office, lte).
+    #[arg(long, default_value = "unlabelled")]
+    label: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Rounds over all strategies.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// Bytes sent each way for the throughput figure (suffixes K, M, G, KiB, MiB, GiB).
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    size: u64,
+    /// Pings each way for the round-trip figure (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pings: u32,
+    /// History file the run is appended to as one JSON line (default: the user data dir's
+    /// nettool/history.jsonl).
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
+    /// Do not append to the history.
+    #[arg(long, conflicts_with = "history")]
+    no_history: bool,
+    /// Print success rate and median time to link per label and strategy from the history,
+    /// instead of running a comparison.
+    #[arg(long)]
+    summary: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size '{s}' (examples: 1000000, 500K, 8MiB, 1G)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "bad size unit '{other}' in '{s}' (use K, M, G, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective settings and where each value came from.
+    Show,
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("bad duration '{s}': {e} (examples: 500ms, 10s, 2m)"))
+}
+
+/// Runs the `nettool` command line with the strategies of `registry`; returns the process's
+/// exit status (0 linked and done, 1 failed, 2 bad flags or settings).
+pub fn run_with(registry: StrategyRegistry) -> i32 {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nettool: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    runtime.block_on(async {
+        match run(cli.command, cli.config, &registry).await {
+            Ok(code) => code,
+            Err(e) if e.is::<BadSettings>() => {
+                eprintln!("nettool: {e:#}");
+                2
+            }
+            Err(e) => {
+                eprintln!("nettool: {e:#}");
+                1
+            }
+        }
+    })
+}
+
+/// Settings that name an unknown strategy or carry a bad strategy table: exit status 2.
+#[derive(Debug)]
+struct BadSettings(String);
+
+impl std::fmt::Display for BadSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadSettings {}
+
+/// A strategy built from its settings, with its attempt timeout.
+#[derive(Clone)]
+pub(crate) struct ConfiguredStrategy {
+    strategy: Arc<dyn Strategy>,
+    timeout: Duration,
+}
+
+impl ConfiguredStrategy {
+    /// The strategy's name.
+    pub(crate) fn name(&self) -> &'static str {
+        self.strategy.name()
+    }
+}
+
+/// The configured strategies in order, built by the registry from their tables. Errors name
+/// the strategy, the key and where the value came from.
+fn build_strategies(
+    loaded: &Loaded,
+    registry: &StrategyRegistry,
+) -> Result<Vec<ConfiguredStrategy>> {
+    let settings = &loaded.settings;
+    registry
+        .build(&settings.strategies, &settings.strategy)
+        .map(|built| {
+            built
+                .into_iter()
+                .map(|(strategy, timeout)| ConfiguredStrategy { strategy, timeout })
+                .collect()
+        })
+        .map_err(|e| {
+            let key = match &e {
+                RegistryError::BadTable { name, .. } => format!("strategy.{name}"),
+                RegistryError::Unknown { name, .. } if settings.strategy.contains_key(name) => {
+                    format!("strategy.{name}")
+                }
+                _ => "strategies".to_owned(),
+            };
+            let origin = loaded
+                .origin(&key)
+                .map(|s| format!(" (from {s})"))
+                .unwrap_or_default();
+            anyhow::Error::new(BadSettings(format!("{e}{origin}")))
+        })
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) -> Result<i32> {
+    let load = |overrides: Overrides| {
+        Settings::load(LoadOptions {
+            config: config.config.clone(),
+            profile: config.profile.clone(),
+            overrides,
+            strategy_defaults: registry.default_tables(),
+            default_strategies: registry.names().into_iter().map(str::to_owned).collect(),
+        })
+        .map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))
+    };
+    match command {
+        Command::Rendezvous(args) => {
+            let mut o = Overrides::default();
+            o.set_opt("rendezvous.listen", args.listen, "--listen");
+            o.set_opt(
+                "rendezvous.session-expiry",
+                args.session_expiry.map(fmt_duration),
+                "--session-expiry",
+            );
+            if args.no_relay {
+                o.set("rendezvous.relay", false, "--no-relay");
+            }
+            o.set_opt("rendezvous.relay-rate", args.relay_rate, "--relay-rate");
+            o.set_opt(
+                "rendezvous.relay-max-bytes",
+                args.relay_max_bytes,
+                "--relay-max-bytes",
+            );
+            o.set_opt(
+                "rendezvous.relay-max-duration",
+                args.relay_max_duration.map(fmt_duration),
+                "--relay-max-duration",
+            );
+            o.set_opt(
+                "rendezvous.relay-max-sessions",
+                args.relay_max_sessions,
+                "--relay-max-sessions",
+            );
+            let r = &args;
+            let per_ip = r.max_conns_per_ip;
+            o.set_opt("rendezvous.max-conns-per-ip", per_ip, "--max-conns-per-ip");
+            o.set_opt("rendezvous.max-sessions", r.max_sessions, "--max-sessions");
+            let idle = r.idle_timeout.map(fmt_duration);
+            o.set_opt("rendezvous.idle-timeout", idle, "--idle-timeout");
+            o.set_opt("rendezvous.join-rate", r.join_rate, "--join-rate");
+            o.set_opt("rendezvous.join-burst", r.join_burst, "--join-burst");
+            let token = r.server_token.as_ref();
+            o.set_opt("rendezvous.server-token", token, "--server-token");
+            rendezvous(args.legacy, load(o)?.settings).await
+        }
+        Command::Connect(args) => {
+            let loaded = load(args.peer.overrides(registry))?;
+            let strategies = build_strategies(&loaded, registry)?;
+            connect(args, loaded.settings, &strategies).await
+        }
+        Command::Compare(args) => {
+            if args.summary {
+                let path = args
+                    .history
+                    .clone()
+                    .or_else(compare::default_history)
+                    .context("no history file: give --history FILE")?;
+                println!("{}", compare::summary(&path)?);
+                return Ok(0);
+            }
+            let loaded = load(args.peer.overrides(registry))?;
+            let strategies = build_strategies(&loaded, registry)?;
+            compare_cmd(args, loaded.settings, &strategies).await
+        }
+        Command::Demo => demo(registry).await,
+        Command::Bench(args) => {
+            let loaded = load(args.peer.overrides(registry))?;
+            let strategies = build_strategies(&loaded, registry)?;
+            bench::run(args, loaded.settings, &strategies).await
+        }
+        Command::Config(ConfigCommand::Show) => {
+            let loaded = load(Overrides::default())?;
+            build_strategies(&loaded, registry)?;
+            config_show(&loaded)
+        }
+        Command::Strategies => {
+            strategies_list(registry);
+            Ok(0)
+        }
+    }
+}
+
+fn strategies_list(registry: &StrategyRegistry) {
+    let tables = registry.default_tables();
+    for factory in registry.factories() {
+        println!("{:<12} {}", factory.name(), factory.description());
+        if let Some(serde_json::Value::Object(map)) = tables.get(factory.name()) {
+            for (key, value) in map {
+                println!("    strategy.{}.{key} = {value}", factory.name());
+            }
+        }
+    }
+}
+
+fn config_show(loaded: &Loaded) -> Result<i32> {
+    println!(
+        "# config file: {}",
+        loaded
+            .file
+            .as_ref()
+            .map_or("none".to_owned(), |p| p.display().to_string())
+    );
+    println!("# profile: {}", loaded.profile.as_deref().unwrap_or("none"));
+    let rows = loaded.explain();
+    let width = rows
+        .iter()
+        .map(|(k, v, _)| k.len() + v.len() + 3)
+        .max()
+        .unwrap_or(0);
+    for (key, value, source) in rows {
+        let hidden = ["secret", "server-token", "rendezvous.server-token"];
+        let value = if hidden.contains(&key.as_str()) && value != "null" {
+            "\"(hidden)\"".to_owned()
+        } else {
+            value
+        };
+        let kv = format!("{key} = {value}");
+        println!("{kv:<width$}  # {source}");
+    }
+    Ok(0)
+}
+
+async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
+    let rv = settings.rendezvous;
+    if legacy {
+        return legacy::serve(rv.listen).await;
+    }
+    let config = ServerConfig {
+        session_expiry: rv.session_expiry,
+        max_frame_len: rv.max_frame_len,
+        first_frame_timeout: rv.first_frame_timeout,
+        observe_hold: rv.observe_hold,
+        relay: rv.relay.then_some(RelayLimits {
+            max_sessions: rv.relay_max_sessions,
+            rate: rv.relay_rate,
+            max_bytes: rv.relay_max_bytes,
+            max_duration: rv.relay_max_duration,
+            attach_timeout: rv.relay_attach_timeout,
+        }),
+        max_conns_per_ip: rv.max_conns_per_ip,
+        max_sessions: rv.max_sessions,
+        idle_timeout: rv.idle_timeout,
+        join_rate: rv.join_rate,
+        join_burst: rv.join_burst,
+        server_token: rv.server_token.clone(),
+    };
+    let server = RendezvousServer::bind(rv.listen, config)
+        .await
+        .with_context(|| format!("cannot listen on {}", rv.listen))?;
+    eprintln!(
+        "nettool rendezvous: listening on {} (tcp, and udp for STUN)",
+        server.local_addr()?
+    );
+    tokio::select! {
+        () = server.run() => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("nettool rendezvous: interrupted, stopping"),
+    }
+    Ok(0)
+}
+
+fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrator {
+    Orchestrator::new(
+        configs
+            .iter()
+            .map(|c| (c.strategy.clone(), c.timeout))
+            .collect(),
+        overall,
+    )
+}
+
+async fn resolve_server(server: &str) -> Result<SocketAddr> {
+    let with_port = if server.parse::<SocketAddr>().is_ok()
+        || server
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok())
+    {
+        server.to_owned()
+    } else {
+        format!("{server}:{DEFAULT_PORT}")
+    };
+    let mut addrs = tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("cannot resolve rendezvous server '{server}'"))?;
+    addrs
+        .next()
+        .with_context(|| format!("rendezvous server '{server}' has no address"))
+}
+
+fn progress(event: Event) {
+    match event {
+        Event::Waiting => eprintln!("nettool: joined; waiting for the peer"),
+        Event::Paired { role, strategies } => eprintln!(
+            "nettool: paired as {role}; strategies: {}",
+            strategies.join(", ")
+        ),
+        Event::AttemptStarted { strategy } => eprintln!("nettool: trying {strategy} ..."),
+        Event::AttemptFinished(a) => match a.outcome {
+            Outcome::Connected => {
+                eprintln!("nettool: {} linked in {} ms", a.strategy, a.elapsed_ms)
+            }
+            _ => eprintln!(
+                "nettool: {} {} after {} ms: {}",
+                a.strategy,
+                a.outcome.as_str(),
+                a.elapsed_ms,
+                a.error.as_deref().unwrap_or("")
+            ),
+        },
+        _ => {}
+    }
+}
+
+async fn connect(
+    args: ConnectArgs,
+    settings: Settings,
+    configs: &[ConfiguredStrategy],
+) -> Result<i32> {
+    let Some(server) = settings.server.as_deref() else {
+        bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
+    };
+    let server = resolve_server(server).await?;
+    if args.legacy {
+        return legacy::connect(server, args.hello, args.hello_count, settings.timeout).await;
+    }
+    let session = settings.session.clone().unwrap_or_default();
+    if session.is_empty() {
+        bail!("no session: give --session NAME (not empty) or set `session` in the config");
+    }
+    if settings.secret.is_none() {
+        eprintln!(
+            "nettool: warning: no --secret given; the link key is derived from the session name, \
+             so anyone who knows the name can pass as the peer"
+        );
+    }
+    let orch =
+        orchestrator(configs, settings.timeout).with_server_token(settings.server_token.clone());
+    let params = ConnectParams {
+        server,
+        session,
+        secret: settings.secret.clone(),
+    };
+    let quiet = !std::io::stderr().is_terminal();
+    let (link, report) = orch
+        .connect(&params, &|e| {
+            if !quiet {
+                progress(e)
+            }
+        })
+        .await;
+    if let Some(path) = &args.report {
+        write_report(path, &report)?;
+    }
+    let Some(link) = link else {
+        eprintln!(
+            "nettool: no link: {}",
+            report.error.as_deref().unwrap_or("unknown reason")
+        );
+        return Ok(1);
+    };
+    eprintln!(
+        "nettool: linked with {} via {}: {} -> {}",
+        report.role.map(|r| r.as_str()).unwrap_or("?"),
+        link.strategy,
+        link.local,
+        link.remote
+    );
+    if args.hello {
+        let role = report.role.expect("a linked report has a role");
+        return legacy::hello(link, role, args.hello_count).await;
+    }
+    let (sent, received) = pump_stdio(link).await?;
+    eprintln!("nettool: done: sent {sent} bytes, received {received} bytes");
+    Ok(0)
+}
+
+fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, json + "\n")
+        .with_context(|| format!("cannot write the report to {}", path.display()))
+}
+
+/// stdin → link until EOF (then half-close), link → stdout until the peer's EOF.
+pub(crate) async fn pump_stdio(link: Link) -> Result<(u64, u64)> {
+    let (mut rd, mut wr) = tokio::io::split(link.stream);
+    let up = async {
+        let mut stdin = tokio::io::stdin();
+        let n = tokio::io::copy(&mut stdin, &mut wr)
+            .await
+            .context("sending stdin to the peer")?;
+        wr.shutdown().await.context("closing the sending side")?;
+        Ok::<_, anyhow::Error>(n)
+    };
+    let down = async {
+        let mut stdout = tokio::io::stdout();
+        let n = tokio::io::copy(&mut rd, &mut stdout)
+            .await
+            .context("receiving from the peer")?;
+        stdout.flush().await.context("writing stdout")?;
+        Ok::<_, anyhow::Error>(n)
+    };
+    tokio::try_join!(up, down)
+}
+
+async fn demo(registry: &StrategyRegistry) -> Result<i32> {
+    let server = RendezvousServer::bind("127.0.0.1:0".parse()?, ServerConfig::default())
+        .await
+        .context("cannot start the embedded rendezvous server on loopback")?;
+    let addr = server.local_addr()?;
+    let server_task = tokio::spawn(server.run());
+    println!("nettool demo: rendezvous on {addr}; two peers on loopback compare every strategy");
+    let settings = Settings::default();
+    let strategies: Vec<ConfiguredStrategy> = registry
+        .build(&[], &Default::default())
+        .context("building the default strategies")?
+        .into_iter()
+        .map(|(strategy, timeout)| ConfiguredStrategy { strategy, timeout })
+        .collect();
+    let params = ConnectParams {
+        server: addr,
+        session: "demo".into(),
+        secret: Some("demo".into()),
+    };
+    let options = compare::CompareOptions {
+        rounds: 1,
+        size: 8 << 20,
+        pings: 10,
+    };
+    let quiet = !std::io::stderr().is_terminal();
+    let show = |line: &str| {
+        if !quiet {
+            eprintln!("nettool demo: {line}");
+        }
+    };
+    let ((_, rows), _) = tokio::join!(
+        compare::run(&settings, &strategies, &params, &options, &show),
+        compare::run(&settings, &strategies, &params, &options, &|_| {}),
+    );
+    server_task.abort();
+    println!("{}", compare::table(&rows));
+    let linked: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.outcome == Outcome::Connected && r.error.is_none())
+        .map(|r| r.strategy.as_str())
+        .collect();
+    println!(
+        "linked with: {}",
+        if linked.is_empty() {
+            "nothing".to_owned()
+        } else {
+            linked.join(", ")
+        }
+    );
+    Ok(if linked.len() == rows.len() { 0 } else { 1 })
+}
+
+async fn compare_cmd(
+    args: CompareArgs,
+    settings: Settings,
+    strategies: &[ConfiguredStrategy],
+) -> Result<i32> {
+    let Some(server) = settings.server.as_deref() else {
+        bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
+    };
+    let server = resolve_server(server).await?;
+    let session = settings.session.clone().unwrap_or_default();
+    if session.is_empty() {
+        bail!("no session: give --session NAME (not empty) or set `session` in the config");
+    }
+    let history = if args.no_history {
+        None
+    } else {
+        Some(
+            args.history
+                .clone()
+                .or_else(compare::default_history)
+                .context(
+                    "no user data directory for the history: give --history FILE or --no-history",
+                )?,
+        )
+    };
+    let params = ConnectParams {
+        server,
+        session: session.clone(),
+        secret: settings.secret.clone(),
+    };
+    let options = compare::CompareOptions {
+        rounds: args.rounds,
+        size: args.size,
+        pings: args.pings.max(1),
+    };
+    let quiet = !std::io::stderr().is_terminal();
+    let (role, rows) = compare::run(&settings, strategies, &params, &options, &|line| {
+        if !quiet {
+            eprintln!("nettool compare: {line}");
+        }
+    })
+    .await;
+    let run = compare::CompareRun {
+        time_unix: compare::now_unix(),
+        label: args.label.clone(),
+        session,
+        role,
+        size: args.size,
+        rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&run)?);
+    } else {
+        println!("{}", compare::table(&run.rows));
+    }
+    if let Some(path) = history {
+        compare::append_history(&path, &run)?;
+        if !quiet {
+            eprintln!("nettool compare: appended to {}", path.display());
+        }
+    }
+    Ok(0)
+}
