@@ -132,6 +132,13 @@ pub enum HandshakeError {
          or a man in the middle: the secure channel is not the peer's)"
     )]
     BadProof,
+    /// The other end closed the link instead of confirming after it got our confirmation: it
+    /// refused it (the first peer checks before it confirms).
+    #[error(
+        "the other end closed without confirming: our proof failed authentication on its side \
+         (wrong secret, session or pairing, or a man in the middle) ({0})"
+    )]
+    PeerRefused(std::io::Error),
     /// The link has no secure channel to bind the proof to; nettool never accepts such a link.
     #[error("no secure channel below the link handshake (channel binding is empty)")]
     Unbound,
@@ -245,7 +252,10 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         Role::Second => {
             stream.write_all(&mine).await?;
             stream.flush().await?;
-            stream.read_exact(&mut their_mac).await?;
+            stream
+                .read_exact(&mut their_mac)
+                .await
+                .map_err(HandshakeError::PeerRefused)?;
             check(&their_mac)?;
         }
     }
@@ -319,8 +329,8 @@ mod tests {
         let (first, other) = (ctx(Role::First, "s"), ctx(Role::Second, "other"));
         let (ra, rb) = run_pair(&first, &other).await;
         assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
-        // The first peer never confirmed: the second sees the link close.
-        assert!(rb.is_err(), "{rb:?}");
+        // The first peer never confirmed: the second sees it refuse.
+        assert!(matches!(rb, Err(HandshakeError::PeerRefused(_))), "{rb:?}");
     }
 
     #[tokio::test]

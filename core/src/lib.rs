@@ -7,6 +7,9 @@
 //! - [`registry`]: strategies by name, each built from its own `[strategy.NAME]` table.
 //! - [`strategy`]: the object-safe [`Strategy`] trait, the [`Link`] it produces and the
 //!   [`Attempt`] context it runs in.
+//! - [`secure`]: link security for every strategy: pinned per-attempt TLS certificates and the
+//!   channel's exporter for binding; [`candidates`]: gathering this peer's addresses and
+//!   validating the peer's (offers are untrusted).
 //! - [`handshake`]: the link handshake that proves both ends of a raw link belong to the same
 //!   session before any user data flows.
 //! - [`orchestrator`]: runs strategies in order with timeouts and always produces a [`Report`].
@@ -16,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+pub mod candidates;
 pub mod client;
 pub mod handshake;
 pub mod legacy;
@@ -24,6 +28,7 @@ pub mod protocol;
 pub mod registry;
 pub mod relay;
 pub mod report;
+pub mod secure;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod strategy;

@@ -16,7 +16,7 @@ use crate::client::RendezvousClient;
 use crate::handshake::LinkKey;
 use crate::protocol::Role;
 use crate::report::{AttemptReport, Outcome, Report};
-use crate::strategy::{Attempt, Link, Strategy, StrategyError};
+use crate::strategy::{Attempt, Link, Offers, Strategy, StrategyError};
 
 /// What the orchestrator reports while it works (for progress output).
 #[derive(Debug, Clone)]
@@ -182,7 +182,7 @@ impl Orchestrator {
                 session: &params.session,
                 pairing: &pairing,
                 key: &key,
-                rendezvous: &mut client,
+                rendezvous: Offers::new(&mut client, name),
                 server_rtt,
                 deadline: attempt_deadline,
             };

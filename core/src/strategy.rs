@@ -79,6 +79,47 @@ impl StrategyError {
     }
 }
 
+/// A strategy's narrow view of the control connection: it can exchange its own offer with the
+/// peer, and nothing else. Results (the lock step) belong to the orchestrator.
+#[derive(Debug)]
+pub struct Offers<'a> {
+    client: &'a mut RendezvousClient,
+    strategy: &'a str,
+}
+
+impl<'a> Offers<'a> {
+    /// The offer channel of one attempt with `strategy`.
+    pub fn new(client: &'a mut RendezvousClient, strategy: &'a str) -> Self {
+        Self { client, strategy }
+    }
+
+    /// The rendezvous server's address (its STUN, observe and relay endpoints are here).
+    pub fn server(&self) -> SocketAddr {
+        self.client.server()
+    }
+
+    /// Sends this peer's offer and waits for the peer's (the server delivers both at the same
+    /// moment). The offer is untrusted input: validate what it says (see
+    /// [`crate::candidates::peer_candidates`]). `strategy` must be this attempt's strategy.
+    pub async fn exchange_offer(
+        &mut self,
+        strategy: &str,
+        payload: serde_json::Value,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, StrategyError> {
+        if strategy != self.strategy {
+            return Err(StrategyError::BadOffer(format!(
+                "an attempt with {} cannot exchange offers for {strategy}",
+                self.strategy
+            )));
+        }
+        Ok(self
+            .client
+            .exchange_offer(strategy, payload, deadline)
+            .await?)
+    }
+}
+
 /// Everything a strategy needs for one attempt.
 #[derive(Debug)]
 pub struct Attempt<'a> {
@@ -88,8 +129,8 @@ pub struct Attempt<'a> {
     pub pairing: &'a Pairing,
     /// Key derived from the session secret.
     pub key: &'a LinkKey,
-    /// The control connection, for offers.
-    pub rendezvous: &'a mut RendezvousClient,
+    /// The control connection, narrowed to this attempt's offers.
+    pub rendezvous: Offers<'a>,
     /// Round-trip time to the rendezvous server, measured after pairing.
     pub server_rtt: Duration,
     /// When this attempt must be over.
@@ -227,6 +268,11 @@ where
                     }
                     debug!(%remote, "link authenticated");
                     return Ok(RawLink { stream, local, remote });
+                }
+                Ok(Err(e @ HandshakeError::PeerRefused(_))) => {
+                    // Also how a duplicate link the first peer dropped mid-handshake ends.
+                    debug!(%remote, "{e}");
+                    rejected.push(format!("{remote}: {e}"));
                 }
                 Ok(Err(e @ (HandshakeError::Io(_) | HandshakeError::NotSelected))) => {
                     // The other end dropped it: usually a duplicate link the first peer did

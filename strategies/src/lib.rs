@@ -14,7 +14,6 @@ mod net;
 pub mod relay;
 pub mod tcp_direct;
 pub mod tcp_punch;
-mod tls;
 pub mod udp_quic;
 
 /// Registers the built-in strategies in the default order: tcp-punch, udp-quic, tcp-direct,

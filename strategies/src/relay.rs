@@ -17,7 +17,7 @@ use nettool_core::{Attempt, Link, Strategy, StrategyError};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::tls::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
+use nettool_core::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 
 /// Settings of the relay strategy: none beyond the common `timeout` (attaching to the relay

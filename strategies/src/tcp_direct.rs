@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use nettool_core::strategy::agree_on_link;
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
-use crate::net::{candidates, peer_candidates, send_tcp};
-use crate::tls::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
+use crate::net::send_tcp;
+use nettool_core::candidates::{candidates, peer_candidates};
+use nettool_core::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;

@@ -34,8 +34,9 @@ use nettool_core::client::observe;
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
-use crate::net::{candidates, peer_candidates, send_tcp};
-use crate::tls::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
+use crate::net::send_tcp;
+use nettool_core::candidates::{candidates, peer_candidates};
+use nettool_core::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;

@@ -47,8 +47,8 @@ use std::time::{Duration, Instant};
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{stun, Attempt, Link, Role, Strategy, StrategyError};
 
-use crate::net::{candidates, peer_candidates, MAX_CANDIDATES_PER_FAMILY};
-use crate::tls::{client_tls, server_tls, tls_error, Identity, EXPORTER_LABEL};
+use nettool_core::candidates::{candidates, peer_candidates, MAX_CANDIDATES_PER_FAMILY};
+use nettool_core::secure::{client_tls, server_tls, tls_error, Identity, EXPORTER_LABEL};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt};
 use rand::RngCore;
@@ -91,7 +91,7 @@ impl Default for UdpQuicConfig {
 /// The strategy's name.
 pub const NAME: &str = "udp-quic";
 /// ALPN protocol of nettool links over QUIC (the same as over TLS on TCP).
-pub const ALPN: &[u8] = crate::tls::ALPN;
+pub const ALPN: &[u8] = nettool_core::secure::ALPN;
 /// TTL of the first punch datagram to each candidate: passes the own NAT, not the peer's.
 const LOW_TTL: u32 = 2;
 /// Pause between STUN Binding requests until one is answered.

@@ -1,6 +1,10 @@
-//! TLS for links: per-attempt self-signed certificates, pinned by the SHA-256 fingerprints the
-//! peers exchange in their offers, and TLS 1.3 over any stream (TCP strategies and the relay;
-//! udp-quic hands the same rustls configurations to QUIC).
+//! Link security as a service for every strategy, built-in or plugin: per-attempt self-signed
+//! certificates, pinned by the SHA-256 fingerprints the peers exchange in their offers, and
+//! TLS 1.3 over any stream ([`LinkTls`] for TCP-like streams; [`client_tls`] and [`server_tls`]
+//! for QUIC). [`LinkTls::upgrade`] returns the channel's exporter, which
+//! [`crate::strategy::agree_on_link`] binds into the link handshake (SPAKE2 + confirmation):
+//! a strategy gets an authenticated, bound link by upgrading its raw streams with [`LinkTls`]
+//! and handing them to `agree_on_link`. A handshake without an exporter is refused.
 //!
 //! Both ends authenticate: the client checks the server's certificate against the fingerprint
 //! from the peer's offer, the server requires a client certificate and checks it the same way.
@@ -12,7 +16,8 @@
 use std::io;
 use std::sync::Arc;
 
-use nettool_core::{Role, StrategyError};
+use crate::protocol::Role;
+use crate::strategy::StrategyError;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -22,19 +27,21 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// ALPN protocol id of nettool links.
-pub(crate) const ALPN: &[u8] = b"nettool/1";
+pub const ALPN: &[u8] = b"nettool/1";
 /// Label of the keying-material exporter bound into the link handshake.
-pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-nettool-link-v1";
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-nettool-link-v1";
 /// This attempt's self-signed certificate, its key and fingerprint.
-pub(crate) struct Identity {
-    pub(crate) cert: CertificateDer<'static>,
+pub struct Identity {
+    /// The certificate (DER).
+    pub cert: CertificateDer<'static>,
     key: PrivatePkcs8KeyDer<'static>,
-    pub(crate) fingerprint: [u8; 32],
+    /// SHA-256 of `cert`: what the offer carries and the peer pins.
+    pub fingerprint: [u8; 32],
 }
 
 impl Identity {
     /// A fresh self-signed certificate (ECDSA P-256) for one attempt.
-    pub(crate) fn generate() -> Result<Self, StrategyError> {
+    pub fn generate() -> Result<Self, StrategyError> {
         let certified = rcgen::generate_simple_self_signed(vec!["nettool".to_owned()])
             .map_err(|e| StrategyError::NoLink(format!("generating the certificate: {e}")))?;
         let cert = certified.cert.der().clone();
@@ -46,17 +53,19 @@ impl Identity {
         })
     }
 
-    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
+    /// The certificate's private key.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
 }
 
 /// The one crypto provider of the tree: ring.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-pub(crate) fn tls_error(what: &str, e: impl std::fmt::Display) -> StrategyError {
+/// A TLS setup error as a strategy error saying what was being set up.
+pub fn tls_error(what: &str, e: impl std::fmt::Display) -> StrategyError {
     StrategyError::NoLink(format!("{what}: {e}"))
 }
 
@@ -189,12 +198,12 @@ impl ClientCertVerifier for Pinned {
 }
 
 /// The fingerprint as lowercase hex, for offers.
-pub(crate) fn fingerprint_hex(fp: &[u8; 32]) -> String {
+pub fn fingerprint_hex(fp: &[u8; 32]) -> String {
     hex::encode(fp)
 }
 
 /// Parses a fingerprint from an offer.
-pub(crate) fn parse_fingerprint(hex_text: &str) -> Result<[u8; 32], StrategyError> {
+pub fn parse_fingerprint(hex_text: &str) -> Result<[u8; 32], StrategyError> {
     let bytes = hex::decode(hex_text)
         .map_err(|e| StrategyError::BadOffer(format!("certificate fingerprint: {e}")))?;
     bytes
@@ -203,7 +212,7 @@ pub(crate) fn parse_fingerprint(hex_text: &str) -> Result<[u8; 32], StrategyErro
 }
 
 /// TLS client configuration: our certificate for client authentication, the peer's pinned.
-pub(crate) fn client_tls(
+pub fn client_tls(
     identity: &Identity,
     peer_fingerprint: [u8; 32],
 ) -> Result<rustls::ClientConfig, StrategyError> {
@@ -223,7 +232,7 @@ pub(crate) fn client_tls(
 }
 
 /// TLS server configuration: our certificate, the peer's required and pinned.
-pub(crate) fn server_tls(
+pub fn server_tls(
     identity: &Identity,
     peer_fingerprint: [u8; 32],
 ) -> Result<rustls::ServerConfig, StrategyError> {
@@ -244,7 +253,7 @@ pub(crate) fn server_tls(
 /// Runs TLS over raw links of one attempt: the first peer is the TLS client, the second the
 /// server; both pin the other's certificate.
 #[derive(Clone)]
-pub(crate) struct LinkTls {
+pub struct LinkTls {
     role: Role,
     connector: tokio_rustls::TlsConnector,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -252,7 +261,7 @@ pub(crate) struct LinkTls {
 
 impl LinkTls {
     /// TLS for this attempt: our identity, the peer's fingerprint from its offer.
-    pub(crate) fn new(
+    pub fn new(
         role: Role,
         identity: &Identity,
         peer_fingerprint: [u8; 32],
@@ -272,7 +281,7 @@ impl LinkTls {
 
     /// TLS over `stream`; returns the encrypted stream and this TLS session's exporter value
     /// for the link handshake's channel binding.
-    pub(crate) async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: S,
     ) -> io::Result<(tokio_rustls::TlsStream<S>, Vec<u8>)> {
