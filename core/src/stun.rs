@@ -104,7 +104,7 @@ pub struct BindingRequest {
 }
 
 /// Reads a Binding request; `None` for anything else (a response, another method, a malformed
-/// header or attribute section, a CHANGE-REQUEST of the wrong length).
+/// header or attribute section). A CHANGE-REQUEST of the wrong length counts as not understood.
 pub fn parse_request(packet: &[u8]) -> Option<BindingRequest> {
     let msg = parse_message(packet)?;
     if msg.kind != BINDING_REQUEST {
@@ -121,9 +121,8 @@ pub fn parse_request(packet: &[u8]) -> Option<BindingRequest> {
     for (kind, value) in attributes(msg.attrs) {
         seen += 4 + ((value.len() + 3) & !3);
         match kind {
-            ATTR_CHANGE_REQUEST => {
-                let flags: [u8; 4] = value.try_into().ok()?;
-                let flags = u32::from_be_bytes(flags);
+            ATTR_CHANGE_REQUEST if value.len() == 4 => {
+                let flags = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
                 req.has_change_request = true;
                 req.change_ip = flags & CHANGE_IP != 0;
                 req.change_port = flags & CHANGE_PORT != 0;
@@ -509,11 +508,12 @@ mod tests {
         // Wire bytes of RFC 5780 §7.2: change IP = 0x4, change port = 0x2, in the last byte.
         let (_, both) = binding_request_with_change(true, true);
         assert_eq!(&both[20..28], &[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0x06]);
-        // A CHANGE-REQUEST of the wrong length is not a request we answer.
+        // A CHANGE-REQUEST of the wrong length is not understood (420).
         let mut bad = both.clone();
         bad[23] = 2;
-        bad[26] = 0x03; // the value's tail now reads as a second (bogus) attribute
-        assert_eq!(parse_request(&bad), None);
+        let parsed = parse_request(&bad).unwrap();
+        assert!(!parsed.has_change_request && !parsed.change_ip);
+        assert_eq!(parsed.unknown, vec![ATTR_CHANGE_REQUEST]);
     }
 
     #[test]
