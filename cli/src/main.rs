@@ -143,6 +143,10 @@ struct RendezvousArgs {
     /// NETTOOL_RENDEZVOUS__SERVER_TOKEN or `rendezvous.server-token` in the config.
     #[arg(long)]
     server_token: Option<String>,
+    /// A second address of this host, IP2:P2, for RFC 5780 NAT behaviour discovery (needs
+    /// --listen with a specific IP; STUN and TCP are then served on both IPs and both ports).
+    #[arg(long, value_name = "IP:PORT")]
+    other_address: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -395,6 +399,8 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
             o.set_opt("rendezvous.join-burst", r.join_burst, "--join-burst");
             let token = r.server_token.as_ref();
             o.set_opt("rendezvous.server-token", token, "--server-token");
+            let other = r.other_address;
+            o.set_opt("rendezvous.other-address", other, "--other-address");
             rendezvous(args.legacy, load(o)?.settings).await
         }
         Command::Connect(args) => {
@@ -474,6 +480,9 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
         join_rate: rv.join_rate,
         join_burst: rv.join_burst,
         server_token: rv.server_token.clone(),
+        other_address: rv.other_address,
+        stun_rate: rv.stun_rate,
+        stun_burst: rv.stun_burst,
     };
     let server = RendezvousServer::bind(rv.listen, config)
         .await
