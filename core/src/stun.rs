@@ -412,7 +412,12 @@ pub fn answer(packet: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
 
 /// The 420 answer to a request listing its not-understood attributes.
 pub fn unknown_attributes(req: &BindingRequest) -> Vec<u8> {
-    error_response(&req.id, ERROR_UNKNOWN_ATTRIBUTE, "Unknown Attribute", &req.unknown)
+    error_response(
+        &req.id,
+        ERROR_UNKNOWN_ATTRIBUTE,
+        "Unknown Attribute",
+        &req.unknown,
+    )
 }
 
 #[cfg(test)]

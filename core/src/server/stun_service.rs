@@ -92,7 +92,9 @@ pub(super) async fn bind(
         move |e: io::Error| {
             io::Error::new(
                 e.kind(),
-                format!("cannot bind {what} for RFC 5780 (is the other address on this host?): {e}"),
+                format!(
+                    "cannot bind {what} for RFC 5780 (is the other address on this host?): {e}"
+                ),
             )
         }
     };
@@ -220,8 +222,7 @@ fn answer(
     if !req.unknown.is_empty() {
         return Some((stun::unknown_attributes(&req), index));
     }
-    let send_from =
-        index ^ if req.change_ip { 2 } else { 0 } ^ if req.change_port { 1 } else { 0 };
+    let send_from = index ^ if req.change_ip { 2 } else { 0 } ^ if req.change_port { 1 } else { 0 };
     let origin = sockets[send_from].local_addr().ok();
     let other = sockets[index ^ 3].local_addr().ok();
     Some((
@@ -230,7 +231,11 @@ fn answer(
     ))
 }
 
-async fn serve_one(sockets: Arc<Vec<Arc<UdpSocket>>>, index: usize, limiter: Arc<Mutex<StunLimiter>>) {
+async fn serve_one(
+    sockets: Arc<Vec<Arc<UdpSocket>>>,
+    index: usize,
+    limiter: Arc<Mutex<StunLimiter>>,
+) {
     let udp = &sockets[index];
     let mut buf = vec![0u8; 2048];
     let mut dropped: u64 = 0;
