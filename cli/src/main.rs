@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 mod bench;
 mod compare;
 mod legacy;
+mod netcheck;
 
 const DEFAULT_PORT: u16 = 8877;
 
@@ -77,6 +78,13 @@ enum Command {
     /// Example (small and quick):
     ///   nettool bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
     Bench(bench::BenchArgs),
+    /// Find out what kind of network this host is on (NAT mapping and filtering, per family).
+    ///
+    /// Against a rendezvous server started with --other-address (all tests), or any RFC 5780
+    /// STUN server (the UDP tests). Prints a table, or with --json the report the README
+    /// documents. Example:
+    ///   nettool netcheck --server rv.example.net:8877 --json
+    Netcheck(netcheck::NetcheckArgs),
     /// Inspect the configuration.
     ///
     /// Settings come from, lowest first: built-in defaults, the config file's [default]
@@ -425,6 +433,7 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
             let loaded = load(args.peer.overrides())?;
             bench::run(args, loaded.settings).await
         }
+        Command::Netcheck(args) => netcheck::run(args).await,
         Command::Config(ConfigCommand::Show) => config_show(&load(Overrides::default())?),
     }
 }
