@@ -5,6 +5,7 @@ mod fallback;
 mod lab;
 mod legacy;
 mod loopback;
+mod netcheck;
 mod nat_punch;
 mod nat_quic;
 mod security;
