@@ -123,9 +123,9 @@ impl Default for DiscoverOptions {
 impl DiscoverOptions {
     /// An upper bound on how long [`discover`] takes with these options.
     pub fn time_bound(&self) -> Duration {
-        // Three RTT samples + mapping II + III, hairpin; filtering runs alongside; TCP three
-        // connections and answers.
-        self.test_timeout * 6 + if self.tcp { self.test_timeout * 6 } else { Duration::ZERO }
+        // Three round-trip samples, then alongside each other: mapping II + III + hairpin;
+        // filtering; TCP (three connections, each connect and answer within one timeout).
+        self.test_timeout * (3 + 3)
     }
 }
 
@@ -359,10 +359,15 @@ pub async fn discover(
             Mapping::Unknown
         }
     };
-    let (udp_mapping, udp_filtering, tcp_mapping) = tokio::join!(mapping, filtering, tcp);
+    // Hairpinning after the mapping tests (they share the socket), alongside the rest.
+    let mapping_then_hairpin = async {
+        let mapping = mapping.await;
+        (mapping, hairpin(&mapping_socket, m1, t).await)
+    };
+    let ((udp_mapping, hairpinning), udp_filtering, tcp_mapping) =
+        tokio::join!(mapping_then_hairpin, filtering, tcp);
     let udp_filtering = udp_filtering.map_err(io_err)?;
-    // Hairpinning last: the mapping socket is free again.
-    let hairpinning = hairpin(&mapping_socket, m1, t).await.map_err(io_err)?;
+    let hairpinning = hairpinning.map_err(io_err)?;
     Ok(FamilyReport {
         udp_mapping,
         udp_filtering,

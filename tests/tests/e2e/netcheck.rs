@@ -179,14 +179,40 @@ fn check_kind(kind: NatKind) -> Result<String, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut turn = Proc::spawn(turn);
-    // Drain coturn's log so it never blocks on a full pipe.
+    // Wait until coturn has made its servers (its listeners are open then), and drain its log
+    // afterwards so it never blocks on a full pipe.
     let log = turn.child.stdout.take().expect("stdout piped");
-    std::thread::spawn(move || for _ in BufReader::new(log).lines() {});
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(log).lines().map_while(Result::ok) {
+            if line.contains("Total General servers") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    let _ = ready.recv_timeout(Duration::from_secs(10));
 
-    let (coturn_vs_coturn, coturn_text) = natdiscovery(&lab, COTURN_PORT)?;
-    let (coturn_vs_nettool, nettool_text) = natdiscovery(&lab, NETTOOL_PORT)?;
-    let (netcheck_vs_nettool, json) = netcheck(&lab, NETTOOL_PORT)?;
-    let (netcheck_vs_coturn, json_coturn) = netcheck(&lab, COTURN_PORT)?;
+    let timed = |f: &dyn Fn() -> Result<(Found, String), String>| {
+        let start = Instant::now();
+        f().map(|(found, text)| (found, text, start.elapsed().as_secs_f64()))
+    };
+    // Against coturn and against nettool at the same time (separate sockets, so separate NAT
+    // mappings); each server's two clients one after the other.
+    let both = |port: u16| {
+        let nd = timed(&|| natdiscovery(&lab, port))?;
+        let nc = timed(&|| netcheck(&lab, port).map(|(f, j)| (f, j.to_string())))?;
+        Ok::<_, String>((nd, nc))
+    };
+    let (vs_coturn, vs_nettool) = std::thread::scope(|s| {
+        let c = s.spawn(|| both(COTURN_PORT));
+        let n = both(NETTOOL_PORT);
+        (c.join().unwrap_or_else(|_| Err("panicked".into())), n)
+    });
+    let ((coturn_vs_coturn, coturn_text, t_cc), (netcheck_vs_coturn, json_coturn, t_nc)) =
+        vs_coturn?;
+    let ((coturn_vs_nettool, nettool_text, t_cn), (netcheck_vs_nettool, json, t_nn)) =
+        vs_nettool?;
+    let json: serde_json::Value = serde_json::from_str(&json).expect("json again");
     drop(turn);
     drop(rv);
 
@@ -210,7 +236,7 @@ fn check_kind(kind: NatKind) -> Result<String, String> {
     }
     if netcheck_vs_coturn != (m.to_owned(), f.to_owned(), Some("unknown".to_owned())) {
         problems.push(format!(
-            "netcheck vs turnserver: {netcheck_vs_coturn:?}\n{json_coturn:#}"
+            "netcheck vs turnserver: {netcheck_vs_coturn:?}\n{json_coturn}"
         ));
     }
     // The public address is the router's (or the host's own for routed kinds).
@@ -223,7 +249,7 @@ fn check_kind(kind: NatKind) -> Result<String, String> {
     }
     let v4 = &json["ipv4"];
     Ok(format!(
-        "| {} | {} / {} | {} / {} | {} | {} | {} | {} |",
+        "| {} | {} / {} | {} / {} | {} | {} | {} | {} | {t_cc:.1} / {t_cn:.1} / {t_nn:.1} / {t_nc:.1} |",
         kind.name(),
         coturn_vs_coturn.0,
         coturn_vs_coturn.1,
@@ -256,7 +282,8 @@ fn netcheck_and_rfc5780_agree_with_coturn_in_every_lab_kind() {
     });
     eprintln!(
         "| kind | coturn vs turnserver (mapping / filtering) | netcheck vs nettool | tcp | \
-         port preserved | hairpin | rtt ms |"
+         port preserved | hairpin | rtt ms | seconds (natdiscovery vs coturn / vs nettool, \
+         netcheck vs nettool / vs coturn) |"
     );
     let mut failures = Vec::new();
     for r in results {
