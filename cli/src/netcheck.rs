@@ -65,7 +65,10 @@ pub(crate) async fn run(args: NetcheckArgs) -> Result<i32> {
         eprintln!("nettool netcheck: {e}");
     }
     if report.ipv4.is_none() && report.ipv6.is_none() {
-        bail!("no address family could be measured against '{}'", args.server);
+        bail!(
+            "no address family could be measured against '{}'",
+            args.server
+        );
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -119,7 +122,10 @@ fn table(report: &NetReport) -> String {
             "public address",
             col(&|r| r.public_addr.map_or("unknown".into(), |a| a.to_string())),
         ),
-        ("port preservation", col(&|r| yes_no(r.port_preservation).into())),
+        (
+            "port preservation",
+            col(&|r| yes_no(r.port_preservation).into()),
+        ),
         ("hairpinning", col(&|r| yes_no(r.hairpinning).into())),
         ("rtt", col(&|r| format!("{:.1} ms", r.rtt_ms))),
     ];

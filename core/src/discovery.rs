@@ -267,9 +267,7 @@ pub async fn discover(
     let family = family_name(server);
     let io_err = |source| DiscoveryError::Io { family, source };
     let t = opts.test_timeout;
-    let mapping_socket = UdpSocket::bind(unspecified(server))
-        .await
-        .map_err(io_err)?;
+    let mapping_socket = UdpSocket::bind(unspecified(server)).await.map_err(io_err)?;
     let local_ip = local_ip_towards(server).await.map_err(io_err)?;
     let local = SocketAddr::new(
         local_ip,
@@ -584,7 +582,10 @@ mod tests {
         };
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.starts_with(r#"{"ipv4":{"udp_mapping":"address-and-port-dependent","udp_filtering":"address-dependent","tcp_mapping":"no-nat","public_addr":"198.51.100.2","port_preservation":false,"hairpinning":null"#), "{json}");
-        assert!(json.ends_with(r#""ipv6":null,"port_mapping":[],"server_rtt_ms":1.5}"#), "{json}");
+        assert!(
+            json.ends_with(r#""ipv6":null,"port_mapping":[],"server_rtt_ms":1.5}"#),
+            "{json}"
+        );
         for (m, s) in [
             (Mapping::EndpointIndependent, "\"endpoint-independent\""),
             (Mapping::Unknown, "\"unknown\""),

@@ -129,10 +129,8 @@ pub fn parse_request(packet: &[u8]) -> Option<BindingRequest> {
             }
             // Understood and ignored: this server does no authentication, and pads nothing.
             ATTR_USERNAME | ATTR_MESSAGE_INTEGRITY | ATTR_PADDING => {}
-            k if k < 0x8000 => {
-                if !req.unknown.contains(&k) && req.unknown.len() < 16 {
-                    req.unknown.push(k);
-                }
+            k if k < 0x8000 && !req.unknown.contains(&k) && req.unknown.len() < 16 => {
+                req.unknown.push(k);
             }
             _ => {}
         }

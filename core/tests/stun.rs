@@ -124,7 +124,7 @@ async fn rfc5780_change_request_is_honoured_from_all_four_addresses() {
         {
             let req = stun::binding_request_with_change(change_ip, change_port);
             let (resp, from) = transact(&socket, to, req).await.expect("answered");
-            let expect_from = all[i ^ usize::from(change_ip) * 2 ^ usize::from(change_port)];
+            let expect_from = all[i ^ (usize::from(change_ip) * 2) ^ usize::from(change_port)];
             assert_eq!(
                 from, expect_from,
                 "to {to}, change ip {change_ip} port {change_port}"

@@ -121,7 +121,9 @@ fn natdiscovery(lab: &Lab, port: u16) -> Result<(Found, String), String> {
             return Ok(((m.into(), f.into(), None), text));
         }
         if start.elapsed() > Duration::from_secs(10) {
-            return Err(format!("no verdict from turnutils_natdiscovery -p {port}:\n{text}"));
+            return Err(format!(
+                "no verdict from turnutils_natdiscovery -p {port}:\n{text}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -210,8 +212,7 @@ fn check_kind(kind: NatKind) -> Result<String, String> {
     });
     let ((coturn_vs_coturn, coturn_text, t_cc), (netcheck_vs_coturn, json_coturn, t_nc)) =
         vs_coturn?;
-    let ((coturn_vs_nettool, nettool_text, t_cn), (netcheck_vs_nettool, json, t_nn)) =
-        vs_nettool?;
+    let ((coturn_vs_nettool, nettool_text, t_cn), (netcheck_vs_nettool, json, t_nn)) = vs_nettool?;
     let json: serde_json::Value = serde_json::from_str(&json).expect("json again");
     drop(turn);
     drop(rv);
@@ -232,7 +233,9 @@ fn check_kind(kind: NatKind) -> Result<String, String> {
         ));
     }
     if netcheck_vs_nettool != (m.to_owned(), f.to_owned(), Some(t.to_owned())) {
-        problems.push(format!("netcheck vs nettool: {netcheck_vs_nettool:?}\n{json:#}"));
+        problems.push(format!(
+            "netcheck vs nettool: {netcheck_vs_nettool:?}\n{json:#}"
+        ));
     }
     if netcheck_vs_coturn != (m.to_owned(), f.to_owned(), Some("unknown".to_owned())) {
         problems.push(format!(
@@ -242,7 +245,10 @@ fn check_kind(kind: NatKind) -> Result<String, String> {
     // The public address is the router's (or the host's own for routed kinds).
     let public = json["ipv4"]["public_addr"].as_str().unwrap_or_default();
     if public != lab.public_ip(Host::A).to_string() {
-        problems.push(format!("netcheck public_addr {public}, want {}", lab.public_ip(Host::A)));
+        problems.push(format!(
+            "netcheck public_addr {public}, want {}",
+            lab.public_ip(Host::A)
+        ));
     }
     if !problems.is_empty() {
         return Err(format!("{}: {}", kind.name(), problems.join("\n")));
