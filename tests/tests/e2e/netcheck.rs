@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use nettool_tests::{require_lab, Host, Lab, NatKind};
 
-use crate::support::{nettool_bin, Proc};
+use crate::support::{loopback_rendezvous, nettool_bin, Proc};
 
 const NETTOOL_PORT: u16 = 8877;
 const NETTOOL_OTHER_PORT: u16 = 8878;
@@ -133,7 +133,9 @@ fn netcheck(lab: &Lab, port: u16) -> Result<(Found, serde_json::Value), String> 
     let server = format!("{}:{port}", lab.server_ip());
     let out = lab
         .command(Host::A, nettool_bin())
-        .args(["netcheck", "--json", "--server", &server])
+        // 2 s per test (1 s by default): a lab busy with other tests must not turn a late
+        // answer into "filtered".
+        .args(["netcheck", "--json", "--timeout", "2s", "--server", &server])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run nettool netcheck: {e}"))?;
@@ -326,4 +328,56 @@ fn natdiscovery_output_parses() {
         (Some("no-nat"), Some("endpoint-independent"))
     );
     assert_eq!(parse_natdiscovery("STUN receive timeout.."), (None, None));
+}
+
+/// The CLI on loopback: the JSON has the documented shape and order, and a server that does
+/// not answer is a clear error with exit status 1.
+#[test]
+fn netcheck_json_shape_and_errors_on_loopback() {
+    let (_rv, addr) = loopback_rendezvous(&["--other-address", "127.0.0.2:0"]);
+    let out = Command::new(nettool_bin())
+        .args(["netcheck", "--json", "--server", &addr])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let keys = [
+        "\"ipv4\"",
+        "\"ipv6\"",
+        "\"port_mapping\"",
+        "\"server_rtt_ms\"",
+    ];
+    let at: Vec<usize> = keys.iter().map(|k| text.find(k).expect(k)).collect();
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "order of {keys:?} in {text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let v4 = &json["ipv4"];
+    for (k, want) in [
+        ("udp_mapping", "no-nat"),
+        ("udp_filtering", "endpoint-independent"),
+        ("tcp_mapping", "no-nat"),
+        ("public_addr", "127.0.0.1"),
+    ] {
+        assert_eq!(v4[k], want, "{k} in {text}");
+    }
+    assert_eq!(v4["port_preservation"], true);
+    assert_eq!(v4["hairpinning"], true);
+    assert!(json["ipv6"].is_null());
+    assert_eq!(json["port_mapping"], serde_json::json!([]));
+    assert!(json["server_rtt_ms"].as_f64().is_some());
+
+    // Nothing answers on a port of a socket that only receives.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let out = Command::new(nettool_bin())
+        .args(["netcheck", "--timeout", "200ms", "--server"])
+        .arg(silent.local_addr().unwrap().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no STUN answer"), "{stderr}");
 }
