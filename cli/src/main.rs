@@ -155,6 +155,12 @@ struct RendezvousArgs {
     /// --listen with a specific IP; STUN and TCP are then served on both IPs and both ports).
     #[arg(long, value_name = "IP:PORT")]
     other_address: Option<SocketAddr>,
+    /// STUN answers per second per source IP address (default 20; 0 = unlimited).
+    #[arg(long)]
+    stun_rate: Option<u32>,
+    /// STUN answers one source IP address gets in a burst (default 50).
+    #[arg(long)]
+    stun_burst: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -409,6 +415,8 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
             o.set_opt("rendezvous.server-token", token, "--server-token");
             let other = r.other_address;
             o.set_opt("rendezvous.other-address", other, "--other-address");
+            o.set_opt("rendezvous.stun-rate", r.stun_rate, "--stun-rate");
+            o.set_opt("rendezvous.stun-burst", r.stun_burst, "--stun-burst");
             rendezvous(args.legacy, load(o)?.settings).await
         }
         Command::Connect(args) => {
@@ -497,8 +505,12 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
         .await
         .with_context(|| format!("cannot listen on {}", rv.listen))?;
     eprintln!(
-        "nettool rendezvous: listening on {} (tcp, and udp for STUN)",
-        server.local_addr()?
+        "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
+        server.local_addr()?,
+        server
+            .other_local_addr()
+            .map(|a| format!("; RFC 5780 other address {a}"))
+            .unwrap_or_default()
     );
     tokio::select! {
         () = server.run() => {}

@@ -451,6 +451,12 @@ impl RendezvousServer {
         self.stun.main_addr()
     }
 
+    /// The RFC 5780 other address (IP2:P2, its port chosen when 0 was asked for); `None`
+    /// without a second address.
+    pub fn other_local_addr(&self) -> Option<SocketAddr> {
+        self.stun.other_addr()
+    }
+
     /// Number of sessions currently known (waiting or paired).
     pub fn session_count(&self) -> usize {
         self.stats().session_count()

@@ -42,6 +42,11 @@ impl StunSockets {
     pub(super) fn main_addr(&self) -> io::Result<SocketAddr> {
         self.sockets[0].local_addr()
     }
+
+    /// IP2:P2 with a second address.
+    pub(super) fn other_addr(&self) -> Option<SocketAddr> {
+        self.sockets.get(3)?.local_addr().ok()
+    }
 }
 
 fn invalid(msg: String) -> io::Error {
