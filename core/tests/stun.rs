@@ -68,10 +68,13 @@ async fn transact(
     let mut buf = [0u8; 1500];
     for _ in 0..10 {
         socket.send_to(&request, to).await.unwrap();
-        if let Ok(Ok((n, from))) =
+        // Skip datagrams of other transactions (late answers of earlier requests).
+        while let Ok(Ok((n, from))) =
             tokio::time::timeout(Duration::from_millis(200), socket.recv_from(&mut buf)).await
         {
-            return stun::parse_response(&buf[..n], &id).map(|r| (r, from));
+            if let Some(r) = stun::parse_response(&buf[..n], &id) {
+                return Some((r, from));
+            }
         }
     }
     None
@@ -229,4 +232,52 @@ async fn stun_answers_are_rate_limited_per_source() {
     // Another source address has its own budget.
     let other = UdpSocket::bind("127.0.0.4:0").await.unwrap();
     assert_eq!(ask(&other, addr).await, Some(other.local_addr().unwrap()));
+}
+
+/// Garbage and mangled requests on all four RFC 5780 sockets get no answer (or a 420) and stop
+/// nothing: valid requests are still answered from the right address.
+#[tokio::test]
+async fn rfc5780_server_shrugs_off_garbage_on_every_socket() {
+    let (main, other) = rfc5780_server(ServerConfig {
+        stun_rate: 0,
+        ..ServerConfig::default()
+    })
+    .await;
+    let all = [
+        main,
+        SocketAddr::new(main.ip(), other.port()),
+        SocketAddr::new(other.ip(), main.port()),
+        other,
+    ];
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut rng = rand::thread_rng();
+    let (_, valid) = stun::binding_request_with_change(true, true);
+    for to in all {
+        for _ in 0..200 {
+            let mut junk = if rng.gen() {
+                valid.clone()
+            } else {
+                vec![0u8; rng.gen_range(0..64)]
+            };
+            for _ in 0..rng.gen_range(1..4) {
+                if !junk.is_empty() {
+                    let i = rng.gen_range(0..junk.len());
+                    junk[i] = rng.gen();
+                }
+            }
+            socket.send_to(&junk, to).await.unwrap();
+        }
+    }
+    // Drain whatever was answered (mangled requests that still parse), then check.
+    let mut buf = [0u8; 1500];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(100), socket.recv_from(&mut buf)).await
+    {}
+    for (i, to) in all.into_iter().enumerate() {
+        let (resp, from) = transact(&socket, to, stun::binding_request_with_change(true, true))
+            .await
+            .expect("still answered");
+        assert_eq!(from, all[i ^ 3]);
+        assert!(matches!(resp, stun::BindingResponse::Success { .. }));
+    }
 }
