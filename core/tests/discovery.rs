@@ -102,3 +102,38 @@ async fn a_silent_server_is_an_error_within_the_time_bound() {
     );
     assert!(err.to_string().contains("no STUN answer"), "{err}");
 }
+
+/// Both families side by side: a server on 127.0.0.1 and one on ::1 (when this host has IPv6
+/// loopback) give one report each, IPv4 first.
+#[tokio::test]
+async fn discover_all_reports_each_family() {
+    let v4 = server(None).await;
+    let v6 = match RendezvousServer::bind("[::1]:0".parse().unwrap(), ServerConfig::default()).await
+    {
+        Ok(s) => {
+            let a = s.local_addr().unwrap();
+            tokio::spawn(s.run());
+            Some(a)
+        }
+        Err(e) => {
+            eprintln!("no IPv6 loopback here ({e}): checking IPv4 only");
+            None
+        }
+    };
+    let addrs: Vec<SocketAddr> = v6.into_iter().chain([v4]).collect();
+    let (report, errors) = nettool_core::discovery::discover_all(&addrs, &quick()).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let r4 = report.ipv4.expect("ipv4");
+    assert_eq!(r4.server, v4);
+    assert_eq!(r4.udp_mapping, Mapping::NoNat);
+    if let Some(v6) = v6 {
+        let r6 = report.ipv6.expect("ipv6");
+        assert_eq!(r6.server, v6);
+        assert_eq!(r6.udp_mapping, Mapping::NoNat);
+        assert_eq!(r6.public_addr, Some(v6.ip()));
+    } else {
+        assert!(report.ipv6.is_none());
+    }
+    assert!(report.server_rtt_ms.is_some());
+    assert!(report.port_mapping.is_empty());
+}
