@@ -279,7 +279,9 @@ pub async fn discover(
     let mut rtt = None::<Duration>;
     for _ in 0..3 {
         let answer = transact(&mapping_socket, server, &stun::binding_request(), t).await;
-        let Some(answer) = answer else { continue };
+        // No answer within the timeout: a silent server fails after one timeout, and a lost
+        // later sample just leaves fewer samples.
+        let Some(answer) = answer else { break };
         if let BindingResponse::Error { code } = answer.response {
             return Err(DiscoveryError::Refused { server, code });
         }
