@@ -451,6 +451,16 @@ proptest! {
         id in any::<[u8; 12]>(),
     ) {
         let _ = stun::parse_binding_response(&bytes, &stun::TransactionId(id));
+        let _ = stun::parse_response(&bytes, &stun::TransactionId(id));
+        if let Some(req) = stun::parse_request(&bytes) {
+            // Whatever a request asks for, the RFC 5780 answers encode and parse back.
+            let origin = Some(canonical(from));
+            let ok = stun::success_response(&req.id, from, origin, origin);
+            prop_assert!(matches!(
+                stun::parse_response(&ok, &req.id),
+                Some(stun::BindingResponse::Success { .. })
+            ));
+        }
         if let Some(reply) = stun::answer(&bytes, from) {
             // Only a valid Binding request is answered, and the answer parses back (a success
             // with the sender, or a 420 for an attribute the server does not understand).
