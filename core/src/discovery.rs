@@ -297,7 +297,8 @@ pub async fn discover(
         ..
     } = first.response
     else {
-        unreachable!("errors returned above");
+        // Error answers returned above; keep the compiler's exhaustiveness without a panic.
+        return Err(DiscoveryError::NoAnswer(server));
     };
     let other = usable_other(server, other_address);
 
