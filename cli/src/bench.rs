@@ -447,11 +447,16 @@ fn unlimited_flags() -> Vec<&'static str> {
                 .and_then(|exe| Command::new(exe).args(["rendezvous", "--help"]).output())
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
-            ["--max-conns-per-ip", "--max-sessions", "--join-rate"]
-                .into_iter()
-                .filter(|f| help.contains(f))
-                .flat_map(|f| [f, "0"])
-                .collect()
+            [
+                "--max-conns-per-ip",
+                "--max-sessions",
+                "--join-rate",
+                "--stun-rate",
+            ]
+            .into_iter()
+            .filter(|f| help.contains(f))
+            .flat_map(|f| [f, "0"])
+            .collect()
         })
         .clone()
 }

@@ -33,6 +33,7 @@ use tokio::io::AsyncWriteExt;
 mod bench;
 mod compare;
 mod legacy;
+mod netcheck;
 
 const DEFAULT_PORT: u16 = 8877;
 
@@ -90,6 +91,13 @@ enum Command {
     /// Example (small and quick):
     ///   nettool bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
     Bench(bench::BenchArgs),
+    /// Find out what kind of network this host is on (NAT mapping and filtering, per family).
+    ///
+    /// Against a rendezvous server started with --other-address (all tests), or any RFC 5780
+    /// STUN server (the UDP tests). Prints a table, or with --json the report the README
+    /// documents. Example:
+    ///   nettool netcheck --server rv.example.net:8877 --json
+    Netcheck(netcheck::NetcheckArgs),
     /// Inspect the configuration.
     ///
     /// Settings come from, lowest first: built-in defaults, the config file's [default]
@@ -163,6 +171,16 @@ struct RendezvousArgs {
     /// NETTOOL_RENDEZVOUS__SERVER_TOKEN or `rendezvous.server-token` in the config.
     #[arg(long)]
     server_token: Option<String>,
+    /// A second address of this host, IP2:P2, for RFC 5780 NAT behaviour discovery (needs
+    /// --listen with a specific IP; STUN and TCP are then served on both IPs and both ports).
+    #[arg(long, value_name = "IP:PORT")]
+    other_address: Option<SocketAddr>,
+    /// STUN answers per second per source IP address (default 20; 0 = unlimited).
+    #[arg(long)]
+    stun_rate: Option<u32>,
+    /// STUN answers one source IP address gets in a burst (default 50).
+    #[arg(long)]
+    stun_burst: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -480,6 +498,10 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             o.set_opt("rendezvous.join-burst", r.join_burst, "--join-burst");
             let token = r.server_token.as_ref();
             o.set_opt("rendezvous.server-token", token, "--server-token");
+            let other = r.other_address;
+            o.set_opt("rendezvous.other-address", other, "--other-address");
+            o.set_opt("rendezvous.stun-rate", r.stun_rate, "--stun-rate");
+            o.set_opt("rendezvous.stun-burst", r.stun_burst, "--stun-burst");
             rendezvous(args.legacy, load(o)?.settings).await
         }
         Command::Connect(args) => {
@@ -507,6 +529,7 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             let strategies = build_strategies(&loaded, registry)?;
             bench::run(args, loaded.settings, &strategies).await
         }
+        Command::Netcheck(args) => netcheck::run(args).await,
         Command::Config(ConfigCommand::Show) => {
             let loaded = load(Overrides::default())?;
             build_strategies(&loaded, registry)?;
@@ -582,13 +605,20 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
         join_rate: rv.join_rate,
         join_burst: rv.join_burst,
         server_token: rv.server_token.clone(),
+        other_address: rv.other_address,
+        stun_rate: rv.stun_rate,
+        stun_burst: rv.stun_burst,
     };
     let server = RendezvousServer::bind(rv.listen, config)
         .await
         .with_context(|| format!("cannot listen on {}", rv.listen))?;
     eprintln!(
-        "nettool rendezvous: listening on {} (tcp, and udp for STUN)",
-        server.local_addr()?
+        "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
+        server.local_addr()?,
+        server
+            .other_local_addr()
+            .map(|a| format!("; RFC 5780 other address {a}"))
+            .unwrap_or_default()
     );
     tokio::select! {
         () = server.run() => {}

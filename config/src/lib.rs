@@ -61,6 +61,13 @@ pub struct RendezvousConfig {
     pub join_burst: u32,
     /// Token every join must carry (clients: `server-token`); unset = anyone may join.
     pub server_token: Option<String>,
+    /// A second address of this host, `IP2:P2`, for RFC 5780 NAT behaviour discovery (STUN
+    /// CHANGE-REQUEST, OTHER-ADDRESS; TCP observe there too); unset = one address.
+    pub other_address: Option<SocketAddr>,
+    /// STUN answers per second per source IP address; 0 = unlimited.
+    pub stun_rate: u32,
+    /// STUN answers one source IP address gets in a burst.
+    pub stun_burst: u32,
 }
 
 impl Default for RendezvousConfig {
@@ -83,6 +90,9 @@ impl Default for RendezvousConfig {
             join_rate: 20,
             join_burst: 40,
             server_token: None,
+            other_address: None,
+            stun_rate: 20,
+            stun_burst: 50,
         }
     }
 }

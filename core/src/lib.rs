@@ -15,12 +15,16 @@
 //! - [`orchestrator`]: runs strategies in order with timeouts and always produces a [`Report`].
 //! - [`report`]: the JSON report of one connect.
 //! - [`legacy`]: the original demo's 8877 text protocol (client; server with feature `server`).
-//! - [`stun`]: a minimal STUN Binding codec (UDP strategies learn their public mapping).
+//! - [`stun`]: a small STUN Binding codec with RFC 5780 attributes (UDP strategies learn their
+//!   public mapping; the server answers).
+//! - [`discovery`]: NAT behaviour discovery (RFC 5780 mapping/filtering, TCP mapping, hairpin)
+//!   per address family, in bounded time: what `nettool netcheck` reports and a planner uses.
 
 #![warn(missing_docs)]
 
 pub mod candidates;
 pub mod client;
+pub mod discovery;
 pub mod handshake;
 pub mod legacy;
 pub mod orchestrator;

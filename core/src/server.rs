@@ -33,12 +33,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 // futures' channel, not tokio's: tokio's allocates a 32-slot block up front (about 1.3 KB per
 // connection with `Outbound`), futures' one node per message; every waiting session has one.
 use futures::channel::mpsc;
 use futures::StreamExt;
 use tracing::{debug, info, warn, Instrument};
+
+mod stun_service;
 
 use crate::protocol::{
     ClientToServer, FramedConn, RecvError, Role, ServerToClient, PROTOCOL_VERSION,
@@ -72,6 +74,16 @@ pub struct ServerConfig {
     pub join_burst: u32,
     /// A token every join must carry; `None` = anyone may join.
     pub server_token: Option<String>,
+    /// A second address of this host (`IP2:P2`) for RFC 5780 NAT behaviour discovery: STUN
+    /// and TCP are served on IP1:P1, IP1:P2, IP2:P1 and IP2:P2, answers carry
+    /// RESPONSE-ORIGIN and OTHER-ADDRESS, and CHANGE-REQUEST is honoured. Needs a listen
+    /// address with a specific IP. `None` = one address, no RFC 5780.
+    pub other_address: Option<SocketAddr>,
+    /// STUN answers per second per source IP address (a token bucket; answers are larger
+    /// than requests, so this bounds the amplification a spoofed flood gets); 0 = unlimited.
+    pub stun_rate: u32,
+    /// STUN answers one source IP address gets in a burst (the bucket's size; at least 1).
+    pub stun_burst: u32,
 }
 
 /// Limits of the relay through the server. Hitting one ends that relay with a message to both
@@ -116,6 +128,9 @@ impl Default for ServerConfig {
             join_rate: 20,
             join_burst: 40,
             server_token: None,
+            other_address: None,
+            stun_rate: 20,
+            stun_burst: 50,
         }
     }
 }
@@ -128,11 +143,14 @@ impl ServerConfig {
 }
 
 /// A rendezvous server bound to a TCP port, and a UDP socket with the same number that
-/// answers STUN Binding requests (so UDP strategies learn their public mapping).
+/// answers STUN Binding requests (so UDP strategies learn their public mapping). With
+/// [`ServerConfig::other_address`] it also serves RFC 5780 (see `stun_service`).
 #[derive(Debug)]
 pub struct RendezvousServer {
     listener: TcpListener,
-    udp: UdpSocket,
+    /// TCP listeners on the RFC 5780 alternate addresses (empty without a second address).
+    other_listeners: Vec<TcpListener>,
+    stun: stun_service::StunSockets,
     shared: Arc<Shared>,
 }
 
@@ -396,14 +414,17 @@ enum Outbound {
 
 impl RendezvousServer {
     /// Binds the server's TCP listener, then a UDP socket on the same address and port
-    /// number (so port 0 picks one number for both).
+    /// number (so port 0 picks one number for both); with `config.other_address`, the RFC 5780
+    /// sockets too (an unusable second address is an `InvalidInput` error saying why).
     pub async fn bind(addr: SocketAddr, config: ServerConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let port = listener.local_addr()?.port();
-        let udp = UdpSocket::bind(SocketAddr::new(addr.ip(), port)).await?;
+        let (stun, other_listeners) =
+            stun_service::bind(SocketAddr::new(addr.ip(), port), &config).await?;
         Ok(Self {
             listener,
-            udp,
+            other_listeners,
+            stun,
             shared: Arc::new(Shared {
                 config,
                 sessions: Mutex::new(HashMap::new()),
@@ -427,7 +448,13 @@ impl RendezvousServer {
 
     /// The address the server answers STUN on (UDP, same port number as the TCP listener).
     pub fn udp_local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.udp.local_addr()
+        self.stun.main_addr()
+    }
+
+    /// The RFC 5780 other address (IP2:P2, its port chosen when 0 was asked for); `None`
+    /// without a second address.
+    pub fn other_local_addr(&self) -> Option<SocketAddr> {
+        self.stun.other_addr()
     }
 
     /// Number of sessions currently known (waiting or paired).
@@ -441,10 +468,20 @@ impl RendezvousServer {
     pub async fn run(self) {
         let Self {
             listener,
-            udp,
+            other_listeners,
+            stun,
             shared,
         } = self;
-        tokio::join!(accept_loop(listener, shared), serve_stun(udp));
+        let others = futures::future::join_all(
+            other_listeners
+                .into_iter()
+                .map(|l| accept_loop(l, shared.clone())),
+        );
+        tokio::join!(
+            accept_loop(listener, shared.clone()),
+            others,
+            stun_service::serve(stun, &shared.config)
+        );
     }
 }
 
@@ -498,30 +535,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Err(e) => {
                 warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Answers STUN Binding requests; ignores everything else.
-async fn serve_stun(udp: UdpSocket) {
-    let mut buf = vec![0u8; 2048];
-    loop {
-        match udp.recv_from(&mut buf).await {
-            Ok((n, from)) => match crate::stun::answer(&buf[..n], from) {
-                Some(reply) => {
-                    if let Err(e) = udp.send_to(&reply, from).await {
-                        debug!(%from, "stun: sending the answer failed: {e}");
-                    }
-                }
-                None => {
-                    debug!(%from, len = n, "stun: ignored a datagram that is not a binding request")
-                }
-            },
-            // ICMP errors of earlier answers surface here (ECONNREFUSED and friends).
-            Err(e) => {
-                debug!("stun: receive failed: {e}");
-                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
     }

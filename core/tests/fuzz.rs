@@ -451,14 +451,31 @@ proptest! {
         id in any::<[u8; 12]>(),
     ) {
         let _ = stun::parse_binding_response(&bytes, &stun::TransactionId(id));
+        let _ = stun::parse_response(&bytes, &stun::TransactionId(id));
+        if let Some(req) = stun::parse_request(&bytes) {
+            // Whatever a request asks for, the RFC 5780 answers encode and parse back.
+            let origin = Some(canonical(from));
+            let ok = stun::success_response(&req.id, from, origin, origin);
+            let parses = matches!(
+                stun::parse_response(&ok, &req.id),
+                Some(stun::BindingResponse::Success { .. })
+            );
+            prop_assert!(parses);
+        }
         if let Some(reply) = stun::answer(&bytes, from) {
-            // Only a valid Binding request is answered, and the answer parses back.
+            // Only a valid Binding request is answered, and the answer parses back (a success
+            // with the sender, or a 420 for an attribute the server does not understand).
             prop_assert!(bytes.len() >= stun::HEADER_LEN);
             prop_assert_eq!(&bytes[0..2], &[0u8, 1][..]);
             prop_assert_eq!(&bytes[4..8], &MAGIC[..]);
             let mut rid = [0u8; 12];
             rid.copy_from_slice(&bytes[8..20]);
-            prop_assert_eq!(stun::parse_binding_response(&reply, &stun::TransactionId(rid)), Some(canonical(from)));
+            match stun::parse_response(&reply, &stun::TransactionId(rid)) {
+                Some(stun::BindingResponse::Success { mapped, .. }) => {
+                    prop_assert_eq!(mapped, canonical(from))
+                }
+                other => prop_assert_eq!(other, Some(stun::BindingResponse::Error { code: 420 })),
+            }
         }
     }
 
@@ -472,7 +489,25 @@ proptest! {
         let request = message(0x0001, id, &attrs);
         let reply = stun::answer(&request, from).expect("a valid request is answered");
         let tid = stun::TransactionId(id);
-        prop_assert_eq!(stun::parse_binding_response(&reply, &tid), Some(canonical(from)));
+        // Attributes a server without a second address must understand and does not
+        // (CHANGE-REQUEST among them) get 420; USERNAME, MESSAGE-INTEGRITY, PADDING and the
+        // optional range are ignored.
+        let mut rest = &attrs[..];
+        let mut not_understood = false;
+        while rest.len() >= 4 {
+            let kind = u16::from_be_bytes([rest[0], rest[1]]);
+            let len = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+            not_understood |= kind < 0x8000 && ![0x0006, 0x0008, 0x0026].contains(&kind);
+            rest = &rest[4 + len.next_multiple_of(4)..];
+        }
+        if not_understood {
+            prop_assert_eq!(
+                stun::parse_response(&reply, &tid),
+                Some(stun::BindingResponse::Error { code: 420 })
+            );
+        } else {
+            prop_assert_eq!(stun::parse_binding_response(&reply, &tid), Some(canonical(from)));
+        }
         // Not for another transaction.
         if other != id {
             prop_assert_eq!(stun::parse_binding_response(&reply, &stun::TransactionId(other)), None);

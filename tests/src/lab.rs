@@ -7,6 +7,9 @@
 //!                                           198.51.100.5 ── wan 198.51.100.6  rb  10.0.2.1 ── b 10.0.2.2
 //! ```
 //!
+//! The server host also has a second address, 203.0.113.11 ([`Lab::server_other_ip`]), for
+//! RFC 5780 NAT behaviour discovery (answers from another IP); nothing uses it unless told to.
+//!
 //! `inet` is a plain router (one routed hop between the peers' routers). `ra`/`rb` run the
 //! nftables ruleset of their [`NatKind`]. `inet` only has routes to a LAN when that side's kind
 //! is routed (`none`, `fw`); for the NAT kinds the LAN is private. Nothing is ever attached to
@@ -79,6 +82,7 @@ impl std::error::Error for LabError {
 
 const NETNS_DIR: &str = "/run/netns";
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const SERVER_OTHER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
 const INET_SERVER_SIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 
 /// Addresses of one side (A or B) of the lab.
@@ -297,7 +301,11 @@ impl Lab {
             )
         };
         let batches = [
-            (SRV, host(SERVER_IP, 24, INET_SERVER_SIDE)),
+            (
+                SRV,
+                host(SERVER_IP, 24, INET_SERVER_SIDE)
+                    + &format!("addr add {SERVER_OTHER_IP}/24 dev eth0\n"),
+            ),
             (INET, inet),
             (RA, router(s)),
             (RB, router(t)),
@@ -343,6 +351,11 @@ impl Lab {
     /// The rendezvous server's address (public).
     pub fn server_ip(&self) -> Ipv4Addr {
         SERVER_IP
+    }
+
+    /// The server host's second address (RFC 5780 `--other-address`), on the same link.
+    pub fn server_other_ip(&self) -> Ipv4Addr {
+        SERVER_OTHER_IP
     }
 
     /// The host's own address, as configured on its interface (the LAN address for peers).

@@ -23,9 +23,11 @@ use crate::support::{nettool_bin, Proc};
 /// Runs both peers of `nettool bench` (peer mode) for `strategies` through a lab `a` × `b`.
 fn bench_pair(a: NatKind, b: NatKind, strategies: &[&str], runs: u32) {
     let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
-    // The server's per-address join rate limit (20/s) would throttle 50 back-to-back runs.
+    // The server's per-address join and STUN rate limits (20/s) would throttle 50
+    // back-to-back runs.
     let mut cmd = lab.command(Host::Server, nettool_bin());
     cmd.args(["rendezvous", "--listen", "0.0.0.0:8877", "--join-rate", "0"])
+        .args(["--stun-rate", "0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

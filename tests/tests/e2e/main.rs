@@ -7,5 +7,6 @@ mod legacy;
 mod loopback;
 mod nat_punch;
 mod nat_quic;
+mod netcheck;
 mod security;
 mod support;

@@ -1,0 +1,141 @@
+//! `nettool netcheck`: what kind of network this host is on, per address family.
+//!
+//! Runs [`nettool_core::discovery::discover_all`] against a nettool rendezvous server (all
+//! parts) or any RFC 5780 STUN server (the UDP parts; TCP mapping is then `unknown`) and prints
+//! a table, or with `--json` the stable [`NetReport`] object documented in the README.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use nettool_core::discovery::{
+    discover_all, DiscoverOptions, FamilyReport, Filtering, Mapping, NetReport,
+};
+
+/// Arguments of `nettool netcheck`.
+#[derive(Debug, Args)]
+pub(crate) struct NetcheckArgs {
+    /// Server to test against, HOST:PORT (port defaults to 8877): a nettool rendezvous server
+    /// started with --other-address, or any RFC 5780 STUN server (e.g. coturn, port 3478).
+    #[arg(long, value_name = "HOST:PORT")]
+    server: String,
+    /// Print the JSON report on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// How long one test waits for its answer; a filtering test without an answer in this
+    /// time counts as filtered.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    timeout: Duration,
+    /// Skip the TCP mapping test (observe connections).
+    #[arg(long)]
+    no_tcp: bool,
+}
+
+/// Every address of `server` (HOST or HOST:PORT; default port 8877).
+async fn resolve_all(server: &str) -> Result<Vec<SocketAddr>> {
+    let with_port = if server.parse::<SocketAddr>().is_ok()
+        || server
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok())
+    {
+        server.to_owned()
+    } else {
+        format!("{server}:8877")
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("cannot resolve server '{server}'"))?
+        .collect();
+    if addrs.is_empty() {
+        bail!("server '{server}' has no address");
+    }
+    Ok(addrs)
+}
+
+/// Runs netcheck; exit status 0 when at least one family was measured.
+pub(crate) async fn run(args: NetcheckArgs) -> Result<i32> {
+    let addrs = resolve_all(&args.server).await?;
+    let opts = DiscoverOptions {
+        test_timeout: args.timeout,
+        tcp: !args.no_tcp,
+    };
+    let (report, errors) = discover_all(&addrs, &opts).await;
+    for e in &errors {
+        eprintln!("nettool netcheck: {e}");
+    }
+    if report.ipv4.is_none() && report.ipv6.is_none() {
+        bail!(
+            "no address family could be measured against '{}'",
+            args.server
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(0)
+}
+
+fn mapping(m: Mapping) -> &'static str {
+    match m {
+        Mapping::NoNat => "no NAT",
+        Mapping::EndpointIndependent => "endpoint-independent",
+        Mapping::AddressDependent => "address-dependent",
+        Mapping::AddressAndPortDependent => "address-and-port-dependent",
+        Mapping::Unknown => "unknown",
+    }
+}
+
+fn filtering(f: Filtering) -> &'static str {
+    match f {
+        Filtering::EndpointIndependent => "endpoint-independent",
+        Filtering::AddressDependent => "address-dependent",
+        Filtering::AddressAndPortDependent => "address-and-port-dependent",
+        Filtering::Unknown => "unknown",
+    }
+}
+
+fn yes_no(b: Option<bool>) -> &'static str {
+    match b {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    }
+}
+
+/// The human-readable report.
+fn table(report: &NetReport) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_header(["", "IPv4", "IPv6"]);
+    let col = |f: &dyn Fn(&FamilyReport) -> String| {
+        [&report.ipv4, &report.ipv6].map(|r| r.as_ref().map_or_else(|| "-".to_owned(), f))
+    };
+    let rows: [(&str, [String; 2]); 8] = [
+        ("server", col(&|r| r.server.to_string())),
+        ("udp mapping", col(&|r| mapping(r.udp_mapping).into())),
+        ("udp filtering", col(&|r| filtering(r.udp_filtering).into())),
+        ("tcp mapping", col(&|r| mapping(r.tcp_mapping).into())),
+        (
+            "public address",
+            col(&|r| r.public_addr.map_or("unknown".into(), |a| a.to_string())),
+        ),
+        (
+            "port preservation",
+            col(&|r| yes_no(r.port_preservation).into()),
+        ),
+        ("hairpinning", col(&|r| yes_no(r.hairpinning).into())),
+        ("rtt", col(&|r| format!("{:.1} ms", r.rtt_ms))),
+    ];
+    for (name, [v4, v6]) in rows {
+        t.add_row([name.to_owned(), v4, v6]);
+    }
+    let mapping_protocols = if report.port_mapping.is_empty() {
+        "not probed".to_owned()
+    } else {
+        report.port_mapping.join(", ")
+    };
+    format!("{t}\nport mapping: {mapping_protocols}\n")
+}

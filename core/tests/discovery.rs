@@ -1,0 +1,139 @@
+//! NAT behaviour discovery against servers on loopback (127.0.0.1 and 127.0.0.2 are both this
+//! host, so there is no NAT: what is checked here is the protocol and the honesty of the
+//! verdicts; the NAT lab checks the verdicts behind real NAT rules).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use nettool_core::discovery::{discover, DiscoverOptions, DiscoveryError, Filtering, Mapping};
+use nettool_core::server::{RendezvousServer, ServerConfig};
+use nettool_core::stun;
+use tokio::net::UdpSocket;
+
+fn quick() -> DiscoverOptions {
+    DiscoverOptions {
+        test_timeout: Duration::from_millis(300),
+        tcp: true,
+    }
+}
+
+async fn server(other: Option<&str>) -> SocketAddr {
+    let server = RendezvousServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig {
+            other_address: other.map(|o| o.parse().unwrap()),
+            ..ServerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run());
+    addr
+}
+
+#[tokio::test]
+async fn rfc5780_server_on_loopback_is_no_nat_with_open_filtering() {
+    let addr = server(Some("127.0.0.2:0")).await;
+    let r = discover(addr, &quick()).await.unwrap();
+    assert_eq!(r.udp_mapping, Mapping::NoNat);
+    assert_eq!(r.udp_filtering, Filtering::EndpointIndependent);
+    assert_eq!(r.tcp_mapping, Mapping::NoNat);
+    assert_eq!(r.public_addr, Some(addr.ip()));
+    assert_eq!(r.port_preservation, Some(true));
+    assert_eq!(r.hairpinning, Some(true));
+    let other = r.server_other_address.expect("OTHER-ADDRESS");
+    assert_eq!(other.ip().to_string(), "127.0.0.2");
+    assert!(r.rtt_ms > 0.0 && r.rtt_ms < 1000.0);
+}
+
+#[tokio::test]
+async fn a_server_without_rfc5780_gives_unknown_filtering_not_a_guess() {
+    let addr = server(None).await;
+    let r = discover(addr, &quick()).await.unwrap();
+    // The mapped address equals the local one: "no NAT" needs no second address.
+    assert_eq!(r.udp_mapping, Mapping::NoNat);
+    assert_eq!(r.udp_filtering, Filtering::Unknown);
+    assert_eq!(r.tcp_mapping, Mapping::NoNat);
+    assert_eq!(r.server_other_address, None);
+}
+
+/// A STUN server that claims an OTHER-ADDRESS but ignores CHANGE-REQUEST (always answers
+/// from its one address): the filtering tests get answers from the wrong place, which says
+/// nothing about filtering, so the verdict is unknown, not endpoint-independent.
+#[tokio::test]
+async fn a_server_ignoring_change_request_gives_unknown_filtering() {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let claimed: SocketAddr = "127.0.0.2:9".parse().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            if let Some(req) = stun::parse_request(&buf[..n]) {
+                let reply = stun::success_response(&req.id, from, Some(addr), Some(claimed));
+                let _ = socket.send_to(&reply, from).await;
+            }
+        }
+    });
+    let opts = DiscoverOptions {
+        tcp: false,
+        ..quick()
+    };
+    let r = discover(addr, &opts).await.unwrap();
+    assert_eq!(r.udp_filtering, Filtering::Unknown);
+    assert_eq!(r.tcp_mapping, Mapping::Unknown);
+}
+
+#[tokio::test]
+async fn a_silent_server_is_an_error_within_the_time_bound() {
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let opts = quick();
+    let start = Instant::now();
+    let err = discover(addr, &opts).await.unwrap_err();
+    assert!(
+        matches!(err, DiscoveryError::NoAnswer(a) if a == addr),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() <= opts.time_bound(),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(err.to_string().contains("no STUN answer"), "{err}");
+}
+
+/// Both families side by side: a server on 127.0.0.1 and one on ::1 (when this host has IPv6
+/// loopback) give one report each, IPv4 first.
+#[tokio::test]
+async fn discover_all_reports_each_family() {
+    let v4 = server(None).await;
+    let v6 = match RendezvousServer::bind("[::1]:0".parse().unwrap(), ServerConfig::default()).await
+    {
+        Ok(s) => {
+            let a = s.local_addr().unwrap();
+            tokio::spawn(s.run());
+            Some(a)
+        }
+        Err(e) => {
+            eprintln!("no IPv6 loopback here ({e}): checking IPv4 only");
+            None
+        }
+    };
+    let addrs: Vec<SocketAddr> = v6.into_iter().chain([v4]).collect();
+    let (report, errors) = nettool_core::discovery::discover_all(&addrs, &quick()).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let r4 = report.ipv4.expect("ipv4");
+    assert_eq!(r4.server, v4);
+    assert_eq!(r4.udp_mapping, Mapping::NoNat);
+    if let Some(v6) = v6 {
+        let r6 = report.ipv6.expect("ipv6");
+        assert_eq!(r6.server, v6);
+        assert_eq!(r6.udp_mapping, Mapping::NoNat);
+        assert_eq!(r6.public_addr, Some(v6.ip()));
+    } else {
+        assert!(report.ipv6.is_none());
+    }
+    assert!(report.server_rtt_ms.is_some());
+    assert!(report.port_mapping.is_empty());
+}
