@@ -8,5 +8,6 @@ mod loopback;
 mod nat_punch;
 mod nat_quic;
 mod netcheck;
+mod plugin;
 mod security;
 mod support;
