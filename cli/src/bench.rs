@@ -275,7 +275,7 @@ pub(crate) async fn run(
         capacity: None,
         notes: vec![
             "links are measured as this build makes them, encryption included (TLS on the TCP \
-             links and the relay where the build has issue 7, QUIC's own on udp-quic)"
+             links and the relay, QUIC's own on udp-quic)"
                 .into(),
         ],
     };

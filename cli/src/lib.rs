@@ -711,7 +711,9 @@ async fn connect(
     let quiet = !std::io::stderr().is_terminal();
     let (link, report) = orch
         .connect(&params, &|e| {
-            if !quiet {
+            // "waiting for the peer" always goes out: scripts (and tests) start the second
+            // peer when they see it.
+            if !quiet || matches!(e, Event::Waiting) {
                 progress(e)
             }
         })

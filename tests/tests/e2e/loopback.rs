@@ -3,7 +3,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{finish_peer, nettool_bin, sha256, spawn_peer, test_data, Proc, TempDir};
+use crate::support::{
+    finish_peer, nettool_bin, sha256, spawn_peer, test_data, wait_until_waiting, Proc, TempDir,
+};
 
 fn rendezvous() -> (Proc, String) {
     crate::support::loopback_rendezvous(&[])
@@ -32,7 +34,7 @@ fn two_peers_link_and_exchange_data_intact() {
         &["--strategy", "tcp-punch", "--secret", "s3"],
     );
     let (a, _) = spawn_peer(Command::new(nettool_bin()), &dir, "a", &a_in, &common);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_waiting(&dir, "a");
     let (b, _) = spawn_peer(Command::new(nettool_bin()), &dir, "b", &b_in, &common);
     let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
     let b = finish_peer(b, &dir, "b", Duration::from_secs(30));
@@ -71,7 +73,7 @@ fn a_peer_with_the_wrong_secret_is_refused_on_every_strategy() {
         b"secret data",
         &a_args,
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_waiting(&dir, "a");
     let (b, _) = spawn_peer(
         Command::new(nettool_bin()),
         &dir,
@@ -139,7 +141,7 @@ fn a_stranger_on_the_listening_port_gets_no_data_and_is_logged() {
         &marker.repeat(100),
         &a_args,
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_waiting(&dir, "a");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stranger = {
         let stop = stop.clone();
@@ -303,7 +305,7 @@ fn default_order_tries_tcp_punch_first() {
     let dir = TempDir::new("default");
     let common = args(&addr, "default", &["--secret", "d"]);
     let (a, _) = spawn_peer(Command::new(nettool_bin()), &dir, "a", b"one", &common);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_waiting(&dir, "a");
     let (b, _) = spawn_peer(Command::new(nettool_bin()), &dir, "b", b"two", &common);
     let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
     let b = finish_peer(b, &dir, "b", Duration::from_secs(30));
@@ -336,7 +338,7 @@ fn a_config_profile_sets_the_order_and_timeouts_connect_uses() {
         spawn_peer(cmd, &dir, name, b"", &["--secret".into(), secret.into()]).0
     };
     let a = run("a", "one");
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_waiting(&dir, "a");
     let b = run("b", "two");
     let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
     let _ = finish_peer(b, &dir, "b", Duration::from_secs(30));

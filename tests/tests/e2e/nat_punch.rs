@@ -9,7 +9,8 @@ use std::time::Duration;
 use nettool_tests::{require_lab, Host, Lab, NatKind};
 
 use crate::support::{
-    finish_peer, nettool_bin, sha256, spawn_peer, test_data, PeerRun, Proc, TempDir,
+    finish_peer, nettool_bin, sha256, spawn_peer, test_data, wait_until_waiting, PeerRun, Proc,
+    TempDir,
 };
 
 /// Per-attempt timeout in the lab; pairs that must fail end after this.
@@ -71,7 +72,7 @@ impl RunningLab {
             a_in,
             &args,
         );
-        std::thread::sleep(Duration::from_millis(150));
+        wait_until_waiting(&dir, "a");
         let (b, _) = spawn_peer(
             self.lab.command(Host::B, nettool_bin()),
             &dir,

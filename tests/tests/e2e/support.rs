@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 /// The `nettool` binary: `NETTOOL_BIN`, else the one cargo built next to this test binary
-/// (`cargo test --workspace` builds it, because the cli package has integration tests).
+/// (`cargo test --workspace` builds it, because the cli package has integration tests). Fails
+/// clearly when that binary is older than the sources it is built from (a stale build, e.g.
+/// after `cargo test -p nettool-tests` alone).
 pub(crate) fn nettool_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("NETTOOL_BIN") {
         return PathBuf::from(p);
@@ -23,7 +25,49 @@ pub(crate) fn nettool_bin() -> PathBuf {
          or set NETTOOL_BIN",
         bin.display()
     );
+    static FRESH: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    if let Err(e) = FRESH.get_or_init(|| check_fresh(&bin)) {
+        panic!("{e}");
+    }
     bin
+}
+
+/// Errs when a source file of the binary is newer than the binary.
+fn check_fresh(bin: &Path) -> Result<(), String> {
+    fn newest(dir: &Path, best: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                newest(&path, best);
+            } else if path.extension().is_some_and(|x| x == "rs" || x == "toml") {
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    if best.as_ref().is_none_or(|(b, _)| t > *b) {
+                        *best = Some((t, path));
+                    }
+                }
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut best = None;
+    for krate in ["core/src", "strategies/src", "config/src", "cli/src"] {
+        newest(&root.join(krate), &mut best);
+    }
+    let built = std::fs::metadata(bin)
+        .and_then(|m| m.modified())
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    match best {
+        Some((t, src)) if t > built => Err(format!(
+            "{} is stale: {} changed after it was built; run `cargo build -p nettool` or the \
+             tests with `cargo test --workspace`",
+            bin.display(),
+            src.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A child process killed (and reaped) when dropped.
@@ -165,6 +209,24 @@ pub(crate) fn spawn_peer(
         .stdout(std::fs::File::create(dir.path(&format!("{name}.out"))).expect("create out"))
         .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).expect("create err"));
     (Proc::spawn(cmd), report)
+}
+
+/// Waits until a peer started with [`spawn_peer`] has joined its session and waits for the
+/// other (its stderr says so): the way to order the two peers' roles without sleeping.
+pub(crate) fn wait_until_waiting(dir: &TempDir, name: &str) {
+    let path = dir.path(&format!("{name}.err"));
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.contains("waiting for the peer") {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "peer {name} did not join within 20 s: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Waits for a peer started with [`spawn_peer`] and collects what it produced.
