@@ -39,6 +39,14 @@ pub struct Identity {
     pub fingerprint: [u8; 32],
 }
 
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("fingerprint", &fingerprint_hex(&self.fingerprint))
+            .finish_non_exhaustive()
+    }
+}
+
 impl Identity {
     /// A fresh self-signed certificate (ECDSA P-256) for one attempt.
     pub fn generate() -> Result<Self, StrategyError> {

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use crate::client::{ClientError, Pairing, RendezvousClient};
 use crate::handshake::{self, HandshakeContext, HandshakeError, LinkKey};
 use crate::protocol::Role;
+use crate::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 
 /// A byte stream a link runs over.
 pub trait LinkStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -137,10 +138,67 @@ pub struct Attempt<'a> {
     pub deadline: Instant,
 }
 
+/// What [`Attempt::exchange_secure_offers`] returns: this attempt's certificate, the peer's
+/// pinned fingerprint and the rest of the peer's offer.
+#[derive(Debug)]
+pub struct SecureOffers<T> {
+    /// This peer's certificate for the attempt.
+    pub identity: Identity,
+    /// SHA-256 of the certificate the peer will present: pin it.
+    pub peer_fingerprint: [u8; 32],
+    /// The peer's offer (without the fingerprint). Untrusted: validate its addresses with
+    /// [`crate::candidates::peer_candidates`].
+    pub theirs: T,
+}
+
+impl<T> SecureOffers<T> {
+    /// TLS for the raw streams of this attempt (the first peer is the TLS client), pinned
+    /// both ways.
+    pub fn link_tls(&self, role: Role) -> Result<LinkTls, StrategyError> {
+        LinkTls::new(role, &self.identity, self.peer_fingerprint)
+    }
+}
+
 impl Attempt<'_> {
     /// This peer's role.
     pub fn role(&self) -> Role {
         self.pairing.role
+    }
+
+    /// The common start of every strategy's attempt: a fresh certificate, this peer's offer
+    /// (a JSON object, to which its certificate's `fingerprint` is added) exchanged for the
+    /// peer's, whose `fingerprint` is taken out and the rest deserialized as `T`.
+    pub async fn exchange_secure_offers<T: serde::de::DeserializeOwned>(
+        &mut self,
+        strategy: &str,
+        mut offer: serde_json::Value,
+    ) -> Result<SecureOffers<T>, StrategyError> {
+        let identity = Identity::generate()?;
+        let serde_json::Value::Object(map) = &mut offer else {
+            return Err(StrategyError::BadOffer(
+                "an offer must be a JSON object".into(),
+            ));
+        };
+        map.insert(
+            "fingerprint".into(),
+            serde_json::Value::String(fingerprint_hex(&identity.fingerprint)),
+        );
+        let mut theirs = self
+            .rendezvous
+            .exchange_offer(strategy, offer, self.deadline)
+            .await?;
+        let fingerprint = theirs
+            .as_object_mut()
+            .and_then(|m| m.remove("fingerprint"))
+            .ok_or_else(|| StrategyError::BadOffer("no certificate fingerprint".into()))?;
+        let peer_fingerprint = parse_fingerprint(fingerprint.as_str().unwrap_or_default())?;
+        let theirs =
+            serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
+        Ok(SecureOffers {
+            identity,
+            peer_fingerprint,
+            theirs,
+        })
     }
 
     /// The handshake context for a link made by `strategy`.

@@ -17,7 +17,6 @@ use nettool_core::{Attempt, Link, Strategy, StrategyError};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use nettool_core::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 
 /// Settings of the relay strategy: none beyond the common `timeout` (attaching to the relay
@@ -57,20 +56,10 @@ impl Strategy for Relay {
         })?;
         // Lock step: both peers attach at about the same time; the offers carry the TLS
         // certificate fingerprints (the link is encrypted end to end through the relay).
-        let identity = Identity::generate()?;
-        let theirs = attempt
-            .rendezvous
-            .exchange_offer(
-                NAME,
-                serde_json::json!({ "fingerprint": fingerprint_hex(&identity.fingerprint) }),
-                attempt.deadline,
-            )
+        let secured = attempt
+            .exchange_secure_offers::<serde_json::Value>(NAME, serde_json::json!({}))
             .await?;
-        let peer_fp = theirs
-            .get("fingerprint")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| StrategyError::BadOffer("no certificate fingerprint".into()))?;
-        let tls = LinkTls::new(attempt.role(), &identity, parse_fingerprint(peer_fp)?)?;
+        let tls = secured.link_tls(attempt.role())?;
         let server = attempt.rendezvous.server();
         let deadline = attempt.deadline;
         let stream = tokio::time::timeout_at(deadline.into(), TcpStream::connect(server))

@@ -21,7 +21,6 @@ use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
 use crate::net::send_tcp;
 use nettool_core::candidates::{candidates, peer_candidates};
-use nettool_core::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
@@ -69,8 +68,6 @@ impl TcpDirect {
 struct DirectOffer {
     /// Where this peer's listener may be reachable, best first.
     listen: Vec<SocketAddr>,
-    /// SHA-256 of this attempt's TLS certificate, hex.
-    fingerprint: String,
 }
 
 #[async_trait::async_trait]
@@ -91,24 +88,15 @@ impl Strategy for TcpDirect {
             .map_err(|e| StrategyError::io("reading the listening port", e))?
             .port();
         let public = SocketAddr::new(attempt.pairing.observed.ip(), port);
-        let identity = Identity::generate()?;
         let offer = DirectOffer {
             listen: candidates(public, public, server.ip().is_loopback()),
-            fingerprint: fingerprint_hex(&identity.fingerprint),
         };
         let payload = serde_json::to_value(&offer).expect("offer serializes");
-        let theirs = attempt
-            .rendezvous
-            .exchange_offer(NAME, payload, attempt.deadline)
+        let secured = attempt
+            .exchange_secure_offers::<DirectOffer>(NAME, payload)
             .await?;
-        let theirs: DirectOffer =
-            serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
-        let tls = LinkTls::new(
-            attempt.role(),
-            &identity,
-            parse_fingerprint(&theirs.fingerprint)?,
-        )?;
-        let peer = peer_candidates(&theirs.listen, attempt.pairing.peer.ip(), server);
+        let tls = secured.link_tls(attempt.role())?;
+        let peer = peer_candidates(&secured.theirs.listen, attempt.pairing.peer.ip(), server);
         if peer.is_empty() {
             return Err(StrategyError::BadOffer(
                 "no usable candidate address (of this address family, private or the one the server observed)".into(),

@@ -36,7 +36,6 @@ use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
 use crate::net::send_tcp;
 use nettool_core::candidates::{candidates, peer_candidates};
-use nettool_core::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -109,8 +108,6 @@ struct PunchOffer {
     dial: Vec<SocketAddr>,
     /// This peer's round trip to the server, in microseconds.
     server_rtt_us: u64,
-    /// SHA-256 of this attempt's TLS certificate, hex.
-    fingerprint: String,
 }
 
 /// Last error seen per candidate, for the report.
@@ -173,8 +170,6 @@ impl Strategy for TcpPunch {
         )
         .await?;
         let dial = open_port(unspecified, 0, server, attempt.deadline, "dial").await?;
-        let identity = Identity::generate()?;
-
         let offer = PunchOffer {
             receive: receive.candidates.clone(),
             dial: dial.candidates.clone(),
@@ -183,22 +178,15 @@ impl Strategy for TcpPunch {
                 .as_micros()
                 .try_into()
                 .unwrap_or(u64::MAX),
-            fingerprint: fingerprint_hex(&identity.fingerprint),
         };
         let payload = serde_json::to_value(&offer).expect("offer serializes");
-        let theirs = attempt
-            .rendezvous
-            .exchange_offer(NAME, payload, attempt.deadline)
+        let secured = attempt
+            .exchange_secure_offers::<PunchOffer>(NAME, payload)
             .await?;
-        let theirs: PunchOffer =
-            serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
+        let tls = secured.link_tls(attempt.role())?;
+        let theirs = secured.theirs;
         let observed = attempt.pairing.peer.ip();
         let usable = |v: &[SocketAddr]| peer_candidates(v, observed, server);
-        let tls = LinkTls::new(
-            attempt.role(),
-            &identity,
-            parse_fingerprint(&theirs.fingerprint)?,
-        )?;
         let (peer_receive, peer_dial) = (usable(&theirs.receive), usable(&theirs.dial));
         if peer_receive.is_empty() || peer_dial.is_empty() {
             return Err(StrategyError::BadOffer(

@@ -117,8 +117,6 @@ impl UdpQuic {
 struct QuicOffer {
     /// Where this peer's socket can be reached, best first.
     candidates: Vec<SocketAddr>,
-    /// SHA-256 of this attempt's certificate (DER), hex.
-    fingerprint: String,
     /// This peer's round trip to the server, in microseconds.
     server_rtt_us: u64,
     /// Random per-attempt key (hex, 32 bytes) this peer tags its punch datagrams with.
@@ -149,13 +147,11 @@ impl Strategy for UdpQuic {
         );
         debug!(%public, ?candidates, "UDP socket observed");
 
-        let identity = Identity::generate()?;
         let mut punch_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut punch_key);
         let offer = QuicOffer {
             punch_key: hex::encode(punch_key),
             candidates,
-            fingerprint: hex::encode(identity.fingerprint),
             server_rtt_us: attempt
                 .server_rtt
                 .as_micros()
@@ -163,16 +159,11 @@ impl Strategy for UdpQuic {
                 .unwrap_or(u64::MAX),
         };
         let payload = serde_json::to_value(&offer).expect("offer serializes");
-        let theirs = attempt
-            .rendezvous
-            .exchange_offer(NAME, payload, attempt.deadline)
+        let secured = attempt
+            .exchange_secure_offers::<QuicOffer>(NAME, payload)
             .await?;
-        let theirs: QuicOffer =
-            serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
-        let peer_fingerprint: [u8; 32] = hex::decode(&theirs.fingerprint)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| StrategyError::BadOffer("bad certificate fingerprint".into()))?;
+        let (identity, peer_fingerprint, theirs) =
+            (secured.identity, secured.peer_fingerprint, secured.theirs);
         let peer_candidates =
             peer_candidates(&theirs.candidates, attempt.pairing.peer.ip(), server);
         if peer_candidates.is_empty() {

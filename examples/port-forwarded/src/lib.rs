@@ -6,7 +6,7 @@
 //! server observed, with port N) and its own addresses, and dials the peer's. Whichever peer's
 //! forward answers carries the link; when neither answers, the attempt fails with the dial
 //! errors. Everything security-related comes from `nettool_core`: the per-attempt certificate
-//! and pinned TLS ([`nettool_core::secure`]), validation of the peer's offer
+//! and pinned TLS ([`Attempt::exchange_secure_offers`], [`nettool_core::secure`]), validation of the peer's offer
 //! ([`nettool_core::candidates`]) and the bound link handshake ([`agree_on_link`]).
 
 #![warn(missing_docs)]
@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use nettool_core::candidates::{candidates, peer_candidates};
 use nettool_core::registry::{typed, StrategyFactory};
-use nettool_core::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 use serde::{Deserialize, Serialize};
@@ -52,7 +51,6 @@ pub struct PortForwarded(pub PortForwardedConfig);
 #[derive(Debug, Serialize, Deserialize)]
 struct Offer {
     listen: Vec<SocketAddr>,
-    fingerprint: String,
 }
 
 #[async_trait::async_trait]
@@ -82,24 +80,18 @@ impl Strategy for PortForwarded {
             .map_err(|e| StrategyError::io(format!("listening on the forwarded port {bind}"), e))?;
         // The public address: the one the server observed, with the forwarded port.
         let public = SocketAddr::new(attempt.pairing.observed.ip(), port);
-        let identity = Identity::generate()?;
+        // A fresh certificate, its fingerprint added to our offer, the peer's offer back and its
+        // fingerprint pinned: the common start of every attempt.
         let mine = Offer {
             listen: candidates(public, public, server.ip().is_loopback()),
-            fingerprint: fingerprint_hex(&identity.fingerprint),
         };
         let payload = serde_json::to_value(&mine).expect("offer serializes");
-        let theirs = attempt
-            .rendezvous
-            .exchange_offer(NAME, payload, attempt.deadline)
+        let secured = attempt
+            .exchange_secure_offers::<Offer>(NAME, payload)
             .await?;
-        let theirs: Offer =
-            serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
-        let tls = LinkTls::new(
-            attempt.role(),
-            &identity,
-            parse_fingerprint(&theirs.fingerprint)?,
-        )?;
-        let peer = peer_candidates(&theirs.listen, attempt.pairing.peer.ip(), server);
+        let tls = secured.link_tls(attempt.role())?;
+        // Untrusted: only the peer's own (observed) or private addresses, at most a few.
+        let peer = peer_candidates(&secured.theirs.listen, attempt.pairing.peer.ip(), server);
 
         let (tx, rx) = mpsc::channel::<RawLink<TcpStream>>(8);
         let (errors_tx, mut errors_rx) = mpsc::unbounded_channel::<String>();
