@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use nettool_core::legacy::{
+use nettool_core::{Link, Role};
+use nettool_legacy::{
     LegacyEvent, LegacyLink, LegacyServer, LineSplitter, HELLO_MESSAGE, HELLO_TEXT,
 };
-use nettool_core::{Link, Role};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `nettool rendezvous --legacy`: serves the original protocol on `listen`.
@@ -58,7 +58,7 @@ pub(crate) async fn connect(
     timeout: Duration,
 ) -> Result<i32> {
     let deadline = Instant::now() + timeout;
-    let LegacyLink { link, role } = nettool_core::legacy::connect(server, deadline, &progress)
+    let LegacyLink { link, role } = nettool_legacy::connect(server, deadline, &progress)
         .await
         .context("no link")?;
     eprintln!(

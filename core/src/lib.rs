@@ -14,7 +14,6 @@
 //!   session before any user data flows.
 //! - [`orchestrator`]: runs strategies in order with timeouts and always produces a [`Report`].
 //! - [`report`]: the JSON report of one connect.
-//! - [`legacy`]: the original demo's 8877 text protocol (client; server with feature `server`).
 //! - [`stun`]: a small STUN Binding codec with RFC 5780 attributes (UDP strategies learn their
 //!   public mapping; the server answers).
 //! - [`discovery`]: NAT behaviour discovery (RFC 5780 mapping/filtering, TCP mapping, hairpin)
@@ -26,7 +25,6 @@ pub mod candidates;
 pub mod client;
 pub mod discovery;
 pub mod handshake;
-pub mod legacy;
 pub mod orchestrator;
 pub mod protocol;
 pub mod registry;

@@ -1,4 +1,5 @@
-//! The original demo's 8877 text protocol, its hello-world messages, a client that punches
+//! The original demo's 8877 text protocol (kept out of `nettool-core`: it is not a strategy
+//! and has no secure channel), its hello-world messages, a client that punches
 //! properly, and (feature `server`) a server that speaks the protocol byte for byte.
 //!
 //! # The wire protocol
@@ -31,6 +32,8 @@
 //! parsers here ([`LineSplitter`], [`parse_server_line`]) treat NULs and `\r` as noise, skip
 //! empty lines and accept a last line without its newline.
 
+#![warn(missing_docs)]
+
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -41,8 +44,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn};
 
-use crate::protocol::Role;
-use crate::strategy::Link;
+use nettool_core::{Link, Role};
 
 /// The original server's port.
 pub const DEFAULT_PORT: u16 = 8877;
