@@ -26,6 +26,7 @@ pub mod client;
 pub mod discovery;
 pub mod handshake;
 pub mod orchestrator;
+pub mod plan;
 pub mod protocol;
 pub mod registry;
 pub mod relay;
