@@ -276,10 +276,9 @@ impl Orchestrator {
             };
             // Lock step: tell the peer, hear from the peer. The wait for the peer's result
             // gets a grace period past the attempt, but never past the overall deadline.
+            let linked = got.is_some();
             let peer = async {
-                client
-                    .send_result(name, got.is_some(), error.clone())
-                    .await?;
+                client.send_result(name, linked, error.clone()).await?;
                 client
                     .peer_result(name, (attempt_deadline + RESULT_GRACE).min(deadline))
                     .await

@@ -1099,25 +1099,45 @@ async fn serve_relay(
         .await;
         return;
     }
-    // The second peer hands its connection to the first, whose task runs the relay.
+    // The second peer hands its connection to the first, whose task runs the relay. Looking
+    // for the partner and registering as the waiter is one step under the lock: two peers
+    // attaching at the same instant must not both become waiters.
+    let (tx, rx) = tokio::sync::oneshot::channel();
     let partner = {
         let mut waiting = lock(&shared.relay_waiting);
         match waiting.remove(&token) {
             Some(w) if w.role != role => Ok(Some(w)),
             Some(w) => {
                 waiting.insert(token.clone(), w);
-                Err(())
+                Err(format!(
+                    "relay refused: the {role} peer of this session is already attached"
+                ))
             }
-            None => Ok(None),
+            None => {
+                let active = shared
+                    .relays
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if active >= limits.max_sessions {
+                    shared
+                        .relays
+                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    Err(format!(
+                        "relay refused: the server relays at most {} sessions at a time",
+                        limits.max_sessions
+                    ))
+                } else {
+                    waiting.insert(token.clone(), RelayWaiter { role, conn, tx });
+                    Ok(None)
+                }
+            }
         }
     };
-    let Ok(partner) = partner else {
-        refuse(
-            &mut framed,
-            &format!("relay refused: the {role} peer of this session is already attached"),
-        )
-        .await;
-        return;
+    let partner = match partner {
+        Ok(p) => p,
+        Err(why) => {
+            refuse(&mut framed, &why).await;
+            return;
+        }
     };
     if let Some(w) = partner {
         if send_within(shared, &mut framed, &ServerToClient::Relaying)
@@ -1129,23 +1149,7 @@ async fn serve_relay(
         }
         return;
     }
-    let active = shared
-        .relays
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let _relay_slot = RelaySlot(&shared.relays);
-    if active >= limits.max_sessions {
-        refuse(
-            &mut framed,
-            &format!(
-                "relay refused: the server relays at most {} sessions at a time",
-                limits.max_sessions
-            ),
-        )
-        .await;
-        return;
-    }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    lock(&shared.relay_waiting).insert(token.clone(), RelayWaiter { role, conn, tx });
     let other = tokio::time::timeout(limits.attach_timeout, rx).await;
     let Ok(Ok(other)) = other else {
         {
