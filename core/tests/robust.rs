@@ -136,10 +136,26 @@ async fn check_link(link: Link, role: Role) {
 // --- 1. Cancellation never corrupts the control connection ---------------------------------
 
 /// A TCP proxy that forwards client to server slowly (1 KiB per millisecond through a 4 KiB
-/// receive buffer), so a client's large frame is still being written when its deadline comes.
+/// receive buffer and 536-byte segments, so the client's send buffer stays small too): a
+/// client's large frame is still being written when its deadline comes.
 async fn throttling_proxy(server: SocketAddr) -> SocketAddr {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        let mss: libc::c_int = 536;
+        // SAFETY: a valid socket and a c_int option value of the given size.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_MAXSEG,
+                (&mss as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+    }
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = socket.listen(64).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -248,7 +264,10 @@ async fn a_cancelled_attempt_never_breaks_the_next_strategy() {
     // attempt ended on its own, also at random points).
     let cut = cut_by_deadline.load(std::sync::atomic::Ordering::Relaxed);
     println!("{cut} of {ITERATIONS} attempts of the throttled peer were cut by their deadline");
-    assert!(cut >= ITERATIONS / 10, "only {cut} attempts were cut by their deadline");
+    assert!(
+        cut >= ITERATIONS / 10,
+        "only {cut} attempts were cut by their deadline"
+    );
 }
 
 // --- 2. The overall deadline is a hard bound -----------------------------------------------
@@ -433,7 +452,10 @@ async fn stopping_the_server_ends_all_its_tasks_and_sockets() {
     for mut c in raw {
         let mut buf = Vec::new();
         let end = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut buf)).await;
-        assert!(end.is_ok(), "a connection stayed open after the server stopped");
+        assert!(
+            end.is_ok(),
+            "a connection stayed open after the server stopped"
+        );
     }
     let mut buf = [0u8; 64];
     for r in [&mut ra, &mut rb] {
