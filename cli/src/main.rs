@@ -408,7 +408,7 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
                     .clone()
                     .or_else(compare::default_history)
                     .context("no history file: give --history FILE")?;
-                println!("{}", compare::summary(&path)?);
+                println!("{}", compare::summary(&path).await?);
                 return Ok(0);
             }
             let loaded = load(args.peer.overrides())?;
@@ -727,7 +727,7 @@ async fn compare_cmd(args: CompareArgs, settings: Settings) -> Result<i32> {
         println!("{}", compare::table(&run.rows));
     }
     if let Some(path) = history {
-        compare::append_history(&path, &run)?;
+        compare::append_history(&path, &run).await?;
         if !quiet {
             eprintln!("nettool compare: appended to {}", path.display());
         }
