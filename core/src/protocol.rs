@@ -347,6 +347,7 @@ impl<S: tokio::io::AsyncRead + Unpin> FramedConn<S> {
                     if i > room {
                         return Err(RecvError::Frame(FrameError::TooLong { limit: *limit }));
                     }
+                    grow(line, i, *limit + 1);
                     line.extend_from_slice(&avail[..i]);
                     stream.consume(i + 1);
                     *partial_since = None;
@@ -362,11 +363,23 @@ impl<S: tokio::io::AsyncRead + Unpin> FramedConn<S> {
                     if line.is_empty() {
                         *partial_since = Some(tokio::time::Instant::now());
                     }
+                    grow(line, n, *limit + 1);
                     line.extend_from_slice(avail);
                     stream.consume(n);
                 }
             }
         }
+    }
+}
+
+/// Makes room for `more` bytes in `line`, doubling as a `Vec` does but never past `cap`: a
+/// partial frame at the limit holds no more than the limit (a server holds one per
+/// connection).
+fn grow(line: &mut Vec<u8>, more: usize, cap: usize) {
+    let need = line.len() + more;
+    if need > line.capacity() {
+        let target = (line.capacity() * 2).max(need).min(cap.max(need));
+        line.reserve_exact(target - line.len());
     }
 }
 
