@@ -1,8 +1,11 @@
 //! The rendezvous server: pairs peers by session name and relays their offers and results.
 //!
-//! Each connection is served by its own task; a bad client (garbage, oversized lines, silence)
-//! gets an error message and loses only its own connection. Session state lives in one map
-//! behind a mutex that is held only for map operations, never across an await.
+//! Each connection is served by its own task, owned by the server's [`JoinSet`]: dropping the
+//! future of [`RendezvousServer::run`] (stopping the server) aborts every connection task and
+//! with them every relay. A bad client (garbage, oversized lines, silence) gets an error
+//! message and loses only its own connection; a task that panics loses only its own
+//! connection too (the locks recover from poisoning). Session state lives in one
+//! map behind a mutex that is held only for map operations, never across an await.
 //!
 //! Offers are held until both peers have offered for the same strategy and then delivered to
 //! both at once, so both start punching at (nearly) the same instant: the skew is only the
@@ -14,7 +17,17 @@
 //! bounded (see [`ServerConfig`]); each refusal is an [`ServerToClient::Error`] to that client
 //! and a `warn!` line, and touches no other client:
 //!
-//! - frame size (`max_frame_len`): a longer line is an error, never an allocation;
+//! - frame size: [`UNPAIRED_MAX_FRAME_LEN`] (4 KiB) until the connection is paired, then
+//!   `max_frame_len`; a longer line is an error, never an allocation, and a partial frame
+//!   never holds more than the limit;
+//! - a frame must complete within `first_frame_timeout` of its first byte, on every
+//!   connection and at any time (a waiting peer cannot hold a partial frame for the whole
+//!   session expiry);
+//! - messages queued for a control connection: [`OUTBOX_CAPACITY`]; a client that lets its
+//!   queue fill (it does not read) is dropped at once, even in the middle of a blocked write;
+//! - offers and results: only for agreed strategies, at most [`MAX_FRAMES_PER_STRATEGY`] and
+//!   `max_frame_len` + 4 KiB of them per strategy and peer in a pairing; a join lists at most
+//!   [`MAX_JOIN_STRATEGIES`] strategies;
 //! - connections open at once per source IP address (`max_conns_per_ip`), all kinds counted
 //!   (control, observe, relay), checked at accept;
 //! - sessions known at once (`max_sessions`), checked when a join would create one;
@@ -25,7 +38,8 @@
 //!   bounded by `session_expiry`; a paired peer must complete a frame at least every
 //!   `idle_timeout` (bytes of a partial frame do not count); every write to a client must finish
 //!   within `idle_timeout` (a client that does not read is dropped). Observe connections are
-//!   bounded by `observe_hold`, relays by their [`RelayLimits`].
+//!   bounded by `observe_hold`, relays by their [`RelayLimits`]. Relay splices keep TCP
+//!   backpressure (a direction reads only when its last frame was written).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
