@@ -114,7 +114,8 @@ pub(crate) async fn measure(progress: &dyn Fn(&str)) -> ServerMemory {
     let mut tasks = tokio::task::JoinSet::new();
     let mut failure = None;
     for i in 0..CONNECTIONS {
-        let source = Ipv4Addr::new(127, 3, 0, (1 + i % SOURCES) as u8);
+        // Joined (odd) and unjoined (even) connections spread alike over the addresses.
+        let source = Ipv4Addr::new(127, 3, 0, (1 + (i / 2) % SOURCES) as u8);
         tasks.spawn(hostile(server.addr, source, i));
         if tasks.len() >= 128 {
             match tasks.join_next().await {

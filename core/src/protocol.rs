@@ -246,8 +246,14 @@ pub struct FramedConn<S> {
 impl<S: tokio::io::AsyncRead> FramedConn<S> {
     /// Wraps a stream.
     pub fn new(stream: S, limit: usize) -> Self {
+        Self::with_read_buffer(stream, limit, READ_BUFFER)
+    }
+
+    /// Wraps a stream, reading through a buffer of `capacity` bytes (a server that holds many
+    /// connections trades a few more reads of long frames for memory).
+    pub fn with_read_buffer(stream: S, limit: usize, capacity: usize) -> Self {
         Self {
-            stream: tokio::io::BufReader::with_capacity(READ_BUFFER, stream),
+            stream: tokio::io::BufReader::with_capacity(capacity, stream),
             limit,
             line: Vec::new(),
             frame_time: None,

@@ -155,6 +155,10 @@ pub const UNPAIRED_MAX_FRAME_LEN: usize = 4096;
 /// (it does not read) is dropped.
 pub const OUTBOX_CAPACITY: usize = 32;
 
+/// Read buffer per connection: joins and most offers fit; every connection (every waiting
+/// session) holds one.
+const READ_BUFFER: usize = 512;
+
 /// Strategies one join may list at most.
 pub const MAX_JOIN_STRATEGIES: usize = 32;
 
@@ -638,9 +642,10 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     // Until paired, frames are small; and no frame may take longer than the first may.
-    let mut framed = FramedConn::new(
+    let mut framed = FramedConn::with_read_buffer(
         stream,
         shared.config.max_frame_len.min(UNPAIRED_MAX_FRAME_LEN),
+        READ_BUFFER,
     );
     let mut first_frame_timeout = shared.config.first_frame_timeout;
     if !shared.config.idle_timeout.is_zero() {

@@ -150,7 +150,7 @@ async fn honest_pairs_link_while_thousands_hold_partial_frames() {
     let mut held = Vec::with_capacity(hostile);
     let mut pending = tokio::task::JoinSet::new();
     for i in 0..hostile {
-        let source = [127, 1, 0, (i % 150 + 1) as u8];
+        let source = [127, 1, 0, ((i / 2) % 150 + 1) as u8];
         pending.spawn(async move {
             let mut s = connect_from(server, source).await;
             if i % 2 == 1 {
