@@ -301,9 +301,25 @@ async fn a_partial_frame_is_held_only_for_a_while() {
 async fn a_peer_that_does_not_read_is_dropped_when_its_queue_is_full() {
     let (server, _) = start(ServerConfig::default()).await;
     let strategies: Vec<String> = (0..32).map(|i| format!("s{i}")).collect();
-    // The reader that never reads, with a small receive buffer.
+    // The reader that never reads, with a small receive buffer and small segments (so the
+    // server's send buffer towards it stays small too, whatever the loopback MTU).
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        let mss: libc::c_int = 536;
+        // SAFETY: a valid socket and a c_int option value of the given size.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_MAXSEG,
+                (&mss as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+    }
     let mut deaf = socket.connect(server).await.unwrap();
     deaf.write_all(&encode(&ClientToServer::Join {
         version: PROTOCOL_VERSION,
