@@ -92,6 +92,8 @@ pub(crate) enum Section {
     Throughput,
     /// Rendezvous pairings per second and memory per waiting session.
     Capacity,
+    /// The server's memory per connection under hostile load (`bench_server.rs`).
+    ServerMemory,
 }
 
 /// Whether a figure meets its target.
@@ -132,6 +134,7 @@ struct BenchReport {
     time_to_link: Vec<TimeToLinkRow>,
     throughput: Option<Throughput>,
     capacity: Option<Capacity>,
+    server_memory: Option<crate::bench_server::ServerMemory>,
     notes: Vec<String>,
 }
 
@@ -251,7 +254,12 @@ pub(crate) async fn run(
         if peer_mode {
             vec![Section::TimeToLink]
         } else {
-            vec![Section::TimeToLink, Section::Throughput, Section::Capacity]
+            vec![
+                Section::TimeToLink,
+                Section::Throughput,
+                Section::Capacity,
+                Section::ServerMemory,
+            ]
         }
     } else {
         args.sections.clone()
@@ -273,6 +281,7 @@ pub(crate) async fn run(
         time_to_link: Vec::new(),
         throughput: None,
         capacity: None,
+        server_memory: None,
         notes: vec![
             "links are measured as this build makes them, encryption included (TLS on the TCP \
              links and the relay, QUIC's own on udp-quic)"
@@ -342,6 +351,9 @@ pub(crate) async fn run(
             report.capacity = Some(capacity);
             report.notes.extend(notes);
         }
+        if sections.contains(&Section::ServerMemory) {
+            report.server_memory = Some(crate::bench_server::measure(&progress).await);
+        }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -367,6 +379,7 @@ fn verdicts(r: &BenchReport) -> impl Iterator<Item = Verdict> + '_ {
                 .map(|p| p.verdict)
                 .chain(c.memory.iter().map(|m| m.verdict))
         }))
+        .chain(r.server_memory.iter().map(|m| Verdict::of(m.pass)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1249,6 +1262,9 @@ fn render(r: &BenchReport) -> String {
             ]);
         }
         out += &format!("{t}\n\n");
+    }
+    if let Some(m) = &r.server_memory {
+        out += &format!("{}\n", m.render());
     }
     for n in &r.notes {
         out += &format!("note: {n}\n");

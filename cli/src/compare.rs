@@ -314,8 +314,17 @@ pub(crate) fn default_history() -> Option<PathBuf> {
     dirs::data_dir().map(|d| d.join("nettool").join("history.jsonl"))
 }
 
-/// Appends one run to the history (JSON lines).
-pub(crate) fn append_history(path: &Path, run: &CompareRun) -> Result<()> {
+/// Appends one run to the history (JSON lines), on tokio's blocking pool (file I/O must not
+/// stall an async worker thread).
+pub(crate) async fn append_history(path: &Path, run: &CompareRun) -> Result<()> {
+    let path = path.to_owned();
+    let line = serde_json::to_string(run)? + "\n";
+    tokio::task::spawn_blocking(move || append_line(&path, &line))
+        .await
+        .context("the history writer failed")?
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -325,15 +334,20 @@ pub(crate) fn append_history(path: &Path, run: &CompareRun) -> Result<()> {
         .append(true)
         .open(path)
         .with_context(|| format!("cannot open the history file {}", path.display()))?;
-    let line = serde_json::to_string(run)? + "\n";
     f.write_all(line.as_bytes())
         .with_context(|| format!("cannot write the history file {}", path.display()))
 }
 
-/// Success rate and median time to link per label and strategy, from the history.
-pub(crate) fn summary(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
+/// Success rate and median time to link per label and strategy, from the history (read with
+/// tokio's file I/O, off the async worker threads).
+pub(crate) async fn summary(path: &Path) -> Result<String> {
+    let text = tokio::fs::read_to_string(path)
+        .await
         .with_context(|| format!("cannot read the history file {}", path.display()))?;
+    summarize(path, &text)
+}
+
+fn summarize(path: &Path, text: &str) -> Result<String> {
     let mut groups: std::collections::BTreeMap<(String, String), (u32, u32, Vec<u64>)> =
         Default::default();
     for (i, line) in text
@@ -383,4 +397,70 @@ pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    /// The history is written off the async worker threads: while appending to a FIFO that
+    /// nobody reads yet (the open blocks), other tasks on a single-threaded runtime keep
+    /// running; the reader only opens the FIFO once it has seen them run.
+    #[test]
+    fn appending_history_does_not_block_the_runtime() {
+        let dir = std::env::temp_dir().join(format!("nettool-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("history.jsonl");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let ticks = Arc::new(AtomicU32::new(0));
+        let reader = {
+            let (ticks, fifo) = (ticks.clone(), fifo.clone());
+            std::thread::spawn(move || {
+                // Wait (at most 5 s) for the runtime to show it is not blocked.
+                for _ in 0..500 {
+                    if ticks.load(Ordering::SeqCst) >= 20 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                let seen = ticks.load(Ordering::SeqCst);
+                (seen, std::fs::read_to_string(&fifo).unwrap())
+            })
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let t = ticks.clone();
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    t.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            let run = CompareRun {
+                time_unix: 1,
+                label: "fifo".into(),
+                session: "s".into(),
+                role: None,
+                size: 0,
+                rows: Vec::new(),
+            };
+            append_history(&fifo, &run).await.unwrap();
+            ticker.abort();
+        });
+        let (seen, text) = reader.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(text.contains("\"label\":\"fifo\""), "{text}");
+        assert!(
+            seen >= 20,
+            "the runtime stood still while the history file was opened ({seen} ticks)"
+        );
+    }
 }

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 mod bench;
+mod bench_server;
 mod compare;
 mod legacy;
 mod netcheck;
@@ -516,7 +517,7 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
                     .clone()
                     .or_else(compare::default_history)
                     .context("no history file: give --history FILE")?;
-                println!("{}", compare::summary(&path)?);
+                println!("{}", compare::summary(&path).await?);
                 return Ok(0);
             }
             let loaded = load(args.peer.overrides(registry))?;
@@ -880,7 +881,7 @@ async fn compare_cmd(
         println!("{}", compare::table(&run.rows));
     }
     if let Some(path) = history {
-        compare::append_history(&path, &run)?;
+        compare::append_history(&path, &run).await?;
         if !quiet {
             eprintln!("nettool compare: appended to {}", path.display());
         }

@@ -8,10 +8,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::protocol::{
-    ClientToServer, FramedConn, RecvError, Role, ServerToClient, DEFAULT_MAX_FRAME_LEN,
+    encode, ClientToServer, FramedConn, RecvError, Role, ServerToClient, DEFAULT_MAX_FRAME_LEN,
     PROTOCOL_VERSION,
 };
 
@@ -73,14 +76,76 @@ pub struct Pairing {
     pub relay_token: Option<String>,
 }
 
+/// How long the writer task may take to write one frame before it gives up on the server
+/// (it then closes the connection; the reading side sees the end).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The sending side of the control connection: a task owns the socket's write half and
+/// writes whole frames from a queue.
+///
+/// Sending only queues an encoded frame (no await), so a strategy's future dropped at any
+/// point (the orchestrator's deadline) can never leave half a line on the wire: what was
+/// queued is written whole, what was not is not written at all. The task ends when the
+/// client is dropped, after writing what was queued, or at the first failed or stalled write.
+#[derive(Debug)]
+struct FrameWriter {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl FrameWriter {
+    fn spawn(mut half: OwnedWriteHalf) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                match tokio::time::timeout(WRITE_TIMEOUT, half.write_all(&frame)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!("rendezvous connection: write failed: {e}");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::debug!("rendezvous connection: the server read nothing for 30s");
+                        break;
+                    }
+                }
+            }
+            // Closing the write half on every path tells the server we are gone.
+            let _ = tokio::time::timeout(Duration::from_secs(1), half.shutdown()).await;
+        });
+        Self { tx }
+    }
+
+    fn send(&self, msg: &ClientToServer) -> Result<(), ClientError> {
+        self.tx
+            .send(encode(msg))
+            .map_err(|_| ClientError::Lost("the connection to the server failed".into()))
+    }
+}
+
+/// A result the peer sent while this side was still busy with an attempt.
+#[derive(Debug)]
+struct EarlyResult {
+    strategy: String,
+    ok: bool,
+    error: Option<String>,
+}
+
 /// A joined and paired control connection to the rendezvous server.
+///
+/// Cancel safe: every method may be dropped at any await point (the orchestrator enforces
+/// deadlines that way) without corrupting the connection; sends are whole frames queued to a
+/// writer task and receiving keeps partial frames for the next call.
 #[derive(Debug)]
 pub struct RendezvousClient {
-    conn: FramedConn<TcpStream>,
+    conn: FramedConn<OwnedReadHalf>,
+    writer: FrameWriter,
     server: SocketAddr,
     next_ping: u64,
-    /// Results the peer sent while this side was still busy with an attempt.
-    early_results: Vec<(String, bool, Option<String>)>,
+    /// The agreed strategies: the only ones the peer may send results for.
+    strategies: Vec<String>,
+    /// Results the peer sent while this side was still busy with an attempt: at most one per
+    /// agreed strategy (a later one replaces an earlier), so the peer cannot grow it.
+    early_results: Vec<EarlyResult>,
 }
 
 impl RendezvousClient {
@@ -118,14 +183,15 @@ impl RendezvousClient {
             source,
         })?;
         let _ = stream.set_nodelay(true);
-        let mut conn = FramedConn::new(stream, DEFAULT_MAX_FRAME_LEN);
-        conn.send(&ClientToServer::Join {
+        let (read, write) = stream.into_split();
+        let writer = FrameWriter::spawn(write);
+        let mut conn = FramedConn::new(read, DEFAULT_MAX_FRAME_LEN);
+        writer.send(&ClientToServer::Join {
             version: PROTOCOL_VERSION,
             session: session.to_owned(),
             strategies: strategies.to_vec(),
             token: token.map(str::to_owned),
-        })
-        .await?;
+        })?;
         let mut on_waiting = Some(on_waiting);
         loop {
             let msg = within(deadline, "a peer to join the session", conn.recv()).await??;
@@ -146,8 +212,10 @@ impl RendezvousClient {
                 }) => {
                     let client = Self {
                         conn,
+                        writer,
                         server,
                         next_ping: 0,
+                        strategies: strategies.clone(),
                         early_results: Vec::new(),
                     };
                     let pairing = Pairing {
@@ -176,8 +244,8 @@ impl RendezvousClient {
         for _ in 0..count.max(1) {
             self.next_ping += 1;
             let id = self.next_ping;
-            let start = Instant::now();
-            self.conn.send(&ClientToServer::Ping { id }).await?;
+            let start = tokio::time::Instant::now();
+            self.writer.send(&ClientToServer::Ping { id })?;
             loop {
                 match self.recv(deadline, "the server's pong").await? {
                     ServerToClient::Pong { id: got } if got == id => break,
@@ -198,12 +266,10 @@ impl RendezvousClient {
         payload: serde_json::Value,
         deadline: Instant,
     ) -> Result<serde_json::Value, ClientError> {
-        self.conn
-            .send(&ClientToServer::Offer {
-                strategy: strategy.to_owned(),
-                payload,
-            })
-            .await?;
+        self.writer.send(&ClientToServer::Offer {
+            strategy: strategy.to_owned(),
+            payload,
+        })?;
         loop {
             match self.recv(deadline, "the peer's offer").await? {
                 ServerToClient::Offer {
@@ -217,21 +283,50 @@ impl RendezvousClient {
         }
     }
 
-    /// Sends this peer's result for `strategy`.
+    /// Sends this peer's result for `strategy`. The error text is cut to
+    /// [`MAX_RESULT_ERROR`] bytes (the server bounds what a peer may send per attempt).
+    ///
+    /// The frame is queued whole to the writer task; awaiting is not needed for it to go out
+    /// (this stays `async` for compatibility).
     pub async fn send_result(
         &mut self,
         strategy: &str,
         ok: bool,
         error: Option<String>,
     ) -> Result<(), ClientError> {
-        self.conn
-            .send(&ClientToServer::Result {
-                strategy: strategy.to_owned(),
-                ok,
-                error,
-            })
-            .await?;
-        Ok(())
+        self.writer.send(&ClientToServer::Result {
+            strategy: strategy.to_owned(),
+            ok,
+            error: error.map(|e| cut(e, MAX_RESULT_ERROR)),
+        })
+    }
+
+    /// Number of early peer results held (for tests of the bound).
+    #[doc(hidden)]
+    pub fn held_results(&self) -> usize {
+        self.early_results.len()
+    }
+
+    /// Keeps a result that arrived while waiting for something else: one per agreed
+    /// strategy, the latest wins; results for strategies that were not agreed are dropped.
+    fn keep_early(&mut self, strategy: String, ok: bool, error: Option<String>) {
+        if !self.strategies.contains(&strategy) {
+            tracing::debug!(%strategy, "ignoring the peer's result for a strategy not agreed");
+            return;
+        }
+        let result = EarlyResult {
+            strategy,
+            ok,
+            error,
+        };
+        match self
+            .early_results
+            .iter_mut()
+            .find(|r| r.strategy == result.strategy)
+        {
+            Some(slot) => *slot = result,
+            None => self.early_results.push(result),
+        }
     }
 
     /// Waits for the peer's result for `strategy`: `Ok(None)` when the peer succeeded,
@@ -241,9 +336,13 @@ impl RendezvousClient {
         strategy: &str,
         deadline: Instant,
     ) -> Result<Result<(), String>, ClientError> {
-        if let Some(i) = self.early_results.iter().position(|r| r.0 == strategy) {
-            let (_, ok, error) = self.early_results.remove(i);
-            return Ok(to_result(ok, error));
+        if let Some(i) = self
+            .early_results
+            .iter()
+            .position(|r| r.strategy == strategy)
+        {
+            let r = self.early_results.remove(i);
+            return Ok(to_result(r.ok, r.error));
         }
         loop {
             match self.recv_any(deadline, "the peer's result", true).await? {
@@ -255,7 +354,7 @@ impl RendezvousClient {
                     if s == strategy {
                         return Ok(to_result(ok, error));
                     }
-                    self.early_results.push((s, ok, error));
+                    self.keep_early(s, ok, error);
                 }
                 // A peer that gave up early may have skipped its offer; ignore stale offers.
                 ServerToClient::Offer { .. } => {}
@@ -294,12 +393,28 @@ impl RendezvousClient {
                     ok,
                     error,
                 }) if !results => {
-                    self.early_results.push((strategy, ok, error));
+                    self.keep_early(strategy, ok, error);
                 }
                 Some(msg) => return Ok(msg),
             }
         }
     }
+}
+
+/// Longest error text a result carries, in bytes.
+pub const MAX_RESULT_ERROR: usize = 2048;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 fn to_result(ok: bool, error: Option<String>) -> Result<(), String> {

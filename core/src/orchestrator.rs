@@ -75,7 +75,8 @@ impl std::fmt::Debug for Orchestrator {
     }
 }
 
-/// How long to wait for the peer's result beyond the attempt's own deadline.
+/// How long to wait for the peer's result beyond the attempt's own deadline (never past the
+/// overall deadline).
 const RESULT_GRACE: Duration = Duration::from_secs(5);
 
 impl Orchestrator {
@@ -105,23 +106,88 @@ impl Orchestrator {
 
     /// Joins the session, runs the agreed strategies and returns the link (if any) with the
     /// report. The rendezvous connection is closed before returning.
+    ///
+    /// `overall` is a hard bound: whatever the peer or the server do (a result that never
+    /// comes, a strategy that ignores its deadline), this returns within it. Time is read from
+    /// tokio's clock, so tests can run it on a paused clock.
     pub async fn connect(
         &self,
         params: &ConnectParams,
         events: &(dyn Fn(Event) + Send + Sync),
     ) -> (Option<Link>, Report) {
-        let start = Instant::now();
+        let start = now();
         let deadline = start + self.overall;
-        let mut report = Report {
-            session: params.session.clone(),
-            role: None,
-            strategy: None,
-            local: None,
-            remote: None,
-            elapsed_ms: 0,
-            attempts: Vec::new(),
-            error: None,
+        let mut state = Progress {
+            report: Report {
+                session: params.session.clone(),
+                role: None,
+                strategy: None,
+                local: None,
+                remote: None,
+                elapsed_ms: 0,
+                attempts: Vec::new(),
+                error: None,
+            },
+            agreed: Vec::new(),
+            current: None,
         };
+        let run = self.run(params, events, deadline, &mut state);
+        let link = match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(link) => link,
+            Err(_) => {
+                // Only reachable when something inside overran its own deadline: the attempt
+                // in flight is reported as timed out, the rest as skipped.
+                if let Some((name, began)) = state.current.take() {
+                    let entry = AttemptReport {
+                        strategy: name,
+                        outcome: Outcome::TimedOut,
+                        elapsed_ms: ms(now().saturating_duration_since(began)),
+                        error: Some("the overall deadline was reached".into()),
+                    };
+                    events(Event::AttemptFinished(entry.clone()));
+                    state.report.attempts.push(entry);
+                }
+                for name in &state.agreed {
+                    if !state.report.attempts.iter().any(|a| &a.strategy == name) {
+                        state
+                            .report
+                            .attempts
+                            .push(skipped(name, "the overall deadline was reached"));
+                    }
+                }
+                state.report.error.get_or_insert_with(|| {
+                    format!(
+                        "the overall deadline ({:.1}s) was reached",
+                        self.overall.as_secs_f64()
+                    )
+                });
+                None
+            }
+        };
+        let mut report = state.report;
+        if !state.agreed.is_empty() {
+            for name in self.names() {
+                if !state.agreed.contains(&name) {
+                    report
+                        .attempts
+                        .push(skipped(&name, "the peer does not offer this strategy"));
+                }
+            }
+        }
+        if link.is_none() && report.error.is_none() {
+            report.error = Some("no strategy produced a link".into());
+        }
+        report.elapsed_ms = ms(now().saturating_duration_since(start));
+        (link, report)
+    }
+
+    async fn run(
+        &self,
+        params: &ConnectParams,
+        events: &(dyn Fn(Event) + Send + Sync),
+        deadline: Instant,
+        state: &mut Progress,
+    ) -> Option<Link> {
         let names = self.names();
         let joined = RendezvousClient::join_with_token(
             params.server,
@@ -135,12 +201,12 @@ impl Orchestrator {
         let (mut client, pairing) = match joined {
             Ok(x) => x,
             Err(e) => {
-                report.error = Some(e.to_string());
-                report.elapsed_ms = ms(start.elapsed());
-                return (None, report);
+                state.report.error = Some(e.to_string());
+                return None;
             }
         };
-        report.role = Some(pairing.role);
+        state.report.role = Some(pairing.role);
+        state.agreed = pairing.strategies.clone();
         info!(role = %pairing.role, strategies = ?pairing.strategies, "paired");
         events(Event::Paired {
             role: pairing.role,
@@ -149,27 +215,27 @@ impl Orchestrator {
         let server_rtt = match client.rtt(3, deadline).await {
             Ok(rtt) => rtt,
             Err(e) => {
-                report.error = Some(format!("measuring the server round trip: {e}"));
-                report.elapsed_ms = ms(start.elapsed());
-                return (None, report);
+                state.report.error = Some(format!("measuring the server round trip: {e}"));
+                return None;
             }
         };
         let secret = params.secret.as_deref().unwrap_or(&params.session);
         let key = LinkKey::derive(&params.session, secret);
 
-        let mut link = None;
         for name in &pairing.strategies {
             let Some((strategy, timeout)) = self.strategies.iter().find(|(s, _)| s.name() == name)
             else {
                 // The server only agrees on names both offered, and we offered only ours.
-                report
+                state
+                    .report
                     .attempts
                     .push(skipped(name, "not available in this build"));
                 continue;
             };
-            let now = Instant::now();
-            if now >= deadline {
-                report
+            let began = now();
+            if began >= deadline {
+                state
+                    .report
                     .attempts
                     .push(skipped(name, "the overall deadline was reached"));
                 continue;
@@ -177,7 +243,8 @@ impl Orchestrator {
             events(Event::AttemptStarted {
                 strategy: name.clone(),
             });
-            let attempt_deadline = (now + *timeout).min(deadline);
+            state.current = Some((name.clone(), began));
+            let attempt_deadline = (began + *timeout).min(deadline);
             let mut attempt = Attempt {
                 session: &params.session,
                 pairing: &pairing,
@@ -202,21 +269,18 @@ impl Orchestrator {
                     Outcome::TimedOut,
                     Some(format!(
                         "no link within {:.1}s",
-                        attempt_deadline.duration_since(now).as_secs_f64()
+                        attempt_deadline.duration_since(began).as_secs_f64()
                     )),
                     None,
                 ),
             };
-            // Lock step: tell the peer, hear from the peer.
+            // Lock step: tell the peer, hear from the peer. The wait for the peer's result
+            // gets a grace period past the attempt, but never past the overall deadline.
+            let linked = got.is_some();
             let peer = async {
+                client.send_result(name, linked, error.clone()).await?;
                 client
-                    .send_result(name, got.is_some(), error.clone())
-                    .await?;
-                client
-                    .peer_result(
-                        name,
-                        (attempt_deadline + RESULT_GRACE).min(deadline + RESULT_GRACE),
-                    )
+                    .peer_result(name, (attempt_deadline + RESULT_GRACE).min(deadline))
                     .await
             }
             .await;
@@ -238,33 +302,37 @@ impl Orchestrator {
             let entry = AttemptReport {
                 strategy: name.clone(),
                 outcome,
-                elapsed_ms: ms(now.elapsed()),
+                elapsed_ms: ms(now().saturating_duration_since(began)),
                 error,
             };
+            state.current = None;
             events(Event::AttemptFinished(entry.clone()));
-            report.attempts.push(entry);
+            state.report.attempts.push(entry);
             if outcome == Outcome::Connected {
                 let l = got.expect("connected implies a link");
-                report.strategy = Some(name.clone());
-                report.local = Some(l.local.to_string());
-                report.remote = Some(l.remote.to_string());
-                link = Some(l);
-                break;
+                state.report.strategy = Some(name.clone());
+                state.report.local = Some(l.local.to_string());
+                state.report.remote = Some(l.remote.to_string());
+                return Some(l);
             }
         }
-        for name in &names {
-            if !pairing.strategies.contains(name) {
-                report
-                    .attempts
-                    .push(skipped(name, "the peer does not offer this strategy"));
-            }
-        }
-        if link.is_none() && report.error.is_none() {
-            report.error = Some("no strategy produced a link".into());
-        }
-        report.elapsed_ms = ms(start.elapsed());
-        (link, report)
+        None
     }
+}
+
+/// What [`Orchestrator::connect`] knows so far; kept outside the running future so a deadline
+/// that cuts it still leaves a report.
+struct Progress {
+    report: Report,
+    /// The agreed strategies, once paired.
+    agreed: Vec<String>,
+    /// The attempt in flight and when it began.
+    current: Option<(String, Instant)>,
+}
+
+/// Now, on tokio's clock (the same as the system's monotonic clock unless a test paused it).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 fn skipped(name: &str, why: &str) -> AttemptReport {

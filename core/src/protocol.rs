@@ -196,6 +196,12 @@ pub enum FrameError {
     /// The line is not UTF-8.
     #[error("malformed frame: not UTF-8")]
     NotUtf8,
+    /// A frame was not completed in time after its first byte.
+    #[error("frame not completed within {:.1}s of its first byte", limit.as_secs_f64())]
+    TooSlow {
+        /// The time limit.
+        limit: std::time::Duration,
+    },
 }
 
 /// Decodes one line (without its newline) into a message.
@@ -221,21 +227,38 @@ const READ_BUFFER: usize = 1024;
 
 /// A framed connection speaking the rendezvous protocol, generic over the stream.
 ///
-/// Reads are bounded: a line longer than the limit is an error, never an allocation.
+/// Reads are bounded: a line longer than the limit is an error, never an allocation, and with
+/// [`set_frame_time`](Self::set_frame_time) a partly received frame may be held only that
+/// long. Receiving needs only [`AsyncRead`](tokio::io::AsyncRead), so a read half works.
 #[derive(Debug)]
 pub struct FramedConn<S> {
     stream: tokio::io::BufReader<S>,
     limit: usize,
     line: Vec<u8>,
+    /// How long a frame may take from its first byte to its newline.
+    frame_time: Option<std::time::Duration>,
+    /// When the first byte of the frame being received was seen.
+    partial_since: Option<tokio::time::Instant>,
+    /// Length of the last frame received, newline excluded.
+    last_len: usize,
 }
 
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> FramedConn<S> {
+impl<S: tokio::io::AsyncRead> FramedConn<S> {
     /// Wraps a stream.
     pub fn new(stream: S, limit: usize) -> Self {
+        Self::with_read_buffer(stream, limit, READ_BUFFER)
+    }
+
+    /// Wraps a stream, reading through a buffer of `capacity` bytes (a server that holds many
+    /// connections trades a few more reads of long frames for memory).
+    pub fn with_read_buffer(stream: S, limit: usize, capacity: usize) -> Self {
         Self {
-            stream: tokio::io::BufReader::with_capacity(READ_BUFFER, stream),
+            stream: tokio::io::BufReader::with_capacity(capacity, stream),
             limit,
             line: Vec::new(),
+            frame_time: None,
+            partial_since: None,
+            last_len: 0,
         }
     }
 
@@ -244,47 +267,125 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> FramedConn<S> {
         self.stream.get_ref()
     }
 
+    /// The largest frame accepted, in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Changes the largest frame accepted (e.g. raised once a peer is trusted further).
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
+    /// Bounds how long a frame may take from its first byte to its newline (`None`: no
+    /// bound). A frame that takes longer is [`FrameError::TooSlow`].
+    pub fn set_frame_time(&mut self, limit: Option<std::time::Duration>) {
+        self.frame_time = limit;
+    }
+
+    /// Bytes of a frame received so far whose newline has not arrived yet.
+    pub fn partial_len(&self) -> usize {
+        self.line.len()
+    }
+
+    /// Length of the last frame received (newline excluded), in bytes.
+    pub fn last_frame_len(&self) -> usize {
+        self.last_len
+    }
+
     /// The wrapped stream and the bytes already read past the last frame.
     pub fn into_parts(self) -> (S, Vec<u8>) {
         let mut rest = self.line;
         rest.extend_from_slice(self.stream.buffer());
         (self.stream.into_inner(), rest)
     }
+}
 
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> FramedConn<S> {
     /// Sends one message.
+    ///
+    /// Not cancel safe: dropping the future in the middle of a write leaves part of a line on
+    /// the wire. A connection that must outlive a cancelled operation sends through a writer
+    /// task instead (as [`RendezvousClient`](crate::client::RendezvousClient) does).
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
         self.stream.get_mut().write_all(&encode(msg)).await
     }
+}
 
+impl<S: tokio::io::AsyncRead + Unpin> FramedConn<S> {
     /// Receives one message; `Ok(None)` on a clean end of stream between frames.
     ///
     /// Cancel safe: bytes of a partly read frame are kept for the next call, so this can be
     /// one branch of a `select!`.
     pub async fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, RecvError> {
-        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
-        // Read at most limit + 1 bytes (plus newline) so an endless line cannot exhaust memory.
-        let max = self.limit as u64 + 2;
-        let budget = max.saturating_sub(self.line.len() as u64);
-        let n = (&mut self.stream)
-            .take(budget)
-            .read_until(b'\n', &mut self.line)
-            .await
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            let Self {
+                stream,
+                limit,
+                line,
+                frame_time,
+                partial_since,
+                last_len,
+            } = self;
+            let avail = match (*partial_since, *frame_time) {
+                (Some(since), Some(max)) => {
+                    match tokio::time::timeout_at(since + max, stream.fill_buf()).await {
+                        Ok(r) => r,
+                        Err(_) => return Err(RecvError::Frame(FrameError::TooSlow { limit: max })),
+                    }
+                }
+                _ => stream.fill_buf().await,
+            }
             .map_err(RecvError::Io)?;
-        if self.line.last() != Some(&b'\n') {
-            if self.line.len() as u64 >= max {
-                return Err(RecvError::Frame(FrameError::TooLong { limit: self.limit }));
+            if avail.is_empty() {
+                if line.is_empty() {
+                    return Ok(None);
+                }
+                return Err(RecvError::Truncated);
             }
-            if n == 0 && self.line.is_empty() {
-                return Ok(None);
+            // A line may hold one byte more than the limit (a '\r' before the newline); more is
+            // refused before it is stored, so an endless line cannot exhaust memory.
+            let room = (*limit + 1).saturating_sub(line.len());
+            match avail.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    if i > room {
+                        return Err(RecvError::Frame(FrameError::TooLong { limit: *limit }));
+                    }
+                    grow(line, i, *limit + 1);
+                    line.extend_from_slice(&avail[..i]);
+                    stream.consume(i + 1);
+                    *partial_since = None;
+                    let frame = std::mem::take(line);
+                    *last_len = frame.len();
+                    return decode(&frame, *limit).map(Some).map_err(RecvError::Frame);
+                }
+                None => {
+                    let n = avail.len();
+                    if n > room {
+                        return Err(RecvError::Frame(FrameError::TooLong { limit: *limit }));
+                    }
+                    if line.is_empty() {
+                        *partial_since = Some(tokio::time::Instant::now());
+                    }
+                    grow(line, n, *limit + 1);
+                    line.extend_from_slice(avail);
+                    stream.consume(n);
+                }
             }
-            return Err(RecvError::Truncated);
         }
-        let mut frame = std::mem::take(&mut self.line);
-        frame.pop();
-        decode(&frame, self.limit)
-            .map(Some)
-            .map_err(RecvError::Frame)
+    }
+}
+
+/// Makes room for `more` bytes in `line`, doubling as a `Vec` does but never past `cap`: a
+/// partial frame at the limit holds no more than the limit (a server holds one per
+/// connection).
+fn grow(line: &mut Vec<u8>, more: usize, cap: usize) {
+    let need = line.len() + more;
+    if need > line.capacity() {
+        let target = (line.capacity() * 2).max(need).min(cap.max(need));
+        line.reserve_exact(target - line.len());
     }
 }
 

@@ -318,9 +318,20 @@ mod splice_impl {
         }
     }
 
+    /// Aborts its task when dropped, so a direction task ends on every path (the splice
+    /// returned, or its own future was dropped because the server stopped).
+    struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+    impl<T> Drop for AbortOnDrop<T> {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
     /// Splices two attached relay connections until both directions ended or a limit is hit;
     /// returns why it ended (for the log). Both peers get an end frame with the reason when a
-    /// limit stops the relay.
+    /// limit stops the relay. Each direction runs in a task of its own (both cores can copy);
+    /// the tasks are aborted when this returns or is dropped.
     pub(crate) async fn splice(
         a: (TcpStream, Vec<u8>),
         b: (TcpStream, Vec<u8>),
@@ -336,17 +347,16 @@ mod splice_impl {
             bytes: std::sync::atomic::AtomicU64::new(0),
             limits: limits.clone(),
         });
-        let mut ab = tokio::spawn(direction(ar, a.1, bw.clone(), budget.clone()));
-        let mut ba = tokio::spawn(direction(br, b.1, aw.clone(), budget.clone()));
-        let abort = (ab.abort_handle(), ba.abort_handle());
+        let mut ab = AbortOnDrop(tokio::spawn(direction(ar, a.1, bw.clone(), budget.clone())));
+        let mut ba = AbortOnDrop(tokio::spawn(direction(br, b.1, aw.clone(), budget.clone())));
         // Both directions run until each saw its sender's end, unless one stops early (a limit,
         // a failed connection): then the whole relay stops.
         let run = async {
             let (mut ab_done, mut ba_done) = (false, false);
             while !(ab_done && ba_done) {
                 let end = tokio::select! {
-                    r = &mut ab, if !ab_done => { ab_done = true; r }
-                    r = &mut ba, if !ba_done => { ba_done = true; r }
+                    r = &mut ab.0, if !ab_done => { ab_done = true; r }
+                    r = &mut ba.0, if !ba_done => { ba_done = true; r }
                 };
                 match end {
                     Ok(DirEnd::Eof) => {}
@@ -367,8 +377,8 @@ mod splice_impl {
                 )),
             }
         };
-        abort.0.abort();
-        abort.1.abort();
+        // Stop both directions before writing the end frames (a direction may hold a writer).
+        drop((ab, ba));
         let why = stop
             .clone()
             .unwrap_or_else(|| "both peers closed".to_owned());

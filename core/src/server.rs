@@ -1,8 +1,11 @@
 //! The rendezvous server: pairs peers by session name and relays their offers and results.
 //!
-//! Each connection is served by its own task; a bad client (garbage, oversized lines, silence)
-//! gets an error message and loses only its own connection. Session state lives in one map
-//! behind a mutex that is held only for map operations, never across an await.
+//! Each connection is served by its own task, owned by the server's [`JoinSet`]: dropping the
+//! future of [`RendezvousServer::run`] (stopping the server) aborts every connection task and
+//! with them every relay. A bad client (garbage, oversized lines, silence) gets an error
+//! message and loses only its own connection; a task that panics loses only its own
+//! connection too (the locks recover from poisoning). Session state lives in one
+//! map behind a mutex that is held only for map operations, never across an await.
 //!
 //! Offers are held until both peers have offered for the same strategy and then delivered to
 //! both at once, so both start punching at (nearly) the same instant: the skew is only the
@@ -14,7 +17,17 @@
 //! bounded (see [`ServerConfig`]); each refusal is an [`ServerToClient::Error`] to that client
 //! and a `warn!` line, and touches no other client:
 //!
-//! - frame size (`max_frame_len`): a longer line is an error, never an allocation;
+//! - frame size: [`UNPAIRED_MAX_FRAME_LEN`] (4 KiB) until the connection is paired, then
+//!   `max_frame_len`; a longer line is an error, never an allocation, and a partial frame
+//!   never holds more than the limit;
+//! - a frame must complete within `first_frame_timeout` of its first byte, on every
+//!   connection and at any time (a waiting peer cannot hold a partial frame for the whole
+//!   session expiry);
+//! - messages queued for a control connection: [`OUTBOX_CAPACITY`]; a client that lets its
+//!   queue fill (it does not read) is dropped at once, even in the middle of a blocked write;
+//! - offers and results: only for agreed strategies, at most [`MAX_FRAMES_PER_STRATEGY`] and
+//!   `max_frame_len` + 4 KiB of them per strategy and peer in a pairing; a join lists at most
+//!   [`MAX_JOIN_STRATEGIES`] strategies;
 //! - connections open at once per source IP address (`max_conns_per_ip`), all kinds counted
 //!   (control, observe, relay), checked at accept;
 //! - sessions known at once (`max_sessions`), checked when a join would create one;
@@ -25,7 +38,8 @@
 //!   bounded by `session_expiry`; a paired peer must complete a frame at least every
 //!   `idle_timeout` (bytes of a partial frame do not count); every write to a client must finish
 //!   within `idle_timeout` (a client that does not read is dropped). Observe connections are
-//!   bounded by `observe_hold`, relays by their [`RelayLimits`].
+//!   bounded by `observe_hold`, relays by their [`RelayLimits`]. Relay splices keep TCP
+//!   backpressure (a direction reads only when its last frame was written).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -34,10 +48,8 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use tokio::net::{TcpListener, TcpStream};
-// futures' channel, not tokio's: tokio's allocates a 32-slot block up front (about 1.3 KB per
-// connection with `Outbound`), futures' one node per message; every waiting session has one.
-use futures::channel::mpsc;
-use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 mod stun_service;
@@ -142,6 +154,32 @@ impl ServerConfig {
     }
 }
 
+/// Locks `m`, recovering the data if a panicking task poisoned it: every critical section
+/// leaves its map consistent before anything that could panic, so one connection's panic
+/// never takes the server's state (and with it every other connection) down.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Largest frame before a connection is paired: join, observe and relay frames are small, so
+/// a connection that has proven nothing can make the server hold at most this much of a
+/// partial frame (the configured `max_frame_len` applies once paired).
+pub const UNPAIRED_MAX_FRAME_LEN: usize = 4096;
+
+/// Messages queued for one control connection at most. A client that lets its queue fill
+/// (it does not read) is dropped.
+pub const OUTBOX_CAPACITY: usize = 32;
+
+/// Read buffer per connection: joins and most offers fit; every connection (every waiting
+/// session) holds one.
+const READ_BUFFER: usize = 512;
+
+/// Strategies one join may list at most.
+pub const MAX_JOIN_STRATEGIES: usize = 32;
+
+/// Frames (offers and results) a peer may send per agreed strategy in one pairing.
+pub const MAX_FRAMES_PER_STRATEGY: u32 = 4;
+
 /// A rendezvous server bound to a TCP port, and a UDP socket with the same number that
 /// answers STUN Binding requests (so UDP strategies learn their public mapping). With
 /// [`ServerConfig::other_address`] it also serves RFC 5780 (see `stun_service`).
@@ -228,7 +266,7 @@ struct ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        let mut ips = self.shared.ips.lock().expect("ip table poisoned");
+        let mut ips = lock(&self.shared.ips);
         if let Some(state) = ips.by_ip.get_mut(&self.ip) {
             state.conns = state.conns.saturating_sub(1);
             if state.idle(&self.shared.config, Instant::now()) {
@@ -243,7 +281,7 @@ impl Shared {
     fn admit(self: &Arc<Self>, addr: SocketAddr) -> Result<ConnSlot, String> {
         let ip = ip_key(addr);
         let now = Instant::now();
-        let mut ips = self.ips.lock().expect("ip table poisoned");
+        let mut ips = lock(&self.ips);
         if ips.by_ip.len() >= ips.sweep_at {
             ips.by_ip.retain(|_, s| !s.idle(&self.config, now));
             ips.sweep_at = (ips.by_ip.len() * 2).max(1024);
@@ -273,7 +311,7 @@ impl Shared {
         }
         let ip = ip_key(addr);
         let now = Instant::now();
-        let mut ips = self.ips.lock().expect("ip table poisoned");
+        let mut ips = lock(&self.ips);
         let state = ips
             .by_ip
             .entry(ip)
@@ -341,7 +379,57 @@ struct Waiter {
     conn: u64,
     addr: SocketAddr,
     strategies: Vec<String>,
-    tx: mpsc::UnboundedSender<Outbound>,
+    outbox: Arc<Outbox>,
+}
+
+/// What other tasks queue for one control connection: bounded (see [`OUTBOX_CAPACITY`]).
+/// A queue that overflows means the client does not read; its task then drops it, whatever
+/// it is doing (even in the middle of a blocked write).
+#[derive(Debug, Default)]
+struct Outbox {
+    queue: Mutex<std::collections::VecDeque<Outbound>>,
+    overflowed: std::sync::atomic::AtomicBool,
+    ready: Notify,
+    overflow: Notify,
+}
+
+impl Outbox {
+    fn push(&self, msg: Outbound) {
+        let mut queue = lock(&self.queue);
+        if queue.len() >= OUTBOX_CAPACITY {
+            drop(queue);
+            if !self
+                .overflowed
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                self.overflow.notify_one();
+            }
+            return;
+        }
+        queue.push_back(msg);
+        drop(queue);
+        self.ready.notify_one();
+    }
+
+    /// The next queued message. Cancel safe (a message is taken only when returned).
+    async fn next(&self) -> Outbound {
+        loop {
+            if let Some(msg) = lock(&self.queue).pop_front() {
+                return msg;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Resolves once the queue has overflowed.
+    async fn overflowed(&self) {
+        loop {
+            if self.overflowed.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            self.overflow.notified().await;
+        }
+    }
 }
 
 /// A paired session: both peers' outboxes and the offers held until both have offered.
@@ -350,7 +438,9 @@ struct Pair {
     session: String,
     relay_token: Option<String>,
     conns: [u64; 2],
-    txs: [mpsc::UnboundedSender<Outbound>; 2],
+    outboxes: [Arc<Outbox>; 2],
+    /// The agreed strategies: offers and results for others are refused.
+    strategies: Vec<String>,
     held_offers: Mutex<HashMap<String, (Role, serde_json::Value)>>,
 }
 
@@ -363,7 +453,7 @@ impl Pair {
     }
 
     fn send(&self, to: Role, msg: ServerToClient) {
-        let _ = self.txs[Self::index(to)].unbounded_send(Outbound::Msg(msg));
+        self.outboxes[Self::index(to)].push(Outbound::Msg(msg));
     }
 
     /// Holds or delivers an offer; refuses one more held offer than [`MAX_HELD_OFFERS`].
@@ -373,7 +463,7 @@ impl Pair {
         strategy: String,
         payload: serde_json::Value,
     ) -> Result<(), String> {
-        let mut held = self.held_offers.lock().expect("offer map poisoned");
+        let mut held = lock(&self.held_offers);
         if !held.contains_key(&strategy) && held.len() >= MAX_HELD_OFFERS {
             return Err(format!(
                 "too many offers waiting for the peer (at most {MAX_HELD_OFFERS})"
@@ -492,25 +582,41 @@ pub struct ServerStats(Arc<Shared>);
 impl ServerStats {
     /// Number of sessions currently known (waiting or paired).
     pub fn session_count(&self) -> usize {
-        self.0.sessions.lock().expect("sessions poisoned").len()
+        lock(&self.0.sessions).len()
     }
 
     /// Number of client connections currently open (all kinds; a running relay counts both
     /// of its connections).
     pub fn connection_count(&self) -> usize {
-        let ips = self.0.ips.lock().expect("ip table poisoned");
+        let ips = lock(&self.0.ips);
         ips.by_ip.values().map(|s| s.conns).sum()
     }
 
     /// Number of source addresses the server currently keeps state for.
     pub fn tracked_addresses(&self) -> usize {
-        self.0.ips.lock().expect("ip table poisoned").by_ip.len()
+        lock(&self.0.ips).by_ip.len()
     }
 }
 
+/// Accepts connections and serves each in a task of its own, owned by a [`JoinSet`]: when
+/// the server's future is dropped (the server stops), every connection task is aborted with
+/// it, relays included. Finished tasks are reaped as they end; a task that panicked is logged
+/// and costs only its own connection.
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut tasks = JoinSet::new();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        warn!("a connection task panicked; only its connection is lost: {e}");
+                    }
+                }
+                continue;
+            }
+        };
+        match accepted {
             Ok((stream, addr)) => {
                 let conn = shared
                     .next_conn
@@ -518,7 +624,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let span = tracing::info_span!("conn", id = conn, peer = %addr);
                 let admitted = shared.admit(addr);
                 let shared = shared.clone();
-                tokio::spawn(
+                tasks.spawn(
                     async move {
                         match admitted {
                             Ok(slot) => serve_connection(shared, stream, addr, conn, slot).await,
@@ -548,11 +654,17 @@ async fn serve_connection(
     slot: ConnSlot,
 ) {
     let _ = stream.set_nodelay(true);
-    let mut framed = FramedConn::new(stream, shared.config.max_frame_len);
+    // Until paired, frames are small; and no frame may take longer than the first may.
+    let mut framed = FramedConn::with_read_buffer(
+        stream,
+        shared.config.max_frame_len.min(UNPAIRED_MAX_FRAME_LEN),
+        READ_BUFFER,
+    );
     let mut first_frame_timeout = shared.config.first_frame_timeout;
     if !shared.config.idle_timeout.is_zero() {
         first_frame_timeout = first_frame_timeout.min(shared.config.idle_timeout);
     }
+    framed.set_frame_time(Some(first_frame_timeout));
     // The whole first frame must arrive in time: sending it byte by byte does not help.
     let first =
         match tokio::time::timeout(first_frame_timeout, framed.recv::<ClientToServer>()).await {
@@ -691,14 +803,24 @@ async fn serve_control(
     session: String,
     strategies: Vec<String>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded();
+    let outbox = Arc::new(Outbox::default());
     if session.is_empty() || session.len() > 256 {
         refuse(&mut framed, "session name must be 1 to 256 bytes").await;
         return;
     }
+    if strategies.len() > MAX_JOIN_STRATEGIES {
+        refuse(
+            &mut framed,
+            &format!("a join may list at most {MAX_JOIN_STRATEGIES} strategies"),
+        )
+        .await;
+        return;
+    }
     // Join: either wait, or pair with the waiter.
     let joined = {
-        let mut sessions = shared.sessions.lock().expect("sessions poisoned");
+        let mut sessions = lock(&shared.sessions);
+        #[cfg(test)]
+        tests::panic_hook(&session);
         let max = shared.config.max_sessions;
         match sessions.remove(&session) {
             None if max > 0 && sessions.len() >= max => Err(format!(
@@ -711,7 +833,7 @@ async fn serve_control(
                         conn,
                         addr,
                         strategies,
-                        tx: tx.clone(),
+                        outbox: outbox.clone(),
                     }),
                 );
                 Ok(None)
@@ -733,11 +855,9 @@ async fn serve_control(
                         waiter.strategies.join(", "),
                         strategies.join(", ")
                     );
-                    let _ = waiter
-                        .tx
-                        .unbounded_send(Outbound::Fatal(ServerToClient::Error {
-                            message: msg.clone(),
-                        }));
+                    waiter.outbox.push(Outbound::Fatal(ServerToClient::Error {
+                        message: msg.clone(),
+                    }));
                     Err(msg)
                 } else {
                     let mut id = [0u8; 16];
@@ -752,11 +872,12 @@ async fn serve_control(
                         session: session.clone(),
                         relay_token: relay_token.clone(),
                         conns: [waiter.conn, conn],
-                        txs: [waiter.tx.clone(), tx.clone()],
+                        outboxes: [waiter.outbox.clone(), outbox.clone()],
+                        strategies: agreed.clone(),
                         held_offers: Mutex::new(HashMap::new()),
                     });
                     sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
-                    let _ = waiter.tx.unbounded_send(Outbound::Paired(
+                    waiter.outbox.push(Outbound::Paired(
                         pair.clone(),
                         Role::First,
                         ServerToClient::Paired {
@@ -768,7 +889,7 @@ async fn serve_control(
                             relay_token: relay_token.clone(),
                         },
                     ));
-                    let _ = tx.unbounded_send(Outbound::Paired(
+                    outbox.push(Outbound::Paired(
                         pair.clone(),
                         Role::Second,
                         ServerToClient::Paired {
@@ -804,6 +925,7 @@ async fn serve_control(
     }
 
     let mut pair: Option<(Arc<Pair>, Role)> = None;
+    let mut budget = HashMap::new();
     let expiry = tokio::time::sleep(shared.config.session_expiry);
     tokio::pin!(expiry);
     // While waiting for its partner a peer only reads (bounded by the expiry); once paired it
@@ -813,20 +935,28 @@ async fn serve_control(
     tokio::pin!(idle);
     loop {
         tokio::select! {
-            out = rx.next() => {
-                let Some(out) = out else { break };
+            out = outbox.next() => {
                 let (msg, fatal) = match out {
                     Outbound::Msg(m) => (m, false),
                     Outbound::Fatal(m) => (m, true),
                     Outbound::Paired(p, role, m) => {
                         pair = Some((p, role));
+                        framed.set_limit(shared.config.max_frame_len);
                         idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                         (m, false)
                     }
                 };
-                if send_within(shared, &mut framed, &msg).await.is_err() || fatal {
+                let sent = tokio::select! {
+                    r = send_within(shared, &mut framed, &msg) => r.is_ok(),
+                    () = outbox.overflowed() => false,
+                };
+                if !sent || fatal {
                     break;
                 }
+            }
+            () = outbox.overflowed() => {
+                warn!("dropping client: it does not read (its queue of {OUTBOX_CAPACITY} messages is full)");
+                break;
             }
             () = &mut idle, if pair.is_some() && !idle_timeout.is_zero() => {
                 let secs = idle_timeout.as_secs_f64();
@@ -848,7 +978,9 @@ async fn serve_control(
                     }
                     Ok(Some(msg)) => {
                         idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                        if let Err(e) = handle_frame(shared, &mut framed, pair.as_ref(), msg).await {
+                        let len = framed.last_frame_len();
+                        let spent = (&mut budget, len);
+                        if let Err(e) = handle_frame(shared, &mut framed, pair.as_ref(), spent, msg).await {
                             refuse(&mut framed, &e).await;
                             break;
                         }
@@ -860,10 +992,51 @@ async fn serve_control(
     leave(shared, &session, conn, pair.as_ref());
 }
 
+/// What one peer spent on one strategy of its pairing.
+#[derive(Debug, Default)]
+struct StrategyBudget {
+    frames: u32,
+    bytes: usize,
+}
+
+/// Counts a frame of `len` bytes for `strategy` against the peer's budget, or says why it is
+/// refused: only agreed strategies, at most [`MAX_FRAMES_PER_STRATEGY`] frames and the frame
+/// size limit plus 4 KiB of bytes per strategy. The budget map holds at most one entry per
+/// agreed strategy.
+fn spend(
+    shared: &Shared,
+    pair: &Pair,
+    budget: &mut HashMap<String, StrategyBudget>,
+    strategy: &str,
+    len: usize,
+) -> Result<(), String> {
+    if !pair.strategies.iter().any(|s| s == strategy) {
+        return Err(format!(
+            "offer or result for '{strategy}', which is not an agreed strategy"
+        ));
+    }
+    let max_bytes = shared.config.max_frame_len + 4096;
+    let b = budget.entry(strategy.to_owned()).or_default();
+    b.frames += 1;
+    b.bytes += len;
+    if b.frames > MAX_FRAMES_PER_STRATEGY {
+        return Err(format!(
+            "too many offers and results for '{strategy}' (at most {MAX_FRAMES_PER_STRATEGY} per pairing)"
+        ));
+    }
+    if b.bytes > max_bytes {
+        return Err(format!(
+            "offers and results for '{strategy}' too large (at most {max_bytes} bytes per pairing)"
+        ));
+    }
+    Ok(())
+}
+
 async fn handle_frame(
     shared: &Shared,
     framed: &mut FramedConn<TcpStream>,
     pair: Option<&(Arc<Pair>, Role)>,
+    (budget, len): (&mut HashMap<String, StrategyBudget>, usize),
     msg: ClientToServer,
 ) -> Result<(), String> {
     match msg {
@@ -872,6 +1045,7 @@ async fn handle_frame(
         }
         ClientToServer::Offer { strategy, payload } => {
             let (pair, role) = pair.ok_or("offer before the session was paired")?;
+            spend(shared, pair, budget, &strategy, len)?;
             pair.offer(*role, strategy, payload)
         }
         ClientToServer::Result {
@@ -880,6 +1054,7 @@ async fn handle_frame(
             error,
         } => {
             let (pair, role) = pair.ok_or("result before the session was paired")?;
+            spend(shared, pair, budget, &strategy, len)?;
             pair.send(
                 role.other(),
                 ServerToClient::Result {
@@ -902,7 +1077,7 @@ async fn handle_frame(
 
 /// Removes this connection's part of a session and tells the peer, if any.
 fn leave(shared: &Shared, session: &str, conn: u64, pair: Option<&(Arc<Pair>, Role)>) {
-    let mut sessions = shared.sessions.lock().expect("sessions poisoned");
+    let mut sessions = lock(&shared.sessions);
     let ours = match sessions.get(session) {
         Some(SessionSlot::Waiting(w)) => w.conn == conn,
         Some(SessionSlot::Paired(p)) => p.conns.contains(&conn),
@@ -945,7 +1120,7 @@ async fn serve_relay(
         return;
     };
     let known = {
-        let sessions = shared.sessions.lock().expect("sessions poisoned");
+        let sessions = lock(&shared.sessions);
         matches!(sessions.get(session), Some(SessionSlot::Paired(p)) if p.relay_token.as_deref() == Some(token.as_str()))
     };
     if !known {
@@ -956,25 +1131,45 @@ async fn serve_relay(
         .await;
         return;
     }
-    // The second peer hands its connection to the first, whose task runs the relay.
+    // The second peer hands its connection to the first, whose task runs the relay. Looking
+    // for the partner and registering as the waiter is one step under the lock: two peers
+    // attaching at the same instant must not both become waiters.
+    let (tx, rx) = tokio::sync::oneshot::channel();
     let partner = {
-        let mut waiting = shared.relay_waiting.lock().expect("relay map poisoned");
+        let mut waiting = lock(&shared.relay_waiting);
         match waiting.remove(&token) {
             Some(w) if w.role != role => Ok(Some(w)),
             Some(w) => {
                 waiting.insert(token.clone(), w);
-                Err(())
+                Err(format!(
+                    "relay refused: the {role} peer of this session is already attached"
+                ))
             }
-            None => Ok(None),
+            None => {
+                let active = shared
+                    .relays
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if active >= limits.max_sessions {
+                    shared
+                        .relays
+                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    Err(format!(
+                        "relay refused: the server relays at most {} sessions at a time",
+                        limits.max_sessions
+                    ))
+                } else {
+                    waiting.insert(token.clone(), RelayWaiter { role, conn, tx });
+                    Ok(None)
+                }
+            }
         }
     };
-    let Ok(partner) = partner else {
-        refuse(
-            &mut framed,
-            &format!("relay refused: the {role} peer of this session is already attached"),
-        )
-        .await;
-        return;
+    let partner = match partner {
+        Ok(p) => p,
+        Err(why) => {
+            refuse(&mut framed, &why).await;
+            return;
+        }
     };
     if let Some(w) = partner {
         if send_within(shared, &mut framed, &ServerToClient::Relaying)
@@ -986,31 +1181,11 @@ async fn serve_relay(
         }
         return;
     }
-    let active = shared
-        .relays
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let _relay_slot = RelaySlot(&shared.relays);
-    if active >= limits.max_sessions {
-        refuse(
-            &mut framed,
-            &format!(
-                "relay refused: the server relays at most {} sessions at a time",
-                limits.max_sessions
-            ),
-        )
-        .await;
-        return;
-    }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    shared
-        .relay_waiting
-        .lock()
-        .expect("relay map poisoned")
-        .insert(token.clone(), RelayWaiter { role, conn, tx });
     let other = tokio::time::timeout(limits.attach_timeout, rx).await;
     let Ok(Ok(other)) = other else {
         {
-            let mut waiting = shared.relay_waiting.lock().expect("relay map poisoned");
+            let mut waiting = lock(&shared.relay_waiting);
             if waiting.get(&token).is_some_and(|w| w.conn == conn) {
                 waiting.remove(&token);
             }
@@ -1037,4 +1212,80 @@ async fn serve_relay(
     let _conn_slot = slot;
     let why = crate::relay::splice(framed.into_parts(), (other_stream, other_rest), &limits).await;
     info!(session, "relay ended: {why}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::RendezvousClient;
+
+    /// Joining this session makes the server panic while it holds the session map (a test
+    /// hook: compiled into test builds only).
+    const PANIC_SESSION: &str = "test-hook-panic";
+
+    pub(super) fn panic_hook(session: &str) {
+        if session == PANIC_SESSION {
+            panic!("injected panic (test hook)");
+        }
+    }
+
+    async fn pair(addr: SocketAddr, session: &str) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let names = ["s".to_owned()];
+        let (a, b) = tokio::join!(
+            RendezvousClient::join(addr, session, &names, deadline, || {}),
+            async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                RendezvousClient::join(addr, session, &names, deadline, || {}).await
+            }
+        );
+        let ((mut a, _), (mut b, _)) =
+            (a.map_err(|e| e.to_string())?, b.map_err(|e| e.to_string())?);
+        let (oa, ob) = tokio::join!(
+            a.exchange_offer("s", serde_json::json!("from a"), deadline),
+            b.exchange_offer("s", serde_json::json!("from b"), deadline)
+        );
+        assert_eq!(oa.map_err(|e| e.to_string())?, serde_json::json!("from b"));
+        assert_eq!(ob.map_err(|e| e.to_string())?, serde_json::json!("from a"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_one_connection_leaves_the_others_served() {
+        let server =
+            RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+                .await
+                .unwrap();
+        let addr = server.local_addr().unwrap();
+        let stats = server.stats();
+        let running = tokio::spawn(server.run());
+        pair(addr, "before").await.unwrap();
+        // A waiting peer that must survive the panic of another connection.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let names = ["s".to_owned()];
+        let waiting = tokio::spawn(async move {
+            RendezvousClient::join(addr, "survivor", &names, deadline, || {}).await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The connection whose handler panics (holding the session map) just closes.
+        let names = ["s".to_owned()];
+        let err = RendezvousClient::join(addr, PANIC_SESSION, &names, deadline, || {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, crate::ClientError::Lost(_)), "{err}");
+        // Everyone else is still served: new pairs, and the waiting peer gets its partner.
+        for i in 0..5 {
+            pair(addr, &format!("after-{i}")).await.unwrap();
+        }
+        let names = ["s".to_owned()];
+        let (second, first) = tokio::join!(
+            RendezvousClient::join(addr, "survivor", &names, deadline, || {}),
+            waiting
+        );
+        second.unwrap();
+        first.unwrap().unwrap();
+        assert!(!running.is_finished(), "the server kept running");
+        let _ = stats.session_count();
+        running.abort();
+    }
 }
