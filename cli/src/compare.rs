@@ -15,6 +15,9 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Table};
 use nettool_config::Settings;
 
 use crate::ConfiguredStrategy as StrategyConfig;
+use nettool_core::discovery::{Filtering, Mapping};
+use nettool_core::plan::NatSummary;
+use nettool_core::report::NatPair;
 use nettool_core::{ConnectParams, Link, Outcome, Role};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -45,6 +48,9 @@ pub(crate) struct CompareRow {
     /// Throughput from the second peer to the first, MB/s.
     pub(crate) second_to_first_mbps: Option<f64>,
     pub(crate) error: Option<String>,
+    /// Both sides' NAT behaviour as discovered for the plan (absent with `--plan off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) nat: Option<NatPair>,
 }
 
 /// One run of `compare`, as stored in the history.
@@ -79,6 +85,7 @@ pub(crate) async fn run(
             let row = one(
                 config,
                 settings.timeout,
+                settings.plan,
                 settings.server_token.as_deref(),
                 &params,
                 options,
@@ -102,6 +109,7 @@ pub(crate) async fn run(
 async fn one(
     config: &StrategyConfig,
     overall: Duration,
+    plan: bool,
     server_token: Option<&str>,
     params: &ConnectParams,
     options: &CompareOptions,
@@ -109,7 +117,8 @@ async fn one(
     role: &mut Option<Role>,
 ) -> CompareRow {
     let orch = crate::orchestrator(std::slice::from_ref(config), overall)
-        .with_server_token(server_token.map(str::to_owned));
+        .with_server_token(server_token.map(str::to_owned))
+        .with_plan(plan);
     let (link, report) = orch.connect(params, &|_| {}).await;
     *role = report.role.or(*role);
     let attempt = report.attempts.first();
@@ -124,6 +133,7 @@ async fn one(
         error: attempt
             .and_then(|a| a.error.clone())
             .or(report.error.clone()),
+        nat: report.nat.clone(),
     };
     let (Some(link), Some(r)) = (link, report.role) else {
         if row.error.is_none() {
@@ -254,6 +264,38 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 }
 
 /// The rows as a table.
+/// Short words for a pair of NAT behaviours: `EI/APD; EI` per side.
+fn nat_text(pair: &NatPair) -> String {
+    fn mapping(m: Mapping) -> &'static str {
+        match m {
+            Mapping::NoNat => "no NAT",
+            Mapping::EndpointIndependent => "EI",
+            Mapping::AddressDependent => "AD",
+            Mapping::AddressAndPortDependent => "APD",
+            Mapping::Unknown => "?",
+        }
+    }
+    fn filtering(f: Filtering) -> &'static str {
+        match f {
+            Filtering::EndpointIndependent => "EI",
+            Filtering::AddressDependent => "AD",
+            Filtering::AddressAndPortDependent => "APD",
+            Filtering::Unknown => "?",
+        }
+    }
+    let side = |s: &Option<NatSummary>| {
+        s.map_or("unknown".to_owned(), |s| {
+            format!(
+                "{}, {}; {}",
+                mapping(s.udp_mapping),
+                filtering(s.udp_filtering),
+                mapping(s.tcp_mapping)
+            )
+        })
+    };
+    format!("{} / {}", side(&pair.local), side(&pair.peer))
+}
+
 pub(crate) fn table(rows: &[CompareRow]) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
@@ -265,6 +307,7 @@ pub(crate) fn table(rows: &[CompareRow]) -> String {
         "rtt",
         "first→second",
         "second→first",
+        "NAT this / peer (udp mapping, filtering; tcp mapping)",
         "error",
     ]);
     for r in rows {
@@ -290,6 +333,7 @@ pub(crate) fn table(rows: &[CompareRow]) -> String {
                         ""
                     },
             ),
+            Cell::new(r.nat.as_ref().map_or("-".to_owned(), nat_text)),
             Cell::new(
                 r.error
                     .as_deref()

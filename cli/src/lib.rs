@@ -200,9 +200,15 @@ struct PeerArgs {
     /// Overall deadline for pairing and all attempts (e.g. 30s, 1m; default 60s).
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
-    /// Timeout of each strategy's attempt (default: each strategy's own, 10s).
+    /// Ceiling of each strategy's attempt (default: each strategy's own, 10s). With the plan
+    /// on, attempts end earlier: a few round trips to the server, at least 2.5s.
     #[arg(long, value_parser = parse_duration)]
     strategy_timeout: Option<Duration>,
+    /// `on` (default): measure this side's NAT while waiting for the peer, exchange it, skip
+    /// the strategies that cannot work for this pair (the report says why) and time attempts
+    /// from the round trips. `off`: try every strategy blindly, for comparison.
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    plan: Option<String>,
     /// Shared secret both peers must give; without it, anyone who knows the session name
     /// can pass as the peer. Also NETTOOL_SECRET or `secret` in the config.
     #[arg(long)]
@@ -232,6 +238,7 @@ impl PeerArgs {
             o.set("strategies", &self.strategies, "--strategy");
         }
         o.set_opt("timeout", self.timeout.map(fmt_duration), "--timeout");
+        o.set_opt("plan", self.plan.as_deref().map(|p| p == "on"), "--plan");
         for s in registry.names() {
             o.set_opt(
                 &format!("strategy.{s}.timeout"),
@@ -702,8 +709,9 @@ async fn connect(
              so anyone who knows the name can pass as the peer"
         );
     }
-    let orch =
-        orchestrator(configs, settings.timeout).with_server_token(settings.server_token.clone());
+    let orch = orchestrator(configs, settings.timeout)
+        .with_server_token(settings.server_token.clone())
+        .with_plan(settings.plan);
     let params = ConnectParams {
         server,
         session,

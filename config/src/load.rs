@@ -50,6 +50,9 @@ pub struct Settings {
     /// Overall deadline of one connect, pairing included.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Plan the attempts from both peers' NAT behaviour (skip what cannot work, timeouts from
+    /// the round trips); `false` tries every strategy blindly (`--plan off`).
+    pub plan: bool,
     /// Each strategy's own table (`[strategy.NAME]`), as given; the strategy's factory
     /// deserializes it.
     pub strategy: BTreeMap<String, serde_json::Value>,
@@ -66,6 +69,7 @@ impl Default for Settings {
             server_token: None,
             strategies: Vec::new(),
             timeout: Duration::from_secs(60),
+            plan: true,
             strategy: BTreeMap::new(),
             rendezvous: RendezvousConfig::default(),
         }
@@ -288,6 +292,7 @@ const TOP_LEVEL: &[&str] = &[
     "server-token",
     "strategies",
     "timeout",
+    "plan",
     "strategy",
     "rendezvous",
     // Moved to `strategy.*`: still read, to say where they went.

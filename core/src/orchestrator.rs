@@ -5,6 +5,12 @@
 //! `attempt` tracing span; send this peer's result to the server; wait for the peer's result.
 //! A link counts only when both ends report success; otherwise both move on to the next
 //! strategy together.
+//!
+//! With planning on (the default), each peer measures its NAT ([`crate::discovery`]) while it
+//! joins and waits, both exchange the results right after pairing, and [`crate::plan`] skips
+//! the strategies that cannot work for this pair (both peers decide alike, so the lock step
+//! holds) and sets each attempt's timeout from the round trips. Whatever the plan, the overall
+//! budget is shared so every remaining strategy keeps a turn.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +19,11 @@ use std::time::{Duration, Instant};
 use tracing::{info, info_span, Instrument};
 
 use crate::client::RendezvousClient;
+use crate::discovery::{discover, DiscoverOptions};
 use crate::handshake::LinkKey;
-use crate::protocol::Role;
-use crate::report::{AttemptReport, Outcome, Report};
+use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
+use crate::protocol::{Role, PLAN_OFFER};
+use crate::report::{AttemptReport, NatPair, Outcome, Report};
 use crate::strategy::{Attempt, Link, Offers, Strategy, StrategyError};
 
 /// What the orchestrator reports while it works (for progress output).
@@ -56,6 +64,7 @@ pub struct ConnectParams {
 pub struct Orchestrator {
     strategies: Vec<(Arc<dyn Strategy>, Duration)>,
     overall: Duration,
+    plan: bool,
     server_token: Option<String>,
 }
 
@@ -86,8 +95,16 @@ impl Orchestrator {
         Self {
             strategies,
             overall,
+            plan: true,
             server_token: None,
         }
+    }
+
+    /// Plans the attempts from both peers' NAT behaviour (default) or, with `false`, tries
+    /// every agreed strategy blindly with its configured timeout (`--plan off`, for comparison).
+    pub fn with_plan(mut self, plan: bool) -> Self {
+        self.plan = plan;
+        self
     }
 
     /// Gives `token` in the join, for a rendezvous server that requires a server token.
@@ -127,6 +144,7 @@ impl Orchestrator {
                 elapsed_ms: 0,
                 attempts: Vec::new(),
                 error: None,
+                nat: None,
             },
             agreed: Vec::new(),
             current: None,
@@ -189,15 +207,31 @@ impl Orchestrator {
         state: &mut Progress,
     ) -> Option<Link> {
         let names = self.names();
-        let joined = RendezvousClient::join_with_token(
+        let join = RendezvousClient::join_with_token(
             params.server,
             &params.session,
             &names,
             self.server_token.as_deref(),
             deadline,
             || events(Event::Waiting),
-        )
-        .await;
+        );
+        // Measure the NAT while joining and waiting for the peer (bounded: DISCOVERY's
+        // time bound). A server without RFC 5780 gives "unknown", which the plan tries.
+        let discovery = async {
+            if !self.plan {
+                return None;
+            }
+            let run = discover(params.server, &DISCOVERY);
+            match tokio::time::timeout(DISCOVERY.time_bound(), run).await {
+                Ok(Ok(report)) => Some(NatSummary::from(&report)),
+                Ok(Err(e)) => {
+                    info!("NAT discovery failed: {e}");
+                    None
+                }
+                Err(_) => None,
+            }
+        };
+        let (joined, mine) = tokio::join!(join, discovery);
         let (mut client, pairing) = match joined {
             Ok(x) => x,
             Err(e) => {
@@ -222,7 +256,36 @@ impl Orchestrator {
         let secret = params.secret.as_deref().unwrap_or(&params.session);
         let key = LinkKey::derive(&params.session, secret);
 
-        for name in &pairing.strategies {
+        // Both peers always send their plan offer (null without a plan), so neither waits for
+        // the other's; the wait is bounded for a peer that predates it.
+        let plan_offer = PlanOffer {
+            nat: mine,
+            server_rtt_us: server_rtt.as_micros().try_into().unwrap_or(u64::MAX),
+        };
+        let plan_wait = (now() + PLAN_WAIT + server_rtt * 4).min(deadline);
+        let theirs = client
+            .exchange_offer(
+                PLAN_OFFER,
+                serde_json::to_value(plan_offer).expect("plan offers serialize"),
+                plan_wait,
+            )
+            .await
+            .ok()
+            .and_then(|v| serde_json::from_value::<PlanOffer>(v).ok());
+        let peer_rtt = theirs.as_ref().map_or(Duration::ZERO, |t| {
+            Duration::from_micros(t.server_rtt_us.min(10_000_000))
+        });
+        let peer_nat = theirs.and_then(|t| t.nat);
+        if self.plan {
+            state.report.nat = Some(NatPair {
+                local: mine,
+                peer: peer_nat,
+            });
+        }
+        let rtt = server_rtt.max(peer_rtt);
+
+        let count = pairing.strategies.len();
+        for (index, name) in pairing.strategies.iter().enumerate() {
             let Some((strategy, timeout)) = self.strategies.iter().find(|(s, _)| s.name() == name)
             else {
                 // The server only agrees on names both offered, and we offered only ours.
@@ -240,11 +303,33 @@ impl Orchestrator {
                     .push(skipped(name, "the overall deadline was reached"));
                 continue;
             }
+            if self.plan {
+                if let (Some(me), Some(peer)) = (&mine, &peer_nat) {
+                    if let Err(why) = feasible(name, me, peer) {
+                        info!(strategy = %name, "skipped: {why}");
+                        let entry = skipped(name, &why);
+                        events(Event::AttemptFinished(entry.clone()));
+                        state.report.attempts.push(entry);
+                        continue;
+                    }
+                }
+            }
             events(Event::AttemptStarted {
                 strategy: name.clone(),
             });
             state.current = Some((name.clone(), began));
-            let attempt_deadline = (began + *timeout).min(deadline);
+            let timeout = if self.plan {
+                attempt_timeout(rtt, *timeout)
+            } else {
+                *timeout
+            };
+            // Keep a turn for every strategy after this one.
+            let share = share_budget(
+                deadline.saturating_duration_since(began),
+                count - index - 1,
+                BUDGET_RESERVE,
+            );
+            let attempt_deadline = (began + timeout.min(share)).min(deadline);
             let mut attempt = Attempt {
                 session: &params.session,
                 pairing: &pairing,
@@ -318,6 +403,27 @@ impl Orchestrator {
         }
         None
     }
+}
+
+/// Discovery while joining: short per-test waits, so a filtered test costs little.
+const DISCOVERY: DiscoverOptions = DiscoverOptions {
+    test_timeout: Duration::from_millis(250),
+    tcp: true,
+};
+
+/// Longest wait for the peer's plan offer beyond a few round trips.
+const PLAN_WAIT: Duration = Duration::from_secs(2);
+
+/// Time kept back for each strategy after the current one.
+const BUDGET_RESERVE: Duration = Duration::from_millis(2500);
+
+/// What each peer tells the other for the plan.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PlanOffer {
+    /// This peer's NAT behaviour, null when it did not measure (or plans off).
+    nat: Option<NatSummary>,
+    /// Its round trip to the server, microseconds.
+    server_rtt_us: u64,
 }
 
 /// What [`Orchestrator::connect`] knows so far; kept outside the running future so a deadline

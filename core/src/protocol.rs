@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize};
 /// Version of the rendezvous protocol spoken by this build.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Name under which the peers exchange their NAT behaviour (an offer like a strategy's) right
+/// after pairing, so both plan the attempts from the same facts. Not a strategy name (those
+/// have no dot); the server accepts it from every pairing.
+pub const PLAN_OFFER: &str = "nettool.plan";
+
 /// Default largest frame (one JSON line, without its newline), in bytes.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
 

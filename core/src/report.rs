@@ -64,4 +64,17 @@ pub struct Report {
     pub attempts: Vec<AttemptReport>,
     /// Why the connect failed before or outside the attempts (e.g. server unreachable).
     pub error: Option<String>,
+    /// Both peers' NAT behaviour as discovered and exchanged for the plan (absent with
+    /// `--plan off` or before pairing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatPair>,
+}
+
+/// What the plan was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatPair {
+    /// This peer's NAT behaviour (null when discovery failed).
+    pub local: Option<crate::plan::NatSummary>,
+    /// The peer's, as it reported it (null when it did not measure or plans off).
+    pub peer: Option<crate::plan::NatSummary>,
 }

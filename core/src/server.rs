@@ -1000,7 +1000,7 @@ struct StrategyBudget {
 }
 
 /// Counts a frame of `len` bytes for `strategy` against the peer's budget, or says why it is
-/// refused: only agreed strategies, at most [`MAX_FRAMES_PER_STRATEGY`] frames and the frame
+/// refused: only agreed strategies (and the plan exchange), at most [`MAX_FRAMES_PER_STRATEGY`] frames and the frame
 /// size limit plus 4 KiB of bytes per strategy. The budget map holds at most one entry per
 /// agreed strategy.
 fn spend(
@@ -1010,7 +1010,7 @@ fn spend(
     strategy: &str,
     len: usize,
 ) -> Result<(), String> {
-    if !pair.strategies.iter().any(|s| s == strategy) {
+    if strategy != crate::protocol::PLAN_OFFER && !pair.strategies.iter().any(|s| s == strategy) {
         return Err(format!(
             "offer or result for '{strategy}', which is not an agreed strategy"
         ));

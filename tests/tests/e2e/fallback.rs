@@ -77,7 +77,13 @@ fn two_symmetric_nats_end_up_relayed_after_every_direct_strategy_failed() {
     let lab = RunningLab::new(NatKind::Sym, NatKind::Sym);
     let timeout = format!("{ATTEMPT_TIMEOUT_S}s");
     let (a_in, b_in) = (test_data(300_000, 5), test_data(200_000, 6));
-    let (ra, rb) = lab.connect_pair("symsym", &["--strategy-timeout", &timeout], &a_in, &b_in);
+    // Blindly (`--plan off`): every direct strategy is tried and fails before the relay.
+    let (ra, rb) = lab.connect_pair(
+        "symsym",
+        &["--plan", "off", "--strategy-timeout", &timeout],
+        &a_in,
+        &b_in,
+    );
     for (run, name) in [(&ra, "a"), (&rb, "b")] {
         let att = attempts(run);
         assert_eq!(run.strategy(), Some("relay"), "{name}: {att:#?}");
@@ -101,6 +107,79 @@ fn two_symmetric_nats_end_up_relayed_after_every_direct_strategy_failed() {
     }
     assert_eq!(sha256(&rb.stdout), sha256(&a_in));
     assert_eq!(sha256(&ra.stdout), sha256(&b_in));
+}
+
+#[test]
+fn the_plan_skips_what_cannot_work_and_says_why() {
+    if !require_lab() {
+        return;
+    }
+    // sym x sym: every direct strategy is hopeless; the plan goes to the relay at once.
+    let lab = RunningLab::new(NatKind::Sym, NatKind::Sym);
+    let (ra, rb) = lab.connect_pair("plan-symsym", &[], b"one", b"two");
+    for (run, name) in [(&ra, "a"), (&rb, "b")] {
+        let att = attempts(run);
+        assert_eq!(run.strategy(), Some("relay"), "{name}: {att:#?}");
+        let reasons = ["map per destination", "map per destination", "filter"];
+        for (x, why) in att[..3].iter().zip(reasons) {
+            assert_eq!(x["outcome"], "skipped", "{name}: {x}");
+            assert!(
+                x["error"].as_str().unwrap_or("").contains(why),
+                "{name}: {x}"
+            );
+        }
+        let nat = &run.report.as_ref().unwrap()["nat"];
+        assert_eq!(
+            nat["local"]["udp_mapping"], "address-and-port-dependent",
+            "{name}: {nat}"
+        );
+        assert_eq!(
+            nat["peer"]["udp_mapping"], "address-and-port-dependent",
+            "{name}: {nat}"
+        );
+    }
+    assert_eq!(rb.stdout, b"one");
+    assert_eq!(ra.stdout, b"two");
+
+    // cone x cone, tcp-direct first within a 10 s budget: tcp-direct cannot work (both
+    // filter) and is skipped, so tcp-punch gets its turn (blindly, tcp-direct used to take
+    // the whole budget).
+    let lab = RunningLab::new(NatKind::Cone, NatKind::Cone);
+    let flags = [
+        "--strategy",
+        "tcp-direct",
+        "--strategy",
+        "tcp-punch",
+        "--timeout",
+        "10s",
+    ];
+    let (ra, rb) = lab.connect_pair("plan-cone", &flags, b"one", b"two");
+    for (run, name) in [(&ra, "a"), (&rb, "b")] {
+        let att = attempts(run);
+        assert_eq!(run.strategy(), Some("tcp-punch"), "{name}: {att:#?}");
+        assert_eq!(att[0]["outcome"], "skipped", "{name}: {att:#?}");
+        assert!(att[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("both sides filter"));
+    }
+    // Blindly, the shared budget still leaves tcp-punch a turn after tcp-direct times out.
+    let flags = [
+        "--plan",
+        "off",
+        "--strategy",
+        "tcp-direct",
+        "--strategy",
+        "tcp-punch",
+        "--timeout",
+        "10s",
+    ];
+    let (ra, rb) = lab.connect_pair("blind-cone", &flags, b"one", b"two");
+    for (run, name) in [(&ra, "a"), (&rb, "b")] {
+        let att = attempts(run);
+        assert_eq!(run.strategy(), Some("tcp-punch"), "{name}: {att:#?}");
+        assert_eq!(att[0]["outcome"], "timed-out", "{name}: {att:#?}");
+    }
 }
 
 /// 64 MiB each way through `strategy` between NAT kinds `a` and `b`, checked with SHA-256.

@@ -38,7 +38,10 @@ impl RunningLab {
     pub(crate) fn new(a: NatKind, b: NatKind) -> Self {
         let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
         let mut cmd = lab.command(Host::Server, nettool_bin());
-        cmd.args(["rendezvous", "--listen", "0.0.0.0:8877"])
+        // A second address (RFC 5780), so discovery and the plan know each side's NAT.
+        let listen = format!("{}:8877", lab.server_ip());
+        let other = format!("{}:8878", lab.server_other_ip());
+        cmd.args(["rendezvous", "--listen", &listen, "--other-address", &other])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -93,8 +96,12 @@ pub(crate) fn direct_expected(a: NatKind, b: NatKind) -> bool {
     reachable(a) || reachable(b)
 }
 
+/// Flags for one strategy on its own, tried blindly (`--plan off`): these matrices test what
+/// the strategy itself can do, not the plan.
 pub(crate) fn strategy_flags(strategy: &str) -> Vec<String> {
     vec![
+        "--plan".into(),
+        "off".into(),
         "--strategy".into(),
         strategy.into(),
         "--strategy-timeout".into(),
@@ -110,6 +117,8 @@ struct Cell {
     b: NatKind,
     linked: bool,
     ms: u64,
+    /// The second peer's whole connect (it joins last, so this is its time to link).
+    total_ms: u64,
     problem: Option<String>,
 }
 
@@ -127,7 +136,32 @@ fn run_cell(flags: &[String], expected: Option<&str>, a: NatKind, b: NatKind) ->
         .and_then(|v| v.iter().find(|x| x["outcome"] == "connected"))
         .and_then(|x| x["elapsed_ms"].as_u64())
         .unwrap_or(0);
+    let total_ms = rb
+        .report
+        .as_ref()
+        .and_then(|r| r["elapsed_ms"].as_u64())
+        .unwrap_or(0);
+    let planned = !flags.windows(2).any(|w| w == ["--plan", "off"]);
     let mut problems = Vec::new();
+    // Every attempt that did not link says why; with the plan on, the ones before the winner
+    // were skipped as impossible, not tried and timed out.
+    for (run, name) in [(&ra, "a"), (&rb, "b")] {
+        let attempts = run
+            .report
+            .as_ref()
+            .and_then(|r| r["attempts"].as_array().cloned())
+            .unwrap_or_default();
+        for attempt in attempts.iter().filter(|x| x["outcome"] != "connected") {
+            if attempt["error"].as_str().unwrap_or("").is_empty() {
+                problems.push(format!("{name}: an attempt without its reason: {attempt}"));
+            }
+            if planned && linked && attempt["outcome"] != "skipped" {
+                problems.push(format!(
+                    "{name}: the plan tried a hopeless strategy: {attempt}"
+                ));
+            }
+        }
+    }
     if ra.strategy() != expected || rb.strategy() != expected {
         let attempts = |r: &PeerRun| {
             r.report
@@ -185,7 +219,7 @@ fn run_cell(flags: &[String], expected: Option<&str>, a: NatKind, b: NatKind) ->
                 let outcome = attempt["outcome"].as_str().unwrap_or("none");
                 let error = attempt["error"].as_str().unwrap_or("");
                 let elapsed = attempt["elapsed_ms"].as_u64().unwrap_or(u64::MAX);
-                if !matches!(outcome, "timed-out" | "failed") || error.is_empty() {
+                if !matches!(outcome, "timed-out" | "failed" | "skipped") || error.is_empty() {
                     problems.push(format!(
                         "{name}: report lacks the reason: {outcome} {error:?}"
                     ));
@@ -202,6 +236,7 @@ fn run_cell(flags: &[String], expected: Option<&str>, a: NatKind, b: NatKind) ->
         b,
         linked,
         ms,
+        total_ms,
         problem: (!problems.is_empty()).then(|| problems.join("; ")),
     }
 }
@@ -250,6 +285,23 @@ pub(crate) fn run_matrix_with(
             table.push_str(&format!("{text:>10}"));
         }
         table.push('\n');
+    }
+    let mut totals: Vec<u64> = cells
+        .iter()
+        .filter(|c| c.linked)
+        .map(|c| c.total_ms)
+        .collect();
+    totals.sort_unstable();
+    if !totals.is_empty() {
+        let at = |q: f64| totals[((totals.len() - 1) as f64 * q).round() as usize];
+        table.push_str(&format!(
+            "second peer's whole connect (time to link), {} linked pairs: p50 {} ms, p95 {} ms, \
+             max {} ms (debug build)\n",
+            totals.len(),
+            at(0.5),
+            at(0.95),
+            totals[totals.len() - 1]
+        ));
     }
     eprintln!("{table}");
     let problems: Vec<String> = cells
