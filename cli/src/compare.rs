@@ -8,7 +8,7 @@
 //! networks side by side.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Table};
@@ -82,17 +82,7 @@ pub(crate) async fn run(
                 session: format!("{}/{round}/{name}", base.session),
                 ..base.clone()
             };
-            let row = one(
-                config,
-                settings.timeout,
-                settings.plan,
-                settings.server_token.as_deref(),
-                &params,
-                options,
-                round,
-                &mut role,
-            )
-            .await;
+            let row = one(config, settings, &params, options, round, &mut role).await;
             progress(&format!(
                 "round {round}: {name} {}",
                 match &row.error {
@@ -108,17 +98,15 @@ pub(crate) async fn run(
 
 async fn one(
     config: &StrategyConfig,
-    overall: Duration,
-    plan: bool,
-    server_token: Option<&str>,
+    settings: &Settings,
     params: &ConnectParams,
     options: &CompareOptions,
     round: u32,
     role: &mut Option<Role>,
 ) -> CompareRow {
-    let orch = crate::orchestrator(std::slice::from_ref(config), overall)
-        .with_server_token(server_token.map(str::to_owned))
-        .with_plan(plan);
+    let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
+        .with_server_token(settings.server_token.clone())
+        .with_plan(settings.plan);
     let (link, report) = orch.connect(params, &|_| {}).await;
     *role = report.role.or(*role);
     let attempt = report.attempts.first();
@@ -142,7 +130,7 @@ async fn one(
         return row;
     };
     row.time_to_link_ms = attempt.map(|a| a.elapsed_ms);
-    match tokio::time::timeout(overall, measure(link, r, options)).await {
+    match tokio::time::timeout(settings.timeout, measure(link, r, options)).await {
         Ok(Ok(m)) => {
             row.rtt_ms = Some(m.rtt_ms);
             row.first_to_second_mbps = Some(m.first_to_second);
