@@ -24,7 +24,7 @@ use crate::handshake::LinkKey;
 use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
 use crate::protocol::{Role, PLAN_OFFER};
 use crate::report::{AttemptReport, NatPair, Outcome, Report};
-use crate::strategy::{Attempt, Link, Offers, Strategy, StrategyError};
+use crate::strategy::{Attempt, AttemptNotes, Link, Offers, Strategy, StrategyError};
 
 /// What the orchestrator reports while it works (for progress output).
 #[derive(Debug, Clone)]
@@ -161,6 +161,8 @@ impl Orchestrator {
                         outcome: Outcome::TimedOut,
                         elapsed_ms: ms(now().saturating_duration_since(began)),
                         error: Some("the overall deadline was reached".into()),
+                        mode: None,
+                        probes: None,
                     };
                     events(Event::AttemptFinished(entry.clone()));
                     state.report.attempts.push(entry);
@@ -305,7 +307,7 @@ impl Orchestrator {
             }
             if self.plan {
                 if let (Some(me), Some(peer)) = (&mine, &peer_nat) {
-                    if let Err(why) = feasible(name, me, peer) {
+                    if let Err(why) = feasible(name, me, peer, strategy.punches_hard_nats()) {
                         info!(strategy = %name, "skipped: {why}");
                         let entry = skipped(name, &why);
                         events(Event::AttemptFinished(entry.clone()));
@@ -330,6 +332,11 @@ impl Orchestrator {
                 BUDGET_RESERVE,
             );
             let attempt_deadline = (began + timeout.min(share)).min(deadline);
+            let mut notes = AttemptNotes::default();
+            let nat = match (&mine, &peer_nat) {
+                (Some(me), Some(peer)) if self.plan => Some((*me, *peer)),
+                _ => None,
+            };
             let mut attempt = Attempt {
                 session: &params.session,
                 pairing: &pairing,
@@ -337,6 +344,8 @@ impl Orchestrator {
                 rendezvous: Offers::new(&mut client, name),
                 server_rtt,
                 deadline: attempt_deadline,
+                nat,
+                notes: &mut notes,
             };
             let span = info_span!("attempt", strategy = %name);
             let res = tokio::time::timeout_at(
@@ -389,6 +398,8 @@ impl Orchestrator {
                 outcome,
                 elapsed_ms: ms(now().saturating_duration_since(began)),
                 error,
+                mode: notes.mode.take(),
+                probes: notes.probes,
             };
             state.current = None;
             events(Event::AttemptFinished(entry.clone()));
@@ -447,6 +458,8 @@ fn skipped(name: &str, why: &str) -> AttemptReport {
         outcome: Outcome::Skipped,
         elapsed_ms: 0,
         error: Some(why.to_owned()),
+        mode: None,
+        probes: None,
     }
 }
 

@@ -97,10 +97,23 @@ fn punch_blocked(
     None
 }
 
+/// Whether exactly one side maps per destination (on the UDP mapping): the pairs birthday
+/// punching takes.
+pub fn one_side_hard(me: &NatSummary, peer: &NatSummary) -> bool {
+    per_destination(me.udp_mapping) != per_destination(peer.udp_mapping)
+}
+
 /// Whether `name` can work between `me` and `peer`: `Err(reason)` when it cannot.
-pub fn feasible(name: &str, me: &NatSummary, peer: &NatSummary) -> Result<(), String> {
+/// `punches_hard_nats`: the strategy handles one side that maps per destination (birthday).
+pub fn feasible(
+    name: &str,
+    me: &NatSummary,
+    peer: &NatSummary,
+    punches_hard_nats: bool,
+) -> Result<(), String> {
     let blocked = match name {
         "tcp-punch" => punch_blocked(|s| s.tcp_mapping, me, peer),
+        "udp-quic" if punches_hard_nats && one_side_hard(me, peer) => None,
         "udp-quic" => punch_blocked(|s| s.udp_mapping, me, peer),
         "tcp-direct" => (filters(me.udp_filtering) && filters(peer.udp_filtering)).then(|| {
             "both sides filter unsolicited connections, so neither listener is reachable".into()
@@ -169,15 +182,23 @@ mod tests {
                 let punch = !(hard(a, b) || hard(b, a));
                 let direct = ["none", "full"].contains(&a) || ["none", "full"].contains(&b);
                 for s in ["tcp-punch", "udp-quic"] {
-                    assert_eq!(feasible(s, &me, &peer).is_ok(), punch, "{s} {a} x {b}");
+                    assert_eq!(
+                        feasible(s, &me, &peer, false).is_ok(),
+                        punch,
+                        "{s} {a} x {b}"
+                    );
                 }
                 assert_eq!(
-                    feasible("tcp-direct", &me, &peer).is_ok(),
+                    feasible("tcp-direct", &me, &peer, false).is_ok(),
                     direct,
                     "{a} x {b}"
                 );
-                assert!(feasible("relay", &me, &peer).is_ok());
-                assert!(feasible("port-forwarded", &me, &peer).is_ok());
+                // Birthday punching takes the pairs with exactly one symmetric side.
+                let birthday = punch || (a == "sym") != (b == "sym");
+                let got = feasible("udp-quic", &me, &peer, true).is_ok();
+                assert_eq!(got, birthday, "birthday {a} x {b}");
+                assert!(feasible("relay", &me, &peer, false).is_ok());
+                assert!(feasible("port-forwarded", &me, &peer, false).is_ok());
             }
         }
     }
@@ -186,10 +207,10 @@ mod tests {
     fn unknown_behaviour_is_tried_and_skips_say_why() {
         let u = NatSummary::UNKNOWN;
         for s in ["tcp-punch", "udp-quic", "tcp-direct"] {
-            assert!(feasible(s, &u, &kind("sym")).is_ok());
-            assert!(feasible(s, &kind("sym"), &u).is_ok());
+            assert!(feasible(s, &u, &kind("sym"), false).is_ok());
+            assert!(feasible(s, &kind("sym"), &u, false).is_ok());
         }
-        let why = feasible("udp-quic", &kind("cone"), &kind("sym")).unwrap_err();
+        let why = feasible("udp-quic", &kind("cone"), &kind("sym"), false).unwrap_err();
         assert_eq!(
             why,
             "the peer's NAT maps per destination and this side filters unsolicited packets"

@@ -43,6 +43,13 @@ pub struct AttemptReport {
     pub elapsed_ms: u64,
     /// Why it did not connect (null when it did).
     pub error: Option<String>,
+    /// How the strategy ran when it has modes (udp-quic: `birthday` against a NAT that maps
+    /// per destination); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Probes sent (birthday mode's easy side) or received (its hard side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<u64>,
 }
 
 /// The report of one connect.

@@ -136,6 +136,19 @@ pub struct Attempt<'a> {
     pub server_rtt: Duration,
     /// When this attempt must be over.
     pub deadline: Instant,
+    /// Both peers' NAT behaviour (this side's, the peer's) when the plan knows them.
+    pub nat: Option<(crate::plan::NatSummary, crate::plan::NatSummary)>,
+    /// What the strategy reports about how it ran (its mode), for the attempt's report entry.
+    pub notes: &'a mut AttemptNotes,
+}
+
+/// What a strategy says about how an attempt ran; copied into its report entry.
+#[derive(Debug, Default, Clone)]
+pub struct AttemptNotes {
+    /// The mode it ran in, when it has several (`birthday`).
+    pub mode: Option<String>,
+    /// Probes sent or received in that mode.
+    pub probes: Option<u64>,
 }
 
 /// What [`Attempt::exchange_secure_offers`] returns: this attempt's certificate, the peer's
@@ -222,6 +235,13 @@ pub trait Strategy: Send + Sync {
     /// Makes an authenticated link, or says why not. The orchestrator enforces the deadline by
     /// dropping the future, so everything the strategy opened must close on drop.
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError>;
+
+    /// Whether this strategy (as configured) can link a pair where exactly one side's NAT maps
+    /// per destination and the other filters (udp-quic's birthday mode); the plan then tries
+    /// it instead of skipping it.
+    fn punches_hard_nats(&self) -> bool {
+        false
+    }
 }
 
 /// A raw connection a strategy found, with its addresses.

@@ -75,6 +75,15 @@ pub struct UdpQuicConfig {
     /// How long the link may be idle (no packets at all) before QUIC gives up.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Birthday punching when exactly one side's NAT maps per destination and the other
+    /// filters (the plan must know both NATs); `false` leaves those pairs to other strategies.
+    pub birthday: bool,
+    /// Birthday: sockets the hard side opens (at most 1024).
+    pub birthday_sockets: u16,
+    /// Birthday: probes the easy side sends at most (at most 8192).
+    pub birthday_probes: u32,
+    /// Birthday: probes per second (at most 5000).
+    pub birthday_rate: u32,
 }
 
 impl Default for UdpQuicConfig {
@@ -84,9 +93,52 @@ impl Default for UdpQuicConfig {
             punch_interval: Duration::from_millis(50),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
+            birthday: true,
+            birthday_sockets: 256,
+            birthday_probes: 2048,
+            birthday_rate: 1000,
         }
     }
 }
+
+/// Which side of a birthday run this peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BirthdaySide {
+    /// This NAT maps per destination: open many sockets, wait for a probe.
+    Hard,
+    /// The peer's does: probe random ports of its address.
+    Easy,
+}
+
+/// Birthday mode when the plan knows that exactly one side maps per destination and plain
+/// punching cannot work for the pair.
+fn birthday_side(
+    nat: Option<(
+        nettool_core::plan::NatSummary,
+        nettool_core::plan::NatSummary,
+    )>,
+) -> Option<BirthdaySide> {
+    use nettool_core::discovery::Mapping;
+    let (me, peer) = nat?;
+    if nettool_core::plan::feasible(NAME, &me, &peer, false).is_ok()
+        || !nettool_core::plan::one_side_hard(&me, &peer)
+    {
+        return None;
+    }
+    let hard = |m: Mapping| {
+        matches!(
+            m,
+            Mapping::AddressDependent | Mapping::AddressAndPortDependent
+        )
+    };
+    Some(if hard(me.udp_mapping) {
+        BirthdaySide::Hard
+    } else {
+        BirthdaySide::Easy
+    })
+}
+
+mod birthday;
 
 /// The strategy's name.
 pub const NAME: &str = "udp-quic";
@@ -127,6 +179,10 @@ struct QuicOffer {
 impl Strategy for UdpQuic {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn punches_hard_nats(&self) -> bool {
+        self.config.birthday
     }
 
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
@@ -181,30 +237,102 @@ impl Strategy for UdpQuic {
             .checked_sub(Duration::from_millis(50))
             .unwrap_or(attempt.deadline);
         let started = Instant::now();
-        let puncher = Puncher {
-            socket: &socket,
-            my_key: &punch_key,
-            peer_key: &peer_punch_key,
+        let side = birthday_side(attempt.nat).filter(|_| self.config.birthday);
+        let keys = birthday::Keys {
+            mine: &punch_key,
+            peer: &peer_punch_key,
             pair_id: &attempt.pairing.pair_id,
             role: attempt.role(),
-            interval: self.config.punch_interval,
-            // The peer got its offer at most half the larger server round trip after us; its
-            // low-TTL datagrams are out by then.
-            full_ttl_delay: max_rtt / 2 + Duration::from_millis(5),
         };
-        let paths = puncher.run(&peer_candidates, stop).await.map_err(|fail| {
-            let msg = format!(
+        let missed = |miss: birthday::Miss| {
+            StrategyError::TimedOut(format!(
                 "no punch through within {:.1}s ({})",
                 started.elapsed().as_secs_f64(),
-                fail.detail
-            );
-            if fail.timed_out {
-                StrategyError::TimedOut(msg)
-            } else {
-                StrategyError::NoLink(msg)
+                miss.detail
+            ))
+        };
+        let (socket, paths, port) = match side {
+            None => {
+                let puncher = Puncher {
+                    socket: &socket,
+                    my_key: &punch_key,
+                    peer_key: &peer_punch_key,
+                    pair_id: &attempt.pairing.pair_id,
+                    role: attempt.role(),
+                    interval: self.config.punch_interval,
+                    // The peer got its offer at most half the larger server round trip after
+                    // us; its low-TTL datagrams are out by then.
+                    full_ttl_delay: max_rtt / 2 + Duration::from_millis(5),
+                };
+                let paths = puncher.run(&peer_candidates, stop).await.map_err(|fail| {
+                    let msg = format!(
+                        "no punch through within {:.1}s ({})",
+                        started.elapsed().as_secs_f64(),
+                        fail.detail
+                    );
+                    if fail.timed_out {
+                        StrategyError::TimedOut(msg)
+                    } else {
+                        StrategyError::NoLink(msg)
+                    }
+                })?;
+                (socket, paths, port)
             }
-        })?;
-        debug!(?paths, "punched through");
+            Some(BirthdaySide::Easy) => {
+                attempt.notes.mode = Some("birthday".into());
+                let peer_ip = attempt.pairing.peer.ip();
+                let run = birthday::easy(
+                    &socket,
+                    &keys,
+                    peer_ip,
+                    self.config.birthday_probes,
+                    self.config.birthday_rate,
+                    stop,
+                )
+                .await;
+                let out = run.map_err(|miss| {
+                    attempt.notes.probes = Some(miss.probes);
+                    missed(miss)
+                })?;
+                attempt.notes.probes = Some(out.probes);
+                (socket, vec![out.peer], port)
+            }
+            Some(BirthdaySide::Hard) => {
+                attempt.notes.mode = Some("birthday".into());
+                // The easy side's public mapping: its candidates on the address the server saw.
+                let observed = attempt.pairing.peer.ip();
+                let mut easy: Vec<SocketAddr> = peer_candidates
+                    .iter()
+                    .copied()
+                    .filter(|c| c.ip() == observed)
+                    .collect();
+                if easy.is_empty() {
+                    easy.clone_from(&peer_candidates);
+                }
+                drop(socket);
+                let run = birthday::hard(
+                    unspecified,
+                    &keys,
+                    &easy,
+                    self.config.birthday_sockets,
+                    server.is_ipv4(),
+                    stop,
+                )
+                .await;
+                let out = run.map_err(|miss| {
+                    attempt.notes.probes = Some(miss.probes);
+                    missed(miss)
+                })?;
+                attempt.notes.probes = Some(out.probes);
+                let port = out
+                    .socket
+                    .local_addr()
+                    .map_err(|e| StrategyError::io("reading the winning socket's address", e))?
+                    .port();
+                (out.socket, vec![out.peer], port)
+            }
+        };
+        debug!(?paths, ?side, "punched through");
 
         let transport = self.transport(attempt.server_rtt + peer_rtt);
         let local = SocketAddr::new(via, port);

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `nettool` binary over loopback and through the NAT lab.
 
 mod bench;
+mod birthday;
 mod fallback;
 mod lab;
 mod legacy;

@@ -1,0 +1,264 @@
+//! Birthday punching (design.md §9): udp-quic's mode for a pair where exactly one side's NAT
+//! maps per destination (the *hard* side: CGNAT, cloud NAT gateways, the lab's `sym`) and the
+//! other filters (the *easy* side: `cone`, `cone-rst`, `fw`), which plain punching cannot link.
+//!
+//! - The hard side opens K sockets and primes each with a low-TTL punch to the easy side's
+//!   public mapping: K NAT mappings towards exactly that address exist, the easy router never
+//!   sees the datagrams (a reset-answering router would otherwise leave a clashing entry).
+//! - The easy side sends N probes (authenticated punches) to random ports of the hard side's
+//!   public IP, the one the server observed: never another address. A probe that hits one of
+//!   the K mappings is let in (the hard NAT has state for exactly that pair); the hard side
+//!   answers from that socket, which the easy NAT lets in (it sent to that port).
+//! - Both stop at the first authenticated punch that confirms the other heard them; QUIC then
+//!   runs on the winning socket and every other socket closes at once.
+//!
+//! P(hit) = 1 − (1 − K/R)^N for R ≈ 64,512 random ports: K = 256, N = 2048 gives ≈ 99.97%.
+//! Hard caps per attempt: [`MAX_SOCKETS`] sockets, [`MAX_PROBES`] probes, [`MAX_RATE`] probes
+//! per second, whatever the config says.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, trace};
+
+use super::{bind_udp, decode_punch, encode_punch, set_ttl, ttl, Punch, PunchKey, LOW_TTL};
+use nettool_core::Role;
+
+/// Most sockets the hard side opens per attempt.
+pub(crate) const MAX_SOCKETS: u16 = 1024;
+/// Most probes the easy side sends per attempt.
+pub(crate) const MAX_PROBES: u32 = 8192;
+/// Most probes per second.
+pub(crate) const MAX_RATE: u32 = 5000;
+/// How often a side repeats its confirmation until the other confirms too.
+const CONFIRM_EVERY: Duration = Duration::from_millis(20);
+
+/// Keys and identity of one birthday run.
+pub(crate) struct Keys<'a> {
+    pub(crate) mine: &'a PunchKey,
+    pub(crate) peer: &'a PunchKey,
+    pub(crate) pair_id: &'a str,
+    pub(crate) role: Role,
+}
+
+impl Keys<'_> {
+    fn punch(&self, heard: bool) -> Vec<u8> {
+        encode_punch(
+            self.mine,
+            self.pair_id,
+            Punch {
+                role: self.role,
+                heard,
+            },
+        )
+    }
+
+    fn check(&self, packet: &[u8]) -> Option<Punch> {
+        decode_punch(self.peer, self.pair_id, self.role.other(), packet).ok()
+    }
+}
+
+/// What a run produced: where the peer answered from, and the probes sent or received.
+pub(crate) struct Outcome<S> {
+    pub(crate) peer: SocketAddr,
+    pub(crate) socket: S,
+    pub(crate) probes: u64,
+}
+
+/// Why a run produced nothing.
+pub(crate) struct Miss {
+    pub(crate) probes: u64,
+    pub(crate) detail: String,
+}
+
+/// The easy side: probes random ports of `peer_ip` from `socket` at `rate` per second, at
+/// most `n` of them, until an authenticated punch confirms.
+pub(crate) async fn easy(
+    socket: &UdpSocket,
+    keys: &Keys<'_>,
+    peer_ip: IpAddr,
+    n: u32,
+    rate: u32,
+    stop: Instant,
+) -> Result<Outcome<()>, Miss> {
+    let n = n.min(MAX_PROBES);
+    let rate = rate.clamp(1, MAX_RATE);
+    // Send in batches every 10 ms.
+    let tick = Duration::from_millis(10);
+    let per_tick = (rate / 100).max(1);
+    let mut sent: u64 = 0;
+    let mut heard: HashSet<SocketAddr> = HashSet::new();
+    let mut next = tokio::time::Instant::now();
+    let mut confirm_next = tokio::time::Instant::now() + CONFIRM_EVERY;
+    let mut buf = vec![0u8; 2048];
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(stop.into()) => {
+                return Err(Miss {
+                    probes: sent,
+                    detail: format!(
+                        "birthday: {sent} probes to random ports of {peer_ip}, no authenticated answer{}",
+                        if heard.is_empty() { String::new() } else { format!(" confirmed (heard {heard:?})") }
+                    ),
+                });
+            }
+            () = tokio::time::sleep_until(next), if sent < u64::from(n) => {
+                let punch = keys.punch(!heard.is_empty());
+                let batch = u64::from(per_tick).min(u64::from(n) - sent);
+                let ports: Vec<u16> = {
+                    let mut rng = rand::thread_rng();
+                    (0..batch).map(|_| rng.gen_range(1024..=65535)).collect()
+                };
+                for port in ports {
+                    // Not `try_send_to`: a socket tokio has not yet seen writable refuses it.
+                    // ICMP errors of earlier probes surface here: not this one's fault.
+                    let _ = socket.send_to(&punch, SocketAddr::new(peer_ip, port)).await;
+                    sent += 1;
+                }
+                next += tick;
+            }
+            () = tokio::time::sleep_until(confirm_next), if !heard.is_empty() => {
+                let punch = keys.punch(true);
+                for to in &heard {
+                    let _ = socket.send_to(&punch, *to).await;
+                }
+                confirm_next += CONFIRM_EVERY;
+            }
+            got = socket.recv_from(&mut buf) => {
+                let Ok((len, from)) = got else { continue };
+                // Only the peer's public IP; the punch proves the rest.
+                let Some(p) = keys.check(&buf[..len]).filter(|_| from.ip() == peer_ip) else {
+                    continue;
+                };
+                trace!(%from, heard = p.heard, "birthday: valid punch");
+                if heard.insert(from) {
+                    debug!(%from, probes = sent, "birthday: a probe hit");
+                }
+                let _ = socket.send_to(&keys.punch(true), from).await;
+                if p.heard {
+                    for _ in 0..3 {
+                        let _ = socket.send_to(&keys.punch(true), from).await;
+                    }
+                    return Ok(Outcome { peer: from, socket: (), probes: sent });
+                }
+            }
+        }
+    }
+}
+
+/// The hard side: opens `k` sockets, primes each towards `easy` (the easy side's public
+/// mappings, low TTL), and waits for a probe; answers from the socket it hit until the easy
+/// side confirms. Returns that socket; the others are closed.
+pub(crate) async fn hard(
+    local_ip: IpAddr,
+    keys: &Keys<'_>,
+    easy: &[SocketAddr],
+    k: u16,
+    ipv4: bool,
+    stop: Instant,
+) -> Result<Outcome<UdpSocket>, Miss> {
+    let k = k.clamp(1, MAX_SOCKETS);
+    let mut sockets: Vec<Arc<UdpSocket>> = Vec::with_capacity(usize::from(k));
+    let prime = keys.punch(false);
+    let mut normal_ttl = 64;
+    for _ in 0..k {
+        let Ok(socket) = bind_udp(SocketAddr::new(local_ip, 0)) else {
+            break; // out of descriptors or ports: use what we have
+        };
+        normal_ttl = ttl(&socket, ipv4).unwrap_or(normal_ttl);
+        let _ = set_ttl(&socket, ipv4, LOW_TTL);
+        // Not `try_send_to`: a fresh socket is not writable for tokio until its reactor says
+        // so, and a prime that is not sent makes no mapping.
+        for to in easy {
+            let _ = socket.send_to(&prime, *to).await;
+        }
+        sockets.push(Arc::new(socket));
+    }
+    // Back to a normal TTL for the answers.
+    for socket in &sockets {
+        let _ = set_ttl(socket, ipv4, normal_ttl);
+    }
+    let opened = sockets.len();
+    debug!(sockets = opened, "birthday: hard side primed");
+    let (tx, mut rx) = mpsc::channel::<(usize, SocketAddr, bool)>(64);
+    let mut readers = JoinSet::new();
+    for (i, socket) in sockets.iter().enumerate() {
+        let (socket, tx) = (socket.clone(), tx.clone());
+        let peer_key = *keys.peer;
+        let (pair_id, from_role) = (keys.pair_id.to_owned(), keys.role.other());
+        let easy: Vec<IpAddr> = easy.iter().map(SocketAddr::ip).collect();
+        readers.spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            loop {
+                let Ok((len, from)) = socket.recv_from(&mut buf).await else {
+                    continue;
+                };
+                if !easy.contains(&from.ip()) {
+                    continue;
+                }
+                if let Ok(p) = decode_punch(&peer_key, &pair_id, from_role, &buf[..len]) {
+                    if tx.send((i, from, p.heard)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut received: u64 = 0;
+    let mut hits: Vec<(usize, SocketAddr)> = Vec::new();
+    let mut confirm_next = tokio::time::Instant::now() + CONFIRM_EVERY;
+    let winner = loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(stop.into()) => {
+                return Err(Miss {
+                    probes: received,
+                    detail: format!(
+                        "birthday: {opened} sockets primed towards {easy:?}, {received} probes arrived, no confirmation"
+                    ),
+                });
+            }
+            () = tokio::time::sleep_until(confirm_next), if !hits.is_empty() => {
+                let punch = keys.punch(true);
+                for (i, to) in &hits {
+                    let _ = sockets[*i].send_to(&punch, *to).await;
+                }
+                confirm_next += CONFIRM_EVERY;
+            }
+            got = rx.recv() => {
+                let Some((i, from, heard)) = got else { continue };
+                received += 1;
+                if !hits.contains(&(i, from)) {
+                    debug!(socket = i, %from, "birthday: a probe arrived");
+                    hits.push((i, from));
+                }
+                let _ = sockets[i].send_to(&keys.punch(true), from).await;
+                if heard {
+                    for _ in 0..3 {
+                        let _ = sockets[i].send_to(&keys.punch(true), from).await;
+                    }
+                    break (i, from);
+                }
+            }
+        }
+    };
+    readers.shutdown().await;
+    let (i, peer) = winner;
+    let socket = sockets.swap_remove(i);
+    drop(sockets); // every other socket closes here
+    let socket = Arc::try_unwrap(socket).map_err(|_| Miss {
+        probes: received,
+        detail: "birthday: the winning socket is still shared".into(),
+    })?;
+    Ok(Outcome {
+        peer,
+        socket,
+        probes: received,
+    })
+}
