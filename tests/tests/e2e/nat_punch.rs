@@ -155,14 +155,23 @@ fn run_cell(flags: &[String], expected: Option<&str>, a: NatKind, b: NatKind) ->
             if attempt["error"].as_str().unwrap_or("").is_empty() {
                 problems.push(format!("{name}: an attempt without its reason: {attempt}"));
             }
-            if planned && linked && attempt["outcome"] != "skipped" {
+            // (Birthday punching may miss; the relay after it is still right.)
+            let birthday = attempt["mode"] == "birthday";
+            if planned && linked && attempt["outcome"] != "skipped" && !birthday {
                 problems.push(format!(
                     "{name}: the plan tried a hopeless strategy: {attempt}"
                 ));
             }
         }
     }
-    if ra.strategy() != expected || rb.strategy() != expected {
+    // `expected` may name alternatives, `a|b`: the first is what should win, the later ones
+    // what may win after a rare miss (birthday punching, then the relay).
+    let fits = |got: Option<&str>| match (expected, got) {
+        (None, None) => true,
+        (Some(e), Some(g)) => e.split('|').any(|x| x == g),
+        _ => false,
+    };
+    if !fits(ra.strategy()) || !fits(rb.strategy()) {
         let attempts = |r: &PeerRun| {
             r.report
                 .as_ref()
