@@ -646,6 +646,12 @@ fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrat
 }
 
 async fn resolve_server(server: &str) -> Result<SocketAddr> {
+    let addrs = resolve_all(server).await?;
+    Ok(addrs[0])
+}
+
+/// Every address of a rendezvous server given as HOST or HOST:PORT (default port 8877).
+async fn resolve_all(server: &str) -> Result<Vec<SocketAddr>> {
     let with_port = if server.parse::<SocketAddr>().is_ok()
         || server
             .rsplit_once(':')
@@ -655,12 +661,14 @@ async fn resolve_server(server: &str) -> Result<SocketAddr> {
     } else {
         format!("{server}:{DEFAULT_PORT}")
     };
-    let mut addrs = tokio::net::lookup_host(&with_port)
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&with_port)
         .await
-        .with_context(|| format!("cannot resolve rendezvous server '{server}'"))?;
-    addrs
-        .next()
-        .with_context(|| format!("rendezvous server '{server}' has no address"))
+        .with_context(|| format!("cannot resolve rendezvous server '{server}'"))?
+        .collect();
+    if addrs.is_empty() {
+        bail!("rendezvous server '{server}' has no address");
+    }
+    Ok(addrs)
 }
 
 fn progress(event: Event) {

@@ -4,10 +4,9 @@
 //! parts) or any RFC 5780 STUN server (the UDP parts; TCP mapping is then `unknown`) and prints
 //! a table, or with `--json` the stable [`NetReport`] object documented in the README.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use nettool_core::discovery::{
     discover_all, DiscoverOptions, FamilyReport, Filtering, Mapping, NetReport,
@@ -32,30 +31,9 @@ pub(crate) struct NetcheckArgs {
     no_tcp: bool,
 }
 
-/// Every address of `server` (HOST or HOST:PORT; default port 8877).
-async fn resolve_all(server: &str) -> Result<Vec<SocketAddr>> {
-    let with_port = if server.parse::<SocketAddr>().is_ok()
-        || server
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok())
-    {
-        server.to_owned()
-    } else {
-        format!("{server}:8877")
-    };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&with_port)
-        .await
-        .with_context(|| format!("cannot resolve server '{server}'"))?
-        .collect();
-    if addrs.is_empty() {
-        bail!("server '{server}' has no address");
-    }
-    Ok(addrs)
-}
-
 /// Runs netcheck; exit status 0 when at least one family was measured.
 pub(crate) async fn run(args: NetcheckArgs) -> Result<i32> {
-    let addrs = resolve_all(&args.server).await?;
+    let addrs = crate::resolve_all(&args.server).await?;
     let opts = DiscoverOptions {
         test_timeout: args.timeout,
         tcp: !args.no_tcp,
