@@ -553,7 +553,8 @@ impl RendezvousServer {
 
     /// Serves until the task is dropped: TCP connections and STUN on UDP. Accept and socket
     /// errors (e.g. out of file descriptors) are logged and retried after a short pause; they
-    /// never end the server.
+    /// never end the server. Dropping this future (aborting its task) stops everything the
+    /// server started: every connection task, every relay, every socket.
     pub async fn run(self) {
         let Self {
             listener,
