@@ -387,16 +387,42 @@ struct Waiter {
 /// it is doing (even in the middle of a blocked write).
 #[derive(Debug, Default)]
 struct Outbox {
-    queue: Mutex<std::collections::VecDeque<Outbound>>,
+    queue: Mutex<OutboxQueue>,
     overflowed: std::sync::atomic::AtomicBool,
     ready: Notify,
     overflow: Notify,
 }
 
+#[derive(Debug, Default)]
+struct OutboxQueue {
+    messages: std::collections::VecDeque<Outbound>,
+    /// Its connection task has ended: nothing more is queued.
+    closed: bool,
+}
+
+/// Closes an outbox when its connection task ends, however it ends (returned, or aborted
+/// with the server): what is still queued is dropped. A queued `Paired` holds the pair, which
+/// holds this outbox; without this, that cycle would keep both alive.
+struct CloseOnDrop<'a>(&'a Outbox);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        let dropped = {
+            let mut queue = lock(&self.0.queue);
+            queue.closed = true;
+            std::mem::take(&mut queue.messages)
+        };
+        drop(dropped);
+    }
+}
+
 impl Outbox {
     fn push(&self, msg: Outbound) {
         let mut queue = lock(&self.queue);
-        if queue.len() >= OUTBOX_CAPACITY {
+        if queue.closed {
+            return;
+        }
+        if queue.messages.len() >= OUTBOX_CAPACITY {
             drop(queue);
             if !self
                 .overflowed
@@ -406,7 +432,7 @@ impl Outbox {
             }
             return;
         }
-        queue.push_back(msg);
+        queue.messages.push_back(msg);
         drop(queue);
         self.ready.notify_one();
     }
@@ -414,7 +440,7 @@ impl Outbox {
     /// The next queued message. Cancel safe (a message is taken only when returned).
     async fn next(&self) -> Outbound {
         loop {
-            if let Some(msg) = lock(&self.queue).pop_front() {
+            if let Some(msg) = lock(&self.queue).messages.pop_front() {
                 return msg;
             }
             self.ready.notified().await;
@@ -554,7 +580,8 @@ impl RendezvousServer {
 
     /// Serves until the task is dropped: TCP connections and STUN on UDP. Accept and socket
     /// errors (e.g. out of file descriptors) are logged and retried after a short pause; they
-    /// never end the server.
+    /// never end the server. Dropping this future (aborting its task) stops everything the
+    /// server started: every connection task, every relay, every socket.
     pub async fn run(self) {
         let Self {
             listener,
@@ -804,6 +831,7 @@ async fn serve_control(
     strategies: Vec<String>,
 ) {
     let outbox = Arc::new(Outbox::default());
+    let _close = CloseOnDrop(&outbox);
     if session.is_empty() || session.len() > 256 {
         refuse(&mut framed, "session name must be 1 to 256 bytes").await;
         return;
@@ -1248,6 +1276,38 @@ mod tests {
         assert_eq!(oa.map_err(|e| e.to_string())?, serde_json::json!("from b"));
         assert_eq!(ob.map_err(|e| e.to_string())?, serde_json::json!("from a"));
         Ok(())
+    }
+
+    /// A `Paired` message still queued when a connection ends (its client closed at once)
+    /// does not keep the pair and the outboxes alive: the pair holds the outbox, the outbox
+    /// the message, the message the pair.
+    #[test]
+    fn an_ended_connection_drops_what_its_outbox_held() {
+        let outboxes = [Arc::new(Outbox::default()), Arc::new(Outbox::default())];
+        let pair = Arc::new(Pair {
+            session: "s".into(),
+            relay_token: None,
+            conns: [1, 2],
+            outboxes: outboxes.clone(),
+            strategies: vec!["relay".into()],
+            held_offers: Mutex::new(HashMap::new()),
+        });
+        outboxes[0].push(Outbound::Paired(
+            pair.clone(),
+            Role::First,
+            ServerToClient::PeerLeft,
+        ));
+        let weak = Arc::downgrade(&pair);
+        drop(pair);
+        assert!(
+            weak.upgrade().is_some(),
+            "the queued message holds the pair"
+        );
+        drop(CloseOnDrop(&outboxes[0]));
+        assert!(weak.upgrade().is_none(), "the pair was freed");
+        // A closed outbox takes nothing more.
+        outboxes[0].push(Outbound::Msg(ServerToClient::PeerLeft));
+        assert!(lock(&outboxes[0].queue).messages.is_empty());
     }
 
     #[tokio::test]

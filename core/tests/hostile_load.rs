@@ -28,8 +28,10 @@ async fn start(config: ServerConfig) -> (SocketAddr, ServerStats) {
     (addr, stats)
 }
 
-/// Raises the soft open-file limit to the hard one; returns the limit.
+/// Raises the soft open-file limit to 8192 (the hard one too where allowed, e.g. as root),
+/// or at least to the hard limit; returns the soft limit in force.
 fn raise_nofile() -> u64 {
+    const WANT: libc::rlim_t = 8192;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -37,8 +39,16 @@ fn raise_nofile() -> u64 {
     // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        if lim.rlim_cur < WANT {
+            let raised = libc::rlimit {
+                rlim_cur: WANT,
+                rlim_max: lim.rlim_max.max(WANT),
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
     lim.rlim_cur
