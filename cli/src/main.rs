@@ -15,11 +15,12 @@ use nettool_config::{LoadOptions, Loaded, Overrides, Settings, StrategyConfig, S
 use nettool_core::orchestrator::Event;
 use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
-use tokio::io::AsyncWriteExt;
 
 mod bench;
 mod compare;
 mod legacy;
+mod pump;
+mod stdio;
 
 const DEFAULT_PORT: u16 = 8877;
 
@@ -84,6 +85,19 @@ enum Command {
     /// NETTOOL_TCP_PUNCH__TIMEOUT=5s: `_` for `-`, `__` between sections), command-line flags.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Plain TCP with connect's stdin/stdout pump: the baseline of `bench --section cli-path`.
+    #[command(hide = true)]
+    PlainTcp(PlainTcpArgs),
+}
+
+#[derive(Debug, Args)]
+struct PlainTcpArgs {
+    /// Accept one connection on this address (prints `listening on ADDR`).
+    #[arg(long, conflicts_with = "connect")]
+    listen: Option<SocketAddr>,
+    /// Connect to this address.
+    #[arg(long)]
+    connect: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -329,7 +343,9 @@ fn main() {
             }
         }
     });
-    // stdin may still be blocked in a reader thread; do not wait for it.
+    // stdin may still be blocked in a reader thread; do not wait for it. Put stdio's flags
+    // back first (a non-blocking stdin left behind breaks the user's shell).
+    stdio::restore();
     std::process::exit(code);
 }
 
@@ -420,6 +436,7 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
             bench::run(args, loaded.settings).await
         }
         Command::Config(ConfigCommand::Show) => config_show(&load(Overrides::default())?),
+        Command::PlainTcp(args) => plain_tcp(args).await,
     }
 }
 
@@ -568,13 +585,20 @@ async fn connect(args: ConnectArgs, settings: Settings) -> Result<i32> {
         secret: settings.secret.clone(),
     };
     let quiet = !std::io::stderr().is_terminal();
-    let (link, report) = orch
-        .connect(&params, &|e| {
-            if !quiet {
-                progress(e)
-            }
-        })
-        .await;
+    let mut stop = pump::signals().context("installing signal handlers")?;
+    let show = |e| {
+        if !quiet {
+            progress(e)
+        }
+    };
+    let linking = orch.connect(&params, &show);
+    let (link, report) = match pump::or_signal(linking, &mut stop).await {
+        Ok(r) => r,
+        Err(sig) => {
+            eprintln!("nettool: {} before a link was made", pump::signal_name(sig));
+            return Ok(128 + sig);
+        }
+    };
     if let Some(path) = &args.report {
         write_report(path, &report)?;
     }
@@ -596,9 +620,38 @@ async fn connect(args: ConnectArgs, settings: Settings) -> Result<i32> {
         let role = report.role.expect("a linked report has a role");
         return legacy::hello(link, role, args.hello_count).await;
     }
-    let (sent, received) = pump_stdio(link).await?;
-    eprintln!("nettool: done: sent {sent} bytes, received {received} bytes");
-    Ok(0)
+    pump_and_report(link, stop).await
+}
+
+/// `plain-tcp`: one plain TCP connection pumped like `connect`'s link.
+async fn plain_tcp(args: PlainTcpArgs) -> Result<i32> {
+    let (stream, local, remote) = match (args.listen, args.connect) {
+        (Some(addr), None) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            eprintln!("nettool: listening on {}", l.local_addr()?);
+            let (s, remote) = l.accept().await.context("accepting")?;
+            (s, l.local_addr()?, remote)
+        }
+        (None, Some(addr)) => {
+            let s = tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            let local = s.local_addr()?;
+            (s, local, addr)
+        }
+        _ => bail!("give --listen ADDR or --connect ADDR"),
+    };
+    let stop = pump::signals().context("installing signal handlers")?;
+    let link = Link {
+        stream: Box::new(stream),
+        local,
+        remote,
+        strategy: "plain-tcp",
+    };
+    eprintln!("nettool: linked with ? via plain-tcp: {local} -> {remote}");
+    pump_and_report(link, stop).await
 }
 
 fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
@@ -607,26 +660,26 @@ fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
         .with_context(|| format!("cannot write the report to {}", path.display()))
 }
 
-/// stdin → link until EOF (then half-close), link → stdout until the peer's EOF.
-pub(crate) async fn pump_stdio(link: Link) -> Result<(u64, u64)> {
-    let (mut rd, mut wr) = tokio::io::split(link.stream);
-    let up = async {
-        let mut stdin = tokio::io::stdin();
-        let n = tokio::io::copy(&mut stdin, &mut wr)
-            .await
-            .context("sending stdin to the peer")?;
-        wr.shutdown().await.context("closing the sending side")?;
-        Ok::<_, anyhow::Error>(n)
-    };
-    let down = async {
-        let mut stdout = tokio::io::stdout();
-        let n = tokio::io::copy(&mut rd, &mut stdout)
-            .await
-            .context("receiving from the peer")?;
-        stdout.flush().await.context("writing stdout")?;
-        Ok::<_, anyhow::Error>(n)
-    };
-    tokio::try_join!(up, down)
+/// Pumps stdin/stdout over the link and says how it ended; the exit code.
+async fn pump_and_report(
+    link: Link,
+    stop: tokio::sync::watch::Receiver<Option<i32>>,
+) -> Result<i32> {
+    let out = pump::pump_stdio(link, stop).await?;
+    let totals = format!("sent {} bytes, received {} bytes", out.sent, out.received);
+    if let Some(sig) = out.signal {
+        eprintln!(
+            "nettool: {}: closed the link; {totals}",
+            pump::signal_name(sig)
+        );
+        return Ok(128 + sig);
+    }
+    if out.send_cut {
+        eprintln!("nettool: peer closed (it no longer takes data); {totals}");
+    } else {
+        eprintln!("nettool: peer closed; done: {totals}");
+    }
+    Ok(0)
 }
 
 async fn demo() -> Result<i32> {
