@@ -668,6 +668,9 @@ async fn pump_and_report(
     let out = pump::pump_stdio(link, stop).await?;
     let totals = format!("sent {} bytes, received {} bytes", out.sent, out.received);
     if let Some(sig) = out.signal {
+        // The link is closed and dropped; give a QUIC endpoint's driver a moment to put the
+        // close on the wire (a userspace stack has no kernel to send it after we exit).
+        tokio::time::sleep(Duration::from_millis(100)).await;
         eprintln!(
             "nettool: {}: closed the link; {totals}",
             pump::signal_name(sig)

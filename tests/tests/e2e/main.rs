@@ -8,4 +8,5 @@ mod loopback;
 mod nat_punch;
 mod nat_quic;
 mod security;
+mod signals;
 mod support;
