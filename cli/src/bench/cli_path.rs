@@ -434,7 +434,7 @@ fn transfer(
             },
             Drain::Check {
                 size,
-                seed: seed_ba,
+                seed: seed_ab,
             },
             Feed::Pattern {
                 size,
@@ -442,7 +442,7 @@ fn transfer(
             },
             Drain::Check {
                 size,
-                seed: seed_ab,
+                seed: seed_ba,
             },
         ),
     };
