@@ -107,6 +107,28 @@ async fn read_filled<R: AsyncRead + Unpin + ?Sized>(
     Ok(got)
 }
 
+/// A clear error for a failed receive: a peer that vanished (killed without closing, host
+/// gone, path broken) shows up as a keep-alive timeout or a reset, not as a hang.
+fn receive_error(e: io::Error) -> anyhow::Error {
+    let text = e.to_string();
+    let why = match e.kind() {
+        io::ErrorKind::TimedOut => {
+            "the peer stopped answering (keep-alives unanswered): it vanished or the path broke"
+        }
+        io::ErrorKind::NotConnected if text.contains("timed out") => {
+            "the peer stopped answering (QUIC idle timeout): it vanished or the path broke"
+        }
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
+            "the peer's end of the link is gone without a clean close"
+        }
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => {
+            "the link ended without a clean close (the peer was killed or the data was cut)"
+        }
+        _ => "the link failed",
+    };
+    anyhow::Error::new(e).context(format!("receiving from the peer: {why}"))
+}
+
 /// Errors that mean the peer no longer takes data (it closed or went away).
 fn peer_gone(e: &io::Error) -> bool {
     matches!(
@@ -215,7 +237,7 @@ where
         loop {
             let n = read_filled(&mut rd, &mut buf, FILL)
                 .await
-                .context("receiving from the peer")?;
+                .map_err(receive_error)?;
             if n == 0 {
                 break;
             }

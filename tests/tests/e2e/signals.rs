@@ -139,3 +139,68 @@ fn a_peer_still_sending_ends_with_peer_closed_when_the_other_is_signalled() {
         assert!(b_err.contains("peer closed"), "{ctx}");
     }
 }
+
+/// A receiver whose peer vanished (no close, no reset: the peer's router silently drops
+/// everything) ends with a clear error within the TCP keep-alive bounds (probes after 15 s
+/// idle, user timeout 60 s), instead of waiting forever. NAT lab, routed hosts.
+#[test]
+fn a_receiver_whose_peer_vanished_ends_with_a_clear_error() {
+    use nettool_tests::{require_lab, Host, Lab, NatKind};
+    if !require_lab() {
+        return;
+    }
+    let lab = Lab::new(NatKind::None, NatKind::None).expect("lab");
+    let mut srv = lab.command(Host::Server, nettool_bin());
+    srv.args(["rendezvous", "--listen", "0.0.0.0:8877"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut srv = Proc::spawn(srv);
+    srv.stderr_line_containing("listening on");
+    let server = format!("{}:8877", lab.server_ip());
+    let dir = TempDir::new("vanish");
+
+    let peer = |h: Host, name: &str, stdin: Stdio| {
+        let mut cmd = lab.command(h, nettool_bin());
+        cmd.args(["connect", "--server", &server, "--session", "vanish"])
+            .args(["--secret", "v", "--strategy", "tcp-punch"])
+            .stdin(stdin)
+            .stdout(std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap())
+            .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).unwrap());
+        Proc::spawn(cmd)
+    };
+    let (a_read, a_write) = pipe();
+    let mut a_write = std::fs::File::from(a_write);
+    let _a = peer(Host::A, "a", Stdio::from(a_read));
+    let mut b = peer(Host::B, "b", Stdio::null());
+    a_write.write_all(b"before\n").unwrap();
+    wait_for("A's line at B", Duration::from_secs(30), || {
+        std::fs::read(dir.path("b.out")).is_ok_and(|o| o.starts_with(b"before\n"))
+    });
+
+    // A vanishes: its router drops everything, silently.
+    let router = lab.router_netns(Host::A).expect("A has a router");
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", router, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"table inet vanish {\n chain drop_all {\n  type filter hook forward priority 0; policy drop;\n }\n}\n",
+        )
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft failed");
+    let vanished = Instant::now();
+
+    let status = b
+        .wait_timeout(Duration::from_secs(120))
+        .expect("B still waiting 120 s after its peer vanished");
+    let took = vanished.elapsed();
+    let err = std::fs::read_to_string(dir.path("b.err")).unwrap();
+    assert!(!status.success(), "B: {err}");
+    assert!(err.contains("the peer stopped answering"), "B: {err}");
+    println!("B ended {:.1} s after its peer vanished: {}", took.as_secs_f64(), err.lines().last().unwrap_or(""));
+}
