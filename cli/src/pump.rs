@@ -21,6 +21,16 @@ use nettool_core::Link;
 
 /// Bytes per copy-loop buffer.
 pub(crate) const BUF: usize = 1 << 20;
+
+/// The copy-loop buffer size: [`BUF`], or `NETTOOL_PUMP_BUF` bytes (for measuring the lever;
+/// 8192 is what `tokio::io::copy` used before).
+fn buf_size() -> usize {
+    std::env::var("NETTOOL_PUMP_BUF")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(BUF)
+}
 /// A read from the link is topped up (without waiting) to at least this many bytes before it
 /// goes to stdout.
 const FILL: usize = 256 << 10;
@@ -185,7 +195,7 @@ where
 
     let mut up_stop = stop.clone();
     let up = async {
-        let mut buf = vec![0u8; BUF];
+        let mut buf = vec![0u8; buf_size()];
         let mut sent = 0u64;
         let mut signal = None;
         let mut peer_eof = peer_eof_rx;
@@ -232,7 +242,7 @@ where
     };
 
     let down = async {
-        let mut buf = vec![0u8; BUF];
+        let mut buf = vec![0u8; buf_size()];
         let mut received = 0u64;
         loop {
             let n = read_filled(&mut rd, &mut buf, FILL)

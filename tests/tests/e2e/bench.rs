@@ -173,18 +173,29 @@ fn bench_lab_cli_path() {
     // NETTOOL_BENCH_CLI_SIZE (default 1GiB), NETTOOL_BENCH_ROUNDS (default 3).
     let size = env_or("NETTOOL_BENCH_CLI_SIZE", "1GiB");
     let rounds = env_or("NETTOOL_BENCH_ROUNDS", "3");
-    let v = bench_cli_in_lab(
-        NatKind::None,
-        NatKind::None,
-        &[
-            "--section",
-            "cli-path",
-            "--cli-size",
-            &size,
-            "--rounds",
-            &rounds,
-        ],
-    );
+    // NETTOOL_BENCH_STRATEGIES (comma separated; default all four), NETTOOL_BENCH_CLI_MODES
+    // (default pipe,file).
+    let modes = env_or("NETTOOL_BENCH_CLI_MODES", "pipe,file");
+    let mut args: Vec<String> = [
+        "--section",
+        "cli-path",
+        "--cli-size",
+        &size,
+        "--rounds",
+        &rounds,
+        "--cli-mode",
+        &modes,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for s in env_or("NETTOOL_BENCH_STRATEGIES", "")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        args.extend(["--strategy".to_owned(), s.to_owned()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v = bench_cli_in_lab(NatKind::None, NatKind::None, &args);
     let c = &v["cli_path"];
     println!(
         "CLI path in the NAT lab (none x none, routed), {size}, {rounds} rounds; {}",

@@ -202,5 +202,9 @@ fn a_receiver_whose_peer_vanished_ends_with_a_clear_error() {
     let err = std::fs::read_to_string(dir.path("b.err")).unwrap();
     assert!(!status.success(), "B: {err}");
     assert!(err.contains("the peer stopped answering"), "B: {err}");
-    println!("B ended {:.1} s after its peer vanished: {}", took.as_secs_f64(), err.lines().last().unwrap_or(""));
+    println!(
+        "B ended {:.1} s after its peer vanished: {}",
+        took.as_secs_f64(),
+        err.lines().last().unwrap_or("")
+    );
 }
