@@ -54,9 +54,9 @@ pub(crate) enum Mode {
 impl Mode {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Mode::Poll => "poll",
-            Mode::Thread => "thread",
-            Mode::Tokio => "tokio",
+            Self::Poll => "poll",
+            Self::Thread => "thread",
+            Self::Tokio => "tokio",
         }
     }
 }
@@ -139,11 +139,11 @@ impl Input {
         let fd = libc::STDIN_FILENO;
         Ok(match choose(fd) {
             Mode::Poll => match poll_fd(fd, tokio::io::Interest::READABLE) {
-                Ok(afd) => Input::Poll(afd),
+                Ok(afd) => Self::Poll(afd),
                 Err(_) => Self::thread(),
             },
             Mode::Thread => Self::thread(),
-            Mode::Tokio => Input::Tokio(tokio::io::stdin()),
+            Mode::Tokio => Self::Tokio(tokio::io::stdin()),
         })
     }
 
@@ -174,7 +174,7 @@ impl Input {
             })
             .map(|_| ())
             .unwrap_or_else(|e| eprintln!("nettool: cannot start the stdin thread: {e}"));
-        Input::Thread {
+        Self::Thread {
             chunks: rx,
             pending: Vec::new(),
             at: 0,
@@ -184,9 +184,9 @@ impl Input {
     /// The mode in use.
     pub(crate) fn mode(&self) -> Mode {
         match self {
-            Input::Poll(_) => Mode::Poll,
-            Input::Thread { .. } => Mode::Thread,
-            Input::Tokio(_) => Mode::Tokio,
+            Self::Poll(_) => Mode::Poll,
+            Self::Thread { .. } => Mode::Thread,
+            Self::Tokio(_) => Mode::Tokio,
         }
     }
 
@@ -194,14 +194,14 @@ impl Input {
     /// Cancel-safe: nothing read is lost when the future is dropped.
     pub(crate) async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Input::Poll(afd) => loop {
+            Self::Poll(afd) => loop {
                 let mut guard = afd.readable().await?;
                 match guard.try_io(|fd| read_fd(fd.get_ref().0, buf)) {
                     Ok(r) => return r,
                     Err(_would_block) => continue,
                 }
             },
-            Input::Thread {
+            Self::Thread {
                 chunks,
                 pending,
                 at,
@@ -221,7 +221,7 @@ impl Input {
                 *at += n;
                 Ok(n)
             }
-            Input::Tokio(stdin) => stdin.read(buf).await,
+            Self::Tokio(stdin) => stdin.read(buf).await,
         }
     }
 }
@@ -295,11 +295,11 @@ impl Output {
         }
         Ok(match mode {
             Mode::Poll => match poll_fd(fd, tokio::io::Interest::WRITABLE) {
-                Ok(afd) => Output::Poll(afd),
+                Ok(afd) => Self::Poll(afd),
                 Err(_) => Self::thread(),
             },
             Mode::Thread => Self::thread(),
-            Mode::Tokio => Output::Tokio(tokio::io::stdout()),
+            Mode::Tokio => Self::Tokio(tokio::io::stdout()),
         })
     }
 
@@ -325,7 +325,7 @@ impl Output {
             })
             .map(|_| ())
             .unwrap_or_else(|e| eprintln!("nettool: cannot start the stdout thread: {e}"));
-        Output::Thread {
+        Self::Thread {
             chunks: Some(tx),
             done: Some(done_rx),
         }
@@ -334,16 +334,16 @@ impl Output {
     /// The mode in use.
     pub(crate) fn mode(&self) -> Mode {
         match self {
-            Output::Poll(_) => Mode::Poll,
-            Output::Thread { .. } => Mode::Thread,
-            Output::Tokio(_) => Mode::Tokio,
+            Self::Poll(_) => Mode::Poll,
+            Self::Thread { .. } => Mode::Thread,
+            Self::Tokio(_) => Mode::Tokio,
         }
     }
 
     /// Writes all of `buf`.
     pub(crate) async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
-            Output::Poll(afd) => {
+            Self::Poll(afd) => {
                 let mut at = 0;
                 while at < buf.len() {
                     let mut guard = afd.writable().await?;
@@ -353,7 +353,7 @@ impl Output {
                 }
                 Ok(())
             }
-            Output::Thread { chunks, done } => {
+            Self::Thread { chunks, done } => {
                 let sent = match chunks {
                     Some(tx) => tx.send(buf.to_vec()).await.is_ok(),
                     None => false,
@@ -371,15 +371,15 @@ impl Output {
                     None => io::Error::other("stdout is closed"),
                 })
             }
-            Output::Tokio(out) => out.write_all(buf).await,
+            Self::Tokio(out) => out.write_all(buf).await,
         }
     }
 
     /// Everything written has reached the descriptor.
     pub(crate) async fn finish(&mut self) -> io::Result<()> {
         match self {
-            Output::Poll(_) => Ok(()),
-            Output::Thread { chunks, done } => {
+            Self::Poll(_) => Ok(()),
+            Self::Thread { chunks, done } => {
                 *chunks = None;
                 match done.take() {
                     Some(rx) => rx
@@ -388,7 +388,7 @@ impl Output {
                     None => Ok(()),
                 }
             }
-            Output::Tokio(out) => out.flush().await,
+            Self::Tokio(out) => out.flush().await,
         }
     }
 }

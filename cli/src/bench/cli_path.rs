@@ -377,9 +377,9 @@ pub(crate) enum IoMode {
 impl IoMode {
     fn as_str(self) -> &'static str {
         match self {
-            IoMode::Pipe => "pipe→pipe",
-            IoMode::File => "file→file",
-            IoMode::Both => "both ways",
+            Self::Pipe => "pipe→pipe",
+            Self::File => "file→file",
+            Self::Both => "both ways",
         }
     }
 }
