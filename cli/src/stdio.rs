@@ -8,7 +8,7 @@
 //!   file status flags are saved and put back ([`restore`]): a non-blocking stdin left behind
 //!   breaks the user's shell.
 //! - everything else (regular files, terminals, `/dev/null`) is read or written by one
-//!   dedicated thread with 1 MiB buffers and a bounded channel of two chunks.
+//!   dedicated thread with 256 KiB buffers and a bounded channel of four chunks.
 //!
 //! `NETTOOL_STDIO=thread` forces the thread for every kind, `NETTOOL_STDIO=tokio` the old tokio
 //! path (both for benchmarking the levers).
@@ -21,8 +21,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// Bytes per read from stdin and per chunk handed to a stdio thread.
-pub(crate) const CHUNK: usize = 1 << 20;
+/// Bytes per chunk handed to or from a stdio thread; with [`THREAD_DEPTH`] chunks queued,
+/// a thread holds about 1 MiB (memory counts: `connect` stays under 32 MB resident).
+pub(crate) const CHUNK: usize = 256 << 10;
+/// Chunks queued between a stdio thread and the pump.
+const THREAD_DEPTH: usize = 4;
 
 /// Pipe buffer size asked for with `F_SETPIPE_SZ` (the unprivileged maximum by default).
 const PIPE_SIZE: libc::c_int = 1 << 20;
@@ -148,7 +151,7 @@ impl Input {
     }
 
     fn thread() -> Self {
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(THREAD_DEPTH);
         std::thread::Builder::new()
             .name("nettool-stdin".into())
             .spawn(move || {
@@ -304,7 +307,7 @@ impl Output {
     }
 
     fn thread() -> Self {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(2);
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(THREAD_DEPTH);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("nettool-stdout".into())
@@ -354,10 +357,15 @@ impl Output {
                 Ok(())
             }
             Self::Thread { chunks, done } => {
-                let sent = match chunks {
-                    Some(tx) => tx.send(buf.to_vec()).await.is_ok(),
-                    None => false,
-                };
+                let mut sent = chunks.is_some();
+                if let Some(tx) = chunks {
+                    for piece in buf.chunks(CHUNK) {
+                        if tx.send(piece.to_vec()).await.is_err() {
+                            sent = false;
+                            break;
+                        }
+                    }
+                }
                 if sent {
                     return Ok(());
                 }
