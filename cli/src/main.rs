@@ -618,7 +618,14 @@ async fn connect(args: ConnectArgs, settings: Settings) -> Result<i32> {
     );
     if args.hello {
         let role = report.role.expect("a linked report has a role");
-        return legacy::hello(link, role, args.hello_count).await;
+        // The signal handlers replaced the default action: end on a signal here too.
+        return match pump::or_signal(legacy::hello(link, role, args.hello_count), &mut stop).await {
+            Ok(r) => r,
+            Err(sig) => {
+                eprintln!("nettool: {}: stopped", pump::signal_name(sig));
+                Ok(128 + sig)
+            }
+        };
     }
     pump_and_report(link, stop).await
 }
