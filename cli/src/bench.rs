@@ -26,7 +26,7 @@
 //! status 1. Timing is asserted here, never in tests.
 
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,6 +46,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::compare::{measure, CompareOptions};
+
+mod cli_path;
 
 /// Flags of `nettool bench`.
 #[derive(Debug, Args)]
@@ -72,6 +74,38 @@ pub(crate) struct BenchArgs {
     /// Numbers of waiting sessions for the memory figure, comma separated (10k = 10000).
     #[arg(long, value_delimiter = ',', default_value = "10k,100k", value_parser = crate::parse_size)]
     sessions: Vec<u64>,
+    /// CLI path: bytes per transfer between two `connect` processes (and plain TCP).
+    #[arg(long, default_value = "1GiB", value_parser = crate::parse_size)]
+    cli_size: u64,
+    /// CLI path: how data goes in and out (pipe: the bench feeds and drains pipes; file: a
+    /// file into A's stdin, B's stdout into a file). Comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "pipe,file", value_enum)]
+    cli_mode: Vec<CliMode>,
+    /// Soak: transfers (each both ways at once, every byte checked).
+    #[arg(long, default_value_t = 200)]
+    soak_runs: u32,
+    /// Soak: bytes each way per transfer.
+    #[arg(long, default_value = "64MiB", value_parser = crate::parse_size)]
+    soak_size: u64,
+    /// Soak: the strategy soaked (a name `nettool strategies` lists).
+    #[arg(long, default_value = "tcp-punch")]
+    soak_strategy: String,
+    /// CLI path and soak in network namespaces (the NAT lab's ignored tests use these): the
+    /// server's, peer A's and peer B's namespace.
+    #[arg(long, requires_all = ["cli_netns_a", "cli_netns_b", "cli_server_ip"])]
+    cli_netns_server: Option<String>,
+    /// See --cli-netns-server.
+    #[arg(long)]
+    cli_netns_a: Option<String>,
+    /// See --cli-netns-server.
+    #[arg(long)]
+    cli_netns_b: Option<String>,
+    /// Address the rendezvous server of the CLI path listens on (default 127.0.0.1).
+    #[arg(long)]
+    cli_server_ip: Option<IpAddr>,
+    /// Address B's plain-TCP listener binds, reachable from A (default 127.0.0.1).
+    #[arg(long)]
+    cli_b_ip: Option<IpAddr>,
     /// Section to run; repeat for several (default: all; with --server only time-to-link).
     #[arg(long = "section", value_enum)]
     sections: Vec<Section>,
@@ -94,6 +128,20 @@ pub(crate) enum Section {
     Capacity,
     /// The server's memory per connection under hostile load (`bench_server.rs`).
     ServerMemory,
+    /// Two real `connect` processes (stdin → link → stdout) against plain TCP, and their RSS.
+    CliPath,
+    /// Many transfers both ways at once through real processes, every byte checked (not in
+    /// the default set: long).
+    Soak,
+}
+
+/// How the CLI path feeds and drains the processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum CliMode {
+    /// Pipes fed and drained by the bench.
+    Pipe,
+    /// A file on stdin, a file on stdout.
+    File,
 }
 
 /// Whether a figure meets its target.
@@ -135,6 +183,8 @@ struct BenchReport {
     throughput: Option<Throughput>,
     capacity: Option<Capacity>,
     server_memory: Option<crate::bench_server::ServerMemory>,
+    cli_path: Option<cli_path::CliPath>,
+    soak: Option<cli_path::Soak>,
     notes: Vec<String>,
 }
 
@@ -259,6 +309,7 @@ pub(crate) async fn run(
                 Section::Throughput,
                 Section::Capacity,
                 Section::ServerMemory,
+                Section::CliPath,
             ]
         }
     } else {
@@ -282,6 +333,8 @@ pub(crate) async fn run(
         throughput: None,
         capacity: None,
         server_memory: None,
+        cli_path: None,
+        soak: None,
         notes: vec![
             "links are measured as this build makes them, encryption included (TLS on the TCP \
              links and the relay, QUIC's own on udp-quic)"
@@ -312,7 +365,9 @@ pub(crate) async fn run(
                 .into(),
         );
     } else {
-        let server = ServerProc::spawn(&[]).context("starting the rendezvous server")?;
+        let server = ServerProc::spawn(&[])
+            .await
+            .context("starting the rendezvous server")?;
         let params = ConnectParams {
             server: server.addr,
             session: format!("bench-{}", std::process::id()),
@@ -354,6 +409,57 @@ pub(crate) async fn run(
         if sections.contains(&Section::ServerMemory) {
             report.server_memory = Some(crate::bench_server::measure(&progress).await);
         }
+        if sections.contains(&Section::CliPath) || sections.contains(&Section::Soak) {
+            let place = cli_path::Placement {
+                netns_server: args.cli_netns_server.clone(),
+                netns_a: args.cli_netns_a.clone(),
+                netns_b: args.cli_netns_b.clone(),
+                server_ip: args
+                    .cli_server_ip
+                    .unwrap_or(cli_path::Placement::loopback().server_ip),
+                b_ip: args
+                    .cli_b_ip
+                    .unwrap_or(cli_path::Placement::loopback().b_ip),
+            };
+            let links: Vec<String> = if args.peer.strategies.is_empty() {
+                ["tcp-punch", "tcp-direct", "relay", "udp-quic"]
+                    .map(str::to_owned)
+                    .to_vec()
+            } else {
+                args.peer.strategies.iter().map(String::clone).collect()
+            };
+            let modes: Vec<cli_path::IoMode> = args
+                .cli_mode
+                .iter()
+                .map(|m| match m {
+                    CliMode::Pipe => cli_path::IoMode::Pipe,
+                    CliMode::File => cli_path::IoMode::File,
+                })
+                .collect();
+            let (size, rounds) = (args.cli_size, args.rounds.max(1));
+            let (soak_runs, soak_size) = (args.soak_runs, args.soak_size);
+            let soak_link = args.soak_strategy.clone();
+            let want_cli = sections.contains(&Section::CliPath);
+            let want_soak = sections.contains(&Section::Soak);
+            let (cli, soak) = tokio::task::spawn_blocking(move || {
+                let show = |line: &str| {
+                    if !quiet {
+                        eprintln!("nettool bench: {line}");
+                    }
+                };
+                let cli = want_cli
+                    .then(|| cli_path::run(&place, &links, &modes, size, rounds, &show))
+                    .transpose()?;
+                let soak = want_soak
+                    .then(|| cli_path::soak(&place, &soak_link, soak_size, soak_runs, &show))
+                    .transpose()?;
+                Ok::<_, anyhow::Error>((cli, soak))
+            })
+            .await
+            .context("the CLI-path task")??;
+            report.cli_path = cli;
+            report.soak = soak;
+        }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -380,6 +486,12 @@ fn verdicts(r: &BenchReport) -> impl Iterator<Item = Verdict> + '_ {
                 .chain(c.memory.iter().map(|m| m.verdict))
         }))
         .chain(r.server_memory.iter().map(|m| Verdict::of(m.pass)))
+        .chain(
+            r.cli_path
+                .iter()
+                .flat_map(|c| c.rows.iter().flat_map(|x| [x.verdict, x.rss_verdict])),
+        )
+        .chain(r.soak.iter().map(|s| s.verdict))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,7 +504,16 @@ struct ServerProc {
 }
 
 impl ServerProc {
-    fn spawn(extra: &[&str]) -> Result<Self> {
+    /// Starts the server; the child's output is read on a blocking-pool thread, not on an
+    /// async worker.
+    async fn spawn(extra: &[&str]) -> Result<Self> {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        tokio::task::spawn_blocking(move || Self::spawn_blocking(&extra))
+            .await
+            .context("the server start task")?
+    }
+
+    fn spawn_blocking(extra: &[String]) -> Result<Self> {
         let exe = std::env::current_exe().context("finding the nettool binary")?;
         let mut child = Command::new(exe)
             .args([
@@ -893,7 +1014,7 @@ async fn pairing_rate(total: u64, concurrency: usize, cores: usize) -> PairingRa
         verdict: Verdict::Miss,
         error: None,
     };
-    let server = match ServerProc::spawn(&[]) {
+    let server = match ServerProc::spawn(&[]).await {
         Ok(s) => s,
         Err(e) => {
             rate.error = Some(format!("starting the server: {e:#}"));
@@ -1057,7 +1178,7 @@ async fn waiting_sessions(
             why_low.unwrap_or("RLIMIT_NOFILE too low")
         ));
     }
-    let server = match ServerProc::spawn(&["--session-expiry", "1h"]) {
+    let server = match ServerProc::spawn(&["--session-expiry", "1h"]).await {
         Ok(s) => s,
         Err(e) => {
             row.error = Some(format!("starting the server: {e:#}"));
@@ -1265,6 +1386,65 @@ fn render(r: &BenchReport) -> String {
     }
     if let Some(m) = &r.server_memory {
         out += &format!("{}\n", m.render());
+    }
+    if let Some(c) = &r.cli_path {
+        out += &format!(
+            "CLI path ({}: two real processes, {} bytes per transfer, median of {} rounds; {})\n",
+            c.placement, c.size, c.rounds, c.ktls
+        );
+        let mut t = table(&[
+            "link",
+            "stdin→stdout",
+            "time",
+            "rate",
+            "vs plain TCP",
+            "target",
+            "",
+            "peak RSS",
+            "≤ 32 MB",
+            "error",
+        ]);
+        for row in &c.rows {
+            t.add_row([
+                row.link.clone(),
+                match row.mode {
+                    cli_path::IoMode::Pipe => "pipe→pipe".to_owned(),
+                    cli_path::IoMode::File => "file→file".to_owned(),
+                    cli_path::IoMode::Both => "both ways".to_owned(),
+                },
+                opt(row.seconds, 3, " s"),
+                opt(row.mb_per_s, 0, " MB/s"),
+                opt(row.ratio, 2, "×"),
+                row.target_ratio
+                    .map_or(String::new(), |x| format!("≥ {x}×")),
+                row.verdict.as_str().into(),
+                format!("{:.1} MB", row.peak_rss_mb),
+                row.rss_verdict.as_str().into(),
+                row.error.clone().unwrap_or_default(),
+            ]);
+        }
+        out += &format!("{t}\n\n");
+    }
+    if let Some(s) = &r.soak {
+        out += &format!(
+            "Soak ({} transfers over {}, {} bytes each way at once, every byte checked)\n",
+            s.runs, s.link, s.size
+        );
+        let mut t = table(&["ok", "stalls", "failed", "median", "max", "peak RSS", ""]);
+        t.add_row([
+            format!("{}/{}", s.ok, s.runs),
+            s.stalls.to_string(),
+            s.failures.len().to_string(),
+            opt(s.median_seconds, 3, " s"),
+            opt(s.max_seconds, 3, " s"),
+            format!("{:.1} MB", s.peak_rss_mb),
+            s.verdict.as_str().into(),
+        ]);
+        out += &format!("{t}\n");
+        for f in s.failures.iter().take(10) {
+            out += &format!("  {f}\n");
+        }
+        out += "\n";
     }
     for n in &r.notes {
         out += &format!("note: {n}\n");

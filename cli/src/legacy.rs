@@ -71,9 +71,8 @@ pub(crate) async fn connect(
     if hello {
         return self::hello(link, role, hello_count).await;
     }
-    let (sent, received) = crate::pump_stdio(link).await?;
-    eprintln!("nettool: done: sent {sent} bytes, received {received} bytes");
-    Ok(0)
+    let stop = crate::pump::signals().context("installing signal handlers")?;
+    crate::pump_and_report(link, stop).await
 }
 
 /// `--hello`: the first peer sends "Hello, world\n\0" once a second and prints

@@ -28,13 +28,14 @@ use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::Strategy;
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
 
 mod bench;
 mod bench_server;
 mod compare;
 mod legacy;
 mod netcheck;
+mod pump;
+mod stdio;
 
 const DEFAULT_PORT: u16 = 8877;
 
@@ -108,11 +109,24 @@ enum Command {
     /// command-line flags.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Plain TCP with connect's stdin/stdout pump: the baseline of `bench --section cli-path`.
+    #[command(hide = true)]
+    PlainTcp(PlainTcpArgs),
     /// List the strategies this binary knows, in the default order, with their settings.
     ///
     /// Each strategy reads its own [strategy.NAME] table; every one takes `timeout` (one
     /// attempt's ceiling). A custom binary built with `nettool::run_with` lists its own too.
     Strategies,
+}
+
+#[derive(Debug, Args)]
+struct PlainTcpArgs {
+    /// Accept one connection on this address (prints `listening on ADDR`).
+    #[arg(long, conflicts_with = "connect")]
+    listen: Option<SocketAddr>,
+    /// Connect to this address.
+    #[arg(long)]
+    connect: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -370,7 +384,7 @@ pub fn run_with(registry: StrategyRegistry) -> i32 {
             std::process::exit(2);
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match run(cli.command, cli.config, &registry).await {
             Ok(code) => code,
             Err(e) if e.is::<BadSettings>() => {
@@ -382,7 +396,10 @@ pub fn run_with(registry: StrategyRegistry) -> i32 {
                 1
             }
         }
-    })
+    });
+    // Put stdio's flags back (a non-blocking stdin left behind breaks the user's shell).
+    stdio::restore();
+    code
 }
 
 /// Settings that name an unknown strategy or carry a bad strategy table: exit status 2.
@@ -547,6 +564,7 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             strategies_list(registry);
             Ok(0)
         }
+        Command::PlainTcp(args) => plain_tcp(args).await,
     }
 }
 
@@ -726,15 +744,22 @@ async fn connect(
         secret: settings.secret.clone(),
     };
     let quiet = !std::io::stderr().is_terminal();
-    let (link, report) = orch
-        .connect(&params, &|e| {
-            // "waiting for the peer" always goes out: scripts (and tests) start the second
-            // peer when they see it.
-            if !quiet || matches!(e, Event::Waiting) {
-                progress(e)
-            }
-        })
-        .await;
+    let mut stop = pump::signals().context("installing signal handlers")?;
+    let show = |e| {
+        // "waiting for the peer" always goes out: scripts (and tests) start the second peer
+        // when they see it.
+        if !quiet || matches!(e, Event::Waiting) {
+            progress(e)
+        }
+    };
+    let linking = orch.connect(&params, &show);
+    let (link, report) = match pump::or_signal(linking, &mut stop).await {
+        Ok(r) => r,
+        Err(sig) => {
+            eprintln!("nettool: {} before a link was made", pump::signal_name(sig));
+            return Ok(128 + sig);
+        }
+    };
     if let Some(path) = &args.report {
         write_report(path, &report)?;
     }
@@ -754,11 +779,47 @@ async fn connect(
     );
     if args.hello {
         let role = report.role.expect("a linked report has a role");
-        return legacy::hello(link, role, args.hello_count).await;
+        // The signal handlers replaced the default action: end on a signal here too.
+        return match pump::or_signal(legacy::hello(link, role, args.hello_count), &mut stop).await {
+            Ok(r) => r,
+            Err(sig) => {
+                eprintln!("nettool: {}: stopped", pump::signal_name(sig));
+                Ok(128 + sig)
+            }
+        };
     }
-    let (sent, received) = pump_stdio(link).await?;
-    eprintln!("nettool: done: sent {sent} bytes, received {received} bytes");
-    Ok(0)
+    pump_and_report(link, stop).await
+}
+
+/// `plain-tcp`: one plain TCP connection pumped like `connect`'s link.
+async fn plain_tcp(args: PlainTcpArgs) -> Result<i32> {
+    let (stream, local, remote) = match (args.listen, args.connect) {
+        (Some(addr), None) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            eprintln!("nettool: listening on {}", l.local_addr()?);
+            let (s, remote) = l.accept().await.context("accepting")?;
+            (s, l.local_addr()?, remote)
+        }
+        (None, Some(addr)) => {
+            let s = tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            let local = s.local_addr()?;
+            (s, local, addr)
+        }
+        _ => bail!("give --listen ADDR or --connect ADDR"),
+    };
+    let stop = pump::signals().context("installing signal handlers")?;
+    let link = Link {
+        stream: Box::new(stream),
+        local,
+        remote,
+        strategy: "plain-tcp",
+    };
+    eprintln!("nettool: linked with ? via plain-tcp: {local} -> {remote}");
+    pump_and_report(link, stop).await
 }
 
 fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
@@ -767,26 +828,29 @@ fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
         .with_context(|| format!("cannot write the report to {}", path.display()))
 }
 
-/// stdin → link until EOF (then half-close), link → stdout until the peer's EOF.
-pub(crate) async fn pump_stdio(link: Link) -> Result<(u64, u64)> {
-    let (mut rd, mut wr) = tokio::io::split(link.stream);
-    let up = async {
-        let mut stdin = tokio::io::stdin();
-        let n = tokio::io::copy(&mut stdin, &mut wr)
-            .await
-            .context("sending stdin to the peer")?;
-        wr.shutdown().await.context("closing the sending side")?;
-        Ok::<_, anyhow::Error>(n)
-    };
-    let down = async {
-        let mut stdout = tokio::io::stdout();
-        let n = tokio::io::copy(&mut rd, &mut stdout)
-            .await
-            .context("receiving from the peer")?;
-        stdout.flush().await.context("writing stdout")?;
-        Ok::<_, anyhow::Error>(n)
-    };
-    tokio::try_join!(up, down)
+/// Pumps stdin/stdout over the link and says how it ended; the exit code.
+async fn pump_and_report(
+    link: Link,
+    stop: tokio::sync::watch::Receiver<Option<i32>>,
+) -> Result<i32> {
+    let out = pump::pump_stdio(link, stop).await?;
+    let totals = format!("sent {} bytes, received {} bytes", out.sent, out.received);
+    if let Some(sig) = out.signal {
+        // The link is closed and dropped; give a QUIC endpoint's driver a moment to put the
+        // close on the wire (a userspace stack has no kernel to send it after we exit).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        eprintln!(
+            "nettool: {}: closed the link; {totals}",
+            pump::signal_name(sig)
+        );
+        return Ok(128 + sig);
+    }
+    if out.send_cut {
+        eprintln!("nettool: peer closed (it no longer takes data); {totals}");
+    } else {
+        eprintln!("nettool: peer closed; done: {totals}");
+    }
+    Ok(0)
 }
 
 async fn demo(registry: &StrategyRegistry) -> Result<i32> {

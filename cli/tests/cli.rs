@@ -209,6 +209,8 @@ fn bench_smoke_prints_every_section() {
         "16",
         "--sessions",
         "200",
+        "--cli-size",
+        "4MiB",
     ];
     let out = nettool(&small);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -220,6 +222,10 @@ fn bench_smoke_prints_every_section() {
         "Rendezvous capacity",
         "pairings per second",
         "server RSS, 200 waiting sessions",
+        "CLI path",
+        "plain-tcp",
+        "pipe→pipe",
+        "file→file",
         "plain TCP",
         "tcp-punch",
         "udp-quic",
@@ -255,4 +261,14 @@ fn bench_smoke_prints_every_section() {
         cap["memory"][0]["rss_after_kib"].as_u64().is_some(),
         "{cap}"
     );
+    // The CLI path: plain TCP and four strategies, pipe and file, every transfer intact
+    // (the bench checks every byte) and an RSS figure for each.
+    let cli = v["cli_path"]["rows"].as_array().expect("cli_path rows");
+    assert_eq!(cli.len(), 10, "{v}");
+    assert_eq!(cli[0]["link"], "plain-tcp", "{v}");
+    for row in cli {
+        assert!(row["error"].is_null(), "{row}");
+        assert!(row["peak_rss_mb"].as_f64().unwrap_or(0.0) > 0.0, "{row}");
+    }
+    assert!(v["cli_path"]["ktls"].is_string(), "{v}");
 }

@@ -24,7 +24,22 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+
+/// Default size of the buffer links read the socket through (see [`LinkTls::upgrade`]).
+pub const READ_BUF: usize = 256 << 10;
+/// rustls' limit of encrypted bytes queued for the socket.
+const SEND_BUF: usize = 256 << 10;
+
+/// The read buffer size: [`READ_BUF`], or `NETTOOL_TLS_READ_BUF` bytes (for measuring the
+/// lever; 0 reads the socket as rustls asks, 4 KiB at a time).
+fn read_buf() -> usize {
+    std::env::var("NETTOOL_TLS_READ_BUF")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(READ_BUF)
+        .max(1)
+}
 
 /// ALPN protocol id of nettool links.
 pub const ALPN: &[u8] = b"nettool/1";
@@ -79,7 +94,7 @@ pub fn tls_error(what: &str, e: impl std::fmt::Display) -> StrategyError {
 
 /// Accepts exactly the certificate with this SHA-256 fingerprint.
 #[derive(Debug)]
-pub(crate) struct Pinned {
+pub struct Pinned {
     fingerprint: [u8; 32],
     provider: Arc<CryptoProvider>,
 }
@@ -289,12 +304,16 @@ impl LinkTls {
 
     /// TLS over `stream`; returns the encrypted stream and this TLS session's exporter value
     /// for the link handshake's channel binding.
+    ///
+    /// The stream is read through a [`READ_BUF`] buffer: rustls reads the socket 4 KiB at a
+    /// time, which costs a system call (and a reactor round) per 4 KiB at line rate.
     pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: S,
-    ) -> io::Result<(tokio_rustls::TlsStream<S>, Vec<u8>)> {
+    ) -> io::Result<(tokio_rustls::TlsStream<BufReader<S>>, Vec<u8>)> {
+        let stream = BufReader::with_capacity(read_buf(), stream);
         let mut binding = vec![0u8; 32];
-        let tls: tokio_rustls::TlsStream<S> = match self.role {
+        let mut tls: tokio_rustls::TlsStream<BufReader<S>> = match self.role {
             Role::First => {
                 let name = ServerName::try_from("nettool.peer").expect("static name is valid");
                 let s = self.connector.connect(name, stream).await?;
@@ -313,6 +332,11 @@ impl LinkTls {
                 s.into()
             }
         };
+        // Room for 4 full records of plaintext before a write waits for the socket.
+        match &mut tls {
+            tokio_rustls::TlsStream::Client(c) => c.get_mut().1.set_buffer_limit(Some(SEND_BUF)),
+            tokio_rustls::TlsStream::Server(c) => c.get_mut().1.set_buffer_limit(Some(SEND_BUF)),
+        }
         Ok((tls, binding))
     }
 }

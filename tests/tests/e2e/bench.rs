@@ -126,3 +126,133 @@ fn bench_lab_time_to_link() {
     // tcp-direct needs a reachable side.
     bench_pair(NatKind::Cone, NatKind::Full, &["tcp-direct"], runs);
 }
+
+/// Runs `nettool bench` (loopback mode) with its CLI-path processes placed in the lab `a` × `b`:
+/// the server in the server namespace, peer A (sender) and B (receiver) in the hosts'.
+fn bench_cli_in_lab(a: NatKind, b: NatKind, extra: &[&str]) -> serde_json::Value {
+    let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
+    let mut cmd = Command::new(nettool_bin());
+    cmd.arg("bench")
+        .args(extra)
+        .args(["--cli-netns-server", lab.netns(Host::Server)])
+        .args(["--cli-netns-a", lab.netns(Host::A)])
+        .args(["--cli-netns-b", lab.netns(Host::B)])
+        .args(["--cli-server-ip", &lab.server_ip().to_string()])
+        .args(["--cli-b-ip", &lab.host_ip(Host::B).to_string()])
+        .arg("--json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut p = Proc::spawn(cmd);
+    let status = p
+        .wait_timeout(Duration::from_secs(3600))
+        .expect("bench finished within an hour");
+    let mut out = String::new();
+    p.child
+        .stdout
+        .as_mut()
+        .expect("stdout piped")
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "bench: {status:?}\n{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{out}"))
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// The CLI path (issue 12) between two lab hosts with no NAT on either side (routed): two
+/// `nettool connect` processes per strategy against two plain-TCP processes pumped the same
+/// way, pipe→pipe and file→file. Prints the table; checks every transfer arrived intact
+/// (the bench checks every byte), not the ratios (they are benchmark figures).
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture, as root, with a release NETTOOL_BIN"]
+fn bench_lab_cli_path() {
+    if !require_lab() {
+        return;
+    }
+    // NETTOOL_BENCH_CLI_SIZE (default 1GiB), NETTOOL_BENCH_ROUNDS (default 3).
+    let size = env_or("NETTOOL_BENCH_CLI_SIZE", "1GiB");
+    let rounds = env_or("NETTOOL_BENCH_ROUNDS", "3");
+    // NETTOOL_BENCH_STRATEGIES (comma separated; default all four), NETTOOL_BENCH_CLI_MODES
+    // (default pipe,file).
+    let modes = env_or("NETTOOL_BENCH_CLI_MODES", "pipe,file");
+    let mut args: Vec<String> = [
+        "--section",
+        "cli-path",
+        "--cli-size",
+        &size,
+        "--rounds",
+        &rounds,
+        "--cli-mode",
+        &modes,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for s in env_or("NETTOOL_BENCH_STRATEGIES", "")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        args.extend(["--strategy".to_owned(), s.to_owned()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v = bench_cli_in_lab(NatKind::None, NatKind::None, &args);
+    let c = &v["cli_path"];
+    println!(
+        "CLI path in the NAT lab (none x none, routed), {size}, {rounds} rounds; {}",
+        c["ktls"]
+    );
+    for row in c["rows"].as_array().expect("rows") {
+        println!(
+            "  {:<10} {:<5} {:>7.3} s  {:>6.0} MB/s  ratio {:>5.2}  target {:>5}  {:<4}  RSS {:>5.1} MB {}",
+            row["link"].as_str().unwrap_or("?"),
+            row["mode"].as_str().unwrap_or("?"),
+            row["seconds"].as_f64().unwrap_or(f64::NAN),
+            row["mb_per_s"].as_f64().unwrap_or(f64::NAN),
+            row["ratio"].as_f64().unwrap_or(f64::NAN),
+            row["target_ratio"].as_f64().map_or("-".into(), |t| t.to_string()),
+            row["verdict"].as_str().unwrap_or("?"),
+            row["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+            row["rss_verdict"].as_str().unwrap_or("?"),
+        );
+        assert!(row["error"].is_null(), "{row}");
+    }
+}
+
+/// The soak (issue 12): NETTOOL_SOAK_RUNS (default 200) tcp-punch transfers of
+/// NETTOOL_SOAK_SIZE (default 64MiB) both ways at once through two reset-answering routers
+/// (cone-rst x cone-rst), every byte checked. Fails on any stall, loss or corruption.
+#[test]
+#[ignore = "soak: run with --ignored --nocapture, as root, with a release NETTOOL_BIN"]
+fn soak_lab_tcp_punch_cone_rst() {
+    if !require_lab() {
+        return;
+    }
+    let runs = env_or("NETTOOL_SOAK_RUNS", "200");
+    let size = env_or("NETTOOL_SOAK_SIZE", "64MiB");
+    // NETTOOL_SOAK_KINDS=A,B picks another pair (e.g. fw,none, where the old stall was seen).
+    let kinds = env_or("NETTOOL_SOAK_KINDS", "cone-rst,cone-rst");
+    let (a, b) = kinds
+        .split_once(',')
+        .and_then(|(a, b)| Some((a.parse::<NatKind>().ok()?, b.parse::<NatKind>().ok()?)))
+        .unwrap_or_else(|| panic!("NETTOOL_SOAK_KINDS={kinds}: expected two kinds, e.g. fw,none"));
+    let v = bench_cli_in_lab(
+        a,
+        b,
+        &[
+            "--section",
+            "soak",
+            "--soak-runs",
+            &runs,
+            "--soak-size",
+            &size,
+            "--soak-strategy",
+            "tcp-punch",
+        ],
+    );
+    let s = &v["soak"];
+    println!("soak in the NAT lab ({a} x {b}): {s}");
+    assert_eq!(s["stalls"], 0, "{s}");
+    assert_eq!(s["ok"], s["runs"], "{s}");
+}

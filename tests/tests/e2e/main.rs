@@ -11,4 +11,5 @@ mod nat_quic;
 mod netcheck;
 mod plugin;
 mod security;
+mod signals;
 mod support;
