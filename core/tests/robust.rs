@@ -309,7 +309,8 @@ async fn the_overall_deadline_is_a_hard_bound() {
     ));
     let overall = Duration::from_secs(10);
     // The attempt's own timeout reaches the overall deadline: the result grace would overrun.
-    let orch = Orchestrator::new(vec![(Arc::new(FailFast), overall)], overall);
+    // Blind (`--plan off`): the plan would shorten the attempt to a few round trips.
+    let orch = Orchestrator::new(vec![(Arc::new(FailFast), overall)], overall).with_plan(false);
     let params = ConnectParams {
         server,
         session: "deadline".into(),
