@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 
 mod bench;
 mod compare;
+mod forward;
 mod legacy;
 
 const DEFAULT_PORT: u16 = 8877;
@@ -77,6 +78,22 @@ enum Command {
     /// Example (small and quick):
     ///   nettool bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
     Bench(bench::BenchArgs),
+    /// Make one local service (TARGET, HOST:PORT) reachable by a `nettool forward` peer.
+    ///
+    /// Needs --secret. Serves one forwarder at a time (a second one is told "busy"); every
+    /// stream the forwarder opens is connected to TARGET and nowhere else. Rejoins the session
+    /// after each forwarder leaves.
+    ///
+    /// Example: nettool expose --server rv.example.net --session ssh --secret K 127.0.0.1:22
+    Expose(forward::ExposeArgs),
+    /// Accept local TCP connections and carry each one over one link to `nettool expose`.
+    ///
+    /// Each connection becomes its own stream (yamux, per-stream flow control); a dead link is
+    /// noticed by a heartbeat and the link is made again automatically.
+    ///
+    /// Example: nettool forward --server rv.example.net --session ssh --secret K
+    ///   --listen 127.0.0.1:2222   (then: ssh -p 2222 user@127.0.0.1)
+    Forward(forward::ForwardArgs),
     /// Inspect the configuration.
     ///
     /// Settings come from, lowest first: built-in defaults, the config file's [default]
@@ -418,6 +435,14 @@ async fn run(command: Command, config: ConfigArgs) -> Result<i32> {
         Command::Bench(args) => {
             let loaded = load(args.peer.overrides())?;
             bench::run(args, loaded.settings).await
+        }
+        Command::Expose(args) => {
+            let loaded = load(args.peer.overrides())?;
+            forward::expose(args, loaded.settings).await
+        }
+        Command::Forward(args) => {
+            let loaded = load(args.peer.overrides())?;
+            forward::forward(args, loaded.settings).await
         }
         Command::Config(ConfigCommand::Show) => config_show(&load(Overrides::default())?),
     }
