@@ -2,6 +2,7 @@
 
 mod bench;
 mod fallback;
+mod forward;
 mod lab;
 mod legacy;
 mod loopback;

@@ -1,0 +1,433 @@
+//! `nettool expose` and `nettool forward`: many TCP connections over one link.
+//!
+//! Loopback: 64 concurrent streams with half-close on tcp-punch, udp-quic and relay links;
+//! a refused stream fails alone; a second forwarder is told "busy" and the session is reusable;
+//! expose refuses to start without a secret; a stalled peer is noticed by the heartbeat and
+//! both sides rejoin. Lab: a real sshd (8 concurrent sessions, a 64 MiB scp) and an HTTP
+//! server (100 concurrent curls) through forward -> expose on cone x cone-rst (tcp-punch) and
+//! sym x sym (relay); a path broken by an nft drop rule and restored.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::{nettool_bin, sha256, test_data, Proc, TempDir};
+
+/// Waits until the file holds a line containing `needle`; returns that line.
+pub(crate) fn wait_line(path: &Path, needle: &str, limit: Duration) -> String {
+    let end = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            return l.to_owned();
+        }
+        assert!(
+            Instant::now() < end,
+            "no line containing {needle:?} in {} within {limit:?}; it holds:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Counts the lines of the file that contain `needle`.
+fn count_lines(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// A running `expose` or `forward` with its stderr in a file.
+pub(crate) struct Side {
+    pub(crate) proc: Proc,
+    pub(crate) err: std::path::PathBuf,
+}
+
+/// Starts `nettool <sub> <args>` through `cmd` (a bare binary or `ip netns exec`).
+pub(crate) fn start_side(mut cmd: Command, dir: &TempDir, name: &str, args: &[String]) -> Side {
+    let err = dir.path(&format!("{name}.err"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("create err"));
+    Side {
+        proc: Proc::spawn(cmd),
+        err,
+    }
+}
+
+pub(crate) fn peer_args(server: &str, session: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["--server", server, "--session", session, "--secret", "fw-k"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Starts expose (TARGET) then forward (listening on 127.0.0.1:0); waits until the forwarder
+/// says it is forwarding; returns both and the forwarder's listening address.
+pub(crate) fn start_pair(
+    expose_cmd: Command,
+    forward_cmd: Command,
+    dir: &TempDir,
+    common: &[String],
+    target: &str,
+    forward_extra: &[&str],
+) -> (Side, Side, String) {
+    let mut e = vec!["expose".to_owned()];
+    e.extend(common.iter().cloned());
+    e.extend([
+        "--report".to_owned(),
+        dir.path("expose.json").display().to_string(),
+    ]);
+    e.push(target.to_owned());
+    let expose = start_side(expose_cmd, dir, "expose", &e);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut f = vec!["forward".to_owned()];
+    f.extend(common.iter().cloned());
+    f.extend(
+        ["--listen", "127.0.0.1:0", "--report"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    f.push(dir.path("forward.json").display().to_string());
+    f.extend(forward_extra.iter().map(|s| s.to_string()));
+    let forward = start_side(forward_cmd, dir, "forward", &f);
+    let line = wait_line(&forward.err, "listening on", Duration::from_secs(10));
+    let listen = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .expect("address in the listening line")
+        .trim_end_matches(';')
+        .to_owned();
+    wait_line(&forward.err, "forwarding", Duration::from_secs(45));
+    (expose, forward, listen)
+}
+
+/// A TCP service on loopback: reads each connection to EOF, then sends the bytes back and
+/// closes. Only a forwarded half-close lets it answer.
+struct EchoAfterEof {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl EchoAfterEof {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut c) = c else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    if c.read_to_end(&mut buf).is_ok() {
+                        let _ = c.write_all(&buf);
+                    }
+                });
+            }
+        });
+        Self { addr, stop }
+    }
+
+    /// Stops listening: new connections to the port are refused.
+    fn close(self) -> SocketAddr {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop so it drops the listener.
+        let _ = TcpStream::connect(self.addr);
+        std::thread::sleep(Duration::from_millis(100));
+        self.addr
+    }
+}
+
+/// Sends `data` through the forwarder, half-closes, reads the echo to EOF.
+fn echo_round(listen: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = TcpStream::connect(listen)?;
+    c.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut w = c.try_clone()?;
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut out = Vec::new();
+    c.read_to_end(&mut out)?;
+    writer.join().expect("writer")?;
+    Ok(out)
+}
+
+fn many_streams(strategy: &str) {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new(&format!("fw64-{strategy}"));
+    let echo = EchoAfterEof::start();
+    let common = peer_args(&addr, "fw64", &["--strategy", strategy]);
+    let (_e, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir,
+        &common,
+        &echo.addr.to_string(),
+        &[],
+    );
+    const STREAMS: usize = 64;
+    let threads: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let listen = listen.clone();
+            std::thread::spawn(move || {
+                let data = test_data(64 << 10 | i * 977, i as u64 + 100);
+                let got = echo_round(&listen, &data).expect("stream");
+                (sha256(&data), sha256(&got), got.len())
+            })
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        let (want, got, len) = t.join().expect("client thread");
+        assert_eq!(want, got, "stream {i}: echo differs ({len} bytes back)");
+    }
+    // Counters: per stream on stderr, totals in the report.
+    let closed = Instant::now() + Duration::from_secs(5);
+    while count_lines(&forward.err, "closed after") < STREAMS && Instant::now() < closed {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(count_lines(&forward.err, "closed after"), STREAMS);
+    std::thread::sleep(Duration::from_millis(700));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path("forward.json")).unwrap()).unwrap();
+    assert_eq!(report["streams"], STREAMS as u64);
+    assert_eq!(report["streams_failed"], 0);
+    let bytes: u64 = (0..STREAMS).map(|i| (64 << 10 | i * 977) as u64).sum();
+    assert_eq!(report["bytes_sent"], bytes);
+    assert_eq!(report["bytes_received"], bytes);
+    assert_eq!(
+        report["links"].as_array().unwrap().len(),
+        1,
+        "one link: {report}"
+    );
+    assert_eq!(report["links"][0]["connect"]["strategy"], strategy);
+}
+
+#[test]
+fn forward_carries_64_concurrent_streams_with_half_close_over_tcp_punch() {
+    many_streams("tcp-punch");
+}
+
+#[test]
+fn forward_carries_64_concurrent_streams_with_half_close_over_udp_quic() {
+    many_streams("udp-quic");
+}
+
+#[test]
+fn forward_carries_64_concurrent_streams_with_half_close_over_relay() {
+    many_streams("relay");
+}
+
+#[test]
+fn a_refused_stream_fails_alone_and_the_link_carries_on() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-refuse");
+    let echo = EchoAfterEof::start();
+    let target = echo.addr;
+    let common = peer_args(&addr, "fw-refuse", &["--strategy", "tcp-punch"]);
+    let (expose, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir,
+        &common,
+        &target.to_string(),
+        &[],
+    );
+    // A stream that stays open across the refusal.
+    let mut open = TcpStream::connect(&listen).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    open.write_all(b"before ").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    echo.close();
+    // The target refuses now: this stream is closed with a message, nothing comes back.
+    let mut refused = TcpStream::connect(&listen).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    let n = refused.read_to_end(&mut got);
+    assert!(
+        matches!(n, Ok(0)) || n.is_err(),
+        "the refused stream should close, got {n:?} {got:?}"
+    );
+    let line = wait_line(&forward.err, "failed", Duration::from_secs(10));
+    assert!(
+        line.contains(&format!("cannot connect to {target}")),
+        "forward stderr names the refusal: {line}"
+    );
+    wait_line(&expose.err, "cannot connect to", Duration::from_secs(5));
+    // The open stream carries on and completes.
+    open.write_all(b"after").unwrap();
+    open.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    open.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"before after");
+    assert_eq!(count_lines(&forward.err, "link lost"), 0);
+    std::thread::sleep(Duration::from_millis(700));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path("forward.json")).unwrap()).unwrap();
+    assert_eq!(report["streams"], 2);
+    assert_eq!(report["streams_failed"], 1);
+}
+
+#[test]
+fn a_second_forwarder_is_told_busy_and_the_session_is_reusable() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-busy");
+    let echo = EchoAfterEof::start();
+    let common = peer_args(&addr, "fw-busy", &["--strategy", "tcp-punch"]);
+    let (expose, first, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir,
+        &common,
+        &echo.addr.to_string(),
+        &[],
+    );
+    assert_eq!(echo_round(&listen, b"one").unwrap(), b"one");
+    let mut f = vec!["forward".to_owned()];
+    f.extend(common.iter().cloned());
+    f.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    let mut second = start_side(Command::new(nettool_bin()), &dir, "second", &f);
+    let status = second
+        .proc
+        .wait_timeout(Duration::from_secs(40))
+        .expect("the second forwarder stops");
+    let err = std::fs::read_to_string(&second.err).unwrap();
+    assert!(!status.success(), "busy is an error: {err}");
+    assert!(err.contains("busy"), "stderr says busy: {err}");
+    // The first one still works.
+    assert_eq!(echo_round(&listen, b"two").unwrap(), b"two");
+    // After the first forwarder leaves, the session serves the next one.
+    drop(first);
+    wait_line(
+        &expose.err,
+        "waiting for a forwarder",
+        Duration::from_secs(10),
+    );
+    let mut f = vec!["forward".to_owned()];
+    f.extend(common.iter().cloned());
+    f.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    let third = start_side(Command::new(nettool_bin()), &dir, "third", &f);
+    let line = wait_line(&third.err, "listening on", Duration::from_secs(10));
+    let listen3 = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap()
+        .trim_end_matches(';')
+        .to_owned();
+    wait_line(&third.err, "forwarding", Duration::from_secs(30));
+    assert_eq!(echo_round(&listen3, b"three").unwrap(), b"three");
+}
+
+#[test]
+fn expose_and_forward_refuse_to_start_without_a_secret() {
+    let dir = TempDir::new("fw-nosecret");
+    let config = dir.path("empty.toml");
+    std::fs::write(&config, "").unwrap();
+    for sub in [
+        vec!["expose", "127.0.0.1:22"],
+        vec!["forward", "--listen", "127.0.0.1:0"],
+    ] {
+        let out = Command::new(nettool_bin())
+            .args(&sub)
+            .args(["--server", "127.0.0.1:9", "--session", "x"])
+            .env_remove("NETTOOL_SECRET")
+            .env("NETTOOL_CONFIG", &config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sub:?} must fail: {err}");
+        assert!(err.contains("needs a secret"), "{sub:?}: {err}");
+    }
+    // A TARGET that is not HOST:PORT is refused by name.
+    let out = Command::new(nettool_bin())
+        .args(["expose", "--server", "127.0.0.1:9", "--session", "x"])
+        .args(["--secret", "k", "not-a-target"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad TARGET 'not-a-target'"),
+        "{err}"
+    );
+}
+
+fn signal(proc: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &proc.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+#[test]
+fn a_stalled_peer_is_noticed_by_the_heartbeat_and_both_rejoin() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-hb");
+    let echo = EchoAfterEof::start();
+    let common = peer_args(
+        &addr,
+        "fw-hb",
+        &["--strategy", "tcp-punch", "--strategy-timeout", "3s"],
+    );
+    let (expose, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir,
+        &common,
+        &echo.addr.to_string(),
+        &["--heartbeat-timeout", "2s"],
+    );
+    assert_eq!(echo_round(&listen, b"x").unwrap(), b"x");
+    // A stream open while the peer stalls fails; the link stays up at the TCP level (the
+    // stopped process's kernel still acknowledges), so only the heartbeat can notice.
+    let mut open = TcpStream::connect(&listen).unwrap();
+    open.write_all(b"pending").unwrap();
+    signal(&expose.proc, "-STOP");
+    let stalled = Instant::now();
+    let line = wait_line(&forward.err, "link lost", Duration::from_secs(10));
+    let noticed = stalled.elapsed();
+    assert!(line.contains("heartbeat"), "{line}");
+    assert!(
+        noticed < Duration::from_secs(4),
+        "noticed after {noticed:?}"
+    );
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    assert!(
+        !matches!(open.read_to_end(&mut rest), Ok(n) if n > 0),
+        "the open stream failed"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    signal(&expose.proc, "-CONT");
+    let resumed = Instant::now();
+    // A new connection made now waits for the new link and goes through.
+    assert_eq!(echo_round(&listen, b"again").unwrap(), b"again");
+    let took = resumed.elapsed();
+    eprintln!("new stream through after {took:?} (stalled peer resumed)");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path("forward.json")).unwrap()).unwrap();
+    assert!(report["links"].as_array().unwrap().len() >= 2, "{report}");
+    assert!(report["links"][0]["ended"]
+        .as_str()
+        .unwrap()
+        .contains("heartbeat"));
+}
