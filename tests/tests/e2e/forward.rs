@@ -431,3 +431,395 @@ fn a_stalled_peer_is_noticed_by_the_heartbeat_and_both_rejoin() {
         .unwrap()
         .contains("heartbeat"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// In the NAT lab: sshd, scp, curl, a broken path.
+
+mod lab {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use nettool_tests::{require_lab, Host, NatKind};
+
+    use super::{peer_args, start_pair, wait_line, Side};
+    use crate::nat_punch::RunningLab;
+    use crate::support::{nettool_bin, sha256, test_data, Proc, TempDir};
+
+    const SSH_PORT: u16 = 2222;
+    const HTTP_PORT: u16 = 8000;
+
+    fn run_ok(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A real sshd in host B's namespace on 127.0.0.1:2222 with its own host key; returns the
+    /// process and the client key that may log in.
+    fn start_sshd(lab: &RunningLab, dir: &TempDir) -> (Proc, PathBuf) {
+        let host_key = dir.path("host_ed25519");
+        let user_key = dir.path("user_ed25519");
+        for k in [&host_key, &user_key] {
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(k),
+            );
+        }
+        std::fs::copy(dir.path("user_ed25519.pub"), dir.path("authorized_keys")).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let config = dir.path("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {SSH_PORT}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+                 Subsystem sftp internal-sftp\nMaxStartups 64\nMaxSessions 64\nLogLevel INFO\n",
+                host_key.display(),
+                dir.path("authorized_keys").display()
+            ),
+        )
+        .unwrap();
+        let err = dir.path("sshd.err");
+        let mut cmd = lab.lab.command(Host::B, "/usr/sbin/sshd");
+        cmd.args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap());
+        let proc = Proc::spawn(cmd);
+        wait_line(&err, "Server listening", Duration::from_secs(10));
+        (proc, user_key)
+    }
+
+    /// `ssh`/`scp` in host A's namespace against the forwarder's port.
+    fn ssh_base(
+        lab: &RunningLab,
+        program: &str,
+        key: &Path,
+        port_flag: &str,
+        port: &str,
+    ) -> Command {
+        let mut c = lab.lab.command(Host::A, program);
+        c.args(["-F", "/dev/null", "-i"]).arg(key).args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=30",
+            port_flag,
+            port,
+        ]);
+        c
+    }
+
+    fn port_of(listen: &str) -> String {
+        listen.rsplit_once(':').unwrap().1.to_owned()
+    }
+
+    /// `python3 -m http.server` in host B's namespace serving `root` on 127.0.0.1:8000.
+    fn start_http(lab: &RunningLab, dir: &TempDir, root: &Path) -> Proc {
+        let out = dir.path("http.out");
+        let mut cmd = lab.lab.command(Host::B, "python3");
+        cmd.args([
+            "-u",
+            "-m",
+            "http.server",
+            &HTTP_PORT.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--directory")
+        .arg(root)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null());
+        let proc = Proc::spawn(cmd);
+        wait_line(&out, "Serving HTTP", Duration::from_secs(10));
+        proc
+    }
+
+    /// Fetches `url_path` `n` times at once with curl in host A; returns how many arrived intact.
+    fn curl_many(lab: &RunningLab, listen: &str, n: usize, want: &str, dir: &TempDir) -> usize {
+        let procs: Vec<_> = (0..n)
+            .map(|i| {
+                let out = dir.path(&format!("curl-{i}.bin"));
+                let mut c = lab.lab.command(Host::A, "curl");
+                c.args(["-sS", "-f", "--max-time", "60", "-o"])
+                    .arg(&out)
+                    .arg(format!("http://{listen}/data.bin"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+                (c.spawn().expect("curl"), out)
+            })
+            .collect();
+        let mut ok = 0;
+        for (p, out) in procs {
+            let o = p.wait_with_output().unwrap();
+            let got = std::fs::read(&out).unwrap_or_default();
+            if o.status.success() && sha256(&got) == want {
+                ok += 1;
+            } else {
+                eprintln!("curl failed: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        ok
+    }
+
+    fn start_forwarding(
+        lab: &RunningLab,
+        dir: &TempDir,
+        session: &str,
+        target: u16,
+        extra: &[&str],
+        forward_extra: &[&str],
+    ) -> (Side, Side, String) {
+        let server = format!("{}:8877", lab.lab.server_ip());
+        let common = peer_args(&server, session, extra);
+        let sub = TempDir::new(session);
+        let _ = dir;
+        let r = start_pair(
+            lab.lab.command(Host::B, nettool_bin()),
+            lab.lab.command(Host::A, nettool_bin()),
+            &sub,
+            &common,
+            &format!("127.0.0.1:{target}"),
+            forward_extra,
+        );
+        // Keep the side directory alive as long as the processes: leak it into the test's.
+        std::mem::forget(sub);
+        r
+    }
+
+    fn ssh_scp_http(a: NatKind, b: NatKind, extra: &[&str], strategy: &str) {
+        if !require_lab() {
+            return;
+        }
+        let lab = RunningLab::new(a, b);
+        let dir = TempDir::new(&format!("fwlab-{a}-{b}"));
+        let (_sshd, key) = start_sshd(&lab, &dir);
+        let www = dir.path("www");
+        std::fs::create_dir_all(&www).unwrap();
+        let page = test_data(256 << 10, 7);
+        std::fs::write(www.join("data.bin"), &page).unwrap();
+        let _http = start_http(&lab, &dir, &www);
+
+        let t = Instant::now();
+        let (_se, ssh_fwd, ssh_listen) =
+            start_forwarding(&lab, &dir, &format!("ssh-{a}-{b}"), SSH_PORT, extra, &[]);
+        let (_he, http_fwd, http_listen) =
+            start_forwarding(&lab, &dir, &format!("http-{a}-{b}"), HTTP_PORT, extra, &[]);
+        eprintln!("{a} x {b}: both forwarders linked after {:?}", t.elapsed());
+        for side in [&ssh_fwd, &http_fwd] {
+            let line = wait_line(&side.err, "forwarding", Duration::from_secs(1));
+            assert!(line.contains(&format!("via {strategy}")), "{line}");
+        }
+
+        // 8 concurrent ssh sessions, each hashing 1 MiB it was sent.
+        let port = port_of(&ssh_listen);
+        let t = Instant::now();
+        let sessions: Vec<_> = (0..8)
+            .map(|i| {
+                let input = dir.path(&format!("ssh-in-{i}"));
+                let data = test_data(1 << 20, 50 + i);
+                std::fs::write(&input, &data).unwrap();
+                let mut c = ssh_base(&lab, "ssh", &key, "-p", &port);
+                c.arg("root@127.0.0.1")
+                    .arg(format!("echo session-{i}; sha256sum"))
+                    .stdin(std::fs::File::open(&input).unwrap())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                (c.spawn().unwrap(), i, sha256(&data))
+            })
+            .collect();
+        for (p, i, want) in sessions {
+            let o = p.wait_with_output().unwrap();
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success(),
+                "ssh session {i}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(out.contains(&format!("session-{i}")), "{out}");
+            assert!(out.contains(&want), "session {i} hash: {out}");
+        }
+        eprintln!("{a} x {b}: 8 concurrent ssh sessions in {:?}", t.elapsed());
+
+        // A 64 MiB scp.
+        let src = dir.path("big.bin");
+        let big = test_data(64 << 20, 99);
+        std::fs::write(&src, &big).unwrap();
+        let dst = dir.path("big.copy");
+        let t = Instant::now();
+        let mut c = ssh_base(&lab, "scp", &key, "-P", &port);
+        c.arg(&src).arg(format!("root@127.0.0.1:{}", dst.display()));
+        run_ok(&mut c);
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(
+            sha256(&std::fs::read(&dst).unwrap()),
+            sha256(&big),
+            "scp copy differs"
+        );
+        eprintln!(
+            "{a} x {b}: scp 64 MiB in {secs:.2}s ({:.1} MB/s)",
+            64.0 * 1.048576 / secs
+        );
+
+        // 100 concurrent HTTP fetches.
+        let t = Instant::now();
+        let ok = curl_many(&lab, &http_listen, 100, &sha256(&page), &dir);
+        assert_eq!(ok, 100, "all 100 fetches arrive intact");
+        eprintln!("{a} x {b}: 100 concurrent curl in {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(700));
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(http_fwd.err.with_file_name("forward.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["streams"], 100, "{report}");
+        assert_eq!(
+            report["links"].as_array().unwrap().len(),
+            1,
+            "one link carried them"
+        );
+    }
+
+    #[test]
+    fn lab_forward_ssh_scp_and_http_cone_x_cone_rst() {
+        ssh_scp_http(
+            NatKind::Cone,
+            NatKind::ConeRst,
+            &["--strategy-timeout", "4s"],
+            "tcp-punch",
+        );
+    }
+
+    #[test]
+    fn lab_forward_ssh_scp_and_http_sym_x_sym_over_relay() {
+        ssh_scp_http(
+            NatKind::Sym,
+            NatKind::Sym,
+            &["--strategy-timeout", "3s"],
+            "relay",
+        );
+    }
+
+    fn nft(lab: &RunningLab, host: Host, script: &str) {
+        let ns = lab.lab.router_netns(host).unwrap();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    #[test]
+    fn lab_forward_rejoins_after_the_path_breaks_and_returns() {
+        if !require_lab() {
+            return;
+        }
+        let (a, b) = (NatKind::Cone, NatKind::ConeRst);
+        let lab = RunningLab::new(a, b);
+        let dir = TempDir::new("fwlab-break");
+        let (_sshd, key) = start_sshd(&lab, &dir);
+        let www = dir.path("www");
+        std::fs::create_dir_all(&www).unwrap();
+        let page = test_data(64 << 10, 8);
+        std::fs::write(www.join("data.bin"), &page).unwrap();
+        let _http = start_http(&lab, &dir, &www);
+        let (_e, fwd, listen) = start_forwarding(
+            &lab,
+            &dir,
+            "break-http",
+            HTTP_PORT,
+            &["--strategy-timeout", "4s"],
+            &[],
+        );
+        let (_se, _sf, ssh_listen) = start_forwarding(
+            &lab,
+            &dir,
+            "break-ssh",
+            SSH_PORT,
+            &["--strategy-timeout", "4s"],
+            &[],
+        );
+        assert_eq!(curl_many(&lab, &listen, 4, &sha256(&page), &dir), 4);
+        // An interactive session open across the break must fail, not hang.
+        let mut open = ssh_base(&lab, "ssh", &key, "-p", &port_of(&ssh_listen));
+        open.args(["root@127.0.0.1", "echo up; sleep 120"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut open = open.spawn().unwrap();
+        {
+            use std::io::BufRead;
+            let mut l = String::new();
+            std::io::BufReader::new(open.stdout.as_mut().unwrap())
+                .read_line(&mut l)
+                .unwrap();
+            assert_eq!(l.trim(), "up");
+        }
+        // Break: router A drops everything it would forward, for 7 s.
+        nft(
+            &lab,
+            Host::A,
+            "table inet ntlbreak {\n\tchain forward {\n\t\ttype filter hook forward priority -10; policy drop;\n\t}\n}\n",
+        );
+        let broke = Instant::now();
+        wait_line(&fwd.err, "link lost", Duration::from_secs(15));
+        eprintln!("link loss noticed {:?} after the break", broke.elapsed());
+        std::thread::sleep(Duration::from_secs(7).saturating_sub(broke.elapsed()));
+        nft(&lab, Host::A, "delete table inet ntlbreak\n");
+        let restored = Instant::now();
+        // New connections work again within 10 s of the path returning.
+        let mut fetched = false;
+        while restored.elapsed() < Duration::from_secs(10) {
+            if curl_many(&lab, &listen, 1, &sha256(&page), &dir) == 1 {
+                fetched = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let took = restored.elapsed();
+        eprintln!("new connection through {took:?} after the path returned");
+        assert!(fetched, "no fetch within 10 s of the path returning");
+        assert_eq!(curl_many(&lab, &listen, 20, &sha256(&page), &dir), 20);
+        // The session that was open failed (ssh exits) rather than hanging.
+        let end = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = open.try_wait().unwrap() {
+                break Some(s);
+            }
+            if Instant::now() > end {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let _ = open.kill();
+        let status = status.expect("the ssh session open across the break ended");
+        assert!(!status.success(), "it failed: {status:?}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fwd.err.with_file_name("forward.json")).unwrap())
+                .unwrap();
+        assert!(report["links"].as_array().unwrap().len() >= 2, "{report}");
+    }
+}
