@@ -50,8 +50,8 @@ pub(crate) struct Side {
 }
 
 /// Starts `nettool <sub> <args>` through `cmd` (a bare binary or `ip netns exec`).
-pub(crate) fn start_side(mut cmd: Command, dir: &TempDir, name: &str, args: &[String]) -> Side {
-    let err = dir.path(&format!("{name}.err"));
+pub(crate) fn start_side(mut cmd: Command, dir: &Path, name: &str, args: &[String]) -> Side {
+    let err = dir.join(format!("{name}.err"));
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -76,7 +76,7 @@ pub(crate) fn peer_args(server: &str, session: &str, extra: &[&str]) -> Vec<Stri
 pub(crate) fn start_pair(
     expose_cmd: Command,
     forward_cmd: Command,
-    dir: &TempDir,
+    dir: &Path,
     common: &[String],
     target: &str,
     forward_extra: &[&str],
@@ -85,7 +85,7 @@ pub(crate) fn start_pair(
     e.extend(common.iter().cloned());
     e.extend([
         "--report".to_owned(),
-        dir.path("expose.json").display().to_string(),
+        dir.join("expose.json").display().to_string(),
     ]);
     e.push(target.to_owned());
     let expose = start_side(expose_cmd, dir, "expose", &e);
@@ -97,7 +97,7 @@ pub(crate) fn start_pair(
             .iter()
             .map(|s| s.to_string()),
     );
-    f.push(dir.path("forward.json").display().to_string());
+    f.push(dir.join("forward.json").display().to_string());
     f.extend(forward_extra.iter().map(|s| s.to_string()));
     let forward = start_side(forward_cmd, dir, "forward", &f);
     let line = wait_line(&forward.err, "listening on", Duration::from_secs(10));
@@ -175,7 +175,7 @@ fn many_streams(strategy: &str) {
     let (_e, forward, listen) = start_pair(
         Command::new(nettool_bin()),
         Command::new(nettool_bin()),
-        &dir,
+        &dir.0,
         &common,
         &echo.addr.to_string(),
         &[],
@@ -185,7 +185,7 @@ fn many_streams(strategy: &str) {
         .map(|i| {
             let listen = listen.clone();
             std::thread::spawn(move || {
-                let data = test_data(64 << 10 | i * 977, i as u64 + 100);
+                let data = test_data((64 << 10) + i * 977, i as u64 + 100);
                 let got = echo_round(&listen, &data).expect("stream");
                 (sha256(&data), sha256(&got), got.len())
             })
@@ -206,7 +206,7 @@ fn many_streams(strategy: &str) {
         serde_json::from_slice(&std::fs::read(dir.path("forward.json")).unwrap()).unwrap();
     assert_eq!(report["streams"], STREAMS as u64);
     assert_eq!(report["streams_failed"], 0);
-    let bytes: u64 = (0..STREAMS).map(|i| (64 << 10 | i * 977) as u64).sum();
+    let bytes: u64 = (0..STREAMS).map(|i| ((64 << 10) + i * 977) as u64).sum();
     assert_eq!(report["bytes_sent"], bytes);
     assert_eq!(report["bytes_received"], bytes);
     assert_eq!(
@@ -242,7 +242,7 @@ fn a_refused_stream_fails_alone_and_the_link_carries_on() {
     let (expose, forward, listen) = start_pair(
         Command::new(nettool_bin()),
         Command::new(nettool_bin()),
-        &dir,
+        &dir.0,
         &common,
         &target.to_string(),
         &[],
@@ -294,7 +294,7 @@ fn a_second_forwarder_is_told_busy_and_the_session_is_reusable() {
     let (expose, first, listen) = start_pair(
         Command::new(nettool_bin()),
         Command::new(nettool_bin()),
-        &dir,
+        &dir.0,
         &common,
         &echo.addr.to_string(),
         &[],
@@ -303,7 +303,7 @@ fn a_second_forwarder_is_told_busy_and_the_session_is_reusable() {
     let mut f = vec!["forward".to_owned()];
     f.extend(common.iter().cloned());
     f.extend(["--listen".into(), "127.0.0.1:0".into()]);
-    let mut second = start_side(Command::new(nettool_bin()), &dir, "second", &f);
+    let mut second = start_side(Command::new(nettool_bin()), &dir.0, "second", &f);
     let status = second
         .proc
         .wait_timeout(Duration::from_secs(40))
@@ -323,7 +323,7 @@ fn a_second_forwarder_is_told_busy_and_the_session_is_reusable() {
     let mut f = vec!["forward".to_owned()];
     f.extend(common.iter().cloned());
     f.extend(["--listen".into(), "127.0.0.1:0".into()]);
-    let third = start_side(Command::new(nettool_bin()), &dir, "third", &f);
+    let third = start_side(Command::new(nettool_bin()), &dir.0, "third", &f);
     let line = wait_line(&third.err, "listening on", Duration::from_secs(10));
     let listen3 = line
         .split_whitespace()
@@ -390,7 +390,7 @@ fn a_stalled_peer_is_noticed_by_the_heartbeat_and_both_rejoin() {
     let (expose, forward, listen) = start_pair(
         Command::new(nettool_bin()),
         Command::new(nettool_bin()),
-        &dir,
+        &dir.0,
         &common,
         &echo.addr.to_string(),
         &["--heartbeat-timeout", "2s"],
@@ -588,19 +588,15 @@ mod lab {
     ) -> (Side, Side, String) {
         let server = format!("{}:8877", lab.lab.server_ip());
         let common = peer_args(&server, session, extra);
-        let sub = TempDir::new(session);
-        let _ = dir;
-        let r = start_pair(
+        let sub = dir.sub(session);
+        start_pair(
             lab.lab.command(Host::B, nettool_bin()),
             lab.lab.command(Host::A, nettool_bin()),
             &sub,
             &common,
             &format!("127.0.0.1:{target}"),
             forward_extra,
-        );
-        // Keep the side directory alive as long as the processes: leak it into the test's.
-        std::mem::forget(sub);
-        r
+        )
     }
 
     fn ssh_scp_http(a: NatKind, b: NatKind, extra: &[&str], strategy: &str) {
