@@ -90,6 +90,8 @@ pub(crate) enum Section {
     Throughput,
     /// Rendezvous pairings per second and memory per waiting session.
     Capacity,
+    /// One `nettool forward` stream against `nettool connect` (only when asked for).
+    Forward,
 }
 
 /// Whether a figure meets its target.
@@ -330,6 +332,10 @@ pub(crate) async fn run(args: BenchArgs, settings: Settings) -> Result<i32> {
                 )
                 .await,
             );
+        }
+        if sections.contains(&Section::Forward) {
+            let lines = crate::bench_forward::run(server.addr, &configs, args.size, &progress);
+            report.notes.extend(lines.await);
         }
         drop(server);
         if sections.contains(&Section::Capacity) {

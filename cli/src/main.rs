@@ -18,6 +18,7 @@ use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use tokio::io::AsyncWriteExt;
 
 mod bench;
+mod bench_forward;
 mod compare;
 mod forward;
 mod legacy;
