@@ -340,30 +340,48 @@ fn expose_and_forward_refuse_to_start_without_a_secret() {
     let dir = TempDir::new("fw-nosecret");
     let config = dir.path("empty.toml");
     std::fs::write(&config, "").unwrap();
-    for sub in [
-        vec!["expose", "127.0.0.1:22"],
-        vec!["forward", "--listen", "127.0.0.1:0"],
-    ] {
-        let out = Command::new(nettool_bin())
-            .args(&sub)
-            .args(["--server", "127.0.0.1:9", "--session", "x"])
+    // Runs nettool with a bound on its run time (a refusal is immediate; a start is not).
+    let run = |name: &str, args: &[&str]| -> (Option<std::process::ExitStatus>, String) {
+        let mut cmd = Command::new(nettool_bin());
+        cmd.args(args)
             .env_remove("NETTOOL_SECRET")
-            .env("NETTOOL_CONFIG", &config)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{sub:?} must fail: {err}");
+            .env("NETTOOL_CONFIG", &config);
+        let mut side = start_side(cmd, &dir.0, name, &[]);
+        let status = side.proc.wait_timeout(Duration::from_secs(10));
+        (
+            status,
+            std::fs::read_to_string(&side.err).unwrap_or_default(),
+        )
+    };
+    for (name, sub) in [
+        ("expose", vec!["expose", "127.0.0.1:22"]),
+        ("forward", vec!["forward", "--listen", "127.0.0.1:0"]),
+    ] {
+        let mut args = sub.clone();
+        args.extend(["--server", "127.0.0.1:9", "--session", "x"]);
+        let (status, err) = run(name, &args);
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{sub:?} must stop with an error: {status:?} {err}"
+        );
         assert!(err.contains("needs a secret"), "{sub:?}: {err}");
     }
     // A TARGET that is not HOST:PORT is refused by name.
-    let out = Command::new(nettool_bin())
-        .args(["expose", "--server", "127.0.0.1:9", "--session", "x"])
-        .args(["--secret", "k", "not-a-target"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (status, err) = run(
+        "target",
+        &[
+            "expose",
+            "--server",
+            "127.0.0.1:9",
+            "--session",
+            "x",
+            "--secret",
+            "k",
+            "not-a-target",
+        ],
+    );
     assert!(
-        !out.status.success() && err.contains("bad TARGET 'not-a-target'"),
+        status.is_some_and(|s| !s.success()) && err.contains("bad TARGET 'not-a-target'"),
         "{err}"
     );
 }
