@@ -45,6 +45,10 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the exposing side waits in the rendezvous for a forwarder before joining again.
 const EXPOSE_WAIT: Duration = Duration::from_secs(3600);
 const COPY_BUF: usize = 64 << 10;
+/// yamux ends the whole connection when a stream beyond its maximum is opened (either way), so
+/// the forwarder keeps its streams well below it and makes further connections wait.
+const MAX_STREAMS: usize = 1024;
+const MAX_OPEN_STREAMS: usize = 512;
 
 /// Flags of `nettool expose`.
 #[derive(Debug, Args)]
@@ -310,7 +314,9 @@ async fn drive_mux(
     mut open: mpsc::Receiver<OpenReply>,
     inbound: mpsc::UnboundedSender<Stream>,
 ) -> String {
-    let mut conn = yamux::Connection::new(link.compat(), yamux::Config::default(), mode);
+    let mut config = yamux::Config::default();
+    config.set_max_num_streams(MAX_STREAMS);
+    let mut conn = yamux::Connection::new(link.compat(), config, mode);
     let mut waiting: std::collections::VecDeque<OpenReply> = Default::default();
     let mut requests = true;
     poll_fn(|cx| loop {
@@ -440,7 +446,8 @@ pub(crate) async fn expose(args: ExposeArgs, settings: Settings) -> Result<i32> 
                 let why = report.error.clone().unwrap_or_else(|| "no link".into());
                 // Right after a link both peers leave the session; a rejoin that arrives
                 // before the server saw that gets "already has two peers": retry soon.
-                if !why.contains("already has two peers") {
+                // A waiting join also ends when the server expires it: join again quietly.
+                if !why.contains("already has two peers") && !why.contains("expired") {
                     eprintln!("nettool expose: no link: {why}; joining again");
                 }
                 state.connect_failed(why);
@@ -713,7 +720,14 @@ pub(crate) async fn forward(args: ForwardArgs, settings: Settings) -> Result<i32
         peer.params.session, peer.params.server
     );
     let (link_tx, link_rx) = watch::channel::<Option<Opener>>(None);
-    tokio::spawn(accept_loop(listener, link_rx, state.clone(), args.wait));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_STREAMS));
+    tokio::spawn(accept_loop(
+        listener,
+        link_rx,
+        state.clone(),
+        slots,
+        args.wait,
+    ));
     let mut id = [0u8; 16];
     rand::Rng::fill(&mut rand::thread_rng(), &mut id);
     let hb_timeout = args.heartbeat_timeout.max(Duration::from_millis(500));
@@ -888,12 +902,14 @@ async fn accept_loop(
     listener: TcpListener,
     link: watch::Receiver<Option<Opener>>,
     state: Arc<State>,
+    slots: Arc<tokio::sync::Semaphore>,
     wait: Duration,
 ) {
     loop {
         match listener.accept().await {
             Ok((tcp, from)) => {
-                tokio::spawn(forward_stream(tcp, from, link.clone(), state.clone(), wait));
+                let (link, state, slots) = (link.clone(), state.clone(), slots.clone());
+                tokio::spawn(forward_stream(tcp, from, link, state, slots, wait));
             }
             Err(e) => {
                 // E.g. out of file descriptors: keep serving the connections we have.
@@ -909,6 +925,7 @@ async fn forward_stream(
     from: SocketAddr,
     mut link: watch::Receiver<Option<Opener>>,
     state: Arc<State>,
+    slots: Arc<tokio::sync::Semaphore>,
     wait: Duration,
 ) {
     let n = state.next_stream.fetch_add(1, Ordering::Relaxed);
@@ -918,7 +935,19 @@ async fn forward_stream(
     let _ = tcp.set_nodelay(true);
     let start = Instant::now();
     let deadline = tokio::time::Instant::now() + wait;
+    let mut _slot = None;
     let res: Result<(u64, u64, Option<std::io::Error>), String> = async {
+        _slot = Some(
+            tokio::time::timeout_at(deadline, slots.acquire_owned())
+                .await
+                .map_err(|_| {
+                    format!(
+                        "{MAX_OPEN_STREAMS} streams are open; none closed within {}",
+                        short(wait)
+                    )
+                })?
+                .map_err(|_| "stopping".to_owned())?,
+        );
         // Open a stream on the current link, waiting for one (up to `wait`).
         let mut s = loop {
             let opener = tokio::time::timeout_at(deadline, link.wait_for(Option::is_some))

@@ -233,6 +233,47 @@ fn forward_carries_64_concurrent_streams_with_half_close_over_relay() {
 }
 
 #[test]
+fn more_connections_than_the_stream_limit_wait_instead_of_breaking_the_link() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-many");
+    let echo = EchoAfterEof::start();
+    let common = peer_args(&addr, "fw-many", &["--strategy", "tcp-punch"]);
+    let (_e, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir.0,
+        &common,
+        &echo.addr.to_string(),
+        &[],
+    );
+    // 1100 connections open at once: beyond the 1024 streams yamux allows on a link (one more
+    // would end the link) and the 512 a forwarder keeps open. The excess wait for a stream;
+    // then all half-close and get their echo.
+    const N: usize = 1100;
+    let barrier = Arc::new(std::sync::Barrier::new(N));
+    let threads: Vec<_> = (0..N)
+        .map(|i| {
+            let (listen, barrier) = (listen.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(&listen).expect("connect");
+                c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let msg = format!("conn {i}");
+                c.write_all(msg.as_bytes()).unwrap();
+                barrier.wait();
+                c.shutdown(Shutdown::Write).unwrap();
+                let mut back = String::new();
+                c.read_to_string(&mut back).expect("echo");
+                assert_eq!(back, msg);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client");
+    }
+    assert_eq!(count_lines(&forward.err, "link lost"), 0);
+}
+
+#[test]
 fn a_refused_stream_fails_alone_and_the_link_carries_on() {
     let (_server, addr) = crate::support::loopback_rendezvous(&[]);
     let dir = TempDir::new("fw-refuse");
@@ -384,6 +425,34 @@ fn expose_and_forward_refuse_to_start_without_a_secret() {
         status.is_some_and(|s| !s.success()) && err.contains("bad TARGET 'not-a-target'"),
         "{err}"
     );
+}
+
+#[test]
+fn a_connection_waits_for_a_link_up_to_the_wait_limit() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-wait");
+    // No expose: the forwarder never links.
+    let mut f = vec!["forward".to_owned()];
+    f.extend(peer_args(&addr, "fw-wait", &[]));
+    f.extend(["--listen", "127.0.0.1:0", "--wait", "1s"].map(String::from));
+    let side = start_side(Command::new(nettool_bin()), &dir.0, "forward", &f);
+    let line = wait_line(&side.err, "listening on", Duration::from_secs(10));
+    let listen = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap()
+        .trim_end_matches(';')
+        .to_owned();
+    let mut c = TcpStream::connect(&listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let n = c.read_to_end(&mut got);
+    assert!(
+        matches!(n, Ok(0)) || n.is_err(),
+        "closed without data: {n:?}"
+    );
+    let failed = wait_line(&side.err, "failed", Duration::from_secs(5));
+    assert!(failed.contains("no link within 1.0s"), "{failed}");
 }
 
 fn signal(proc: &Proc, sig: &str) {
