@@ -806,6 +806,16 @@ mod lab {
     }
 
     #[test]
+    fn lab_forward_ssh_scp_and_http_cone_x_cone_rst_over_udp_quic() {
+        ssh_scp_http(
+            NatKind::Cone,
+            NatKind::ConeRst,
+            &["--strategy", "udp-quic", "--strategy-timeout", "4s"],
+            "udp-quic",
+        );
+    }
+
+    #[test]
     fn lab_forward_ssh_scp_and_http_sym_x_sym_over_relay() {
         ssh_scp_http(
             NatKind::Sym,
