@@ -1,11 +1,13 @@
 //! `nettool expose` and `nettool forward`: many TCP connections over one link.
 //!
 //! Loopback: 64 concurrent streams with half-close on tcp-punch, udp-quic and relay links;
-//! a refused stream fails alone; a second forwarder is told "busy" and the session is reusable;
-//! expose refuses to start without a secret; a stalled peer is noticed by the heartbeat and
-//! both sides rejoin. Lab: a real sshd (8 concurrent sessions, a 64 MiB scp) and an HTTP
-//! server (100 concurrent curls) through forward -> expose on cone x cone-rst (tcp-punch) and
-//! sym x sym (relay); a path broken by an nft drop rule and restored.
+//! 1100 connections at once (beyond yamux's stream limit) all carried; a refused stream fails
+//! alone; a second forwarder is told "busy" and the session is reusable; a connection waits for
+//! a link up to `--wait`; expose and forward refuse to start without a secret; a stalled peer
+//! is noticed by the heartbeat and both sides rejoin. Lab: a real sshd (8 concurrent sessions,
+//! a 64 MiB scp) and an HTTP server (100 concurrent curls) through forward -> expose on
+//! cone x cone-rst (tcp-punch, and udp-quic) and sym x sym (relay); a path broken by an nft
+//! drop rule and restored.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
