@@ -719,10 +719,17 @@ mod lab {
         let _http = start_http(&lab, &dir, &www);
 
         let t = Instant::now();
-        let (_se, ssh_fwd, ssh_listen) =
-            start_forwarding(&lab, &dir, &format!("ssh-{a}-{b}"), SSH_PORT, extra, &[]);
-        let (_he, http_fwd, http_listen) =
-            start_forwarding(&lab, &dir, &format!("http-{a}-{b}"), HTTP_PORT, extra, &[]);
+        // Both pairs link at the same time (on sym x sym each first tries and fails punching).
+        let ((_se, ssh_fwd, ssh_listen), (_he, http_fwd, http_listen)) = std::thread::scope(|s| {
+            let (lab, dir) = (&lab, &dir);
+            let ssh = s.spawn(move || {
+                start_forwarding(lab, dir, &format!("ssh-{a}-{b}"), SSH_PORT, extra, &[])
+            });
+            let http = s.spawn(move || {
+                start_forwarding(lab, dir, &format!("http-{a}-{b}"), HTTP_PORT, extra, &[])
+            });
+            (ssh.join().unwrap(), http.join().unwrap())
+        });
         eprintln!("{a} x {b}: both forwarders linked after {:?}", t.elapsed());
         for side in [&ssh_fwd, &http_fwd] {
             let line = wait_line(&side.err, "forwarding", Duration::from_secs(1));
