@@ -133,6 +133,8 @@ pub(crate) enum Section {
     /// Many transfers both ways at once through real processes, every byte checked (not in
     /// the default set: long).
     Soak,
+    /// One `nettool forward` stream against `nettool connect` (only when asked for).
+    Forward,
 }
 
 /// How the CLI path feeds and drains the processes.
@@ -399,6 +401,10 @@ pub(crate) async fn run(
                 )
                 .await,
             );
+        }
+        if sections.contains(&Section::Forward) {
+            let lines = crate::bench_forward::run(server.addr, &configs, args.size, &progress);
+            report.notes.extend(lines.await);
         }
         drop(server);
         if sections.contains(&Section::Capacity) {

@@ -30,8 +30,10 @@ use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
 
 mod bench;
+mod bench_forward;
 mod bench_server;
 mod compare;
+mod forward;
 mod legacy;
 mod netcheck;
 mod pump;
@@ -100,6 +102,22 @@ enum Command {
     /// documents. Example:
     ///   nettool netcheck --server rv.example.net:8877 --json
     Netcheck(netcheck::NetcheckArgs),
+    /// Make one local service (TARGET, HOST:PORT) reachable by a `nettool forward` peer.
+    ///
+    /// Needs --secret. Serves one forwarder at a time (a second one is told "busy"); every
+    /// stream the forwarder opens is connected to TARGET and nowhere else. Rejoins the session
+    /// after each forwarder leaves.
+    ///
+    /// Example: nettool expose --server rv.example.net --session ssh --secret K 127.0.0.1:22
+    Expose(forward::ExposeArgs),
+    /// Accept local TCP connections and carry each one over one link to `nettool expose`.
+    ///
+    /// Each connection becomes its own stream (yamux, per-stream flow control); a dead link is
+    /// noticed by a heartbeat and the link is made again automatically.
+    ///
+    /// Example: nettool forward --server rv.example.net --session ssh --secret K
+    ///   --listen 127.0.0.1:2222   (then: ssh -p 2222 user@127.0.0.1)
+    Forward(forward::ForwardArgs),
     /// Inspect the configuration.
     ///
     /// Settings come from, lowest first: built-in defaults, the config file's [default]
@@ -555,6 +573,16 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             bench::run(args, loaded.settings, &strategies).await
         }
         Command::Netcheck(args) => netcheck::run(args).await,
+        Command::Expose(args) => {
+            let loaded = load(args.peer.overrides(registry))?;
+            let strategies = build_strategies(&loaded, registry)?;
+            forward::expose(args, loaded.settings, &strategies).await
+        }
+        Command::Forward(args) => {
+            let loaded = load(args.peer.overrides(registry))?;
+            let strategies = build_strategies(&loaded, registry)?;
+            forward::forward(args, loaded.settings, &strategies).await
+        }
         Command::Config(ConfigCommand::Show) => {
             let loaded = load(Overrides::default())?;
             build_strategies(&loaded, registry)?;

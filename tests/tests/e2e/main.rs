@@ -3,6 +3,7 @@
 mod bench;
 mod birthday;
 mod fallback;
+mod forward;
 mod lab;
 mod legacy;
 mod loopback;

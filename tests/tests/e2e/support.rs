@@ -162,6 +162,13 @@ impl TempDir {
     pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
+
+    /// A subdirectory, removed with this one.
+    pub(crate) fn sub(&self, name: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::create_dir_all(&p).expect("create temp subdir");
+        p
+    }
 }
 
 impl Drop for TempDir {

@@ -1,0 +1,944 @@
+//! `nettool expose` and `nettool forward`: many TCP connections over one link.
+//!
+//! Loopback: 64 concurrent streams with half-close on tcp-punch, udp-quic and relay links;
+//! 1100 connections at once (beyond yamux's stream limit) all carried; a refused stream fails
+//! alone; a second forwarder is told "busy" and the session is reusable; a connection waits for
+//! a link up to `--wait`; expose and forward refuse to start without a secret; a stalled peer
+//! is noticed by the heartbeat and both sides rejoin. Lab: a real sshd (8 concurrent sessions,
+//! a 64 MiB scp) and an HTTP server (100 concurrent curls) through forward -> expose on
+//! cone x cone-rst (tcp-punch, and udp-quic) and sym x sym (relay); a path broken by an nft
+//! drop rule and restored.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::{nettool_bin, sha256, test_data, Proc, TempDir};
+
+/// Waits until the file holds a line containing `needle`; returns that line.
+pub(crate) fn wait_line(path: &Path, needle: &str, limit: Duration) -> String {
+    let end = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            return l.to_owned();
+        }
+        assert!(
+            Instant::now() < end,
+            "no line containing {needle:?} in {} within {limit:?}; it holds:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Counts the lines of the file that contain `needle`.
+fn count_lines(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// A running `expose` or `forward` with its stderr in a file.
+pub(crate) struct Side {
+    pub(crate) proc: Proc,
+    pub(crate) err: std::path::PathBuf,
+}
+
+/// Starts `nettool <sub> <args>` through `cmd` (a bare binary or `ip netns exec`).
+pub(crate) fn start_side(mut cmd: Command, dir: &Path, name: &str, args: &[String]) -> Side {
+    let err = dir.join(format!("{name}.err"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("create err"));
+    Side {
+        proc: Proc::spawn(cmd),
+        err,
+    }
+}
+
+pub(crate) fn peer_args(server: &str, session: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["--server", server, "--session", session, "--secret", "fw-k"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Starts expose (TARGET) then forward (listening on 127.0.0.1:0); waits until the forwarder
+/// says it is forwarding; returns both and the forwarder's listening address.
+pub(crate) fn start_pair(
+    expose_cmd: Command,
+    forward_cmd: Command,
+    dir: &Path,
+    common: &[String],
+    target: &str,
+    forward_extra: &[&str],
+) -> (Side, Side, String) {
+    let mut e = vec!["expose".to_owned()];
+    e.extend(common.iter().cloned());
+    e.extend([
+        "--report".to_owned(),
+        dir.join("expose.json").display().to_string(),
+    ]);
+    e.push(target.to_owned());
+    let expose = start_side(expose_cmd, dir, "expose", &e);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut f = vec!["forward".to_owned()];
+    f.extend(common.iter().cloned());
+    f.extend(
+        ["--listen", "127.0.0.1:0", "--report"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    f.push(dir.join("forward.json").display().to_string());
+    f.extend(forward_extra.iter().map(|s| s.to_string()));
+    let forward = start_side(forward_cmd, dir, "forward", &f);
+    let line = wait_line(&forward.err, "listening on", Duration::from_secs(10));
+    let listen = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .expect("address in the listening line")
+        .trim_end_matches(';')
+        .to_owned();
+    wait_line(&forward.err, "forwarding", Duration::from_secs(45));
+    (expose, forward, listen)
+}
+
+/// A TCP service on loopback: reads each connection to EOF, then sends the bytes back and
+/// closes. Only a forwarded half-close lets it answer.
+struct EchoAfterEof {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl EchoAfterEof {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut c) = c else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    if c.read_to_end(&mut buf).is_ok() {
+                        let _ = c.write_all(&buf);
+                    }
+                });
+            }
+        });
+        Self { addr, stop }
+    }
+
+    /// Stops listening: new connections to the port are refused.
+    fn close(self) -> SocketAddr {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop so it drops the listener.
+        let _ = TcpStream::connect(self.addr);
+        std::thread::sleep(Duration::from_millis(100));
+        self.addr
+    }
+}
+
+/// Sends `data` through the forwarder, half-closes, reads the echo to EOF.
+fn echo_round(listen: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = TcpStream::connect(listen)?;
+    c.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut w = c.try_clone()?;
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut out = Vec::new();
+    c.read_to_end(&mut out)?;
+    writer.join().expect("writer")?;
+    Ok(out)
+}
+
+fn many_streams(strategy: &str) {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new(&format!("fw64-{strategy}"));
+    let echo = EchoAfterEof::start();
+    let common = peer_args(&addr, "fw64", &["--strategy", strategy]);
+    let (_e, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir.0,
+        &common,
+        &echo.addr.to_string(),
+        &[],
+    );
+    const STREAMS: usize = 64;
+    let threads: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let listen = listen.clone();
+            std::thread::spawn(move || {
+                let data = test_data((64 << 10) + i * 977, i as u64 + 100);
+                let got = echo_round(&listen, &data).expect("stream");
+                (sha256(&data), sha256(&got), got.len())
+            })
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        let (want, got, len) = t.join().expect("client thread");
+        assert_eq!(want, got, "stream {i}: echo differs ({len} bytes back)");
+    }
+    // Counters: per stream on stderr, totals in the report.
+    let closed = Instant::now() + Duration::from_secs(5);
+    while count_lines(&forward.err, "closed after") < STREAMS && Instant::now() < closed {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(count_lines(&forward.err, "closed after"), STREAMS);
+    std::thread::sleep(Duration::from_millis(700));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path("forward.json")).unwrap()).unwrap();
+    assert_eq!(report["streams"], STREAMS as u64);
+    assert_eq!(report["streams_failed"], 0);
+    let bytes: u64 = (0..STREAMS).map(|i| ((64 << 10) + i * 977) as u64).sum();
+    assert_eq!(report["bytes_sent"], bytes);
+    assert_eq!(report["bytes_received"], bytes);
+    assert_eq!(
+        report["links"].as_array().unwrap().len(),
+        1,
+        "one link: {report}"
+    );
+    assert_eq!(report["links"][0]["connect"]["strategy"], strategy);
+}
+
+#[test]
+fn forward_carries_64_concurrent_streams_with_half_close_over_tcp_punch() {
+    many_streams("tcp-punch");
+}
+
+#[test]
+fn forward_carries_64_concurrent_streams_with_half_close_over_udp_quic() {
+    many_streams("udp-quic");
+}
+
+#[test]
+fn forward_carries_64_concurrent_streams_with_half_close_over_relay() {
+    many_streams("relay");
+}
+
+#[test]
+fn more_connections_than_the_stream_limit_wait_instead_of_breaking_the_link() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-many");
+    let echo = EchoAfterEof::start();
+    let common = peer_args(&addr, "fw-many", &["--strategy", "tcp-punch"]);
+    let (_e, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir.0,
+        &common,
+        &echo.addr.to_string(),
+        &[],
+    );
+    // 1100 connections open at once: beyond the 1024 streams yamux allows on a link (one more
+    // would end the link) and the 512 a forwarder keeps open. The excess wait for a stream;
+    // then all half-close and get their echo.
+    const N: usize = 1100;
+    // Connected one after the other, in small bursts: 1100 SYNs at once would overflow the
+    // listen queue (the kernel then resets some), which is not what this test is about.
+    let mut conns = Vec::new();
+    for i in 0..N {
+        let mut c = TcpStream::connect(&listen).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        c.write_all(format!("conn {i}").as_bytes()).unwrap();
+        conns.push(c);
+        if i % 50 == 49 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // All are open at once now; the excess wait for a stream. Half-close all, read all.
+    for c in &conns {
+        c.shutdown(Shutdown::Write).unwrap();
+    }
+    let mut failed = Vec::new();
+    for (i, mut c) in conns.into_iter().enumerate() {
+        let mut back = String::new();
+        match c.read_to_string(&mut back) {
+            Ok(_) if back == format!("conn {i}") => {}
+            other => failed.push(format!("{i}: {other:?} {back:?}")),
+        }
+    }
+    let text = std::fs::read_to_string(&forward.err).unwrap_or_default();
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("closed after"))
+        .take(20)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {N} failed, e.g. {:?}; forward said:\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        problems.join("\n")
+    );
+    assert_eq!(count_lines(&forward.err, "link lost"), 0);
+}
+
+#[test]
+fn a_refused_stream_fails_alone_and_the_link_carries_on() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-refuse");
+    let echo = EchoAfterEof::start();
+    let target = echo.addr;
+    let common = peer_args(&addr, "fw-refuse", &["--strategy", "tcp-punch"]);
+    let (expose, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir.0,
+        &common,
+        &target.to_string(),
+        &[],
+    );
+    // A stream that stays open across the refusal.
+    let mut open = TcpStream::connect(&listen).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    open.write_all(b"before ").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    echo.close();
+    // The target refuses now: this stream is closed with a message, nothing comes back.
+    let mut refused = TcpStream::connect(&listen).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    let n = refused.read_to_end(&mut got);
+    assert!(
+        matches!(n, Ok(0)) || n.is_err(),
+        "the refused stream should close, got {n:?} {got:?}"
+    );
+    let line = wait_line(&forward.err, "failed", Duration::from_secs(10));
+    assert!(
+        line.contains(&format!("cannot connect to {target}")),
+        "forward stderr names the refusal: {line}"
+    );
+    wait_line(&expose.err, "cannot connect to", Duration::from_secs(5));
+    // The open stream carries on and completes.
+    open.write_all(b"after").unwrap();
+    open.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    open.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"before after");
+    assert_eq!(count_lines(&forward.err, "link lost"), 0);
+    std::thread::sleep(Duration::from_millis(700));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path("forward.json")).unwrap()).unwrap();
+    assert_eq!(report["streams"], 2);
+    assert_eq!(report["streams_failed"], 1);
+}
+
+#[test]
+fn a_second_forwarder_is_told_busy_and_the_session_is_reusable() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-busy");
+    let echo = EchoAfterEof::start();
+    let common = peer_args(&addr, "fw-busy", &["--strategy", "tcp-punch"]);
+    let (expose, first, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir.0,
+        &common,
+        &echo.addr.to_string(),
+        &[],
+    );
+    assert_eq!(echo_round(&listen, b"one").unwrap(), b"one");
+    let mut f = vec!["forward".to_owned()];
+    f.extend(common.iter().cloned());
+    f.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    let mut second = start_side(Command::new(nettool_bin()), &dir.0, "second", &f);
+    let status = second
+        .proc
+        .wait_timeout(Duration::from_secs(40))
+        .expect("the second forwarder stops");
+    let err = std::fs::read_to_string(&second.err).unwrap();
+    assert!(!status.success(), "busy is an error: {err}");
+    assert!(err.contains("busy"), "stderr says busy: {err}");
+    // The first one still works.
+    assert_eq!(echo_round(&listen, b"two").unwrap(), b"two");
+    // After the first forwarder leaves, the session serves the next one.
+    drop(first);
+    wait_line(
+        &expose.err,
+        "waiting for a forwarder",
+        Duration::from_secs(10),
+    );
+    let mut f = vec!["forward".to_owned()];
+    f.extend(common.iter().cloned());
+    f.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    let third = start_side(Command::new(nettool_bin()), &dir.0, "third", &f);
+    let line = wait_line(&third.err, "listening on", Duration::from_secs(10));
+    let listen3 = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap()
+        .trim_end_matches(';')
+        .to_owned();
+    wait_line(&third.err, "forwarding", Duration::from_secs(30));
+    assert_eq!(echo_round(&listen3, b"three").unwrap(), b"three");
+}
+
+#[test]
+fn expose_and_forward_refuse_to_start_without_a_secret() {
+    let dir = TempDir::new("fw-nosecret");
+    let config = dir.path("empty.toml");
+    std::fs::write(&config, "").unwrap();
+    // Runs nettool with a bound on its run time (a refusal is immediate; a start is not).
+    let run = |name: &str, args: &[&str]| -> (Option<std::process::ExitStatus>, String) {
+        let mut cmd = Command::new(nettool_bin());
+        cmd.args(args)
+            .env_remove("NETTOOL_SECRET")
+            .env("NETTOOL_CONFIG", &config);
+        let mut side = start_side(cmd, &dir.0, name, &[]);
+        let status = side.proc.wait_timeout(Duration::from_secs(10));
+        (
+            status,
+            std::fs::read_to_string(&side.err).unwrap_or_default(),
+        )
+    };
+    for (name, sub) in [
+        ("expose", vec!["expose", "127.0.0.1:22"]),
+        ("forward", vec!["forward", "--listen", "127.0.0.1:0"]),
+    ] {
+        let mut args = sub.clone();
+        args.extend(["--server", "127.0.0.1:9", "--session", "x"]);
+        let (status, err) = run(name, &args);
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{sub:?} must stop with an error: {status:?} {err}"
+        );
+        assert!(err.contains("needs a secret"), "{sub:?}: {err}");
+    }
+    // A TARGET that is not HOST:PORT is refused by name.
+    let (status, err) = run(
+        "target",
+        &[
+            "expose",
+            "--server",
+            "127.0.0.1:9",
+            "--session",
+            "x",
+            "--secret",
+            "k",
+            "not-a-target",
+        ],
+    );
+    assert!(
+        status.is_some_and(|s| !s.success()) && err.contains("bad TARGET 'not-a-target'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_connection_waits_for_a_link_up_to_the_wait_limit() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-wait");
+    // No expose: the forwarder never links.
+    let mut f = vec!["forward".to_owned()];
+    f.extend(peer_args(&addr, "fw-wait", &[]));
+    f.extend(["--listen", "127.0.0.1:0", "--wait", "1s"].map(String::from));
+    let side = start_side(Command::new(nettool_bin()), &dir.0, "forward", &f);
+    let line = wait_line(&side.err, "listening on", Duration::from_secs(10));
+    let listen = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap()
+        .trim_end_matches(';')
+        .to_owned();
+    let mut c = TcpStream::connect(&listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let n = c.read_to_end(&mut got);
+    assert!(
+        matches!(n, Ok(0)) || n.is_err(),
+        "closed without data: {n:?}"
+    );
+    let failed = wait_line(&side.err, "failed", Duration::from_secs(5));
+    assert!(failed.contains("no link within 1.0s"), "{failed}");
+}
+
+fn signal(proc: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &proc.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+#[test]
+fn a_stalled_peer_is_noticed_by_the_heartbeat_and_both_rejoin() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new("fw-hb");
+    let echo = EchoAfterEof::start();
+    let common = peer_args(
+        &addr,
+        "fw-hb",
+        &["--strategy", "tcp-punch", "--strategy-timeout", "3s"],
+    );
+    let (expose, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir.0,
+        &common,
+        &echo.addr.to_string(),
+        &["--heartbeat-timeout", "2s"],
+    );
+    assert_eq!(echo_round(&listen, b"x").unwrap(), b"x");
+    // A stream open while the peer stalls fails; the link stays up at the TCP level (the
+    // stopped process's kernel still acknowledges), so only the heartbeat can notice.
+    let mut open = TcpStream::connect(&listen).unwrap();
+    open.write_all(b"pending").unwrap();
+    signal(&expose.proc, "-STOP");
+    let stalled = Instant::now();
+    let line = wait_line(&forward.err, "link lost", Duration::from_secs(10));
+    let noticed = stalled.elapsed();
+    assert!(line.contains("heartbeat"), "{line}");
+    assert!(
+        noticed < Duration::from_secs(4),
+        "noticed after {noticed:?}"
+    );
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    assert!(
+        !matches!(open.read_to_end(&mut rest), Ok(n) if n > 0),
+        "the open stream failed"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    signal(&expose.proc, "-CONT");
+    let resumed = Instant::now();
+    // A new connection made now waits for the new link and goes through.
+    assert_eq!(echo_round(&listen, b"again").unwrap(), b"again");
+    let took = resumed.elapsed();
+    eprintln!("new stream through after {took:?} (stalled peer resumed)");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path("forward.json")).unwrap()).unwrap();
+    assert!(report["links"].as_array().unwrap().len() >= 2, "{report}");
+    assert!(report["links"][0]["ended"]
+        .as_str()
+        .unwrap()
+        .contains("heartbeat"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// In the NAT lab: sshd, scp, curl, a broken path.
+
+mod lab {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use nettool_tests::{require_lab, Host, NatKind};
+
+    use super::{peer_args, start_pair, wait_line, Side};
+    use crate::nat_punch::RunningLab;
+    use crate::support::{nettool_bin, sha256, test_data, Proc, TempDir};
+
+    const SSH_PORT: u16 = 2222;
+    const HTTP_PORT: u16 = 8000;
+
+    fn run_ok(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A real sshd in host B's namespace on 127.0.0.1:2222 with its own host key; returns the
+    /// process and the client key that may log in.
+    fn start_sshd(lab: &RunningLab, dir: &TempDir) -> (Proc, PathBuf) {
+        let host_key = dir.path("host_ed25519");
+        let user_key = dir.path("user_ed25519");
+        for k in [&host_key, &user_key] {
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(k),
+            );
+        }
+        std::fs::copy(dir.path("user_ed25519.pub"), dir.path("authorized_keys")).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let config = dir.path("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {SSH_PORT}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+                 Subsystem sftp internal-sftp\nMaxStartups 64\nMaxSessions 64\nLogLevel INFO\n",
+                host_key.display(),
+                dir.path("authorized_keys").display()
+            ),
+        )
+        .unwrap();
+        let err = dir.path("sshd.err");
+        let mut cmd = lab.lab.command(Host::B, "/usr/sbin/sshd");
+        cmd.args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap());
+        let proc = Proc::spawn(cmd);
+        wait_line(&err, "Server listening", Duration::from_secs(10));
+        (proc, user_key)
+    }
+
+    /// `ssh`/`scp` in host A's namespace against the forwarder's port.
+    fn ssh_base(
+        lab: &RunningLab,
+        program: &str,
+        key: &Path,
+        port_flag: &str,
+        port: &str,
+    ) -> Command {
+        let mut c = lab.lab.command(Host::A, program);
+        c.args(["-F", "/dev/null", "-i"]).arg(key).args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=30",
+            port_flag,
+            port,
+        ]);
+        c
+    }
+
+    fn port_of(listen: &str) -> String {
+        listen.rsplit_once(':').unwrap().1.to_owned()
+    }
+
+    /// `python3 -m http.server` in host B's namespace serving `root` on 127.0.0.1:8000.
+    fn start_http(lab: &RunningLab, dir: &TempDir, root: &Path) -> Proc {
+        let out = dir.path("http.out");
+        let mut cmd = lab.lab.command(Host::B, "python3");
+        cmd.args([
+            "-u",
+            "-m",
+            "http.server",
+            &HTTP_PORT.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--directory")
+        .arg(root)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null());
+        let proc = Proc::spawn(cmd);
+        wait_line(&out, "Serving HTTP", Duration::from_secs(10));
+        proc
+    }
+
+    /// Fetches `url_path` `n` times at once with curl in host A; returns how many arrived intact.
+    fn curl_many(lab: &RunningLab, listen: &str, n: usize, want: &str, dir: &TempDir) -> usize {
+        let procs: Vec<_> = (0..n)
+            .map(|i| {
+                let out = dir.path(&format!("curl-{i}.bin"));
+                let mut c = lab.lab.command(Host::A, "curl");
+                c.args(["-sS", "-f", "--max-time", "60", "-o"])
+                    .arg(&out)
+                    .arg(format!("http://{listen}/data.bin"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+                (c.spawn().expect("curl"), out)
+            })
+            .collect();
+        let mut ok = 0;
+        for (p, out) in procs {
+            let o = p.wait_with_output().unwrap();
+            let got = std::fs::read(&out).unwrap_or_default();
+            if o.status.success() && sha256(&got) == want {
+                ok += 1;
+            } else {
+                eprintln!("curl failed: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        ok
+    }
+
+    fn start_forwarding(
+        lab: &RunningLab,
+        dir: &TempDir,
+        session: &str,
+        target: u16,
+        extra: &[&str],
+        forward_extra: &[&str],
+    ) -> (Side, Side, String) {
+        let server = format!("{}:8877", lab.lab.server_ip());
+        let common = peer_args(&server, session, extra);
+        let sub = dir.sub(session);
+        start_pair(
+            lab.lab.command(Host::B, nettool_bin()),
+            lab.lab.command(Host::A, nettool_bin()),
+            &sub,
+            &common,
+            &format!("127.0.0.1:{target}"),
+            forward_extra,
+        )
+    }
+
+    fn ssh_scp_http(a: NatKind, b: NatKind, extra: &[&str], strategy: &str) {
+        if !require_lab() {
+            return;
+        }
+        let lab = RunningLab::new(a, b);
+        let dir = TempDir::new(&format!("fwlab-{a}-{b}"));
+        let (_sshd, key) = start_sshd(&lab, &dir);
+        let www = dir.path("www");
+        std::fs::create_dir_all(&www).unwrap();
+        let page = test_data(256 << 10, 7);
+        std::fs::write(www.join("data.bin"), &page).unwrap();
+        let _http = start_http(&lab, &dir, &www);
+
+        let t = Instant::now();
+        // Both pairs link at the same time (on sym x sym each first tries and fails punching).
+        let ((_se, ssh_fwd, ssh_listen), (_he, http_fwd, http_listen)) = std::thread::scope(|s| {
+            let (lab, dir) = (&lab, &dir);
+            let ssh = s.spawn(move || {
+                start_forwarding(lab, dir, &format!("ssh-{a}-{b}"), SSH_PORT, extra, &[])
+            });
+            let http = s.spawn(move || {
+                start_forwarding(lab, dir, &format!("http-{a}-{b}"), HTTP_PORT, extra, &[])
+            });
+            (ssh.join().unwrap(), http.join().unwrap())
+        });
+        eprintln!("{a} x {b}: both forwarders linked after {:?}", t.elapsed());
+        for side in [&ssh_fwd, &http_fwd] {
+            let line = wait_line(&side.err, "forwarding", Duration::from_secs(1));
+            assert!(line.contains(&format!("via {strategy}")), "{line}");
+        }
+
+        // 8 concurrent ssh sessions, each hashing 1 MiB it was sent.
+        let port = port_of(&ssh_listen);
+        let t = Instant::now();
+        let sessions: Vec<_> = (0..8)
+            .map(|i| {
+                let input = dir.path(&format!("ssh-in-{i}"));
+                let data = test_data(1 << 20, 50 + i);
+                std::fs::write(&input, &data).unwrap();
+                let mut c = ssh_base(&lab, "ssh", &key, "-p", &port);
+                c.arg("root@127.0.0.1")
+                    .arg(format!("echo session-{i}; sha256sum"))
+                    .stdin(std::fs::File::open(&input).unwrap())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                (c.spawn().unwrap(), i, sha256(&data))
+            })
+            .collect();
+        for (p, i, want) in sessions {
+            let o = p.wait_with_output().unwrap();
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success(),
+                "ssh session {i}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(out.contains(&format!("session-{i}")), "{out}");
+            assert!(out.contains(&want), "session {i} hash: {out}");
+        }
+        eprintln!("{a} x {b}: 8 concurrent ssh sessions in {:?}", t.elapsed());
+
+        // A 64 MiB scp.
+        let src = dir.path("big.bin");
+        let big = test_data(64 << 20, 99);
+        std::fs::write(&src, &big).unwrap();
+        let dst = dir.path("big.copy");
+        let t = Instant::now();
+        let mut c = ssh_base(&lab, "scp", &key, "-P", &port);
+        c.arg(&src).arg(format!("root@127.0.0.1:{}", dst.display()));
+        run_ok(&mut c);
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(
+            sha256(&std::fs::read(&dst).unwrap()),
+            sha256(&big),
+            "scp copy differs"
+        );
+        eprintln!(
+            "{a} x {b}: scp 64 MiB in {secs:.2}s ({:.1} MB/s)",
+            64.0 * 1.048576 / secs
+        );
+
+        // 100 concurrent HTTP fetches.
+        let t = Instant::now();
+        let ok = curl_many(&lab, &http_listen, 100, &sha256(&page), &dir);
+        assert_eq!(ok, 100, "all 100 fetches arrive intact");
+        eprintln!("{a} x {b}: 100 concurrent curl in {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(700));
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(http_fwd.err.with_file_name("forward.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["streams"], 100, "{report}");
+        assert_eq!(
+            report["links"].as_array().unwrap().len(),
+            1,
+            "one link carried them"
+        );
+    }
+
+    #[test]
+    fn lab_forward_ssh_scp_and_http_cone_x_cone_rst() {
+        ssh_scp_http(
+            NatKind::Cone,
+            NatKind::ConeRst,
+            &["--strategy-timeout", "4s"],
+            "tcp-punch",
+        );
+    }
+
+    #[test]
+    fn lab_forward_ssh_scp_and_http_cone_x_cone_rst_over_udp_quic() {
+        ssh_scp_http(
+            NatKind::Cone,
+            NatKind::ConeRst,
+            &["--strategy", "udp-quic", "--strategy-timeout", "4s"],
+            "udp-quic",
+        );
+    }
+
+    #[test]
+    fn lab_forward_ssh_scp_and_http_sym_x_sym_over_relay() {
+        ssh_scp_http(
+            NatKind::Sym,
+            NatKind::Sym,
+            &["--strategy-timeout", "3s"],
+            "relay",
+        );
+    }
+
+    fn nft(lab: &RunningLab, host: Host, script: &str) {
+        let ns = lab.lab.router_netns(host).unwrap();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    #[test]
+    fn lab_forward_rejoins_after_the_path_breaks_and_returns() {
+        if !require_lab() {
+            return;
+        }
+        let (a, b) = (NatKind::Cone, NatKind::ConeRst);
+        let lab = RunningLab::new(a, b);
+        let dir = TempDir::new("fwlab-break");
+        let (_sshd, key) = start_sshd(&lab, &dir);
+        let www = dir.path("www");
+        std::fs::create_dir_all(&www).unwrap();
+        let page = test_data(64 << 10, 8);
+        std::fs::write(www.join("data.bin"), &page).unwrap();
+        let _http = start_http(&lab, &dir, &www);
+        let (_e, fwd, listen) = start_forwarding(
+            &lab,
+            &dir,
+            "break-http",
+            HTTP_PORT,
+            &["--strategy-timeout", "4s"],
+            &[],
+        );
+        let (_se, _sf, ssh_listen) = start_forwarding(
+            &lab,
+            &dir,
+            "break-ssh",
+            SSH_PORT,
+            &["--strategy-timeout", "4s"],
+            &[],
+        );
+        assert_eq!(curl_many(&lab, &listen, 4, &sha256(&page), &dir), 4);
+        // An interactive session open across the break must fail, not hang.
+        let mut open = ssh_base(&lab, "ssh", &key, "-p", &port_of(&ssh_listen));
+        open.args(["root@127.0.0.1", "echo up; sleep 120"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut open = open.spawn().unwrap();
+        {
+            use std::io::BufRead;
+            let mut l = String::new();
+            std::io::BufReader::new(open.stdout.as_mut().unwrap())
+                .read_line(&mut l)
+                .unwrap();
+            assert_eq!(l.trim(), "up");
+        }
+        // Break: router A drops everything it would forward, for 7 s.
+        nft(
+            &lab,
+            Host::A,
+            "table inet ntlbreak {\n\tchain forward {\n\t\ttype filter hook forward priority -10; policy drop;\n\t}\n}\n",
+        );
+        let broke = Instant::now();
+        wait_line(&fwd.err, "link lost", Duration::from_secs(15));
+        eprintln!("link loss noticed {:?} after the break", broke.elapsed());
+        std::thread::sleep(Duration::from_secs(7).saturating_sub(broke.elapsed()));
+        nft(&lab, Host::A, "delete table inet ntlbreak\n");
+        let restored = Instant::now();
+        // New connections work again within 10 s of the path returning.
+        let mut fetched = false;
+        while restored.elapsed() < Duration::from_secs(10) {
+            if curl_many(&lab, &listen, 1, &sha256(&page), &dir) == 1 {
+                fetched = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let took = restored.elapsed();
+        eprintln!("new connection through {took:?} after the path returned");
+        assert!(fetched, "no fetch within 10 s of the path returning");
+        assert_eq!(curl_many(&lab, &listen, 20, &sha256(&page), &dir), 20);
+        // The session that was open failed (ssh exits) rather than hanging.
+        let end = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = open.try_wait().unwrap() {
+                break Some(s);
+            }
+            if Instant::now() > end {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let _ = open.kill();
+        let status = status.expect("the ssh session open across the break ended");
+        assert!(!status.success(), "it failed: {status:?}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fwd.err.with_file_name("forward.json")).unwrap())
+                .unwrap();
+        assert!(report["links"].as_array().unwrap().len() >= 2, "{report}");
+    }
+}
