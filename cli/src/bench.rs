@@ -403,7 +403,7 @@ pub(crate) async fn run(
             );
         }
         if sections.contains(&Section::Forward) {
-            let lines = crate::bench_forward::run(server.addr, &configs, args.size, &progress);
+            let lines = crate::bench_forward::run(server.addr, configs, args.size, &progress);
             report.notes.extend(lines.await);
         }
         drop(server);
