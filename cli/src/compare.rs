@@ -106,7 +106,8 @@ async fn one(
 ) -> CompareRow {
     let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
         .with_server_token(settings.server_token.clone())
-        .with_plan(settings.plan);
+        .with_plan(settings.plan)
+        .with_nat_cache(crate::nat_cache(settings));
     let (link, report) = orch.connect(params, &|_| {}).await;
     *role = report.role.or(*role);
     let attempt = report.attempts.first();

@@ -389,7 +389,8 @@ async fn prepare(
     };
     let orch = orchestrator(strategies, overall)
         .with_server_token(settings.server_token.clone())
-        .with_plan(settings.plan);
+        .with_plan(settings.plan)
+        .with_nat_cache(crate::nat_cache(settings));
     Ok(Peer {
         orch,
         params: ConnectParams {

@@ -241,6 +241,10 @@ struct PeerArgs {
     /// from the round trips. `off`: try every strategy blindly, for comparison.
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     plan: Option<String>,
+    /// Do not reuse NAT discovery results from earlier runs on this network (they are kept
+    /// 10 minutes per default gateway, local and public address, in the user cache dir).
+    #[arg(long)]
+    no_nat_cache: bool,
     /// Shared secret both peers must give; without it, anyone who knows the session name
     /// can pass as the peer. Also NETTOOL_SECRET or `secret` in the config.
     #[arg(long)]
@@ -271,6 +275,9 @@ impl PeerArgs {
         }
         o.set_opt("timeout", self.timeout.map(fmt_duration), "--timeout");
         o.set_opt("plan", self.plan.as_deref().map(|p| p == "on"), "--plan");
+        if self.no_nat_cache {
+            o.set("nat-cache", false, "--no-nat-cache");
+        }
         for s in registry.names() {
             o.set_opt(
                 &format!("strategy.{s}.timeout"),
@@ -691,6 +698,18 @@ fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrat
     )
 }
 
+/// The NAT discovery cache the settings ask for: `<user cache dir>/nettool/nat.json`.
+fn nat_cache(settings: &Settings) -> Option<nettool_core::nat_cache::NatCache> {
+    if !settings.nat_cache || !settings.plan {
+        return None;
+    }
+    let path = dirs::cache_dir()?.join("nettool").join("nat.json");
+    Some(nettool_core::nat_cache::NatCache::new(
+        path,
+        Duration::from_secs(600),
+    ))
+}
+
 async fn resolve_server(server: &str) -> Result<SocketAddr> {
     let addrs = resolve_all(server).await?;
     Ok(addrs[0])
@@ -765,7 +784,8 @@ async fn connect(
     }
     let orch = orchestrator(configs, settings.timeout)
         .with_server_token(settings.server_token.clone())
-        .with_plan(settings.plan);
+        .with_plan(settings.plan)
+        .with_nat_cache(nat_cache(&settings));
     let params = ConnectParams {
         server,
         session,

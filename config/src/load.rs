@@ -53,6 +53,9 @@ pub struct Settings {
     /// Plan the attempts from both peers' NAT behaviour (skip what cannot work, timeouts from
     /// the round trips); `false` tries every strategy blindly (`--plan off`).
     pub plan: bool,
+    /// Keep NAT discovery results per network (default gateway, local and public address) for
+    /// 10 minutes and reuse them (`--no-nat-cache` turns it off).
+    pub nat_cache: bool,
     /// Each strategy's own table (`[strategy.NAME]`), as given; the strategy's factory
     /// deserializes it.
     pub strategy: BTreeMap<String, serde_json::Value>,
@@ -70,6 +73,7 @@ impl Default for Settings {
             strategies: Vec::new(),
             timeout: Duration::from_secs(60),
             plan: true,
+            nat_cache: true,
             strategy: BTreeMap::new(),
             rendezvous: RendezvousConfig::default(),
         }
@@ -293,6 +297,7 @@ const TOP_LEVEL: &[&str] = &[
     "strategies",
     "timeout",
     "plan",
+    "nat-cache",
     "strategy",
     "rendezvous",
     // Moved to `strategy.*`: still read, to say where they went.

@@ -220,6 +220,20 @@ fn mapped(answer: &Option<Answer>) -> Option<SocketAddr> {
     }
 }
 
+/// The public address `server` sees for a fresh local UDP socket: one Binding transaction (the
+/// cheap first step of discovery, also what a cache of its results is keyed by).
+pub async fn public_address(
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<SocketAddr, DiscoveryError> {
+    let family = family_name(server);
+    let socket = UdpSocket::bind(unspecified(server))
+        .await
+        .map_err(|source| DiscoveryError::Io { family, source })?;
+    let answer = transact(&socket, server, &stun::binding_request(), timeout).await;
+    mapped(&answer).ok_or(DiscoveryError::NoAnswer(server))
+}
+
 /// The local IP address the host uses towards `server` (a connected UDP socket's address;
 /// nothing is sent).
 async fn local_ip_towards(server: SocketAddr) -> io::Result<IpAddr> {

@@ -25,6 +25,7 @@ pub mod candidates;
 pub mod client;
 pub mod discovery;
 pub mod handshake;
+pub mod nat_cache;
 pub mod orchestrator;
 pub mod plan;
 pub mod protocol;

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use tracing::{info, info_span, Instrument};
 
 use crate::client::RendezvousClient;
-use crate::discovery::{discover, DiscoverOptions};
+use crate::discovery::{discover, public_address, DiscoverOptions};
 use crate::handshake::LinkKey;
+use crate::nat_cache::{default_gateway, NatCache};
 use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
 use crate::protocol::{Role, PLAN_OFFER};
 use crate::report::{AttemptReport, NatPair, Outcome, Report};
@@ -65,6 +66,7 @@ pub struct Orchestrator {
     strategies: Vec<(Arc<dyn Strategy>, Duration)>,
     overall: Duration,
     plan: bool,
+    nat_cache: Option<NatCache>,
     server_token: Option<String>,
 }
 
@@ -96,6 +98,7 @@ impl Orchestrator {
             strategies,
             overall,
             plan: true,
+            nat_cache: None,
             server_token: None,
         }
     }
@@ -104,6 +107,13 @@ impl Orchestrator {
     /// every agreed strategy blindly with its configured timeout (`--plan off`, for comparison).
     pub fn with_plan(mut self, plan: bool) -> Self {
         self.plan = plan;
+        self
+    }
+
+    /// Keeps discovery results in `cache` and reuses them on the same network (none by
+    /// default).
+    pub fn with_nat_cache(mut self, cache: Option<NatCache>) -> Self {
+        self.nat_cache = cache;
         self
     }
 
@@ -223,9 +233,32 @@ impl Orchestrator {
             if !self.plan {
                 return None;
             }
+            let bound = DISCOVERY.time_bound();
+            let cached = async {
+                let cache = self.nat_cache.as_ref()?;
+                let public = public_address(params.server, DISCOVERY.test_timeout)
+                    .await
+                    .ok()?;
+                let local = local_ip_towards(params.server)?;
+                let key = NatCache::key(default_gateway(), local, params.server, public.ip());
+                Some((cache, key))
+            };
+            let cached = tokio::time::timeout(bound, cached).await.ok().flatten();
+            if let Some((cache, key)) = &cached {
+                if let Some(nat) = cache.get(key).await {
+                    info!("NAT behaviour from the cache ({key})");
+                    return Some(nat);
+                }
+            }
             let run = discover(params.server, &DISCOVERY);
-            match tokio::time::timeout(DISCOVERY.time_bound(), run).await {
-                Ok(Ok(report)) => Some(NatSummary::from(&report)),
+            match tokio::time::timeout(bound, run).await {
+                Ok(Ok(report)) => {
+                    let nat = NatSummary::from(&report);
+                    if let Some((cache, key)) = &cached {
+                        cache.put(key, nat).await;
+                    }
+                    Some(nat)
+                }
                 Ok(Err(e)) => {
                     info!("NAT discovery failed: {e}");
                     None
@@ -414,6 +447,18 @@ impl Orchestrator {
         }
         None
     }
+}
+
+/// The local address the host uses towards `server` (no packet is sent).
+fn local_ip_towards(server: SocketAddr) -> Option<std::net::IpAddr> {
+    let any: SocketAddr = if server.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = std::net::UdpSocket::bind(any).ok()?;
+    probe.connect(server).ok()?;
+    Some(probe.local_addr().ok()?.ip())
 }
 
 /// Discovery while joining: short per-test waits, so a filtered test costs little.

@@ -25,6 +25,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -43,6 +44,34 @@ pub fn header(kind: u8, len: usize) -> [u8; 5] {
     let len = u32::try_from(len).expect("relay frames are small");
     let l = len.to_be_bytes();
     [kind, l[0], l[1], l[2], l[3]]
+}
+
+/// Limits of the relay through the server. Hitting one ends that relay with a message to both
+/// peers.
+#[derive(Debug, Clone)]
+pub struct RelayLimits {
+    /// Sessions relayed at the same time (attached peers waiting for their partner count).
+    pub max_sessions: usize,
+    /// Bytes per second per session, both directions together; 0 = unlimited.
+    pub rate: u64,
+    /// Bytes per session, both directions together; 0 = unlimited.
+    pub max_bytes: u64,
+    /// How long one relay may last; zero = unlimited.
+    pub max_duration: Duration,
+    /// How long the first peer to attach waits for the second.
+    pub attach_timeout: Duration,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 100,
+            rate: 0,
+            max_bytes: 0,
+            max_duration: Duration::ZERO,
+            attach_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -248,8 +277,8 @@ mod splice_impl {
     use tokio::net::TcpStream;
     use tokio::sync::Mutex;
 
+    use super::RelayLimits;
     use super::{header, FRAME_DATA, FRAME_END, MAX_FRAME};
-    use crate::server::RelayLimits;
 
     /// Shared accounting of one relayed session.
     struct Budget {

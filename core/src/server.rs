@@ -98,33 +98,7 @@ pub struct ServerConfig {
     pub stun_burst: u32,
 }
 
-/// Limits of the relay through the server. Hitting one ends that relay with a message to both
-/// peers.
-#[derive(Debug, Clone)]
-pub struct RelayLimits {
-    /// Sessions relayed at the same time (attached peers waiting for their partner count).
-    pub max_sessions: usize,
-    /// Bytes per second per session, both directions together; 0 = unlimited.
-    pub rate: u64,
-    /// Bytes per session, both directions together; 0 = unlimited.
-    pub max_bytes: u64,
-    /// How long one relay may last; zero = unlimited.
-    pub max_duration: Duration,
-    /// How long the first peer to attach waits for the second.
-    pub attach_timeout: Duration,
-}
-
-impl Default for RelayLimits {
-    fn default() -> Self {
-        Self {
-            max_sessions: 100,
-            rate: 0,
-            max_bytes: 0,
-            max_duration: Duration::ZERO,
-            attach_timeout: Duration::from_secs(10),
-        }
-    }
-}
+pub use crate::relay::RelayLimits;
 
 impl Default for ServerConfig {
     fn default() -> Self {

@@ -137,3 +137,68 @@ async fn discover_all_reports_each_family() {
     assert!(report.server_rtt_ms.is_some());
     assert!(report.port_mapping.is_empty());
 }
+
+/// The orchestrator keeps discovery results per network and reuses them: a cache entry for
+/// this very network (made up: both sides "symmetric") is what the plan then works from, so
+/// every direct strategy is skipped; without the cache the real measurement (no NAT) is used.
+#[tokio::test]
+async fn the_plan_reuses_cached_discovery_for_the_same_network() {
+    use nettool_core::nat_cache::{default_gateway, NatCache};
+    use nettool_core::plan::NatSummary;
+    use nettool_core::{ConnectParams, Orchestrator, Outcome};
+    use std::sync::Arc;
+
+    let addr = server(Some("127.0.0.2:0")).await;
+    let dir = std::env::temp_dir().join(format!("nettool-plan-cache-{}", std::process::id()));
+    let cache = NatCache::new(dir.join("nat.json"), Duration::from_secs(600));
+    let key = NatCache::key(default_gateway(), addr.ip(), addr, addr.ip());
+    let sym = NatSummary {
+        udp_mapping: Mapping::AddressAndPortDependent,
+        udp_filtering: Filtering::AddressAndPortDependent,
+        tcp_mapping: Mapping::AddressAndPortDependent,
+    };
+    cache.put(&key, sym).await;
+
+    struct Never;
+    #[async_trait::async_trait]
+    impl nettool_core::Strategy for Never {
+        fn name(&self) -> &'static str {
+            "tcp-punch"
+        }
+        async fn connect(
+            &self,
+            _: &mut nettool_core::Attempt<'_>,
+        ) -> Result<nettool_core::Link, nettool_core::StrategyError> {
+            Err(nettool_core::StrategyError::NoLink("tried".into()))
+        }
+    }
+    let run = |cached: bool, session: &'static str| {
+        let cache = cached.then(|| cache.clone());
+        async move {
+            let orch = Orchestrator::new(
+                vec![(Arc::new(Never), Duration::from_secs(2))],
+                Duration::from_secs(10),
+            )
+            .with_nat_cache(cache);
+            let params = ConnectParams {
+                server: addr,
+                session: session.into(),
+                secret: Some("s".into()),
+            };
+            let ((_, a), (_, b)) = tokio::join!(
+                orch.connect(&params, &|_| {}),
+                orch.connect(&params, &|_| {})
+            );
+            (a, b)
+        }
+    };
+    let (a, b) = run(true, "cached").await;
+    for r in [&a, &b] {
+        assert_eq!(r.nat.as_ref().unwrap().local, Some(sym), "{r:?}");
+        assert_eq!(r.attempts[0].outcome, Outcome::Skipped, "{r:?}");
+    }
+    let (a, _) = run(false, "measured").await;
+    assert_eq!(a.nat.unwrap().local.unwrap().udp_mapping, Mapping::NoNat);
+    assert_eq!(a.attempts[0].outcome, Outcome::Failed);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -416,9 +416,13 @@ impl Lab {
 
     /// A command running `program` inside the host's namespace (`ip netns exec NS program`);
     /// the caller adds arguments.
+    ///
+    /// nettool's NAT discovery cache is off for these commands: every lab has the same
+    /// addresses behind different NAT kinds, which the cache (keyed by the network) would mix up.
     pub fn command(&self, h: Host, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", self.netns(h)]).arg(program);
+        c.env("NETTOOL_NAT_CACHE", "false");
         c
     }
 }

@@ -20,7 +20,10 @@ fn tcp_direct_fails_between_two_cone_nats_then_tcp_punch_links() {
     }
     let lab = RunningLab::new(NatKind::Cone, NatKind::Cone);
     let timeout = format!("{ATTEMPT_TIMEOUT_S}s");
+    // Blindly: the plan would skip tcp-direct (`the_plan_skips_what_cannot_work_and_says_why`).
     let flags = [
+        "--plan",
+        "off",
         "--strategy",
         "tcp-direct",
         "--strategy",
@@ -294,12 +297,22 @@ fn compare_in_the_lab_gives_a_row_per_strategy_with_the_expected_outcome() {
                 "{name}: {row}"
             );
         }
+        // The plan knows both sides filter: tcp-direct is skipped with the reason, and every
+        // row shows both sides' NAT as discovered.
         let direct = outcome("tcp-direct");
-        assert_eq!(direct["outcome"], "timed-out", "{name}: {direct}");
+        assert_eq!(direct["outcome"], "skipped", "{name}: {direct}");
         assert!(direct["error"]
             .as_str()
             .unwrap()
-            .contains("neither side reachable"));
+            .contains("both sides filter"));
+        assert_eq!(
+            direct["nat"]["local"]["udp_mapping"], "endpoint-independent",
+            "{name}: {direct}"
+        );
+        assert_eq!(
+            direct["nat"]["peer"]["udp_filtering"], "address-and-port-dependent",
+            "{name}: {direct}"
+        );
         let relay = outcome("relay");
         assert_eq!(relay["outcome"], "connected", "{name}: {relay}");
         assert_eq!(rows.len(), 4);

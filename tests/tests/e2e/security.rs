@@ -81,13 +81,13 @@ fn captured_bytes_hold_no_plaintext_on_any_strategy() {
     let control: &[u8] = b"PLAINTEXT-CONTROL-LEGACY-";
     let mut legacy = lab.lab.command(Host::Server, nettool_bin());
     legacy
-        .args(["rendezvous", "--legacy", "--listen", "0.0.0.0:8878"])
+        .args(["rendezvous", "--legacy", "--listen", "0.0.0.0:8879"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut legacy = Proc::spawn(legacy);
     legacy.stderr_line_containing("listening");
-    let server = format!("{}:8878", lab.lab.server_ip());
+    let server = format!("{}:8879", lab.lab.server_ip());
     let args: Vec<String> = ["--legacy", "--server", &server, "--timeout", "20s"]
         .iter()
         .map(|s| s.to_string())
