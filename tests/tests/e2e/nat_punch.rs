@@ -305,11 +305,16 @@ pub(crate) fn run_matrix_with(
         let at = |q: f64| totals[((totals.len() - 1) as f64 * q).round() as usize];
         table.push_str(&format!(
             "second peer's whole connect (time to link), {} linked pairs: p50 {} ms, p95 {} ms, \
-             max {} ms (debug build)\n",
+             max {} ms ({} build)\n",
             totals.len(),
             at(0.5),
             at(0.95),
-            totals[totals.len() - 1]
+            totals[totals.len() - 1],
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
         ));
     }
     eprintln!("{table}");
