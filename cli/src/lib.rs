@@ -30,8 +30,6 @@ use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
 
 mod bench;
-mod bench_forward;
-mod bench_server;
 mod compare;
 mod forward;
 mod legacy;
