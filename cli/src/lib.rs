@@ -646,7 +646,30 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
     if legacy {
         return legacy::serve(rv.listen).await;
     }
-    let config = ServerConfig {
+    let config = server_config(&rv);
+    let server = RendezvousServer::bind(rv.listen, config)
+        .await
+        .with_context(|| format!("cannot listen on {}", rv.listen))?;
+    eprintln!(
+        "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
+        server.local_addr()?,
+        server
+            .other_local_addr()
+            .map(|a| format!("; RFC 5780 other address {a}"))
+            .unwrap_or_default()
+    );
+    tokio::select! {
+        () = server.run() => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("nettool rendezvous: interrupted, stopping"),
+    }
+    Ok(0)
+}
+
+/// The server's configuration from the `[rendezvous]` settings: the only place the two meet.
+/// `RendezvousConfig::default()` restates `ServerConfig::default()` (the config crate does not
+/// depend on the server); the test `rendezvous_defaults_are_the_servers` keeps them equal.
+fn server_config(rv: &nettool_config::RendezvousConfig) -> ServerConfig {
+    ServerConfig {
         session_expiry: rv.session_expiry,
         max_frame_len: rv.max_frame_len,
         first_frame_timeout: rv.first_frame_timeout,
@@ -667,23 +690,7 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
         other_address: rv.other_address,
         stun_rate: rv.stun_rate,
         stun_burst: rv.stun_burst,
-    };
-    let server = RendezvousServer::bind(rv.listen, config)
-        .await
-        .with_context(|| format!("cannot listen on {}", rv.listen))?;
-    eprintln!(
-        "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
-        server.local_addr()?,
-        server
-            .other_local_addr()
-            .map(|a| format!("; RFC 5780 other address {a}"))
-            .unwrap_or_default()
-    );
-    tokio::select! {
-        () = server.run() => {}
-        _ = tokio::signal::ctrl_c() => eprintln!("nettool rendezvous: interrupted, stopping"),
     }
-    Ok(0)
 }
 
 fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrator {
@@ -1013,4 +1020,21 @@ async fn compare_cmd(
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defaults are written twice (`nettool-config` does not depend on the server); a
+    /// drift in any field, the relay limits included, fails here.
+    #[test]
+    fn rendezvous_defaults_are_the_servers() {
+        let mapped = server_config(&nettool_config::RendezvousConfig::default());
+        assert_eq!(
+            format!("{mapped:#?}"),
+            format!("{:#?}", ServerConfig::default())
+        );
+        assert!(mapped.relay.is_some(), "relaying is on by default");
+    }
 }
