@@ -937,8 +937,8 @@ async fn demo(registry: &StrategyRegistry) -> Result<i32> {
         }
     };
     let ((_, rows), _) = tokio::join!(
-        compare::run(&settings, &strategies, &params, &options, &show),
-        compare::run(&settings, &strategies, &params, &options, &|_| {}),
+        compare::run(&settings, &strategies, &params, &options, &show, &|| {}),
+        compare::run(&settings, &strategies, &params, &options, &|_| {}, &|| {}),
     );
     server_task.abort();
     println!("{}", compare::table(&rows));
@@ -994,12 +994,15 @@ async fn compare_cmd(
         pings: args.pings.max(1),
     };
     let quiet = !std::io::stderr().is_terminal();
-    let (role, rows) = compare::run(&settings, strategies, &params, &options, &|line| {
+    let show = |line: &str| {
         if !quiet {
             eprintln!("nettool compare: {line}");
         }
-    })
-    .await;
+    };
+    // Like connect's, always: scripts (and tests) start the second peer when they see it.
+    let waiting = || progress(Event::Waiting);
+    let (role, rows) =
+        compare::run(&settings, strategies, &params, &options, &show, &waiting).await;
     let run = compare::CompareRun {
         time_unix: compare::now_unix(),
         label: args.label.clone(),
