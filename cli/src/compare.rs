@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Table};
 use nettool_config::Settings;
 
-use crate::ConfiguredStrategy as StrategyConfig;
+use crate::ConfiguredStrategy;
 use nettool_core::discovery::{Filtering, Mapping};
 use nettool_core::orchestrator::Event;
 use nettool_core::plan::NatSummary;
@@ -69,7 +69,7 @@ pub(crate) struct CompareRun {
 /// and waits for the other (`compare` prints connect's "waiting for the peer" line then).
 pub(crate) async fn run(
     settings: &Settings,
-    strategies: &[StrategyConfig],
+    strategies: &[ConfiguredStrategy],
     base: &ConnectParams,
     options: &CompareOptions,
     progress: &(dyn Fn(&str) + Sync),
@@ -111,7 +111,7 @@ pub(crate) async fn run(
 }
 
 async fn one(
-    config: &StrategyConfig,
+    config: &ConfiguredStrategy,
     settings: &Settings,
     params: &ConnectParams,
     options: &CompareOptions,

@@ -34,7 +34,7 @@ use nettool_config::Settings;
 use nettool_core::ConnectParams;
 use serde::Serialize;
 
-use crate::ConfiguredStrategy as StrategyConfig;
+use crate::ConfiguredStrategy;
 
 use capacity::capacity;
 use server_proc::ServerProc;
@@ -281,7 +281,7 @@ struct MemoryRow {
 pub(crate) async fn run(
     args: BenchArgs,
     settings: Settings,
-    configs: &[StrategyConfig],
+    configs: &[ConfiguredStrategy],
 ) -> Result<i32> {
     let peer_mode = args.peer.server.is_some();
     let sections: Vec<Section> = if args.sections.is_empty() {

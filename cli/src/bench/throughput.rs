@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::time_to_link::{link_pair, percentile};
 use super::{Throughput, ThroughputRow, Verdict};
 use crate::compare::{measure, CompareOptions};
-use crate::ConfiguredStrategy as StrategyConfig;
+use crate::ConfiguredStrategy;
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
@@ -58,7 +58,7 @@ async fn measure_pair(
 }
 
 pub(super) async fn throughput(
-    configs: &[StrategyConfig],
+    configs: &[ConfiguredStrategy],
     overall: Duration,
     base: &ConnectParams,
     size: u64,

@@ -8,7 +8,7 @@ use nettool_core::orchestrator::Event;
 use nettool_core::{ConnectParams, Link, Orchestrator, Role};
 
 use super::{TimeToLinkRow, Verdict};
-use crate::ConfiguredStrategy as StrategyConfig;
+use crate::ConfiguredStrategy;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -77,7 +77,7 @@ async fn connect_timed(
 /// Both peers in this process link once with `config`; returns the time from both paired to
 /// both linked, and both ends of the link with their roles.
 pub(super) async fn link_pair(
-    config: &StrategyConfig,
+    config: &ConfiguredStrategy,
     overall: Duration,
     params: &ConnectParams,
 ) -> Result<(Duration, (Link, Role), (Link, Role))> {
@@ -91,7 +91,7 @@ pub(super) async fn link_pair(
 }
 
 pub(super) async fn time_to_link_local(
-    config: &StrategyConfig,
+    config: &ConfiguredStrategy,
     overall: Duration,
     base: &ConnectParams,
     runs: u32,
