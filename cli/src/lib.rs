@@ -59,13 +59,13 @@ struct Cli {
 enum Command {
     /// Run a rendezvous server that pairs peers by session name.
     ///
-    /// Run it on a host both peers can reach. It serves TCP on the given address; peers that
-    /// give the same --session are paired, at most two per session.
+    /// Run it on a host both peers can reach. It serves TCP (and STUN on UDP) on the given
+    /// address; peers that give the same --session are paired, at most two per session.
     Rendezvous(RendezvousArgs),
     /// Connect to the peer that uses the same session, then act like netcat.
     ///
     /// stdin goes to the peer until EOF (then the sending side is closed); the peer's bytes
-    /// go to stdout until the peer closes. Progress and a summary go to stderr.
+    /// go to stdout until the peer closes. Progress (on a terminal) and a summary go to stderr.
     ///
     /// Example, on two machines:
     ///   nettool connect --server rv.example.net:8877 --session demo --strategy tcp-punch
