@@ -14,8 +14,9 @@ use anyhow::{Context, Result};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Table};
 use nettool_config::Settings;
 
-use crate::ConfiguredStrategy as StrategyConfig;
+use crate::ConfiguredStrategy;
 use nettool_core::discovery::{Filtering, Mapping};
+use nettool_core::orchestrator::Event;
 use nettool_core::plan::NatSummary;
 use nettool_core::report::NatPair;
 use nettool_core::{ConnectParams, Link, Outcome, Role};
@@ -64,16 +65,26 @@ pub(crate) struct CompareRun {
     pub(crate) rows: Vec<CompareRow>,
 }
 
-/// Runs the comparison as one peer.
+/// Runs the comparison as one peer. `waiting` is called once, when this peer has first joined
+/// and waits for the other (`compare` prints connect's "waiting for the peer" line then).
 pub(crate) async fn run(
     settings: &Settings,
-    strategies: &[StrategyConfig],
+    strategies: &[ConfiguredStrategy],
     base: &ConnectParams,
     options: &CompareOptions,
     progress: &(dyn Fn(&str) + Sync),
+    waiting: &(dyn Fn() + Sync),
 ) -> (Option<Role>, Vec<CompareRow>) {
     let mut rows = Vec::new();
     let mut role = None;
+    let announced = std::sync::atomic::AtomicBool::new(false);
+    let events = |e: Event| {
+        if matches!(e, Event::Waiting)
+            && !announced.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            waiting();
+        }
+    };
     for round in 1..=options.rounds.max(1) {
         for config in strategies {
             let name = config.name();
@@ -82,7 +93,10 @@ pub(crate) async fn run(
                 session: format!("{}/{round}/{name}", base.session),
                 ..base.clone()
             };
-            let row = one(config, settings, &params, options, round, &mut role).await;
+            let row = one(
+                config, settings, &params, options, round, &mut role, &events,
+            )
+            .await;
             progress(&format!(
                 "round {round}: {name} {}",
                 match &row.error {
@@ -97,18 +111,19 @@ pub(crate) async fn run(
 }
 
 async fn one(
-    config: &StrategyConfig,
+    config: &ConfiguredStrategy,
     settings: &Settings,
     params: &ConnectParams,
     options: &CompareOptions,
     round: u32,
     role: &mut Option<Role>,
+    events: &(dyn Fn(Event) + Send + Sync),
 ) -> CompareRow {
     let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
         .with_server_token(settings.server_token.clone())
         .with_plan(settings.plan)
         .with_nat_cache(crate::nat_cache(settings));
-    let (link, report) = orch.connect(params, &|_| {}).await;
+    let (link, report) = orch.connect(params, events).await;
     *role = report.role.or(*role);
     let attempt = report.attempts.first();
     let mut row = CompareRow {

@@ -30,8 +30,6 @@ use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
 
 mod bench;
-mod bench_forward;
-mod bench_server;
 mod compare;
 mod forward;
 mod legacy;
@@ -61,13 +59,13 @@ struct Cli {
 enum Command {
     /// Run a rendezvous server that pairs peers by session name.
     ///
-    /// Run it on a host both peers can reach. It serves TCP on the given address; peers that
-    /// give the same --session are paired, at most two per session.
+    /// Run it on a host both peers can reach. It serves TCP (and STUN on UDP) on the given
+    /// address; peers that give the same --session are paired, at most two per session.
     Rendezvous(RendezvousArgs),
     /// Connect to the peer that uses the same session, then act like netcat.
     ///
     /// stdin goes to the peer until EOF (then the sending side is closed); the peer's bytes
-    /// go to stdout until the peer closes. Progress and a summary go to stderr.
+    /// go to stdout until the peer closes. Progress (on a terminal) and a summary go to stderr.
     ///
     /// Example, on two machines:
     ///   nettool connect --server rv.example.net:8877 --session demo --strategy tcp-punch
@@ -648,7 +646,30 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
     if legacy {
         return legacy::serve(rv.listen).await;
     }
-    let config = ServerConfig {
+    let config = server_config(&rv);
+    let server = RendezvousServer::bind(rv.listen, config)
+        .await
+        .with_context(|| format!("cannot listen on {}", rv.listen))?;
+    eprintln!(
+        "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
+        server.local_addr()?,
+        server
+            .other_local_addr()
+            .map(|a| format!("; RFC 5780 other address {a}"))
+            .unwrap_or_default()
+    );
+    tokio::select! {
+        () = server.run() => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("nettool rendezvous: interrupted, stopping"),
+    }
+    Ok(0)
+}
+
+/// The server's configuration from the `[rendezvous]` settings: the only place the two meet.
+/// `RendezvousConfig::default()` restates `ServerConfig::default()` (the config crate does not
+/// depend on the server); the test `rendezvous_defaults_are_the_servers` keeps them equal.
+fn server_config(rv: &nettool_config::RendezvousConfig) -> ServerConfig {
+    ServerConfig {
         session_expiry: rv.session_expiry,
         max_frame_len: rv.max_frame_len,
         first_frame_timeout: rv.first_frame_timeout,
@@ -669,23 +690,7 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
         other_address: rv.other_address,
         stun_rate: rv.stun_rate,
         stun_burst: rv.stun_burst,
-    };
-    let server = RendezvousServer::bind(rv.listen, config)
-        .await
-        .with_context(|| format!("cannot listen on {}", rv.listen))?;
-    eprintln!(
-        "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
-        server.local_addr()?,
-        server
-            .other_local_addr()
-            .map(|a| format!("; RFC 5780 other address {a}"))
-            .unwrap_or_default()
-    );
-    tokio::select! {
-        () = server.run() => {}
-        _ = tokio::signal::ctrl_c() => eprintln!("nettool rendezvous: interrupted, stopping"),
     }
-    Ok(0)
 }
 
 fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrator {
@@ -932,8 +937,8 @@ async fn demo(registry: &StrategyRegistry) -> Result<i32> {
         }
     };
     let ((_, rows), _) = tokio::join!(
-        compare::run(&settings, &strategies, &params, &options, &show),
-        compare::run(&settings, &strategies, &params, &options, &|_| {}),
+        compare::run(&settings, &strategies, &params, &options, &show, &|| {}),
+        compare::run(&settings, &strategies, &params, &options, &|_| {}, &|| {}),
     );
     server_task.abort();
     println!("{}", compare::table(&rows));
@@ -989,12 +994,15 @@ async fn compare_cmd(
         pings: args.pings.max(1),
     };
     let quiet = !std::io::stderr().is_terminal();
-    let (role, rows) = compare::run(&settings, strategies, &params, &options, &|line| {
+    let show = |line: &str| {
         if !quiet {
             eprintln!("nettool compare: {line}");
         }
-    })
-    .await;
+    };
+    // Like connect's, always: scripts (and tests) start the second peer when they see it.
+    let waiting = || progress(Event::Waiting);
+    let (role, rows) =
+        compare::run(&settings, strategies, &params, &options, &show, &waiting).await;
     let run = compare::CompareRun {
         time_unix: compare::now_unix(),
         label: args.label.clone(),
@@ -1015,4 +1023,21 @@ async fn compare_cmd(
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defaults are written twice (`nettool-config` does not depend on the server); a
+    /// drift in any field, the relay limits included, fails here.
+    #[test]
+    fn rendezvous_defaults_are_the_servers() {
+        let mapped = server_config(&nettool_config::RendezvousConfig::default());
+        assert_eq!(
+            format!("{mapped:#?}"),
+            format!("{:#?}", ServerConfig::default())
+        );
+        assert!(mapped.relay.is_some(), "relaying is on by default");
+    }
 }

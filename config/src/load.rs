@@ -141,7 +141,8 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is not valid TOML or has tables other than `[default]` and `[profile.*]`.
+    /// The file is not valid TOML or has tables other than `[default]`, `[strategy.*]` and
+    /// `[profile.*]`.
     #[error("config file {}: {message}", .path.display())]
     File {
         /// The file.

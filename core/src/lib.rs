@@ -17,7 +17,11 @@
 //! - [`stun`]: a small STUN Binding codec with RFC 5780 attributes (UDP strategies learn their
 //!   public mapping; the server answers).
 //! - [`discovery`]: NAT behaviour discovery (RFC 5780 mapping/filtering, TCP mapping, hairpin)
-//!   per address family, in bounded time: what `nettool netcheck` reports and a planner uses.
+//!   per address family, in bounded time: what `nettool netcheck` reports and the plan uses.
+//! - [`plan`]: which strategies can work for two peers' NATs, and each attempt's timeout;
+//!   [`nat_cache`]: discovery results cached per network.
+//! - [`relay`]: the relay's wire format and its limits (the server splices; the relay strategy
+//!   lives with the others).
 
 #![warn(missing_docs)]
 

@@ -584,7 +584,7 @@ fn check_file(path: &Path, size: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// Target fraction of plain TCP on the CLI path (issue 12).
+/// Target fraction of plain TCP on the CLI path.
 pub(crate) fn target_ratio(link: &str) -> Option<f64> {
     match link {
         "tcp-punch" | "tcp-direct" => Some(0.7),

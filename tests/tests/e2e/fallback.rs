@@ -263,7 +263,7 @@ fn compare_in_the_lab_gives_a_row_per_strategy_with_the_expected_outcome() {
         crate::support::Proc::spawn(cmd)
     };
     let mut a = peer(nettool_tests::Host::A, "a");
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    crate::support::wait_until_waiting(&dir, "a");
     let mut b = peer(nettool_tests::Host::B, "b");
     let limit = std::time::Duration::from_secs(90);
     assert!(a.wait_timeout(limit).is_some_and(|s| s.success()));

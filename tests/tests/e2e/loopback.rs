@@ -255,11 +255,11 @@ fn compare_appends_history_and_summarises_by_label() {
                 .arg(&history)
                 .stdin(Stdio::null())
                 .stdout(std::fs::File::create(dir.path(&format!("{name}{round}.json"))).unwrap())
-                .stderr(Stdio::null());
+                .stderr(std::fs::File::create(dir.path(&format!("{name}{round}.err"))).unwrap());
             Proc::spawn(cmd)
         };
         let mut a = peer("a");
-        std::thread::sleep(Duration::from_millis(100));
+        wait_until_waiting(&dir, &format!("a{round}"));
         let mut b = peer("b");
         assert!(a.wait_timeout(Duration::from_secs(60)).unwrap().success());
         assert!(b.wait_timeout(Duration::from_secs(60)).unwrap().success());

@@ -14,14 +14,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::ConfiguredStrategy as StrategyConfig;
+use crate::ConfiguredStrategy;
 use anyhow::{bail, Context, Result};
 
 /// Runs the forward benchmark against the rendezvous server at `server`; one line per
 /// strategy (or its error).
 pub(crate) async fn run(
     server: SocketAddr,
-    configs: &[StrategyConfig],
+    configs: &[ConfiguredStrategy],
     size: u64,
     progress: &dyn Fn(&str),
 ) -> Vec<String> {

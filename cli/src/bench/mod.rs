@@ -1,0 +1,681 @@
+//! `nettool bench`: time to link, link throughput and rendezvous capacity, in one run.
+//!
+//! Without `--server` everything runs on this machine: a rendezvous server in a child process
+//! (`nettool rendezvous --listen 127.0.0.1:0`, so its memory and CPU can be read from
+//! `/proc/<pid>` without the clients' own), both peers in this process.
+//!
+//! - **Time to link**: per strategy, `--runs` fresh sessions; each run is timed from the later
+//!   of the two peers' "paired" events (both joined) to the later of the two `connect` returns
+//!   (an authenticated link that both ends agreed on). p50 and p95.
+//! - **Throughput**: plain TCP between the same two endpoints (127.0.0.1) and every strategy,
+//!   interleaved for `--rounds` rounds, `--size` bytes each way with `compare`'s measurement;
+//!   the median per direction counts and each strategy is given as a ratio of plain TCP.
+//! - **Rendezvous capacity**: pairings per second (`--pairings` sessions, `--concurrency` of
+//!   them in flight, both peers through the real client join path), the server's CPU time per
+//!   pairing, and the server's resident memory with `--sessions` sessions waiting for their
+//!   second peer (a fresh server per size; VmRSS before and after).
+//!
+//! With `--server HOST:PORT --session NAME` this process is one peer against an external
+//! rendezvous server and measures time to link only (its own view: from its "paired" event to
+//! its link); the other peer runs the same command. That is how the NAT lab benchmark
+//! (`tests/tests/e2e/bench.rs`) runs two peers in two namespaces. Throughput against plain TCP
+//! is measured on loopback only: between two hosts behind NATs there is no plain TCP path to
+//! compare with (that is why punching exists); use `nettool compare` there.
+//!
+//! Targets are printed next to each figure as PASS or MISS; `--check` turns a MISS into exit
+//! status 1. Timing is asserted here, never in tests.
+
+use std::net::IpAddr;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use nettool_config::Settings;
+use nettool_core::ConnectParams;
+use serde::Serialize;
+
+use crate::ConfiguredStrategy;
+
+use capacity::capacity;
+use server_proc::ServerProc;
+use throughput::throughput;
+use time_to_link::{time_to_link_local, time_to_link_peer};
+
+mod capacity;
+mod cli_path;
+mod forward;
+mod server_memory;
+mod server_proc;
+mod throughput;
+mod time_to_link;
+
+/// Flags of `nettool bench`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Without --server: strategies to measure (default: all). With --server (peer mode): act
+    /// as one peer against that rendezvous server; the other peer runs the same command.
+    #[command(flatten)]
+    pub(crate) peer: crate::PeerArgs,
+    /// Runs per strategy for the time-to-link figures (p50 and p95).
+    #[arg(long, default_value_t = 50)]
+    runs: u32,
+    /// Bytes sent each way per throughput round (suffixes K, M, G, KiB, MiB, GiB).
+    #[arg(long, default_value = "256MiB", value_parser = crate::parse_size)]
+    size: u64,
+    /// Throughput rounds over plain TCP and every strategy, interleaved; the median counts.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Sessions paired for the pairings-per-second figure.
+    #[arg(long, default_value_t = 50_000)]
+    pairings: u64,
+    /// Pairings in flight at once (twice as many clients).
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Numbers of waiting sessions for the memory figure, comma separated (10k = 10000).
+    #[arg(long, value_delimiter = ',', default_value = "10k,100k", value_parser = crate::parse_size)]
+    sessions: Vec<u64>,
+    /// CLI path: bytes per transfer between two `connect` processes (and plain TCP).
+    #[arg(long, default_value = "1GiB", value_parser = crate::parse_size)]
+    cli_size: u64,
+    /// CLI path: how data goes in and out (pipe: the bench feeds and drains pipes; file: a
+    /// file into A's stdin, B's stdout into a file). Comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "pipe,file", value_enum)]
+    cli_mode: Vec<CliMode>,
+    /// Soak: transfers (each both ways at once, every byte checked).
+    #[arg(long, default_value_t = 200)]
+    soak_runs: u32,
+    /// Soak: bytes each way per transfer.
+    #[arg(long, default_value = "64MiB", value_parser = crate::parse_size)]
+    soak_size: u64,
+    /// Soak: the strategy soaked (a name `nettool strategies` lists).
+    #[arg(long, default_value = "tcp-punch")]
+    soak_strategy: String,
+    /// CLI path and soak in network namespaces (the NAT lab's ignored tests use these): the
+    /// server's, peer A's and peer B's namespace.
+    #[arg(long, requires_all = ["cli_netns_a", "cli_netns_b", "cli_server_ip"])]
+    cli_netns_server: Option<String>,
+    /// See --cli-netns-server.
+    #[arg(long)]
+    cli_netns_a: Option<String>,
+    /// See --cli-netns-server.
+    #[arg(long)]
+    cli_netns_b: Option<String>,
+    /// Address the rendezvous server of the CLI path listens on (default 127.0.0.1).
+    #[arg(long)]
+    cli_server_ip: Option<IpAddr>,
+    /// Address B's plain-TCP listener binds, reachable from A (default 127.0.0.1).
+    #[arg(long)]
+    cli_b_ip: Option<IpAddr>,
+    /// Section to run; repeat for several (default: all; with --server only time-to-link).
+    #[arg(long = "section", value_enum)]
+    sections: Vec<Section>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Exit with status 1 when a figure misses its target.
+    #[arg(long)]
+    check: bool,
+}
+
+/// A part of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Section {
+    /// Time from both peers joined to an authenticated link, per strategy.
+    TimeToLink,
+    /// Link throughput per strategy against plain TCP.
+    Throughput,
+    /// Rendezvous pairings per second and memory per waiting session.
+    Capacity,
+    /// The server's memory per connection under hostile load (`server_memory.rs`).
+    ServerMemory,
+    /// Two real `connect` processes (stdin → link → stdout) against plain TCP, and their RSS.
+    CliPath,
+    /// Many transfers both ways at once through real processes, every byte checked (not in
+    /// the default set: long).
+    Soak,
+    /// One `nettool forward` stream against `nettool connect` (only when asked for).
+    Forward,
+}
+
+/// How the CLI path feeds and drains the processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum CliMode {
+    /// Pipes fed and drained by the bench.
+    Pipe,
+    /// A file on stdin, a file on stdout.
+    File,
+}
+
+/// Whether a figure meets its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+enum Verdict {
+    #[serde(rename = "PASS")]
+    Pass,
+    #[serde(rename = "MISS")]
+    Miss,
+    /// No target applies, or the figure could not be measured.
+    #[serde(rename = "n/a")]
+    NotApplicable,
+}
+
+impl Verdict {
+    fn of(ok: bool) -> Self {
+        if ok {
+            Self::Pass
+        } else {
+            Self::Miss
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pass => "PASS",
+            Self::Miss => "MISS",
+            Self::NotApplicable => "n/a",
+        }
+    }
+}
+
+/// Everything one `bench` run measured.
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    /// `loopback` (everything on this machine) or `peer` (one peer against --server).
+    mode: &'static str,
+    time_to_link: Vec<TimeToLinkRow>,
+    throughput: Option<Throughput>,
+    capacity: Option<Capacity>,
+    server_memory: Option<server_memory::ServerMemory>,
+    cli_path: Option<cli_path::CliPath>,
+    soak: Option<cli_path::Soak>,
+    notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct TimeToLinkRow {
+    strategy: String,
+    runs: u32,
+    linked: u32,
+    p50_ms: Option<f64>,
+    p95_ms: Option<f64>,
+    min_ms: Option<f64>,
+    max_ms: Option<f64>,
+    /// The target for p50 (set for the NAT lab; loopback is held to the same figure).
+    target_p50_ms: f64,
+    verdict: Verdict,
+    /// Why runs failed (the first error), if any did.
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Throughput {
+    size: u64,
+    rounds: u32,
+    rows: Vec<ThroughputRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct ThroughputRow {
+    link: String,
+    /// Median MB/s (10^6 bytes/s) from the first peer to the second.
+    first_to_second_mbps: Option<f64>,
+    /// Median MB/s from the second peer to the first.
+    second_to_first_mbps: Option<f64>,
+    /// Mean of both directions over plain TCP's mean.
+    ratio: Option<f64>,
+    target_ratio: Option<f64>,
+    verdict: Verdict,
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Capacity {
+    /// RLIMIT_NOFILE (soft) this process and the server ran with.
+    nofile_limit: u64,
+    pairing: Option<PairingRate>,
+    memory: Vec<MemoryRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct PairingRate {
+    pairings: u64,
+    failed: u64,
+    concurrency: usize,
+    seconds: f64,
+    /// Pairings per second of wall time, clients and server on the same cores.
+    per_second: f64,
+    /// CPU seconds the server process used during the run.
+    server_cpu_seconds: f64,
+    /// CPU seconds this (client) process used during the run.
+    client_cpu_seconds: f64,
+    /// Pairings per second the server could do with `cores` cores to itself (its CPU time per
+    /// pairing, extrapolated).
+    server_only_per_second: Option<f64>,
+    cores: usize,
+    target_per_second: f64,
+    verdict: Verdict,
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct MemoryRow {
+    sessions: u64,
+    reached: u64,
+    /// Server VmRSS before the sessions were opened, KiB.
+    rss_before_kib: Option<u64>,
+    /// Server VmRSS with `reached` sessions waiting, KiB.
+    rss_after_kib: Option<u64>,
+    /// (after - before) / reached, bytes.
+    bytes_per_session: Option<f64>,
+    /// Server RSS projected to 100k sessions from this size's per-session figure, MB.
+    projected_100k_mb: Option<f64>,
+    target_100k_mb: f64,
+    /// Against the target, for 100k sessions actually reached (`n/a` otherwise).
+    verdict: Verdict,
+    /// The projection against the target (for sizes of 100k that could not be reached).
+    projected_verdict: Verdict,
+    /// Why fewer sessions than asked for were reached.
+    error: Option<String>,
+}
+
+/// `nettool bench`.
+pub(crate) async fn run(
+    args: BenchArgs,
+    settings: Settings,
+    configs: &[ConfiguredStrategy],
+) -> Result<i32> {
+    let peer_mode = args.peer.server.is_some();
+    let sections: Vec<Section> = if args.sections.is_empty() {
+        if peer_mode {
+            vec![Section::TimeToLink]
+        } else {
+            vec![
+                Section::TimeToLink,
+                Section::Throughput,
+                Section::Capacity,
+                Section::ServerMemory,
+                Section::CliPath,
+            ]
+        }
+    } else {
+        args.sections.clone()
+    };
+    if peer_mode && sections.iter().any(|s| *s != Section::TimeToLink) {
+        bail!(
+            "with --server only the time-to-link section runs (throughput against plain TCP and \
+             the rendezvous capacity are measured on loopback, without --server)"
+        );
+    }
+    let quiet = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = |line: &str| {
+        if !quiet {
+            eprintln!("nettool bench: {line}");
+        }
+    };
+    let mut report = BenchReport {
+        mode: if peer_mode { "peer" } else { "loopback" },
+        time_to_link: Vec::new(),
+        throughput: None,
+        capacity: None,
+        server_memory: None,
+        cli_path: None,
+        soak: None,
+        notes: vec![
+            "links are measured as this build makes them, encryption included (TLS on the TCP \
+             links and the relay, QUIC's own on udp-quic)"
+                .into(),
+        ],
+    };
+    if peer_mode {
+        let server = crate::resolve_server(settings.server.as_deref().unwrap_or_default()).await?;
+        let session = settings.session.clone().unwrap_or_default();
+        if session.is_empty() {
+            bail!("no session: give --session NAME (the other peer gives the same)");
+        }
+        let params = ConnectParams {
+            server,
+            session,
+            secret: settings.secret.clone(),
+        };
+        for config in configs {
+            let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
+                .with_server_token(settings.server_token.clone());
+            report
+                .time_to_link
+                .push(time_to_link_peer(&orch, config.name(), &params, args.runs, &progress).await);
+        }
+        report.notes.push(
+            "peer mode: each run is timed from this peer's \"paired\" event to its own link; \
+             targets are for the NAT lab"
+                .into(),
+        );
+    } else {
+        let server = ServerProc::spawn(&[])
+            .await
+            .context("starting the rendezvous server")?;
+        let params = ConnectParams {
+            server: server.addr,
+            session: format!("bench-{}", std::process::id()),
+            secret: Some("bench".into()),
+        };
+        if sections.contains(&Section::TimeToLink) {
+            for config in configs {
+                report.time_to_link.push(
+                    time_to_link_local(config, settings.timeout, &params, args.runs, &progress)
+                        .await,
+                );
+            }
+            report.notes.push(
+                "time to link: from both peers paired to the link on both ends (the server's \
+                 RTT probe, the strategy, the link handshake and the result exchange), loopback; \
+                 the targets are for the NAT lab"
+                    .into(),
+            );
+        }
+        if sections.contains(&Section::Throughput) {
+            report.throughput = Some(
+                throughput(
+                    configs,
+                    settings.timeout,
+                    &params,
+                    args.size,
+                    args.rounds,
+                    &progress,
+                )
+                .await,
+            );
+        }
+        if sections.contains(&Section::Forward) {
+            let lines = forward::run(server.addr, configs, args.size, &progress);
+            report.notes.extend(lines.await);
+        }
+        drop(server);
+        if sections.contains(&Section::Capacity) {
+            let (capacity, notes) = capacity(&args, &progress).await;
+            report.capacity = Some(capacity);
+            report.notes.extend(notes);
+        }
+        if sections.contains(&Section::ServerMemory) {
+            report.server_memory = Some(server_memory::measure(&progress).await);
+        }
+        if sections.contains(&Section::CliPath) || sections.contains(&Section::Soak) {
+            let place = cli_path::Placement {
+                netns_server: args.cli_netns_server.clone(),
+                netns_a: args.cli_netns_a.clone(),
+                netns_b: args.cli_netns_b.clone(),
+                server_ip: args
+                    .cli_server_ip
+                    .unwrap_or(cli_path::Placement::loopback().server_ip),
+                b_ip: args
+                    .cli_b_ip
+                    .unwrap_or(cli_path::Placement::loopback().b_ip),
+            };
+            let links: Vec<String> = if args.peer.strategies.is_empty() {
+                ["tcp-punch", "tcp-direct", "relay", "udp-quic"]
+                    .map(str::to_owned)
+                    .to_vec()
+            } else {
+                args.peer.strategies.iter().map(String::clone).collect()
+            };
+            let modes: Vec<cli_path::IoMode> = args
+                .cli_mode
+                .iter()
+                .map(|m| match m {
+                    CliMode::Pipe => cli_path::IoMode::Pipe,
+                    CliMode::File => cli_path::IoMode::File,
+                })
+                .collect();
+            let (size, rounds) = (args.cli_size, args.rounds.max(1));
+            let (soak_runs, soak_size) = (args.soak_runs, args.soak_size);
+            let soak_link = args.soak_strategy.clone();
+            let want_cli = sections.contains(&Section::CliPath);
+            let want_soak = sections.contains(&Section::Soak);
+            let (cli, soak) = tokio::task::spawn_blocking(move || {
+                let show = |line: &str| {
+                    if !quiet {
+                        eprintln!("nettool bench: {line}");
+                    }
+                };
+                let cli = want_cli
+                    .then(|| cli_path::run(&place, &links, &modes, size, rounds, &show))
+                    .transpose()?;
+                let soak = want_soak
+                    .then(|| cli_path::soak(&place, &soak_link, soak_size, soak_runs, &show))
+                    .transpose()?;
+                Ok::<_, anyhow::Error>((cli, soak))
+            })
+            .await
+            .context("the CLI-path task")??;
+            report.cli_path = cli;
+            report.soak = soak;
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", render(&report));
+    }
+    let missed = verdicts(&report).any(|v| v == Verdict::Miss);
+    Ok(if args.check && missed { 1 } else { 0 })
+}
+
+fn verdicts(r: &BenchReport) -> impl Iterator<Item = Verdict> + '_ {
+    r.time_to_link
+        .iter()
+        .map(|t| t.verdict)
+        .chain(
+            r.throughput
+                .iter()
+                .flat_map(|t| t.rows.iter().map(|x| x.verdict)),
+        )
+        .chain(r.capacity.iter().flat_map(|c| {
+            c.pairing
+                .iter()
+                .map(|p| p.verdict)
+                .chain(c.memory.iter().map(|m| m.verdict))
+        }))
+        .chain(r.server_memory.iter().map(|m| Verdict::of(m.pass)))
+        .chain(
+            r.cli_path
+                .iter()
+                .flat_map(|c| c.rows.iter().flat_map(|x| [x.verdict, x.rss_verdict])),
+        )
+        .chain(r.soak.iter().map(|s| s.verdict))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output.
+
+fn opt(v: Option<f64>, digits: usize, unit: &str) -> String {
+    v.map_or("-".to_owned(), |x| format!("{x:.digits$}{unit}"))
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(header.to_vec());
+    t
+}
+
+fn render(r: &BenchReport) -> String {
+    let mut out = String::new();
+    if !r.time_to_link.is_empty() {
+        let what = if r.mode == "peer" {
+            "this peer: from its \"paired\" event to its link"
+        } else {
+            "loopback: from both peers paired to the link on both ends"
+        };
+        out += &format!("Time to link ({what})\n");
+        let mut t = table(&[
+            "strategy",
+            "linked",
+            "p50",
+            "p95",
+            "min",
+            "max",
+            "target p50",
+            "",
+            "error",
+        ]);
+        for row in &r.time_to_link {
+            t.add_row([
+                row.strategy.clone(),
+                format!("{}/{}", row.linked, row.runs),
+                opt(row.p50_ms, 2, " ms"),
+                opt(row.p95_ms, 2, " ms"),
+                opt(row.min_ms, 2, " ms"),
+                opt(row.max_ms, 2, " ms"),
+                format!("≤ {} ms", row.target_p50_ms),
+                row.verdict.as_str().into(),
+                row.error.clone().unwrap_or_default(),
+            ]);
+        }
+        out += &format!("{t}\n\n");
+    }
+    if let Some(tp) = &r.throughput {
+        out += &format!(
+            "Throughput (loopback, {} bytes each way, median of {} rounds)\n",
+            tp.size, tp.rounds
+        );
+        let mut t = table(&[
+            "link",
+            "first→second",
+            "second→first",
+            "vs plain TCP",
+            "target",
+            "",
+            "error",
+        ]);
+        for row in &tp.rows {
+            t.add_row([
+                row.link.clone(),
+                opt(row.first_to_second_mbps, 0, " MB/s"),
+                opt(row.second_to_first_mbps, 0, " MB/s"),
+                opt(row.ratio, 2, "×"),
+                row.target_ratio
+                    .map_or(String::new(), |x| format!("≥ {x}×")),
+                row.verdict.as_str().into(),
+                row.error.clone().unwrap_or_default(),
+            ]);
+        }
+        out += &format!("{t}\n\n");
+    }
+    if let Some(c) = &r.capacity {
+        out += &format!("Rendezvous capacity (open-file limit {})\n", c.nofile_limit);
+        let mut t = table(&["figure", "value", "target", "", "detail"]);
+        if let Some(p) = &c.pairing {
+            t.add_row([
+                "pairings per second".to_owned(),
+                format!("{:.0}/s", p.per_second),
+                format!("≥ {:.0}/s", p.target_per_second),
+                p.verdict.as_str().into(),
+                format!(
+                    "{} paired ({} failed) in {:.2} s, {} in flight; server CPU {:.2} s ({:.1} µs per pairing, server-only on {} cores: {}), clients' CPU {:.2} s{}",
+                    p.pairings,
+                    p.failed,
+                    p.seconds,
+                    p.concurrency,
+                    p.server_cpu_seconds,
+                    p.server_cpu_seconds * 1e6 / (p.pairings.max(1) as f64),
+                    p.cores,
+                    opt(p.server_only_per_second, 0, "/s"),
+                    p.client_cpu_seconds,
+                    p.error.as_deref().map(|e| format!("; {e}")).unwrap_or_default()
+                ),
+            ]);
+        }
+        for m in &c.memory {
+            t.add_row([
+                format!("server RSS, {} waiting sessions", m.sessions),
+                opt(m.rss_after_kib.map(|k| k as f64 * 1024.0 / 1e6), 1, " MB"),
+                if m.sessions >= 100_000 {
+                    format!("≤ {} MB", m.target_100k_mb)
+                } else {
+                    String::new()
+                },
+                if m.projected_verdict == Verdict::NotApplicable {
+                    m.verdict.as_str().into()
+                } else {
+                    format!("n/a (projected: {})", m.projected_verdict.as_str())
+                },
+                format!(
+                    "{} reached; {} before; {} per session; projected to 100k: {}{}",
+                    m.reached,
+                    opt(m.rss_before_kib.map(|k| k as f64 * 1024.0 / 1e6), 1, " MB"),
+                    opt(m.bytes_per_session, 0, " B"),
+                    opt(m.projected_100k_mb, 0, " MB"),
+                    m.error
+                        .as_deref()
+                        .map(|e| format!("; {e}"))
+                        .unwrap_or_default()
+                ),
+            ]);
+        }
+        out += &format!("{t}\n\n");
+    }
+    if let Some(m) = &r.server_memory {
+        out += &format!("{}\n", m.render());
+    }
+    if let Some(c) = &r.cli_path {
+        out += &format!(
+            "CLI path ({}: two real processes, {} bytes per transfer, median of {} rounds; {})\n",
+            c.placement, c.size, c.rounds, c.ktls
+        );
+        let mut t = table(&[
+            "link",
+            "stdin→stdout",
+            "time",
+            "rate",
+            "vs plain TCP",
+            "target",
+            "",
+            "peak RSS",
+            "≤ 32 MB",
+            "error",
+        ]);
+        for row in &c.rows {
+            t.add_row([
+                row.link.clone(),
+                match row.mode {
+                    cli_path::IoMode::Pipe => "pipe→pipe".to_owned(),
+                    cli_path::IoMode::File => "file→file".to_owned(),
+                    cli_path::IoMode::Both => "both ways".to_owned(),
+                },
+                opt(row.seconds, 3, " s"),
+                opt(row.mb_per_s, 0, " MB/s"),
+                opt(row.ratio, 2, "×"),
+                row.target_ratio
+                    .map_or(String::new(), |x| format!("≥ {x}×")),
+                row.verdict.as_str().into(),
+                format!("{:.1} MB", row.peak_rss_mb),
+                row.rss_verdict.as_str().into(),
+                row.error.clone().unwrap_or_default(),
+            ]);
+        }
+        out += &format!("{t}\n\n");
+    }
+    if let Some(s) = &r.soak {
+        out += &format!(
+            "Soak ({} transfers over {}, {} bytes each way at once, every byte checked)\n",
+            s.runs, s.link, s.size
+        );
+        let mut t = table(&["ok", "stalls", "failed", "median", "max", "peak RSS", ""]);
+        t.add_row([
+            format!("{}/{}", s.ok, s.runs),
+            s.stalls.to_string(),
+            s.failures.len().to_string(),
+            opt(s.median_seconds, 3, " s"),
+            opt(s.max_seconds, 3, " s"),
+            format!("{:.1} MB", s.peak_rss_mb),
+            s.verdict.as_str().into(),
+        ]);
+        out += &format!("{t}\n");
+        for f in s.failures.iter().take(10) {
+            out += &format!("  {f}\n");
+        }
+        out += "\n";
+    }
+    for n in &r.notes {
+        out += &format!("note: {n}\n");
+    }
+    out.trim_end().to_owned()
+}

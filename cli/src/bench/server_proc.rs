@@ -1,0 +1,105 @@
+//! The rendezvous server in a child process.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// `nettool rendezvous --listen 127.0.0.1:0` as a child; killed when dropped.
+pub(super) struct ServerProc {
+    child: Child,
+    pub(super) addr: SocketAddr,
+}
+
+impl ServerProc {
+    /// Starts the server; the child's output is read on a blocking-pool thread, not on an
+    /// async worker.
+    pub(super) async fn spawn(extra: &[&str]) -> Result<Self> {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        tokio::task::spawn_blocking(move || Self::spawn_blocking(&extra))
+            .await
+            .context("the server start task")?
+    }
+
+    pub(super) fn spawn_blocking(extra: &[String]) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding the nettool binary")?;
+        let mut child = Command::new(exe)
+            .args([
+                "rendezvous",
+                "--listen",
+                "127.0.0.1:0",
+                "--relay-max-sessions",
+                "10000",
+                "--relay-rate",
+                "0",
+                "--relay-max-bytes",
+                "0",
+                "--relay-max-duration",
+                "0s",
+            ])
+            .args(unlimited_flags())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running `nettool rendezvous`")?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let mut reader = BufReader::new(stderr);
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the rendezvous server ended before listening");
+            }
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                break addr
+                    .parse::<SocketAddr>()
+                    .with_context(|| format!("bad address in the server's line {line:?}"))?;
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        Ok(Self { child, addr })
+    }
+
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Flags that lift the server's per-source-address limits (connections and joins per second
+/// per IP address, sessions at once) where this build has them: every benchmark client comes
+/// from loopback, and the figures are about the server's own capacity.
+pub(super) fn unlimited_flags() -> Vec<&'static str> {
+    static FLAGS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    FLAGS
+        .get_or_init(|| {
+            let help = std::env::current_exe()
+                .and_then(|exe| Command::new(exe).args(["rendezvous", "--help"]).output())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            [
+                "--max-conns-per-ip",
+                "--max-sessions",
+                "--join-rate",
+                "--stun-rate",
+            ]
+            .into_iter()
+            .filter(|f| help.contains(f))
+            .flat_map(|f| [f, "0"])
+            .collect()
+        })
+        .clone()
+}
