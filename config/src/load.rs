@@ -458,26 +458,17 @@ fn file_layers(path: &Path, profile: Option<&str>) -> Result<Vec<Layer>, ConfigE
         Some(Value::Dict(_, d)) => d,
         Some(_) => return Err(bad("`default` must be a table".into())),
     };
-    // Top-level [strategy.NAME] tables belong to the file's default layer.
-    let mut default = default;
-    match root.remove("strategy") {
-        None => {}
-        Some(Value::Dict(_, d)) => {
-            let mut merged = match default.remove("strategy") {
-                Some(Value::Dict(_, inner)) => inner,
-                _ => Dict::new(),
-            };
-            for (k, v) in d {
-                merged.entry(k).or_insert(v);
-            }
-            default.insert("strategy".into(), Value::from(merged));
-        }
+    // Top-level [strategy.NAME] tables: a layer of their own (shown as `[strategy]` by
+    // `config show`), under the file's [default] table.
+    let top_strategies = match root.remove("strategy") {
+        None => None,
+        Some(Value::Dict(_, d)) => Some(d),
         Some(_) => {
             return Err(bad(
                 "`strategy` must be a table of [strategy.NAME] tables".into()
             ))
         }
-    }
+    };
     let profiles = match root.remove("profile") {
         None => Dict::new(),
         Some(Value::Dict(_, d)) => d,
@@ -493,13 +484,25 @@ fn file_layers(path: &Path, profile: Option<&str>) -> Result<Vec<Layer>, ConfigE
              [profile.NAME] tables)"
         )));
     }
-    let mut layers = vec![Layer {
+    let mut layers = Vec::new();
+    if let Some(d) = top_strategies {
+        let mut dict = Dict::new();
+        dict.insert("strategy".into(), Value::from(d));
+        layers.push(Layer {
+            source: Source::File {
+                path: path.to_owned(),
+                table: "strategy".into(),
+            },
+            dict,
+        });
+    }
+    layers.push(Layer {
         source: Source::File {
             path: path.to_owned(),
             table: "default".into(),
         },
         dict: default,
-    }];
+    });
     if let Some(name) = profile {
         match profiles.get(name) {
             Some(Value::Dict(_, d)) => layers.push(Layer {
@@ -610,6 +613,12 @@ timeout = "3s"
         assert_eq!(plain.settings.server.as_deref(), Some("a.example:8877"));
         assert_eq!(plain.settings.timeout, Duration::from_secs(30));
         assert_eq!(strategy_key(&plain.settings, "tcp-punch", "timeout"), "7s");
+        let from = plain.explain();
+        let top = from
+            .iter()
+            .find(|r| r.0 == "strategy.tcp-punch.timeout")
+            .unwrap();
+        assert_eq!(top.2.to_string(), format!("{} [strategy]", p.display()));
         // Defaults of the same table stay.
         assert_eq!(strategy_key(&plain.settings, "tcp-punch", "low-ttl"), 2);
         assert_eq!(plain.settings.strategies, ["tcp-punch", "tcp-direct"]);
