@@ -813,6 +813,14 @@ async fn connect(
             return Ok(128 + sig);
         }
     };
+    let mut report = report;
+    if let Some(l) = &link {
+        report.data_path = Some(if l.strategy == "udp-quic" {
+            "QUIC (quinn, userspace crypto)".to_owned()
+        } else {
+            pump::ktls_status().replace(" was used", " is used")
+        });
+    }
     if let Some(path) = &args.report {
         write_report(path, &report)?;
     }

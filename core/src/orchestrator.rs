@@ -155,6 +155,7 @@ impl Orchestrator {
                 attempts: Vec::new(),
                 error: None,
                 nat: None,
+                data_path: None,
             },
             agreed: Vec::new(),
             current: None,

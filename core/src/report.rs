@@ -75,6 +75,10 @@ pub struct Report {
     /// `--plan off` or before pairing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatPair>,
+    /// How the link's data is encrypted on this host (set by the CLI once linked): userspace
+    /// TLS (rustls) or QUIC, and whether the kernel offers TLS offload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_path: Option<String>,
 }
 
 /// What the plan was made from.

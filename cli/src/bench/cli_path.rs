@@ -626,27 +626,6 @@ pub(crate) struct CliPath {
     pub(crate) rows: Vec<CliPathRow>,
 }
 
-/// Kernel TLS on this machine, and the path used.
-pub(crate) fn ktls_status() -> String {
-    let ulp = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
-    if ulp.split_whitespace().any(|u| u == "tls") {
-        format!(
-            "kernel has the tls ULP (tcp_available_ulp: {}); nettool does not hand keys to it \
-             yet: userspace TLS (rustls) was used",
-            ulp.trim()
-        )
-    } else {
-        format!(
-            "kernel has no tls ULP (tcp_available_ulp: {}): userspace TLS (rustls) was used",
-            if ulp.trim().is_empty() {
-                "unreadable"
-            } else {
-                ulp.trim()
-            }
-        )
-    }
-}
-
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -739,7 +718,7 @@ pub(crate) fn run(
         } else {
             "loopback".into()
         },
-        ktls: ktls_status(),
+        ktls: crate::pump::ktls_status(),
         rows,
     })
 }

@@ -48,6 +48,9 @@ fn two_peers_link_and_exchange_data_intact() {
     assert_eq!(ra["role"], "first");
     assert_eq!(rb["role"], "second");
     assert_eq!(ra["strategy"], "tcp-punch");
+    // The report says which data path carries the link (kernel TLS or rustls).
+    let path = ra["data_path"].as_str().unwrap_or_default();
+    assert!(path.contains("userspace TLS (rustls) is used"), "{path}");
     assert_eq!(ra["local"], rb["remote"]);
     assert_eq!(ra["remote"], rb["local"]);
     let attempt = &ra["attempts"][0];
