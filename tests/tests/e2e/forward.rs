@@ -1,8 +1,9 @@
 //! `nettool expose` and `nettool forward`: many TCP connections over one link.
 //!
-//! Loopback: 64 concurrent streams with half-close on tcp-punch, udp-quic and relay links;
-//! 1100 connections at once (beyond yamux's stream limit) all carried; a refused stream fails
-//! alone; a second forwarder is told "busy" and the session is reusable; a connection waits for
+//! Loopback: 64 concurrent streams with half-close on tcp-punch, udp-quic (native QUIC
+//! streams, named in both reports) and relay (yamux) links; 1100 connections at once (beyond
+//! yamux's stream limit and the forwarder's 512) all carried on tcp-punch and udp-quic; a
+//! refused stream fails alone (tcp-punch and udp-quic); a second forwarder is told "busy" and the session is reusable; a connection waits for
 //! a link up to `--wait`; expose and forward refuse to start without a secret; a stalled peer
 //! is noticed by the heartbeat and both sides rejoin. Lab: a real sshd (8 concurrent sessions,
 //! a 64 MiB scp) and an HTTP server (100 concurrent curls) through forward -> expose on
@@ -217,6 +218,21 @@ fn many_streams(strategy: &str) {
         "one link: {report}"
     );
     assert_eq!(report["links"][0]["connect"]["strategy"], strategy);
+    // udp-quic carries each connection as a QUIC stream of its own; the others run yamux.
+    let mux = multiplexer_of(strategy);
+    assert_eq!(report["links"][0]["multiplexer"], mux, "{report}");
+    let exposed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path("expose.json")).unwrap()).unwrap();
+    assert_eq!(exposed["links"][0]["multiplexer"], mux, "{exposed}");
+}
+
+/// What `forward` and `expose` must carry their streams with on a link by `strategy`.
+fn multiplexer_of(strategy: &str) -> &'static str {
+    if strategy == "udp-quic" {
+        "quic"
+    } else {
+        "yamux"
+    }
 }
 
 #[test]
@@ -236,10 +252,19 @@ fn forward_carries_64_concurrent_streams_with_half_close_over_relay() {
 
 #[test]
 fn more_connections_than_the_stream_limit_wait_instead_of_breaking_the_link() {
+    many_connections("tcp-punch");
+}
+
+#[test]
+fn more_connections_than_the_stream_limit_wait_instead_of_breaking_the_link_over_udp_quic() {
+    many_connections("udp-quic");
+}
+
+fn many_connections(strategy: &str) {
     let (_server, addr) = crate::support::loopback_rendezvous(&[]);
-    let dir = TempDir::new("fw-many");
+    let dir = TempDir::new(&format!("fw-many-{strategy}"));
     let echo = EchoAfterEof::start();
-    let common = peer_args(&addr, "fw-many", &["--strategy", "tcp-punch"]);
+    let common = peer_args(&addr, "fw-many", &["--strategy", strategy]);
     let (_e, forward, listen) = start_pair(
         Command::new(nettool_bin()),
         Command::new(nettool_bin()),
@@ -294,11 +319,20 @@ fn more_connections_than_the_stream_limit_wait_instead_of_breaking_the_link() {
 
 #[test]
 fn a_refused_stream_fails_alone_and_the_link_carries_on() {
+    refused_stream("tcp-punch");
+}
+
+#[test]
+fn a_refused_stream_fails_alone_and_the_link_carries_on_over_udp_quic() {
+    refused_stream("udp-quic");
+}
+
+fn refused_stream(strategy: &str) {
     let (_server, addr) = crate::support::loopback_rendezvous(&[]);
-    let dir = TempDir::new("fw-refuse");
+    let dir = TempDir::new(&format!("fw-refuse-{strategy}"));
     let echo = EchoAfterEof::start();
     let target = echo.addr;
-    let common = peer_args(&addr, "fw-refuse", &["--strategy", "tcp-punch"]);
+    let common = peer_args(&addr, "fw-refuse", &["--strategy", strategy]);
     let (expose, forward, listen) = start_pair(
         Command::new(nettool_bin()),
         Command::new(nettool_bin()),
@@ -343,6 +377,11 @@ fn a_refused_stream_fails_alone_and_the_link_carries_on() {
         serde_json::from_slice(&std::fs::read(dir.path("forward.json")).unwrap()).unwrap();
     assert_eq!(report["streams"], 2);
     assert_eq!(report["streams_failed"], 1);
+    assert_eq!(
+        report["links"][0]["multiplexer"],
+        multiplexer_of(strategy),
+        "{report}"
+    );
 }
 
 #[test]
