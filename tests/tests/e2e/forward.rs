@@ -2,7 +2,8 @@
 //!
 //! Loopback: 64 concurrent streams with half-close on tcp-punch, udp-quic (native QUIC
 //! streams, named in both reports) and relay (yamux) links; 1100 connections at once (beyond
-//! yamux's stream limit and the forwarder's 512) all carried on tcp-punch and udp-quic; a
+//! yamux's stream limit and the forwarder's 512) all carried on tcp-punch and udp-quic; 400
+//! connections answered while all are open (tcp-punch, udp-quic: QUIC's stream limit); a
 //! refused stream fails alone (tcp-punch and udp-quic); a second forwarder is told "busy" and the session is reusable; a connection waits for
 //! a link up to `--wait`; expose and forward refuse to start without a secret; a stalled peer
 //! is noticed by the heartbeat and both sides rejoin. Lab: a real sshd (8 concurrent sessions,
@@ -152,6 +153,22 @@ impl EchoAfterEof {
         std::thread::sleep(Duration::from_millis(100));
         self.addr
     }
+}
+
+/// A TCP service on loopback that echoes what it reads at once.
+fn echo_now() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let Ok(mut w) = c.try_clone() else { return };
+                let _ = std::io::copy(&mut c, &mut w);
+            });
+        }
+    });
+    addr
 }
 
 /// Sends `data` through the forwarder, half-closes, reads the echo to EOF.
@@ -315,6 +332,67 @@ fn many_connections(strategy: &str) {
         problems.join("\n")
     );
     assert_eq!(count_lines(&forward.err, "link lost"), 0);
+}
+
+/// 400 connections open at the same time each get an answer before any of them closes: the
+/// link carries that many streams at once (QUIC's stream limit on udp-quic must allow it).
+fn concurrent_connections(strategy: &str) {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new(&format!("fw-conc-{strategy}"));
+    let echo = echo_now();
+    let common = peer_args(&addr, "fw-conc", &["--strategy", strategy]);
+    let (_e, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir.0,
+        &common,
+        &echo.to_string(),
+        &[],
+    );
+    const N: usize = 400;
+    let mut conns = Vec::new();
+    for i in 0..N {
+        let mut c = TcpStream::connect(&listen).expect("connect");
+        c.write_all(format!("conn {i:04}").as_bytes()).unwrap();
+        conns.push(c);
+        if i % 50 == 49 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // One deadline for all answers (a missing stream must not cost a timeout per connection).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut failed = Vec::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        c.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut back = [0u8; 9];
+        match c.read_exact(&mut back) {
+            Ok(()) if back == *format!("conn {i:04}").as_bytes() => {}
+            other => failed.push(format!(
+                "{i}: {other:?} {:?}",
+                String::from_utf8_lossy(&back)
+            )),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {N} open connections got no answer, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    drop(conns);
+    assert_eq!(count_lines(&forward.err, "link lost"), 0);
+}
+
+#[test]
+fn many_connections_are_carried_at_the_same_time_over_tcp_punch() {
+    concurrent_connections("tcp-punch");
+}
+
+#[test]
+fn many_connections_are_carried_at_the_same_time_over_udp_quic() {
+    concurrent_connections("udp-quic");
 }
 
 #[test]
