@@ -3,13 +3,16 @@
 //! `expose TARGET` keeps a session open for one forwarder at a time; `forward --listen ADDR`
 //! accepts local TCP connections and carries each one as its own stream over the link to the
 //! exposing side, which connects that stream to TARGET (and nowhere else: it is never an open
-//! proxy). Streams are multiplexed with yamux (per-stream windows, so a bulk transfer does not
-//! starve an interactive session) over every link type, udp-quic's single QUIC stream included.
+//! proxy). Each connection gets its own flow control, so a bulk transfer does not starve an
+//! interactive session: on udp-quic every connection is a QUIC stream of the link's connection
+//! (QUIC's per-stream windows); on the byte-stream links (TCP, relay) streams are multiplexed
+//! with yamux inside the link's TLS.
 //!
 //! Wire format after the link handshake (all inside the authenticated link):
 //! - forwarder → expose: `NTFWD1` `F` instance-id (16 bytes) heartbeat-timeout (u32 ms, BE);
 //! - expose → forwarder: `NTFWD1` `O` (accepted) or `NTFWD1` `B` len (u16 BE) message (busy);
-//! - then yamux, the forwarder being the client. Its first stream is the heartbeat (`H`, then
+//! - then streams (QUIC streams, or yamux with the forwarder as the client), all opened by the
+//!   forwarder. Its first stream is the heartbeat (`H`, then
 //!   one byte per interval, echoed); every other stream starts with `C` and is answered with
 //!   `0` (connected to TARGET) or `1` len (u16 BE) message (that stream failed), then raw bytes
 //!   both ways with half-close.
@@ -30,7 +33,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use futures::future::poll_fn;
 use nettool_config::Settings;
-use nettool_core::{ConnectParams, Link, LinkStream, Orchestrator, Report};
+use nettool_core::{ConnectParams, Link, LinkStream, LinkStreams, Orchestrator, Report};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -104,6 +107,8 @@ struct LinkEntry {
     connect: Report,
     /// Why the link ended; null while it is up.
     ended: Option<String>,
+    /// What carries the streams: `quic` (the link's own QUIC streams) or `yamux`.
+    multiplexer: &'static str,
     streams: u64,
 }
 
@@ -158,6 +163,7 @@ impl State {
                     linked_at_unix: l.linked_at_unix,
                     connect: l.connect.clone(),
                     ended: l.ended.clone(),
+                    multiplexer: l.multiplexer,
                     streams: l.streams,
                 })
                 .collect(),
@@ -202,7 +208,7 @@ impl State {
         }
     }
 
-    fn link_up(&self, report: Report) -> usize {
+    fn link_up(&self, report: Report, multiplexer: &'static str) -> usize {
         let mut links = self.links.lock().expect("links poisoned");
         links.push(LinkEntry {
             linked_at_unix: SystemTime::now()
@@ -210,6 +216,7 @@ impl State {
                 .map_or(0.0, |d| d.as_secs_f64()),
             connect: report,
             ended: None,
+            multiplexer,
             streams: 0,
         });
         links.len() - 1
@@ -303,12 +310,69 @@ where
 // ---------------------------------------------------------------------------------------------
 // The multiplexer
 
-type Stream = tokio_util::compat::Compat<yamux::Stream>;
+type Stream = Box<dyn LinkStream>;
 type OpenReply = oneshot::Sender<Result<Stream, String>>;
 
-/// Runs one yamux connection over `link`: opens outbound streams on request, hands inbound
-/// streams to `inbound`. Ends (with the reason) when the connection does.
+/// The name of what carries a link's streams (in the report and on stderr).
+fn multiplexer(link: &Link) -> &'static str {
+    if link.streams().is_some() {
+        "quic"
+    } else {
+        "yamux"
+    }
+}
+
+/// Runs the streams of `link`: opens outbound streams on request, hands inbound streams to
+/// `inbound`. Ends (with the reason) when the link does. A link with its own streams (QUIC)
+/// uses them; any other runs yamux over its byte stream.
 async fn drive_mux(
+    link: Link,
+    mode: yamux::Mode,
+    open: mpsc::Receiver<OpenReply>,
+    inbound: mpsc::UnboundedSender<Stream>,
+) -> String {
+    match link.streams() {
+        Some(streams) => drive_streams(link.stream, streams, open, inbound).await,
+        None => drive_yamux(link.stream, mode, open, inbound).await,
+    }
+}
+
+/// [`drive_mux`] on the link's own streams. `main` (the stream the link handshake ran on)
+/// owns the connection: it is kept until the link ends.
+async fn drive_streams(
+    main: Box<dyn LinkStream>,
+    streams: Arc<dyn LinkStreams>,
+    mut open: mpsc::Receiver<OpenReply>,
+    inbound: mpsc::UnboundedSender<Stream>,
+) -> String {
+    let _main = main;
+    let mut requests = true;
+    loop {
+        tokio::select! {
+            r = open.recv(), if requests => match r {
+                Some(reply) => {
+                    // Opening waits while the peer's stream limit is reached: not here.
+                    let streams = streams.clone();
+                    tokio::spawn(async move {
+                        let s = streams.open().await;
+                        let _ = reply.send(s.map_err(|e| format!("cannot open a stream: {e}")));
+                    });
+                }
+                None => requests = false,
+            },
+            s = streams.accept() => match s {
+                Ok(Some(s)) => {
+                    let _ = inbound.send(s);
+                }
+                Ok(None) => return "the peer closed the link".to_owned(),
+                Err(e) => return format!("the link failed: {e}"),
+            },
+        }
+    }
+}
+
+/// [`drive_mux`] with yamux over the link's byte stream.
+async fn drive_yamux(
     link: Box<dyn LinkStream>,
     mode: yamux::Mode,
     mut open: mpsc::Receiver<OpenReply>,
@@ -331,7 +395,7 @@ async fn drive_mux(
             match conn.poll_new_outbound(cx) {
                 std::task::Poll::Ready(Ok(s)) => {
                     let r = waiting.pop_front().expect("not empty");
-                    let _ = r.send(Ok(s.compat()));
+                    let _ = r.send(Ok(Box::new(s.compat())));
                 }
                 std::task::Poll::Ready(Err(e)) => {
                     for r in waiting.drain(..) {
@@ -344,7 +408,7 @@ async fn drive_mux(
         }
         match conn.poll_next_inbound(cx) {
             std::task::Poll::Ready(Some(Ok(s))) => {
-                let _ = inbound.send(s.compat());
+                let _ = inbound.send(Box::new(s.compat()));
             }
             std::task::Poll::Ready(Some(Err(e))) => {
                 return std::task::Poll::Ready(format!("the link failed: {e}"))
@@ -573,13 +637,14 @@ async fn serve_forwarder(
         clear_current(&current, gen);
         return;
     }
-    eprintln!("nettool expose: serving a forwarder linked {via}");
-    let index = state.link_up(report);
+    let mux = multiplexer(&link);
+    eprintln!("nettool expose: serving a forwarder linked {via} (streams: {mux})");
+    let index = state.link_up(report, mux);
     state.write_report();
 
     let (_open_tx, open_rx) = mpsc::channel::<OpenReply>(1);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel();
-    let driver = drive_mux(link.stream, yamux::Mode::Server, open_rx, in_tx);
+    let driver = drive_mux(link, yamux::Mode::Server, open_rx, in_tx);
     tokio::pin!(driver);
     let work = async {
         // The first stream is the heartbeat.
@@ -860,12 +925,13 @@ async fn run_forward_link(
             ))
         }
     }
-    eprintln!("nettool forward: linked {via}; forwarding");
-    let index = state.link_up(report);
+    let mux = multiplexer(&link);
+    eprintln!("nettool forward: linked {via}; forwarding (streams: {mux})");
+    let index = state.link_up(report, mux);
     state.write_report();
     let (open_tx, open_rx) = mpsc::channel::<OpenReply>(64);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Stream>();
-    let driver = drive_mux(link.stream, yamux::Mode::Client, open_rx, in_tx);
+    let driver = drive_mux(link, yamux::Mode::Client, open_rx, in_tx);
     tokio::pin!(driver);
     let work = async {
         // Inbound streams are not part of the protocol: drop them.

@@ -48,4 +48,4 @@ pub use orchestrator::{ConnectParams, Orchestrator};
 pub use protocol::Role;
 pub use registry::{StrategyFactory, StrategyRegistry};
 pub use report::{AttemptReport, Outcome, Report};
-pub use strategy::{Attempt, Link, LinkStream, Strategy, StrategyError};
+pub use strategy::{Attempt, Link, LinkStream, LinkStreams, MultiStream, Strategy, StrategyError};

@@ -5,11 +5,16 @@
 //! authenticated [`Link`]. Strategies are stored as `Arc<dyn Strategy>` and built from config
 //! by one function in `nettool-strategies`.
 
+use std::any::Any;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -19,8 +24,81 @@ use crate::protocol::Role;
 use crate::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
 
 /// A byte stream a link runs over.
-pub trait LinkStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub trait LinkStream: AsyncRead + AsyncWrite + Unpin + Send + Any {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> LinkStream for T {}
+
+/// More byte streams on the same authenticated connection as a link (QUIC's own streams),
+/// each with its own flow control. Get it with [`Link::streams`]; a link that has it was
+/// built with a [`MultiStream`] as its stream.
+pub trait LinkStreams: Send + Sync + 'static {
+    /// Opens a new stream to the peer. The peer sees it once something is written on it.
+    fn open(&self) -> BoxFuture<'_, std::io::Result<Box<dyn LinkStream>>>;
+    /// The next stream the peer opened; `None` when the connection ended normally.
+    fn accept(&self) -> BoxFuture<'_, std::io::Result<Option<Box<dyn LinkStream>>>>;
+}
+
+/// A link's main stream together with the connection's further streams ([`LinkStreams`]).
+/// Reads and writes go to the main stream.
+pub struct MultiStream {
+    main: Box<dyn LinkStream>,
+    streams: Arc<dyn LinkStreams>,
+}
+
+impl MultiStream {
+    /// `main` is the stream the link handshake ran on; `streams` opens and accepts more.
+    pub fn new(main: impl LinkStream, streams: Arc<dyn LinkStreams>) -> Self {
+        Self {
+            main: Box::new(main),
+            streams,
+        }
+    }
+}
+
+impl std::fmt::Debug for MultiStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultiStream").finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for MultiStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.main).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MultiStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.main).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.main).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.main).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.main).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.main.is_write_vectored()
+    }
+}
 
 /// An authenticated link to the peer.
 pub struct Link {
@@ -32,6 +110,15 @@ pub struct Link {
     pub remote: SocketAddr,
     /// The strategy that made it.
     pub strategy: &'static str,
+}
+
+impl Link {
+    /// The link's further streams, when its transport has its own (udp-quic): each carries
+    /// its own flow control. `None` for links that are a single byte stream (TCP, relay).
+    pub fn streams(&self) -> Option<Arc<dyn LinkStreams>> {
+        let any: &dyn Any = &*self.stream;
+        any.downcast_ref::<MultiStream>().map(|m| m.streams.clone())
+    }
 }
 
 impl std::fmt::Debug for Link {

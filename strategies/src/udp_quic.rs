@@ -44,8 +44,11 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use nettool_core::strategy::{agree_on_link, RawLink};
-use nettool_core::{stun, Attempt, Link, Role, Strategy, StrategyError};
+use nettool_core::{
+    stun, Attempt, Link, LinkStream, LinkStreams, MultiStream, Role, Strategy, StrategyError,
+};
 
 use nettool_core::candidates::{candidates, peer_candidates, MAX_CANDIDATES_PER_FAMILY};
 use nettool_core::secure::{client_tls, server_tls, tls_error, Identity, EXPORTER_LABEL};
@@ -381,10 +384,13 @@ impl Strategy for UdpQuic {
             endpoint.set_server_config(None); // no further connections
         }
         guard.disarm();
+        let streams = Arc::new(QuicStreams {
+            conn: raw.stream.connection().clone(),
+        });
         Ok(Link {
             local: raw.local,
             remote: raw.remote,
-            stream: Box::new(raw.stream),
+            stream: Box::new(MultiStream::new(raw.stream, streams)),
             strategy: NAME,
         })
     }
@@ -412,7 +418,9 @@ impl UdpQuic {
         t.receive_window(VarInt::from_u32(window.saturating_mul(2)));
         t.send_window(u64::from(window));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
-        t.max_concurrent_bidi_streams(VarInt::from_u32(4));
+        // The link's stream plus one per forwarded connection (`nettool forward` keeps at most
+        // 512 open): QUIC's own streams, see [`QuicStreams`].
+        t.max_concurrent_bidi_streams(VarInt::from_u32(1024));
         t.initial_rtt(rtt_estimate.clamp(Duration::from_millis(10), Duration::from_millis(333)));
         Arc::new(t)
     }
@@ -1152,6 +1160,78 @@ impl AsyncWrite for QuicStream {
         }
         ready!(self.poll_close_if_done(cx));
         Poll::Ready(out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Further streams on the link's connection
+
+/// The link's QUIC connection as a source of further streams ([`LinkStreams`]): after the
+/// link handshake on the first bidirectional stream, each `open` is a new bidirectional QUIC
+/// stream with its own flow control. The link's main stream owns the connection: dropping it
+/// closes the connection and every stream on it.
+struct QuicStreams {
+    conn: Connection,
+}
+
+impl LinkStreams for QuicStreams {
+    fn open(&self) -> BoxFuture<'_, io::Result<Box<dyn LinkStream>>> {
+        Box::pin(async move {
+            let (send, recv) = self.conn.open_bi().await.map_err(io::Error::other)?;
+            Ok(Box::new(QuicSubStream { send, recv }) as Box<dyn LinkStream>)
+        })
+    }
+
+    fn accept(&self) -> BoxFuture<'_, io::Result<Option<Box<dyn LinkStream>>>> {
+        Box::pin(async move {
+            match self.conn.accept_bi().await {
+                Ok((send, recv)) => Ok(Some(Box::new(QuicSubStream { send, recv }) as _)),
+                Err(quinn::ConnectionError::ApplicationClosed(c))
+                    if c.error_code == VarInt::from_u32(CLOSE_DONE) =>
+                {
+                    Ok(None)
+                }
+                Err(quinn::ConnectionError::LocallyClosed) => Ok(None),
+                Err(e) => Err(io::Error::other(e)),
+            }
+        })
+    }
+}
+
+/// One further bidirectional stream: `shutdown` finishes the send side (the peer reads to the
+/// end; the data is delivered as long as the connection lives), the other direction goes on.
+struct QuicSubStream {
+    send: SendStream,
+    recv: RecvStream,
+}
+
+impl AsyncRead for QuicSubStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicSubStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.send).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Finishing twice is harmless; a stream the peer stopped or reset is done too.
+        let _ = self.send.finish();
+        Poll::Ready(Ok(()))
     }
 }
 

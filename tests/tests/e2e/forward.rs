@@ -1,8 +1,10 @@
 //! `nettool expose` and `nettool forward`: many TCP connections over one link.
 //!
-//! Loopback: 64 concurrent streams with half-close on tcp-punch, udp-quic and relay links;
-//! 1100 connections at once (beyond yamux's stream limit) all carried; a refused stream fails
-//! alone; a second forwarder is told "busy" and the session is reusable; a connection waits for
+//! Loopback: 64 concurrent streams with half-close on tcp-punch, udp-quic (native QUIC
+//! streams, named in both reports) and relay (yamux) links; 1100 connections at once (beyond
+//! yamux's stream limit and the forwarder's 512) all carried on tcp-punch and udp-quic; 400
+//! connections answered while all are open (tcp-punch, udp-quic: QUIC's stream limit); a
+//! refused stream fails alone (tcp-punch and udp-quic); a second forwarder is told "busy" and the session is reusable; a connection waits for
 //! a link up to `--wait`; expose and forward refuse to start without a secret; a stalled peer
 //! is noticed by the heartbeat and both sides rejoin. Lab: a real sshd (8 concurrent sessions,
 //! a 64 MiB scp) and an HTTP server (100 concurrent curls) through forward -> expose on
@@ -153,6 +155,22 @@ impl EchoAfterEof {
     }
 }
 
+/// A TCP service on loopback that echoes what it reads at once.
+fn echo_now() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let Ok(mut w) = c.try_clone() else { return };
+                let _ = std::io::copy(&mut c, &mut w);
+            });
+        }
+    });
+    addr
+}
+
 /// Sends `data` through the forwarder, half-closes, reads the echo to EOF.
 fn echo_round(listen: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut c = TcpStream::connect(listen)?;
@@ -217,6 +235,21 @@ fn many_streams(strategy: &str) {
         "one link: {report}"
     );
     assert_eq!(report["links"][0]["connect"]["strategy"], strategy);
+    // udp-quic carries each connection as a QUIC stream of its own; the others run yamux.
+    let mux = multiplexer_of(strategy);
+    assert_eq!(report["links"][0]["multiplexer"], mux, "{report}");
+    let exposed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path("expose.json")).unwrap()).unwrap();
+    assert_eq!(exposed["links"][0]["multiplexer"], mux, "{exposed}");
+}
+
+/// What `forward` and `expose` must carry their streams with on a link by `strategy`.
+fn multiplexer_of(strategy: &str) -> &'static str {
+    if strategy == "udp-quic" {
+        "quic"
+    } else {
+        "yamux"
+    }
 }
 
 #[test]
@@ -236,10 +269,19 @@ fn forward_carries_64_concurrent_streams_with_half_close_over_relay() {
 
 #[test]
 fn more_connections_than_the_stream_limit_wait_instead_of_breaking_the_link() {
+    many_connections("tcp-punch");
+}
+
+#[test]
+fn more_connections_than_the_stream_limit_wait_instead_of_breaking_the_link_over_udp_quic() {
+    many_connections("udp-quic");
+}
+
+fn many_connections(strategy: &str) {
     let (_server, addr) = crate::support::loopback_rendezvous(&[]);
-    let dir = TempDir::new("fw-many");
+    let dir = TempDir::new(&format!("fw-many-{strategy}"));
     let echo = EchoAfterEof::start();
-    let common = peer_args(&addr, "fw-many", &["--strategy", "tcp-punch"]);
+    let common = peer_args(&addr, "fw-many", &["--strategy", strategy]);
     let (_e, forward, listen) = start_pair(
         Command::new(nettool_bin()),
         Command::new(nettool_bin()),
@@ -292,13 +334,83 @@ fn more_connections_than_the_stream_limit_wait_instead_of_breaking_the_link() {
     assert_eq!(count_lines(&forward.err, "link lost"), 0);
 }
 
+/// 400 connections open at the same time each get an answer before any of them closes: the
+/// link carries that many streams at once (QUIC's stream limit on udp-quic must allow it).
+fn concurrent_connections(strategy: &str) {
+    let (_server, addr) = crate::support::loopback_rendezvous(&[]);
+    let dir = TempDir::new(&format!("fw-conc-{strategy}"));
+    let echo = echo_now();
+    let common = peer_args(&addr, "fw-conc", &["--strategy", strategy]);
+    let (_e, forward, listen) = start_pair(
+        Command::new(nettool_bin()),
+        Command::new(nettool_bin()),
+        &dir.0,
+        &common,
+        &echo.to_string(),
+        &[],
+    );
+    const N: usize = 400;
+    let mut conns = Vec::new();
+    for i in 0..N {
+        let mut c = TcpStream::connect(&listen).expect("connect");
+        c.write_all(format!("conn {i:04}").as_bytes()).unwrap();
+        conns.push(c);
+        if i % 50 == 49 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // One deadline for all answers (a missing stream must not cost a timeout per connection).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut failed = Vec::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        c.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut back = [0u8; 9];
+        match c.read_exact(&mut back) {
+            Ok(()) if back == *format!("conn {i:04}").as_bytes() => {}
+            other => failed.push(format!(
+                "{i}: {other:?} {:?}",
+                String::from_utf8_lossy(&back)
+            )),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {N} open connections got no answer, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    drop(conns);
+    assert_eq!(count_lines(&forward.err, "link lost"), 0);
+}
+
+#[test]
+fn many_connections_are_carried_at_the_same_time_over_tcp_punch() {
+    concurrent_connections("tcp-punch");
+}
+
+#[test]
+fn many_connections_are_carried_at_the_same_time_over_udp_quic() {
+    concurrent_connections("udp-quic");
+}
+
 #[test]
 fn a_refused_stream_fails_alone_and_the_link_carries_on() {
+    refused_stream("tcp-punch");
+}
+
+#[test]
+fn a_refused_stream_fails_alone_and_the_link_carries_on_over_udp_quic() {
+    refused_stream("udp-quic");
+}
+
+fn refused_stream(strategy: &str) {
     let (_server, addr) = crate::support::loopback_rendezvous(&[]);
-    let dir = TempDir::new("fw-refuse");
+    let dir = TempDir::new(&format!("fw-refuse-{strategy}"));
     let echo = EchoAfterEof::start();
     let target = echo.addr;
-    let common = peer_args(&addr, "fw-refuse", &["--strategy", "tcp-punch"]);
+    let common = peer_args(&addr, "fw-refuse", &["--strategy", strategy]);
     let (expose, forward, listen) = start_pair(
         Command::new(nettool_bin()),
         Command::new(nettool_bin()),
@@ -343,6 +455,11 @@ fn a_refused_stream_fails_alone_and_the_link_carries_on() {
         serde_json::from_slice(&std::fs::read(dir.path("forward.json")).unwrap()).unwrap();
     assert_eq!(report["streams"], 2);
     assert_eq!(report["streams_failed"], 1);
+    assert_eq!(
+        report["links"][0]["multiplexer"],
+        multiplexer_of(strategy),
+        "{report}"
+    );
 }
 
 #[test]
