@@ -319,26 +319,8 @@ impl Server {
             .arg(SocketAddr::new(place.server_ip, 0).to_string())
             .args(["--relay-rate", "0", "--relay-max-bytes", "0"])
             .args(["--relay-max-duration", "0s", "--max-conns-per-ip", "0"])
-            .args(["--join-rate", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("running `nettool rendezvous`")?;
-        let mut reader = BufReader::new(child.stderr.take().expect("stderr is piped"));
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the rendezvous server ended before listening");
-            }
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let a = rest.split_whitespace().next().unwrap_or_default();
-                break a.parse::<SocketAddr>().context("the server's address")?;
-            }
-        };
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+            .args(["--join-rate", "0"]);
+        let (child, addr) = super::server_proc::start_listening(&mut cmd)?;
         Ok(Self { child, addr })
     }
 }

@@ -11,9 +11,8 @@
 //! every connection when RSS is read (it drops a partial frame after the first-frame timeout,
 //! 10 s; the whole measurement takes about a second).
 
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -207,31 +206,9 @@ struct ServerChild {
 impl ServerChild {
     fn spawn() -> Result<Self> {
         let exe = std::env::current_exe().context("finding the nettool binary")?;
-        let mut child = Command::new(exe)
-            .args(["rendezvous", "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running `nettool rendezvous`")?;
-        let mut reader = BufReader::new(child.stderr.take().expect("stderr is piped"));
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the rendezvous server ended before listening");
-            }
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or_default();
-                break addr
-                    .parse::<SocketAddr>()
-                    .with_context(|| format!("bad address in the server's line {line:?}"))?;
-            }
-        };
-        // Keep draining stderr (one warning per refused client) so the server never blocks.
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let mut cmd = Command::new(exe);
+        cmd.args(["rendezvous", "--listen", "127.0.0.1:0"]);
+        let (child, addr) = super::server_proc::start_listening(&mut cmd)?;
         Ok(Self { child, addr })
     }
 

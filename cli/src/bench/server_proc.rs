@@ -24,46 +24,23 @@ impl ServerProc {
 
     pub(super) fn spawn_blocking(extra: &[String]) -> Result<Self> {
         let exe = std::env::current_exe().context("finding the nettool binary")?;
-        let mut child = Command::new(exe)
-            .args([
-                "rendezvous",
-                "--listen",
-                "127.0.0.1:0",
-                "--relay-max-sessions",
-                "10000",
-                "--relay-rate",
-                "0",
-                "--relay-max-bytes",
-                "0",
-                "--relay-max-duration",
-                "0s",
-            ])
-            .args(unlimited_flags())
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running `nettool rendezvous`")?;
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let mut reader = BufReader::new(stderr);
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the rendezvous server ended before listening");
-            }
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or_default();
-                break addr
-                    .parse::<SocketAddr>()
-                    .with_context(|| format!("bad address in the server's line {line:?}"))?;
-            }
-        };
-        // Keep draining stderr so the server never blocks on it.
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "rendezvous",
+            "--listen",
+            "127.0.0.1:0",
+            "--relay-max-sessions",
+            "10000",
+            "--relay-rate",
+            "0",
+            "--relay-max-bytes",
+            "0",
+            "--relay-max-duration",
+            "0s",
+        ])
+        .args(unlimited_flags())
+        .args(extra);
+        let (child, addr) = start_listening(&mut cmd)?;
         Ok(Self { child, addr })
     }
 
@@ -102,4 +79,34 @@ pub(super) fn unlimited_flags() -> Vec<&'static str> {
             .collect()
         })
         .clone()
+}
+
+/// Starts `cmd` (a `nettool rendezvous`) with its stderr piped, waits for its "listening on
+/// ADDR" line and returns the child and that address; the rest of its stderr is drained on a
+/// thread so the server never blocks on it. The child is killed when it ends before listening.
+pub(super) fn start_listening(cmd: &mut Command) -> Result<(Child, SocketAddr)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running `nettool rendezvous`")?;
+    let mut reader = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the rendezvous server ended before listening");
+        }
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            break addr
+                .parse::<SocketAddr>()
+                .with_context(|| format!("bad address in the server's line {line:?}"))?;
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    Ok((child, addr))
 }
