@@ -519,6 +519,21 @@ struct QuicPlain {
     _endpoint: quinn::Endpoint,
 }
 
+impl Drop for QuicPlain {
+    /// Dropping the last handle of a quinn connection closes it at once and discards stream
+    /// data the peer has not acknowledged yet, so the bridged bytes could be lost after the
+    /// pumps finished. Keep the connection until the peer closes it (bounded).
+    fn drop(&mut self) {
+        let (conn, endpoint) = (self._conn.clone(), self._endpoint.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+                drop(endpoint);
+            });
+        }
+    }
+}
+
 impl AsyncRead for QuicPlain {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,

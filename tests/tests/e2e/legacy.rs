@@ -207,6 +207,15 @@ fn read_line(s: &mut TcpStream) -> String {
     }
 }
 
+/// A loopback listener with SO_REUSEADDR, as the original client makes it.
+fn listen_reusing(port: u16) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    socket.listen(8)?;
+    Ok(socket.into())
+}
+
 #[test]
 fn original_style_clients_talk_to_nettool_clients() {
     let (_server, addr) = legacy_rendezvous();
@@ -276,11 +285,12 @@ fn original_style_clients_talk_to_nettool_clients() {
     s.read_to_end(&mut rest).unwrap(); // the server closes
     assert!(rest.iter().all(|b| *b == 0), "{rest:?}");
     drop(s);
-    // Our side of the server connection may still be closing (LAST_ACK) for a moment; an
-    // original client would set SO_REUSEADDR, here we retry the bind briefly.
-    let bind_until = std::time::Instant::now() + Duration::from_secs(3);
+    // Listen as an original client does: SO_REUSEADDR, because the port may still be held by
+    // a TIME_WAIT socket (ours, or another test's connection that the kernel gave the same
+    // local port towards a different destination). Retry briefly for a socket still closing.
+    let bind_until = std::time::Instant::now() + Duration::from_secs(5);
     let listener = loop {
-        match TcpListener::bind(("127.0.0.1", own_port)) {
+        match listen_reusing(own_port) {
             Ok(l) => break l,
             Err(e) if std::time::Instant::now() < bind_until => {
                 let _ = e;
