@@ -40,7 +40,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::{orchestrator, progress, resolve_server, ConfiguredStrategy, PeerArgs};
+use crate::{orchestrator, progress, resolve_servers, ConfiguredStrategy, PeerArgs};
 
 const MAGIC: &[u8; 6] = b"NTFWD1";
 /// Bound on the hello exchange and on a stream's first bytes.
@@ -446,7 +446,7 @@ async fn prepare(
     let Some(server) = settings.server.as_deref() else {
         bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
     };
-    let server = resolve_server(server).await?;
+    let (server, all) = resolve_servers(server).await?;
     let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {
         bail!("no session: give --session NAME (not empty) or set `session` in the config");
@@ -460,7 +460,8 @@ async fn prepare(
     let orch = orchestrator(strategies, overall)
         .with_server_token(settings.server_token.clone())
         .with_plan(settings.plan)
-        .with_nat_cache(crate::nat_cache(settings));
+        .with_nat_cache(crate::nat_cache(settings))
+        .with_server_addresses(all);
     Ok(Peer {
         orch,
         params: ConnectParams {

@@ -24,7 +24,7 @@ use std::io::IsTerminal;
 use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
 use nettool_core::orchestrator::Event;
 use nettool_core::registry::{RegistryError, StrategyRegistry};
-use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
+use nettool_core::server::{ListenAddr, RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::Strategy;
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
@@ -158,9 +158,15 @@ struct ConfigArgs {
 
 #[derive(Debug, Args)]
 struct RendezvousArgs {
-    /// Address to listen on (default 0.0.0.0:8877, or `rendezvous.listen` in the config).
+    /// Address to listen on (default 0.0.0.0:8877, or `rendezvous.listen` in the config). An
+    /// unspecified address (0.0.0.0 or [::]) serves both IPv4 and IPv6 on that port.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// An IPv6 address to listen on as well, when --listen is a specific IPv4 address, e.g.
+    /// --listen 203.0.113.10:8877 --listen-v6 [2001:db8::10]:8877 (peers reach the server
+    /// over both families and learn their public address on each).
+    #[arg(long, value_name = "[IPV6]:PORT")]
+    listen_v6: Option<SocketAddr>,
     /// Serve the original demo's 8877 text protocol instead ("first\n", "<ip1> <port1>
     /// <port2>\n", ...), byte for byte, for the original clients and `connect --legacy`.
     #[arg(long)]
@@ -206,6 +212,9 @@ struct RendezvousArgs {
     /// --listen with a specific IP; STUN and TCP are then served on both IPs and both ports).
     #[arg(long, value_name = "IP:PORT")]
     other_address: Option<SocketAddr>,
+    /// The RFC 5780 second address for --listen-v6 (another IPv6 address of this host).
+    #[arg(long, value_name = "[IPV6]:PORT")]
+    other_address_v6: Option<SocketAddr>,
     /// STUN answers per second per source IP address (default 20; 0 = unlimited).
     #[arg(long)]
     stun_rate: Option<u32>,
@@ -512,6 +521,7 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
         Command::Rendezvous(args) => {
             let mut o = Overrides::default();
             o.set_opt("rendezvous.listen", args.listen, "--listen");
+            o.set_opt("rendezvous.listen-v6", args.listen_v6, "--listen-v6");
             o.set_opt(
                 "rendezvous.session-expiry",
                 args.session_expiry.map(fmt_duration),
@@ -548,6 +558,8 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             o.set_opt("rendezvous.server-token", token, "--server-token");
             let other = r.other_address;
             o.set_opt("rendezvous.other-address", other, "--other-address");
+            let other6 = r.other_address_v6;
+            o.set_opt("rendezvous.other-address-v6", other6, "--other-address-v6");
             o.set_opt("rendezvous.stun-rate", r.stun_rate, "--stun-rate");
             o.set_opt("rendezvous.stun-burst", r.stun_burst, "--stun-burst");
             rendezvous(args.legacy, load(o)?.settings).await
@@ -647,16 +659,61 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
         return legacy::serve(rv.listen).await;
     }
     let config = server_config(&rv);
-    let server = RendezvousServer::bind(rv.listen, config)
-        .await
-        .with_context(|| format!("cannot listen on {}", rv.listen))?;
+    let server = match rv.listen_v6 {
+        None => {
+            if let Some(other) = rv.other_address_v6 {
+                bail!(
+                    "--other-address-v6 {other} needs --listen-v6 (the IPv6 address it goes with)"
+                );
+            }
+            RendezvousServer::bind(rv.listen, config)
+                .await
+                .with_context(|| format!("cannot listen on {}", rv.listen))?
+        }
+        Some(v6) => {
+            if !v6.is_ipv6() || rv.listen.is_ipv6() {
+                bail!(
+                    "--listen-v6 {v6} must be an IPv6 address next to an IPv4 --listen (got \
+                     --listen {})",
+                    rv.listen
+                );
+            }
+            let addrs = [
+                ListenAddr {
+                    addr: rv.listen,
+                    other: rv.other_address,
+                },
+                ListenAddr {
+                    addr: v6,
+                    other: rv.other_address_v6,
+                },
+            ];
+            RendezvousServer::bind_all(&addrs, config)
+                .await
+                .with_context(|| format!("cannot listen on {} and {v6}", rv.listen))?
+        }
+    };
+    let others = server.other_local_addrs();
     eprintln!(
         "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
-        server.local_addr()?,
         server
-            .other_local_addr()
-            .map(|a| format!("; RFC 5780 other address {a}"))
-            .unwrap_or_default()
+            .local_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" and "),
+        if others.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; RFC 5780 other address {}",
+                others
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )
+        }
     );
     tokio::select! {
         () = server.run() => {}
@@ -720,6 +777,14 @@ async fn resolve_server(server: &str) -> Result<SocketAddr> {
     Ok(addrs[0])
 }
 
+/// The rendezvous server's addresses for a peer: the first (for [`ConnectParams::server`])
+/// and all of them, both families (for [`Orchestrator::with_server_addresses`]: the control
+/// connection races them, IPv6 first, and each family is gathered).
+async fn resolve_servers(server: &str) -> Result<(SocketAddr, Vec<SocketAddr>)> {
+    let addrs = resolve_all(server).await?;
+    Ok((addrs[0], addrs))
+}
+
 /// Every address of a rendezvous server given as HOST or HOST:PORT (default port 8877).
 async fn resolve_all(server: &str) -> Result<Vec<SocketAddr>> {
     let with_port = if server.parse::<SocketAddr>().is_ok()
@@ -773,7 +838,7 @@ async fn connect(
     let Some(server) = settings.server.as_deref() else {
         bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
     };
-    let server = resolve_server(server).await?;
+    let (server, all) = resolve_servers(server).await?;
     if args.legacy {
         return legacy::connect(server, args.hello, args.hello_count, settings.timeout).await;
     }
@@ -790,7 +855,8 @@ async fn connect(
     let orch = orchestrator(configs, settings.timeout)
         .with_server_token(settings.server_token.clone())
         .with_plan(settings.plan)
-        .with_nat_cache(nat_cache(&settings));
+        .with_nat_cache(nat_cache(&settings))
+        .with_server_addresses(all);
     let params = ConnectParams {
         server,
         session,

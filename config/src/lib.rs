@@ -18,8 +18,12 @@ pub use load::{ConfigError, LoadOptions, Loaded, Overrides, Settings, Source};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RendezvousConfig {
-    /// Address to listen on (TCP, and UDP for STUN on the same port).
+    /// Address to listen on (TCP, and UDP for STUN on the same port). An unspecified address
+    /// (`0.0.0.0`, the default, or `::`) listens on both IP families.
     pub listen: SocketAddr,
+    /// An IPv6 address to listen on as well, when `listen` is a specific IPv4 address (with
+    /// `other-address-v6`, RFC 5780 on IPv6 too); unset = `listen` alone.
+    pub listen_v6: Option<SocketAddr>,
     /// How long a session may wait for its second peer before it expires.
     #[serde(with = "humantime_serde")]
     pub session_expiry: Duration,
@@ -64,6 +68,8 @@ pub struct RendezvousConfig {
     /// A second address of this host, `IP2:P2`, for RFC 5780 NAT behaviour discovery (STUN
     /// CHANGE-REQUEST, OTHER-ADDRESS; TCP observe there too); unset = one address.
     pub other_address: Option<SocketAddr>,
+    /// The second address for `listen-v6` (RFC 5780 on IPv6); needs `listen-v6`.
+    pub other_address_v6: Option<SocketAddr>,
     /// STUN answers per second per source IP address; 0 = unlimited.
     pub stun_rate: u32,
     /// STUN answers one source IP address gets in a burst.
@@ -77,6 +83,7 @@ impl Default for RendezvousConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8877)),
+            listen_v6: None,
             session_expiry: Duration::from_secs(300),
             max_frame_len: 64 * 1024,
             first_frame_timeout: Duration::from_secs(10),
@@ -94,6 +101,7 @@ impl Default for RendezvousConfig {
             join_burst: 40,
             server_token: None,
             other_address: None,
+            other_address_v6: None,
             stun_rate: 20,
             stun_burst: 50,
         }

@@ -4,13 +4,44 @@
 //! addresses in it are untrusted input: [`peer_candidates`] keeps only addresses this peer may
 //! send to, so a forged offer can neither make it send to a third party nor open unbounded
 //! sockets. Every strategy, built-in or plugin, filters the peer's candidates through it.
+//!
+//! Both IP families: a peer gathers candidates of every family it reached the server on, and
+//! [`peer_candidates_all`] keeps the peer's candidates of every family this peer can use, IPv6
+//! first (ICE-style pair order: on networks with CGNAT IPv4 and firewalled IPv6 the IPv6 pair
+//! is the one that punches). Strategies start IPv4 pairs [`IPV6_HEAD_START`] later when an
+//! IPv6 pair exists ([`start_delay`]).
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// How much earlier IPv6 candidate pairs start than IPv4 ones when both exist: ICE's pacing
+/// interval (RFC 8445 Ta, 50 ms), so IPv6 is tried first without making IPv4 wait long.
+pub const IPV6_HEAD_START: Duration = Duration::from_millis(50);
+
+/// When a strategy should start trying `candidate`, relative to its first try: at once for
+/// IPv6 and for IPv4 when `all` (the peer's usable candidates) has no IPv6; otherwise IPv4
+/// waits [`IPV6_HEAD_START`].
+pub fn start_delay(candidate: SocketAddr, all: &[SocketAddr]) -> Duration {
+    if candidate.ip().to_canonical().is_ipv4()
+        && all.iter().any(|c| c.ip().to_canonical().is_ipv6())
+    {
+        IPV6_HEAD_START
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address written as IPv4 (what a dual-stack socket reports
+/// for an IPv4 peer).
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
 
 /// Our candidates: the observed public endpoint, the local address that reaches the server,
 /// then this host's other addresses with the same port (loopback only when the server is on
 /// loopback, and then only loopback).
 pub fn candidates(public: SocketAddr, via: SocketAddr, loopback: bool) -> Vec<SocketAddr> {
+    let (public, via) = (canonical(public), canonical(via));
     let mut out = vec![public];
     let mut push = |a: SocketAddr| {
         if !out.contains(&a) && !a.ip().is_unspecified() {
@@ -82,24 +113,46 @@ pub fn peer_candidates(
     observed: IpAddr,
     family_of: SocketAddr,
 ) -> Vec<SocketAddr> {
+    peer_candidates_all(offered, &[observed], &[family_of])
+}
+
+/// [`peer_candidates`] for peers that use both IP families: keeps candidates of every family
+/// of `families` (addresses whose family this peer can use, e.g. the server addresses it
+/// reached), with public addresses only when among `observed` (the peer's addresses as the
+/// server saw them, one per family: see [`crate::client::Pairing::peer_all`]). At most
+/// [`MAX_CANDIDATES_PER_FAMILY`] per family; IPv6 candidates first, each family in the
+/// offer's order.
+pub fn peer_candidates_all(
+    offered: &[SocketAddr],
+    observed: &[IpAddr],
+    families: &[SocketAddr],
+) -> Vec<SocketAddr> {
+    let observed: Vec<IpAddr> = observed.iter().map(IpAddr::to_canonical).collect();
     let mut out: Vec<SocketAddr> = Vec::new();
+    let (mut v4, mut v6) = (0, 0);
     for c in offered {
-        if out.len() >= MAX_CANDIDATES_PER_FAMILY {
-            break;
-        }
         let ip = c.ip();
-        let allowed = c.is_ipv4() == family_of.is_ipv4()
+        let count = if c.is_ipv4() { &mut v4 } else { &mut v6 };
+        if *count >= MAX_CANDIDATES_PER_FAMILY {
+            continue;
+        }
+        let allowed = families
+            .iter()
+            .any(|f| canonical(*f).is_ipv4() == c.is_ipv4())
             && c.port() != 0
             && !is_never_a_peer(ip)
             && if ip.is_loopback() {
-                ip == observed
+                observed.contains(&ip)
             } else {
-                is_private(ip) || ip == observed
+                is_private(ip) || observed.contains(&ip)
             };
         if allowed && !out.contains(c) {
             out.push(*c);
+            *count += 1;
         }
     }
+    // IPv6 first; a stable sort keeps each family in the offer's order.
+    out.sort_by_key(SocketAddr::is_ipv4);
     out
 }
 
@@ -165,6 +218,56 @@ mod tests {
         // Loopback is only the peer's own when the peer was seen on loopback.
         let on_lan: IpAddr = "198.51.100.2".parse().unwrap();
         assert!(peer_candidates(&offered, on_lan, sa("203.0.113.10:1")).is_empty());
+    }
+
+    #[test]
+    fn peer_candidates_all_keep_both_families_ipv6_first_each_vouched_and_capped() {
+        let seen: Vec<IpAddr> = vec![
+            "198.51.100.2".parse().unwrap(),
+            "2001:db8:0:1::2".parse().unwrap(),
+        ];
+        let families = [sa("203.0.113.10:8877"), sa("[2001:db8:0:10::10]:8877")];
+        let offered = [
+            sa("198.51.100.2:4000"),
+            sa("10.0.1.2:4000"),
+            sa("[2001:db8:0:1::2]:4000"),
+            sa("[2001:db8:0:1::99]:4000"), // not the address the server saw: third party
+            sa("[fd00::2]:4000"),          // unique-local: same LAN
+            sa("[::ffff:198.51.100.2]:4000"),
+        ];
+        assert_eq!(
+            peer_candidates_all(&offered, &seen, &families),
+            vec![
+                sa("[2001:db8:0:1::2]:4000"),
+                sa("[fd00::2]:4000"),
+                sa("198.51.100.2:4000"),
+                sa("10.0.1.2:4000"),
+            ]
+        );
+        // Only the families this peer can use.
+        assert_eq!(
+            peer_candidates_all(&offered, &seen, &families[..1]),
+            vec![sa("198.51.100.2:4000"), sa("10.0.1.2:4000")]
+        );
+        // An IPv6 address the server did not see for the peer is never taken.
+        assert!(peer_candidates_all(&offered[2..3], &seen[..1], &families).is_empty());
+        // The cap holds per family: many IPv6 candidates leave room for IPv4 ones.
+        let many: Vec<SocketAddr> = (1..100u16)
+            .map(|p| SocketAddr::new(seen[1], p))
+            .chain([sa("198.51.100.2:4000")])
+            .collect();
+        let kept = peer_candidates_all(&many, &seen, &families);
+        assert_eq!(kept.len(), MAX_CANDIDATES_PER_FAMILY + 1);
+        assert_eq!(kept.last(), Some(&sa("198.51.100.2:4000")));
+    }
+
+    #[test]
+    fn ipv4_pairs_wait_only_when_an_ipv6_pair_exists() {
+        let v4 = sa("198.51.100.2:4000");
+        let v6 = sa("[2001:db8:0:1::2]:4000");
+        assert_eq!(start_delay(v6, &[v6, v4]), Duration::ZERO);
+        assert_eq!(start_delay(v4, &[v6, v4]), IPV6_HEAD_START);
+        assert_eq!(start_delay(v4, &[v4]), Duration::ZERO);
     }
 
     #[test]

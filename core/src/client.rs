@@ -4,6 +4,12 @@
 //! this peer; afterwards the orchestrator and strategies exchange offers and results through
 //! it. [`observe`] runs the one-frame observe exchange on a connection a strategy opened from
 //! its own punch port.
+//!
+//! A server may have addresses of both IP families: [`connect_happy`] races them (happy
+//! eyeballs, IPv6 first) for the control connection, and
+//! [`observe_family`] shows this peer to the server over the other
+//! family, so each peer learns its public address there and the server vouches for it to the
+//! peer (a candidate of that family then passes [`crate::candidates`]' checks).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -30,6 +36,9 @@ pub enum ClientError {
         /// The connect error.
         source: std::io::Error,
     },
+    /// None of the server's addresses could be reached; each one's error, in the order tried.
+    #[error("cannot reach the rendezvous server at any of its addresses: {0}")]
+    Unreachable(String),
     /// The connection to the server failed or closed.
     #[error("rendezvous connection lost: {0}")]
     Lost(String),
@@ -59,7 +68,8 @@ impl From<std::io::Error> for ClientError {
     }
 }
 
-/// What the server told a peer when it paired it.
+/// What the server told a peer when it paired it, and what it saw of both peers over their
+/// other IP family (filled in after pairing, see [`observe_family`]).
 #[derive(Debug, Clone)]
 pub struct Pairing {
     /// This peer's role.
@@ -74,6 +84,118 @@ pub struct Pairing {
     pub peer: SocketAddr,
     /// Token for attaching to the server's relay; `None` when the server does not relay.
     pub relay_token: Option<String>,
+    /// This peer's address of the other IP family as the server saw it, when this peer
+    /// reached the server over both families.
+    pub observed_other: Option<SocketAddr>,
+    /// The peer's address of the other IP family as the server saw it, when the peer showed
+    /// itself over both families ([`ServerToClient::PeerAddress`]).
+    pub peer_other: Option<SocketAddr>,
+}
+
+impl Pairing {
+    /// This peer's addresses as the server saw them: the control connection's, then the
+    /// other family's if known.
+    pub fn observed_all(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.observed)
+            .chain(self.observed_other)
+            .collect()
+    }
+
+    /// The peer's addresses as the server saw them: its control connection's, then its other
+    /// family's if known. Public candidates in the peer's offers must be among these IPs.
+    pub fn peer_all(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.peer).chain(self.peer_other).collect()
+    }
+
+    /// This peer's address of one family as the server saw it (`v6`: IPv6, else IPv4).
+    pub fn observed_for(&self, v6: bool) -> Option<SocketAddr> {
+        self.observed_all().into_iter().find(|a| a.is_ipv6() == v6)
+    }
+}
+
+/// How long happy eyeballs waits for one connection attempt before starting the next
+/// (RFC 8305 §5 recommends 250 ms).
+pub const CONNECTION_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// The order [`connect_happy`] tries `addrs` in (RFC 8305 §4): families interleaved, IPv6
+/// first, each family's addresses in their given order; duplicates dropped.
+pub fn happy_eyeballs_order(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut v6: Vec<SocketAddr> = Vec::new();
+    let mut v4: Vec<SocketAddr> = Vec::new();
+    for a in addrs {
+        let list = if a.is_ipv6() { &mut v6 } else { &mut v4 };
+        if !list.contains(a) {
+            list.push(*a);
+        }
+    }
+    let mut out = Vec::with_capacity(v6.len() + v4.len());
+    let (mut i6, mut i4) = (v6.into_iter(), v4.into_iter());
+    loop {
+        match (i6.next(), i4.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// Connects to the first of `addrs` that answers, happy-eyeballs style (RFC 8305): attempts
+/// start in [`happy_eyeballs_order`], each [`CONNECTION_ATTEMPT_DELAY`] after the previous one
+/// or as soon as it failed, and the first connection established wins (the others are
+/// dropped). Fails when every address failed or at `deadline`.
+pub async fn connect_happy(
+    addrs: &[SocketAddr],
+    deadline: Instant,
+) -> Result<TcpStream, ClientError> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let order = happy_eyeballs_order(addrs);
+    if let [only] = order[..] {
+        return within(deadline, "the rendezvous server", TcpStream::connect(only))
+            .await?
+            .map_err(|source| ClientError::Connect { addr: only, source });
+    }
+    let mut next = order.into_iter();
+    let mut running = FuturesUnordered::new();
+    let mut errors: Vec<String> = Vec::new();
+    let start = |addr: SocketAddr| async move { (addr, TcpStream::connect(addr).await) };
+    let stop = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(stop);
+    loop {
+        let more = match next.next() {
+            Some(addr) => {
+                running.push(start(addr));
+                true
+            }
+            None => false,
+        };
+        if running.is_empty() {
+            return Err(ClientError::Unreachable(if errors.is_empty() {
+                "no address".into()
+            } else {
+                errors.join("; ")
+            }));
+        }
+        let delay = tokio::time::sleep(if more {
+            CONNECTION_ATTEMPT_DELAY
+        } else {
+            Duration::MAX / 4
+        });
+        tokio::pin!(delay);
+        loop {
+            tokio::select! {
+                () = &mut stop => return Err(ClientError::TimedOut("the rendezvous server")),
+                () = &mut delay => break,
+                Some((addr, res)) = running.next() => match res {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => {
+                        tracing::debug!(%addr, "rendezvous server address failed: {e}");
+                        errors.push(format!("{addr}: {e}"));
+                        // A failure starts the next attempt at once.
+                        break;
+                    }
+                },
+            }
+        }
+    }
 }
 
 /// How long the writer task may take to write one frame before it gives up on the server
@@ -140,6 +262,12 @@ pub struct RendezvousClient {
     conn: FramedConn<OwnedReadHalf>,
     writer: FrameWriter,
     server: SocketAddr,
+    /// Every address of the server this client was given.
+    servers: Vec<SocketAddr>,
+    /// The server's address of the other family, once this peer reached it there.
+    other_server: Option<SocketAddr>,
+    /// The peer's addresses of other families the server reported (at most one per family).
+    peer_addresses: Vec<SocketAddr>,
     next_ping: u64,
     /// The agreed strategies: the only ones the peer may send results for.
     strategies: Vec<String>,
@@ -172,16 +300,25 @@ impl RendezvousClient {
         deadline: Instant,
         on_waiting: impl FnOnce(),
     ) -> Result<(Self, Pairing), ClientError> {
-        let stream = within(
-            deadline,
-            "the rendezvous server",
-            TcpStream::connect(server),
-        )
-        .await?
-        .map_err(|source| ClientError::Connect {
-            addr: server,
-            source,
-        })?;
+        Self::join_any(&[server], session, strategies, token, deadline, on_waiting).await
+    }
+
+    /// As [`join_with_token`](Self::join_with_token) with every address of the server (of
+    /// either family): the control connection goes to the first that answers
+    /// ([`connect_happy`]); the others stay known for [`observe_family`].
+    pub async fn join_any(
+        servers: &[SocketAddr],
+        session: &str,
+        strategies: &[String],
+        token: Option<&str>,
+        deadline: Instant,
+        on_waiting: impl FnOnce(),
+    ) -> Result<(Self, Pairing), ClientError> {
+        let stream = connect_happy(servers, deadline).await?;
+        let server = stream
+            .peer_addr()
+            .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+            .map_err(|e| ClientError::Lost(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
         let writer = FrameWriter::spawn(write);
@@ -214,6 +351,9 @@ impl RendezvousClient {
                         conn,
                         writer,
                         server,
+                        servers: servers.to_vec(),
+                        other_server: None,
+                        peer_addresses: Vec::new(),
                         next_ping: 0,
                         strategies: strategies.clone(),
                         early_results: Vec::new(),
@@ -225,6 +365,8 @@ impl RendezvousClient {
                         observed,
                         peer,
                         relay_token,
+                        observed_other: None,
+                        peer_other: None,
                     };
                     return Ok((client, pairing));
                 }
@@ -233,9 +375,40 @@ impl RendezvousClient {
         }
     }
 
-    /// The rendezvous server's address.
+    /// The rendezvous server's address (of the control connection).
     pub fn server(&self) -> SocketAddr {
         self.server
+    }
+
+    /// The server's addresses this peer reached it on, one per family: the control
+    /// connection's first, then the other family's once [`observe_family`] reached it.
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.server)
+            .chain(self.other_server)
+            .collect()
+    }
+
+    /// The peer's addresses of other families that the server reported so far.
+    pub fn peer_addresses(&self) -> &[SocketAddr] {
+        &self.peer_addresses
+    }
+
+    /// The server's addresses of the other IP family than the control connection's, from
+    /// the addresses given to [`join_any`](Self::join_any) (for [`observe_family`]).
+    pub fn other_family_servers(&self) -> Vec<SocketAddr> {
+        self.servers
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv4() != self.server.is_ipv4())
+            .collect()
+    }
+
+    /// Records the server address [`observe_family`] reached (it then appears in
+    /// [`servers`](Self::servers)).
+    pub fn set_other_family_server(&mut self, server: SocketAddr) {
+        if server.is_ipv4() != self.server.is_ipv4() {
+            self.other_server = Some(server);
+        }
     }
 
     /// Measures the round-trip time to the server (the smallest of `count` pings).
@@ -387,6 +560,16 @@ impl RendezvousClient {
                     return Err(ClientError::Refused(message))
                 }
                 Some(ServerToClient::PeerLeft) => return Err(ClientError::PeerLeft),
+                Some(ServerToClient::PeerAddress { addr }) => {
+                    // The server sends at most one per family; keep one per family anyway.
+                    if !self
+                        .peer_addresses
+                        .iter()
+                        .any(|a| a.is_ipv4() == addr.is_ipv4())
+                    {
+                        self.peer_addresses.push(addr);
+                    }
+                }
                 // A result may overtake our own wait for something else.
                 Some(ServerToClient::Result {
                     strategy,
@@ -443,6 +626,35 @@ async fn within<F: std::future::Future>(
     tokio::time::timeout_at(deadline.into(), fut)
         .await
         .map_err(|_| ClientError::TimedOut(what))
+}
+
+/// Shows this peer to the server over another IP family: connects to the first of `servers`
+/// that answers (the server's addresses of that family, see
+/// [`RendezvousClient::other_family_servers`]) and sends [`ClientToServer::ObserveFamily`] for
+/// `pairing`. Returns the server address reached and this peer's address there as the server
+/// saw it; the server tells the peer. Fails when that family cannot reach the server (e.g. an
+/// IPv4-only host) or the server does not know the message (an older server).
+pub async fn observe_family(
+    servers: &[SocketAddr],
+    session: &str,
+    pairing: &Pairing,
+    deadline: Instant,
+) -> Result<(SocketAddr, SocketAddr), ClientError> {
+    let stream = connect_happy(servers, deadline).await?;
+    let server = stream.peer_addr()?;
+    let mut conn = FramedConn::new(stream, DEFAULT_MAX_FRAME_LEN);
+    conn.send(&ClientToServer::ObserveFamily {
+        version: PROTOCOL_VERSION,
+        session: session.to_owned(),
+        pair_id: pairing.pair_id.clone(),
+        role: pairing.role,
+    })
+    .await?;
+    match within(deadline, "the server's observe answer", conn.recv()).await?? {
+        Some(ServerToClient::Observed { addr }) => Ok((server, addr)),
+        Some(other) => Err(unexpected(other)),
+        None => Err(ClientError::Lost("server closed the connection".into())),
+    }
 }
 
 /// Runs the observe exchange on `stream` (a connection to the rendezvous server opened from a

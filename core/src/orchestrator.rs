@@ -11,6 +11,12 @@
 //! the strategies that cannot work for this pair (both peers decide alike, so the lock step
 //! holds) and sets each attempt's timeout from the round trips. Whatever the plan, the overall
 //! budget is shared so every remaining strategy keeps a turn.
+//!
+//! Both IP families: given every address of the server ([`Orchestrator::with_server_addresses`]),
+//! the control connection races them (happy eyeballs), discovery runs per family, each peer
+//! shows itself to the server over its other family right after pairing (so the peer may use
+//! its candidates there), and the plan keeps a strategy when it can work on any family both
+//! peers have.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, info_span, Instrument};
 
-use crate::client::RendezvousClient;
+use crate::client::{observe_family, RendezvousClient};
 use crate::discovery::{discover, public_address, DiscoverOptions};
 use crate::handshake::LinkKey;
 use crate::nat_cache::{default_gateway, NatCache};
@@ -68,6 +74,9 @@ pub struct Orchestrator {
     plan: bool,
     nat_cache: Option<NatCache>,
     server_token: Option<String>,
+    /// More addresses of the rendezvous server (the other family's), next to
+    /// [`ConnectParams::server`].
+    server_addresses: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -100,7 +109,17 @@ impl Orchestrator {
             plan: true,
             nat_cache: None,
             server_token: None,
+            server_addresses: Vec::new(),
         }
+    }
+
+    /// Every address of the rendezvous server (both IP families, e.g. a host name's A and
+    /// AAAA records), next to [`ConnectParams::server`]: the control connection goes to the
+    /// first that answers (happy eyeballs, IPv6 first), and each family this peer reaches the
+    /// server on is measured and gathered by the strategies.
+    pub fn with_server_addresses(mut self, addrs: Vec<SocketAddr>) -> Self {
+        self.server_addresses = addrs;
+        self
     }
 
     /// Plans the attempts from both peers' NAT behaviour (default) or, with `false`, tries
@@ -155,6 +174,8 @@ impl Orchestrator {
                 attempts: Vec::new(),
                 error: None,
                 nat: None,
+                nat_v6: None,
+                family: None,
                 data_path: None,
             },
             agreed: Vec::new(),
@@ -220,28 +241,138 @@ impl Orchestrator {
         state: &mut Progress,
     ) -> Option<Link> {
         let names = self.names();
-        let join = RendezvousClient::join_with_token(
-            params.server,
+        let mut servers = vec![params.server];
+        for a in &self.server_addresses {
+            if !servers.contains(a) {
+                servers.push(*a);
+            }
+        }
+        let join = RendezvousClient::join_any(
+            &servers,
             &params.session,
             &names,
             self.server_token.as_deref(),
             deadline,
             || events(Event::Waiting),
         );
-        // Measure the NAT while joining and waiting for the peer (bounded: DISCOVERY's
-        // time bound). A server without RFC 5780 gives "unknown", which the plan tries.
+        // Measure the NAT per family while joining and waiting for the peer (bounded:
+        // DISCOVERY's time bound). A server without RFC 5780 gives "unknown", which the plan
+        // tries; a family the server does not answer on gives nothing.
+        let v4 = servers.iter().copied().find(SocketAddr::is_ipv4);
+        let v6 = servers.iter().copied().find(SocketAddr::is_ipv6);
         let discovery = async {
-            if !self.plan {
+            let (nat4, nat6) = tokio::join!(self.measure(v4), self.measure(v6));
+            (nat4, nat6)
+        };
+        let (joined, (mine, mine6)) = tokio::join!(join, discovery);
+        let (mut client, mut pairing) = match joined {
+            Ok(x) => x,
+            Err(e) => {
+                state.report.error = Some(e.to_string());
                 return None;
             }
+        };
+        state.report.role = Some(pairing.role);
+        state.agreed = pairing.strategies.clone();
+        info!(role = %pairing.role, strategies = ?pairing.strategies, "paired");
+        events(Event::Paired {
+            role: pairing.role,
+            strategies: pairing.strategies.clone(),
+        });
+        // Show this peer over its other family while measuring the round trip.
+        let other_servers = client.other_family_servers();
+        let sight = async {
+            if other_servers.is_empty() {
+                return None;
+            }
+            let until = (now() + SIGHTING_WAIT).min(deadline);
+            match observe_family(&other_servers, &params.session, &pairing, until).await {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    info!("not seen over the other IP family: {e}");
+                    None
+                }
+            }
+        };
+        let (server_rtt, sighted) = tokio::join!(client.rtt(3, deadline), sight);
+        if let Some((server, addr)) = sighted {
+            info!(%addr, "seen over the other IP family");
+            client.set_other_family_server(server);
+            pairing.observed_other = Some(addr);
+        }
+        let server_rtt = match server_rtt {
+            Ok(rtt) => rtt,
+            Err(e) => {
+                state.report.error = Some(format!("measuring the server round trip: {e}"));
+                return None;
+            }
+        };
+        let secret = params.secret.as_deref().unwrap_or(&params.session);
+        let key = LinkKey::derive(&params.session, secret);
+
+        // Both peers always send their plan offer (null without a plan), so neither waits for
+        // the other's; the wait is bounded for a peer that predates it.
+        let plan_offer = PlanOffer {
+            nat: mine,
+            nat_v6: mine6,
+            server_rtt_us: server_rtt.as_micros().try_into().unwrap_or(u64::MAX),
+        };
+        let plan_wait = (now() + PLAN_WAIT + server_rtt * 4).min(deadline);
+        let theirs = client
+            .exchange_offer(
+                PLAN_OFFER,
+                serde_json::to_value(plan_offer).expect("plan offers serialize"),
+                plan_wait,
+            )
+            .await
+            .ok()
+            .and_then(|v| serde_json::from_value::<PlanOffer>(v).ok());
+        // The peer showed itself over its other family before it sent its plan offer, and the
+        // server queued that news before the offer: it has arrived by now.
+        pairing.peer_other = client
+            .peer_addresses()
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() != pairing.peer.is_ipv4());
+        let peer_rtt = theirs.as_ref().map_or(Duration::ZERO, |t| {
+            Duration::from_micros(t.server_rtt_us.min(10_000_000))
+        });
+        let (peer_nat, peer_nat6) = theirs.map_or((None, None), |t| (t.nat, t.nat_v6));
+        if self.plan {
+            state.report.nat = Some(NatPair {
+                local: mine,
+                peer: peer_nat,
+            });
+            if mine6.is_some() || peer_nat6.is_some() {
+                state.report.nat_v6 = Some(NatPair {
+                    local: mine6,
+                    peer: peer_nat6,
+                });
+            }
+        }
+        let families = [(mine, peer_nat), (mine6, peer_nat6)];
+        let rtt = server_rtt.max(peer_rtt);
+        self.attempts(
+            params, events, deadline, state, client, pairing, key, server_rtt, rtt, families,
+        )
+        .await
+    }
+
+    /// NAT behaviour towards `server` (one family; `None` without an address of it, with
+    /// plans off, or when the server does not answer there), from the cache when it knows this
+    /// network.
+    async fn measure(&self, server: Option<SocketAddr>) -> Option<NatSummary> {
+        let server = server?;
+        if !self.plan {
+            return None;
+        }
+        {
             let bound = DISCOVERY.time_bound();
             let cached = async {
                 let cache = self.nat_cache.as_ref()?;
-                let public = public_address(params.server, DISCOVERY.test_timeout)
-                    .await
-                    .ok()?;
-                let local = local_ip_towards(params.server)?;
-                let key = NatCache::key(default_gateway(), local, params.server, public.ip());
+                let public = public_address(server, DISCOVERY.test_timeout).await.ok()?;
+                let local = local_ip_towards(server)?;
+                let key = NatCache::key(default_gateway(), local, server, public.ip());
                 Some((cache, key))
             };
             let cached = tokio::time::timeout(bound, cached).await.ok().flatten();
@@ -251,7 +382,7 @@ impl Orchestrator {
                     return Some(nat);
                 }
             }
-            let run = discover(params.server, &DISCOVERY);
+            let run = discover(server, &DISCOVERY);
             match tokio::time::timeout(bound, run).await {
                 Ok(Ok(report)) => {
                     let nat = NatSummary::from(&report);
@@ -266,60 +397,24 @@ impl Orchestrator {
                 }
                 Err(_) => None,
             }
-        };
-        let (joined, mine) = tokio::join!(join, discovery);
-        let (mut client, pairing) = match joined {
-            Ok(x) => x,
-            Err(e) => {
-                state.report.error = Some(e.to_string());
-                return None;
-            }
-        };
-        state.report.role = Some(pairing.role);
-        state.agreed = pairing.strategies.clone();
-        info!(role = %pairing.role, strategies = ?pairing.strategies, "paired");
-        events(Event::Paired {
-            role: pairing.role,
-            strategies: pairing.strategies.clone(),
-        });
-        let server_rtt = match client.rtt(3, deadline).await {
-            Ok(rtt) => rtt,
-            Err(e) => {
-                state.report.error = Some(format!("measuring the server round trip: {e}"));
-                return None;
-            }
-        };
-        let secret = params.secret.as_deref().unwrap_or(&params.session);
-        let key = LinkKey::derive(&params.session, secret);
-
-        // Both peers always send their plan offer (null without a plan), so neither waits for
-        // the other's; the wait is bounded for a peer that predates it.
-        let plan_offer = PlanOffer {
-            nat: mine,
-            server_rtt_us: server_rtt.as_micros().try_into().unwrap_or(u64::MAX),
-        };
-        let plan_wait = (now() + PLAN_WAIT + server_rtt * 4).min(deadline);
-        let theirs = client
-            .exchange_offer(
-                PLAN_OFFER,
-                serde_json::to_value(plan_offer).expect("plan offers serialize"),
-                plan_wait,
-            )
-            .await
-            .ok()
-            .and_then(|v| serde_json::from_value::<PlanOffer>(v).ok());
-        let peer_rtt = theirs.as_ref().map_or(Duration::ZERO, |t| {
-            Duration::from_micros(t.server_rtt_us.min(10_000_000))
-        });
-        let peer_nat = theirs.and_then(|t| t.nat);
-        if self.plan {
-            state.report.nat = Some(NatPair {
-                local: mine,
-                peer: peer_nat,
-            });
         }
-        let rtt = server_rtt.max(peer_rtt);
+    }
 
+    /// Runs the agreed strategies in order (the part of [`Self::run`] after pairing).
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        params: &ConnectParams,
+        events: &(dyn Fn(Event) + Send + Sync),
+        deadline: Instant,
+        state: &mut Progress,
+        mut client: RendezvousClient,
+        pairing: crate::client::Pairing,
+        key: LinkKey,
+        server_rtt: Duration,
+        rtt: Duration,
+        families: [(Option<NatSummary>, Option<NatSummary>); 2],
+    ) -> Option<Link> {
         let count = pairing.strategies.len();
         for (index, name) in pairing.strategies.iter().enumerate() {
             let Some((strategy, timeout)) = self.strategies.iter().find(|(s, _)| s.name() == name)
@@ -340,14 +435,12 @@ impl Orchestrator {
                 continue;
             }
             if self.plan {
-                if let (Some(me), Some(peer)) = (&mine, &peer_nat) {
-                    if let Err(why) = feasible(name, me, peer, strategy.punches_hard_nats()) {
-                        info!(strategy = %name, "skipped: {why}");
-                        let entry = skipped(name, &why);
-                        events(Event::AttemptFinished(entry.clone()));
-                        state.report.attempts.push(entry);
-                        continue;
-                    }
+                if let Err(why) = feasible_on_any(name, &families, strategy.punches_hard_nats()) {
+                    info!(strategy = %name, "skipped: {why}");
+                    let entry = skipped(name, &why);
+                    events(Event::AttemptFinished(entry.clone()));
+                    state.report.attempts.push(entry);
+                    continue;
                 }
             }
             events(Event::AttemptStarted {
@@ -367,8 +460,14 @@ impl Orchestrator {
             );
             let attempt_deadline = (began + timeout.min(share)).min(deadline);
             let mut notes = AttemptNotes::default();
-            let nat = match (&mine, &peer_nat) {
-                (Some(me), Some(peer)) if self.plan => Some((*me, *peer)),
+            // The strategy sees the IPv4 NATs (birthday punching is for IPv4) unless plain
+            // punching works on IPv6, which it then tries alongside.
+            let nat = match families {
+                [(Some(me), Some(peer)), v6] if self.plan => {
+                    let v6_plain =
+                        matches!(v6, (Some(a), Some(b)) if feasible(name, &a, &b, false).is_ok());
+                    (!v6_plain).then_some((me, peer))
+                }
                 _ => None,
             };
             let mut attempt = Attempt {
@@ -443,6 +542,14 @@ impl Orchestrator {
                 state.report.strategy = Some(name.clone());
                 state.report.local = Some(l.local.to_string());
                 state.report.remote = Some(l.remote.to_string());
+                state.report.family = Some(
+                    if l.remote.ip().to_canonical().is_ipv6() {
+                        "ipv6"
+                    } else {
+                        "ipv4"
+                    }
+                    .to_owned(),
+                );
                 return Some(l);
             }
         }
@@ -468,6 +575,38 @@ const DISCOVERY: DiscoverOptions = DiscoverOptions {
     tcp: true,
 };
 
+/// Longest wait for showing this peer to the server over its other IP family.
+const SIGHTING_WAIT: Duration = Duration::from_millis(1500);
+
+/// Whether `name` can work on at least one family both peers measured (`families`: this
+/// side's and the peer's NAT, IPv4 then IPv6): `Err` with every family's reason when it cannot
+/// on any. Nothing measured on both sides for any family: it is tried.
+fn feasible_on_any(
+    name: &str,
+    families: &[(Option<NatSummary>, Option<NatSummary>); 2],
+    punches_hard_nats: bool,
+) -> Result<(), String> {
+    let mut reasons = Vec::new();
+    for ((me, peer), family) in families.iter().zip(["IPv4", "IPv6"]) {
+        if let (Some(me), Some(peer)) = (me, peer) {
+            match feasible(name, me, peer, punches_hard_nats) {
+                Ok(()) => return Ok(()),
+                Err(why) => reasons.push((family, why)),
+            }
+        }
+    }
+    match reasons.len() {
+        0 => Ok(()),
+        // Only IPv4 measured: the reason as it always read.
+        1 if reasons[0].0 == "IPv4" => Err(reasons.remove(0).1),
+        _ => Err(reasons
+            .into_iter()
+            .map(|(f, why)| format!("{f}: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ")),
+    }
+}
+
 /// Longest wait for the peer's plan offer beyond a few round trips.
 const PLAN_WAIT: Duration = Duration::from_secs(2);
 
@@ -477,8 +616,11 @@ const BUDGET_RESERVE: Duration = Duration::from_millis(2500);
 /// What each peer tells the other for the plan.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct PlanOffer {
-    /// This peer's NAT behaviour, null when it did not measure (or plans off).
+    /// This peer's NAT behaviour on IPv4, null when it did not measure (or plans off).
     nat: Option<NatSummary>,
+    /// The same on IPv6 (absent from peers that predate it).
+    #[serde(default)]
+    nat_v6: Option<NatSummary>,
     /// Its round trip to the server, microseconds.
     server_rtt_us: u64,
 }

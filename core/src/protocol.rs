@@ -14,7 +14,14 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 /// Version of the rendezvous protocol spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2 added [`ClientToServer::ObserveFamily`] and [`ServerToClient::PeerAddress`] (a
+/// peer's address of its other IP family); the server sends `PeerAddress` only to peers that
+/// joined with version 2 or later, and serves version 1 clients as before.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Oldest protocol version the server still serves.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// Name under which the peers exchange their NAT behaviour (an offer like a strategy's) right
 /// after pairing, so both plan the attempts from the same facts. Not a strategy name (those
@@ -111,6 +118,22 @@ pub enum ClientToServer {
         /// This peer's role in the session.
         role: Role,
     },
+    /// Ask for this connection's source address, as [`ClientToServer::Observe`] does, and have
+    /// the server tell the peer of this pairing about it ([`ServerToClient::PeerAddress`]).
+    /// First frame of its own connection, which a paired peer opens over its *other* IP
+    /// family: the peer may then take this peer's candidates of that family from offers (a
+    /// public address in an offer counts only when the server saw it). Answered with
+    /// [`ServerToClient::Observed`].
+    ObserveFamily {
+        /// Protocol version the client speaks (2 or later).
+        version: u32,
+        /// The session.
+        session: String,
+        /// The pairing's id from [`ServerToClient::Paired`] (only the two peers know it).
+        pair_id: String,
+        /// This peer's role in the pairing.
+        role: Role,
+    },
     /// Round-trip probe; answered with [`ServerToClient::Pong`].
     Ping {
         /// Echoed back.
@@ -170,6 +193,13 @@ pub enum ServerToClient {
         /// Why not, when `ok` is false.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+    },
+    /// The peer's address of another IP family than its control connection's, as the server
+    /// saw it on the peer's [`ClientToServer::ObserveFamily`] connection. Sent on the control
+    /// connection, at most once per family, to peers that joined with version 2 or later.
+    PeerAddress {
+        /// The address (IP and port of that connection).
+        addr: SocketAddr,
     },
     /// Answer to [`ClientToServer::Ping`].
     Pong {

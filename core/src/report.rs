@@ -71,10 +71,17 @@ pub struct Report {
     pub attempts: Vec<AttemptReport>,
     /// Why the connect failed before or outside the attempts (e.g. server unreachable).
     pub error: Option<String>,
-    /// Both peers' NAT behaviour as discovered and exchanged for the plan (absent with
-    /// `--plan off` or before pairing).
+    /// Both peers' NAT behaviour on IPv4 as discovered and exchanged for the plan (absent
+    /// with `--plan off` or before pairing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatPair>,
+    /// The same for IPv6, when either peer reached the server over IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_v6: Option<NatPair>,
+    /// The IP family of the link (`ipv4` or `ipv6`; for the relay, of this peer's connection
+    /// to the server); null without a link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
     /// How the link's data is encrypted on this host (set by the CLI once linked): userspace
     /// TLS (rustls) or QUIC, and whether the kernel offers TLS offload.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -55,7 +55,8 @@ use tracing::{debug, info, warn, Instrument};
 mod stun_service;
 
 use crate::protocol::{
-    ClientToServer, FramedConn, RecvError, Role, ServerToClient, PROTOCOL_VERSION,
+    ClientToServer, FramedConn, RecvError, Role, ServerToClient, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 /// Limits and timings of a [`RendezvousServer`].
@@ -157,13 +158,37 @@ pub const MAX_FRAMES_PER_STRATEGY: u32 = 4;
 /// A rendezvous server bound to a TCP port, and a UDP socket with the same number that
 /// answers STUN Binding requests (so UDP strategies learn their public mapping). With
 /// [`ServerConfig::other_address`] it also serves RFC 5780 (see `stun_service`).
+///
+/// A server may listen on several addresses (one per IP family, see
+/// [`RendezvousServer::bind_all`]); every address serves everything (joins, observe, relay,
+/// STUN), and peers are paired whatever family their control connections use.
 #[derive(Debug)]
 pub struct RendezvousServer {
+    endpoints: Vec<Endpoint>,
+    shared: Arc<Shared>,
+}
+
+/// One listen address: its TCP listener, its STUN sockets and, with a second address, the
+/// RFC 5780 listeners.
+#[derive(Debug)]
+struct Endpoint {
+    /// The address as asked for (an unspecified IPv4 address stays IPv4 here even when a
+    /// dual-stack socket serves it), with the real port.
+    addr: SocketAddr,
     listener: TcpListener,
     /// TCP listeners on the RFC 5780 alternate addresses (empty without a second address).
     other_listeners: Vec<TcpListener>,
     stun: stun_service::StunSockets,
-    shared: Arc<Shared>,
+}
+
+/// One address a server listens on (see [`RendezvousServer::bind_all`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr {
+    /// TCP, and UDP for STUN on the same port. Port 0 picks a free port; on a later address it
+    /// takes the first address's port, so all families share one port number.
+    pub addr: SocketAddr,
+    /// The RFC 5780 second address of this listen address (same family), if any.
+    pub other: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -351,6 +376,8 @@ enum SessionSlot {
 #[derive(Debug)]
 struct Waiter {
     conn: u64,
+    /// The protocol version it joined with.
+    version: u32,
     addr: SocketAddr,
     strategies: Vec<String>,
     outbox: Arc<Outbox>,
@@ -436,6 +463,12 @@ impl Outbox {
 #[derive(Debug)]
 struct Pair {
     session: String,
+    /// The pairing's id, which [`ClientToServer::ObserveFamily`] must name.
+    pair_id: String,
+    /// Each peer's protocol version (index [`Pair::index`]).
+    versions: [u32; 2],
+    /// Addresses each peer showed over its other family (at most one per family).
+    sighted: Mutex<[Vec<SocketAddr>; 2]>,
     relay_token: Option<String>,
     conns: [u64; 2],
     outboxes: [Arc<Outbox>; 2],
@@ -454,6 +487,24 @@ impl Pair {
 
     fn send(&self, to: Role, msg: ServerToClient) {
         self.outboxes[Self::index(to)].push(Outbound::Msg(msg));
+    }
+
+    /// Records that the peer `from` was seen at `addr` over another family and tells the other
+    /// peer (when it speaks version 2). At most one address per family per peer: a repeat is
+    /// refused, so a peer cannot make the server send more than two of these.
+    fn sighted(&self, from: Role, addr: SocketAddr) -> Result<(), String> {
+        {
+            let mut sighted = lock(&self.sighted);
+            let seen = &mut sighted[Self::index(from)];
+            if seen.iter().any(|a| a.is_ipv4() == addr.is_ipv4()) {
+                return Err("this peer already showed an address of this family".into());
+            }
+            seen.push(addr);
+        }
+        if self.versions[Self::index(from.other())] >= 2 {
+            self.send(from.other(), ServerToClient::PeerAddress { addr });
+        }
+        Ok(())
     }
 
     /// Holds or delivers an offer; refuses one more held offer than [`MAX_HELD_OFFERS`].
@@ -506,15 +557,46 @@ impl RendezvousServer {
     /// Binds the server's TCP listener, then a UDP socket on the same address and port
     /// number (so port 0 picks one number for both); with `config.other_address`, the RFC 5780
     /// sockets too (an unusable second address is an `InvalidInput` error saying why).
+    ///
+    /// An unspecified address (`0.0.0.0` or `::`) means every interface of both IP families:
+    /// one dual-stack IPv6 socket where the host allows it, else an IPv4 and an IPv6 socket on
+    /// the same port; a host without IPv6 gets IPv4 only.
     pub async fn bind(addr: SocketAddr, config: ServerConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
-        let port = listener.local_addr()?.port();
-        let (stun, other_listeners) =
-            stun_service::bind(SocketAddr::new(addr.ip(), port), &config).await?;
-        Ok(Self {
-            listener,
-            other_listeners,
-            stun,
+        let other = config.other_address;
+        let endpoints = if addr.ip().is_unspecified() && other.is_none() {
+            bind_unspecified(addr).await?
+        } else {
+            vec![Endpoint::bind(addr, other).await?]
+        };
+        Ok(Self::with_endpoints(endpoints, config))
+    }
+
+    /// Listens on every address of `addrs` (typically one IPv4 and one IPv6 address, each with
+    /// its own RFC 5780 second address); `config.other_address` is not used. The first address
+    /// is the one [`local_addr`](Self::local_addr) reports.
+    pub async fn bind_all(addrs: &[ListenAddr], config: ServerConfig) -> std::io::Result<Self> {
+        if addrs.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no address to listen on",
+            ));
+        }
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        for listen in addrs {
+            let mut addr = listen.addr;
+            if addr.port() == 0 {
+                if let Some(first) = endpoints.first() {
+                    addr.set_port(first.addr.port());
+                }
+            }
+            endpoints.push(Endpoint::bind(addr, listen.other).await?);
+        }
+        Ok(Self::with_endpoints(endpoints, config))
+    }
+
+    fn with_endpoints(endpoints: Vec<Endpoint>, config: ServerConfig) -> Self {
+        Self {
+            endpoints,
             shared: Arc::new(Shared {
                 config,
                 sessions: Mutex::new(HashMap::new()),
@@ -523,7 +605,7 @@ impl RendezvousServer {
                 relays: std::sync::atomic::AtomicUsize::new(0),
                 ips: Mutex::new(IpTable::default()),
             }),
-        })
+        }
     }
 
     /// A handle that reads the server's counters while it runs.
@@ -531,20 +613,42 @@ impl RendezvousServer {
         ServerStats(self.shared.clone())
     }
 
-    /// The address the server listens on.
+    /// The (first) address the server listens on.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        Ok(self.endpoints[0].addr)
+    }
+
+    /// Every address the server listens on, one per family it serves (an unspecified IPv4
+    /// address that a dual-stack socket serves appears as `0.0.0.0:P` and `[::]:P`).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = self.endpoints.iter().map(|e| e.addr).collect();
+        if let [only] = out[..] {
+            if only.ip().is_unspecified() && self.endpoints[0].dual_stack() {
+                let v6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), only.port());
+                let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), only.port());
+                out = vec![v4, v6];
+            }
+        }
+        out
     }
 
     /// The address the server answers STUN on (UDP, same port number as the TCP listener).
     pub fn udp_local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.stun.main_addr()
+        self.endpoints[0].stun.main_addr()
     }
 
-    /// The RFC 5780 other address (IP2:P2, its port chosen when 0 was asked for); `None`
-    /// without a second address.
+    /// The RFC 5780 other address (IP2:P2, its port chosen when 0 was asked for) of the first
+    /// listen address; `None` without a second address.
     pub fn other_local_addr(&self) -> Option<SocketAddr> {
-        self.stun.other_addr()
+        self.endpoints[0].stun.other_addr()
+    }
+
+    /// The RFC 5780 other addresses of every listen address that has one.
+    pub fn other_local_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.stun.other_addr())
+            .collect()
     }
 
     /// Number of sessions currently known (waiting or paired).
@@ -557,22 +661,89 @@ impl RendezvousServer {
     /// never end the server. Dropping this future (aborting its task) stops everything the
     /// server started: every connection task, every relay, every socket.
     pub async fn run(self) {
-        let Self {
+        let Self { endpoints, shared } = self;
+        let served = endpoints.into_iter().map(|endpoint| {
+            let shared = shared.clone();
+            async move {
+                let Endpoint {
+                    listener,
+                    other_listeners,
+                    stun,
+                    ..
+                } = endpoint;
+                let others = futures::future::join_all(
+                    other_listeners
+                        .into_iter()
+                        .map(|l| accept_loop(l, shared.clone())),
+                );
+                tokio::join!(
+                    accept_loop(listener, shared.clone()),
+                    others,
+                    stun_service::serve(stun, &shared.config)
+                );
+            }
+        });
+        futures::future::join_all(served).await;
+    }
+}
+
+impl Endpoint {
+    /// Binds TCP on `addr`, then UDP on the same address and port number, and the RFC 5780
+    /// sockets with `other`.
+    async fn bind(addr: SocketAddr, other: Option<SocketAddr>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let port = listener.local_addr()?.port();
+        let addr = SocketAddr::new(addr.ip(), port);
+        let (stun, other_listeners) = stun_service::bind(addr, other).await?;
+        Ok(Self {
+            addr,
             listener,
             other_listeners,
             stun,
-            shared,
-        } = self;
-        let others = futures::future::join_all(
-            other_listeners
-                .into_iter()
-                .map(|l| accept_loop(l, shared.clone())),
-        );
-        tokio::join!(
-            accept_loop(listener, shared.clone()),
-            others,
-            stun_service::serve(stun, &shared.config)
-        );
+        })
+    }
+
+    /// Whether this endpoint's sockets are IPv6 sockets that also serve IPv4.
+    fn dual_stack(&self) -> bool {
+        self.listener.local_addr().is_ok_and(|a| a.is_ipv6()) && self.addr.is_ipv4()
+    }
+}
+
+/// Listens on every interface of both families at `addr`'s port: `[::]` first (dual-stack
+/// where the host's `bindv6only` allows it, which then also serves IPv4); then `0.0.0.0`,
+/// which succeeds only when the IPv6 socket is IPv6-only (a dual-stack socket holds the port
+/// for IPv4 too). Without IPv6 on the host, IPv4 alone.
+async fn bind_unspecified(addr: SocketAddr) -> std::io::Result<Vec<Endpoint>> {
+    let v6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), addr.port());
+    let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
+    let mut first = match Endpoint::bind(v6, None).await {
+        Ok(e) => e,
+        Err(e) if addr.is_ipv6() => return Err(e),
+        Err(e) => {
+            debug!("no IPv6 listener ({e}); serving IPv4 only");
+            return Ok(vec![Endpoint::bind(addr, None).await?]);
+        }
+    };
+    let port = first.addr.port();
+    match Endpoint::bind(SocketAddr::new(v4.ip(), port), None).await {
+        Ok(second) => {
+            // IPv6-only sockets: one endpoint per family, the asked-for family first.
+            Ok(if addr.is_ipv4() {
+                vec![second, first]
+            } else {
+                vec![first, second]
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            // The IPv6 socket is dual-stack and serves IPv4 as well.
+            first.addr = SocketAddr::new(addr.ip(), port);
+            Ok(vec![first])
+        }
+        Err(e) => {
+            debug!("no separate IPv4 listener ({e})");
+            first.addr = SocketAddr::new(addr.ip(), port);
+            Ok(vec![first])
+        }
     }
 }
 
@@ -619,6 +790,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, addr)) => {
+                // A dual-stack socket shows IPv4 peers as IPv4-mapped IPv6 addresses.
+                let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
                 let conn = shared
                     .next_conn
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -706,9 +879,24 @@ async fn serve_connection(
             let admitted = shared
                 .take_join_token(addr)
                 .and_then(|()| shared.check_server_token(token.as_deref()));
+            let joiner = Joiner {
+                addr,
+                conn,
+                version,
+            };
             match admitted {
-                Ok(()) => serve_control(&shared, framed, addr, conn, session, strategies).await,
+                Ok(()) => serve_control(&shared, framed, joiner, session, strategies).await,
                 Err(why) => refuse(&mut framed, &why).await,
+            }
+        }
+        ClientToServer::ObserveFamily {
+            version,
+            session,
+            pair_id,
+            role,
+        } => {
+            if check_version(&mut framed, version).await {
+                serve_observe_family(&shared, framed, addr, &session, &pair_id, role).await;
             }
         }
         ClientToServer::Relay {
@@ -728,7 +916,10 @@ async fn serve_connection(
                 .unwrap_or_default();
             refuse(
                 &mut framed,
-                &format!("expected 'join', 'observe' or 'relay' as the first frame, got '{what}'"),
+                &format!(
+                    "expected 'join', 'observe', 'observe-family' or 'relay' as the first frame, \
+                     got '{what}'"
+                ),
             )
             .await;
         }
@@ -736,12 +927,15 @@ async fn serve_connection(
 }
 
 async fn check_version(framed: &mut FramedConn<TcpStream>, version: u32) -> bool {
-    if version == PROTOCOL_VERSION {
+    if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
         return true;
     }
     refuse(
         framed,
-        &format!("unsupported protocol version {version} (server speaks {PROTOCOL_VERSION})"),
+        &format!(
+            "unsupported protocol version {version} (server speaks {MIN_PROTOCOL_VERSION} to \
+             {PROTOCOL_VERSION})"
+        ),
     )
     .await;
     false
@@ -796,14 +990,53 @@ async fn serve_observe(shared: &Shared, mut framed: FramedConn<TcpStream>, addr:
     .await;
 }
 
-async fn serve_control(
+/// Answers an [`ClientToServer::ObserveFamily`]: records the address with the pairing (which
+/// tells the peer), then answers like an observe connection. Unknown sessions and pairings get
+/// the same error, so the connection tells nothing about which sessions exist.
+async fn serve_observe_family(
     shared: &Shared,
     mut framed: FramedConn<TcpStream>,
     addr: SocketAddr,
+    session: &str,
+    pair_id: &str,
+    role: Role,
+) {
+    let pair = match lock(&shared.sessions).get(session) {
+        Some(SessionSlot::Paired(pair)) if pair.pair_id == pair_id => Some(pair.clone()),
+        _ => None,
+    };
+    let recorded = match pair {
+        Some(pair) => pair.sighted(role, addr),
+        None => Err("no such pairing".into()),
+    };
+    match recorded {
+        Ok(()) => {
+            debug!(session, %role, %addr, "peer seen over another family");
+            let _ = send_within(shared, &mut framed, &ServerToClient::Observed { addr }).await;
+        }
+        Err(why) => refuse(&mut framed, &why).await,
+    }
+}
+
+/// Who joins: the control connection's source address, id and protocol version.
+struct Joiner {
+    addr: SocketAddr,
     conn: u64,
+    version: u32,
+}
+
+async fn serve_control(
+    shared: &Shared,
+    mut framed: FramedConn<TcpStream>,
+    joiner: Joiner,
     session: String,
     strategies: Vec<String>,
 ) {
+    let Joiner {
+        addr,
+        conn,
+        version,
+    } = joiner;
     let outbox = Arc::new(Outbox::default());
     let _close = CloseOnDrop(&outbox);
     if session.is_empty() || session.len() > 256 {
@@ -833,6 +1066,7 @@ async fn serve_control(
                     session.clone(),
                     SessionSlot::Waiting(Waiter {
                         conn,
+                        version,
                         addr,
                         strategies,
                         outbox: outbox.clone(),
@@ -872,6 +1106,9 @@ async fn serve_control(
                     });
                     let pair = Arc::new(Pair {
                         session: session.clone(),
+                        pair_id: pair_id.clone(),
+                        versions: [waiter.version, version],
+                        sighted: Mutex::new([Vec::new(), Vec::new()]),
                         relay_token: relay_token.clone(),
                         conns: [waiter.conn, conn],
                         outboxes: [waiter.outbox.clone(), outbox.clone()],
@@ -1071,7 +1308,7 @@ async fn handle_frame(
         ClientToServer::Relay { .. } => {
             Err("'relay' must be the first frame of its own connection".into())
         }
-        ClientToServer::Observe { .. } => {
+        ClientToServer::Observe { .. } | ClientToServer::ObserveFamily { .. } => {
             Err("'observe' must be the first frame of its own connection".into())
         }
     }

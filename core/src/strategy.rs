@@ -186,6 +186,14 @@ impl<'a> Offers<'a> {
         self.client.server()
     }
 
+    /// The server's addresses this peer reached it on, one per IP family (the control
+    /// connection's first): gather candidates of each family by observing (TCP) or asking
+    /// STUN (UDP) at the address of that family. Validate the peer's candidates of these
+    /// families with [`crate::candidates::peer_candidates_all`].
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        self.client.servers()
+    }
+
     /// Sends this peer's offer and waits for the peer's (the server delivers both at the same
     /// moment). The offer is untrusted input: validate what it says (see
     /// [`crate::candidates::peer_candidates`]). `strategy` must be this attempt's strategy.

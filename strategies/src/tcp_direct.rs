@@ -10,6 +10,10 @@
 //! Unlike tcp-punch this never opens a NAT: it links only when one side accepts unsolicited
 //! connections (public, full-cone or port-mapped) or both share a network. The link handshake
 //! refuses strangers that find the listening port.
+//!
+//! Both IP families: with the server reached over IPv4 and IPv6, the listener is one
+//! dual-stack socket and the offer names it at this peer's public address of each family (as
+//! the server saw them); IPv6 candidates are dialed first.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,8 +24,9 @@ use nettool_core::strategy::agree_on_link;
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
 use crate::net::send_tcp;
-use nettool_core::candidates::{candidates, peer_candidates};
+use nettool_core::candidates::{candidates, peer_candidates_all, start_delay};
 use serde::{Deserialize, Serialize};
+use socket2::{Protocol, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -77,26 +82,32 @@ impl Strategy for TcpDirect {
     }
 
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
-        let server = attempt.rendezvous.server();
-        let unspecified = crate::net::unspecified_for(server);
+        let servers = attempt.rendezvous.servers();
+        let server = servers[0];
+        let unspecified = crate::net::unspecified_for_all(&servers);
         let bind = SocketAddr::new(unspecified, self.config.listen_port);
-        let listener = TcpListener::bind(bind)
-            .await
-            .map_err(|e| StrategyError::io(format!("listening on {bind}"), e))?;
+        let listener =
+            listen(bind).map_err(|e| StrategyError::io(format!("listening on {bind}"), e))?;
         let port = listener
             .local_addr()
             .map_err(|e| StrategyError::io("reading the listening port", e))?
             .port();
-        let public = SocketAddr::new(attempt.pairing.observed.ip(), port);
-        let offer = DirectOffer {
-            listen: candidates(public, public, server.ip().is_loopback()),
-        };
+        let mut listen = Vec::new();
+        for family in &servers {
+            if let Some(seen) = attempt.pairing.observed_for(family.is_ipv6()) {
+                let public = SocketAddr::new(seen.ip(), port);
+                listen.extend(candidates(public, public, server.ip().is_loopback()));
+            }
+        }
+        let offer = DirectOffer { listen };
         let payload = serde_json::to_value(&offer).expect("offer serializes");
         let secured = attempt
             .exchange_secure_offers::<DirectOffer>(NAME, payload)
             .await?;
         let tls = secured.link_tls(attempt.role())?;
-        let peer = peer_candidates(&secured.theirs.listen, attempt.pairing.peer.ip(), server);
+        let seen: Vec<std::net::IpAddr> =
+            attempt.pairing.peer_all().iter().map(|a| a.ip()).collect();
+        let peer = peer_candidates_all(&secured.theirs.listen, &seen, &servers);
         if peer.is_empty() {
             return Err(StrategyError::BadOffer(
                 "no usable candidate address (of this address family, private or the one the server observed)".into(),
@@ -108,9 +119,11 @@ impl Strategy for TcpDirect {
         let errors: Arc<Mutex<BTreeMap<SocketAddr, String>>> = Arc::default();
         let mut tasks = JoinSet::new();
         let dial_until = Instant::now() + self.config.dial_timeout;
-        for cand in peer {
+        for cand in peer.iter().copied() {
             let (tx, errors) = (tx.clone(), errors.clone());
+            let delay = start_delay(cand, &peer);
             tasks.spawn(async move {
+                tokio::time::sleep(delay).await;
                 let res = tokio::time::timeout_at(dial_until.into(), dial(cand)).await;
                 let err = match res {
                     Ok(Ok(stream)) => {
@@ -167,6 +180,16 @@ impl Strategy for TcpDirect {
             strategy: NAME,
         })
     }
+}
+
+/// A listener on `bind`, dual-stack when it is `[::]`.
+fn listen(bind: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = crate::net::dual_stack_socket(bind, Type::STREAM, Protocol::TCP)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&bind.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
 }
 
 async fn dial(remote: SocketAddr) -> std::io::Result<TcpStream> {

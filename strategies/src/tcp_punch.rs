@@ -24,6 +24,12 @@
 //! Listeners on both ports accept connections from peers without NAT state in the way (public
 //! hosts, full-cone NATs, endpoint-dependent NATs whose SYNs arrive from unexpected ports).
 //! The first connection in either direction whose link handshake passes wins.
+//!
+//! Both IP families: when this peer reached the server over IPv4 and IPv6, each port is one
+//! dual-stack socket observed over both, so the offer carries candidates of both families;
+//! priming uses the TTL for IPv4 and the hop limit for IPv6 (a firewall in front of an IPv6
+//! host keeps state like a NAT does). IPv6 pairs start first
+//! ([`nettool_core::candidates::IPV6_HEAD_START`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -35,9 +41,9 @@ use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
 use crate::net::send_tcp;
-use nettool_core::candidates::{candidates, peer_candidates};
+use nettool_core::candidates::{candidates, peer_candidates_all, start_delay};
 use serde::{Deserialize, Serialize};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -118,14 +124,20 @@ struct PunchPort {
     listener: TcpListener,
     local: SocketAddr,
     candidates: Vec<SocketAddr>,
-    /// Holds the NAT mapping open while the attempt runs.
-    _observe: nettool_core::protocol::FramedConn<TcpStream>,
+    /// Hold the NAT mappings (one per family) open while the attempt runs.
+    _observe: Vec<nettool_core::protocol::FramedConn<TcpStream>>,
 }
 
+/// How long observing a port over the other family (not the control connection's) may take:
+/// that family is an extra, and must not eat the attempt.
+const OTHER_FAMILY_OBSERVE: Duration = Duration::from_millis(1500);
+
+/// Binds a port on `unspecified` and observes it at every server address of `servers` (one
+/// per family; the first, the control connection's family, must work, the others may fail).
 async fn open_port(
     unspecified: IpAddr,
     port: u16,
-    server: SocketAddr,
+    servers: &[SocketAddr],
     deadline: Instant,
     what: &str,
 ) -> Result<PunchPort, StrategyError> {
@@ -135,21 +147,43 @@ async fn open_port(
         .local_addr()
         .map_err(|e| StrategyError::io(format!("reading the {what} port"), e))?;
     let local = SocketAddr::new(unspecified, local.port());
-    let stream = tokio::time::timeout_at(deadline.into(), connect_from(local, server))
-        .await
-        .map_err(|_| StrategyError::TimedOut(format!("observing the {what} port timed out")))?
-        .map_err(|e| StrategyError::io(format!("observe connection to {server}"), e))?;
-    let via = stream
-        .local_addr()
-        .map_err(|e| StrategyError::io("reading the observe address", e))?;
-    let (public, conn) = observe(stream, deadline).await?;
-    debug!(%public, port = local.port(), "{what} port observed");
-    Ok(PunchPort {
+    let mut port = PunchPort {
         listener,
         local,
-        candidates: candidates(public, via, server.ip().is_loopback()),
-        _observe: conn,
-    })
+        candidates: Vec::new(),
+        _observe: Vec::new(),
+    };
+    for (i, server) in servers.iter().copied().enumerate() {
+        let until = if i == 0 {
+            deadline
+        } else {
+            (Instant::now() + OTHER_FAMILY_OBSERVE).min(deadline)
+        };
+        let observed = async {
+            let stream = tokio::time::timeout_at(until.into(), connect_from(local, server))
+                .await
+                .map_err(|_| {
+                    StrategyError::TimedOut(format!("observing the {what} port timed out"))
+                })?
+                .map_err(|e| StrategyError::io(format!("observe connection to {server}"), e))?;
+            let via = stream
+                .local_addr()
+                .map_err(|e| StrategyError::io("reading the observe address", e))?;
+            let (public, conn) = observe(stream, until).await?;
+            Ok::<_, StrategyError>((public, via, conn))
+        };
+        match observed.await {
+            Ok((public, via, conn)) => {
+                debug!(%public, port = local.port(), "{what} port observed");
+                port.candidates
+                    .extend(candidates(public, via, server.ip().is_loopback()));
+                port._observe.push(conn);
+            }
+            Err(e) if i == 0 => return Err(e),
+            Err(e) => debug!("{what} port not observed over {server}: {e}"),
+        }
+    }
+    Ok(port)
 }
 
 #[async_trait::async_trait]
@@ -159,17 +193,17 @@ impl Strategy for TcpPunch {
     }
 
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
-        let server = attempt.rendezvous.server();
-        let unspecified = crate::net::unspecified_for(server);
+        let servers = attempt.rendezvous.servers();
+        let unspecified = crate::net::unspecified_for_all(&servers);
         let receive = open_port(
             unspecified,
             self.config.local_port,
-            server,
+            &servers,
             attempt.deadline,
             "receive",
         )
         .await?;
-        let dial = open_port(unspecified, 0, server, attempt.deadline, "dial").await?;
+        let dial = open_port(unspecified, 0, &servers, attempt.deadline, "dial").await?;
         let offer = PunchOffer {
             receive: receive.candidates.clone(),
             dial: dial.candidates.clone(),
@@ -185,8 +219,8 @@ impl Strategy for TcpPunch {
             .await?;
         let tls = secured.link_tls(attempt.role())?;
         let theirs = secured.theirs;
-        let observed = attempt.pairing.peer.ip();
-        let usable = |v: &[SocketAddr]| peer_candidates(v, observed, server);
+        let observed: Vec<IpAddr> = attempt.pairing.peer_all().iter().map(|a| a.ip()).collect();
+        let usable = |v: &[SocketAddr]| peer_candidates_all(v, &observed, &servers);
         let (peer_receive, peer_dial) = (usable(&theirs.receive), usable(&theirs.dial));
         if peer_receive.is_empty() || peer_dial.is_empty() {
             return Err(StrategyError::BadOffer(
@@ -218,6 +252,7 @@ impl Strategy for TcpPunch {
                 tasks.spawn(prime_loop(
                     receive.local,
                     cand,
+                    start_delay(cand, &peer_dial),
                     ttl,
                     self.config.retry_interval,
                     tx.clone(),
@@ -229,7 +264,7 @@ impl Strategy for TcpPunch {
             tasks.spawn(dial_loop(
                 dial.local,
                 cand,
-                dial_delay,
+                dial_delay + start_delay(cand, &peer_receive),
                 syn_timeout,
                 self.config.retry_interval,
                 tx.clone(),
@@ -279,7 +314,7 @@ impl Strategy for TcpPunch {
 }
 
 fn reuse_socket(addr: SocketAddr) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = crate::net::dual_stack_socket(addr, Type::STREAM, Protocol::TCP)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
@@ -294,8 +329,8 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Starts a non-blocking connect from `local` to `remote`; with `ttl`, the SYN leaves with that
-/// TTL and the socket's normal TTL is restored right after, so a retransmitted SYN or a
-/// simultaneous-open SYN-ACK travels normally.
+/// TTL (IPv4) or hop limit (IPv6) and the socket's normal value is restored right after, so a
+/// retransmitted SYN or a simultaneous-open SYN-ACK travels normally.
 fn start_connect(
     local: SocketAddr,
     remote: SocketAddr,
@@ -303,20 +338,20 @@ fn start_connect(
 ) -> std::io::Result<TcpStream> {
     let socket = reuse_socket(local)?;
     let normal_ttl = match ttl {
-        Some(low) if remote.is_ipv4() => {
-            let normal = socket.ttl_v4()?;
-            socket.set_ttl_v4(low)?;
-            Some(normal)
-        }
-        _ => None,
+        Some(low) => Some(crate::net::set_hops(
+            socket2::SockRef::from(&socket),
+            remote,
+            low,
+        )?),
+        None => None,
     };
-    match socket.connect(&remote.into()) {
+    match socket.connect(&crate::net::for_socket(local, remote).into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e),
     }
     if let Some(normal) = normal_ttl {
-        socket.set_ttl_v4(normal)?;
+        crate::net::set_hops(socket2::SockRef::from(&socket), remote, normal)?;
     }
     TcpStream::from_std(socket.into())
 }
@@ -350,11 +385,13 @@ async fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<
 async fn prime_loop(
     local: SocketAddr,
     remote: SocketAddr,
+    delay: Duration,
     ttl: u32,
     retry_interval: Duration,
     tx: mpsc::Sender<RawLink<TcpStream>>,
     errors: DialErrors,
 ) {
+    tokio::time::sleep(delay).await;
     let mut deaths = 0u32;
     for _ in 0..MAX_SYNS_PER_DESTINATION {
         let stream = match start_connect(local, remote, Some(ttl)) {

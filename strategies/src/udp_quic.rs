@@ -34,6 +34,13 @@
 //!
 //! Dropping the attempt's future (the orchestrator's deadline) closes the endpoint, the socket
 //! and every task.
+//!
+//! Both IP families: when this peer reached the server over IPv4 and IPv6, the socket is one
+//! dual-stack socket that asks STUN over both, so the offer carries candidates of both
+//! families. Priming lowers the TTL for IPv4 and the hop limit for IPv6 (a stateful firewall
+//! in front of an IPv6 host drops an early unsolicited datagram as a NAT does); full-TTL
+//! punches to IPv4 candidates start [`nettool_core::candidates::IPV6_HEAD_START`] after the IPv6 ones, and QUIC tries
+//! IPv6 paths first. Birthday mode stays IPv4 (IPv6 has no NAT mapping to guess).
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -50,7 +57,9 @@ use nettool_core::{
     stun, Attempt, Link, LinkStream, LinkStreams, MultiStream, Role, Strategy, StrategyError,
 };
 
-use nettool_core::candidates::{candidates, peer_candidates, MAX_CANDIDATES_PER_FAMILY};
+use nettool_core::candidates::{
+    canonical, peer_candidates_all, start_delay, MAX_CANDIDATES_PER_FAMILY,
+};
 use nettool_core::secure::{client_tls, server_tls, tls_error, Identity, EXPORTER_LABEL};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt};
@@ -189,22 +198,40 @@ impl Strategy for UdpQuic {
     }
 
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
-        let server = attempt.rendezvous.server();
-        let unspecified = crate::net::unspecified_for(server);
+        let servers = attempt.rendezvous.servers();
+        let server = servers[0];
+        let unspecified = crate::net::unspecified_for_all(&servers);
         let socket = bind_udp(SocketAddr::new(unspecified, self.config.local_port))
             .map_err(|e| StrategyError::io("binding the UDP socket", e))?;
         let port = socket
             .local_addr()
             .map_err(|e| StrategyError::io("reading the UDP socket's address", e))?
             .port();
-        let public = stun_mapping(&socket, server, attempt.deadline).await?;
         let via = route_source(server).unwrap_or(unspecified);
-        let candidates = candidates(
-            public,
-            SocketAddr::new(via, port),
-            server.ip().is_loopback(),
-        );
-        debug!(%public, ?candidates, "UDP socket observed");
+        let mut candidates = Vec::new();
+        for (i, server) in servers.iter().copied().enumerate() {
+            // The control connection's family must answer; another family is an extra that
+            // must not eat the attempt.
+            let until = if i == 0 {
+                attempt.deadline
+            } else {
+                (Instant::now() + OTHER_FAMILY_STUN).min(attempt.deadline)
+            };
+            match stun_mapping(&socket, server, until).await {
+                Ok(public) => {
+                    let via = route_source(server).unwrap_or(unspecified);
+                    let found = nettool_core::candidates::candidates(
+                        public,
+                        SocketAddr::new(via, port),
+                        server.ip().is_loopback(),
+                    );
+                    debug!(%public, candidates = ?found, "UDP socket observed");
+                    candidates.extend(found);
+                }
+                Err(e) if i == 0 => return Err(e),
+                Err(e) => debug!("UDP socket not observed over {server}: {e}"),
+            }
+        }
 
         let mut punch_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut punch_key);
@@ -223,8 +250,8 @@ impl Strategy for UdpQuic {
             .await?;
         let (identity, peer_fingerprint, theirs) =
             (secured.identity, secured.peer_fingerprint, secured.theirs);
-        let peer_candidates =
-            peer_candidates(&theirs.candidates, attempt.pairing.peer.ip(), server);
+        let peer_seen: Vec<IpAddr> = attempt.pairing.peer_all().iter().map(|a| a.ip()).collect();
+        let peer_candidates = peer_candidates_all(&theirs.candidates, &peer_seen, &servers);
         if peer_candidates.is_empty() {
             return Err(StrategyError::BadOffer(
                 "no usable candidate address (of this address family, private or the one the server observed)".into(),
@@ -283,7 +310,7 @@ impl Strategy for UdpQuic {
             }
             Some(BirthdaySide::Easy) => {
                 attempt.notes.mode = Some("birthday".into());
-                let peer_ip = attempt.pairing.peer.ip();
+                let peer_ip = peer_ipv4(attempt.pairing)?;
                 let run = birthday::easy(
                     &socket,
                     &keys,
@@ -303,7 +330,7 @@ impl Strategy for UdpQuic {
             Some(BirthdaySide::Hard) => {
                 attempt.notes.mode = Some("birthday".into());
                 // The easy side's public mapping: its candidates on the address the server saw.
-                let observed = attempt.pairing.peer.ip();
+                let observed = peer_ipv4(attempt.pairing)?;
                 let mut easy: Vec<SocketAddr> = peer_candidates
                     .iter()
                     .copied()
@@ -314,11 +341,11 @@ impl Strategy for UdpQuic {
                 }
                 drop(socket);
                 let run = birthday::hard(
-                    unspecified,
+                    Ipv4Addr::UNSPECIFIED.into(),
                     &keys,
                     &easy,
                     self.config.birthday_sockets,
-                    server.is_ipv4(),
+                    true,
                     stop,
                 )
                 .await;
@@ -338,7 +365,10 @@ impl Strategy for UdpQuic {
         debug!(?paths, ?side, "punched through");
 
         let transport = self.transport(attempt.server_rtt + peer_rtt);
-        let local = SocketAddr::new(via, port);
+        let local = SocketAddr::new(
+            paths.first().and_then(|p| route_source(*p)).unwrap_or(via),
+            port,
+        );
         let socket = socket
             .into_std()
             .map_err(|e| StrategyError::io("taking the UDP socket back from tokio", e))?;
@@ -388,8 +418,8 @@ impl Strategy for UdpQuic {
             conn: raw.stream.connection().clone(),
         });
         Ok(Link {
-            local: raw.local,
-            remote: raw.remote,
+            local: canonical(raw.local),
+            remote: canonical(raw.remote),
             stream: Box::new(MultiStream::new(raw.stream, streams)),
             strategy: NAME,
         })
@@ -424,6 +454,19 @@ impl UdpQuic {
         t.initial_rtt(rtt_estimate.clamp(Duration::from_millis(10), Duration::from_millis(333)));
         Arc::new(t)
     }
+}
+
+/// How long asking STUN over the other family (not the control connection's) may take.
+const OTHER_FAMILY_STUN: Duration = Duration::from_millis(1500);
+
+/// The peer's IPv4 address as the server saw it (birthday mode is IPv4 only).
+fn peer_ipv4(pairing: &nettool_core::Pairing) -> Result<IpAddr, StrategyError> {
+    pairing
+        .peer_all()
+        .into_iter()
+        .find(SocketAddr::is_ipv4)
+        .map(|a| a.ip())
+        .ok_or_else(|| StrategyError::NoLink("birthday mode needs the peer's IPv4 address".into()))
 }
 
 fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
@@ -683,6 +726,8 @@ impl Puncher<'_> {
         let paths = |best: SocketAddr, heard: &HashSet<SocketAddr>| {
             let mut out = vec![best];
             out.extend(heard.iter().copied().filter(|a| *a != best));
+            // IPv6 paths first (ICE-style): every one of them punched through.
+            out.sort_by_key(SocketAddr::is_ipv4);
             out
         };
         let mut targets: Vec<SocketAddr> = peer_candidates.to_vec();
@@ -690,22 +735,33 @@ impl Puncher<'_> {
         let mut heard_from: HashSet<SocketAddr> = HashSet::new();
         let mut confirmed: Option<SocketAddr> = None;
 
-        // Prime: the first datagram to each candidate with a low TTL.
+        // Prime: the first datagram to each candidate with a low TTL (IPv4) or hop limit
+        // (IPv6); a dual-stack socket has both.
         let ipv4 = self.socket.local_addr().is_ok_and(|a| a.is_ipv4());
-        let normal_ttl = ttl(self.socket, ipv4).ok();
-        if let Some(normal) = normal_ttl {
-            if let Err(e) = set_ttl(self.socket, ipv4, LOW_TTL) {
-                debug!("cannot lower the TTL: {e}");
+        let families: &[bool] = if ipv4 { &[true] } else { &[false, true] };
+        let normal: Vec<(bool, u32)> = families
+            .iter()
+            .filter_map(|&v4| ttl(self.socket, v4).ok().map(|t| (v4, t)))
+            .collect();
+        let primed = !normal.is_empty();
+        if primed {
+            for &(v4, _) in &normal {
+                if let Err(e) = set_ttl(self.socket, v4, LOW_TTL) {
+                    debug!("cannot lower the TTL: {e}");
+                }
             }
             for to in &targets {
                 self.send(*to, false, &mut seen).await;
             }
-            if let Err(e) = set_ttl(self.socket, ipv4, normal) {
-                warn!("cannot restore the TTL: {e}");
+            for &(v4, value) in &normal {
+                if let Err(e) = set_ttl(self.socket, v4, value) {
+                    warn!("cannot restore the TTL: {e}");
+                }
             }
         }
-        let mut next_round = tokio::time::Instant::now()
-            + if normal_ttl.is_some() {
+        let begun = tokio::time::Instant::now();
+        let mut next_round = begun
+            + if primed {
                 self.full_ttl_delay
             } else {
                 Duration::ZERO
@@ -729,14 +785,19 @@ impl Puncher<'_> {
                 }
                 () = tokio::time::sleep_until(next_round) => {
                     let heard = !heard_from.is_empty();
+                    let now = tokio::time::Instant::now();
                     for to in targets.clone() {
+                        // IPv4 pairs start a little after IPv6 ones (ICE-style order).
+                        if now < begun + self.full_ttl_delay + start_delay(to, peer_candidates) {
+                            continue;
+                        }
                         self.send(to, heard, &mut seen).await;
                     }
                     next_round = tokio::time::Instant::now() + self.interval;
                 }
                 got = self.socket.peek_from(&mut buf) => {
                     let (n, from) = match got {
-                        Ok(x) => x,
+                        Ok((n, from)) => (n, canonical(from)),
                         Err(e) => {
                             // ICMP errors (port unreachable, host unreachable) of earlier sends.
                             trace!("punch receive: {e}");

@@ -326,7 +326,8 @@ pub(crate) async fn run(
         ],
     };
     if peer_mode {
-        let server = crate::resolve_server(settings.server.as_deref().unwrap_or_default()).await?;
+        let (server, all) =
+            crate::resolve_servers(settings.server.as_deref().unwrap_or_default()).await?;
         let session = settings.session.clone().unwrap_or_default();
         if session.is_empty() {
             bail!("no session: give --session NAME (the other peer gives the same)");
@@ -338,7 +339,8 @@ pub(crate) async fn run(
         };
         for config in configs {
             let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
-                .with_server_token(settings.server_token.clone());
+                .with_server_token(settings.server_token.clone())
+                .with_server_addresses(all.clone());
             report
                 .time_to_link
                 .push(time_to_link_peer(&orch, config.name(), &params, args.runs, &progress).await);

@@ -54,13 +54,13 @@ fn invalid(msg: String) -> io::Error {
 }
 
 /// Binds the STUN sockets for a server whose TCP listener is on `main` (its port is the real
-/// one), and with `config.other_address` the extra TCP listeners (IP1:P2, IP2:P1, IP2:P2).
+/// one), and with `other` the extra TCP listeners (IP1:P2, IP2:P1, IP2:P2).
 pub(super) async fn bind(
     main: SocketAddr,
-    config: &ServerConfig,
+    other: Option<SocketAddr>,
 ) -> io::Result<(StunSockets, Vec<TcpListener>)> {
     let udp = UdpSocket::bind(main).await?;
-    let Some(other) = config.other_address else {
+    let Some(other) = other else {
         return Ok((
             StunSockets {
                 sockets: vec![Arc::new(udp)],

@@ -132,6 +132,7 @@ pub(crate) async fn easy(
             }
             got = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = got else { continue };
+                let from = nettool_core::candidates::canonical(from);
                 // Only the peer's public IP; the punch proves the rest.
                 let Some(p) = keys.check(&buf[..len]).filter(|_| from.ip() == peer_ip) else {
                     continue;
@@ -199,6 +200,7 @@ pub(crate) async fn hard(
                 let Ok((len, from)) = socket.recv_from(&mut buf).await else {
                     continue;
                 };
+                let from = nettool_core::candidates::canonical(from);
                 if !easy.contains(&from.ip()) {
                     continue;
                 }
