@@ -14,17 +14,26 @@
 //! nftables ruleset of their [`NatKind`]. `inet` only has routes to a LAN when that side's kind
 //! is routed (`none`, `fw`); for the NAT kinds the LAN is private. Nothing is ever attached to
 //! the root namespace: veth pairs are created inside the lab's namespaces.
+//!
+//! IPv6 (design.md §11), an option of [`Lab::builder`]: a side given IPv6 gets a global /64
+//! from 2001:db8::/32 on its LAN (`2001:db8:0:1::/64` for A, `2:` for B; the host is `::2`),
+//! its router forwards it either open or through a stateful firewall ([`Ipv6Kind`], never
+//! NAT66), and its host may be IPv6-only (no IPv4 address). The server then has
+//! `2001:db8:0:10::10` and `::11` too, and every host resolves [`Lab::server_name`] to the
+//! server's IPv4 and IPv6 addresses (an `/etc/netns/NS/hosts` that `ip netns exec` mounts).
+//! Addresses are added with `nodad` (and DAD is off in the lab's namespaces), so they work at
+//! once. Without the option the lab is IPv4 only, exactly as before.
 
 use std::ffi::OsStr;
 use std::fmt;
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use crate::NatKind;
+use crate::{Ipv6Kind, NatKind};
 
 /// A host of the lab that tests run programs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,6 +93,38 @@ const NETNS_DIR: &str = "/run/netns";
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const SERVER_OTHER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
 const INET_SERVER_SIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0x10, 0, 0, 0, 0x10);
+const SERVER_OTHER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0x10, 0, 0, 0, 0x11);
+const INET_SERVER_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0x10, 0, 0, 0, 1);
+/// The name every host of a lab with IPv6 resolves to the server's addresses.
+const SERVER_NAME: &str = "rendezvous.lab";
+const ETC_NETNS: &str = "/etc/netns";
+
+/// IPv6 addresses of one side: `inet`'s and the router's on their link (`2001:db8:0:N1::/64`)
+/// and the LAN (`2001:db8:0:N::/64`; router `::1`, host `::2`).
+struct Side6 {
+    inet: Ipv6Addr,
+    wan: Ipv6Addr,
+    lan_router: Ipv6Addr,
+    host: Ipv6Addr,
+    subnet: &'static str,
+}
+
+const SIDE_A6: Side6 = Side6 {
+    inet: Ipv6Addr::new(0x2001, 0xdb8, 0, 0xa1, 0, 0, 0, 1),
+    wan: Ipv6Addr::new(0x2001, 0xdb8, 0, 0xa1, 0, 0, 0, 2),
+    lan_router: Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1),
+    host: Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 2),
+    subnet: "2001:db8:0:1::/64",
+};
+
+const SIDE_B6: Side6 = Side6 {
+    inet: Ipv6Addr::new(0x2001, 0xdb8, 0, 0xb1, 0, 0, 0, 1),
+    wan: Ipv6Addr::new(0x2001, 0xdb8, 0, 0xb1, 0, 0, 0, 2),
+    lan_router: Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 1),
+    host: Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 2),
+    subnet: "2001:db8:0:2::/64",
+};
 
 /// Addresses of one side (A or B) of the lab.
 struct Side {
@@ -133,9 +174,62 @@ static NETNS_ADD: Mutex<()> = Mutex::new(());
 #[derive(Debug)]
 pub struct Lab {
     kinds: [NatKind; 2],
+    /// Each side's IPv6 (`None`: IPv4 only).
+    v6: [Option<Ipv6Kind>; 2],
+    /// Whether each side's host has IPv4.
+    v4: [bool; 2],
     names: [String; 6],
     /// How many of `names` exist (they are created in order).
     created: usize,
+}
+
+/// Options of a [`Lab`] beyond its two NAT kinds: IPv6 per side, IPv6-only hosts.
+#[derive(Debug, Clone)]
+pub struct LabBuilder {
+    kinds: [NatKind; 2],
+    v6: [Option<Ipv6Kind>; 2],
+    v4: [bool; 2],
+}
+
+impl LabBuilder {
+    fn index(h: Host) -> usize {
+        match h {
+            Host::A => 0,
+            Host::B => 1,
+            Host::Server => panic!("the lab's server always has both families when any side has IPv6"),
+        }
+    }
+
+    /// Gives peer `h` (A or B) IPv6 next to its IPv4 (dual stack), forwarded by its router as
+    /// `kind` says.
+    pub fn ipv6(mut self, h: Host, kind: Ipv6Kind) -> Self {
+        self.v6[Self::index(h)] = Some(kind);
+        self
+    }
+
+    /// Gives peer `h` IPv6 only: no IPv4 address on the host (its router keeps IPv4).
+    pub fn ipv6_only(mut self, h: Host, kind: Ipv6Kind) -> Self {
+        let i = Self::index(h);
+        self.v6[i] = Some(kind);
+        self.v4[i] = false;
+        self
+    }
+
+    /// Builds the lab; fails as [`Lab::new`] does.
+    pub fn build(self) -> Result<Lab, LabError> {
+        delete_stale_namespaces();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("ntl-{}-{n}", std::process::id());
+        let mut lab = Lab {
+            kinds: self.kinds,
+            v6: self.v6,
+            v4: self.v4,
+            names: ROLES.map(|r| format!("{prefix}-{r}")),
+            created: 0,
+        };
+        lab.build()?;
+        Ok(lab)
+    }
 }
 
 fn command_line(cmd: &Command) -> String {
@@ -208,8 +302,17 @@ fn owner_pid(name: &str) -> Option<u32> {
     name.strip_prefix("ntl-")?.split('-').next()?.parse().ok()
 }
 
-/// Deletes `ntl-<pid>-*` namespaces whose process is gone (left over by a killed test run).
+/// Deletes `ntl-<pid>-*` namespaces whose process is gone (left over by a killed test run),
+/// and their `/etc/netns` directories.
 fn delete_stale_namespaces() {
+    if let Ok(entries) = std::fs::read_dir(ETC_NETNS) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owner_pid(&name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
         return;
     };
@@ -231,16 +334,21 @@ impl Lab {
     ///
     /// Fails with the failing command and its stderr; whatever was built is removed again.
     pub fn new(a: NatKind, b: NatKind) -> Result<Self, LabError> {
-        delete_stale_namespaces();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("ntl-{}-{n}", std::process::id());
-        let mut lab = Self {
+        Self::builder(a, b).build()
+    }
+
+    /// A lab with more options (IPv6 per side, IPv6-only hosts); IPv4 only unless told.
+    pub fn builder(a: NatKind, b: NatKind) -> LabBuilder {
+        LabBuilder {
             kinds: [a, b],
-            names: ROLES.map(|r| format!("{prefix}-{r}")),
-            created: 0,
-        };
-        lab.build()?;
-        Ok(lab)
+            v6: [None, None],
+            v4: [true, true],
+        }
+    }
+
+    /// Whether any side has IPv6 (the server then has it too).
+    pub fn has_ipv6(&self) -> bool {
+        self.v6.iter().any(Option::is_some)
     }
 
     fn build(&mut self) -> Result<(), LabError> {
@@ -249,6 +357,27 @@ impl Lab {
             self.created = i + 1;
         }
         let n = self.names.clone();
+        let v6 = self.has_ipv6();
+        if v6 {
+            // Before any interface exists, so every interface (veth ends moved in included)
+            // starts without duplicate-address detection.
+            for ns in &n {
+                run(
+                    &mut ip(&[
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-qw",
+                        "net.ipv6.conf.all.accept_dad=0",
+                        "net.ipv6.conf.default.accept_dad=0",
+                        "net.ipv6.conf.all.disable_ipv6=0",
+                        "net.ipv6.conf.default.disable_ipv6=0",
+                    ]),
+                    None,
+                )?;
+            }
+        }
         // veth pairs, created inside `inet`/routers with the peer moved straight to its netns.
         let links = [
             (INET, "srv", SRV, "eth0"),
@@ -300,7 +429,17 @@ impl Lab {
                 "addr add {addr}/{prefix} dev eth0\nlink set eth0 up\nroute add default via {gw}\n"
             )
         };
-        let batches = [
+        let host_a = if self.v4[0] {
+            host(s.host, 24, s.lan_router)
+        } else {
+            "link set eth0 up\n".to_owned()
+        };
+        let host_b = if self.v4[1] {
+            host(t.host, 24, t.lan_router)
+        } else {
+            "link set eth0 up\n".to_owned()
+        };
+        let mut batches = [
             (
                 SRV,
                 host(SERVER_IP, 24, INET_SERVER_SIDE)
@@ -309,25 +448,51 @@ impl Lab {
             (INET, inet),
             (RA, router(s)),
             (RB, router(t)),
-            (A, host(s.host, 24, s.lan_router)),
-            (B, host(t.host, 24, t.lan_router)),
+            (A, host_a),
+            (B, host_b),
         ];
+        if v6 {
+            let (s6, t6) = (&SIDE_A6, &SIDE_B6);
+            batches[0].1 += &format!(
+                "addr add {SERVER_IP6}/64 dev eth0 nodad\naddr add {SERVER_OTHER_IP6}/64 dev eth0 nodad\n\
+                 route add ::/0 via {INET_SERVER_SIDE6}\n"
+            );
+            batches[1].1 += &format!(
+                "addr add {INET_SERVER_SIDE6}/64 dev srv nodad\naddr add {}/64 dev ra nodad\n\
+                 addr add {}/64 dev rb nodad\n",
+                s6.inet, t6.inet
+            );
+            for (i, (side, ns)) in [(s6, RA), (t6, RB)].into_iter().enumerate() {
+                if self.v6[i].is_none() {
+                    continue;
+                }
+                batches[1].1 += &format!("route add {} via {}\n", side.subnet, side.wan);
+                let r = batches.iter_mut().find(|(n, _)| *n == ns).expect("router batch");
+                r.1 += &format!(
+                    "addr add {}/64 dev wan nodad\naddr add {}/64 dev lan nodad\n\
+                     route add ::/0 via {}\n",
+                    side.wan, side.lan_router, side.inet
+                );
+                let h = batches
+                    .iter_mut()
+                    .find(|(n, _)| *n == if ns == RA { A } else { B })
+                    .expect("host batch");
+                h.1 += &format!(
+                    "addr add {}/64 dev eth0 nodad\nroute add ::/0 via {}\n",
+                    side.host, side.lan_router
+                );
+            }
+        }
         for (ns, batch) in batches {
             let batch = format!("link set lo up\n{batch}");
             run(&mut ip(&["-n", &n[ns], "-batch", "-"]), Some(&batch))?;
         }
         for ns in [INET, RA, RB] {
-            run(
-                &mut ip(&[
-                    "netns",
-                    "exec",
-                    &n[ns],
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.ip_forward=1",
-                ]),
-                None,
-            )?;
+            let mut args = vec!["netns", "exec", &n[ns], "sysctl", "-qw", "net.ipv4.ip_forward=1"];
+            if v6 {
+                args.push("net.ipv6.conf.all.forwarding=1");
+            }
+            run(&mut ip(&args), None)?;
         }
         for (ns, side, kind) in [(RA, s, self.kinds[0]), (RB, t, self.kinds[1])] {
             if let Some(rules) = kind.ruleset(side.host, side.wan) {
@@ -337,7 +502,73 @@ impl Lab {
                 )?;
             }
         }
+        for (ns, kind) in [(RA, self.v6[0]), (RB, self.v6[1])] {
+            if let Some(rules) = kind.and_then(Ipv6Kind::ruleset) {
+                run(
+                    &mut ip(&["netns", "exec", &n[ns], "nft", "-f", "-"]),
+                    Some(&rules),
+                )?;
+            }
+        }
+        if v6 {
+            let hosts = format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost\n{SERVER_IP}\t{SERVER_NAME}\n\
+                 {SERVER_IP6}\t{SERVER_NAME}\n"
+            );
+            for ns in [SRV, A, B] {
+                let dir = Path::new(ETC_NETNS).join(&n[ns]);
+                let written = std::fs::create_dir_all(&dir)
+                    .and_then(|()| std::fs::write(dir.join("hosts"), &hosts));
+                written.map_err(|source| LabError::Spawn {
+                    command: format!("write {}/hosts", dir.display()),
+                    source,
+                })?;
+            }
+        }
         Ok(())
+    }
+
+    /// The server's IPv6 address (`None` in a lab without IPv6).
+    pub fn server_ip6(&self) -> Option<Ipv6Addr> {
+        self.has_ipv6().then_some(SERVER_IP6)
+    }
+
+    /// The server host's second IPv6 address (RFC 5780 `--other-address-v6`).
+    pub fn server_other_ip6(&self) -> Option<Ipv6Addr> {
+        self.has_ipv6().then_some(SERVER_OTHER_IP6)
+    }
+
+    /// The name every host of a lab with IPv6 resolves to the server's IPv4 and IPv6
+    /// addresses (as a DNS name with A and AAAA records would).
+    pub fn server_name(&self) -> &'static str {
+        SERVER_NAME
+    }
+
+    /// The peer's global IPv6 address (`None` when its side has no IPv6).
+    pub fn host_ip6(&self, h: Host) -> Option<Ipv6Addr> {
+        match h {
+            Host::Server => self.server_ip6(),
+            Host::A => self.v6[0].map(|_| SIDE_A6.host),
+            Host::B => self.v6[1].map(|_| SIDE_B6.host),
+        }
+    }
+
+    /// How the peer's router forwards IPv6 (`None` without IPv6, and for the server).
+    pub fn ipv6_kind(&self, h: Host) -> Option<Ipv6Kind> {
+        match h {
+            Host::Server => None,
+            Host::A => self.v6[0],
+            Host::B => self.v6[1],
+        }
+    }
+
+    /// Whether the host has IPv4 (false for IPv6-only peers).
+    pub fn has_ipv4(&self, h: Host) -> bool {
+        match h {
+            Host::Server => true,
+            Host::A => self.v4[0],
+            Host::B => self.v4[1],
+        }
     }
 
     fn side(h: Host) -> Option<(&'static Side, usize)> {
@@ -429,6 +660,11 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if self.has_ipv6() {
+            for name in &self.names {
+                let _ = std::fs::remove_dir_all(Path::new(ETC_NETNS).join(name));
+            }
+        }
         for name in self.names[..self.created].iter().rev() {
             if let Err(e) = netns_delete(name) {
                 eprintln!("nat lab: cannot delete namespace {name}: {e}");

@@ -9,5 +9,5 @@
 mod lab;
 mod nat;
 
-pub use lab::{lab_unavailable_reason, require_lab, Host, Lab, LabError};
-pub use nat::{NatKind, UnknownNatKind};
+pub use lab::{lab_unavailable_reason, require_lab, Host, Lab, LabBuilder, LabError};
+pub use nat::{Ipv6Kind, NatKind, UnknownNatKind};

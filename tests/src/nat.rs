@@ -103,7 +103,48 @@ impl NatKind {
             }
             Self::Fw => filter_chain("forward", true) + &filter_chain("input", true),
         };
-        Some(format!("table inet ntl {{\n{body}}}\n"))
+        // IPv4 only: a lab with IPv6 gives each side's IPv6 its own rules ([`Ipv6Kind`]).
+        Some(format!("table ip ntl {{\n{body}}}\n"))
+    }
+}
+
+/// How a peer's router forwards IPv6 in a lab built with IPv6 (there is no NAT66: the host's
+/// global address is its public address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ipv6Kind {
+    /// Routed, unfiltered: unsolicited inbound connections reach the host.
+    Open,
+    /// A stateful firewall: inbound traffic only for connections the host started (new
+    /// inbound silently dropped), as on most home and mobile networks.
+    Firewall,
+}
+
+impl Ipv6Kind {
+    /// The kind's name (`open`, `firewall`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Firewall => "firewall",
+        }
+    }
+
+    /// The nftables ruleset for the router's IPv6 forwarding, or `None` when none is needed.
+    pub fn ruleset(self) -> Option<String> {
+        match self {
+            Self::Open => None,
+            Self::Firewall => Some(
+                "table ip6 ntl6 {\n\tchain forward {\n\t\ttype filter hook forward priority filter; \
+                 policy accept;\n\t\tiifname \"wan\" ct state established,related accept\n\
+                 \t\tiifname \"wan\" drop\n\t}\n}\n"
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Ipv6Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
     }
 }
 
@@ -165,5 +206,10 @@ mod tests {
         assert_eq!(rst.matches("iifname \"wan\" drop").count(), 1);
         let fw = NatKind::Fw.ruleset(h, w).unwrap();
         assert!(!fw.contains("nat"));
+        // The IPv4 rules leave IPv6 alone; IPv6 has its own.
+        assert!(fw.starts_with("table ip ntl"));
+        assert!(Ipv6Kind::Open.ruleset().is_none());
+        let v6 = Ipv6Kind::Firewall.ruleset().unwrap();
+        assert!(v6.starts_with("table ip6 ") && v6.contains("iifname \"wan\" drop"));
     }
 }

@@ -4,6 +4,7 @@ mod bench;
 mod birthday;
 mod fallback;
 mod forward;
+mod ipv6;
 mod lab;
 mod legacy;
 mod loopback;
