@@ -676,3 +676,27 @@ pub async fn observe(
         None => Err(ClientError::Lost("server closed the connection".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn happy_eyeballs_interleaves_families_ipv6_first() {
+        let given = [
+            sa("192.0.2.1:1"),
+            sa("192.0.2.2:1"),
+            sa("192.0.2.1:1"),
+            sa("[2001:db8::1]:1"),
+        ];
+        assert_eq!(
+            happy_eyeballs_order(&given),
+            vec![sa("[2001:db8::1]:1"), sa("192.0.2.1:1"), sa("192.0.2.2:1")]
+        );
+        assert_eq!(happy_eyeballs_order(&given[..1]), vec![given[0]]);
+    }
+}

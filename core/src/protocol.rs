@@ -454,7 +454,7 @@ mod tests {
         let line = encode(&msg);
         assert_eq!(
             std::str::from_utf8(&line).unwrap(),
-            "{\"type\":\"join\",\"version\":1,\"session\":\"demo\",\"strategies\":[\"tcp-punch\"]}\n"
+            "{\"type\":\"join\",\"version\":2,\"session\":\"demo\",\"strategies\":[\"tcp-punch\"]}\n"
         );
         let back: ClientToServer = decode(&line[..line.len() - 1], 1024).unwrap();
         assert_eq!(back, msg);

@@ -1497,6 +1497,9 @@ mod tests {
         let outboxes = [Arc::new(Outbox::default()), Arc::new(Outbox::default())];
         let pair = Arc::new(Pair {
             session: "s".into(),
+            pair_id: "p".into(),
+            versions: [2, 2],
+            sighted: Mutex::new([Vec::new(), Vec::new()]),
             relay_token: None,
             conns: [1, 2],
             outboxes: outboxes.clone(),
