@@ -22,6 +22,11 @@ struct DualLab {
 
 impl DualLab {
     fn new(builder: LabBuilder) -> Self {
+        Self::with_server_flags(builder, &[])
+    }
+
+    /// As [`Self::new`], with more flags for the server.
+    fn with_server_flags(builder: LabBuilder, extra: &[&str]) -> Self {
         let lab = builder
             .build()
             .unwrap_or_else(|e| panic!("cannot build the IPv6 lab: {e}"));
@@ -39,6 +44,7 @@ impl DualLab {
             "--other-address-v6",
             &format!("[{other6}]:8878"),
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -313,5 +319,89 @@ fn dual_stack_pairs_prefer_ipv6() {
         assert_eq!(a.strategy(), Some(strategy), "{ctx}");
         assert_eq!(family(&a), Some("ipv6"), "{ctx}");
         assert_eq!(family(&b), Some("ipv6"), "{ctx}");
+    }
+}
+
+/// The figure of issue 17: time to link on the same pair with both families (the server by
+/// name, A and AAAA) and with IPv4 only (the server's IPv4 address), plan on, default
+/// strategies. Ignored by default, a benchmark (no timing assertions); run as root:
+///
+/// ```sh
+/// cargo build --release -p nettool
+/// NETTOOL_BIN=target/release/nettool \
+///   cargo test --release -p nettool-tests --test e2e bench_dual_stack -- --ignored --nocapture
+/// ```
+///
+/// Per case it prints the second peer's whole connect (from its start, it joins last, to the
+/// link: happy eyeballs, discovery per family, sighting, plan and attempts) and the winning
+/// attempt alone, p50 and p95 of `NETTOOL_BENCH_RUNS` runs (default 10).
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn bench_dual_stack_time_to_link() {
+    if !require_lab() {
+        return;
+    }
+    let runs: usize = std::env::var("NETTOOL_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    println!(
+        "{:<34} {:<8} {:>10} {:>10} {:>10} {:>10}  link",
+        "pair", "server", "total p50", "total p95", "link p50", "link p95"
+    );
+    for (a, b) in [(NatKind::Cone, NatKind::Cone), (NatKind::Sym, NatKind::Sym)] {
+        let lab = DualLab::with_server_flags(
+            Lab::builder(a, b)
+                .ipv6(Host::A, Ipv6Kind::Firewall)
+                .ipv6(Host::B, Ipv6Kind::Firewall),
+            &["--join-rate", "0", "--stun-rate", "0"],
+        );
+        let v4_only = format!("{}:8877", lab.lab.server_ip());
+        for (label, server) in [("dual", lab.by_name()), ("ipv4", v4_only)] {
+            let (mut totals, mut links, mut how) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..runs {
+                let (ra, rb) = lab.connect_pair(
+                    &format!("bench-{a}-{b}-{label}-{i}"),
+                    &server,
+                    &["--timeout".into(), "30s".into()],
+                );
+                assert!(
+                    ra.strategy().is_some() && ra.strategy() == rb.strategy(),
+                    "run {i} did not link: {} | {}",
+                    attempts(&ra),
+                    attempts(&rb)
+                );
+                let report = rb.report.as_ref().expect("B's report");
+                totals.push(report["elapsed_ms"].as_u64().unwrap_or(0));
+                let won = report["attempts"]
+                    .as_array()
+                    .and_then(|v| v.iter().find(|x| x["outcome"] == "connected"))
+                    .and_then(|x| x["elapsed_ms"].as_u64())
+                    .unwrap_or(0);
+                links.push(won);
+                let what = format!(
+                    "{} over {}",
+                    rb.strategy().unwrap_or("?"),
+                    family(&rb).unwrap_or("?")
+                );
+                if !how.contains(&what) {
+                    how.push(what);
+                }
+            }
+            let pct = |v: &mut Vec<u64>, p: usize| {
+                v.sort_unstable();
+                v[(v.len() * p / 100).min(v.len() - 1)]
+            };
+            println!(
+                "{:<34} {:<8} {:>8}ms {:>8}ms {:>8}ms {:>8}ms  {}",
+                format!("ipv4 {a} x {b}, ipv6 firewall x2"),
+                label,
+                pct(&mut totals, 50),
+                pct(&mut totals, 95),
+                pct(&mut links, 50),
+                pct(&mut links, 95),
+                how.join(", ")
+            );
+        }
     }
 }
