@@ -225,7 +225,10 @@ struct RendezvousArgs {
 
 #[derive(Debug, Args)]
 struct PeerArgs {
-    /// Rendezvous server, HOST:PORT (port defaults to 8877). Or `server` in the config.
+    /// Rendezvous server, HOST:PORT (port defaults to 8877). Or `server` in the config. A
+    /// name's every address is used (A and AAAA): the control connection races them, IPv6
+    /// first, and each family reached is gathered for candidates; an IP literal is that
+    /// family only.
     #[arg(long)]
     server: Option<String>,
     /// Session name; the peer must use the same one. Or `session` in the config.

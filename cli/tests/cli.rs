@@ -51,6 +51,38 @@ fn bad_flags_are_named() {
 }
 
 #[test]
+fn rendezvous_ipv6_flags_are_checked() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "rendezvous",
+                "--listen",
+                "127.0.0.1:0",
+                "--listen-v6",
+                "127.0.0.1:0",
+            ],
+            "--listen-v6 127.0.0.1:0 must be an IPv6 address",
+        ),
+        (
+            &[
+                "rendezvous",
+                "--listen",
+                "127.0.0.1:0",
+                "--other-address-v6",
+                "[::1]:0",
+            ],
+            "--other-address-v6 [::1]:0 needs --listen-v6",
+        ),
+    ];
+    for (argv, expected) in cases {
+        let out = nettool(argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{argv:?}: {stderr}");
+        assert!(stderr.contains(expected), "{argv:?}: {stderr}");
+    }
+}
+
+#[test]
 fn help_teaches_the_commands() {
     let out = nettool(&["--help"]);
     let text = String::from_utf8_lossy(&out.stdout);

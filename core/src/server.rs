@@ -175,6 +175,8 @@ struct Endpoint {
     /// The address as asked for (an unspecified IPv4 address stays IPv4 here even when a
     /// dual-stack socket serves it), with the real port.
     addr: SocketAddr,
+    /// Whether this endpoint's sockets are IPv6 sockets that serve IPv4 as well.
+    dual_stack: bool,
     listener: TcpListener,
     /// TCP listeners on the RFC 5780 alternate addresses (empty without a second address).
     other_listeners: Vec<TcpListener>,
@@ -623,7 +625,7 @@ impl RendezvousServer {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         let mut out: Vec<SocketAddr> = self.endpoints.iter().map(|e| e.addr).collect();
         if let [only] = out[..] {
-            if only.ip().is_unspecified() && self.endpoints[0].dual_stack() {
+            if self.endpoints[0].dual_stack {
                 let v6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), only.port());
                 let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), only.port());
                 out = vec![v4, v6];
@@ -697,15 +699,11 @@ impl Endpoint {
         let (stun, other_listeners) = stun_service::bind(addr, other).await?;
         Ok(Self {
             addr,
+            dual_stack: false,
             listener,
             other_listeners,
             stun,
         })
-    }
-
-    /// Whether this endpoint's sockets are IPv6 sockets that also serve IPv4.
-    fn dual_stack(&self) -> bool {
-        self.listener.local_addr().is_ok_and(|a| a.is_ipv6()) && self.addr.is_ipv4()
     }
 }
 
@@ -737,13 +735,10 @@ async fn bind_unspecified(addr: SocketAddr) -> std::io::Result<Vec<Endpoint>> {
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             // The IPv6 socket is dual-stack and serves IPv4 as well.
             first.addr = SocketAddr::new(addr.ip(), port);
+            first.dual_stack = true;
             Ok(vec![first])
         }
-        Err(e) => {
-            debug!("no separate IPv4 listener ({e})");
-            first.addr = SocketAddr::new(addr.ip(), port);
-            Ok(vec![first])
-        }
+        Err(e) => Err(e),
     }
 }
 

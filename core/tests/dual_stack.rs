@@ -122,16 +122,26 @@ async fn a_version_1_peer_is_not_sent_the_peers_other_address() {
     .unwrap();
     let waiting: ServerToClient = old.recv().await.unwrap().unwrap();
     assert!(matches!(waiting, ServerToClient::Waiting { .. }));
-    let (_new, pairing) = RendezvousClient::join_any(&[v6(port)], "z", &strategies(), None, soon(), || {})
+    let (_new, pairing) =
+        RendezvousClient::join_any(&[v6(port)], "z", &strategies(), None, soon(), || {})
+            .await
+            .unwrap();
+    assert_eq!(pairing.role, Role::Second);
+    observe_family(&[v4(port)], "z", &pairing, soon())
         .await
         .unwrap();
-    assert_eq!(pairing.role, Role::Second);
-    observe_family(&[v4(port)], "z", &pairing, soon()).await.unwrap();
     let paired: ServerToClient = old.recv().await.unwrap().unwrap();
-    assert!(matches!(paired, ServerToClient::Paired { .. }), "{paired:?}");
+    assert!(
+        matches!(paired, ServerToClient::Paired { .. }),
+        "{paired:?}"
+    );
     old.send(&ClientToServer::Ping { id: 7 }).await.unwrap();
     let next: ServerToClient = old.recv().await.unwrap().unwrap();
-    assert_eq!(next, ServerToClient::Pong { id: 7 }, "no peer-address for version 1");
+    assert_eq!(
+        next,
+        ServerToClient::Pong { id: 7 },
+        "no peer-address for version 1"
+    );
 }
 
 #[tokio::test]
@@ -145,7 +155,10 @@ async fn happy_eyeballs_takes_the_address_that_answers() {
     let started = Instant::now();
     let stream = connect_happy(&[v4(port), closed], soon()).await.unwrap();
     assert_eq!(stream.peer_addr().unwrap(), v4(port));
-    assert!(started.elapsed() < Duration::from_millis(200), "a refusal does not wait");
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "a refusal does not wait"
+    );
     // Nothing answers: every address's error is named.
     let err = connect_happy(&[closed, v4(closed.port())], soon())
         .await

@@ -196,7 +196,9 @@ impl LabBuilder {
         match h {
             Host::A => 0,
             Host::B => 1,
-            Host::Server => panic!("the lab's server always has both families when any side has IPv6"),
+            Host::Server => {
+                panic!("the lab's server always has both families when any side has IPv6")
+            }
         }
     }
 
@@ -467,7 +469,10 @@ impl Lab {
                     continue;
                 }
                 batches[1].1 += &format!("route add {} via {}\n", side.subnet, side.wan);
-                let r = batches.iter_mut().find(|(n, _)| *n == ns).expect("router batch");
+                let r = batches
+                    .iter_mut()
+                    .find(|(n, _)| *n == ns)
+                    .expect("router batch");
                 r.1 += &format!(
                     "addr add {}/64 dev wan nodad\naddr add {}/64 dev lan nodad\n\
                      route add ::/0 via {}\n",
@@ -488,14 +493,27 @@ impl Lab {
             run(&mut ip(&["-n", &n[ns], "-batch", "-"]), Some(&batch))?;
         }
         for ns in [INET, RA, RB] {
-            let mut args = vec!["netns", "exec", &n[ns], "sysctl", "-qw", "net.ipv4.ip_forward=1"];
+            let mut args = vec![
+                "netns",
+                "exec",
+                &n[ns],
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ];
             if v6 {
                 args.push("net.ipv6.conf.all.forwarding=1");
             }
             run(&mut ip(&args), None)?;
         }
         for (ns, side, kind) in [(RA, s, self.kinds[0]), (RB, t, self.kinds[1])] {
-            if let Some(rules) = kind.ruleset(side.host, side.wan) {
+            // With IPv6 in the lab, the NAT kind's rules are IPv4's alone (no NAT66).
+            let rules = if v6 {
+                kind.ruleset_ipv4(side.host, side.wan)
+            } else {
+                kind.ruleset(side.host, side.wan)
+            };
+            if let Some(rules) = rules {
                 run(
                     &mut ip(&["netns", "exec", &n[ns], "nft", "-f", "-"]),
                     Some(&rules),

@@ -66,6 +66,16 @@ impl NatKind {
     /// `host` is the LAN host's address and `wan` the router's own WAN address. The router's
     /// interfaces are named `wan` and `lan`.
     pub fn ruleset(self, host: Ipv4Addr, wan: Ipv4Addr) -> Option<String> {
+        self.ruleset_in(host, wan, "inet")
+    }
+
+    /// [`Self::ruleset`] for IPv4 alone (`table ip ntl`), for a lab whose routers also forward
+    /// IPv6: IPv6 then follows its own rules ([`Ipv6Kind`]) and is never NATed.
+    pub fn ruleset_ipv4(self, host: Ipv4Addr, wan: Ipv4Addr) -> Option<String> {
+        self.ruleset_in(host, wan, "ip")
+    }
+
+    fn ruleset_in(self, host: Ipv4Addr, wan: Ipv4Addr, family: &str) -> Option<String> {
         const ESTABLISHED_ONLY: &str = "\t\tiifname \"wan\" ct state established,related accept\n\
                                         \t\tiifname \"wan\" drop\n";
         let filter_chain = |hook: &str, drop_new: bool| {
@@ -103,8 +113,7 @@ impl NatKind {
             }
             Self::Fw => filter_chain("forward", true) + &filter_chain("input", true),
         };
-        // IPv4 only: a lab with IPv6 gives each side's IPv6 its own rules ([`Ipv6Kind`]).
-        Some(format!("table ip ntl {{\n{body}}}\n"))
+        Some(format!("table {family} ntl {{\n{body}}}\n"))
     }
 }
 
@@ -206,8 +215,10 @@ mod tests {
         assert_eq!(rst.matches("iifname \"wan\" drop").count(), 1);
         let fw = NatKind::Fw.ruleset(h, w).unwrap();
         assert!(!fw.contains("nat"));
-        // The IPv4 rules leave IPv6 alone; IPv6 has its own.
-        assert!(fw.starts_with("table ip ntl"));
+        // In a lab with IPv6, the IPv4 rules leave IPv6 alone; IPv6 has its own.
+        assert!(fw.starts_with("table inet ntl"));
+        let fw4 = NatKind::Fw.ruleset_ipv4(h, w).unwrap();
+        assert_eq!(fw4.replacen("table ip ", "table inet ", 1), fw);
         assert!(Ipv6Kind::Open.ruleset().is_none());
         let v6 = Ipv6Kind::Firewall.ruleset().unwrap();
         assert!(v6.starts_with("table ip6 ") && v6.contains("iifname \"wan\" drop"));

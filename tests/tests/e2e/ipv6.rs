@@ -166,7 +166,10 @@ fn attempts(run: &PeerRun) -> String {
 
 fn mapping(run: &PeerRun, nat: &str, side: &str) -> String {
     run.report.as_ref().map_or(String::new(), |r| {
-        r[nat][side]["udp_mapping"].as_str().unwrap_or("").to_owned()
+        r[nat][side]["udp_mapping"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
     })
 }
 
@@ -184,7 +187,11 @@ fn sym_x_sym_with_firewalled_ipv6_links_directly_over_ipv6() {
             .ipv6(Host::A, Ipv6Kind::Firewall)
             .ipv6(Host::B, Ipv6Kind::Firewall),
     );
-    let (a, b) = lab.connect_pair("v6-sym", &lab.by_name(), &["--timeout".into(), "30s".into()]);
+    let (a, b) = lab.connect_pair(
+        "v6-sym",
+        &lab.by_name(),
+        &["--timeout".into(), "30s".into()],
+    );
     let ctx = format!("a: {} | b: {}", attempts(&a), attempts(&b));
     assert!(
         a.strategy().is_some() && a.strategy() == b.strategy(),
@@ -197,12 +204,20 @@ fn sym_x_sym_with_firewalled_ipv6_links_directly_over_ipv6() {
     for run in [&a, &b] {
         assert_eq!(mapping(run, "nat", "local"), "address-and-port-dependent");
         assert_eq!(mapping(run, "nat", "peer"), "address-and-port-dependent");
-        assert_eq!(mapping(run, "nat_v6", "local"), "no-nat", "{:?}", run.report);
+        assert_eq!(
+            mapping(run, "nat_v6", "local"),
+            "no-nat",
+            "{:?}",
+            run.report
+        );
         assert_eq!(mapping(run, "nat_v6", "peer"), "no-nat");
     }
     let remote = a.report.as_ref().unwrap()["remote"].as_str().unwrap_or("");
     let b_ip6 = lab.lab.host_ip6(Host::B).unwrap().to_string();
-    assert!(remote.contains(&b_ip6), "A's link goes to B's global IPv6 address: {remote}");
+    assert!(
+        remote.contains(&b_ip6),
+        "A's link goes to B's global IPv6 address: {remote}"
+    );
 }
 
 /// IPv6-only peers behind stateful firewalls: each punching strategy and the relay link over
@@ -274,9 +289,8 @@ fn ipv4_only_peer_links_with_a_dual_stack_peer() {
         return;
     }
     for (kind_a, direct) in [(NatKind::Cone, true), (NatKind::Sym, false)] {
-        let lab = DualLab::new(
-            Lab::builder(kind_a, NatKind::Cone).ipv6(Host::B, Ipv6Kind::Firewall),
-        );
+        let lab =
+            DualLab::new(Lab::builder(kind_a, NatKind::Cone).ipv6(Host::B, Ipv6Kind::Firewall));
         let (a, b) = lab.connect_pair(
             &format!("v4-dual-{kind_a}"),
             &lab.by_name(),
@@ -290,9 +304,16 @@ fn ipv4_only_peer_links_with_a_dual_stack_peer() {
         assert_eq!(family(&a), Some("ipv4"), "{ctx}");
         // B reached the server over IPv6 first (happy eyeballs) and showed itself over IPv4.
         let b_report = b.report.as_ref().expect("B's report");
-        assert!(b_report["nat_v6"]["local"].is_object(), "B measured IPv6: {ctx}");
+        assert!(
+            b_report["nat_v6"]["local"].is_object(),
+            "B measured IPv6: {ctx}"
+        );
         if direct {
-            assert_ne!(a.strategy(), Some("relay"), "cone x cone punches over IPv4: {ctx}");
+            assert_ne!(
+                a.strategy(),
+                Some("relay"),
+                "cone x cone punches over IPv4: {ctx}"
+            );
         }
     }
 }
