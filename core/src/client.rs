@@ -180,20 +180,17 @@ pub async fn connect_happy(
             Duration::MAX / 4
         });
         tokio::pin!(delay);
-        loop {
-            tokio::select! {
-                () = &mut stop => return Err(ClientError::TimedOut("the rendezvous server")),
-                () = &mut delay => break,
-                Some((addr, res)) = running.next() => match res {
-                    Ok(stream) => return Ok(stream),
-                    Err(e) => {
-                        tracing::debug!(%addr, "rendezvous server address failed: {e}");
-                        errors.push(format!("{addr}: {e}"));
-                        // A failure starts the next attempt at once.
-                        break;
-                    }
-                },
-            }
+        // The next attempt starts after the delay, or at once when one fails.
+        tokio::select! {
+            () = &mut stop => return Err(ClientError::TimedOut("the rendezvous server")),
+            () = &mut delay => {}
+            Some((addr, res)) = running.next() => match res {
+                Ok(stream) => return Ok(stream),
+                Err(e) => {
+                    tracing::debug!(%addr, "rendezvous server address failed: {e}");
+                    errors.push(format!("{addr}: {e}"));
+                }
+            },
         }
     }
 }
