@@ -352,10 +352,15 @@ impl Orchestrator {
         }
         let families = [(mine, peer_nat), (mine6, peer_nat6)];
         let rtt = server_rtt.max(peer_rtt);
-        self.attempts(
-            params, events, deadline, state, client, pairing, key, server_rtt, rtt, families,
-        )
-        .await
+        let paired = Paired {
+            client,
+            pairing,
+            key,
+            server_rtt,
+            rtt,
+            families,
+        };
+        self.attempts(params, events, deadline, state, paired).await
     }
 
     /// NAT behaviour towards `server` (one family; `None` without an address of it, with
@@ -366,55 +371,55 @@ impl Orchestrator {
         if !self.plan {
             return None;
         }
-        {
-            let bound = DISCOVERY.time_bound();
-            let cached = async {
-                let cache = self.nat_cache.as_ref()?;
-                let public = public_address(server, DISCOVERY.test_timeout).await.ok()?;
-                let local = local_ip_towards(server)?;
-                let key = NatCache::key(default_gateway(), local, server, public.ip());
-                Some((cache, key))
-            };
-            let cached = tokio::time::timeout(bound, cached).await.ok().flatten();
-            if let Some((cache, key)) = &cached {
-                if let Some(nat) = cache.get(key).await {
-                    info!("NAT behaviour from the cache ({key})");
-                    return Some(nat);
-                }
+        let bound = DISCOVERY.time_bound();
+        let cached = async {
+            let cache = self.nat_cache.as_ref()?;
+            let public = public_address(server, DISCOVERY.test_timeout).await.ok()?;
+            let local = local_ip_towards(server)?;
+            let key = NatCache::key(default_gateway(), local, server, public.ip());
+            Some((cache, key))
+        };
+        let cached = tokio::time::timeout(bound, cached).await.ok().flatten();
+        if let Some((cache, key)) = &cached {
+            if let Some(nat) = cache.get(key).await {
+                info!("NAT behaviour from the cache ({key})");
+                return Some(nat);
             }
-            let run = discover(server, &DISCOVERY);
-            match tokio::time::timeout(bound, run).await {
-                Ok(Ok(report)) => {
-                    let nat = NatSummary::from(&report);
-                    if let Some((cache, key)) = &cached {
-                        cache.put(key, nat).await;
-                    }
-                    Some(nat)
+        }
+        let run = discover(server, &DISCOVERY);
+        match tokio::time::timeout(bound, run).await {
+            Ok(Ok(report)) => {
+                let nat = NatSummary::from(&report);
+                if let Some((cache, key)) = &cached {
+                    cache.put(key, nat).await;
                 }
-                Ok(Err(e)) => {
-                    info!("NAT discovery failed: {e}");
-                    None
-                }
-                Err(_) => None,
+                Some(nat)
             }
+            Ok(Err(e)) => {
+                info!("NAT discovery failed: {e}");
+                None
+            }
+            Err(_) => None,
         }
     }
 
     /// Runs the agreed strategies in order (the part of [`Self::run`] after pairing).
-    #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
         params: &ConnectParams,
         events: &(dyn Fn(Event) + Send + Sync),
         deadline: Instant,
         state: &mut Progress,
-        mut client: RendezvousClient,
-        pairing: crate::client::Pairing,
-        key: LinkKey,
-        server_rtt: Duration,
-        rtt: Duration,
-        families: [(Option<NatSummary>, Option<NatSummary>); 2],
+        paired: Paired,
     ) -> Option<Link> {
+        let Paired {
+            mut client,
+            pairing,
+            key,
+            server_rtt,
+            rtt,
+            families,
+        } = paired;
         let count = pairing.strategies.len();
         for (index, name) in pairing.strategies.iter().enumerate() {
             let Some((strategy, timeout)) = self.strategies.iter().find(|(s, _)| s.name() == name)
@@ -623,6 +628,19 @@ struct PlanOffer {
     nat_v6: Option<NatSummary>,
     /// Its round trip to the server, microseconds.
     server_rtt_us: u64,
+}
+
+/// What pairing and the plan exchange produced, for the attempts.
+struct Paired {
+    client: RendezvousClient,
+    pairing: crate::client::Pairing,
+    key: LinkKey,
+    /// This peer's round trip to the server.
+    server_rtt: Duration,
+    /// The larger of both peers' round trips to the server.
+    rtt: Duration,
+    /// Both peers' NAT behaviour per family (this side's, the peer's): IPv4, then IPv6.
+    families: [(Option<NatSummary>, Option<NatSummary>); 2],
 }
 
 /// What [`Orchestrator::connect`] knows so far; kept outside the running future so a deadline
