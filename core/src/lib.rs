@@ -47,5 +47,6 @@ pub use handshake::{HandshakeError, LinkKey};
 pub use orchestrator::{ConnectParams, Orchestrator};
 pub use protocol::Role;
 pub use registry::{StrategyFactory, StrategyRegistry};
-pub use report::{AttemptReport, Outcome, Report};
+pub use nettool_portmap as portmap;
+pub use report::{AttemptReport, Outcome, PortMapReport, Report};
 pub use strategy::{Attempt, Link, LinkStream, LinkStreams, MultiStream, Strategy, StrategyError};
