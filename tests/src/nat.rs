@@ -66,7 +66,10 @@ impl NatKind {
     /// `host` is the LAN host's address and `wan` the router's own WAN address. The router's
     /// interfaces are named `wan` and `lan`.
     pub fn ruleset(self, host: Ipv4Addr, wan: Ipv4Addr) -> Option<String> {
+        // DNATed connections pass (`ct status dnat`): only a port mapping made on the router
+        // (miniupnpd in the lab) creates them on these kinds.
         const ESTABLISHED_ONLY: &str = "\t\tiifname \"wan\" ct state established,related accept\n\
+                                        \t\tiifname \"wan\" ct status dnat accept\n\
                                         \t\tiifname \"wan\" drop\n";
         let filter_chain = |hook: &str, drop_new: bool| {
             format!(

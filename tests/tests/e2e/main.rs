@@ -9,6 +9,7 @@ mod legacy;
 mod loopback;
 mod nat_punch;
 mod nat_quic;
+mod portmap;
 mod netcheck;
 mod plugin;
 mod security;
