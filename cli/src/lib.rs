@@ -23,10 +23,10 @@ use std::io::IsTerminal;
 
 use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
 use nettool_core::orchestrator::Event;
+use nettool_core::portmap::PortMapper;
 use nettool_core::registry::{RegistryError, StrategyRegistry};
 use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::Strategy;
-use nettool_core::portmap::PortMapper;
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
 

@@ -35,7 +35,11 @@ pub(crate) struct NetcheckArgs {
     #[arg(long)]
     portmap: bool,
     /// With --portmap: a protocol to ask (repeatable; default all three).
-    #[arg(long = "portmap-protocol", value_name = "upnp|nat-pmp|pcp", requires = "portmap")]
+    #[arg(
+        long = "portmap-protocol",
+        value_name = "upnp|nat-pmp|pcp",
+        requires = "portmap"
+    )]
     portmap_protocols: Vec<nettool_core::portmap::Protocol>,
 }
 

@@ -748,6 +748,14 @@ timeout = "3s"
         );
     }
 
+    fn default_portmap_enabled(p: &Path) -> bool {
+        load(p, None, Overrides::default())
+            .unwrap()
+            .settings
+            .portmap
+            .enabled
+    }
+
     #[test]
     fn portmap_is_off_by_default_and_profiles_turn_it_on() {
         use nettool_portmap::Protocol;
@@ -758,17 +766,25 @@ timeout = "3s"
         let s = load(&p, None, Overrides::default()).unwrap().settings;
         assert!(!s.portmap.enabled);
         assert_eq!(s.portmap.protocols, Protocol::ALL);
-        let home = load(&p, Some("home"), Overrides::default()).unwrap().settings;
+        let home = load(&p, Some("home"), Overrides::default())
+            .unwrap()
+            .settings;
         assert!(home.portmap.enabled);
         assert_eq!(home.portmap.protocols, [Protocol::Pcp, Protocol::Upnp]);
         for (name, body, want) in [
-            ("pm1.toml", "protocols = [\"natpmp\"]", "unknown port mapping protocol \"natpmp\""),
+            (
+                "pm1.toml",
+                "protocols = [\"natpmp\"]",
+                "unknown port mapping protocol \"natpmp\"",
+            ),
             ("pm2.toml", "protocols = []", "protocol list is empty"),
             ("pm3.toml", "protocols = [\"pcp\", \"pcp\"]", "listed twice"),
             ("pm4.toml", "enable = true", "enable"),
         ] {
             let p = write(name, &format!("[default.portmap]\n{body}\n"));
-            let err = load(&p, None, Overrides::default()).unwrap_err().to_string();
+            let err = load(&p, None, Overrides::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want) && err.contains("portmap"), "{err}");
         }
     }
@@ -776,9 +792,13 @@ timeout = "3s"
     #[test]
     fn the_example_config_loads() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nettool.example.toml");
-        for profile in [None, Some("office"), Some("hotspot")] {
+        for profile in [None, Some("office"), Some("hotspot"), Some("home")] {
             load(&p, profile, Overrides::default()).unwrap();
         }
+        // Port mapping: off unless a profile (here `home`) turns it on.
+        let home = load(&p, Some("home"), Overrides::default()).unwrap();
+        assert!(home.settings.portmap.enabled);
+        assert!(!default_portmap_enabled(&p));
         let office = load(&p, Some("office"), Overrides::default()).unwrap();
         assert_eq!(
             strategy_key(&office.settings, "tcp-direct", "listen-port"),

@@ -25,8 +25,8 @@ use crate::nat_cache::{default_gateway, NatCache};
 use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
 use crate::protocol::{Role, PLAN_OFFER};
 use crate::report::{AttemptReport, NatPair, Outcome, PortMapReport, Report};
-use nettool_portmap::PortMapper;
 use crate::strategy::{Attempt, AttemptNotes, Link, Offers, Strategy, StrategyError};
+use nettool_portmap::PortMapper;
 
 /// What the orchestrator reports while it works (for progress output).
 #[derive(Debug, Clone)]

@@ -500,7 +500,16 @@ impl PortMapper {
             .max(1);
         let mut errors = Vec::new();
         for protocol in &found.answered {
-            match map_one(&found, *protocol, transport, port, lease, self.settings.timeout).await {
+            match map_one(
+                &found,
+                *protocol,
+                transport,
+                port,
+                lease,
+                self.settings.timeout,
+            )
+            .await
+            {
                 Ok((mapped, handle)) => {
                     info!("port mapped: {mapped}");
                     self.keep(mapped, handle);
@@ -599,18 +608,12 @@ async fn map_one(
                     .map_err(|e| e.to_string())?,
             };
             // The same external port first (what users expect to see), else any.
-            let same = gateway.add_port(
-                transport.igd(),
-                port.get(),
-                local.into(),
-                lease,
-                "nettool",
-            );
+            let same =
+                gateway.add_port(transport.igd(), port.get(), local.into(), lease, "nettool");
             let external_port = match tokio::time::timeout(timeout, same).await {
                 Ok(Ok(())) => port.get(),
                 _ => {
-                    let any =
-                        gateway.add_any_port(transport.igd(), local.into(), lease, "nettool");
+                    let any = gateway.add_any_port(transport.igd(), local.into(), lease, "nettool");
                     tokio::time::timeout(timeout, any)
                         .await
                         .map_err(bounded)?
@@ -752,7 +755,10 @@ mod tests {
     #[test]
     fn preference_follows_the_configured_order() {
         use Protocol::*;
-        assert_eq!(by_preference(&[Pcp, Upnp], &[Upnp, NatPmp, Pcp]), [Pcp, Upnp]);
+        assert_eq!(
+            by_preference(&[Pcp, Upnp], &[Upnp, NatPmp, Pcp]),
+            [Pcp, Upnp]
+        );
         assert!(by_preference(&[NatPmp], &[Upnp]).is_empty());
     }
 

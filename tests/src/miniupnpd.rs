@@ -97,7 +97,10 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().map_err(io)?)
             .stderr(log_file);
-        let command = format!("ip netns exec {netns} miniupnpd -d -f {}", conf_path.display());
+        let command = format!(
+            "ip netns exec {netns} miniupnpd -d -f {}",
+            conf_path.display()
+        );
         let child = cmd.spawn().map_err(|source| LabError::Spawn {
             command: command.clone(),
             source,

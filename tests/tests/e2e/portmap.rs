@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use nettool_tests::{require_lab, Host, Lab, MiniupnpdOptions, NatKind};
 
-use crate::support::{finish_peer, nettool_bin, spawn_peer, wait_until_waiting, PeerRun, Proc};
 use crate::support::TempDir;
+use crate::support::{finish_peer, nettool_bin, spawn_peer, wait_until_waiting, PeerRun, Proc};
 
 /// A lab (sym x sym; B's router with a public WAN when `public_b`) with a rendezvous server
 /// that has a second address, so both peers know their NATs and plan.
@@ -118,7 +118,11 @@ fn links_through_the_gateway(protocol: &str) {
     let external_ip = lab.lab.public_ip(Host::B).to_string();
     for (strategies, want, transport) in [
         (&[][..], "udp-quic", "udp"),
-        (&["--strategy", "tcp-direct", "--strategy", "relay"][..], "tcp-direct", "tcp"),
+        (
+            &["--strategy", "tcp-direct", "--strategy", "relay"][..],
+            "tcp-direct",
+            "tcp",
+        ),
     ] {
         let session = format!("pm-{protocol}-{want}");
         let mut b_all: Vec<&str> = b_flags.to_vec();
@@ -143,7 +147,10 @@ fn links_through_the_gateway(protocol: &str) {
         assert_eq!(ra["remote"], external, "a's link: {ra:#}");
         // The plan knew: B's summary says its gateway maps.
         assert_eq!(ra["nat"]["peer"]["port_mapping"], true, "{ra:#}");
-        assert!(ra.get("port_mapping").is_none(), "a has mapping off: {ra:#}");
+        assert!(
+            ra.get("port_mapping").is_none(),
+            "a has mapping off: {ra:#}"
+        );
         // After both exited: no mapping left on the gateway.
         let rules = daemon.dnat_rules().expect("list prerouting_miniupnpd");
         assert!(rules.is_empty(), "left behind: {rules:?}\n{}", daemon.log());
@@ -156,7 +163,9 @@ fn links_through_the_gateway(protocol: &str) {
             "{}",
             b.stderr
         );
-        eprintln!("portmap {protocol}: {want} linked sym x sym in {took:?} (both peers, end to end)");
+        eprintln!(
+            "portmap {protocol}: {want} linked sym x sym in {took:?} (both peers, end to end)"
+        );
     }
 }
 
@@ -183,8 +192,12 @@ fn netcheck_reports_which_protocols_the_gateway_answers() {
     let lab = PortmapLab::new(true);
     let netcheck = |portmap: bool| -> serde_json::Value {
         let mut cmd = lab.lab.command(Host::B, nettool_bin());
-        cmd.args(["netcheck", "--server", &format!("{}:8877", lab.lab.server_ip())])
-            .args(["--json", "--no-tcp", "--timeout", "1s"]);
+        cmd.args([
+            "netcheck",
+            "--server",
+            &format!("{}:8877", lab.lab.server_ip()),
+        ])
+        .args(["--json", "--no-tcp", "--timeout", "1s"]);
         if portmap {
             cmd.arg("--portmap");
         }
@@ -220,6 +233,22 @@ fn netcheck_reports_which_protocols_the_gateway_answers() {
         all["port_mapping_probe"]["external_ip"],
         lab.lab.public_ip(Host::B).to_string(),
         "{all:#}"
+    );
+    // The reference NAT-PMP client (Debian's natpmpc) sees the same external address.
+    let gateway = all["port_mapping_probe"]["gateway"]
+        .as_str()
+        .expect("gateway");
+    let out = lab
+        .lab
+        .command(Host::B, "natpmpc")
+        .args(["-g", gateway])
+        .output()
+        .expect("run natpmpc (Debian package natpmpc)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let public = lab.lab.public_ip(Host::B).to_string();
+    assert!(
+        text.contains(&format!("Public IP address : {public}")),
+        "natpmpc: {text}"
     );
     // Without --portmap the gateway is not asked.
     let off = netcheck(false);
@@ -272,10 +301,10 @@ fn off_sends_nothing_and_an_absent_gateway_costs_one_short_timeout() {
     let dir = TempDir::new("pm-watch");
     let watch = GatewayWatch::start(&lab.lab, &dir);
     let (_, b) = lab.connect("pm-off", &[], &[]);
-    assert_eq!(b.strategy(), Some("relay"));
-    assert!(report(&b).get("port_mapping").is_none(), "{:#}", report(&b));
     let sent = watch.packets();
     assert!(sent.is_empty(), "mapping is off, yet: {sent:?}");
+    assert_eq!(b.strategy(), Some("relay"));
+    assert!(report(&b).get("port_mapping").is_none(), "{:#}", report(&b));
 
     let (_, b) = lab.connect("pm-absent", &[], &["--portmap"]);
     let rb = report(&b);
@@ -285,7 +314,8 @@ fn off_sends_nothing_and_an_absent_gateway_costs_one_short_timeout() {
     let elapsed = pm["elapsed_ms"].as_u64().expect("elapsed_ms");
     assert!(elapsed <= 1300, "discovery took {elapsed} ms: {pm:#}");
     assert!(
-        b.stderr.contains("port mapping: no gateway answered (upnp, nat-pmp, pcp)"),
+        b.stderr
+            .contains("port mapping: no gateway answered (upnp, nat-pmp, pcp)"),
         "{}",
         b.stderr
     );
@@ -304,4 +334,103 @@ fn off_sends_nothing_and_an_absent_gateway_costs_one_short_timeout() {
         "portmap absent: discovery {elapsed} ms, connect {} ms",
         rb["elapsed_ms"]
     );
+}
+
+/// Polls `ok` every 20 ms for up to `limit`.
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The mapping lives as long as the link: renewed past its lease (4 s here, so miniupnpd
+/// would expire it), and deleted when B is stopped by SIGINT, SIGTERM or SIGHUP.
+#[test]
+fn mappings_are_renewed_while_linked_and_deleted_on_signals() {
+    if !require_lab() {
+        return;
+    }
+    let lab = PortmapLab::new(true);
+    let daemon = lab
+        .lab
+        .start_miniupnpd(
+            Host::B,
+            MiniupnpdOptions {
+                upnp: true,
+                natpmp: true,
+            },
+        )
+        .unwrap_or_else(|e| panic!("cannot start miniupnpd: {e}"));
+    let server = format!("{}:8877", lab.lab.server_ip());
+    for (signal, protocol) in [
+        (libc::SIGTERM, "upnp"),
+        (libc::SIGINT, "nat-pmp"),
+        (libc::SIGHUP, "upnp"),
+    ] {
+        let dir = TempDir::new("pm-sig");
+        let session = format!("pm-sig-{signal}");
+        let args: Vec<String> = [
+            "--server",
+            &server,
+            "--session",
+            &session,
+            "--secret",
+            "lab",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (a, _) = spawn_peer(
+            lab.lab.command(Host::A, nettool_bin()),
+            &dir,
+            "a",
+            b"from a",
+            &args,
+        );
+        wait_until_waiting(&dir, "a");
+        let b_err = dir.path("b.err");
+        let mut cmd = lab.lab.command(Host::B, nettool_bin());
+        cmd.env("NETTOOL_PORTMAP__LEASE", "4s")
+            .arg("connect")
+            .args(&args)
+            .args(["--portmap", "--portmap-protocol", protocol])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&b_err).expect("b.err"));
+        let mut b = Proc::spawn(cmd);
+        let _b_stdin = b.child.stdin.take().expect("piped stdin: held open");
+        let b_text = || std::fs::read_to_string(&b_err).unwrap_or_default();
+        wait_for("b to link", Duration::from_secs(30), || {
+            b_text().contains("nettool: linked with")
+        });
+        assert!(b_text().contains("via udp-quic"), "{}", b_text());
+        let rules = daemon.dnat_rules().expect("rules");
+        assert_eq!(rules.len(), 1, "one mapping while linked: {rules:?}");
+        if signal == libc::SIGTERM {
+            // Past the 4 s lease twice over: still mapped, because it was renewed.
+            std::thread::sleep(Duration::from_secs(9));
+            let rules = daemon.dnat_rules().expect("rules");
+            assert_eq!(rules.len(), 1, "expired, not renewed: {}", daemon.log());
+        }
+        let pid = i32::try_from(b.child.id()).expect("pid");
+        // SAFETY: kill(2) on the child we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let status = b.wait_timeout(Duration::from_secs(10)).expect("b exits");
+        assert_eq!(status.code(), Some(128 + signal), "{}", b_text());
+        let rules = daemon.dnat_rules().expect("rules");
+        assert!(
+            rules.is_empty(),
+            "signal {signal} left {rules:?}\n{}",
+            b_text()
+        );
+        assert!(
+            b_text().contains("port mappings deleted: 1 of 1"),
+            "{}",
+            b_text()
+        );
+        let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
+        assert!(a.status.is_some_and(|s| s.success()), "a: {}", a.stderr);
+    }
 }
