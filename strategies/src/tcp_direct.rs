@@ -93,7 +93,13 @@ impl Strategy for TcpDirect {
         let mut listen = candidates(public, public, server.ip().is_loopback());
         // With port mapping on, the gateway's mapping of the listener comes first: it is
         // reachable from anywhere (the peer keeps it: it is on the address the server saw).
-        if let Some(mapped) = attempt.map_port(Transport::Tcp, port).await {
+        // (IPv4 only: NAT-PMP, PCP and UPnP-IGD map on the IPv4 gateway.)
+        let mapped = if server.is_ipv4() {
+            attempt.map_port(Transport::Tcp, port).await
+        } else {
+            None
+        };
+        if let Some(mapped) = mapped {
             listen.retain(|c| *c != mapped);
             listen.insert(0, mapped);
         }

@@ -207,10 +207,15 @@ impl Strategy for UdpQuic {
         // With port mapping on, the gateway's mapping of this socket comes first: it takes
         // datagrams from anywhere, so a peer behind any NAT reaches it (and we answer to
         // where its punches come from).
-        if let Some(mapped) = attempt
-            .map_port(nettool_core::portmap::Transport::Udp, port)
-            .await
-        {
+        // (IPv4 only: NAT-PMP, PCP and UPnP-IGD map on the IPv4 gateway.)
+        let mapped = if server.is_ipv4() {
+            attempt
+                .map_port(nettool_core::portmap::Transport::Udp, port)
+                .await
+        } else {
+            None
+        };
+        if let Some(mapped) = mapped {
             candidates.retain(|c| *c != mapped);
             candidates.insert(0, mapped);
         }
