@@ -167,6 +167,13 @@ mod tests {
         assert_eq!(cone.matches("iifname \"wan\" drop").count(), 2);
         assert_eq!(rst.matches("iifname \"wan\" drop").count(), 1);
         let fw = NatKind::Fw.ruleset(h, w).unwrap();
-        assert!(!fw.contains("nat"));
+        assert!(!fw.contains("type nat"));
+        // DNATed connections (a port mapping on the router) pass every drop-new-inbound rule.
+        for r in [&cone, &rst, &sym, &fw] {
+            assert_eq!(
+                r.matches("iifname \"wan\" ct status dnat accept").count(),
+                r.matches("iifname \"wan\" drop").count()
+            );
+        }
     }
 }
