@@ -20,7 +20,8 @@ pub use load::{ConfigError, LoadOptions, Loaded, Overrides, Settings, Source};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PortmapConfig {
-    /// Ask the gateway to map the ports of udp-quic and tcp-direct (`--portmap`).
+    /// Ask the gateway to map the ports of udp-quic and tcp-direct (`connect --portmap`; the
+    /// other commands never map).
     pub enabled: bool,
     /// Protocols to use, in order of preference: `upnp`, `nat-pmp`, `pcp`.
     #[serde(deserialize_with = "protocol_list")]
