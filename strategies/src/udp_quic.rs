@@ -232,6 +232,21 @@ impl Strategy for UdpQuic {
                 Err(e) => debug!("UDP socket not observed over {server}: {e}"),
             }
         }
+        // With port mapping on, the gateway's mapping of this socket comes first: it takes
+        // datagrams from anywhere, so a peer behind any NAT reaches it (and we answer to
+        // where its punches come from).
+        // (IPv4 only: NAT-PMP, PCP and UPnP-IGD map on the IPv4 gateway.)
+        let mapped = if servers.iter().any(SocketAddr::is_ipv4) {
+            attempt
+                .map_port(nettool_core::portmap::Transport::Udp, port)
+                .await
+        } else {
+            None
+        };
+        if let Some(mapped) = mapped {
+            candidates.retain(|c| *c != mapped);
+            candidates.insert(0, mapped);
+        }
 
         let mut punch_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut punch_key);

@@ -127,6 +127,7 @@ const SIDE_B6: Side6 = Side6 {
 };
 
 /// Addresses of one side (A or B) of the lab.
+#[derive(Clone, Copy)]
 struct Side {
     /// `inet`'s address on the link to the router.
     inet: Ipv4Addr,
@@ -156,6 +157,14 @@ const SIDE_B: Side = Side {
     subnet: "10.0.2.0/24",
 };
 
+/// `inet`'s and the router's WAN addresses of side A and B for a router with a public WAN
+/// ([`Lab::with_public_wan`]): outside every reserved range (miniupnpd refuses TEST-NET and
+/// private external addresses); the lab has no route out, so nothing ever leaves it.
+const PUBLIC_WAN: [(Ipv4Addr, Ipv4Addr); 2] = [
+    (Ipv4Addr::new(11, 0, 0, 1), Ipv4Addr::new(11, 0, 0, 2)),
+    (Ipv4Addr::new(11, 0, 0, 5), Ipv4Addr::new(11, 0, 0, 6)),
+];
+
 /// Namespace roles, in creation order; index into [`Lab::names`].
 const ROLES: [&str; 6] = ["srv", "inet", "ra", "rb", "a", "b"];
 const SRV: usize = 0;
@@ -181,6 +190,8 @@ pub struct Lab {
     names: [String; 6],
     /// How many of `names` exist (they are created in order).
     created: usize,
+    /// Per side: the router's WAN is in [`PUBLIC_WAN`] instead of TEST-NET-2.
+    public_wan: [bool; 2],
 }
 
 /// Options of a [`Lab`] beyond its two NAT kinds: IPv6 per side, IPv6-only hosts.
@@ -189,6 +200,7 @@ pub struct LabBuilder {
     kinds: [NatKind; 2],
     v6: [Option<Ipv6Kind>; 2],
     v4: [bool; 2],
+    public_wan: [bool; 2],
 }
 
 impl LabBuilder {
@@ -217,6 +229,13 @@ impl LabBuilder {
         self
     }
 
+    /// Gives the router in front of `h` a WAN address outside the reserved ranges (see
+    /// [`Lab::with_public_wan`]).
+    pub fn public_wan(mut self, h: Host) -> Self {
+        self.public_wan[Self::index(h)] = true;
+        self
+    }
+
     /// Builds the lab; fails as [`Lab::new`] does.
     pub fn build(self) -> Result<Lab, LabError> {
         delete_stale_namespaces();
@@ -228,6 +247,7 @@ impl LabBuilder {
             v4: self.v4,
             names: ROLES.map(|r| format!("{prefix}-{r}")),
             created: 0,
+            public_wan: self.public_wan,
         };
         lab.build()?;
         Ok(lab)
@@ -243,7 +263,7 @@ fn command_line(cmd: &Command) -> String {
 }
 
 /// Runs `cmd` (feeding `stdin` if given) and fails with its stderr unless it succeeds.
-fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String, LabError> {
+pub(crate) fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String, LabError> {
     let line = command_line(cmd);
     let line = match stdin {
         Some(s) => format!("{line} <<< {s:?}"),
@@ -339,12 +359,21 @@ impl Lab {
         Self::builder(a, b).build()
     }
 
-    /// A lab with more options (IPv6 per side, IPv6-only hosts); IPv4 only unless told.
+    /// As [`Lab::new`], but the router in front of `public` gets a WAN address outside the
+    /// reserved ranges (11.0.0.2 for A, 11.0.0.6 for B), as miniupnpd requires
+    /// ([`Lab::start_miniupnpd`]).
+    pub fn with_public_wan(a: NatKind, b: NatKind, public: Host) -> Result<Self, LabError> {
+        Self::builder(a, b).public_wan(public).build()
+    }
+
+    /// A lab with more options (IPv6 per side, IPv6-only hosts, a public WAN); IPv4 only and
+    /// TEST-NET WANs unless told.
     pub fn builder(a: NatKind, b: NatKind) -> LabBuilder {
         LabBuilder {
             kinds: [a, b],
             v6: [None, None],
             v4: [true, true],
+            public_wan: [false; 2],
         }
     }
 
@@ -407,8 +436,8 @@ impl Lab {
                 None,
             )?;
         }
-        let s = &SIDE_A;
-        let t = &SIDE_B;
+        let s = &self.side_at(0);
+        let t = &self.side_at(1);
         let mut inet = format!(
             "addr add {INET_SERVER_SIDE}/24 dev srv\naddr add {}/30 dev ra\naddr add {}/30 dev rb\n\
              link set srv up\nlink set ra up\nlink set rb up\n",
@@ -589,6 +618,15 @@ impl Lab {
         }
     }
 
+    /// Side `i`'s addresses, with the public WAN when asked for.
+    fn side_at(&self, i: usize) -> Side {
+        let mut side = if i == 0 { SIDE_A } else { SIDE_B };
+        if self.public_wan[i] {
+            (side.inet, side.wan) = PUBLIC_WAN[i];
+        }
+        side
+    }
+
     fn side(h: Host) -> Option<(&'static Side, usize)> {
         match h {
             Host::Server => None,
@@ -621,7 +659,7 @@ impl Lab {
         match Self::side(h) {
             None => SERVER_IP,
             Some((side, i)) if self.kinds[i].is_routed() => side.host,
-            Some((side, _)) => side.wan,
+            Some((_, i)) => self.side_at(i).wan,
         }
     }
 
@@ -631,7 +669,7 @@ impl Lab {
     pub fn inet_ip(&self, h: Host) -> Ipv4Addr {
         match Self::side(h) {
             None => INET_SERVER_SIDE,
-            Some((side, _)) => side.inet,
+            Some((_, i)) => self.side_at(i).inet,
         }
     }
 

@@ -76,7 +76,10 @@ impl NatKind {
     }
 
     fn ruleset_in(self, host: Ipv4Addr, wan: Ipv4Addr, family: &str) -> Option<String> {
+        // DNATed connections pass (`ct status dnat`): only a port mapping made on the router
+        // (miniupnpd in the lab) creates them on these kinds.
         const ESTABLISHED_ONLY: &str = "\t\tiifname \"wan\" ct state established,related accept\n\
+                                        \t\tiifname \"wan\" ct status dnat accept\n\
                                         \t\tiifname \"wan\" drop\n";
         let filter_chain = |hook: &str, drop_new: bool| {
             format!(
@@ -214,7 +217,14 @@ mod tests {
         assert_eq!(cone.matches("iifname \"wan\" drop").count(), 2);
         assert_eq!(rst.matches("iifname \"wan\" drop").count(), 1);
         let fw = NatKind::Fw.ruleset(h, w).unwrap();
-        assert!(!fw.contains("nat"));
+        assert!(!fw.contains("type nat"));
+        // DNATed connections (a port mapping on the router) pass every drop-new-inbound rule.
+        for r in [&cone, &rst, &sym, &fw] {
+            assert_eq!(
+                r.matches("iifname \"wan\" ct status dnat accept").count(),
+                r.matches("iifname \"wan\" drop").count()
+            );
+        }
         // In a lab with IPv6, the IPv4 rules leave IPv6 alone; IPv6 has its own.
         assert!(fw.starts_with("table inet ntl"));
         let fw4 = NatKind::Fw.ruleset_ipv4(h, w).unwrap();
