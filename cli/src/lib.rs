@@ -17,14 +17,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 
 use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
 use nettool_core::orchestrator::Event;
 use nettool_core::registry::{RegistryError, StrategyRegistry};
-use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
+use nettool_core::server::{ClusterConfig, RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::Strategy;
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
@@ -212,13 +212,26 @@ struct RendezvousArgs {
     /// STUN answers one source IP address gets in a burst (default 50).
     #[arg(long)]
     stun_burst: Option<u32>,
+    /// Share sessions with other rendezvous nodes through this Redis server, so the two
+    /// peers of a session may join through different nodes (each node answers STUN and
+    /// observe itself; a session's relay runs on its first peer's node). Limits stay per
+    /// node. Needs --public-addr. Example:
+    ///   nettool rendezvous --cluster redis://10.0.0.5:6379 --public-addr 203.0.113.7:8877
+    #[arg(long, value_name = "redis://HOST:PORT", verbatim_doc_comment)]
+    cluster: Option<String>,
+    /// With --cluster: the address peers reach this node at (told to peers of other nodes
+    /// whose relay runs here). Repeat once per address family (an IPv4 and an IPv6 one).
+    #[arg(long = "public-addr", value_name = "IP:PORT", requires = "cluster")]
+    public_addrs: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
 struct PeerArgs {
-    /// Rendezvous server, HOST:PORT (port defaults to 8877). Or `server` in the config.
-    #[arg(long)]
-    server: Option<String>,
+    /// Rendezvous server, HOST:PORT (port defaults to 8877). Repeat to give fallbacks: the
+    /// servers are tried in order and the first that answers is used (one line per server
+    /// tried). Or `server` in the config (a string, or a list).
+    #[arg(long = "server", value_name = "HOST:PORT")]
+    server: Vec<String>,
     /// Session name; the peer must use the same one. Or `session` in the config.
     #[arg(long)]
     session: Option<String>,
@@ -264,7 +277,9 @@ impl PeerArgs {
     /// The flags that override config values.
     fn overrides(&self, registry: &StrategyRegistry) -> Overrides {
         let mut o = Overrides::default();
-        o.set_opt("server", self.server.as_ref(), "--server");
+        if !self.server.is_empty() {
+            o.set("server", &self.server, "--server");
+        }
         o.set_opt("session", self.session.as_ref(), "--session");
         o.set_opt("secret", self.secret.as_ref(), "--secret");
         o.set_opt("server-token", self.server_token.as_ref(), "--server-token");
@@ -550,6 +565,10 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             o.set_opt("rendezvous.other-address", other, "--other-address");
             o.set_opt("rendezvous.stun-rate", r.stun_rate, "--stun-rate");
             o.set_opt("rendezvous.stun-burst", r.stun_burst, "--stun-burst");
+            o.set_opt("rendezvous.cluster", r.cluster.as_ref(), "--cluster");
+            if !r.public_addrs.is_empty() {
+                o.set("rendezvous.public-addr", &r.public_addrs, "--public-addr");
+            }
             rendezvous(args.legacy, load(o)?.settings).await
         }
         Command::Connect(args) => {
@@ -647,9 +666,31 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
         return legacy::serve(rv.listen).await;
     }
     let config = server_config(&rv);
-    let server = RendezvousServer::bind(rv.listen, config)
+    let mut server = RendezvousServer::bind(rv.listen, config)
         .await
         .with_context(|| format!("cannot listen on {}", rv.listen))?;
+    if let Some(url) = &rv.cluster {
+        let cluster = ClusterConfig {
+            redis_url: url.clone(),
+            public_addrs: rv.public_addr.clone(),
+        };
+        server = server
+            .join_cluster(&cluster)
+            .await
+            .map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))?;
+        eprintln!(
+            "nettool rendezvous: cluster node {} (sessions shared through {url}; peers of other \
+             nodes are sent to {})",
+            server.node_id().unwrap_or_default(),
+            rv.public_addr
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    } else if !rv.public_addr.is_empty() {
+        bail!("`rendezvous.public-addr` is only used with a cluster: give --cluster too");
+    }
     eprintln!(
         "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
         server.local_addr()?,
@@ -715,6 +756,65 @@ fn nat_cache(settings: &Settings) -> Option<nettool_core::nat_cache::NatCache> {
     ))
 }
 
+/// The rendezvous server to use: the only one given, or the first of several that answers
+/// (a TCP connect and an observe exchange within [`PROBE_TIMEOUT`]), with one line on stderr
+/// per server tried.
+async fn choose_server(servers: &[String]) -> Result<SocketAddr> {
+    match servers {
+        [] => bail!(
+            "no rendezvous server: give --server HOST:PORT (repeat it for fallbacks) or set \
+             `server` in the config"
+        ),
+        [one] => resolve_server(one).await,
+        many => {
+            let mut failures = Vec::new();
+            for server in many {
+                match probe_server(server).await {
+                    Ok(addr) => {
+                        eprintln!("nettool: server {server} ({addr}) answers; using it");
+                        return Ok(addr);
+                    }
+                    Err(e) => {
+                        let next = if failures.len() + 1 < many.len() {
+                            "trying the next"
+                        } else {
+                            "no more servers"
+                        };
+                        eprintln!("nettool: server {server}: {e:#}; {next}");
+                        failures.push(format!("{server}: {e:#}"));
+                    }
+                }
+            }
+            bail!("no rendezvous server answered ({})", failures.join("; "))
+        }
+    }
+}
+
+/// How long a server of a list has to answer before the next is tried.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The first address of `server` that accepts a connection and answers an observe request.
+async fn probe_server(server: &str) -> Result<SocketAddr> {
+    let mut last = None;
+    for addr in resolve_all(server).await? {
+        let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+        let answered = async {
+            let stream = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| anyhow!("no answer to a connect within {PROBE_TIMEOUT:?}"))??;
+            nettool_core::client::observe(stream, deadline)
+                .await
+                .map_err(anyhow::Error::new)
+        };
+        match answered.await {
+            Ok(_) => return Ok(addr),
+            Err(e) if addr.to_string() == server => last = Some(e),
+            Err(e) => last = Some(e.context(format!("at {addr}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no address")))
+}
+
 async fn resolve_server(server: &str) -> Result<SocketAddr> {
     let addrs = resolve_all(server).await?;
     Ok(addrs[0])
@@ -770,10 +870,7 @@ async fn connect(
     settings: Settings,
     configs: &[ConfiguredStrategy],
 ) -> Result<i32> {
-    let Some(server) = settings.server.as_deref() else {
-        bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
-    };
-    let server = resolve_server(server).await?;
+    let server = choose_server(&settings.server).await?;
     if args.legacy {
         return legacy::connect(server, args.hello, args.hello_count, settings.timeout).await;
     }
@@ -971,10 +1068,7 @@ async fn compare_cmd(
     settings: Settings,
     strategies: &[ConfiguredStrategy],
 ) -> Result<i32> {
-    let Some(server) = settings.server.as_deref() else {
-        bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
-    };
-    let server = resolve_server(server).await?;
+    let server = choose_server(&settings.server).await?;
     let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {
         bail!("no session: give --session NAME (not empty) or set `session` in the config");

@@ -74,6 +74,22 @@ pub struct Pairing {
     pub peer: SocketAddr,
     /// Token for attaching to the server's relay; `None` when the server does not relay.
     pub relay_token: Option<String>,
+    /// Where the relay runs when not on the server this peer joined through (another node
+    /// of a cluster; one address per family); empty = that server.
+    pub relay_addrs: Vec<SocketAddr>,
+}
+
+impl Pairing {
+    /// The address to attach to the relay at: the server itself (`server`), or the relay
+    /// node's address of the same family as `server` (else its first).
+    pub fn relay_addr(&self, server: SocketAddr) -> SocketAddr {
+        self.relay_addrs
+            .iter()
+            .find(|a| a.is_ipv4() == server.is_ipv4())
+            .or(self.relay_addrs.first())
+            .copied()
+            .unwrap_or(server)
+    }
 }
 
 /// How long the writer task may take to write one frame before it gives up on the server
@@ -209,6 +225,7 @@ impl RendezvousClient {
                     observed,
                     peer,
                     relay_token,
+                    relay_addrs,
                 }) => {
                     let client = Self {
                         conn,
@@ -225,6 +242,7 @@ impl RendezvousClient {
                         observed,
                         peer,
                         relay_token,
+                        relay_addrs,
                     };
                     return Ok((client, pairing));
                 }

@@ -145,6 +145,11 @@ pub enum ServerToClient {
         /// server does not relay.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         relay_token: Option<String>,
+        /// Where this pairing's relay runs when not on the server this peer joined through
+        /// (a cluster node pairing peers of two nodes: the relay runs on the first peer's
+        /// node, one address per family). Empty (and absent from the frame): this server.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        relay_addrs: Vec<SocketAddr>,
     },
     /// Answer to [`ClientToServer::Relay`]: both peers are attached. From here on the server
     /// sends relay frames (see [`crate::relay`]) and the client sends raw link bytes.

@@ -283,7 +283,7 @@ pub(crate) async fn run(
     settings: Settings,
     configs: &[ConfiguredStrategy],
 ) -> Result<i32> {
-    let peer_mode = args.peer.server.is_some();
+    let peer_mode = !args.peer.server.is_empty();
     let sections: Vec<Section> = if args.sections.is_empty() {
         if peer_mode {
             vec![Section::TimeToLink]
@@ -326,7 +326,7 @@ pub(crate) async fn run(
         ],
     };
     if peer_mode {
-        let server = crate::resolve_server(settings.server.as_deref().unwrap_or_default()).await?;
+        let server = crate::choose_server(&settings.server).await?;
         let session = settings.session.clone().unwrap_or_default();
         if session.is_empty() {
             bail!("no session: give --session NAME (the other peer gives the same)");
