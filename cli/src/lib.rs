@@ -13,7 +13,7 @@
 //! std::process::exit(nettool::run_with(registry));
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -220,8 +220,9 @@ struct RendezvousArgs {
     #[arg(long, value_name = "redis://HOST:PORT", verbatim_doc_comment)]
     cluster: Option<String>,
     /// With --cluster: the address peers reach this node at (told to peers of other nodes
-    /// whose relay runs here). Repeat once per address family (an IPv4 and an IPv6 one).
-    #[arg(long = "public-addr", value_name = "IP:PORT", requires = "cluster")]
+    /// whose relay runs here). Repeat once per address family (an IPv4 and an IPv6 one). An
+    /// IP alone (or port 0) means this node's listening port.
+    #[arg(long = "public-addr", value_name = "IP[:PORT]", requires = "cluster", value_parser = parse_public_addr)]
     public_addrs: Vec<SocketAddr>,
 }
 
@@ -682,7 +683,8 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
             "nettool rendezvous: cluster node {} (sessions shared through {url}; peers of other \
              nodes are sent to {})",
             server.node_id().unwrap_or_default(),
-            rv.public_addr
+            server
+                .public_addrs()
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
@@ -754,6 +756,13 @@ fn nat_cache(settings: &Settings) -> Option<nettool_core::nat_cache::NatCache> {
         path,
         Duration::from_secs(600),
     ))
+}
+
+/// `--public-addr`: `IP:PORT`, or an IP alone (port 0: the node's listening port).
+fn parse_public_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+        .map_err(|_| format!("'{s}' is not an IP address or IP:PORT (IPv6 with a port: [IP]:PORT)"))
 }
 
 /// The rendezvous server to use: the only one given, or the first of several that answers

@@ -591,12 +591,32 @@ impl RendezvousServer {
     /// Makes this server a node of a cluster that shares sessions through Redis: the two
     /// peers of a session may then join through different nodes (see the `cluster` module).
     /// Fails clearly when Redis cannot be reached or no public address is given.
+    ///
+    /// A public address with port 0 stands for this server's listening port.
     pub async fn join_cluster(mut self, config: &ClusterConfig) -> Result<Self, ClusterError> {
+        let mut config = config.clone();
+        if let Ok(local) = self.listener.local_addr() {
+            for a in &mut config.public_addrs {
+                if a.port() == 0 {
+                    a.set_port(local.port());
+                }
+            }
+        }
         let (cluster, inbox) =
-            cluster::Cluster::connect(config, self.shared.config.session_expiry).await?;
+            cluster::Cluster::connect(&config, self.shared.config.session_expiry).await?;
         let _ = self.shared.cluster.set(Arc::new(cluster));
         self.inbox = Some(inbox);
         Ok(self)
+    }
+
+    /// Where peers reach this node, as told to peers of other nodes (empty outside a
+    /// cluster).
+    pub fn public_addrs(&self) -> Vec<SocketAddr> {
+        self.shared
+            .cluster
+            .get()
+            .map(|c| c.public_addrs.clone())
+            .unwrap_or_default()
     }
 
     /// This node's id in its cluster (`None` outside a cluster).

@@ -41,7 +41,7 @@ pub struct ClusterConfig {
     /// The Redis server, `redis://HOST:PORT[/DB]`.
     pub redis_url: String,
     /// Addresses peers reach this node at (one per address family), told to the second peer
-    /// of a session whose relay runs here. At least one.
+    /// of a session whose relay runs here. At least one; port 0 = the listening port.
     pub public_addrs: Vec<SocketAddr>,
 }
 
