@@ -74,7 +74,7 @@ fn proc_rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// utime + stime of a process, seconds.
-fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+pub(super) fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start at the state (field 3).
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -228,7 +228,7 @@ async fn pairing_rate(total: u64, concurrency: usize, cores: usize) -> PairingRa
 /// TIME_WAIT behind (zero linger: closing sends a reset), or the benchmark would measure the
 /// kernel's search for a free ephemeral port instead of the server. The server does the same
 /// work either way.
-async fn raw_join(
+pub(super) async fn raw_join(
     server: SocketAddr,
     src: Option<Ipv4Addr>,
     session: String,
