@@ -482,3 +482,37 @@ pub async fn observe(
         None => Err(ClientError::Lost("server closed the connection".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairing(relay_addrs: &[&str]) -> Pairing {
+        Pairing {
+            role: Role::Second,
+            strategies: vec!["relay".into()],
+            pair_id: "p".into(),
+            observed: "127.0.0.1:1".parse().unwrap(),
+            peer: "127.0.0.1:2".parse().unwrap(),
+            relay_token: Some("t".into()),
+            relay_addrs: relay_addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    /// The relay is the server joined through unless the pairing names another node; then
+    /// its address of the same family, else its first.
+    #[test]
+    fn the_relay_address_follows_the_pairing() {
+        let v4: SocketAddr = "198.51.100.1:8877".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::9]:8877".parse().unwrap();
+        assert_eq!(pairing(&[]).relay_addr(v4), v4);
+        let both = pairing(&["[2001:db8::1]:8877", "192.0.2.1:8877"]);
+        assert_eq!(both.relay_addr(v4), "192.0.2.1:8877".parse().unwrap());
+        assert_eq!(both.relay_addr(v6), "[2001:db8::1]:8877".parse().unwrap());
+        let only_v6 = pairing(&["[2001:db8::1]:8877"]);
+        assert_eq!(
+            only_v6.relay_addr(v4),
+            "[2001:db8::1]:8877".parse().unwrap()
+        );
+    }
+}
