@@ -648,9 +648,9 @@ timeout = "3s"
         flags.set("server", ["d:1", "e:2"], "--server");
         let flagged = load(&p, Some("two"), flags).unwrap();
         assert_eq!(flagged.settings.server, ["d:1", "e:2"]);
-        let err = load(&p, Some("empty"), Overrides::default())
-            .err()
-            .expect("an empty server entry is refused");
+        let Err(err) = load(&p, Some("empty"), Overrides::default()) else {
+            panic!("an empty server entry is refused");
+        };
         assert!(err.to_string().contains("empty entry"), "{err}");
     }
 
