@@ -306,6 +306,36 @@ fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// Whether child `pid` has exited, without reaping it (`waitid(WNOWAIT)`), so that its
+/// /proc entry (a zombie's, holding the final CPU totals) stays readable until `Child::wait`.
+/// `block` waits for the exit.
+fn exited_unreaped(pid: u32, block: bool) -> std::io::Result<bool> {
+    let flags = libc::WEXITED | libc::WNOWAIT | if block { 0 } else { libc::WNOHANG };
+    loop {
+        // SAFETY: waitid fills `info`, a plain C struct, and reaps nothing (WNOWAIT).
+        let (rc, pid_seen) = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let rc = libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags);
+            (rc, info.si_pid())
+        };
+        if rc == 0 {
+            // With WNOHANG and no change, si_pid stays 0.
+            return Ok(pid_seen != 0);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// CPU seconds (user + system, all threads) a child used, read after it exited and before it
+/// is reaped.
+fn cpu_seconds_at_exit(pid: u32) -> Option<f64> {
+    exited_unreaped(pid, true).ok()?;
+    super::capacity::proc_cpu_seconds(pid)
+}
+
 /// The rendezvous server of this section, in its namespace.
 pub(crate) struct Server {
     child: Child,
@@ -342,6 +372,8 @@ pub(crate) struct Transfer {
     pub(crate) error: Option<String>,
     /// The transfer did not finish in time (a stall).
     pub(crate) stalled: bool,
+    /// CPU seconds (user + system) of A (the sender) and B, whole process lifetime.
+    pub(crate) cpu_seconds: [Option<f64>; 2],
 }
 
 /// What a transfer carries.
@@ -466,7 +498,8 @@ fn transfer(
     let mut stalled = false;
     for p in peers.iter_mut() {
         loop {
-            if p.child.try_wait()?.is_some() {
+            // Not `try_wait`: the exited child stays unreaped so its CPU time can be read.
+            if exited_unreaped(p.child.id(), false)? {
                 break;
             }
             if Instant::now() >= end {
@@ -480,10 +513,12 @@ fn transfer(
     let mut last_byte: Option<Instant> = None;
     let mut linked: Option<Instant> = None;
     let mut rss = 0;
-    for p in peers.iter_mut() {
+    let mut cpu_seconds = [None, None];
+    for (i, p) in peers.iter_mut().enumerate() {
         if stalled {
             let _ = p.child.kill();
         }
+        cpu_seconds[i] = cpu_seconds_at_exit(p.child.id());
         let status = p.child.wait()?;
         p.done.store(true, Ordering::Relaxed);
         rss = rss.max(p.hwm_kib.load(Ordering::Relaxed));
@@ -543,6 +578,7 @@ fn transfer(
         peak_rss_kib: rss,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
         stalled,
+        cpu_seconds,
     })
 }
 
@@ -594,6 +630,9 @@ pub(crate) struct CliPathRow {
     /// Largest peak RSS of either process over the runs, MB.
     pub(crate) peak_rss_mb: f64,
     pub(crate) rss_verdict: Verdict,
+    /// Median CPU seconds (user + system) per GiB carried, of the sender and the receiver:
+    /// steadier than wall time on a busy machine, and what a user's laptop pays.
+    pub(crate) cpu_s_per_gib: [Option<f64>; 2],
     pub(crate) error: Option<String>,
 }
 
@@ -688,6 +727,15 @@ pub(crate) fn run(
                 } else {
                     Verdict::of(rss_mb > 0.0 && rss_mb <= TARGET_RSS_MB)
                 },
+                cpu_s_per_gib: [0, 1].map(|i| {
+                    median(
+                        ts.iter()
+                            .filter(|t| t.seconds.is_some())
+                            .filter_map(|t| t.cpu_seconds[i])
+                            .map(|c| c * (1u64 << 30) as f64 / size as f64)
+                            .collect(),
+                    )
+                }),
                 error: ts.iter().find_map(|t| t.error.clone()),
             });
         }

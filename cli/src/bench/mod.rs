@@ -647,6 +647,7 @@ fn render(r: &BenchReport) -> String {
             "",
             "peak RSS",
             "≤ 32 MB",
+            "CPU s/GiB send/recv",
             "error",
         ]);
         for row in &c.rows {
@@ -665,6 +666,11 @@ fn render(r: &BenchReport) -> String {
                 row.verdict.as_str().into(),
                 format!("{:.1} MB", row.peak_rss_mb),
                 row.rss_verdict.as_str().into(),
+                format!(
+                    "{} / {}",
+                    opt(row.cpu_s_per_gib[0], 2, ""),
+                    opt(row.cpu_s_per_gib[1], 2, "")
+                ),
                 row.error.clone().unwrap_or_default(),
             ]);
         }

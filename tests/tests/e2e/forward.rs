@@ -26,7 +26,9 @@ pub(crate) fn wait_line(path: &Path, needle: &str, limit: Duration) -> String {
     let end = Instant::now() + limit;
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+        // Complete lines only: the writer may be halfway through the last one.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        if let Some(l) = complete.lines().find(|l| l.contains(needle)) {
             return l.to_owned();
         }
         assert!(

@@ -207,6 +207,18 @@ fn read_line(s: &mut TcpStream) -> String {
     }
 }
 
+/// Connects to the server from a port taken with an explicit bind (SO_REUSEADDR), as the
+/// original client does. An explicitly bound port is never handed to another process's
+/// `connect()` as its ephemeral port; a port picked by `connect()` can be, and a parallel
+/// test's connection on it made the later `listen` fail with "address in use".
+fn connect_from_bound_port(server: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    socket.connect(&server.into())?;
+    Ok(socket.into())
+}
+
 /// A loopback listener with SO_REUSEADDR, as the original client makes it.
 fn listen_reusing(port: u16) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -274,7 +286,7 @@ fn original_style_clients_talk_to_nettool_clients() {
         "told \"first\"",
         Duration::from_secs(10),
     );
-    let mut s = TcpStream::connect(server).unwrap();
+    let mut s = connect_from_bound_port(server).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let line = read_line(&mut s);
     let words: Vec<&str> = line.split(' ').collect();
@@ -285,9 +297,8 @@ fn original_style_clients_talk_to_nettool_clients() {
     s.read_to_end(&mut rest).unwrap(); // the server closes
     assert!(rest.iter().all(|b| *b == 0), "{rest:?}");
     drop(s);
-    // Listen as an original client does: SO_REUSEADDR, because the port may still be held by
-    // a TIME_WAIT socket (ours, or another test's connection that the kernel gave the same
-    // local port towards a different destination). Retry briefly for a socket still closing.
+    // Listen on the same port, as an original client does (SO_REUSEADDR); retry briefly while
+    // our side of the server connection is still closing.
     let bind_until = std::time::Instant::now() + Duration::from_secs(5);
     let listener = loop {
         match listen_reusing(own_port) {
