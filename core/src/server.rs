@@ -55,7 +55,8 @@ use tracing::{debug, info, warn, Instrument};
 mod cluster;
 mod stun_service;
 
-pub use cluster::{ClusterConfig, ClusterError, KEY_PREFIX};
+use cluster::SessionStore;
+pub use cluster::{ClusterConfig, ClusterError, MemoryCluster, KEY_PREFIX};
 
 use crate::protocol::{
     ClientToServer, FramedConn, RecvError, Role, ServerToClient, PROTOCOL_VERSION,
@@ -183,7 +184,7 @@ struct Shared {
     /// Per source IP address: open connections and the join token bucket.
     ips: Mutex<IpTable>,
     /// The cluster this node shares sessions with (unset: the in-process registry alone).
-    cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
+    cluster: std::sync::OnceLock<Arc<dyn SessionStore>>,
 }
 
 /// Per-source-address state.
@@ -453,7 +454,7 @@ struct Pair {
     strategies: Vec<String>,
     held_offers: Mutex<HashMap<String, (Role, serde_json::Value)>>,
     /// How to reach a peer on another node (set when one is).
-    cluster: Option<Arc<cluster::Cluster>>,
+    cluster: Option<Arc<dyn SessionStore>>,
 }
 
 /// Where one peer of a pair is connected.
@@ -593,7 +594,7 @@ impl RendezvousServer {
     /// Fails clearly when Redis cannot be reached or no public address is given.
     ///
     /// A public address with port 0 stands for this server's listening port.
-    pub async fn join_cluster(mut self, config: &ClusterConfig) -> Result<Self, ClusterError> {
+    pub async fn join_cluster(self, config: &ClusterConfig) -> Result<Self, ClusterError> {
         let mut config = config.clone();
         if let Ok(local) = self.listener.local_addr() {
             for a in &mut config.public_addrs {
@@ -602,11 +603,34 @@ impl RendezvousServer {
                 }
             }
         }
-        let (cluster, inbox) =
-            cluster::Cluster::connect(&config, self.shared.config.session_expiry).await?;
-        let _ = self.shared.cluster.set(Arc::new(cluster));
+        let (store, inbox) =
+            cluster::RedisStore::connect(&config, self.shared.config.session_expiry).await?;
+        Ok(self.with_store(Arc::new(store), inbox))
+    }
+
+    /// Makes this server a node of a [`MemoryCluster`]: sessions shared with the other
+    /// servers of this process that joined it, as through Redis (for tests of the cluster
+    /// logic). `public_addrs` as in [`ClusterConfig`] (port 0: the listening port).
+    pub fn join_memory_cluster(
+        self,
+        cluster: &MemoryCluster,
+        mut public_addrs: Vec<SocketAddr>,
+    ) -> Self {
+        if let Ok(local) = self.listener.local_addr() {
+            for a in &mut public_addrs {
+                if a.port() == 0 {
+                    a.set_port(local.port());
+                }
+            }
+        }
+        let (store, inbox) = cluster.node(public_addrs, self.shared.config.session_expiry);
+        self.with_store(Arc::new(store), inbox)
+    }
+
+    fn with_store(mut self, store: Arc<dyn SessionStore>, inbox: cluster::Inbox) -> Self {
+        let _ = self.shared.cluster.set(store);
         self.inbox = Some(inbox);
-        Ok(self)
+        self
     }
 
     /// Where peers reach this node, as told to peers of other nodes (empty outside a
@@ -615,13 +639,13 @@ impl RendezvousServer {
         self.shared
             .cluster
             .get()
-            .map(|c| c.public_addrs.clone())
+            .map(|c| c.public_addrs().to_vec())
             .unwrap_or_default()
     }
 
     /// This node's id in its cluster (`None` outside a cluster).
     pub fn node_id(&self) -> Option<String> {
-        self.shared.cluster.get().map(|c| c.node.clone())
+        self.shared.cluster.get().map(|c| c.node().to_owned())
     }
 
     /// A handle that reads the server's counters while it runs.
@@ -683,10 +707,8 @@ async fn serve_cluster(inbox: Option<cluster::Inbox>, shared: &Shared) {
         return;
     };
     loop {
-        while let Some(msg) = cluster::next(&mut inbox).await {
-            if let Some(msg) = cluster::decode(&msg) {
-                on_node_msg(shared, cluster, msg);
-            }
+        while let Some(msg) = inbox.next().await {
+            on_node_msg(shared, cluster, msg);
         }
         warn!("cluster: lost the subscription to this node's channel in Redis; resubscribing");
         loop {
@@ -703,7 +725,7 @@ async fn serve_cluster(inbox: Option<cluster::Inbox>, shared: &Shared) {
 }
 
 /// One message from another node (see `cluster::NodeMsg`).
-fn on_node_msg(shared: &Shared, cluster: &Arc<cluster::Cluster>, msg: cluster::NodeMsg) {
+fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg: cluster::NodeMsg) {
     use cluster::NodeMsg;
     match msg {
         NodeMsg::Pair {
@@ -787,13 +809,13 @@ fn on_node_msg(shared: &Shared, cluster: &Arc<cluster::Cluster>, msg: cluster::N
             let paired = NodeMsg::Paired {
                 session,
                 conn: from_conn,
-                from: cluster.node.clone(),
+                from: cluster.node().to_owned(),
                 from_conn: waiter.conn,
                 strategies: agreed,
                 pair_id,
                 peer: waiter.addr,
                 relay_token,
-                relay_addrs: cluster.public_addrs.clone(),
+                relay_addrs: cluster.public_addrs().to_vec(),
             };
             cluster.send(&from, &paired);
         }
@@ -1395,7 +1417,7 @@ fn release(shared: &Shared, session: &str, owned: Option<String>) {
 /// other node's answer, and the client is not told "waiting").
 async fn register(
     shared: &Shared,
-    cluster: &Arc<cluster::Cluster>,
+    cluster: &Arc<dyn SessionStore>,
     session: &str,
     conn: u64,
     addr: SocketAddr,
@@ -1435,7 +1457,7 @@ async fn register(
             let request = cluster::NodeMsg::Pair {
                 session: session.to_owned(),
                 conn: theirs,
-                from: cluster.node.clone(),
+                from: cluster.node().to_owned(),
                 from_conn: conn,
                 strategies,
                 addr,

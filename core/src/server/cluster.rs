@@ -1,9 +1,11 @@
 //! Sessions shared between rendezvous nodes through Redis (`nettool rendezvous --cluster`).
 //!
 //! Each node keeps its own connections, and with them its own session map (the in-process
-//! registry of `server.rs`, which stays the whole story without `--cluster`). Redis only holds
-//! what nodes must agree on, always under a TTL, so a node that dies leaves nothing behind for
-//! longer than that TTL:
+//! registry of `server.rs`, which stays the whole story without `--cluster`). What nodes must
+//! agree on goes through a [`SessionStore`]: [`RedisStore`] for deployments, or
+//! [`MemoryCluster`], which shares sessions between servers of one process (tests of the node
+//! logic without Redis). Both keep the same keys and semantics; Redis holds, always under a
+//! TTL, so a node that dies leaves nothing behind for longer than that TTL:
 //!
 //! - `nettool:session:<hash of the name>` = `W<node>:<conn>` while a first peer waits (TTL: the
 //!   session expiry plus a second), then `P<node>:<conn>` once paired (same TTL), so a third
@@ -24,6 +26,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -180,8 +186,87 @@ enum Op {
 /// Ops written in one pipeline at most.
 const BATCH: usize = 256;
 
-/// A node's handle on the cluster store.
-pub(super) struct Cluster {
+/// What a node needs from the engine that shares sessions between nodes: session keys (an
+/// atomic claim, compare and swap, a TTL on every write) and one ordered message channel per
+/// node.
+#[async_trait::async_trait]
+pub(super) trait SessionStore: Send + Sync + std::fmt::Debug {
+    /// This node's id (its channel).
+    fn node(&self) -> &str;
+
+    /// Where peers reach this node.
+    fn public_addrs(&self) -> &[SocketAddr];
+
+    /// Claims `session` for connection `conn` (see [`Claim`]).
+    async fn claim(&self, session: &str, conn: u64) -> Result<Claim, String>;
+
+    /// Sends `msg` to `node` now; `Ok(false)` when no node listens there (it is gone).
+    async fn send_now(&self, node: &str, msg: &NodeMsg) -> Result<bool, String>;
+
+    /// Queues `msg` for `node` (delivered in order with every other queued operation).
+    fn send(&self, node: &str, msg: &NodeMsg);
+
+    /// Queues: when `session`'s key holds `from`, set it to `to` (delete it when `None`).
+    fn swap(&self, session: &str, from: String, to: Option<String>);
+
+    /// As [`swap`](Self::swap), now; whether the key held `from`.
+    async fn swap_now(&self, session: &str, from: &str, to: &str) -> Result<bool, String>;
+
+    /// This node's channel again, after it ended (the connection to the store was lost).
+    async fn resubscribe(&self) -> Result<Inbox, String>;
+
+    /// This node's value for a waiting connection.
+    fn waiting_value(&self, conn: u64) -> String {
+        format!("W{}:{conn}", self.node())
+    }
+
+    /// This node's value for a paired connection.
+    fn paired_value(&self, conn: u64) -> String {
+        format!("P{}:{conn}", self.node())
+    }
+}
+
+/// What the other nodes send this one, in order.
+pub(super) struct Inbox(BoxStream<'static, NodeMsg>);
+
+impl Inbox {
+    /// The next message (`None`: the channel ended, e.g. the connection to Redis was lost).
+    pub(super) async fn next(&mut self) -> Option<NodeMsg> {
+        self.0.next().await
+    }
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inbox")
+    }
+}
+
+/// Parses a waiting value (`W<node>:<conn>`) into a [`Claim::Waiter`].
+fn waiter_claim(value: &str) -> Result<Claim, String> {
+    let parsed = value
+        .strip_prefix('W')
+        .and_then(|v| v.rsplit_once(':'))
+        .and_then(|(node, conn)| Some((node.to_owned(), conn.parse().ok()?)));
+    let Some((node, conn)) = parsed else {
+        return Err(format!("unexpected value in the cluster store: {value:?}"));
+    };
+    Ok(Claim::Waiter {
+        node,
+        conn,
+        value: value.to_owned(),
+    })
+}
+
+/// A new node's random id.
+fn new_node_id() -> String {
+    let mut id = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
+    hex::encode(id)
+}
+
+/// A node's handle on Redis.
+pub(super) struct RedisStore {
     /// This node's random id (its channel's name).
     pub(super) node: String,
     /// Where peers reach this node.
@@ -193,22 +278,13 @@ pub(super) struct Cluster {
     ttl: Duration,
 }
 
-impl std::fmt::Debug for Cluster {
+impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster")
+        f.debug_struct("RedisStore")
             .field("node", &self.node)
             .field("public_addrs", &self.public_addrs)
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
-    }
-}
-
-/// A node's subscription to its channel.
-pub(super) struct Inbox(redis::aio::PubSubStream);
-
-impl std::fmt::Debug for Inbox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Inbox")
     }
 }
 
@@ -226,7 +302,7 @@ fn node_channel(node: &str) -> String {
 /// How long a Redis request may take before the node gives up on it.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl Cluster {
+impl RedisStore {
     /// Connects to Redis, subscribes to this node's channel and starts the writer task.
     /// Session keys live `session_expiry` plus a second.
     pub(super) async fn connect(
@@ -261,9 +337,7 @@ impl Cluster {
             .await
             .map_err(|_| unreachable("no answer within 5s".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
-        let mut id = [0u8; 8];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
-        let node = hex::encode(id);
+        let node = new_node_id();
         let inbox = subscribe(&client, &node)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
@@ -282,19 +356,19 @@ impl Cluster {
             inbox,
         ))
     }
+}
 
-    /// This node's value for a waiting connection.
-    pub(super) fn waiting_value(&self, conn: u64) -> String {
-        format!("W{}:{conn}", self.node)
+#[async_trait::async_trait]
+impl SessionStore for RedisStore {
+    fn node(&self) -> &str {
+        &self.node
     }
 
-    /// This node's value for a paired connection.
-    pub(super) fn paired_value(&self, conn: u64) -> String {
-        format!("P{}:{conn}", self.node)
+    fn public_addrs(&self) -> &[SocketAddr] {
+        &self.public_addrs
     }
 
-    /// Claims `session` for connection `conn` (see [`Claim`]).
-    pub(super) async fn claim(&self, session: &str, conn: u64) -> Result<Claim, String> {
+    async fn claim(&self, session: &str, conn: u64) -> Result<Claim, String> {
         let mut c = self.conn.clone();
         let answer: String = within(
             redis::cmd("EVAL")
@@ -307,28 +381,14 @@ impl Cluster {
                 .query_async(&mut c),
         )
         .await?;
-        Ok(match answer.as_str() {
-            "wait" => Claim::Wait,
-            "paired" => Claim::Paired,
-            value => {
-                let parsed = value
-                    .strip_prefix('W')
-                    .and_then(|v| v.rsplit_once(':'))
-                    .and_then(|(node, conn)| Some((node.to_owned(), conn.parse().ok()?)));
-                let Some((node, conn)) = parsed else {
-                    return Err(format!("unexpected value in the cluster store: {value:?}"));
-                };
-                Claim::Waiter {
-                    node,
-                    conn,
-                    value: value.to_owned(),
-                }
-            }
-        })
+        match answer.as_str() {
+            "wait" => Ok(Claim::Wait),
+            "paired" => Ok(Claim::Paired),
+            value => waiter_claim(value),
+        }
     }
 
-    /// Sends `msg` to `node` now; `Ok(false)` when no node listens there (it is gone).
-    pub(super) async fn send_now(&self, node: &str, msg: &NodeMsg) -> Result<bool, String> {
+    async fn send_now(&self, node: &str, msg: &NodeMsg) -> Result<bool, String> {
         let mut c = self.conn.clone();
         let payload = serde_json::to_string(msg).map_err(|e| e.to_string())?;
         let receivers: i64 = within(
@@ -341,8 +401,7 @@ impl Cluster {
         Ok(receivers > 0)
     }
 
-    /// Queues `msg` for `node` (written in order with every other queued operation).
-    pub(super) fn send(&self, node: &str, msg: &NodeMsg) {
+    fn send(&self, node: &str, msg: &NodeMsg) {
         match serde_json::to_string(msg) {
             Ok(payload) => {
                 let _ = self.queue.send(Op::Publish {
@@ -354,8 +413,7 @@ impl Cluster {
         }
     }
 
-    /// Queues: when `session`'s key holds `from`, set it to `to` (delete it when `None`).
-    pub(super) fn swap(&self, session: &str, from: String, to: Option<String>) {
+    fn swap(&self, session: &str, from: String, to: Option<String>) {
         let _ = self.queue.send(Op::Swap {
             key: session_key(session),
             from,
@@ -363,13 +421,7 @@ impl Cluster {
         });
     }
 
-    /// As [`swap`](Self::swap), now; whether the key held `from`.
-    pub(super) async fn swap_now(
-        &self,
-        session: &str,
-        from: &str,
-        to: &str,
-    ) -> Result<bool, String> {
+    async fn swap_now(&self, session: &str, from: &str, to: &str) -> Result<bool, String> {
         let mut c = self.conn.clone();
         let done: i64 = within(
             redis::cmd("EVAL")
@@ -385,16 +437,15 @@ impl Cluster {
         Ok(done == 1)
     }
 
-    /// Subscribes again after the subscription was lost (Redis restarted, connection cut).
-    pub(super) async fn resubscribe(&self) -> Result<Inbox, String> {
+    async fn resubscribe(&self) -> Result<Inbox, String> {
         subscribe(&self.client, &self.node)
             .await
             .map_err(|e| e.to_string())
     }
 }
 
-/// Decodes a message from another node.
-pub(super) fn decode(msg: &redis::Msg) -> Option<NodeMsg> {
+/// Decodes a message from another node (a malformed one is logged and skipped).
+fn decode(msg: &redis::Msg) -> Option<NodeMsg> {
     match serde_json::from_slice(msg.get_payload_bytes()) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -404,17 +455,17 @@ pub(super) fn decode(msg: &redis::Msg) -> Option<NodeMsg> {
     }
 }
 
-/// The next message of the inbox (`None`: the subscription ended).
-pub(super) async fn next(inbox: &mut Inbox) -> Option<redis::Msg> {
-    inbox.0.next().await
-}
-
 async fn subscribe(client: &redis::Client, node: &str) -> redis::RedisResult<Inbox> {
     let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| redis::RedisError::from((redis::ErrorKind::IoError, "timed out")))??;
     pubsub.subscribe(node_channel(node)).await?;
-    Ok(Inbox(pubsub.into_on_message()))
+    Ok(Inbox(
+        pubsub
+            .into_on_message()
+            .filter_map(|m| std::future::ready(decode(&m)))
+            .boxed(),
+    ))
 }
 
 fn ttl_ms(ttl: Duration) -> u64 {
@@ -460,5 +511,179 @@ async fn write_ops(
         if let Err(e) = within(pipe.query_async::<()>(&mut conn)).await {
             warn!("cluster: writing to Redis failed (messages to other nodes lost): {e}");
         }
+    }
+}
+
+/// Sessions shared between rendezvous servers of one process, with the semantics of the
+/// Redis store (claim, compare and swap, TTL, a channel per node; a message to a server that
+/// is gone reaches nobody): the cluster logic without Redis, for tests. Cloning shares it.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryCluster(Arc<Mutex<MemoryState>>);
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    /// Session key: value and when it expires.
+    keys: HashMap<String, (String, tokio::time::Instant)>,
+    /// Node id: its channel.
+    nodes: HashMap<String, mpsc::UnboundedSender<NodeMsg>>,
+}
+
+impl MemoryState {
+    fn get(&mut self, key: &str) -> Option<&String> {
+        let now = tokio::time::Instant::now();
+        if self.keys.get(key).is_some_and(|(_, exp)| *exp <= now) {
+            self.keys.remove(key);
+        }
+        self.keys.get(key).map(|(v, _)| v)
+    }
+}
+
+impl MemoryCluster {
+    /// A new, empty cluster.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The values of the session keys that have not expired (`W<node>:<conn>` waiting,
+    /// `P<node>:<conn>` paired).
+    pub fn session_values(&self) -> Vec<String> {
+        let now = tokio::time::Instant::now();
+        let state = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state
+            .keys
+            .values()
+            .filter(|(_, exp)| *exp > now)
+            .map(|(v, _)| v.clone())
+            .collect()
+    }
+
+    /// A node's store and its inbox.
+    pub(super) fn node(
+        &self,
+        public_addrs: Vec<SocketAddr>,
+        session_expiry: Duration,
+    ) -> (MemoryStore, Inbox) {
+        let node = new_node_id();
+        let inbox = self.subscribe(&node);
+        (
+            MemoryStore {
+                node,
+                public_addrs,
+                cluster: self.clone(),
+                ttl: session_expiry + Duration::from_secs(1),
+            },
+            inbox,
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn subscribe(&self, node: &str) -> Inbox {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().nodes.insert(node.to_owned(), tx);
+        Inbox(
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+                .boxed(),
+        )
+    }
+
+    fn deliver(&self, node: &str, msg: &NodeMsg) -> bool {
+        let mut state = self.lock();
+        match state.nodes.get(node) {
+            Some(tx) if tx.send(msg.clone()).is_ok() => true,
+            Some(_) => {
+                state.nodes.remove(node);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn swap(&self, session: &str, from: &str, to: &str, ttl: Duration) -> bool {
+        let key = session_key(session);
+        let mut state = self.lock();
+        if state.get(&key).map(String::as_str) != Some(from) {
+            return false;
+        }
+        if to.is_empty() {
+            state.keys.remove(&key);
+        } else {
+            let expires = tokio::time::Instant::now() + ttl;
+            state.keys.insert(key, (to.to_owned(), expires));
+        }
+        true
+    }
+}
+
+/// A node's handle on a [`MemoryCluster`]; the node's channel closes when it is dropped (the
+/// server stopped), as a dead node's subscription does.
+#[derive(Debug)]
+pub(super) struct MemoryStore {
+    node: String,
+    public_addrs: Vec<SocketAddr>,
+    cluster: MemoryCluster,
+    ttl: Duration,
+}
+
+impl Drop for MemoryStore {
+    fn drop(&mut self) {
+        self.cluster.lock().nodes.remove(&self.node);
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for MemoryStore {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn public_addrs(&self) -> &[SocketAddr] {
+        &self.public_addrs
+    }
+
+    async fn claim(&self, session: &str, conn: u64) -> Result<Claim, String> {
+        let key = session_key(session);
+        let expires = tokio::time::Instant::now() + self.ttl;
+        let mut state = self.cluster.lock();
+        match state.get(&key).cloned() {
+            None => {
+                state.keys.insert(key, (self.waiting_value(conn), expires));
+                Ok(Claim::Wait)
+            }
+            Some(v) if v.starts_with('W') => {
+                state.keys.insert(key, (self.paired_value(conn), expires));
+                drop(state);
+                waiter_claim(&v)
+            }
+            Some(_) => Ok(Claim::Paired),
+        }
+    }
+
+    async fn send_now(&self, node: &str, msg: &NodeMsg) -> Result<bool, String> {
+        Ok(self.cluster.deliver(node, msg))
+    }
+
+    fn send(&self, node: &str, msg: &NodeMsg) {
+        self.cluster.deliver(node, msg);
+    }
+
+    fn swap(&self, session: &str, from: String, to: Option<String>) {
+        self.cluster
+            .swap(session, &from, to.as_deref().unwrap_or(""), self.ttl);
+    }
+
+    async fn swap_now(&self, session: &str, from: &str, to: &str) -> Result<bool, String> {
+        Ok(self.cluster.swap(session, from, to, self.ttl))
+    }
+
+    async fn resubscribe(&self) -> Result<Inbox, String> {
+        Ok(self.cluster.subscribe(&self.node))
     }
 }
