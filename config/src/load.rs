@@ -760,9 +760,21 @@ timeout = "3s"
             "limits.toml",
             "[default]\nserver-token = \"c\"\n[default.rendezvous]\nmax-conns-per-ip = 8\n\
              max-sessions = 1000\nidle-timeout = \"30s\"\njoin-rate = 5\njoin-burst = 10\n\
-             server-token = \"s\"\n",
+             server-token = \"s\"\ncluster = \"redis://10.0.0.5:6379\"\n\
+             public-addr = [\"203.0.113.7:8877\", \"[2001:db8::7]:0\"]\n",
         );
         let s = load(&p, None, Overrides::default()).unwrap().settings;
+        assert_eq!(
+            s.rendezvous.cluster.as_deref(),
+            Some("redis://10.0.0.5:6379")
+        );
+        assert_eq!(
+            s.rendezvous.public_addr,
+            [
+                "203.0.113.7:8877".parse::<std::net::SocketAddr>().unwrap(),
+                "[2001:db8::7]:0".parse().unwrap()
+            ]
+        );
         assert_eq!(s.server_token.as_deref(), Some("c"));
         let rv = s.rendezvous;
         assert_eq!(
