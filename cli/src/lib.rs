@@ -23,6 +23,7 @@ use std::io::IsTerminal;
 
 use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
 use nettool_core::orchestrator::Event;
+use nettool_core::portmap::PortMapper;
 use nettool_core::registry::{RegistryError, StrategyRegistry};
 use nettool_core::server::{ClusterConfig, RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::Strategy;
@@ -337,6 +338,18 @@ struct ConnectArgs {
     /// Write the JSON report of the connect to this file (also when no link was made).
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Ask this network's gateway to map the ports of udp-quic and tcp-direct (UPnP-IGD,
+    /// NAT-PMP, PCP), so a peer behind any NAT reaches them; the mappings are renewed while
+    /// the link lasts and deleted when it ends (also on SIGINT, SIGTERM, SIGHUP). Use it
+    /// behind a home router with UPnP or NAT-PMP on, when both sides are behind NATs that
+    /// map per destination (otherwise only the relay links). Off by default: nothing is
+    /// sent to the gateway. Also `[default.portmap] enabled = true` or a profile.
+    #[arg(long)]
+    portmap: bool,
+    /// With port mapping on: a protocol to use (repeat for an order of preference; default
+    /// upnp, nat-pmp, pcp). Also `portmap.protocols` in the config.
+    #[arg(long = "portmap-protocol", value_name = "upnp|nat-pmp|pcp")]
+    portmap_protocols: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -588,7 +601,18 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             rendezvous(args.legacy, load(o)?.settings).await
         }
         Command::Connect(args) => {
-            let loaded = load(args.peer.overrides(registry))?;
+            let mut o = args.peer.overrides(registry);
+            if args.portmap {
+                o.set("portmap.enabled", true, "--portmap");
+            }
+            if !args.portmap_protocols.is_empty() {
+                o.set(
+                    "portmap.protocols",
+                    &args.portmap_protocols,
+                    "--portmap-protocol",
+                );
+            }
+            let loaded = load(o)?;
             let strategies = build_strategies(&loaded, registry)?;
             connect(args, loaded.settings, &strategies).await
         }
@@ -908,15 +932,39 @@ async fn connect(
              so anyone who knows the name can pass as the peer"
         );
     }
+    // Port mapping only when asked for: otherwise no mapper exists and nothing is sent.
+    let mapper = settings
+        .portmap
+        .enabled
+        .then(|| PortMapper::new(settings.portmap.settings()));
     let orch = orchestrator(configs, settings.timeout)
         .with_server_token(settings.server_token.clone())
         .with_plan(settings.plan)
-        .with_nat_cache(nat_cache(&settings));
+        .with_nat_cache(nat_cache(&settings))
+        .with_portmap(mapper.clone());
     let params = ConnectParams {
         server,
         session,
         secret: settings.secret.clone(),
     };
+    let code = connect_linked(orch, args, params).await;
+    // However the link ended (done, signal, no link, error): delete the gateway's mappings.
+    if let Some(m) = mapper {
+        let live = m.mapped().len();
+        if live > 0 {
+            let deleted = m.release_all().await;
+            eprintln!("nettool: port mappings deleted: {deleted} of {live}");
+        }
+    }
+    code
+}
+
+/// `connect` once the orchestrator is built: link, then pump or say hello; the exit code.
+async fn connect_linked(
+    orch: Orchestrator,
+    args: ConnectArgs,
+    params: ConnectParams,
+) -> Result<i32> {
     let quiet = !std::io::stderr().is_terminal();
     let mut stop = pump::signals().context("installing signal handlers")?;
     let show = |e| {
@@ -935,6 +983,12 @@ async fn connect(
         }
     };
     let mut report = report;
+    if let Some(pm) = &report.port_mapping {
+        eprintln!("nettool: port mapping: {}", pm.discovery.summary());
+        for m in &pm.mapped {
+            eprintln!("nettool: port mapped: {m}");
+        }
+    }
     if let Some(l) = &link {
         report.data_path = Some(if l.strategy == "udp-quic" {
             "QUIC (quinn, userspace crypto)".to_owned()

@@ -29,6 +29,18 @@ pub(crate) struct NetcheckArgs {
     /// Skip the TCP mapping test (observe connections).
     #[arg(long)]
     no_tcp: bool,
+    /// Also ask the gateway which port mapping protocols it answers (UPnP-IGD by SSDP,
+    /// NAT-PMP and PCP on UDP 5351 of the default gateway; within --timeout, nothing is
+    /// mapped). Without it nothing is sent to the gateway.
+    #[arg(long)]
+    portmap: bool,
+    /// With --portmap: a protocol to ask (repeatable; default all three).
+    #[arg(
+        long = "portmap-protocol",
+        value_name = "upnp|nat-pmp|pcp",
+        requires = "portmap"
+    )]
+    portmap_protocols: Vec<nettool_core::portmap::Protocol>,
 }
 
 /// Runs netcheck; exit status 0 when at least one family was measured.
@@ -38,7 +50,28 @@ pub(crate) async fn run(args: NetcheckArgs) -> Result<i32> {
         test_timeout: args.timeout,
         tcp: !args.no_tcp,
     };
-    let (report, errors) = discover_all(&addrs, &opts).await;
+    let gateway = async {
+        if !args.portmap {
+            return None;
+        }
+        let mut settings = nettool_core::portmap::Settings {
+            timeout: args.timeout,
+            ..Default::default()
+        };
+        if !args.portmap_protocols.is_empty() {
+            settings.protocols = args.portmap_protocols.clone();
+        }
+        Some(
+            nettool_core::portmap::PortMapper::new(settings)
+                .discover()
+                .await,
+        )
+    };
+    let ((mut report, errors), gateway) = tokio::join!(discover_all(&addrs, &opts), gateway);
+    if let Some(g) = gateway {
+        report.port_mapping = g.answered.iter().map(|p| p.name().to_owned()).collect();
+        report.port_mapping_probe = Some(g);
+    }
     for e in &errors {
         eprintln!("nettool netcheck: {e}");
     }
@@ -110,10 +143,9 @@ fn table(report: &NetReport) -> String {
     for (name, [v4, v6]) in rows {
         t.add_row([name.to_owned(), v4, v6]);
     }
-    let mapping_protocols = if report.port_mapping.is_empty() {
-        "not probed".to_owned()
-    } else {
-        report.port_mapping.join(", ")
+    let mapping_protocols = match &report.port_mapping_probe {
+        None => "not probed (--portmap asks the gateway)".to_owned(),
+        Some(probe) => probe.summary(),
     };
     format!("{t}\nport mapping: {mapping_protocols}\n")
 }

@@ -14,6 +14,82 @@ mod load;
 
 pub use load::{ConfigError, LoadOptions, Loaded, Overrides, Settings, Source};
 
+/// Port mapping on the local gateway (UPnP-IGD, NAT-PMP, PCP): `[default.portmap]`.
+///
+/// Off by default: with `enabled = false` nettool sends nothing to the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PortmapConfig {
+    /// Ask the gateway to map the ports of udp-quic and tcp-direct (`connect --portmap`; the
+    /// other commands never map).
+    pub enabled: bool,
+    /// Protocols to use, in order of preference: `upnp`, `nat-pmp`, `pcp`.
+    #[serde(deserialize_with = "protocol_list")]
+    pub protocols: Vec<nettool_portmap::Protocol>,
+    /// How long gateway discovery waits for answers (all protocols at once).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The lease asked for each mapping (renewed at half of it while the link lasts).
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for PortmapConfig {
+    fn default() -> Self {
+        let d = nettool_portmap::Settings::default();
+        Self {
+            enabled: false,
+            protocols: d.protocols,
+            timeout: d.timeout,
+            lease: d.lease,
+        }
+    }
+}
+
+impl PortmapConfig {
+    /// The mapper's settings.
+    pub fn settings(&self) -> nettool_portmap::Settings {
+        nettool_portmap::Settings {
+            protocols: self.protocols.clone(),
+            timeout: self.timeout,
+            lease: self.lease,
+        }
+    }
+}
+
+/// Accepts a list of protocol names or one comma-separated string (handy in the environment);
+/// not empty, no repeats.
+fn protocol_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<nettool_portmap::Protocol>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        One(String),
+    }
+    let names = match Raw::deserialize(d)? {
+        Raw::List(v) => v,
+        Raw::One(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let p: nettool_portmap::Protocol = name.parse().map_err(serde::de::Error::custom)?;
+        if out.contains(&p) {
+            return Err(serde::de::Error::custom(format!(
+                "port mapping protocol {name:?} is listed twice"
+            )));
+        }
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(serde::de::Error::custom(
+            "the port mapping protocol list is empty (give upnp, nat-pmp and/or pcp, or set enabled = false)",
+        ));
+    }
+    Ok(out)
+}
+
 /// Settings of the rendezvous server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]

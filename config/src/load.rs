@@ -22,7 +22,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
-use crate::RendezvousConfig;
+use crate::{PortmapConfig, RendezvousConfig};
 
 /// Where the per-strategy tables used to be (before `[strategy.NAME]`); named in the error
 /// that says where they moved.
@@ -67,6 +67,8 @@ pub struct Settings {
     pub strategy: BTreeMap<String, serde_json::Value>,
     /// Rendezvous server settings.
     pub rendezvous: RendezvousConfig,
+    /// Port mapping on the local gateway (off by default).
+    pub portmap: PortmapConfig,
 }
 
 impl Default for Settings {
@@ -82,6 +84,7 @@ impl Default for Settings {
             nat_cache: true,
             strategy: BTreeMap::new(),
             rendezvous: RendezvousConfig::default(),
+            portmap: PortmapConfig::default(),
         }
     }
 }
@@ -327,6 +330,7 @@ const TOP_LEVEL: &[&str] = &[
     "nat-cache",
     "strategy",
     "rendezvous",
+    "portmap",
     // Moved to `strategy.*`: still read, to say where they went.
     "tcp-punch",
     "udp-quic",
@@ -804,12 +808,57 @@ timeout = "3s"
         );
     }
 
+    fn default_portmap_enabled(p: &Path) -> bool {
+        load(p, None, Overrides::default())
+            .unwrap()
+            .settings
+            .portmap
+            .enabled
+    }
+
+    #[test]
+    fn portmap_is_off_by_default_and_profiles_turn_it_on() {
+        use nettool_portmap::Protocol;
+        let p = write(
+            "portmap.toml",
+            "[profile.home.portmap]\nenabled = true\nprotocols = [\"pcp\", \"upnp\"]\n",
+        );
+        let s = load(&p, None, Overrides::default()).unwrap().settings;
+        assert!(!s.portmap.enabled);
+        assert_eq!(s.portmap.protocols, Protocol::ALL);
+        let home = load(&p, Some("home"), Overrides::default())
+            .unwrap()
+            .settings;
+        assert!(home.portmap.enabled);
+        assert_eq!(home.portmap.protocols, [Protocol::Pcp, Protocol::Upnp]);
+        for (name, body, want) in [
+            (
+                "pm1.toml",
+                "protocols = [\"natpmp\"]",
+                "unknown port mapping protocol \"natpmp\"",
+            ),
+            ("pm2.toml", "protocols = []", "protocol list is empty"),
+            ("pm3.toml", "protocols = [\"pcp\", \"pcp\"]", "listed twice"),
+            ("pm4.toml", "enable = true", "enable"),
+        ] {
+            let p = write(name, &format!("[default.portmap]\n{body}\n"));
+            let err = load(&p, None, Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want) && err.contains("portmap"), "{err}");
+        }
+    }
+
     #[test]
     fn the_example_config_loads() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nettool.example.toml");
-        for profile in [None, Some("office"), Some("hotspot")] {
+        for profile in [None, Some("office"), Some("hotspot"), Some("home")] {
             load(&p, profile, Overrides::default()).unwrap();
         }
+        // Port mapping: off unless a profile (here `home`) turns it on.
+        let home = load(&p, Some("home"), Overrides::default()).unwrap();
+        assert!(home.settings.portmap.enabled);
+        assert!(!default_portmap_enabled(&p));
         let office = load(&p, Some("office"), Overrides::default()).unwrap();
         assert_eq!(
             strategy_key(&office.settings, "tcp-direct", "listen-port"),

@@ -4,6 +4,12 @@
 //! addresses in it are untrusted input: [`peer_candidates`] keeps only addresses this peer may
 //! send to, so a forged offer can neither make it send to a third party nor open unbounded
 //! sockets. Every strategy, built-in or plugin, filters the peer's candidates through it.
+//!
+//! A port mapped on the peer's gateway (UPnP-IGD, NAT-PMP, PCP) needs no exception: the
+//! gateway's external address is the address the server observed for the peer whenever the
+//! mapping is any use (a gateway behind another NAT maps an address nobody outside reaches),
+//! and any port of the observed address is accepted. A "mapped" address elsewhere is dropped
+//! like any third party, so advertising mappings opens no way to aim us at other hosts.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -150,6 +156,22 @@ mod tests {
             peer_candidates(&offered, observed, server),
             vec![sa("198.51.100.2:4000")]
         );
+    }
+
+    #[test]
+    fn a_mapped_port_counts_only_at_the_observed_address() {
+        let observed: IpAddr = "11.0.0.6".parse().unwrap();
+        let server = sa("203.0.113.10:8877");
+        // The gateway's mapping (any port of the observed address) comes first and stays.
+        let offered = [
+            sa("11.0.0.6:35190"),
+            sa("11.0.0.6:41000"),
+            sa("10.0.2.2:41000"),
+        ];
+        assert_eq!(peer_candidates(&offered, observed, server), offered);
+        // A "mapping" on another public address is a third party.
+        let forged = [sa("11.0.0.7:35190"), sa("203.0.113.10:8877")];
+        assert!(peer_candidates(&forged, observed, server).is_empty());
     }
 
     #[test]

@@ -94,9 +94,13 @@ pub struct NetReport {
     pub ipv4: Option<FamilyReport>,
     /// IPv6 (`null` when the server has no IPv6 address or did not answer over IPv6).
     pub ipv6: Option<FamilyReport>,
-    /// Port-mapping protocols the gateway offers (UPnP IGD, NAT-PMP, PCP). Not probed yet:
-    /// always empty.
+    /// Port-mapping protocols the gateway answered (`upnp`, `nat-pmp`, `pcp`); empty when
+    /// none did or the gateway was not asked (see `port_mapping_probe`).
     pub port_mapping: Vec<String>,
+    /// The gateway probe (`netcheck --portmap`): protocols tried and answered, the gateway,
+    /// its external address, why the others did not answer; null when not asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mapping_probe: Option<nettool_portmap::Discovery>,
     /// The smallest round trip to the server over any family, in milliseconds.
     pub server_rtt_ms: Option<f64>,
 }
@@ -540,6 +544,7 @@ pub async fn discover_all(
             ipv4,
             ipv6,
             port_mapping: Vec::new(),
+            port_mapping_probe: None,
             server_rtt_ms,
         },
         errors,
@@ -595,6 +600,7 @@ mod tests {
             }),
             ipv6: None,
             port_mapping: Vec::new(),
+            port_mapping_probe: None,
             server_rtt_ms: Some(1.5),
         };
         let json = serde_json::to_string(&report).unwrap();

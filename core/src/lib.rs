@@ -44,8 +44,9 @@ pub mod stun;
 
 pub use client::{ClientError, Pairing, RendezvousClient};
 pub use handshake::{HandshakeError, LinkKey};
+pub use nettool_portmap as portmap;
 pub use orchestrator::{ConnectParams, Orchestrator};
 pub use protocol::Role;
 pub use registry::{StrategyFactory, StrategyRegistry};
-pub use report::{AttemptReport, Outcome, Report};
+pub use report::{AttemptReport, Outcome, PortMapReport, Report};
 pub use strategy::{Attempt, Link, LinkStream, LinkStreams, MultiStream, Strategy, StrategyError};

@@ -138,6 +138,7 @@ mod tests {
             udp_mapping: Mapping::EndpointIndependent,
             udp_filtering: Filtering::AddressAndPortDependent,
             tcp_mapping: Mapping::EndpointIndependent,
+            port_mapping: false,
         };
         let server: SocketAddr = "203.0.113.10:8877".parse().unwrap();
         let here = NatCache::key(

@@ -24,8 +24,9 @@ use crate::handshake::LinkKey;
 use crate::nat_cache::{default_gateway, NatCache};
 use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
 use crate::protocol::{Role, PLAN_OFFER};
-use crate::report::{AttemptReport, NatPair, Outcome, Report};
+use crate::report::{AttemptReport, NatPair, Outcome, PortMapReport, Report};
 use crate::strategy::{Attempt, AttemptNotes, Link, Offers, Strategy, StrategyError};
+use nettool_portmap::PortMapper;
 
 /// What the orchestrator reports while it works (for progress output).
 #[derive(Debug, Clone)]
@@ -68,6 +69,7 @@ pub struct Orchestrator {
     plan: bool,
     nat_cache: Option<NatCache>,
     server_token: Option<String>,
+    portmap: Option<PortMapper>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -100,6 +102,7 @@ impl Orchestrator {
             plan: true,
             nat_cache: None,
             server_token: None,
+            portmap: None,
         }
     }
 
@@ -120,6 +123,15 @@ impl Orchestrator {
     /// Gives `token` in the join, for a rendezvous server that requires a server token.
     pub fn with_server_token(mut self, token: Option<String>) -> Self {
         self.server_token = token;
+        self
+    }
+
+    /// Maps the strategies' ports on the gateway with `mapper` (off, and silent, by default):
+    /// discovery runs while joining, the plan counts a gateway that answered as making
+    /// udp-quic and tcp-direct feasible, and the mappings of failed attempts are deleted.
+    /// The caller keeps a clone and calls [`PortMapper::release_all`] when the link ends.
+    pub fn with_portmap(mut self, mapper: Option<PortMapper>) -> Self {
+        self.portmap = mapper;
         self
     }
 
@@ -156,6 +168,7 @@ impl Orchestrator {
                 error: None,
                 nat: None,
                 data_path: None,
+                port_mapping: None,
             },
             agreed: Vec::new(),
             current: None,
@@ -267,7 +280,23 @@ impl Orchestrator {
                 Err(_) => None,
             }
         };
-        let (joined, mine) = tokio::join!(join, discovery);
+        // Ask the gateway (only with port mapping on) while joining: bounded by its timeout.
+        let gateway = async {
+            match &self.portmap {
+                Some(m) => Some(m.discover().await),
+                None => None,
+            }
+        };
+        let (joined, mut mine, gateway) = tokio::join!(join, discovery, gateway);
+        if let Some(found) = gateway {
+            if let Some(nat) = mine.as_mut() {
+                nat.port_mapping = !found.answered.is_empty();
+            }
+            state.report.port_mapping = Some(PortMapReport {
+                discovery: found,
+                mapped: Vec::new(),
+            });
+        }
         let (mut client, pairing) = match joined {
             Ok(x) => x,
             Err(e) => {
@@ -380,6 +409,7 @@ impl Orchestrator {
                 deadline: attempt_deadline,
                 nat,
                 notes: &mut notes,
+                portmap: self.portmap.as_ref().filter(|m| m.available()),
             };
             let span = info_span!("attempt", strategy = %name);
             let res = tokio::time::timeout_at(
@@ -438,6 +468,16 @@ impl Orchestrator {
             state.current = None;
             events(Event::AttemptFinished(entry.clone()));
             state.report.attempts.push(entry);
+            if let Some(m) = &self.portmap {
+                if outcome == Outcome::Connected {
+                    if let Some(r) = state.report.port_mapping.as_mut() {
+                        r.mapped = m.mapped();
+                    }
+                } else {
+                    // The attempt's sockets are gone: so must their mappings be.
+                    m.release_all().await;
+                }
+            }
             if outcome == Outcome::Connected {
                 let l = got.expect("connected implies a link");
                 state.report.strategy = Some(name.clone());

@@ -35,6 +35,11 @@ pub struct NatSummary {
     pub udp_filtering: Filtering,
     /// TCP mapping behaviour.
     pub tcp_mapping: Mapping,
+    /// Whether this peer's gateway maps ports on request (UPnP-IGD, NAT-PMP or PCP; only
+    /// known with port mapping on): its listener and UDP socket are then reachable from
+    /// anywhere, whatever the NAT's own mapping and filtering.
+    #[serde(default)]
+    pub port_mapping: bool,
 }
 
 impl NatSummary {
@@ -43,6 +48,7 @@ impl NatSummary {
         udp_mapping: Mapping::Unknown,
         udp_filtering: Filtering::Unknown,
         tcp_mapping: Mapping::Unknown,
+        port_mapping: false,
     };
 }
 
@@ -52,6 +58,7 @@ impl From<&FamilyReport> for NatSummary {
             udp_mapping: r.udp_mapping,
             udp_filtering: r.udp_filtering,
             tcp_mapping: r.tcp_mapping,
+            port_mapping: false,
         }
     }
 }
@@ -111,10 +118,16 @@ pub fn feasible(
     peer: &NatSummary,
     punches_hard_nats: bool,
 ) -> Result<(), String> {
+    // A port mapped on either side's gateway is reachable from anywhere: the other side
+    // reaches it from whatever mapping its own NAT gives, and the answer goes back through
+    // that NAT's state. So the strategies that map (udp-quic, tcp-direct) work for any pair.
+    let mapped = me.port_mapping || peer.port_mapping;
     let blocked = match name {
         "tcp-punch" => punch_blocked(|s| s.tcp_mapping, me, peer),
+        "udp-quic" if mapped => None,
         "udp-quic" if punches_hard_nats && one_side_hard(me, peer) => None,
         "udp-quic" => punch_blocked(|s| s.udp_mapping, me, peer),
+        "tcp-direct" if mapped => None,
         "tcp-direct" => (filters(me.udp_filtering) && filters(peer.udp_filtering)).then(|| {
             "both sides filter unsolicited connections, so neither listener is reachable".into()
         }),
@@ -165,6 +178,7 @@ mod tests {
             udp_mapping: m,
             udp_filtering: f,
             tcp_mapping: m,
+            port_mapping: false,
         }
     }
 
@@ -200,6 +214,29 @@ mod tests {
                 assert!(feasible("relay", &me, &peer, false).is_ok());
                 assert!(feasible("port-forwarded", &me, &peer, false).is_ok());
             }
+        }
+    }
+
+    #[test]
+    fn a_mapped_port_on_either_side_makes_the_mapping_strategies_feasible() {
+        for a in KINDS {
+            for b in KINDS {
+                let mut me = kind(a);
+                me.port_mapping = true;
+                let peer = kind(b);
+                for (x, y) in [(&me, &peer), (&peer, &me)] {
+                    for s in ["udp-quic", "tcp-direct"] {
+                        assert!(feasible(s, x, y, false).is_ok(), "{s} {a}(mapped) x {b}");
+                    }
+                    // tcp-punch maps nothing: unchanged.
+                    let plain = feasible("tcp-punch", &kind(a), &peer, false).is_ok();
+                    assert_eq!(feasible("tcp-punch", &me, &peer, false).is_ok(), plain);
+                }
+            }
+        }
+        // sym x sym without a mapping stays infeasible for both.
+        for s in ["udp-quic", "tcp-direct"] {
+            assert!(feasible(s, &kind("sym"), &kind("sym"), false).is_err());
         }
     }
 

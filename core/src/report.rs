@@ -79,6 +79,20 @@ pub struct Report {
     /// TLS (rustls) or QUIC, and whether the kernel offers TLS offload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_path: Option<String>,
+    /// Port mapping on this peer's gateway (absent when it is off): which protocols
+    /// answered and the mappings the winning attempt holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mapping: Option<PortMapReport>,
+}
+
+/// What port mapping did during one connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapReport {
+    /// What gateway discovery found.
+    #[serde(flatten)]
+    pub discovery: nettool_portmap::Discovery,
+    /// The mappings made for the link (deleted when it ends).
+    pub mapped: Vec<nettool_portmap::MappedPort>,
 }
 
 /// What the plan was made from.

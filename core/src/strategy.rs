@@ -227,6 +227,9 @@ pub struct Attempt<'a> {
     pub nat: Option<(crate::plan::NatSummary, crate::plan::NatSummary)>,
     /// What the strategy reports about how it ran (its mode), for the attempt's report entry.
     pub notes: &'a mut AttemptNotes,
+    /// The gateway's port mapper, when port mapping is on and a gateway answered; see
+    /// [`Attempt::map_port`].
+    pub portmap: Option<&'a nettool_portmap::PortMapper>,
 }
 
 /// What a strategy says about how an attempt ran; copied into its report entry.
@@ -260,6 +263,25 @@ impl<T> SecureOffers<T> {
 }
 
 impl Attempt<'_> {
+    /// Maps `local_port` on the gateway when port mapping is on and a gateway answered:
+    /// the external address to advertise (first) among the candidates. The mapping is renewed
+    /// while the link lasts and deleted when the attempt fails or the caller releases it.
+    /// `None` (logged) when mapping is off or the gateway refused.
+    pub async fn map_port(
+        &self,
+        transport: nettool_portmap::Transport,
+        local_port: u16,
+    ) -> Option<std::net::SocketAddr> {
+        let mapper = self.portmap?;
+        match mapper.map(transport, local_port).await {
+            Ok(m) => Some(m.external),
+            Err(e) => {
+                tracing::info!("port mapping: {e}");
+                None
+            }
+        }
+    }
+
     /// This peer's role.
     pub fn role(&self) -> Role {
         self.pairing.role

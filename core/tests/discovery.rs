@@ -156,6 +156,7 @@ async fn the_plan_reuses_cached_discovery_for_the_same_network() {
         udp_mapping: Mapping::AddressAndPortDependent,
         udp_filtering: Filtering::AddressAndPortDependent,
         tcp_mapping: Mapping::AddressAndPortDependent,
+        port_mapping: false,
     };
     cache.put(&key, sym).await;
 

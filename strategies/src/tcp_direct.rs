@@ -7,8 +7,9 @@
 //! once (happy eyeballs) from fresh ephemeral ports. Running both directions at the same time
 //! is the listen/dial role swap without its wait: whichever side is reachable gets dialed.
 //!
-//! Unlike tcp-punch this never opens a NAT: it links only when one side accepts unsolicited
-//! connections (public, full-cone or port-mapped) or both share a network. The link handshake
+//! Unlike tcp-punch this never punches a NAT: it links only when one side accepts unsolicited
+//! connections (public, full-cone, or port-mapped: with port mapping on, the listening port is
+//! mapped on the gateway and that external address is offered first) or both share a network. The link handshake
 //! refuses strangers that find the listening port.
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nettool_core::portmap::Transport;
 use nettool_core::strategy::agree_on_link;
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 
@@ -88,9 +90,20 @@ impl Strategy for TcpDirect {
             .map_err(|e| StrategyError::io("reading the listening port", e))?
             .port();
         let public = SocketAddr::new(attempt.pairing.observed.ip(), port);
-        let offer = DirectOffer {
-            listen: candidates(public, public, server.ip().is_loopback()),
+        let mut listen = candidates(public, public, server.ip().is_loopback());
+        // With port mapping on, the gateway's mapping of the listener comes first: it is
+        // reachable from anywhere (the peer keeps it: it is on the address the server saw).
+        // (IPv4 only: NAT-PMP, PCP and UPnP-IGD map on the IPv4 gateway.)
+        let mapped = if server.is_ipv4() {
+            attempt.map_port(Transport::Tcp, port).await
+        } else {
+            None
         };
+        if let Some(mapped) = mapped {
+            listen.retain(|c| *c != mapped);
+            listen.insert(0, mapped);
+        }
+        let offer = DirectOffer { listen };
         let payload = serde_json::to_value(&offer).expect("offer serializes");
         let secured = attempt
             .exchange_secure_offers::<DirectOffer>(NAME, payload)

@@ -199,11 +199,26 @@ impl Strategy for UdpQuic {
             .port();
         let public = stun_mapping(&socket, server, attempt.deadline).await?;
         let via = route_source(server).unwrap_or(unspecified);
-        let candidates = candidates(
+        let mut candidates = candidates(
             public,
             SocketAddr::new(via, port),
             server.ip().is_loopback(),
         );
+        // With port mapping on, the gateway's mapping of this socket comes first: it takes
+        // datagrams from anywhere, so a peer behind any NAT reaches it (and we answer to
+        // where its punches come from).
+        // (IPv4 only: NAT-PMP, PCP and UPnP-IGD map on the IPv4 gateway.)
+        let mapped = if server.is_ipv4() {
+            attempt
+                .map_port(nettool_core::portmap::Transport::Udp, port)
+                .await
+        } else {
+            None
+        };
+        if let Some(mapped) = mapped {
+            candidates.retain(|c| *c != mapped);
+            candidates.insert(0, mapped);
+        }
         debug!(%public, ?candidates, "UDP socket observed");
 
         let mut punch_key = [0u8; 32];

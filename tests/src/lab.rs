@@ -86,6 +86,7 @@ const SERVER_OTHER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
 const INET_SERVER_SIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 
 /// Addresses of one side (A or B) of the lab.
+#[derive(Clone, Copy)]
 struct Side {
     /// `inet`'s address on the link to the router.
     inet: Ipv4Addr,
@@ -115,6 +116,14 @@ const SIDE_B: Side = Side {
     subnet: "10.0.2.0/24",
 };
 
+/// `inet`'s and the router's WAN addresses of side A and B for a router with a public WAN
+/// ([`Lab::with_public_wan`]): outside every reserved range (miniupnpd refuses TEST-NET and
+/// private external addresses); the lab has no route out, so nothing ever leaves it.
+const PUBLIC_WAN: [(Ipv4Addr, Ipv4Addr); 2] = [
+    (Ipv4Addr::new(11, 0, 0, 1), Ipv4Addr::new(11, 0, 0, 2)),
+    (Ipv4Addr::new(11, 0, 0, 5), Ipv4Addr::new(11, 0, 0, 6)),
+];
+
 /// Namespace roles, in creation order; index into [`Lab::names`].
 const ROLES: [&str; 6] = ["srv", "inet", "ra", "rb", "a", "b"];
 const SRV: usize = 0;
@@ -136,6 +145,8 @@ pub struct Lab {
     names: [String; 6],
     /// How many of `names` exist (they are created in order).
     created: usize,
+    /// Per side: the router's WAN is in [`PUBLIC_WAN`] instead of TEST-NET-2.
+    public_wan: [bool; 2],
 }
 
 fn command_line(cmd: &Command) -> String {
@@ -147,7 +158,7 @@ fn command_line(cmd: &Command) -> String {
 }
 
 /// Runs `cmd` (feeding `stdin` if given) and fails with its stderr unless it succeeds.
-fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String, LabError> {
+pub(crate) fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String, LabError> {
     let line = command_line(cmd);
     let line = match stdin {
         Some(s) => format!("{line} <<< {s:?}"),
@@ -231,6 +242,17 @@ impl Lab {
     ///
     /// Fails with the failing command and its stderr; whatever was built is removed again.
     pub fn new(a: NatKind, b: NatKind) -> Result<Self, LabError> {
+        Self::build_with(a, b, [false; 2])
+    }
+
+    /// As [`Lab::new`], but the router in front of `public` gets a WAN address outside the
+    /// reserved ranges (11.0.0.2 for A, 11.0.0.6 for B), as miniupnpd requires
+    /// ([`Lab::start_miniupnpd`]).
+    pub fn with_public_wan(a: NatKind, b: NatKind, public: Host) -> Result<Self, LabError> {
+        Self::build_with(a, b, [public == Host::A, public == Host::B])
+    }
+
+    fn build_with(a: NatKind, b: NatKind, public_wan: [bool; 2]) -> Result<Self, LabError> {
         delete_stale_namespaces();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("ntl-{}-{n}", std::process::id());
@@ -238,6 +260,7 @@ impl Lab {
             kinds: [a, b],
             names: ROLES.map(|r| format!("{prefix}-{r}")),
             created: 0,
+            public_wan,
         };
         lab.build()?;
         Ok(lab)
@@ -276,8 +299,8 @@ impl Lab {
                 None,
             )?;
         }
-        let s = &SIDE_A;
-        let t = &SIDE_B;
+        let s = &self.side_at(0);
+        let t = &self.side_at(1);
         let mut inet = format!(
             "addr add {INET_SERVER_SIDE}/24 dev srv\naddr add {}/30 dev ra\naddr add {}/30 dev rb\n\
              link set srv up\nlink set ra up\nlink set rb up\n",
@@ -340,6 +363,15 @@ impl Lab {
         Ok(())
     }
 
+    /// Side `i`'s addresses, with the public WAN when asked for.
+    fn side_at(&self, i: usize) -> Side {
+        let mut side = if i == 0 { SIDE_A } else { SIDE_B };
+        if self.public_wan[i] {
+            (side.inet, side.wan) = PUBLIC_WAN[i];
+        }
+        side
+    }
+
     fn side(h: Host) -> Option<(&'static Side, usize)> {
         match h {
             Host::Server => None,
@@ -372,7 +404,7 @@ impl Lab {
         match Self::side(h) {
             None => SERVER_IP,
             Some((side, i)) if self.kinds[i].is_routed() => side.host,
-            Some((side, _)) => side.wan,
+            Some((_, i)) => self.side_at(i).wan,
         }
     }
 
@@ -382,7 +414,7 @@ impl Lab {
     pub fn inet_ip(&self, h: Host) -> Ipv4Addr {
         match Self::side(h) {
             None => INET_SERVER_SIDE,
-            Some((side, _)) => side.inet,
+            Some((_, i)) => self.side_at(i).inet,
         }
     }
 

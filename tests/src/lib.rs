@@ -7,7 +7,9 @@
 #![warn(missing_docs)]
 
 mod lab;
+mod miniupnpd;
 mod nat;
 
 pub use lab::{lab_unavailable_reason, require_lab, Host, Lab, LabError};
+pub use miniupnpd::{Miniupnpd, MiniupnpdOptions};
 pub use nat::{NatKind, UnknownNatKind};

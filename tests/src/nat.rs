@@ -66,7 +66,10 @@ impl NatKind {
     /// `host` is the LAN host's address and `wan` the router's own WAN address. The router's
     /// interfaces are named `wan` and `lan`.
     pub fn ruleset(self, host: Ipv4Addr, wan: Ipv4Addr) -> Option<String> {
+        // DNATed connections pass (`ct status dnat`): only a port mapping made on the router
+        // (miniupnpd in the lab) creates them on these kinds.
         const ESTABLISHED_ONLY: &str = "\t\tiifname \"wan\" ct state established,related accept\n\
+                                        \t\tiifname \"wan\" ct status dnat accept\n\
                                         \t\tiifname \"wan\" drop\n";
         let filter_chain = |hook: &str, drop_new: bool| {
             format!(
@@ -164,6 +167,13 @@ mod tests {
         assert_eq!(cone.matches("iifname \"wan\" drop").count(), 2);
         assert_eq!(rst.matches("iifname \"wan\" drop").count(), 1);
         let fw = NatKind::Fw.ruleset(h, w).unwrap();
-        assert!(!fw.contains("nat"));
+        assert!(!fw.contains("type nat"));
+        // DNATed connections (a port mapping on the router) pass every drop-new-inbound rule.
+        for r in [&cone, &rst, &sym, &fw] {
+            assert_eq!(
+                r.matches("iifname \"wan\" ct status dnat accept").count(),
+                r.matches("iifname \"wan\" drop").count()
+            );
+        }
     }
 }

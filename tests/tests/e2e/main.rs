@@ -12,6 +12,7 @@ mod nat_punch;
 mod nat_quic;
 mod netcheck;
 mod plugin;
+mod portmap;
 mod security;
 mod signals;
 mod support;

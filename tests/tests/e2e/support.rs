@@ -53,7 +53,13 @@ fn check_fresh(bin: &Path) -> Result<(), String> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut best = None;
-    for krate in ["core/src", "strategies/src", "config/src", "cli/src"] {
+    for krate in [
+        "core/src",
+        "strategies/src",
+        "config/src",
+        "cli/src",
+        "portmap/src",
+    ] {
         newest(&root.join(krate), &mut best);
     }
     let built = std::fs::metadata(bin)
