@@ -350,7 +350,8 @@ fn a_thousand_sessions_across_two_nodes_all_pair() {
     );
 }
 
-/// Node 2 dies (SIGKILL) with 20 first peers waiting on it. Afterwards: clients listing node 2
+/// Node 2 dies (SIGKILL) with 20 first peers waiting on it, while a run of sessions pairs on
+/// node 1 (all of them must pair). Afterwards: clients listing node 2
 /// first move on to node 1 and link through it; fresh sessions pair through node 1; a session
 /// whose waiter died with node 2 is taken over by the next joiner; and node 2's keys are gone
 /// from Redis once their TTL (session expiry 3 s + 1 s) has passed.
@@ -385,6 +386,23 @@ fn when_a_node_dies_sessions_pair_on_the_other_and_its_keys_expire() {
         .filter(|(_, v)| v.starts_with(&node2_value))
         .count();
     assert_eq!(on_node2, 20, "waiting keys of node 2: {before:?}");
+    // A run of sessions on node 1 goes on while node 2 dies: every one of them pairs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            let (mut batches, mut failures) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || batches < 5 {
+                let batch: Vec<_> = (0..20)
+                    .map(|i| (format!("run-{batches}-{i}"), n1_addr, n1_addr))
+                    .collect();
+                failures.extend(pair_all(batch).await);
+                batches += 1;
+            }
+            (batches, failures)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
     let _ = n2.proc.child.kill();
     let _ = n2.proc.child.wait();
     let killed = Instant::now();
@@ -469,6 +487,12 @@ fn when_a_node_dies_sessions_pair_on_the_other_and_its_keys_expire() {
     assert!(
         killed.elapsed() >= Duration::from_secs(3),
         "node 2's keys went before their TTL: was it them that expired?"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (batches, failures) = rt.block_on(running).expect("the run on node 1");
+    assert!(
+        failures.is_empty(),
+        "sessions on node 1 failed while node 2 died ({batches} batches of 20): {failures:?}"
     );
     for w in waiters {
         w.abort();
