@@ -11,6 +11,16 @@
 //! both at once, so both start punching at (nearly) the same instant: the skew is only the
 //! difference between the two one-way delays from the server.
 //!
+//! # Several nodes
+//!
+//! Without a cluster this process holds every session (the map above is the whole registry).
+//! With [`RendezvousServer::join_cluster`] (Redis) or [`RendezvousServer::join_memory_cluster`]
+//! the map still holds this node's connections, and a join that finds no partner here claims
+//! the session in the shared store: it waits, or it pairs with a waiter on another node. A
+//! pair then has one end here and one there (`PeerEnd`); messages for the far end go
+//! through the store to its node, and the first peer's node holds the offers and runs the
+//! relay. Limits stay per node. See the `cluster` module.
+//!
 //! # Limits
 //!
 //! The server is meant to face the internet, so every resource a client can make it hold is

@@ -4,8 +4,8 @@
 //! registry of `server.rs`, which stays the whole story without `--cluster`). What nodes must
 //! agree on goes through a [`SessionStore`]: [`RedisStore`] for deployments, or
 //! [`MemoryCluster`], which shares sessions between servers of one process (tests of the node
-//! logic without Redis). Both keep the same keys and semantics; Redis holds, always under a
-//! TTL, so a node that dies leaves nothing behind for longer than that TTL:
+//! logic without Redis). Both keep the same keys with the same semantics. What the store
+//! holds always has a TTL, so a node that dies leaves nothing behind for longer than that:
 //!
 //! - `nettool:session:<hash of the name>` = `W<node>:<conn>` while a first peer waits (TTL: the
 //!   session expiry plus a second), then `P<node>:<conn>` once paired (same TTL), so a third
@@ -23,11 +23,10 @@
 //! relay for the session runs on the first peer's node, and the second peer is told where.
 //! STUN and observe never leave a node.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
