@@ -918,6 +918,12 @@ async fn connect(
     settings: Settings,
     configs: &[ConfiguredStrategy],
 ) -> Result<i32> {
+    if args.legacy && settings.server.len() > 1 {
+        // The original protocol has no request a server could answer without pairing.
+        return Err(anyhow::Error::new(BadSettings(
+            "--legacy takes one --server (the original protocol cannot probe a list)".into(),
+        )));
+    }
     let server = choose_server(&settings.server).await?;
     if args.legacy {
         return legacy::connect(server, args.hello, args.hello_count, settings.timeout).await;
