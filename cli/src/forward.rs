@@ -40,7 +40,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::{orchestrator, progress, resolve_servers, ConfiguredStrategy, PeerArgs};
+use crate::{orchestrator, progress, ConfiguredStrategy, PeerArgs};
 
 const MAGIC: &[u8; 6] = b"NTFWD1";
 /// Bound on the hello exchange and on a stream's first bytes.
@@ -443,10 +443,7 @@ async fn prepare(
     name: &str,
     overall: Duration,
 ) -> Result<Peer> {
-    let Some(server) = settings.server.as_deref() else {
-        bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
-    };
-    let (server, all) = resolve_servers(server).await?;
+    let (server, all) = crate::choose_server(&settings.server).await?;
     let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {
         bail!("no session: give --session NAME (not empty) or set `session` in the config");

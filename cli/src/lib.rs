@@ -13,11 +13,11 @@
 //! std::process::exit(nettool::run_with(registry));
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 
@@ -25,7 +25,9 @@ use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
 use nettool_core::orchestrator::Event;
 use nettool_core::portmap::PortMapper;
 use nettool_core::registry::{RegistryError, StrategyRegistry};
-use nettool_core::server::{ListenAddr, RelayLimits, RendezvousServer, ServerConfig};
+use nettool_core::server::{
+    ClusterConfig, ListenAddr, RelayLimits, RendezvousServer, ServerConfig,
+};
 use nettool_core::Strategy;
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
@@ -222,16 +224,29 @@ struct RendezvousArgs {
     /// STUN answers one source IP address gets in a burst (default 50).
     #[arg(long)]
     stun_burst: Option<u32>,
+    /// Share sessions with other rendezvous nodes through this Redis server, so the two
+    /// peers of a session may join through different nodes (each node answers STUN and
+    /// observe itself; a session's relay runs on its first peer's node). Limits stay per
+    /// node. Needs --public-addr. Example:
+    ///   nettool rendezvous --cluster redis://10.0.0.5:6379 --public-addr 203.0.113.7:8877
+    #[arg(long, value_name = "redis://HOST:PORT", verbatim_doc_comment)]
+    cluster: Option<String>,
+    /// With --cluster: the address peers reach this node at (told to peers of other nodes
+    /// whose relay runs here). Repeat once per address family (an IPv4 and an IPv6 one). An
+    /// IP alone (or port 0) means this node's listening port.
+    #[arg(long = "public-addr", value_name = "IP[:PORT]", requires = "cluster", value_parser = parse_public_addr)]
+    public_addrs: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
 struct PeerArgs {
-    /// Rendezvous server, HOST:PORT (port defaults to 8877). Or `server` in the config. A
-    /// name's every address is used (A and AAAA): the control connection races them, IPv6
-    /// first, and each family reached is gathered for candidates; an IP literal is that
-    /// family only.
-    #[arg(long)]
-    server: Option<String>,
+    /// Rendezvous server, HOST:PORT (port defaults to 8877). Repeat to give fallbacks: the
+    /// servers are tried in order and the first that answers is used (one line per server
+    /// tried). Or `server` in the config (a string, or a list). A name's every address is
+    /// used (A and AAAA): the control connection races them, IPv6 first, and each family
+    /// reached is gathered for candidates; an IP literal is that family only.
+    #[arg(long = "server", value_name = "HOST:PORT")]
+    server: Vec<String>,
     /// Session name; the peer must use the same one. Or `session` in the config.
     #[arg(long)]
     session: Option<String>,
@@ -277,7 +292,9 @@ impl PeerArgs {
     /// The flags that override config values.
     fn overrides(&self, registry: &StrategyRegistry) -> Overrides {
         let mut o = Overrides::default();
-        o.set_opt("server", self.server.as_ref(), "--server");
+        if !self.server.is_empty() {
+            o.set("server", &self.server, "--server");
+        }
         o.set_opt("session", self.session.as_ref(), "--session");
         o.set_opt("secret", self.secret.as_ref(), "--secret");
         o.set_opt("server-token", self.server_token.as_ref(), "--server-token");
@@ -593,6 +610,10 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             o.set_opt("rendezvous.other-address-v6", other6, "--other-address-v6");
             o.set_opt("rendezvous.stun-rate", r.stun_rate, "--stun-rate");
             o.set_opt("rendezvous.stun-burst", r.stun_burst, "--stun-burst");
+            o.set_opt("rendezvous.cluster", r.cluster.as_ref(), "--cluster");
+            if !r.public_addrs.is_empty() {
+                o.set("rendezvous.public-addr", &r.public_addrs, "--public-addr");
+            }
             rendezvous(args.legacy, load(o)?.settings).await
         }
         Command::Connect(args) => {
@@ -701,7 +722,7 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
         return legacy::serve(rv.listen).await;
     }
     let config = server_config(&rv);
-    let server = match rv.listen_v6 {
+    let mut server = match rv.listen_v6 {
         None => {
             if let Some(other) = rv.other_address_v6 {
                 bail!(
@@ -735,6 +756,29 @@ async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
                 .with_context(|| format!("cannot listen on {} and {v6}", rv.listen))?
         }
     };
+    if let Some(url) = &rv.cluster {
+        let cluster = ClusterConfig {
+            redis_url: url.clone(),
+            public_addrs: rv.public_addr.clone(),
+        };
+        server = server
+            .join_cluster(&cluster)
+            .await
+            .map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))?;
+        eprintln!(
+            "nettool rendezvous: cluster node {} (sessions shared through {url}; peers of other \
+             nodes are sent to {})",
+            server.node_id().unwrap_or_default(),
+            server
+                .public_addrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    } else if !rv.public_addr.is_empty() {
+        bail!("`rendezvous.public-addr` is only used with a cluster: give --cluster too");
+    }
     let others = server.other_local_addrs();
     eprintln!(
         "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
@@ -814,17 +858,85 @@ fn nat_cache(settings: &Settings) -> Option<nettool_core::nat_cache::NatCache> {
     ))
 }
 
-async fn resolve_server(server: &str) -> Result<SocketAddr> {
-    let addrs = resolve_all(server).await?;
-    Ok(addrs[0])
+/// `--public-addr`: `IP:PORT`, or an IP alone (port 0: the node's listening port).
+fn parse_public_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+        .map_err(|_| format!("'{s}' is not an IP address or IP:PORT (IPv6 with a port: [IP]:PORT)"))
 }
 
-/// The rendezvous server's addresses for a peer: the first (for [`ConnectParams::server`])
-/// and all of them, both families (for [`Orchestrator::with_server_addresses`]: the control
-/// connection races them, IPv6 first, and each family is gathered).
-async fn resolve_servers(server: &str) -> Result<(SocketAddr, Vec<SocketAddr>)> {
-    let addrs = resolve_all(server).await?;
-    Ok((addrs[0], addrs))
+/// The rendezvous server to use, and all its addresses (both families, for
+/// [`Orchestrator::with_server_addresses`]: the control connection races them, IPv6 first,
+/// and each family is gathered): the only one given, or the first of several that answers
+/// (a TCP connect and an observe exchange within [`PROBE_TIMEOUT`]), with one line on stderr
+/// per server tried.
+async fn choose_server(servers: &[String]) -> Result<(SocketAddr, Vec<SocketAddr>)> {
+    match servers {
+        [] => bail!(
+            "no rendezvous server: give --server HOST:PORT (repeat it for fallbacks) or set \
+             `server` in the config"
+        ),
+        [one] => {
+            let addrs = resolve_all(one).await?;
+            Ok((addrs[0], addrs))
+        }
+        many => {
+            let mut failures = Vec::new();
+            for server in many {
+                match probe_server(server).await {
+                    Ok(addr) => {
+                        eprintln!("nettool: server {server} ({addr}) answers; using it");
+                        // Its other addresses (the other family) still serve the control
+                        // connection's race and the gathering of both families.
+                        let mut all = vec![addr];
+                        all.extend(
+                            resolve_all(server)
+                                .await
+                                .unwrap_or_default()
+                                .into_iter()
+                                .filter(|a| *a != addr),
+                        );
+                        return Ok((addr, all));
+                    }
+                    Err(e) => {
+                        let next = if failures.len() + 1 < many.len() {
+                            "trying the next"
+                        } else {
+                            "no more servers"
+                        };
+                        eprintln!("nettool: server {server}: {e:#}; {next}");
+                        failures.push(format!("{server}: {e:#}"));
+                    }
+                }
+            }
+            bail!("no rendezvous server answered ({})", failures.join("; "))
+        }
+    }
+}
+
+/// How long a server of a list has to answer before the next is tried.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The first address of `server` that accepts a connection and answers an observe request.
+async fn probe_server(server: &str) -> Result<SocketAddr> {
+    let mut last = None;
+    for addr in resolve_all(server).await? {
+        let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+        let answered = async {
+            let stream = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| anyhow!("no answer to a connect within {PROBE_TIMEOUT:?}"))??;
+            nettool_core::client::observe(stream, deadline)
+                .await
+                .map_err(anyhow::Error::new)
+        };
+        match answered.await {
+            Ok(_) => return Ok(addr),
+            Err(e) if addr.to_string() == server => last = Some(e),
+            Err(e) => last = Some(e.context(format!("at {addr}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no address")))
 }
 
 /// Every address of a rendezvous server given as HOST or HOST:PORT (default port 8877).
@@ -877,10 +989,13 @@ async fn connect(
     settings: Settings,
     configs: &[ConfiguredStrategy],
 ) -> Result<i32> {
-    let Some(server) = settings.server.as_deref() else {
-        bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
-    };
-    let (server, all) = resolve_servers(server).await?;
+    if args.legacy && settings.server.len() > 1 {
+        // The original protocol has no request a server could answer without pairing.
+        return Err(anyhow::Error::new(BadSettings(
+            "--legacy takes one --server (the original protocol cannot probe a list)".into(),
+        )));
+    }
+    let (server, all) = choose_server(&settings.server).await?;
     if args.legacy {
         return legacy::connect(server, args.hello, args.hello_count, settings.timeout).await;
     }
@@ -1109,10 +1224,7 @@ async fn compare_cmd(
     settings: Settings,
     strategies: &[ConfiguredStrategy],
 ) -> Result<i32> {
-    let Some(server) = settings.server.as_deref() else {
-        bail!("no rendezvous server: give --server HOST:PORT or set `server` in the config");
-    };
-    let server = resolve_server(server).await?;
+    let (server, _) = choose_server(&settings.server).await?;
     let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {
         bail!("no session: give --session NAME (not empty) or set `session` in the config");

@@ -150,6 +150,12 @@ pub struct RendezvousConfig {
     pub stun_rate: u32,
     /// STUN answers one source IP address gets in a burst.
     pub stun_burst: u32,
+    /// Share sessions with other nodes through this Redis server (`redis://HOST:PORT`);
+    /// unset = this process holds every session itself.
+    pub cluster: Option<String>,
+    /// Addresses peers reach this node at, one per address family (a cluster node tells
+    /// the peers of other nodes where the relay runs).
+    pub public_addr: Vec<SocketAddr>,
 }
 
 /// The server's own defaults (`nettool_core::server::ServerConfig::default()` and the relay's
@@ -180,6 +186,8 @@ impl Default for RendezvousConfig {
             other_address_v6: None,
             stun_rate: 20,
             stun_burst: 50,
+            cluster: None,
+            public_addr: Vec::new(),
         }
     }
 }

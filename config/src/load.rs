@@ -32,8 +32,14 @@ const MOVED_STRATEGY_TABLES: &[&str] = &["tcp-punch", "udp-quic", "tcp-direct", 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Settings {
-    /// Rendezvous server, `HOST:PORT`.
-    pub server: Option<String>,
+    /// Rendezvous servers, `HOST:PORT` each, tried in order (the first that answers is
+    /// used). A single string is one server (profiles written before lists), and in the
+    /// environment a comma-separated list.
+    #[serde(
+        deserialize_with = "server_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub server: Vec<String>,
     /// Session name shared with the peer.
     pub session: Option<String>,
     /// Shared secret both peers must give.
@@ -68,7 +74,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            server: None,
+            server: Vec::new(),
             session: None,
             secret: None,
             server_token: None,
@@ -101,6 +107,26 @@ fn strategy_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, 
         ));
     }
     Ok(names)
+}
+
+/// Accepts a list of servers or one string: one server, or a comma-separated list.
+fn server_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        One(String),
+    }
+    let servers: Vec<String> = match Raw::deserialize(d)? {
+        Raw::List(v) => v.into_iter().map(|s| s.trim().to_owned()).collect(),
+        Raw::One(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
+    };
+    if servers.iter().any(String::is_empty) {
+        return Err(serde::de::Error::custom(
+            "the server list has an empty entry (give HOST:PORT for each server)",
+        ));
+    }
+    Ok(servers)
 }
 
 /// Where a value came from.
@@ -610,11 +636,33 @@ timeout = "3s"
         settings.strategy[name][key].clone()
     }
 
+    /// `server` takes a list (tried in order), and still a single string (old profiles).
+    #[test]
+    fn server_is_a_list_or_one_string() {
+        let p = write(
+            "servers.toml",
+            "[default]\nserver = \"a.example:8877\"\n[profile.two]\n\
+             server = [\"b.example:8877\", \"c.example:1\"]\n[profile.empty]\nserver = [\"\"]\n",
+        );
+        let one = load(&p, None, Overrides::default()).unwrap();
+        assert_eq!(one.settings.server, ["a.example:8877"]);
+        let two = load(&p, Some("two"), Overrides::default()).unwrap();
+        assert_eq!(two.settings.server, ["b.example:8877", "c.example:1"]);
+        let mut flags = Overrides::default();
+        flags.set("server", ["d:1", "e:2"], "--server");
+        let flagged = load(&p, Some("two"), flags).unwrap();
+        assert_eq!(flagged.settings.server, ["d:1", "e:2"]);
+        let Err(err) = load(&p, Some("empty"), Overrides::default()) else {
+            panic!("an empty server entry is refused");
+        };
+        assert!(err.to_string().contains("empty entry"), "{err}");
+    }
+
     #[test]
     fn file_then_profile_then_flags() {
         let p = write("precedence.toml", FILE);
         let plain = load(&p, None, Overrides::default()).unwrap();
-        assert_eq!(plain.settings.server.as_deref(), Some("a.example:8877"));
+        assert_eq!(plain.settings.server, ["a.example:8877"]);
         assert_eq!(plain.settings.timeout, Duration::from_secs(30));
         assert_eq!(strategy_key(&plain.settings, "tcp-punch", "timeout"), "7s");
         let from = plain.explain();
@@ -716,9 +764,21 @@ timeout = "3s"
             "limits.toml",
             "[default]\nserver-token = \"c\"\n[default.rendezvous]\nmax-conns-per-ip = 8\n\
              max-sessions = 1000\nidle-timeout = \"30s\"\njoin-rate = 5\njoin-burst = 10\n\
-             server-token = \"s\"\n",
+             server-token = \"s\"\ncluster = \"redis://10.0.0.5:6379\"\n\
+             public-addr = [\"203.0.113.7:8877\", \"[2001:db8::7]:0\"]\n",
         );
         let s = load(&p, None, Overrides::default()).unwrap().settings;
+        assert_eq!(
+            s.rendezvous.cluster.as_deref(),
+            Some("redis://10.0.0.5:6379")
+        );
+        assert_eq!(
+            s.rendezvous.public_addr,
+            [
+                "203.0.113.7:8877".parse::<std::net::SocketAddr>().unwrap(),
+                "[2001:db8::7]:0".parse().unwrap()
+            ]
+        );
         assert_eq!(s.server_token.as_deref(), Some("c"));
         let rv = s.rendezvous;
         assert_eq!(

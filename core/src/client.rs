@@ -90,6 +90,9 @@ pub struct Pairing {
     /// The peer's address of the other IP family as the server saw it, when the peer showed
     /// itself over both families ([`ServerToClient::PeerAddress`]).
     pub peer_other: Option<SocketAddr>,
+    /// Where the relay runs when not on the server this peer joined through (another node
+    /// of a cluster; one address per family); empty = that server.
+    pub relay_addrs: Vec<SocketAddr>,
 }
 
 impl Pairing {
@@ -110,6 +113,17 @@ impl Pairing {
     /// This peer's address of one family as the server saw it (`v6`: IPv6, else IPv4).
     pub fn observed_for(&self, v6: bool) -> Option<SocketAddr> {
         self.observed_all().into_iter().find(|a| a.is_ipv6() == v6)
+    }
+
+    /// The address to attach to the relay at: the server itself (`server`), or the relay
+    /// node's address of the same family as `server` (else its first).
+    pub fn relay_addr(&self, server: SocketAddr) -> SocketAddr {
+        self.relay_addrs
+            .iter()
+            .find(|a| a.is_ipv4() == server.is_ipv4())
+            .or(self.relay_addrs.first())
+            .copied()
+            .unwrap_or(server)
     }
 }
 
@@ -343,6 +357,7 @@ impl RendezvousClient {
                     observed,
                     peer,
                     relay_token,
+                    relay_addrs,
                 }) => {
                     let client = Self {
                         conn,
@@ -364,6 +379,7 @@ impl RendezvousClient {
                         relay_token,
                         observed_other: None,
                         peer_other: None,
+                        relay_addrs,
                     };
                     return Ok((client, pairing));
                 }
@@ -695,5 +711,36 @@ mod tests {
             vec![sa("[2001:db8::1]:1"), sa("192.0.2.1:1"), sa("192.0.2.2:1")]
         );
         assert_eq!(happy_eyeballs_order(&given[..1]), vec![given[0]]);
+    }
+
+    fn pairing(relay_addrs: &[&str]) -> Pairing {
+        Pairing {
+            role: Role::Second,
+            strategies: vec!["relay".into()],
+            pair_id: "p".into(),
+            observed: "127.0.0.1:1".parse().unwrap(),
+            peer: "127.0.0.1:2".parse().unwrap(),
+            relay_token: Some("t".into()),
+            observed_other: None,
+            peer_other: None,
+            relay_addrs: relay_addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    /// The relay is the server joined through unless the pairing names another node; then
+    /// its address of the same family, else its first.
+    #[test]
+    fn the_relay_address_follows_the_pairing() {
+        let v4: SocketAddr = "198.51.100.1:8877".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::9]:8877".parse().unwrap();
+        assert_eq!(pairing(&[]).relay_addr(v4), v4);
+        let both = pairing(&["[2001:db8::1]:8877", "192.0.2.1:8877"]);
+        assert_eq!(both.relay_addr(v4), "192.0.2.1:8877".parse().unwrap());
+        assert_eq!(both.relay_addr(v6), "[2001:db8::1]:8877".parse().unwrap());
+        let only_v6 = pairing(&["[2001:db8::1]:8877"]);
+        assert_eq!(
+            only_v6.relay_addr(v4),
+            "[2001:db8::1]:8877".parse().unwrap()
+        );
     }
 }

@@ -168,6 +168,11 @@ pub enum ServerToClient {
         /// server does not relay.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         relay_token: Option<String>,
+        /// Where this pairing's relay runs when not on the server this peer joined through
+        /// (a cluster node pairing peers of two nodes: the relay runs on the first peer's
+        /// node, one address per family). Empty (and absent from the frame): this server.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        relay_addrs: Vec<SocketAddr>,
     },
     /// Answer to [`ClientToServer::Relay`]: both peers are attached. From here on the server
     /// sends relay frames (see [`crate::relay`]) and the client sends raw link bytes.
@@ -442,6 +447,32 @@ pub enum RecvError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `relay_addrs` is absent from a `paired` frame unless a cluster node sends the peer to
+    /// another node's relay, so single-server frames are what older clients read.
+    #[test]
+    fn paired_carries_relay_addrs_only_when_set() {
+        let mut msg = ServerToClient::Paired {
+            role: Role::Second,
+            strategies: vec!["relay".into()],
+            pair_id: "p".into(),
+            observed: "127.0.0.1:1".parse().unwrap(),
+            peer: "127.0.0.1:2".parse().unwrap(),
+            relay_token: Some("t".into()),
+            relay_addrs: Vec::new(),
+        };
+        let line = encode(&msg);
+        assert!(!String::from_utf8_lossy(&line).contains("relay_addrs"));
+        if let ServerToClient::Paired { relay_addrs, .. } = &mut msg {
+            *relay_addrs = vec![
+                "192.0.2.1:8877".parse().unwrap(),
+                "[2001:db8::1]:8877".parse().unwrap(),
+            ];
+        }
+        let line = encode(&msg);
+        let back: ServerToClient = decode(&line[..line.len() - 1], 1024).unwrap();
+        assert_eq!(back, msg);
+    }
 
     #[test]
     fn join_round_trips() {

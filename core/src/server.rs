@@ -11,6 +11,16 @@
 //! both at once, so both start punching at (nearly) the same instant: the skew is only the
 //! difference between the two one-way delays from the server.
 //!
+//! # Several nodes
+//!
+//! Without a cluster this process holds every session (the map above is the whole registry).
+//! With [`RendezvousServer::join_cluster`] (Redis) or [`RendezvousServer::join_memory_cluster`]
+//! the map still holds this node's connections, and a join that finds no partner here claims
+//! the session in the shared store: it waits, or it pairs with a waiter on another node. A
+//! pair then has one end here and one there (`PeerEnd`); messages for the far end go
+//! through the store to its node, and the first peer's node holds the offers and runs the
+//! relay. Limits stay per node. See the `cluster` module.
+//!
 //! # Limits
 //!
 //! The server is meant to face the internet, so every resource a client can make it hold is
@@ -52,7 +62,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
+mod cluster;
 mod stun_service;
+
+use cluster::SessionStore;
+pub use cluster::{ClusterConfig, ClusterError, MemoryCluster, KEY_PREFIX};
 
 use crate::protocol::{
     ClientToServer, FramedConn, RecvError, Role, ServerToClient, MIN_PROTOCOL_VERSION,
@@ -166,6 +180,8 @@ pub const MAX_FRAMES_PER_STRATEGY: u32 = 4;
 pub struct RendezvousServer {
     endpoints: Vec<Endpoint>,
     shared: Arc<Shared>,
+    /// This node's channel from the other nodes of its cluster (`None` outside a cluster).
+    inbox: Option<cluster::Inbox>,
 }
 
 /// One listen address: its TCP listener, its STUN sockets and, with a second address, the
@@ -204,6 +220,8 @@ struct Shared {
     relays: std::sync::atomic::AtomicUsize,
     /// Per source IP address: open connections and the join token bucket.
     ips: Mutex<IpTable>,
+    /// The cluster this node shares sessions with (unset: the in-process registry alone).
+    cluster: std::sync::OnceLock<Arc<dyn SessionStore>>,
 }
 
 /// Per-source-address state.
@@ -383,6 +401,9 @@ struct Waiter {
     addr: SocketAddr,
     strategies: Vec<String>,
     outbox: Arc<Outbox>,
+    /// This joiner claimed a waiter on another node and waits for that node's answer: no
+    /// local joiner may pair with it.
+    claiming: bool,
 }
 
 /// What other tasks queue for one control connection: bounded (see [`OUTBOX_CAPACITY`]).
@@ -461,7 +482,7 @@ impl Outbox {
     }
 }
 
-/// A paired session: both peers' outboxes and the offers held until both have offered.
+/// A paired session: both peers' ends and the offers held until both have offered.
 #[derive(Debug)]
 struct Pair {
     session: String,
@@ -472,11 +493,22 @@ struct Pair {
     /// Addresses each peer showed over its other family (at most one per family).
     sighted: Mutex<[Vec<SocketAddr>; 2]>,
     relay_token: Option<String>,
-    conns: [u64; 2],
-    outboxes: [Arc<Outbox>; 2],
+    /// The first and the second peer.
+    peers: [PeerEnd; 2],
     /// The agreed strategies: offers and results for others are refused.
     strategies: Vec<String>,
     held_offers: Mutex<HashMap<String, (Role, serde_json::Value)>>,
+    /// How to reach a peer on another node (set when one is).
+    cluster: Option<Arc<dyn SessionStore>>,
+}
+
+/// Where one peer of a pair is connected.
+#[derive(Debug)]
+enum PeerEnd {
+    /// To this node: its connection id and outbox.
+    Local { conn: u64, outbox: Arc<Outbox> },
+    /// To another node of the cluster: that node's id and its connection id there.
+    Remote { node: String, conn: u64 },
 }
 
 impl Pair {
@@ -488,7 +520,33 @@ impl Pair {
     }
 
     fn send(&self, to: Role, msg: ServerToClient) {
-        self.outboxes[Self::index(to)].push(Outbound::Msg(msg));
+        match &self.peers[Self::index(to)] {
+            PeerEnd::Local { outbox, .. } => outbox.push(Outbound::Msg(msg)),
+            PeerEnd::Remote { node, conn } => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.send(
+                        node,
+                        &cluster::NodeMsg::Deliver {
+                            session: self.session.clone(),
+                            conn: *conn,
+                            msg,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whether `conn` is one of this node's connections in the pair.
+    fn has_local(&self, conn: u64) -> bool {
+        self.local_role(conn).is_some()
+    }
+
+    /// The role of this node's connection `conn` in the pair.
+    fn local_role(&self, conn: u64) -> Option<Role> {
+        [Role::First, Role::Second].into_iter().find(|r| {
+            matches!(&self.peers[Self::index(*r)], PeerEnd::Local { conn: c, .. } if *c == conn)
+        })
     }
 
     /// Records that the peer `from` was seen at `addr` over another family and tells the other
@@ -516,6 +574,19 @@ impl Pair {
         strategy: String,
         payload: serde_json::Value,
     ) -> Result<(), String> {
+        // Offers are held on the first peer's node: a second peer here sends its offers there.
+        if let (PeerEnd::Remote { node, conn }, Some(cluster)) = (&self.peers[0], &self.cluster) {
+            cluster.send(
+                node,
+                &cluster::NodeMsg::Offer {
+                    session: self.session.clone(),
+                    conn: *conn,
+                    strategy,
+                    payload,
+                },
+            );
+            return Ok(());
+        }
         let mut held = lock(&self.held_offers);
         if !held.contains_key(&strategy) && held.len() >= MAX_HELD_OFFERS {
             return Err(format!(
@@ -606,8 +677,69 @@ impl RendezvousServer {
                 relay_waiting: Mutex::new(HashMap::new()),
                 relays: std::sync::atomic::AtomicUsize::new(0),
                 ips: Mutex::new(IpTable::default()),
+                cluster: std::sync::OnceLock::new(),
             }),
+            inbox: None,
         }
+    }
+
+    /// Makes this server a node of a cluster that shares sessions through Redis: the two
+    /// peers of a session may then join through different nodes (see the `cluster` module).
+    /// Fails clearly when Redis cannot be reached or no public address is given.
+    ///
+    /// A public address with port 0 stands for this server's listening port.
+    pub async fn join_cluster(self, config: &ClusterConfig) -> Result<Self, ClusterError> {
+        let mut config = config.clone();
+        if let Ok(local) = self.local_addr() {
+            for a in &mut config.public_addrs {
+                if a.port() == 0 {
+                    a.set_port(local.port());
+                }
+            }
+        }
+        let (store, inbox) =
+            cluster::RedisStore::connect(&config, self.shared.config.session_expiry).await?;
+        Ok(self.with_store(Arc::new(store), inbox))
+    }
+
+    /// Makes this server a node of a [`MemoryCluster`]: sessions shared with the other
+    /// servers of this process that joined it, as through Redis (for tests of the cluster
+    /// logic). `public_addrs` as in [`ClusterConfig`] (port 0: the listening port).
+    pub fn join_memory_cluster(
+        self,
+        cluster: &MemoryCluster,
+        mut public_addrs: Vec<SocketAddr>,
+    ) -> Self {
+        if let Ok(local) = self.local_addr() {
+            for a in &mut public_addrs {
+                if a.port() == 0 {
+                    a.set_port(local.port());
+                }
+            }
+        }
+        let (store, inbox) = cluster.node(public_addrs, self.shared.config.session_expiry);
+        self.with_store(Arc::new(store), inbox)
+    }
+
+    fn with_store(mut self, store: Arc<dyn SessionStore>, inbox: cluster::Inbox) -> Self {
+        let _ = self.shared.cluster.set(store);
+        self.inbox = Some(inbox);
+        self
+    }
+
+    /// Where peers reach this node, as told to peers of other nodes (empty outside a
+    /// cluster).
+    pub fn public_addrs(&self) -> Vec<SocketAddr> {
+        self.shared
+            .cluster
+            .get()
+            .map(|c| c.public_addrs().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// This node's id in its cluster (`None` outside a cluster).
+    pub fn node_id(&self) -> Option<String> {
+        self.shared.cluster.get().map(|c| c.node().to_owned())
     }
 
     /// A handle that reads the server's counters while it runs.
@@ -663,7 +795,11 @@ impl RendezvousServer {
     /// never end the server. Dropping this future (aborting its task) stops everything the
     /// server started: every connection task, every relay, every socket.
     pub async fn run(self) {
-        let Self { endpoints, shared } = self;
+        let Self {
+            endpoints,
+            shared,
+            inbox,
+        } = self;
         let served = endpoints.into_iter().map(|endpoint| {
             let shared = shared.clone();
             async move {
@@ -685,7 +821,10 @@ impl RendezvousServer {
                 );
             }
         });
-        futures::future::join_all(served).await;
+        tokio::join!(
+            futures::future::join_all(served),
+            serve_cluster(inbox, &shared)
+        );
     }
 }
 
@@ -740,6 +879,269 @@ async fn bind_unspecified(addr: SocketAddr) -> std::io::Result<Vec<Endpoint>> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// Handles what the other nodes of the cluster send this one, in order; resubscribes (once a
+/// second) when the subscription is lost. Returns at once outside a cluster.
+async fn serve_cluster(inbox: Option<cluster::Inbox>, shared: &Shared) {
+    let (Some(mut inbox), Some(cluster)) = (inbox, shared.cluster.get()) else {
+        return;
+    };
+    loop {
+        while let Some(msg) = inbox.next().await {
+            on_node_msg(shared, cluster, msg);
+        }
+        warn!("cluster: lost the subscription to this node's channel in Redis; resubscribing");
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match cluster.resubscribe().await {
+                Ok(i) => {
+                    inbox = i;
+                    break;
+                }
+                Err(e) => warn!("cluster: resubscribing failed: {e}"),
+            }
+        }
+    }
+}
+
+/// One message from another node (see `cluster::NodeMsg`).
+fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg: cluster::NodeMsg) {
+    use cluster::NodeMsg;
+    match msg {
+        NodeMsg::Pair {
+            session,
+            conn,
+            from,
+            from_conn,
+            strategies,
+            addr,
+        } => {
+            let mut sessions = lock(&shared.sessions);
+            let waiter = match sessions.remove(&session) {
+                Some(SessionSlot::Waiting(w)) if w.conn == conn && !w.claiming => w,
+                other => {
+                    if let Some(slot) = other {
+                        sessions.insert(session.clone(), slot);
+                    }
+                    drop(sessions);
+                    let message = format!(
+                        "the first peer of session '{session}' left or paired before this join \
+                         reached it; join again"
+                    );
+                    let refused = NodeMsg::Refused {
+                        session,
+                        conn: from_conn,
+                        message,
+                    };
+                    cluster.send(&from, &refused);
+                    return;
+                }
+            };
+            let agreed = agree(&waiter.strategies, &strategies);
+            if agreed.is_empty() {
+                drop(sessions);
+                let message = no_common(&waiter.strategies, &strategies);
+                waiter.outbox.push(Outbound::Fatal(ServerToClient::Error {
+                    message: message.clone(),
+                }));
+                let refused = NodeMsg::Refused {
+                    session,
+                    conn: from_conn,
+                    message,
+                };
+                cluster.send(&from, &refused);
+                return;
+            }
+            let (pair_id, relay_token) = new_pair_ids(shared);
+            let pair = Arc::new(Pair {
+                session: session.clone(),
+                pair_id: pair_id.clone(),
+                // The other node's peer: its version does not travel between nodes, so its
+                // other-family sightings are not relayed across nodes (README, cluster limits).
+                versions: [waiter.version, 1],
+                sighted: Mutex::new([Vec::new(), Vec::new()]),
+                relay_token: relay_token.clone(),
+                peers: [
+                    PeerEnd::Local {
+                        conn: waiter.conn,
+                        outbox: waiter.outbox.clone(),
+                    },
+                    PeerEnd::Remote {
+                        node: from.clone(),
+                        conn: from_conn,
+                    },
+                ],
+                strategies: agreed.clone(),
+                held_offers: Mutex::new(HashMap::new()),
+                cluster: Some(cluster.clone()),
+            });
+            sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
+            drop(sessions);
+            waiter.outbox.push(Outbound::Paired(
+                pair,
+                Role::First,
+                ServerToClient::Paired {
+                    role: Role::First,
+                    strategies: agreed.clone(),
+                    pair_id: pair_id.clone(),
+                    observed: waiter.addr,
+                    peer: addr,
+                    relay_token: relay_token.clone(),
+                    relay_addrs: Vec::new(),
+                },
+            ));
+            info!(session = %session, node = %from, "paired with a peer on another node");
+            let paired = NodeMsg::Paired {
+                session,
+                conn: from_conn,
+                from: cluster.node().to_owned(),
+                from_conn: waiter.conn,
+                strategies: agreed,
+                pair_id,
+                peer: waiter.addr,
+                relay_token,
+                relay_addrs: cluster.public_addrs().to_vec(),
+            };
+            cluster.send(&from, &paired);
+        }
+        NodeMsg::Paired {
+            session,
+            conn,
+            from,
+            from_conn,
+            strategies,
+            pair_id,
+            peer,
+            relay_token,
+            relay_addrs,
+        } => {
+            let mut sessions = lock(&shared.sessions);
+            let joiner = match sessions.remove(&session) {
+                Some(SessionSlot::Waiting(w)) if w.conn == conn && w.claiming => w,
+                other => {
+                    if let Some(slot) = other {
+                        sessions.insert(session.clone(), slot);
+                    }
+                    drop(sessions);
+                    // The joiner left meanwhile: the first peer learns it as from a local peer.
+                    let left = NodeMsg::Deliver {
+                        session,
+                        conn: from_conn,
+                        msg: ServerToClient::PeerLeft,
+                    };
+                    cluster.send(&from, &left);
+                    return;
+                }
+            };
+            let pair = Arc::new(Pair {
+                session: session.clone(),
+                pair_id: pair_id.clone(),
+                versions: [1, joiner.version],
+                sighted: Mutex::new([Vec::new(), Vec::new()]),
+                relay_token: relay_token.clone(),
+                peers: [
+                    PeerEnd::Remote {
+                        node: from,
+                        conn: from_conn,
+                    },
+                    PeerEnd::Local {
+                        conn: joiner.conn,
+                        outbox: joiner.outbox.clone(),
+                    },
+                ],
+                strategies: strategies.clone(),
+                held_offers: Mutex::new(HashMap::new()),
+                cluster: Some(cluster.clone()),
+            });
+            sessions.insert(session, SessionSlot::Paired(pair.clone()));
+            drop(sessions);
+            joiner.outbox.push(Outbound::Paired(
+                pair,
+                Role::Second,
+                ServerToClient::Paired {
+                    role: Role::Second,
+                    strategies,
+                    pair_id,
+                    observed: joiner.addr,
+                    peer,
+                    relay_token,
+                    relay_addrs,
+                },
+            ));
+        }
+        NodeMsg::Refused {
+            session,
+            conn,
+            message,
+        } => {
+            let mut sessions = lock(&shared.sessions);
+            let ours =
+                matches!(sessions.get(&session), Some(SessionSlot::Waiting(w)) if w.conn == conn);
+            if let Some(SessionSlot::Waiting(w)) = ours.then(|| sessions.remove(&session)).flatten()
+            {
+                drop(sessions);
+                w.outbox
+                    .push(Outbound::Fatal(ServerToClient::Error { message }));
+            }
+        }
+        NodeMsg::Deliver { session, conn, msg } => {
+            let pair = match lock(&shared.sessions).get(&session) {
+                Some(SessionSlot::Paired(p)) => p.clone(),
+                _ => return,
+            };
+            if let Some(role) = pair.local_role(conn) {
+                if let PeerEnd::Local { outbox, .. } = &pair.peers[Pair::index(role)] {
+                    outbox.push(Outbound::Msg(msg));
+                }
+            }
+        }
+        NodeMsg::Offer {
+            session,
+            conn,
+            strategy,
+            payload,
+        } => {
+            let pair = match lock(&shared.sessions).get(&session) {
+                Some(SessionSlot::Paired(p)) => p.clone(),
+                _ => return,
+            };
+            if pair.local_role(conn) == Some(Role::First) {
+                if let Err(e) = pair.offer(Role::Second, strategy, payload) {
+                    warn!(session = %session, "offer from the other node refused: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The strategies both offered, in the first peer's order.
+fn agree(first: &[String], second: &[String]) -> Vec<String> {
+    first
+        .iter()
+        .filter(|s| second.contains(s))
+        .cloned()
+        .collect()
+}
+
+fn no_common(first: &[String], second: &[String]) -> String {
+    format!(
+        "no strategy in common (first peer offers [{}], second peer offers [{}])",
+        first.join(", "),
+        second.join(", ")
+    )
+}
+
+/// A new pairing's id and relay token (no token when this node does not relay).
+fn new_pair_ids(shared: &Shared) -> (String, Option<String>) {
+    let mut id = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut id);
+    let relay_token = shared.config.relay.as_ref().map(|_| {
+        let mut t = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut t);
+        hex::encode(t)
+    });
+    (hex::encode(id), relay_token)
 }
 
 /// Reads a running server's counters.
@@ -1065,6 +1467,7 @@ async fn serve_control(
                         addr,
                         strategies,
                         outbox: outbox.clone(),
+                        claiming: false,
                     }),
                 );
                 Ok(None)
@@ -1073,42 +1476,39 @@ async fn serve_control(
                 sessions.insert(session.clone(), SessionSlot::Paired(pair));
                 Err(format!("session '{session}' already has two peers"))
             }
+            Some(SessionSlot::Waiting(waiter)) if waiter.claiming => {
+                sessions.insert(session.clone(), SessionSlot::Waiting(waiter));
+                Err(format!("session '{session}' already has two peers"))
+            }
             Some(SessionSlot::Waiting(waiter)) => {
-                let agreed: Vec<String> = waiter
-                    .strategies
-                    .iter()
-                    .filter(|s| strategies.contains(s))
-                    .cloned()
-                    .collect();
+                let agreed = agree(&waiter.strategies, &strategies);
                 if agreed.is_empty() {
-                    let msg = format!(
-                        "no strategy in common (first peer offers [{}], second peer offers [{}])",
-                        waiter.strategies.join(", "),
-                        strategies.join(", ")
-                    );
+                    let msg = no_common(&waiter.strategies, &strategies);
                     waiter.outbox.push(Outbound::Fatal(ServerToClient::Error {
                         message: msg.clone(),
                     }));
                     Err(msg)
                 } else {
-                    let mut id = [0u8; 16];
-                    rand::thread_rng().fill_bytes(&mut id);
-                    let pair_id = hex::encode(id);
-                    let relay_token = shared.config.relay.as_ref().map(|_| {
-                        let mut t = [0u8; 16];
-                        rand::thread_rng().fill_bytes(&mut t);
-                        hex::encode(t)
-                    });
+                    let (pair_id, relay_token) = new_pair_ids(shared);
                     let pair = Arc::new(Pair {
                         session: session.clone(),
                         pair_id: pair_id.clone(),
                         versions: [waiter.version, version],
                         sighted: Mutex::new([Vec::new(), Vec::new()]),
                         relay_token: relay_token.clone(),
-                        conns: [waiter.conn, conn],
-                        outboxes: [waiter.outbox.clone(), outbox.clone()],
+                        peers: [
+                            PeerEnd::Local {
+                                conn: waiter.conn,
+                                outbox: waiter.outbox.clone(),
+                            },
+                            PeerEnd::Local {
+                                conn,
+                                outbox: outbox.clone(),
+                            },
+                        ],
                         strategies: agreed.clone(),
                         held_offers: Mutex::new(HashMap::new()),
+                        cluster: None,
                     });
                     sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
                     waiter.outbox.push(Outbound::Paired(
@@ -1121,6 +1521,7 @@ async fn serve_control(
                             observed: waiter.addr,
                             peer: addr,
                             relay_token: relay_token.clone(),
+                            relay_addrs: Vec::new(),
                         },
                     ));
                     outbox.push(Outbound::Paired(
@@ -1133,6 +1534,7 @@ async fn serve_control(
                             observed: addr,
                             peer: waiter.addr,
                             relay_token,
+                            relay_addrs: Vec::new(),
                         },
                     ));
                     Ok(Some(pair))
@@ -1140,19 +1542,38 @@ async fn serve_control(
             }
         }
     };
+    // What this connection holds in the cluster store, given back when it leaves.
+    let mut owned: Option<String> = None;
     match joined {
         Err(msg) => {
             refuse(&mut framed, &msg).await;
             return;
         }
         Ok(None) => {
-            info!(session = %session, "waiting for the second peer");
-            let waiting = ServerToClient::Waiting {
-                session: session.clone(),
-            };
-            if send_within(shared, &mut framed, &waiting).await.is_err() {
-                leave(shared, &session, conn, None);
-                return;
+            let mut wait = true;
+            if let Some(cluster) = shared.cluster.get() {
+                match register(shared, cluster, &session, conn, addr).await {
+                    Ok((value, waits)) => {
+                        owned = value;
+                        wait = waits;
+                    }
+                    Err(msg) => {
+                        leave(shared, &session, conn, None);
+                        refuse(&mut framed, &msg).await;
+                        return;
+                    }
+                }
+            }
+            if wait {
+                info!(session = %session, "waiting for the second peer");
+                let waiting = ServerToClient::Waiting {
+                    session: session.clone(),
+                };
+                if send_within(shared, &mut framed, &waiting).await.is_err() {
+                    leave(shared, &session, conn, None);
+                    release(shared, &session, owned);
+                    return;
+                }
             }
         }
         Ok(Some(_)) => info!(session = %session, "paired"),
@@ -1175,6 +1596,17 @@ async fn serve_control(
                     Outbound::Fatal(m) => (m, true),
                     Outbound::Paired(p, role, m) => {
                         pair = Some((p, role));
+                        // A waiter's key in the cluster store now says "paired" (unless the
+                        // joiner on another node already made it so).
+                        if let (Some(cluster), Some(value)) = (shared.cluster.get(), owned.take()) {
+                            let paired = cluster.paired_value(conn);
+                            if value.starts_with('W') {
+                                cluster.swap(&session, value, Some(paired.clone()));
+                                owned = Some(paired);
+                            } else {
+                                owned = Some(value);
+                            }
+                        }
                         framed.set_limit(shared.config.max_frame_len);
                         idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                         (m, false)
@@ -1224,6 +1656,88 @@ async fn serve_control(
         }
     }
     leave(shared, &session, conn, pair.as_ref());
+    release(shared, &session, owned);
+}
+
+/// Gives back what a connection held in the cluster store (only if it still holds it).
+fn release(shared: &Shared, session: &str, owned: Option<String>) {
+    if let (Some(cluster), Some(value)) = (shared.cluster.get(), owned) {
+        cluster.swap(session, value, None);
+    }
+}
+
+/// Registers a join that found no local partner with the cluster: it either waits (its key
+/// is set), or claims the waiter another node holds and asks that node to pair. Returns what
+/// the connection now holds in the store and whether it waits (`false`: it waits for the
+/// other node's answer, and the client is not told "waiting").
+async fn register(
+    shared: &Shared,
+    cluster: &Arc<dyn SessionStore>,
+    session: &str,
+    conn: u64,
+    addr: SocketAddr,
+) -> Result<(Option<String>, bool), String> {
+    let still_waiting = || matches!(lock(&shared.sessions).get(session), Some(SessionSlot::Waiting(w)) if w.conn == conn);
+    match cluster.claim(session, conn).await? {
+        cluster::Claim::Wait => Ok((Some(cluster.waiting_value(conn)), true)),
+        cluster::Claim::Paired => {
+            if still_waiting() {
+                Err(format!("session '{session}' already has two peers"))
+            } else {
+                // A local joiner paired with this one meanwhile.
+                Ok((None, true))
+            }
+        }
+        cluster::Claim::Waiter {
+            node,
+            conn: theirs,
+            value,
+        } => {
+            let mine = cluster.paired_value(conn);
+            let strategies = {
+                let mut sessions = lock(&shared.sessions);
+                match sessions.get_mut(session) {
+                    Some(SessionSlot::Waiting(w)) if w.conn == conn => {
+                        w.claiming = true;
+                        Some(w.strategies.clone())
+                    }
+                    _ => None,
+                }
+            };
+            let Some(strategies) = strategies else {
+                // A local joiner paired with this one meanwhile: give the waiter back.
+                cluster.swap(session, mine, Some(value));
+                return Ok((None, true));
+            };
+            let request = cluster::NodeMsg::Pair {
+                session: session.to_owned(),
+                conn: theirs,
+                from: cluster.node().to_owned(),
+                from_conn: conn,
+                strategies,
+                addr,
+            };
+            if cluster.send_now(&node, &request).await? {
+                debug!(session, node = %node, "claimed a waiter on another node");
+                return Ok((Some(mine), false));
+            }
+            // Nobody listens on that node's channel: it is gone, and so is its waiter. Wait
+            // here in its place.
+            warn!(session, node = %node, "the node holding this session's first peer is gone; waiting here instead");
+            let waiting = cluster.waiting_value(conn);
+            if !cluster.swap_now(session, &mine, &waiting).await? {
+                return Err(format!(
+                    "session '{session}' changed hands in the cluster while joining; join again"
+                ));
+            }
+            if let Some(SessionSlot::Waiting(w)) = lock(&shared.sessions).get_mut(session) {
+                if w.conn == conn {
+                    w.claiming = false;
+                }
+            }
+            Ok((Some(waiting), true))
+        }
+    }
 }
 
 /// What one peer spent on one strategy of its pairing.
@@ -1314,7 +1828,7 @@ fn leave(shared: &Shared, session: &str, conn: u64, pair: Option<&(Arc<Pair>, Ro
     let mut sessions = lock(&shared.sessions);
     let ours = match sessions.get(session) {
         Some(SessionSlot::Waiting(w)) => w.conn == conn,
-        Some(SessionSlot::Paired(p)) => p.conns.contains(&conn),
+        Some(SessionSlot::Paired(p)) => p.has_local(conn),
         None => false,
     };
     if ours {
@@ -1355,15 +1869,32 @@ async fn serve_relay(
     };
     let known = {
         let sessions = lock(&shared.sessions);
-        matches!(sessions.get(session), Some(SessionSlot::Paired(p)) if p.relay_token.as_deref() == Some(token.as_str()))
+        match sessions.get(session) {
+            Some(SessionSlot::Paired(p)) if p.relay_token.as_deref() == Some(token.as_str()) => {
+                Ok(matches!(p.peers[0], PeerEnd::Local { .. }))
+            }
+            _ => Err(()),
+        }
     };
-    if !known {
-        refuse(
-            &mut framed,
-            "relay refused: no paired session with that name and token",
-        )
-        .await;
-        return;
+    match known {
+        Ok(true) => {}
+        Ok(false) => {
+            refuse(
+                &mut framed,
+                "relay refused: this session's relay runs on the first peer's node (the address \
+                 it was paired with), not on this one",
+            )
+            .await;
+            return;
+        }
+        Err(()) => {
+            refuse(
+                &mut framed,
+                "relay refused: no paired session with that name and token",
+            )
+            .await;
+            return;
+        }
     }
     // The second peer hands its connection to the first, whose task runs the relay. Looking
     // for the partner and registering as the waiter is one step under the lock: two peers
@@ -1496,10 +2027,19 @@ mod tests {
             versions: [2, 2],
             sighted: Mutex::new([Vec::new(), Vec::new()]),
             relay_token: None,
-            conns: [1, 2],
-            outboxes: outboxes.clone(),
+            peers: [
+                PeerEnd::Local {
+                    conn: 1,
+                    outbox: outboxes[0].clone(),
+                },
+                PeerEnd::Local {
+                    conn: 2,
+                    outbox: outboxes[1].clone(),
+                },
+            ],
             strategies: vec!["relay".into()],
             held_offers: Mutex::new(HashMap::new()),
+            cluster: None,
         });
         outboxes[0].push(Outbound::Paired(
             pair.clone(),

@@ -125,18 +125,22 @@ fn server_msg() -> impl Strategy<Value = ServerToClient> {
             text(),
             socket_addr(),
             socket_addr(),
-            prop::option::of(text())
+            prop::option::of(text()),
+            prop::collection::vec(socket_addr(), 0..3)
         )
-            .prop_map(|(role, strategies, pair_id, observed, peer, relay_token)| {
-                ServerToClient::Paired {
-                    role,
-                    strategies,
-                    pair_id,
-                    observed,
-                    peer,
-                    relay_token,
+            .prop_map(
+                |(role, strategies, pair_id, observed, peer, relay_token, relay_addrs)| {
+                    ServerToClient::Paired {
+                        role,
+                        strategies,
+                        pair_id,
+                        observed,
+                        peer,
+                        relay_token,
+                        relay_addrs,
+                    }
                 }
-            }),
+            ),
         Just(ServerToClient::Relaying),
         socket_addr().prop_map(|addr| ServerToClient::Observed { addr }),
         (text(), json_value())

@@ -487,6 +487,7 @@ async fn early_results_are_capped_per_attempt() {
             observed: peer,
             peer,
             relay_token: None,
+            relay_addrs: Vec::new(),
         });
         for i in 0..20_000u32 {
             let strategy = match i % 3 {

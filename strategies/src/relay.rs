@@ -60,7 +60,8 @@ impl Strategy for Relay {
             .exchange_secure_offers::<serde_json::Value>(NAME, serde_json::json!({}))
             .await?;
         let tls = secured.link_tls(attempt.role())?;
-        let server = attempt.rendezvous.server();
+        // On a cluster the relay runs on the first peer's node, which may not be ours.
+        let server = attempt.pairing.relay_addr(attempt.rendezvous.server());
         let deadline = attempt.deadline;
         let stream = tokio::time::timeout_at(deadline.into(), TcpStream::connect(server))
             .await

@@ -228,7 +228,7 @@ async fn pairing_rate(total: u64, concurrency: usize, cores: usize) -> PairingRa
 /// TIME_WAIT behind (zero linger: closing sends a reset), or the benchmark would measure the
 /// kernel's search for a free ephemeral port instead of the server. The server does the same
 /// work either way.
-async fn raw_join(
+pub(super) async fn raw_join(
     server: SocketAddr,
     src: Option<Ipv4Addr>,
     session: String,

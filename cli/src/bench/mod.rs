@@ -14,6 +14,9 @@
 //!   them in flight, both peers through the real client join path), the server's CPU time per
 //!   pairing, and the server's resident memory with `--sessions` sessions waiting for their
 //!   second peer (a fresh server per size; VmRSS before and after).
+//! - **Cluster** (`--section cluster`, not in the default set: needs `redis-server`): pairings
+//!   per second through two nodes sharing sessions in Redis against one in-process node, and
+//!   the CPU per pairing Redis adds (`cluster.rs`).
 //!
 //! With `--server HOST:PORT --session NAME` this process is one peer against an external
 //! rendezvous server and measures time to link only (its own view: from its "paired" event to
@@ -43,6 +46,7 @@ use time_to_link::{time_to_link_local, time_to_link_peer};
 
 mod capacity;
 mod cli_path;
+mod cluster;
 mod forward;
 mod server_memory;
 mod server_proc;
@@ -135,6 +139,10 @@ pub(crate) enum Section {
     Soak,
     /// One `nettool forward` stream against `nettool connect` (only when asked for).
     Forward,
+    /// Pairings per second through two rendezvous nodes sharing sessions in Redis against
+    /// one in-process node, and the CPU per pairing Redis adds (only when asked for; needs
+    /// `redis-server` on PATH).
+    Cluster,
 }
 
 /// How the CLI path feeds and drains the processes.
@@ -185,6 +193,7 @@ struct BenchReport {
     throughput: Option<Throughput>,
     capacity: Option<Capacity>,
     server_memory: Option<server_memory::ServerMemory>,
+    cluster: Option<cluster::ClusterBench>,
     cli_path: Option<cli_path::CliPath>,
     soak: Option<cli_path::Soak>,
     notes: Vec<String>,
@@ -283,7 +292,7 @@ pub(crate) async fn run(
     settings: Settings,
     configs: &[ConfiguredStrategy],
 ) -> Result<i32> {
-    let peer_mode = args.peer.server.is_some();
+    let peer_mode = !args.peer.server.is_empty();
     let sections: Vec<Section> = if args.sections.is_empty() {
         if peer_mode {
             vec![Section::TimeToLink]
@@ -317,6 +326,7 @@ pub(crate) async fn run(
         throughput: None,
         capacity: None,
         server_memory: None,
+        cluster: None,
         cli_path: None,
         soak: None,
         notes: vec![
@@ -326,8 +336,7 @@ pub(crate) async fn run(
         ],
     };
     if peer_mode {
-        let (server, all) =
-            crate::resolve_servers(settings.server.as_deref().unwrap_or_default()).await?;
+        let (server, all) = crate::choose_server(&settings.server).await?;
         let session = settings.session.clone().unwrap_or_default();
         if session.is_empty() {
             bail!("no session: give --session NAME (the other peer gives the same)");
@@ -398,6 +407,10 @@ pub(crate) async fn run(
         }
         if sections.contains(&Section::ServerMemory) {
             report.server_memory = Some(server_memory::measure(&progress).await);
+        }
+        if sections.contains(&Section::Cluster) {
+            let measured = cluster::measure(args.pairings, args.concurrency, &progress);
+            report.cluster = Some(measured.await);
         }
         if sections.contains(&Section::CliPath) || sections.contains(&Section::Soak) {
             let place = cli_path::Placement {
@@ -616,6 +629,9 @@ fn render(r: &BenchReport) -> String {
     }
     if let Some(m) = &r.server_memory {
         out += &format!("{}\n", m.render());
+    }
+    if let Some(c) = &r.cluster {
+        out += &format!("{}\n", c.render());
     }
     if let Some(c) = &r.cli_path {
         out += &format!(

@@ -2,6 +2,7 @@
 
 mod bench;
 mod birthday;
+mod cluster;
 mod fallback;
 mod forward;
 mod ipv6;
