@@ -442,14 +442,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn run_with(registry: StrategyRegistry) -> i32 {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    // A peer moves bytes between stdio, one link and (for forward/expose) a few sockets: one
-    // thread does that with less CPU per byte than a worker pool, whose cross-thread wake-ups
-    // cost more than they win here (measured in `nettool bench --section cli-path`, CPU column;
-    // README "Data path"). The server and the in-process commands use every core.
-    let one_thread = matches!(
-        cli.command,
-        Command::Connect(_) | Command::Expose(_) | Command::Forward(_) | Command::Netcheck(_)
-    );
+    // `connect` moves bytes between stdio and one link: one thread does that with less CPU per
+    // byte than a worker pool, whose cross-thread wake-ups cost more than they win here
+    // (measured in `nettool bench --section cli-path`, CPU column; README "Data path").
+    // `expose` and `forward` carry hundreds of connections at once and keep the pool, as do
+    // the server and the in-process commands.
+    let one_thread = matches!(cli.command, Command::Connect(_) | Command::Netcheck(_));
     let runtime = if one_thread {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

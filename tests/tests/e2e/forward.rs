@@ -284,7 +284,7 @@ fn many_connections(strategy: &str) {
     let dir = TempDir::new(&format!("fw-many-{strategy}"));
     let echo = EchoAfterEof::start();
     let common = peer_args(&addr, "fw-many", &["--strategy", strategy]);
-    let (_e, forward, listen) = start_pair(
+    let (expose, forward, listen) = start_pair(
         Command::new(nettool_bin()),
         Command::new(nettool_bin()),
         &dir.0,
@@ -326,12 +326,19 @@ fn many_connections(strategy: &str) {
         .filter(|l| !l.contains("closed after"))
         .take(20)
         .collect();
+    let exposed = std::fs::read_to_string(&expose.err).unwrap_or_default();
+    let expose_problems: Vec<&str> = exposed
+        .lines()
+        .filter(|l| !l.contains("closed after"))
+        .take(20)
+        .collect();
     assert!(
         failed.is_empty(),
-        "{} of {N} failed, e.g. {:?}; forward said:\n{}",
+        "{} of {N} failed, e.g. {:?}; forward said:\n{}\nexpose said:\n{}",
         failed.len(),
         &failed[..failed.len().min(5)],
-        problems.join("\n")
+        problems.join("\n"),
+        expose_problems.join("\n")
     );
     assert_eq!(count_lines(&forward.err, "link lost"), 0);
 }
