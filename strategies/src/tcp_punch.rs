@@ -532,3 +532,66 @@ async fn accept_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn summary(mapping: Mapping, filtering: Filtering) -> NatSummary {
+        NatSummary {
+            udp_mapping: mapping,
+            udp_filtering: filtering,
+            tcp_mapping: mapping,
+            port_mapping: false,
+        }
+    }
+
+    #[test]
+    fn only_no_nat_and_no_filtering_counts_as_nothing_stateful_in_front() {
+        let open = summary(Mapping::NoNat, Filtering::EndpointIndependent);
+        assert!(!stateful_in_front(Some(&open)));
+        assert!(stateful_in_front(None));
+        assert!(stateful_in_front(Some(&NatSummary::UNKNOWN)));
+        let firewall = summary(Mapping::NoNat, Filtering::AddressAndPortDependent);
+        assert!(stateful_in_front(Some(&firewall)));
+        let full_cone = summary(Mapping::EndpointIndependent, Filtering::EndpointIndependent);
+        assert!(stateful_in_front(Some(&full_cone)));
+    }
+
+    /// A connection from a primed endpoint is reset and never handed on; one from anywhere
+    /// else is.
+    #[tokio::test]
+    async fn the_receive_listener_resets_primed_endpoints_and_hands_on_the_rest() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let at = listener.local_addr().unwrap();
+        let primed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let primed_addr = primed.local_addr().unwrap();
+        drop(primed);
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(accept_loop(listener, vec![primed_addr], tx));
+
+        let mut from_primed = start_connect(primed_addr, at, None).unwrap();
+        established(&from_primed).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), from_primed.read(&mut buf))
+            .await
+            .expect("the reset arrives");
+        assert!(
+            matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{read:?}"
+        );
+
+        let other = TcpStream::connect(at).await.unwrap();
+        let handed = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("handed on")
+            .expect("channel open");
+        assert_eq!(handed.remote, other.local_addr().unwrap());
+        assert!(
+            rx.try_recv().is_err(),
+            "the primed endpoint was never handed on"
+        );
+        task.abort();
+    }
+}
