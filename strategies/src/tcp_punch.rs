@@ -259,7 +259,17 @@ impl Strategy for TcpPunch {
         // Dropping the JoinSet (on success, error or cancellation) aborts every task, which
         // closes their sockets.
         let mut tasks = JoinSet::new();
-        if let Some(ttl) = self.config.priming_ttl() {
+        // Priming lets the peer's SYN in through what is in front of this peer. Against a peer
+        // with nothing stateful in front (its NAT summary says so), this peer's own dial gets
+        // through anyway, and priming would only risk the listener race of the module
+        // documentation (its remaining form: a primed socket replaced just as the peer's SYN
+        // passes the router). So prime only when the peer may be behind something stateful.
+        let peer_open = attempt
+            .nat
+            .as_ref()
+            .is_some_and(|(_, peer)| !stateful_in_front(Some(peer)));
+        let priming = self.config.priming_ttl().filter(|_| !peer_open);
+        if let Some(ttl) = priming {
             for cand in peer_dial.iter().copied() {
                 tasks.spawn(prime_loop(
                     receive.local,
@@ -283,13 +293,12 @@ impl Strategy for TcpPunch {
                 errors.clone(),
             ));
         }
-        let refused: Vec<SocketAddr> = if self.config.priming_ttl().is_some()
-            && stateful_in_front(attempt.nat.as_ref().map(|(me, _)| me))
-        {
-            peer_dial.clone()
-        } else {
-            Vec::new()
-        };
+        let refused: Vec<SocketAddr> =
+            if priming.is_some() && stateful_in_front(attempt.nat.as_ref().map(|(me, _)| me)) {
+                peer_dial.clone()
+            } else {
+                Vec::new()
+            };
         tasks.spawn(accept_loop(receive.listener, refused, tx.clone()));
         tasks.spawn(accept_loop(dial.listener, Vec::new(), tx));
 
