@@ -512,6 +512,29 @@ enum PeerEnd {
 }
 
 impl Pair {
+    /// A new pair: nothing sighted, no offers held yet.
+    fn new(
+        session: String,
+        pair_id: String,
+        versions: [u32; 2],
+        relay_token: Option<String>,
+        peers: [PeerEnd; 2],
+        strategies: Vec<String>,
+        cluster: Option<Arc<dyn SessionStore>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            session,
+            pair_id,
+            versions,
+            sighted: Mutex::new([Vec::new(), Vec::new()]),
+            relay_token,
+            peers,
+            strategies,
+            held_offers: Mutex::new(HashMap::new()),
+            cluster,
+        })
+    }
+
     fn index(role: Role) -> usize {
         match role {
             Role::First => 0,
@@ -954,15 +977,14 @@ fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg: cluster::N
                 return;
             }
             let (pair_id, relay_token) = new_pair_ids(shared);
-            let pair = Arc::new(Pair {
-                session: session.clone(),
-                pair_id: pair_id.clone(),
+            let pair = Pair::new(
+                session.clone(),
+                pair_id.clone(),
                 // The other node's peer: its version does not travel between nodes, so its
                 // other-family sightings are not relayed across nodes (README, cluster limits).
-                versions: [waiter.version, 1],
-                sighted: Mutex::new([Vec::new(), Vec::new()]),
-                relay_token: relay_token.clone(),
-                peers: [
+                [waiter.version, 1],
+                relay_token.clone(),
+                [
                     PeerEnd::Local {
                         conn: waiter.conn,
                         outbox: waiter.outbox.clone(),
@@ -972,10 +994,9 @@ fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg: cluster::N
                         conn: from_conn,
                     },
                 ],
-                strategies: agreed.clone(),
-                held_offers: Mutex::new(HashMap::new()),
-                cluster: Some(cluster.clone()),
-            });
+                agreed.clone(),
+                Some(cluster.clone()),
+            );
             sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
             drop(sessions);
             waiter.outbox.push(Outbound::Paired(
@@ -1034,13 +1055,12 @@ fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg: cluster::N
                     return;
                 }
             };
-            let pair = Arc::new(Pair {
-                session: session.clone(),
-                pair_id: pair_id.clone(),
-                versions: [1, joiner.version],
-                sighted: Mutex::new([Vec::new(), Vec::new()]),
-                relay_token: relay_token.clone(),
-                peers: [
+            let pair = Pair::new(
+                session.clone(),
+                pair_id.clone(),
+                [1, joiner.version],
+                relay_token.clone(),
+                [
                     PeerEnd::Remote {
                         node: from,
                         conn: from_conn,
@@ -1050,10 +1070,9 @@ fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg: cluster::N
                         outbox: joiner.outbox.clone(),
                     },
                 ],
-                strategies: strategies.clone(),
-                held_offers: Mutex::new(HashMap::new()),
-                cluster: Some(cluster.clone()),
-            });
+                strategies.clone(),
+                Some(cluster.clone()),
+            );
             sessions.insert(session, SessionSlot::Paired(pair.clone()));
             drop(sessions);
             joiner.outbox.push(Outbound::Paired(
@@ -1490,13 +1509,12 @@ async fn serve_control(
                     Err(msg)
                 } else {
                     let (pair_id, relay_token) = new_pair_ids(shared);
-                    let pair = Arc::new(Pair {
-                        session: session.clone(),
-                        pair_id: pair_id.clone(),
-                        versions: [waiter.version, version],
-                        sighted: Mutex::new([Vec::new(), Vec::new()]),
-                        relay_token: relay_token.clone(),
-                        peers: [
+                    let pair = Pair::new(
+                        session.clone(),
+                        pair_id.clone(),
+                        [waiter.version, version],
+                        relay_token.clone(),
+                        [
                             PeerEnd::Local {
                                 conn: waiter.conn,
                                 outbox: waiter.outbox.clone(),
@@ -1506,10 +1524,9 @@ async fn serve_control(
                                 outbox: outbox.clone(),
                             },
                         ],
-                        strategies: agreed.clone(),
-                        held_offers: Mutex::new(HashMap::new()),
-                        cluster: None,
-                    });
+                        agreed.clone(),
+                        None,
+                    );
                     sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
                     waiter.outbox.push(Outbound::Paired(
                         pair.clone(),
@@ -2021,13 +2038,12 @@ mod tests {
     #[test]
     fn an_ended_connection_drops_what_its_outbox_held() {
         let outboxes = [Arc::new(Outbox::default()), Arc::new(Outbox::default())];
-        let pair = Arc::new(Pair {
-            session: "s".into(),
-            pair_id: "p".into(),
-            versions: [2, 2],
-            sighted: Mutex::new([Vec::new(), Vec::new()]),
-            relay_token: None,
-            peers: [
+        let pair = Pair::new(
+            "s".into(),
+            "p".into(),
+            [2, 2],
+            None,
+            [
                 PeerEnd::Local {
                     conn: 1,
                     outbox: outboxes[0].clone(),
@@ -2037,10 +2053,9 @@ mod tests {
                     outbox: outboxes[1].clone(),
                 },
             ],
-            strategies: vec!["relay".into()],
-            held_offers: Mutex::new(HashMap::new()),
-            cluster: None,
-        });
+            vec!["relay".into()],
+            None,
+        );
         outboxes[0].push(Outbound::Paired(
             pair.clone(),
             Role::First,

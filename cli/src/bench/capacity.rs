@@ -157,20 +157,62 @@ async fn pairing_rate(total: u64, concurrency: usize, cores: usize) -> PairingRa
     };
     let addr = server.addr;
     let tag = std::process::id();
+    let server_cpu0 = proc_cpu_seconds(server.pid()).unwrap_or(0.0);
+    let own_cpu0 = proc_cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let start = Instant::now();
+    let run = run_pairings(total, concurrency, move |i| {
+        let session = format!("pair-{tag}-{i}");
+        async move {
+            let (a, b) = tokio::join!(
+                raw_join(addr, None, session.clone(), "paired"),
+                raw_join(addr, None, session.clone(), "paired"),
+            );
+            a.and(b).map(|_| ())
+        }
+    })
+    .await;
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    let server_cpu = proc_cpu_seconds(server.pid()).unwrap_or(0.0) - server_cpu0;
+    let own_cpu = proc_cpu_seconds(std::process::id()).unwrap_or(0.0) - own_cpu0;
+    rate.pairings = run.done;
+    rate.failed = run.failed;
+    rate.seconds = secs;
+    rate.per_second = rate.pairings as f64 / secs;
+    rate.server_cpu_seconds = server_cpu;
+    rate.client_cpu_seconds = own_cpu;
+    rate.server_only_per_second =
+        (server_cpu > 0.0).then(|| rate.pairings as f64 / server_cpu * cores as f64);
+    rate.error = run.first_error;
+    rate.verdict = Verdict::of(rate.failed == 0 && rate.per_second >= TARGET_PAIRINGS_PER_SECOND);
+    rate
+}
+
+/// What [`run_pairings`] counted.
+pub(super) struct PairingRun {
+    pub(super) done: u64,
+    pub(super) failed: u64,
+    pub(super) first_error: Option<String>,
+}
+
+/// Runs `pair(i)` for i in 0..total, `concurrency` at a time, each within 30 s; counts the
+/// pairings that succeeded and failed, and keeps the first error.
+pub(super) async fn run_pairings<F, Fut>(total: u64, concurrency: usize, pair: F) -> PairingRun
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
-    let server_cpu0 = proc_cpu_seconds(server.pid()).unwrap_or(0.0);
-    let own_cpu0 = proc_cpu_seconds(std::process::id()).unwrap_or(0.0);
-    let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (next, done, failed, first_error) = (
+        let (next, done, failed, first_error, pair) = (
             next.clone(),
             done.clone(),
             failed.clone(),
             first_error.clone(),
+            pair.clone(),
         );
         tasks.spawn(async move {
             loop {
@@ -178,15 +220,8 @@ async fn pairing_rate(total: u64, concurrency: usize, cores: usize) -> PairingRa
                 if i >= total {
                     break;
                 }
-                let session = format!("pair-{tag}-{i}");
-                let both = async {
-                    tokio::join!(
-                        raw_join(addr, None, session.clone(), "paired"),
-                        raw_join(addr, None, session.clone(), "paired"),
-                    )
-                };
-                let res = match tokio::time::timeout(Duration::from_secs(30), both).await {
-                    Ok((a, b)) => a.and(b).map(|_| ()),
+                let res = match tokio::time::timeout(Duration::from_secs(30), pair(i)).await {
+                    Ok(r) => r,
                     Err(_) => Err(anyhow::anyhow!("no pairing within 30 s")),
                 };
                 match res {
@@ -205,20 +240,12 @@ async fn pairing_rate(total: u64, concurrency: usize, cores: usize) -> PairingRa
         });
     }
     while tasks.join_next().await.is_some() {}
-    let secs = start.elapsed().as_secs_f64().max(1e-9);
-    let server_cpu = proc_cpu_seconds(server.pid()).unwrap_or(0.0) - server_cpu0;
-    let own_cpu = proc_cpu_seconds(std::process::id()).unwrap_or(0.0) - own_cpu0;
-    rate.pairings = done.load(Ordering::Relaxed);
-    rate.failed = failed.load(Ordering::Relaxed);
-    rate.seconds = secs;
-    rate.per_second = rate.pairings as f64 / secs;
-    rate.server_cpu_seconds = server_cpu;
-    rate.client_cpu_seconds = own_cpu;
-    rate.server_only_per_second =
-        (server_cpu > 0.0).then(|| rate.pairings as f64 / server_cpu * cores as f64);
-    rate.error = first_error.lock().expect("error lock").take();
-    rate.verdict = Verdict::of(rate.failed == 0 && rate.per_second >= TARGET_PAIRINGS_PER_SECOND);
-    rate
+    let first_error = first_error.lock().expect("error lock").take();
+    PairingRun {
+        done: done.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        first_error,
+    }
 }
 
 /// Opens one control connection (from `src` when given) and joins `session` with a hand-written

@@ -19,14 +19,12 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::capacity::{proc_cpu_seconds, raw_join};
+use super::capacity::{proc_cpu_seconds, raw_join, run_pairings};
 use super::server_proc::ServerProc;
 
 /// Pairings per setup at most (the default `--pairings` is sized for the capacity section).
@@ -263,66 +261,29 @@ async fn pairing_rate(
     let redis_pids: Vec<u32> = redis_pid.into_iter().collect();
     let (node0, redis0) = (cpu(node_pids), cpu(&redis_pids));
     let tag = format!("{}-{}", std::process::id(), setup.len());
-    let next = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let first_error: Arc<Mutex<Option<String>>> = Arc::default();
     let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        let (next, done, failed, first_error, tag) = (
-            next.clone(),
-            done.clone(),
-            failed.clone(),
-            first_error.clone(),
-            tag.clone(),
-        );
-        tasks.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    break;
-                }
-                let session = format!("cluster-{tag}-{i}");
-                let pair = async {
-                    let first = raw_join(nodes.0, None, session.clone(), "waiting").await?;
-                    let second = raw_join(nodes.1, None, session.clone(), "paired").await?;
-                    drop((first, second));
-                    anyhow::Ok(())
-                };
-                let res = match tokio::time::timeout(Duration::from_secs(30), pair).await {
-                    Ok(r) => r,
-                    Err(_) => Err(anyhow::anyhow!("no pairing within 30 s")),
-                };
-                match res {
-                    Ok(()) => {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .expect("error lock")
-                            .get_or_insert_with(|| format!("{e:#}"));
-                    }
-                }
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
+    let run = run_pairings(total, concurrency, move |i| {
+        let session = format!("cluster-{tag}-{i}");
+        async move {
+            let first = raw_join(nodes.0, None, session.clone(), "waiting").await?;
+            let second = raw_join(nodes.1, None, session.clone(), "paired").await?;
+            drop((first, second));
+            anyhow::Ok(())
+        }
+    })
+    .await;
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
-    let pairings = done.load(Ordering::Relaxed);
+    let pairings = run.done;
     let per = |cpu: f64| cpu * 1e6 / pairings.max(1) as f64;
-    let error = first_error.lock().expect("error lock").take();
     ClusterRow {
         setup,
         pairings,
-        failed: failed.load(Ordering::Relaxed),
+        failed: run.failed,
         concurrency,
         seconds,
         per_second: pairings as f64 / seconds,
         node_cpu_us_per_pairing: per(cpu(node_pids) - node0),
         redis_cpu_us_per_pairing: per(cpu(&redis_pids) - redis0),
-        error,
+        error: run.first_error,
     }
 }
