@@ -374,6 +374,9 @@ pub(crate) struct Transfer {
     pub(crate) stalled: bool,
     /// CPU seconds (user + system) of A (the sender) and B, whole process lifetime.
     pub(crate) cpu_seconds: [Option<f64>; 2],
+    /// CPU seconds the rendezvous server spent during the transfer (pairing it, and
+    /// carrying it when the link is the relay).
+    pub(crate) server_cpu_seconds: Option<f64>,
 }
 
 /// What a transfer carries.
@@ -402,7 +405,7 @@ impl IoMode {
 #[allow(clippy::too_many_arguments)]
 fn transfer(
     place: &Placement,
-    server: SocketAddr,
+    server: &Server,
     link: &str,
     mode: IoMode,
     size: u64,
@@ -410,6 +413,7 @@ fn transfer(
     seq: u64,
     limit: Duration,
 ) -> Result<Transfer> {
+    let server_cpu_before = super::capacity::proc_cpu_seconds(server.child.id());
     let seed_ab = seq * 2 + 1;
     let seed_ba = seq * 2 + 2;
     let (feed_a, drain_b, feed_b, drain_a) = match mode {
@@ -463,7 +467,7 @@ fn transfer(
     let session = format!("cli-{}-{seq}", std::process::id());
     let peer_args = |cmd: &mut Command| {
         cmd.args(["connect", "--server"])
-            .arg(server.to_string())
+            .arg(server.addr.to_string())
             .args([
                 "--session",
                 &session,
@@ -579,6 +583,9 @@ fn transfer(
         error: (!errors.is_empty()).then(|| errors.join("; ")),
         stalled,
         cpu_seconds,
+        server_cpu_seconds: server_cpu_before
+            .zip(super::capacity::proc_cpu_seconds(server.child.id()))
+            .map(|(before, after)| after - before),
     })
 }
 
@@ -633,6 +640,8 @@ pub(crate) struct CliPathRow {
     /// Median CPU seconds (user + system) per GiB carried, of the sender and the receiver:
     /// steadier than wall time on a busy machine, and what a user's laptop pays.
     pub(crate) cpu_s_per_gib: [Option<f64>; 2],
+    /// Median CPU seconds of the rendezvous server per GiB carried (the relay's cost).
+    pub(crate) server_cpu_s_per_gib: Option<f64>,
     pub(crate) error: Option<String>,
 }
 
@@ -681,7 +690,7 @@ pub(crate) fn run(
         for (li, link) in all.iter().enumerate() {
             for (mi, mode) in modes.iter().enumerate() {
                 seq += 1;
-                let t = transfer(place, server.addr, link, *mode, size, &dir, seq, limit)?;
+                let t = transfer(place, &server, link, *mode, size, &dir, seq, limit)?;
                 progress(&format!(
                     "cli-path round {}/{rounds}: {link} {}: {}",
                     round + 1,
@@ -736,6 +745,13 @@ pub(crate) fn run(
                             .collect(),
                     )
                 }),
+                server_cpu_s_per_gib: median(
+                    ts.iter()
+                        .filter(|t| t.seconds.is_some())
+                        .filter_map(|t| t.server_cpu_seconds)
+                        .map(|c| c * (1u64 << 30) as f64 / size as f64)
+                        .collect(),
+                ),
                 error: ts.iter().find_map(|t| t.error.clone()),
             });
         }
@@ -785,7 +801,7 @@ pub(crate) fn soak(
     for i in 0..runs {
         let t = transfer(
             place,
-            server.addr,
+            &server,
             link,
             IoMode::Both,
             size,

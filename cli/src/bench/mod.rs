@@ -649,6 +649,7 @@ fn render(r: &BenchReport) -> String {
             "peak RSS",
             "≤ 32 MB",
             "CPU s/GiB send/recv",
+            "server CPU s/GiB",
             "error",
         ]);
         for row in &c.rows {
@@ -672,6 +673,7 @@ fn render(r: &BenchReport) -> String {
                     opt(row.cpu_s_per_gib[0], 2, ""),
                     opt(row.cpu_s_per_gib[1], 2, "")
                 ),
+                opt(row.server_cpu_s_per_gib, 2, ""),
                 row.error.clone().unwrap_or_default(),
             ]);
         }
