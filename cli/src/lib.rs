@@ -32,6 +32,7 @@ use nettool_core::Strategy;
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
 
+pub mod alloc;
 mod bench;
 mod compare;
 mod forward;

@@ -82,9 +82,23 @@ impl Identity {
     }
 }
 
-/// The one crypto provider of the tree: ring.
+/// The one crypto provider of the tree: ring, with AES-128-GCM preferred.
+///
+/// rustls' default order puts AES-256-GCM first; AES-128-GCM (TLS 1.3's and QUIC's
+/// mandatory suite) takes 10 AES rounds instead of 14, which is a fifth less CPU per byte on
+/// the links (the cipher was a fifth of a `connect` process's time). `NETTOOL_TLS_SUITES=default`
+/// keeps rustls' order, for measuring.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    if std::env::var("NETTOOL_TLS_SUITES").as_deref() != Ok("default") {
+        use rustls::crypto::ring::cipher_suite as cs;
+        p.cipher_suites = vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ];
+    }
+    Arc::new(p)
 }
 
 /// A TLS setup error as a strategy error saying what was being set up.
@@ -370,9 +384,18 @@ mod tests {
         let second = LinkTls::new(Role::Second, &b, a.fingerprint).unwrap();
         let (x, y) = tokio::io::duplex(1 << 16);
         let (rx, ry) = tokio::join!(first.upgrade(x), second.upgrade(y));
-        let ((_, bx), (_, by)) = (rx.unwrap(), ry.unwrap());
+        let ((tx, bx), (ty, by)) = (rx.unwrap(), ry.unwrap());
         assert_eq!(bx, by);
         assert_eq!(bx.len(), 32);
+        // AES-128-GCM is what both ends choose (the CPU per byte; see `provider`).
+        for t in [&tx, &ty] {
+            let suite = t.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+            assert_eq!(
+                suite,
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+                "negotiated suite"
+            );
+        }
 
         // A third identity is refused by both sides.
         let c = Identity::generate().unwrap();

@@ -205,7 +205,7 @@ fn bench_lab_cli_path() {
     );
     for row in c["rows"].as_array().expect("rows") {
         println!(
-            "  {:<10} {:<5} {:>7.3} s  {:>6.0} MB/s  ratio {:>5.2}  target {:>5}  {:<4}  RSS {:>5.1} MB {}",
+            "  {:<10} {:<5} {:>7.3} s  {:>6.0} MB/s  ratio {:>5.2}  target {:>5}  {:<4}  RSS {:>5.1} MB {}  CPU s/GiB {:.2} / {:.2}, server {:.2}",
             row["link"].as_str().unwrap_or("?"),
             row["mode"].as_str().unwrap_or("?"),
             row["seconds"].as_f64().unwrap_or(f64::NAN),
@@ -215,6 +215,9 @@ fn bench_lab_cli_path() {
             row["verdict"].as_str().unwrap_or("?"),
             row["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
             row["rss_verdict"].as_str().unwrap_or("?"),
+            row["cpu_s_per_gib"][0].as_f64().unwrap_or(f64::NAN),
+            row["cpu_s_per_gib"][1].as_f64().unwrap_or(f64::NAN),
+            row["server_cpu_s_per_gib"].as_f64().unwrap_or(f64::NAN),
         );
         assert!(row["error"].is_null(), "{row}");
     }

@@ -484,9 +484,14 @@ fn tcp_punch_none_x_fw_100_transfers_none_stalls() {
 }
 
 #[test]
-#[ignore = "debugging aid: holds a cone-rst x cone-rst lab for manual experiments"]
+#[ignore = "debugging aid: holds a lab (HOLD_KINDS=a,b, default cone-rst,cone-rst) for HOLD_SECS"]
 fn hold_lab_for_debugging() {
-    let lab = RunningLab::new(NatKind::ConeRst, NatKind::ConeRst);
+    let kinds = std::env::var("HOLD_KINDS").unwrap_or_else(|_| "cone-rst,cone-rst".into());
+    let (a, b) = kinds
+        .split_once(',')
+        .and_then(|(a, b)| Some((a.parse::<NatKind>().ok()?, b.parse::<NatKind>().ok()?)))
+        .unwrap_or_else(|| panic!("HOLD_KINDS={kinds}: expected two kinds, e.g. none,fw"));
+    let lab = RunningLab::new(a, b);
     for h in [Host::Server, Host::A, Host::B] {
         eprintln!(
             "{h:?}: {} router {:?}",
