@@ -32,7 +32,6 @@ use nettool_core::Strategy;
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
 
-pub mod alloc;
 mod bench;
 mod compare;
 mod forward;
@@ -40,6 +39,7 @@ mod legacy;
 mod netcheck;
 mod pump;
 mod stdio;
+mod tunables;
 
 const DEFAULT_PORT: u16 = 8877;
 
@@ -441,6 +441,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Runs the `nettool` command line with the strategies of `registry`; returns the process's
 /// exit status (0 linked and done, 1 failed, 2 bad flags or settings).
 pub fn run_with(registry: StrategyRegistry) -> i32 {
+    // Before anything else (threads, files): may start this process again, see `tunables`.
+    tunables::reexec_with_tuned_memcpy();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     // `connect` moves bytes between stdio and one link: one thread does that with less CPU per
@@ -1067,11 +1069,12 @@ async fn connect_linked(
         }
     }
     if let Some(l) = &link {
-        report.data_path = Some(if l.strategy == "udp-quic" {
+        let crypto = if l.strategy == "udp-quic" {
             "QUIC (quinn, userspace crypto)".to_owned()
         } else {
             pump::ktls_status().replace(" was used", " is used")
-        });
+        };
+        report.data_path = Some(format!("{crypto}; {}", tunables::status()));
     }
     if let Some(path) = &args.report {
         write_report(path, &report)?;

@@ -1,9 +1,5 @@
 //! The `nettool` binary: the command line over the built-in strategies.
 
-/// Large blocks page-aligned (see `nettool::alloc`: a 4K-aliasing stall in rustls' copies).
-#[global_allocator]
-static GLOBAL: nettool::alloc::PageAlignedLarge = nettool::alloc::PageAlignedLarge;
-
 fn main() {
     let code = nettool::run_with(nettool_strategies::registry());
     // stdin may still be blocked in a reader thread; do not wait for it. `run_with` has put

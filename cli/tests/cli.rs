@@ -304,3 +304,59 @@ fn bench_smoke_prints_every_section() {
     }
     assert!(v["cli_path"]["ktls"].is_string(), "{v}");
 }
+
+/// `nettool` starts itself again with glibc's `rep movsb` copies off (`tunables.rs`: rustls'
+/// record copies hit 4K aliasing with it), keeps its PID, arguments and the caller's own
+/// tunables, does it once, and not with NETTOOL_NO_REEXEC.
+#[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
+#[test]
+fn nettool_runs_with_rep_movsb_off_and_keeps_the_callers_tunables() {
+    use std::io::{BufRead, BufReader};
+    // The environment the running server started with (/proc/PID/environ; glibc cuts
+    // GLIBC_TUNABLES there at its first ':' while parsing it).
+    let environ_of = |extra: &[(&str, &str)]| -> Vec<String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nettool"));
+        cmd.args(["rendezvous", "--listen", "127.0.0.1:0"])
+            .env_remove("GLIBC_TUNABLES")
+            .env_remove("NETTOOL_NO_REEXEC")
+            .env_remove("NETTOOL_REEXECED")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn nettool");
+        // The server says where it listens once it runs: by then any re-exec is done.
+        let mut line = String::new();
+        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        while !line.contains("listening") {
+            line.clear();
+            assert!(
+                err.read_line(&mut line).expect("read") > 0,
+                "server ended early"
+            );
+        }
+        let environ = std::fs::read(format!("/proc/{}/environ", child.id())).expect("environ");
+        let _ = child.kill();
+        let _ = child.wait();
+        String::from_utf8_lossy(&environ)
+            .split('\0')
+            .filter(|v| v.starts_with("GLIBC_TUNABLES=") || v.starts_with("NETTOOL_REEXECED="))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        environ_of(&[]),
+        [
+            "GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=2147483647",
+            "NETTOOL_REEXECED=1"
+        ]
+    );
+    let kept = environ_of(&[("GLIBC_TUNABLES", "glibc.malloc.check=0")]);
+    assert!(
+        kept.contains(&"GLIBC_TUNABLES=glibc.malloc.check=0".to_owned())
+            && kept.contains(&"NETTOOL_REEXECED=1".to_owned()),
+        "{kept:?}"
+    );
+    assert!(environ_of(&[("NETTOOL_NO_REEXEC", "1")]).is_empty());
+}

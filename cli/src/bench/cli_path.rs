@@ -764,7 +764,11 @@ pub(crate) fn run(
         } else {
             "loopback".into()
         },
-        ktls: crate::pump::ktls_status(),
+        ktls: format!(
+            "{}; {}",
+            crate::pump::ktls_status(),
+            crate::tunables::status()
+        ),
         rows,
     })
 }
