@@ -3,7 +3,7 @@
 //!
 //! - [`protocol`]: the versioned rendezvous messages and their line codec.
 //! - [`client`]: the peer's side of the rendezvous conversation.
-//! - [`server`] (feature `server`): the rendezvous server that pairs peers by session name.
+//! - `server` (feature `server`): the rendezvous server that pairs peers by session name.
 //! - [`registry`]: strategies by name, each built from its own `[strategy.NAME]` table.
 //! - [`strategy`]: the object-safe [`Strategy`] trait, the [`Link`] it produces and the
 //!   [`Attempt`] context it runs in.

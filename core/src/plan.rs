@@ -1,7 +1,7 @@
 //! Planning the attempts from both peers' NAT behaviour (design.md §8).
 //!
 //! Each peer measures its own NAT with [`crate::discovery`] while it waits for the other, and
-//! both exchange a [`NatSummary`] when they pair. [`plan`] then decides, per strategy, whether
+//! both exchange a [`NatSummary`] when they pair. [`feasible`] then decides, per strategy, whether
 //! it can work for this pair of NATs and how long its attempt may take:
 //!
 //! - **hole punching** (`tcp-punch` on the TCP mapping, `udp-quic` on the UDP mapping) cannot

@@ -235,11 +235,7 @@ fn soak_lab_tcp_punch_cone_rst() {
     let runs = env_or("NETTOOL_SOAK_RUNS", "200");
     let size = env_or("NETTOOL_SOAK_SIZE", "64MiB");
     // NETTOOL_SOAK_KINDS=A,B picks another pair (e.g. fw,none, where the old stall was seen).
-    let kinds = env_or("NETTOOL_SOAK_KINDS", "cone-rst,cone-rst");
-    let (a, b) = kinds
-        .split_once(',')
-        .and_then(|(a, b)| Some((a.parse::<NatKind>().ok()?, b.parse::<NatKind>().ok()?)))
-        .unwrap_or_else(|| panic!("NETTOOL_SOAK_KINDS={kinds}: expected two kinds, e.g. fw,none"));
+    let (a, b) = crate::support::kinds_from_env("NETTOOL_SOAK_KINDS", "cone-rst,cone-rst");
     let v = bench_cli_in_lab(
         a,
         b,

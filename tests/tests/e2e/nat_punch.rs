@@ -425,6 +425,8 @@ fn tcp_punch_none_x_fw_100_transfers_none_stalls() {
     if !require_lab() {
         return;
     }
+    // NETTOOL_STALL_KINDS=a,b runs the same soak through another pair (e.g. fw,fw).
+    let (ka, kb) = crate::support::kinds_from_env("NETTOOL_STALL_KINDS", "none,fw");
     let failures = Mutex::new(Vec::new());
     let slow = Mutex::new(Vec::new());
     let (a_in, b_in) = (test_data(256 << 10, 21), test_data(192 << 10, 22));
@@ -436,7 +438,7 @@ fn tcp_punch_none_x_fw_100_transfers_none_stalls() {
                 for i in 0..50 {
                     // A fresh lab each time: the middle router's ICMP rate limit (which spares
                     // the priming sockets after a few errors) starts full, as on a new path.
-                    let lab = RunningLab::new(NatKind::None, NatKind::Fw);
+                    let lab = RunningLab::new(ka, kb);
                     let started = std::time::Instant::now();
                     let (ra, rb) = lab.connect_pair(
                         &format!("nf-{t}-{i}"),
@@ -486,11 +488,7 @@ fn tcp_punch_none_x_fw_100_transfers_none_stalls() {
 #[test]
 #[ignore = "debugging aid: holds a lab (HOLD_KINDS=a,b, default cone-rst,cone-rst) for HOLD_SECS"]
 fn hold_lab_for_debugging() {
-    let kinds = std::env::var("HOLD_KINDS").unwrap_or_else(|_| "cone-rst,cone-rst".into());
-    let (a, b) = kinds
-        .split_once(',')
-        .and_then(|(a, b)| Some((a.parse::<NatKind>().ok()?, b.parse::<NatKind>().ok()?)))
-        .unwrap_or_else(|| panic!("HOLD_KINDS={kinds}: expected two kinds, e.g. none,fw"));
+    let (a, b) = crate::support::kinds_from_env("HOLD_KINDS", "cone-rst,cone-rst");
     let lab = RunningLab::new(a, b);
     for h in [Host::Server, Host::A, Host::B] {
         eprintln!(

@@ -275,3 +275,15 @@ pub(crate) fn loopback_rendezvous(extra: &[&str]) -> (Proc, String) {
         .to_owned();
     (proc, addr)
 }
+
+/// A lab pair from the environment variable `var` ("a,b", e.g. "fw,none"), or `default`.
+pub(crate) fn kinds_from_env(
+    var: &str,
+    default: &str,
+) -> (nettool_tests::NatKind, nettool_tests::NatKind) {
+    let kinds = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+    kinds
+        .split_once(',')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .unwrap_or_else(|| panic!("{var}={kinds}: expected two kinds, e.g. fw,none"))
+}
