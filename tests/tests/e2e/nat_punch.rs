@@ -474,7 +474,7 @@ fn tcp_punch_none_x_fw_100_transfers_none_stalls() {
     });
     let (failures, slow) = (failures.into_inner().unwrap(), slow.into_inner().unwrap());
     eprintln!(
-        "tcp-punch none x fw: {} of 100 transfers intact; over 5 s: {slow:?}",
+        "tcp-punch {ka} x {kb}: {} of 100 transfers intact; over 5 s: {slow:?}",
         100 - failures.len()
     );
     assert!(
