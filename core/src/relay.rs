@@ -90,8 +90,6 @@ pub struct RelayStream {
     prefix: Vec<u8>,
     prefix_pos: usize,
     state: ReadState,
-    /// An error met after data was already handed out in the same read: reported next.
-    deferred: Option<io::Error>,
 }
 
 impl RelayStream {
@@ -104,7 +102,6 @@ impl RelayStream {
             inner,
             prefix,
             prefix_pos: 0,
-            deferred: None,
             state: ReadState::Header {
                 buf: [0; 5],
                 filled: 0,
@@ -141,45 +138,24 @@ fn closed() -> io::Error {
 }
 
 impl AsyncRead for RelayStream {
-    /// Fills `buf` with the payload of as many frames as have arrived: a frame boundary does
-    /// not end a read. (Ending reads at frame boundaries gave rustls above short, oddly
-    /// placed reads; its plaintext copies then ran at a fraction of their speed and the
-    /// receiving peer spent about twice the CPU of a direct link, see README.)
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(e) = this.deferred.take() {
-            return Poll::Ready(Err(e));
-        }
-        let start = buf.filled().len();
-        // Data handed out already in this call: a pause or an error waits for the next call.
-        let settle = |buf: &ReadBuf<'_>, this: &mut Self, r: Poll<io::Result<()>>| {
-            if buf.filled().len() == start {
-                return r;
-            }
-            if let Poll::Ready(Err(e)) = r {
-                this.deferred = Some(e);
-            }
-            Poll::Ready(Ok(()))
-        };
         loop {
             match &mut this.state {
                 ReadState::Eof => return Poll::Ready(Ok(())),
-                ReadState::Failed(msg) => {
-                    let e = io::Error::other(msg.clone());
-                    return settle(buf, this, Poll::Ready(Err(e)));
-                }
+                ReadState::Failed(msg) => return Poll::Ready(Err(io::Error::other(msg.clone()))),
                 ReadState::Header { filled, .. } => {
                     let mut tmp = [0u8; 5];
                     let already = *filled;
                     let want = 5 - already;
                     let n = match this.poll_raw(cx, &mut tmp[..want]) {
                         Poll::Ready(Ok(n)) => n,
-                        Poll::Ready(Err(e)) => return settle(buf, this, Poll::Ready(Err(e))),
-                        Poll::Pending => return settle(buf, this, Poll::Pending),
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
                     };
                     if n == 0 {
                         // The server half-closed between frames: the peer's end of the link.
@@ -187,7 +163,7 @@ impl AsyncRead for RelayStream {
                             this.state = ReadState::Eof;
                             return Poll::Ready(Ok(()));
                         }
-                        return settle(buf, this, Poll::Ready(Err(closed())));
+                        return Poll::Ready(Err(closed()));
                     }
                     let ReadState::Header { buf: h, filled } = &mut this.state else {
                         unreachable!()
@@ -222,11 +198,11 @@ impl AsyncRead for RelayStream {
                     let dst = buf.initialize_unfilled_to(want);
                     let n = match this.poll_raw(cx, dst) {
                         Poll::Ready(Ok(n)) => n,
-                        Poll::Ready(Err(e)) => return settle(buf, this, Poll::Ready(Err(e))),
-                        Poll::Pending => return settle(buf, this, Poll::Pending),
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
                     };
                     if n == 0 {
-                        return settle(buf, this, Poll::Ready(Err(closed())));
+                        return Poll::Ready(Err(closed()));
                     }
                     buf.advance(n);
                     let ReadState::Data { remaining } = &mut this.state else {
@@ -239,9 +215,7 @@ impl AsyncRead for RelayStream {
                             filled: 0,
                         };
                     }
-                    if buf.remaining() == 0 {
-                        return Poll::Ready(Ok(()));
-                    }
+                    return Poll::Ready(Ok(()));
                 }
                 ReadState::End { remaining, .. } => {
                     let mut tmp = vec![0u8; *remaining];
@@ -249,12 +223,10 @@ impl AsyncRead for RelayStream {
                         0
                     } else {
                         match this.poll_raw(cx, &mut tmp) {
-                            Poll::Ready(Ok(0)) => {
-                                return settle(buf, this, Poll::Ready(Err(closed())))
-                            }
+                            Poll::Ready(Ok(0)) => return Poll::Ready(Err(closed())),
                             Poll::Ready(Ok(n)) => n,
-                            Poll::Ready(Err(e)) => return settle(buf, this, Poll::Ready(Err(e))),
-                            Poll::Pending => return settle(buf, this, Poll::Pending),
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => return Poll::Pending,
                         }
                     };
                     let ReadState::End {
