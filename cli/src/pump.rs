@@ -34,8 +34,12 @@ fn buf_size() -> usize {
 /// A read from the link is topped up (without waiting) to at least this many bytes before it
 /// goes to stdout.
 const FILL: usize = 256 << 10;
-/// How long a graceful close (close_notify out, QUIC data acknowledged) may take.
-const CLOSE_WAIT: Duration = Duration::from_secs(3);
+/// How long a graceful close (close_notify out and everything acknowledged: QUIC's data, and
+/// on TCP links the bytes before the FIN, see `LoneFin` in the strategies) may take. It
+/// includes the time a slow reader on the other end takes to drain what is still buffered.
+const CLOSE_WAIT: Duration = Duration::from_secs(60);
+/// The same after a signal: the user asked us to end, so do not wait long.
+const CLOSE_WAIT_SIGNALLED: Duration = Duration::from_secs(3);
 
 /// How the pump ended.
 #[derive(Debug, Default)]
@@ -221,7 +225,12 @@ where
             }
         }
         // Our end: close the sending side cleanly (TLS close_notify, QUIC finish).
-        match tokio::time::timeout(CLOSE_WAIT, wr.shutdown()).await {
+        let close_wait = if signal.is_some() {
+            CLOSE_WAIT_SIGNALLED
+        } else {
+            CLOSE_WAIT
+        };
+        match tokio::time::timeout(close_wait, wr.shutdown()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) if peer_gone(&e) && peer_ended(&mut peer_eof).await => {
                 return Ok((sent, true, signal))
@@ -233,7 +242,7 @@ where
             Err(_) => {
                 if signal.is_none() {
                     anyhow::bail!(
-                        "closing the sending side: no acknowledgement within {CLOSE_WAIT:?}"
+                        "closing the sending side: no acknowledgement within {close_wait:?}"
                     );
                 }
             }

@@ -103,3 +103,133 @@ pub(crate) async fn send_tcp(
     })
     .await
 }
+
+/// A TCP link's socket whose shutdown sends the FIN only once the peer has acknowledged every
+/// byte written before it (the TLS close_notify included), so the FIN travels alone.
+///
+/// Why (measured in the lab, kernel 6.18, `nf_conntrack_log_invalid`): when a router's
+/// connection tracking missed a punched connection's handshake (tcp-punch: the peer's SYN
+/// passed between a priming socket's death and its replacement's SYN, so the entry stays in
+/// SYN_SENT2 holding the dead socket's sequence number), it lets data and ACKs through as
+/// "ignored" but drops an incoming FIN as invalid. A FIN riding on the last data segment takes
+/// that data with it, on every retransmission: the receiver waits for ever for its last bytes
+/// (CI saw it: 244,811 of 262,144 bytes, full × fw). Alone, a dropped FIN costs nothing: the
+/// close_notify before it has already ended the stream for the peer. The price is one round
+/// trip at the end of the sending side.
+pub(crate) struct LoneFin {
+    inner: TcpStream,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    step: std::time::Duration,
+}
+
+/// First and longest pause between two looks at what the peer has not acknowledged yet.
+const LONE_FIN_STEPS: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(1),
+    std::time::Duration::from_millis(20),
+);
+
+impl LoneFin {
+    pub(crate) fn new(inner: TcpStream) -> Self {
+        Self {
+            inner,
+            wait: None,
+            step: LONE_FIN_STEPS.0,
+        }
+    }
+}
+
+/// Bytes written to `stream` that the peer has not acknowledged yet; `None` once nothing more
+/// will be acknowledged (the connection is no longer established) or where that is unknown.
+#[cfg(target_os = "linux")]
+fn unacknowledged(stream: &TcpStream) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    // SAFETY: `fd` is an open TCP socket for the duration of the calls; `info` and `len`
+    // describe a buffer of the size passed, which the kernel fills at most.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // ESTABLISHED and CLOSE_WAIT (the peer's FIN is in): our data may still be acknowledged.
+    const ESTABLISHED: u8 = 1;
+    const CLOSE_WAIT: u8 = 8;
+    if got != 0 || !matches!(info.tcpi_state, ESTABLISHED | CLOSE_WAIT) {
+        return None;
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int: written but unacknowledged bytes.
+    let got = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    (got == 0).then_some(queued.max(0) as usize)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged(_: &TcpStream) -> Option<usize> {
+    None
+}
+
+impl tokio::io::AsyncRead for LoneFin {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LoneFin {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        let this = self.get_mut();
+        // Wait (politely: a timer, growing to LONE_FIN_STEPS.1) until everything is
+        // acknowledged. A peer that stops acknowledging is ended by the link's user timeout
+        // (`link_socket_options`), which ends this wait too.
+        while unacknowledged(&this.inner).is_some_and(|n| n > 0) {
+            let step = this.step;
+            let sleep = this
+                .wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(step)));
+            std::task::ready!(sleep.as_mut().poll(cx));
+            this.wait = None;
+            this.step = (step * 2).min(LONE_FIN_STEPS.1);
+        }
+        std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}

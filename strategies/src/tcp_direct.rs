@@ -168,7 +168,7 @@ impl Strategy for TcpDirect {
         let started = Instant::now();
         let upgrade = |s: TcpStream| {
             let tls = tls.clone();
-            async move { tls.upgrade(s).await }
+            async move { tls.upgrade(crate::net::LoneFin::new(s)).await }
         };
         let agreed = agree_on_link(&ctx, rx, upgrade, Duration::from_secs(3), stop).await;
         tasks.abort_all();

@@ -485,6 +485,108 @@ fn tcp_punch_none_x_fw_100_transfers_none_stalls() {
     );
 }
 
+/// What a router does to a punched connection whose handshake its connection tracking
+/// missed (state SYN_SENT2, holding a dead priming socket's sequence number; measured with
+/// `nf_conntrack_log_invalid`): data and ACKs pass as "ignored", an incoming FIN is dropped as
+/// invalid, and so is every retransmission of it. Here the firewall in front of B drops every
+/// FIN from A on purpose, and both TCP strategies must still deliver every byte both ways and
+/// end cleanly: A sends its FIN only once B has acknowledged everything before it (`LoneFin`
+/// in `strategies/src/net.rs`), so only the bare FIN is lost, after the TLS close_notify
+/// already ended the stream. 16 MiB from A through a 100 Mbit/s bottleneck, so the FIN would
+/// otherwise ride on queued data.
+#[test]
+fn a_firewall_dropping_the_peers_fins_costs_no_data() {
+    if !require_lab() {
+        return;
+    }
+    let (a_in, b_in) = (test_data(16 << 20, 31), test_data(64 << 10, 32));
+    let run = |strategy: &str| {
+        let lab = RunningLab::new(NatKind::None, NatKind::Fw);
+        let router = lab.lab.router_netns(Host::B).expect("fw has a router");
+        let rule = format!(
+            "insert rule inet ntl forward iifname \"wan\" ip saddr {} tcp flags & fin == fin \
+             counter drop",
+            lab.lab.public_ip(Host::A)
+        );
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", router, "nft", &rule])
+            .status()
+            .expect("nft runs");
+        assert!(status.success(), "cannot add the FIN-dropping rule");
+        // A bottleneck towards B (100 Mbit/s), so A still has data queued when its input
+        // ends: without `LoneFin` its FIN would ride on that data.
+        let status = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", router, "tc", "qdisc", "add", "dev", "lan", "root",
+            ])
+            .args([
+                "tbf", "rate", "100mbit", "burst", "64kb", "latency", "100ms",
+            ])
+            .status()
+            .expect("tc runs");
+        assert!(status.success(), "cannot shape the link towards B");
+        let flags = strategy_flags(strategy);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let (ra, rb) = lab.connect_pair(&format!("fin-{strategy}"), &flags, &a_in, &b_in);
+        let counters = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", router, "nft", "list", "chain", "inet", "ntl", "forward",
+            ])
+            .output()
+            .expect("nft runs");
+        let listing = String::from_utf8_lossy(&counters.stdout).into_owned();
+        let dropped: u64 = listing
+            .lines()
+            .find(|l| l.contains("tcp flags & fin == fin"))
+            .and_then(|l| l.split("packets ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let mut problems = Vec::new();
+        if ra.strategy() != Some(strategy) || rb.strategy() != Some(strategy) {
+            problems.push(format!(
+                "expected {strategy}, got a: {:?} b: {:?}",
+                ra.strategy(),
+                rb.strategy()
+            ));
+        }
+        for (r, name) in [(&ra, "a"), (&rb, "b")] {
+            if !r.status.is_some_and(|s| s.success()) {
+                problems.push(format!(
+                    "{name} exited with {:?}: {}",
+                    r.status,
+                    r.stderr.trim()
+                ));
+            }
+        }
+        if sha256(&rb.stdout) != sha256(&a_in) {
+            problems.push(format!(
+                "a -> b: {} of {} bytes arrived intact",
+                rb.stdout.len(),
+                a_in.len()
+            ));
+        }
+        if sha256(&ra.stdout) != sha256(&b_in) {
+            problems.push(format!(
+                "b -> a: {} of {} bytes",
+                ra.stdout.len(),
+                b_in.len()
+            ));
+        }
+        // The rule did its part: FINs from A were dropped (else this test proves nothing).
+        if dropped == 0 {
+            problems.push(format!("no FIN from A was dropped:\n{listing}"));
+        }
+        eprintln!("{strategy}: {dropped} FIN packets from A dropped at B's firewall");
+        problems
+    };
+    let problems: Vec<String> = ["tcp-punch", "tcp-direct"]
+        .iter()
+        .flat_map(|s| run(s).into_iter().map(move |p| format!("{s}: {p}")))
+        .collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[test]
 #[ignore = "debugging aid: holds a lab (HOLD_KINDS=a,b, default cone-rst,cone-rst) for HOLD_SECS"]
 fn hold_lab_for_debugging() {
