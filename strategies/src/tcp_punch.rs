@@ -35,6 +35,14 @@
 //! waited for ever. The dialing peer keeps dialing (see `dial_loop`), and its next SYN meets
 //! the primed socket.
 //!
+//! What no timing can prevent: the peer's SYN passing the router after a priming socket died
+//! but before its replacement's SYN. The router's entry then stays in SYN_SENT2 with the dead
+//! socket's sequence number (its log: the SYN-ACK "over upper bound", later packets
+//! "ignored"); data and ACKs pass, an incoming FIN is dropped. On a firewall the link works,
+//! so every TCP link sends its FIN alone, after all its data is acknowledged
+//! (`LoneFin` in `net.rs`); on a NAT the primed side's packets go out untranslated and that
+//! connection never links.
+//!
 //! Both IP families: when this peer reached the server over IPv4 and IPv6, each port is one
 //! dual-stack socket observed over both, so the offer carries candidates of both families;
 //! priming uses the TTL for IPv4 and the hop limit for IPv6 (a firewall in front of an IPv6
