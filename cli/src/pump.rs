@@ -36,8 +36,9 @@ fn buf_size() -> usize {
 const FILL: usize = 256 << 10;
 /// How long a graceful close (close_notify out and everything acknowledged: QUIC's data, and
 /// on TCP links the bytes before the FIN, see `LoneFin` in the strategies) may take. It
-/// includes the time a slow reader on the other end takes to drain what is still buffered.
-const CLOSE_WAIT: Duration = Duration::from_secs(60);
+/// includes the time a slow reader on the other end takes to drain what is still buffered,
+/// and is longer than TCP links' user timeout (60 s), so a vanished peer is reported as such.
+const CLOSE_WAIT: Duration = Duration::from_secs(75);
 /// The same after a signal: the user asked us to end, so do not wait long.
 const CLOSE_WAIT_SIGNALLED: Duration = Duration::from_secs(3);
 
@@ -124,6 +125,11 @@ async fn read_filled<R: AsyncRead + Unpin + ?Sized>(
 /// A clear error for a failed receive: a peer that vanished (killed without closing, host
 /// gone, path broken) shows up as a keep-alive timeout or a reset, not as a hang.
 fn receive_error(e: io::Error) -> anyhow::Error {
+    link_error(e, "receiving from the peer")
+}
+
+/// `e`, from `doing` something on the link, with what it means for the user.
+fn link_error(e: io::Error, doing: &str) -> anyhow::Error {
     let text = e.to_string();
     let why = match e.kind() {
         io::ErrorKind::TimedOut => {
@@ -140,7 +146,7 @@ fn receive_error(e: io::Error) -> anyhow::Error {
         }
         _ => "the link failed",
     };
-    anyhow::Error::new(e).context(format!("receiving from the peer: {why}"))
+    anyhow::Error::new(e).context(format!("{doing}: {why}"))
 }
 
 /// Errors that mean the peer no longer takes data (it closed or went away).
@@ -238,7 +244,7 @@ where
             Ok(Err(e)) if signal.is_some() => {
                 tracing::debug!("closing the sending side after a signal: {e}");
             }
-            Ok(Err(e)) => return Err(anyhow::Error::new(e).context("closing the sending side")),
+            Ok(Err(e)) => return Err(link_error(e, "closing the sending side")),
             Err(_) => {
                 if signal.is_none() {
                     anyhow::bail!(

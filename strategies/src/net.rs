@@ -221,7 +221,17 @@ impl tokio::io::AsyncWrite for LoneFin {
         // Wait (politely: a timer, growing to LONE_FIN_STEPS.1) until everything is
         // acknowledged. A peer that stops acknowledging is ended by the link's user timeout
         // (`link_socket_options`), which ends this wait too.
-        while unacknowledged(&this.inner).is_some_and(|n| n > 0) {
+        loop {
+            match unacknowledged(&this.inner) {
+                Some(0) => break,
+                Some(_) => {}
+                // No longer established: a connection the kernel gave up on (user timeout,
+                // reset) says why; else shut down as usual.
+                None => match this.inner.take_error() {
+                    Ok(Some(e)) => return std::task::Poll::Ready(Err(e)),
+                    _ => break,
+                },
+            }
             let step = this.step;
             let sleep = this
                 .wait

@@ -187,27 +187,7 @@ fn run_cell(flags: &[String], expected: Option<&str>, a: NatKind, b: NatKind) ->
             attempts(&rb)
         ));
     } else if linked {
-        for (run, name) in [(&ra, "a"), (&rb, "b")] {
-            if !run.status.is_some_and(|s| s.success()) {
-                problems.push(format!(
-                    "{name} exited with {:?}: {}",
-                    run.status,
-                    run.stderr.trim()
-                ));
-            }
-        }
-        if sha256(&rb.stdout) != sha256(&a_in) {
-            problems.push(format!(
-                "a -> b data differs ({} bytes arrived)",
-                rb.stdout.len()
-            ));
-        }
-        if sha256(&ra.stdout) != sha256(&b_in) {
-            problems.push(format!(
-                "b -> a data differs ({} bytes arrived)",
-                ra.stdout.len()
-            ));
-        }
+        problems.extend(transfer_problems(&ra, &rb, &a_in, &b_in));
     } else {
         for (run, name) in [(&ra, "a"), (&rb, "b")] {
             if run.status.and_then(|s| s.code()) != Some(1) {
@@ -248,6 +228,30 @@ fn run_cell(flags: &[String], expected: Option<&str>, a: NatKind, b: NatKind) ->
         total_ms,
         problem: (!problems.is_empty()).then(|| problems.join("; ")),
     }
+}
+
+/// What went wrong in a linked pair's transfer: an exit other than 0, data that differs.
+fn transfer_problems(ra: &PeerRun, rb: &PeerRun, a_in: &[u8], b_in: &[u8]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (run, name) in [(ra, "a"), (rb, "b")] {
+        if !run.status.is_some_and(|s| s.success()) {
+            problems.push(format!(
+                "{name} exited with {:?}: {}",
+                run.status,
+                run.stderr.trim()
+            ));
+        }
+    }
+    for (got, sent, way) in [(&rb.stdout, a_in, "a -> b"), (&ra.stdout, b_in, "b -> a")] {
+        if sha256(got) != sha256(sent) {
+            problems.push(format!(
+                "{way} data differs ({} of {} bytes arrived)",
+                got.len(),
+                sent.len()
+            ));
+        }
+    }
+    problems
 }
 
 /// Runs `nettool connect` with `flags` for every ordered pair of NAT kinds (4 labs at a time),
@@ -552,29 +556,7 @@ fn a_firewall_dropping_the_peers_fins_costs_no_data() {
                 rb.strategy()
             ));
         }
-        for (r, name) in [(&ra, "a"), (&rb, "b")] {
-            if !r.status.is_some_and(|s| s.success()) {
-                problems.push(format!(
-                    "{name} exited with {:?}: {}",
-                    r.status,
-                    r.stderr.trim()
-                ));
-            }
-        }
-        if sha256(&rb.stdout) != sha256(&a_in) {
-            problems.push(format!(
-                "a -> b: {} of {} bytes arrived intact",
-                rb.stdout.len(),
-                a_in.len()
-            ));
-        }
-        if sha256(&ra.stdout) != sha256(&b_in) {
-            problems.push(format!(
-                "b -> a: {} of {} bytes",
-                ra.stdout.len(),
-                b_in.len()
-            ));
-        }
+        problems.extend(transfer_problems(&ra, &rb, &a_in, &b_in));
         // The rule did its part: FINs from A were dropped (else this test proves nothing).
         if dropped == 0 {
             problems.push(format!("no FIN from A was dropped:\n{listing}"));
