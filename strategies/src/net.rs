@@ -243,3 +243,51 @@ impl tokio::io::AsyncWrite for LoneFin {
         std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The FIN waits for the peer's acknowledgement of every byte: while the peer reads
+    /// nothing (its window is full) the shutdown stays pending; once it has read everything,
+    /// the shutdown completes and the peer sees every byte, then the end. Without the wait
+    /// the shutdown would return at once, with the FIN queued behind the data.
+    #[tokio::test]
+    async fn the_fin_waits_until_the_peer_acknowledged_everything() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // A small window at the receiver, room for everything at the sender.
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let sender = tokio::net::TcpSocket::new_v4().unwrap();
+        sender.set_send_buffer_size(4 << 20).unwrap();
+        let sender = sender
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut receiver, _) = listener.accept().await.unwrap();
+        let mut sender = LoneFin::new(sender);
+        let data: Vec<u8> = (0..256 << 10).map(|i: u32| (i % 251) as u8).collect();
+        sender.write_all(&data).await.unwrap();
+        assert!(
+            unacknowledged(&sender.inner).is_some_and(|n| n > 0),
+            "the receiver's window should hold data back"
+        );
+        let mut shutdown = Box::pin(async move {
+            sender.shutdown().await.unwrap();
+            sender
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), shutdown.as_mut())
+                .await
+                .is_err(),
+            "shutdown returned while the peer had not acknowledged everything"
+        );
+        let mut got = Vec::new();
+        let (read, _sender) = tokio::join!(receiver.read_to_end(&mut got), shutdown);
+        read.unwrap();
+        assert_eq!(got, data);
+    }
+}
