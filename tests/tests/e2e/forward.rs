@@ -117,6 +117,21 @@ pub(crate) fn start_pair(
     (expose, forward, listen)
 }
 
+/// A listener on loopback with a deep accept queue. `expose` opens a connection to the
+/// service per stream, hundreds within a second in the stream-limit tests; std's backlog of
+/// 128 then overflows under a loaded CI machine, the kernel falls back to SYN cookies, and a
+/// few of those fail validation and are answered with a reset (seen in CI: 28 of 1100
+/// streams, `TcpExtSyncookiesFailed`) — the test service's limit, not the tool's.
+fn loopback_listener() -> TcpListener {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    socket.listen(4096).expect("listen");
+    socket.into()
+}
+
 /// A TCP service on loopback: reads each connection to EOF, then sends the bytes back and
 /// closes. Only a forwarded half-close lets it answer.
 struct EchoAfterEof {
@@ -126,7 +141,7 @@ struct EchoAfterEof {
 
 impl EchoAfterEof {
     fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let l = loopback_listener();
         let addr = l.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -159,7 +174,7 @@ impl EchoAfterEof {
 
 /// A TCP service on loopback that echoes what it reads at once.
 fn echo_now() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let l = loopback_listener();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for c in l.incoming() {
