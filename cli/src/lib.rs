@@ -268,8 +268,10 @@ struct PeerArgs {
     /// from the round trips. `off`: try every strategy blindly, for comparison.
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     plan: Option<String>,
-    /// Do not reuse NAT discovery results from earlier runs on this network (they are kept
-    /// 10 minutes per default gateway, local and public address, in the user cache dir).
+    /// Do not reuse NAT discovery results from earlier runs on this network. They are kept
+    /// 10 minutes per default gateway, local and public address, in the user cache dir
+    /// (`nettool netcheck` lists them), and each use is first confirmed by a one-round-trip
+    /// check of the mapping: a contradicted entry is dropped and the NAT measured afresh.
     #[arg(long)]
     no_nat_cache: bool,
     /// Shared secret both peers must give; without it, anyone who knows the session name
@@ -852,6 +854,11 @@ fn nat_cache(settings: &Settings) -> Option<nettool_core::nat_cache::NatCache> {
     if !settings.nat_cache || !settings.plan {
         return None;
     }
+    nat_cache_file()
+}
+
+/// The NAT discovery cache file, `<user cache dir>/nettool/nat.json`, entries kept 10 minutes.
+fn nat_cache_file() -> Option<nettool_core::nat_cache::NatCache> {
     let path = dirs::cache_dir()?.join("nettool").join("nat.json");
     Some(nettool_core::nat_cache::NatCache::new(
         path,

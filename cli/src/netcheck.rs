@@ -11,6 +11,7 @@ use clap::Args;
 use nettool_core::discovery::{
     discover_all, DiscoverOptions, FamilyReport, Filtering, Mapping, NetReport,
 };
+use nettool_core::nat_cache::Entry;
 
 /// Arguments of `nettool netcheck`.
 #[derive(Debug, Args)]
@@ -81,12 +82,77 @@ pub(crate) async fn run(args: NetcheckArgs) -> Result<i32> {
             args.server
         );
     }
+    let cache = crate::nat_cache_file();
+    let entries = match &cache {
+        Some(c) => c.entries().await,
+        None => Vec::new(),
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        value["nat_cache"] = serde_json::json!({
+            "path": cache.as_ref().map(|c| c.path().display().to_string()),
+            "ttl_s": cache.as_ref().map(|c| c.ttl().as_secs()),
+            "entries": entries
+                .iter()
+                .map(|e| {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    v["age_s"] = e.age_secs().into();
+                    v
+                })
+                .collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!("{}", table(&report));
+        if let Some(c) = &cache {
+            print!("{}", cache_table(c, &entries));
+        }
     }
     Ok(0)
+}
+
+/// What the NAT cache holds (`connect` confirms an entry's mapping before it uses it).
+fn cache_table(cache: &nettool_core::nat_cache::NatCache, entries: &[Entry]) -> String {
+    let ttl = cache.ttl().as_secs();
+    let mut out = format!(
+        "NAT cache {} ({} entries; kept {} s, each use confirmed first):\n",
+        cache.path().display(),
+        entries.len(),
+        ttl
+    );
+    if entries.is_empty() {
+        return out;
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_header([
+        "network",
+        "udp mapping",
+        "filtering",
+        "tcp mapping",
+        "age",
+        "last winner",
+    ]);
+    for e in entries {
+        let age = e.age_secs();
+        let winner = e.winner.as_ref().map_or("-".to_owned(), |w| {
+            format!("{} in {} ms", w.strategy, w.elapsed_ms)
+        });
+        t.add_row([
+            e.key.clone(),
+            mapping(e.nat.udp_mapping).into(),
+            filtering(e.nat.udp_filtering).into(),
+            mapping(e.nat.tcp_mapping).into(),
+            if age < ttl {
+                format!("{age} s")
+            } else {
+                format!("{age} s (expired)")
+            },
+            winner,
+        ]);
+    }
+    out.push_str(&format!("{t}\n"));
+    out
 }
 
 fn mapping(m: Mapping) -> &'static str {

@@ -469,21 +469,7 @@ async fn observe_from(
 
 /// The TCP mapping from observe connections from one local port to IP1:P1, IP2:P1, IP2:P2.
 async fn tcp_mapping(server: SocketAddr, other: Option<SocketAddr>, t: Duration) -> Mapping {
-    // Pick a free port with a first socket that then makes the first connection.
-    let Ok(port) = (async {
-        let s = if server.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        s.set_reuseaddr(true)?;
-        #[cfg(unix)]
-        s.set_reuseport(true)?;
-        s.bind(unspecified(server))?;
-        Ok::<_, io::Error>(s.local_addr()?.port())
-    })
-    .await
-    else {
+    let Ok(port) = reusable_port(server).await else {
         return Mapping::Unknown;
     };
     // Connections are kept open until the end, so the NAT keeps the mapping of the port.
@@ -505,6 +491,146 @@ async fn tcp_mapping(server: SocketAddr, other: Option<SocketAddr>, t: Duration)
         None
     };
     classify_mapping(local, Some(t1), t2, third.as_ref().map(|s| s.0))
+}
+
+/// The mapped addresses one local port got towards two addresses of the server: the evidence
+/// a cached mapping class is checked against ([`crate::nat_cache::verify`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingEvidence {
+    /// The local address used.
+    pub local: SocketAddr,
+    /// The mapped address the server's main address (IP1:P1) saw.
+    pub towards_server: SocketAddr,
+    /// The mapped address its other IP (IP2:P1) saw at the same time (`null`: no answer).
+    pub towards_other_ip: Option<SocketAddr>,
+}
+
+impl MappingEvidence {
+    /// The mapping class this evidence shows (`None` without the second answer); per
+    /// destination is reported as address-and-port-dependent.
+    pub fn class(&self) -> Option<Mapping> {
+        if self.towards_server == self.local {
+            return Some(Mapping::NoNat);
+        }
+        let other = self.towards_other_ip?;
+        Some(if other == self.towards_server {
+            Mapping::EndpointIndependent
+        } else {
+            Mapping::AddressAndPortDependent
+        })
+    }
+
+    /// In words, for reports: e.g. "mapped to 198.51.100.2:51234 and 198.51.100.2:61012".
+    pub fn describe(&self) -> String {
+        match (self.class(), self.towards_other_ip) {
+            (Some(Mapping::NoNat), _) => format!("no NAT (seen as {})", self.local),
+            (Some(Mapping::EndpointIndependent), _) => format!(
+                "endpoint-independent ({} towards both server addresses)",
+                self.towards_server
+            ),
+            (_, Some(other)) => format!(
+                "per destination ({} and {} towards the two server addresses)",
+                self.towards_server, other
+            ),
+            _ => format!(
+                "{} towards the server, no second answer",
+                self.towards_server
+            ),
+        }
+    }
+}
+
+/// The result of [`quick_check`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuickCheck {
+    /// UDP: one socket, two Binding requests.
+    pub udp: MappingEvidence,
+    /// TCP: observe connections from one port (`null`: not asked, or no nettool server).
+    pub tcp: Option<MappingEvidence>,
+    /// The server's OTHER-ADDRESS (`null` for a server without RFC 5780).
+    pub server_other: Option<SocketAddr>,
+}
+
+/// Checks the mapping in about one round trip beyond the first answer: from one UDP socket a
+/// Binding request to the server, then at once one to its other IP (same port), and (with
+/// `tcp`) two observe connections from one local port to the same two addresses at the same
+/// time. Cheap enough to run on every connect; what a cached class is verified with.
+pub async fn quick_check(
+    server: SocketAddr,
+    timeout: Duration,
+    tcp: bool,
+) -> Result<QuickCheck, DiscoveryError> {
+    let family = family_name(server);
+    let io_err = |source| DiscoveryError::Io { family, source };
+    let socket = UdpSocket::bind(unspecified(server)).await.map_err(io_err)?;
+    let local = SocketAddr::new(
+        local_ip_towards(server).await.map_err(io_err)?,
+        socket.local_addr().map_err(io_err)?.port(),
+    );
+    let first = transact(&socket, server, &stun::binding_request(), timeout)
+        .await
+        .ok_or(DiscoveryError::NoAnswer(server))?;
+    let (m1, other) = match first.response {
+        BindingResponse::Success {
+            mapped,
+            other_address,
+            ..
+        } => (mapped, usable_other(server, other_address)),
+        BindingResponse::Error { code } => return Err(DiscoveryError::Refused { server, code }),
+    };
+    let Some(other) = other else {
+        return Ok(QuickCheck {
+            udp: MappingEvidence {
+                local,
+                towards_server: m1,
+                towards_other_ip: None,
+            },
+            tcp: None,
+            server_other: None,
+        });
+    };
+    let ip2_p1 = SocketAddr::new(other.ip(), server.port());
+    let udp = async { mapped(&transact(&socket, ip2_p1, &stun::binding_request(), timeout).await) };
+    let tcp_check = async {
+        if !tcp {
+            return None;
+        }
+        let port = reusable_port(server).await.ok()?;
+        let (a, b) = tokio::join!(
+            observe_from(port, server, timeout),
+            observe_from(port, ip2_p1, timeout)
+        );
+        let (seen, local, _c1) = a?;
+        Some(MappingEvidence {
+            local,
+            towards_server: seen,
+            towards_other_ip: b.map(|b| b.0),
+        })
+    };
+    let (m2, tcp) = tokio::join!(udp, tcp_check);
+    Ok(QuickCheck {
+        udp: MappingEvidence {
+            local,
+            towards_server: m1,
+            towards_other_ip: m2,
+        },
+        tcp,
+        server_other: Some(other),
+    })
+}
+
+/// A free local TCP port that sockets with SO_REUSEADDR + SO_REUSEPORT can share.
+async fn reusable_port(server: SocketAddr) -> io::Result<u16> {
+    let s = if server.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    s.set_reuseport(true)?;
+    s.bind(unspecified(server))?;
+    Ok(s.local_addr()?.port())
 }
 
 /// Runs [`discover`] for the first IPv4 and the first IPv6 address in `addrs` (concurrently).

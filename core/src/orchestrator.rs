@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 use tracing::{info, info_span, Instrument};
 
 use crate::client::{observe_family, RendezvousClient};
-use crate::discovery::{discover, public_address, DiscoverOptions};
+use crate::discovery::{discover, quick_check, DiscoverOptions};
 use crate::handshake::LinkKey;
-use crate::nat_cache::{default_gateway, NatCache};
+use crate::nat_cache::{default_gateway, verify, NatCache, Verdict};
 use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
 use crate::protocol::{Role, PLAN_OFFER};
-use crate::report::{AttemptReport, NatPair, Outcome, PortMapReport, Report};
+use crate::report::{AttemptReport, NatCacheReport, NatPair, Outcome, PortMapReport, Report};
 use crate::strategy::{Attempt, AttemptNotes, Link, Offers, Strategy, StrategyError};
 use nettool_portmap::PortMapper;
 
@@ -190,9 +190,12 @@ impl Orchestrator {
                 family: None,
                 data_path: None,
                 port_mapping: None,
+                nat_cache: Vec::new(),
             },
             agreed: Vec::new(),
             current: None,
+            plan_skipped: Vec::new(),
+            started: start,
         };
         let run = self.run(params, events, deadline, &mut state);
         let link = match tokio::time::timeout_at(deadline.into(), run).await {
@@ -284,7 +287,15 @@ impl Orchestrator {
                 None => None,
             }
         };
-        let (joined, (mut mine, mine6), gateway) = tokio::join!(join, discovery, gateway);
+        let (joined, ((mut mine, cache4), (mine6, cache6)), gateway) =
+            tokio::join!(join, discovery, gateway);
+        for (family, c) in [("ipv4", &cache4), ("ipv6", &cache6)] {
+            if let Some(c) = c {
+                let mut r = c.report.clone();
+                r.family = family.to_owned();
+                state.report.nat_cache.push(r);
+            }
+        }
         if let Some(found) = gateway {
             if let Some(nat) = mine.as_mut() {
                 nat.port_mapping = !found.answered.is_empty();
@@ -345,12 +356,13 @@ impl Orchestrator {
             nat: mine,
             nat_v6: mine6,
             server_rtt_us: server_rtt.as_micros().try_into().unwrap_or(u64::MAX),
+            hint: cache4.as_ref().and_then(|c| c.winner.clone()),
         };
         let plan_wait = (now() + PLAN_WAIT + server_rtt * 4).min(deadline);
         let theirs = client
             .exchange_offer(
                 PLAN_OFFER,
-                serde_json::to_value(plan_offer).expect("plan offers serialize"),
+                serde_json::to_value(&plan_offer).expect("plan offers serialize"),
                 plan_wait,
             )
             .await
@@ -366,6 +378,24 @@ impl Orchestrator {
         let peer_rtt = theirs.as_ref().map_or(Duration::ZERO, |t| {
             Duration::from_micros(t.server_rtt_us.min(10_000_000))
         });
+        // The strategies that last won from each side's network go first (a hint: the plan
+        // still skips what cannot work). Only when both offers arrived, so both peers order
+        // alike: the first peer's hint, then the second's.
+        if self.plan {
+            if let Some(t) = &theirs {
+                let mine_hint = plan_offer.hint.as_deref();
+                let hints = match pairing.role {
+                    Role::First => [mine_hint, t.hint.as_deref()],
+                    Role::Second => [t.hint.as_deref(), mine_hint],
+                };
+                let ordered = hinted_order(&pairing.strategies, hints);
+                if ordered != pairing.strategies {
+                    info!(order = ?ordered, "strategies that won before go first");
+                    pairing.strategies = ordered;
+                    state.agreed = pairing.strategies.clone();
+                }
+            }
+        }
         let (peer_nat, peer_nat6) = theirs.map_or((None, None), |t| (t.nat, t.nat_v6));
         if self.plan {
             state.report.nat = Some(NatPair {
@@ -389,47 +419,163 @@ impl Orchestrator {
             rtt,
             families,
         };
-        self.attempts(params, events, deadline, state, paired).await
+        let link = self.attempts(params, events, deadline, state, paired).await;
+        if let Some(c) = &cache4 {
+            self.learn(c, state).await;
+        }
+        link
+    }
+
+    /// After the attempts: remembers the winner for this network, or drops the cached entry
+    /// when the plan built on it proved wrong (a strategy it chose failed before a later one
+    /// won, or it skipped strategies and the link ended on the relay or nowhere).
+    async fn learn(&self, cache: &CacheUse, state: &mut Progress) {
+        let Some(nat_cache) = &self.nat_cache else {
+            return;
+        };
+        let report = &state.report;
+        let winner = report.strategy.clone();
+        let failed: Vec<&str> = report
+            .attempts
+            .iter()
+            .filter(|a| matches!(a.outcome, Outcome::Failed | Outcome::TimedOut))
+            .map(|a| a.strategy.as_str())
+            .collect();
+        let direct_won = winner.as_deref().is_some_and(|w| w != "relay");
+        let why = if !failed.is_empty() && report.role.is_some() {
+            Some(format!(
+                "{} failed although the plan expected it to work",
+                failed.join(", ")
+            ))
+        } else if !direct_won && !state.plan_skipped.is_empty() {
+            Some(format!(
+                "the plan skipped {} and no direct strategy linked",
+                state.plan_skipped.join(", ")
+            ))
+        } else {
+            None
+        };
+        match why {
+            Some(why) => {
+                info!("NAT cache entry dropped: {why}");
+                nat_cache.remove(&cache.key).await;
+                if let Some(r) = state
+                    .report
+                    .nat_cache
+                    .iter_mut()
+                    .find(|r| r.family == "ipv4")
+                {
+                    r.invalidated = Some(why);
+                }
+            }
+            None => {
+                if let (Some(w), true) = (winner, direct_won) {
+                    let ms = ms(now().saturating_duration_since(state.started));
+                    nat_cache.record_winner(&cache.key, &w, ms).await;
+                }
+            }
+        }
     }
 
     /// NAT behaviour towards `server` (one family; `None` without an address of it, with
-    /// plans off, or when the server does not answer there), from the cache when it knows this
-    /// network.
-    async fn measure(&self, server: Option<SocketAddr>) -> Option<NatSummary> {
-        let server = server?;
+    /// plans off, or when the server does not answer there). With a cache: a cached entry for
+    /// this network is used only after a quick check of the mapping confirms it; a
+    /// contradiction drops it and discovery runs afresh; only complete results are stored.
+    async fn measure(&self, server: Option<SocketAddr>) -> (Option<NatSummary>, Option<CacheUse>) {
+        let Some(server) = server else {
+            return (None, None);
+        };
         if !self.plan {
-            return None;
+            return (None, None);
         }
         let bound = DISCOVERY.time_bound();
-        let cached = async {
-            let cache = self.nat_cache.as_ref()?;
-            let public = public_address(server, DISCOVERY.test_timeout).await.ok()?;
-            let local = local_ip_towards(server)?;
-            let key = NatCache::key(default_gateway(), local, server, public.ip());
-            Some((cache, key))
-        };
-        let cached = tokio::time::timeout(bound, cached).await.ok().flatten();
-        if let Some((cache, key)) = &cached {
-            if let Some(nat) = cache.get(key).await {
-                info!("NAT behaviour from the cache ({key})");
-                return Some(nat);
+        let mut cache_use = None;
+        if let Some(cache) = &self.nat_cache {
+            let checked = tokio::time::timeout(
+                bound,
+                quick_check(server, DISCOVERY.test_timeout, DISCOVERY.tcp),
+            )
+            .await;
+            if let Ok(Ok(check)) = checked {
+                let key = NatCache::key(
+                    default_gateway(),
+                    check.udp.local.ip(),
+                    server,
+                    check.udp.towards_server.ip(),
+                );
+                let mut report = NatCacheReport::new("miss");
+                if let Some(entry) = cache.get(&key).await {
+                    report.age_s = Some(entry.age_secs());
+                    // A test-only build trusts the entry unchecked, to watch the tests
+                    // that guard the check go red.
+                    let verdict = if CACHE_VERIFY_OFF {
+                        Verdict::Confirmed
+                    } else {
+                        verify(&entry.nat, &check)
+                    };
+                    match verdict {
+                        Verdict::Confirmed => {
+                            info!("NAT behaviour from the cache, confirmed ({key})");
+                            report.state = "verified".into();
+                            let winner = entry
+                                .winner
+                                .as_ref()
+                                .map(|w| w.strategy.clone())
+                                .filter(|w| w != "relay");
+                            return (
+                                Some(entry.nat),
+                                Some(CacheUse {
+                                    key,
+                                    report,
+                                    winner,
+                                }),
+                            );
+                        }
+                        Verdict::Contradicted(why) => {
+                            info!("NAT cache entry contradicted, measuring afresh: {why}");
+                            cache.remove(&key).await;
+                            report.state = "contradicted".into();
+                            report.detail = Some(why);
+                        }
+                        Verdict::Unverifiable(why) => {
+                            info!("NAT cache entry not verifiable, measuring afresh: {why}");
+                            report.state = "unverifiable".into();
+                            report.detail = Some(why);
+                        }
+                    }
+                }
+                cache_use = Some((cache, key, check, report));
             }
         }
         let run = discover(server, &DISCOVERY);
-        match tokio::time::timeout(bound, run).await {
-            Ok(Ok(report)) => {
-                let nat = NatSummary::from(&report);
-                if let Some((cache, key)) = &cached {
-                    cache.put(key, nat).await;
-                }
-                Some(nat)
-            }
+        let nat = match tokio::time::timeout(bound, run).await {
+            Ok(Ok(report)) => Some(NatSummary::from(&report)),
             Ok(Err(e)) => {
                 info!("NAT discovery failed: {e}");
                 None
             }
             Err(_) => None,
-        }
+        };
+        let cache_use = match cache_use {
+            Some((cache, key, check, mut report)) => {
+                let stored = match nat {
+                    Some(nat) => cache.put(&key, nat, Some(check)).await,
+                    None => false,
+                };
+                if !stored {
+                    report.detail.get_or_insert_with(|| {
+                        "not stored: the measurement is incomplete".to_owned()
+                    });
+                }
+                Some(CacheUse {
+                    key,
+                    report,
+                    winner: None,
+                })
+            }
+            None => None,
+        };
+        (nat, cache_use)
     }
 
     /// Runs the agreed strategies in order (the part of [`Self::run`] after pairing).
@@ -471,6 +617,7 @@ impl Orchestrator {
             if self.plan {
                 if let Err(why) = feasible_on_any(name, &families, strategy.punches_hard_nats()) {
                     info!(strategy = %name, "skipped: {why}");
+                    state.plan_skipped.push(name.clone());
                     let entry = skipped(name, &why);
                     events(Event::AttemptFinished(entry.clone()));
                     state.report.attempts.push(entry);
@@ -602,18 +749,6 @@ impl Orchestrator {
     }
 }
 
-/// The local address the host uses towards `server` (no packet is sent).
-fn local_ip_towards(server: SocketAddr) -> Option<std::net::IpAddr> {
-    let any: SocketAddr = if server.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let probe = std::net::UdpSocket::bind(any).ok()?;
-    probe.connect(server).ok()?;
-    Some(probe.local_addr().ok()?.ip())
-}
-
 /// Discovery while joining: short per-test waits, so a filtered test costs little.
 const DISCOVERY: DiscoverOptions = DiscoverOptions {
     test_timeout: Duration::from_millis(250),
@@ -668,6 +803,42 @@ struct PlanOffer {
     nat_v6: Option<NatSummary>,
     /// Its round trip to the server, microseconds.
     server_rtt_us: u64,
+    /// The strategy that last won from this peer's network (absent from older peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hint: Option<String>,
+}
+
+/// Whether the NAT cache's quick check is ignored (a test-only build, to watch the tests that
+/// guard it go red): `NETTOOL_TEST_CACHE_VERIFY_OFF=1` at compile time.
+const CACHE_VERIFY_OFF: bool = option_env!("NETTOOL_TEST_CACHE_VERIFY_OFF").is_some();
+
+/// What the NAT cache gave one family's measurement.
+struct CacheUse {
+    /// The network's key.
+    key: String,
+    /// For the report.
+    report: NatCacheReport,
+    /// The direct strategy that last won from this network (only from a confirmed entry).
+    winner: Option<String>,
+}
+
+/// `agreed` with the hinted strategies first (`hints`: the first peer's, then the second's),
+/// the rest in their order. The relay is never moved: it always works, so a hint for it would
+/// keep every later connect off the direct paths.
+fn hinted_order(agreed: &[String], hints: [Option<&str>; 2]) -> Vec<String> {
+    let mut front: Vec<String> = Vec::new();
+    for h in hints.into_iter().flatten() {
+        if h != "relay" && agreed.iter().any(|a| a == h) && !front.iter().any(|f| f == h) {
+            front.push(h.to_owned());
+        }
+    }
+    let rest: Vec<String> = agreed
+        .iter()
+        .filter(|a| !front.contains(a))
+        .cloned()
+        .collect();
+    front.extend(rest);
+    front
 }
 
 /// What pairing and the plan exchange produced, for the attempts.
@@ -691,6 +862,10 @@ struct Progress {
     agreed: Vec<String>,
     /// The attempt in flight and when it began.
     current: Option<(String, Instant)>,
+    /// The strategies the plan skipped.
+    plan_skipped: Vec<String>,
+    /// When the connect began.
+    started: Instant,
 }
 
 /// Now, on tokio's clock (the same as the system's monotonic clock unless a test paused it).
@@ -748,5 +923,27 @@ mod tests {
         assert!(why.contains("IPv4: ") && why.contains("IPv6: "), "{why}");
         // Nothing measured: tried.
         assert!(feasible_on_any("tcp-punch", &[(None, sym), (None, None)], false).is_ok());
+    }
+
+    #[test]
+    fn hinted_strategies_go_first_in_the_same_order_on_both_peers_and_the_relay_stays() {
+        let agreed: Vec<String> = ["tcp-punch", "tcp-direct", "udp-quic", "relay"]
+            .map(String::from)
+            .to_vec();
+        let order = |h: [Option<&str>; 2]| hinted_order(&agreed, h);
+        assert_eq!(order([None, None]), agreed);
+        assert_eq!(
+            order([Some("udp-quic"), None]),
+            ["udp-quic", "tcp-punch", "tcp-direct", "relay"]
+        );
+        assert_eq!(
+            order([Some("udp-quic"), Some("tcp-direct")]),
+            ["udp-quic", "tcp-direct", "tcp-punch", "relay"]
+        );
+        assert_eq!(order([Some("relay"), Some("nope")]), agreed);
+        assert_eq!(
+            order([None, Some("udp-quic")]),
+            order([Some("udp-quic"), Some("udp-quic")])
+        );
     }
 }

@@ -90,6 +90,42 @@ pub struct Report {
     /// answered and the mappings the winning attempt holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_mapping: Option<PortMapReport>,
+    /// What the NAT cache did, per family (absent with the cache off).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat_cache: Vec<NatCacheReport>,
+}
+
+/// What the NAT cache did for one family's measurement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatCacheReport {
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// `verified` (a cached entry confirmed by the quick check and used), `contradicted`
+    /// (dropped: the check disagreed; measured afresh), `unverifiable` (the check could not
+    /// decide; measured afresh) or `miss` (nothing cached; measured).
+    pub state: String,
+    /// The cached entry's age in seconds, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_s: Option<u64>,
+    /// Why it was contradicted, or why a fresh result was not stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Why the entry was dropped after the attempts (the plan it made proved wrong).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalidated: Option<String>,
+}
+
+impl NatCacheReport {
+    /// A report in `state`, for a family the caller fills in.
+    pub fn new(state: &str) -> Self {
+        Self {
+            family: String::new(),
+            state: state.to_owned(),
+            age_s: None,
+            detail: None,
+            invalidated: None,
+        }
+    }
 }
 
 /// What port mapping did during one connect.

@@ -138,11 +138,13 @@ async fn discover_all_reports_each_family() {
     assert!(report.port_mapping.is_empty());
 }
 
-/// The orchestrator keeps discovery results per network and reuses them: a cache entry for
-/// this very network (made up: both sides "symmetric") is what the plan then works from, so
-/// every direct strategy is skipped; without the cache the real measurement (no NAT) is used.
+/// The orchestrator keeps discovery results per network, but a cached class is a hint: the
+/// quick check confirms it before use. A confirmed entry for this very network (made up: no
+/// NAT but a filtering firewall on both sides) is what the plan then works from, so tcp-direct
+/// is skipped; an entry the network contradicts (made up: both sides "symmetric", while
+/// loopback maps nothing) is dropped and the plan uses the fresh measurement.
 #[tokio::test]
-async fn the_plan_reuses_cached_discovery_for_the_same_network() {
+async fn the_plan_uses_a_cached_class_only_when_the_network_confirms_it() {
     use nettool_core::nat_cache::{default_gateway, NatCache};
     use nettool_core::plan::NatSummary;
     use nettool_core::{ConnectParams, Orchestrator, Outcome};
@@ -150,21 +152,27 @@ async fn the_plan_reuses_cached_discovery_for_the_same_network() {
 
     let addr = server(Some("127.0.0.2:0")).await;
     let dir = std::env::temp_dir().join(format!("nettool-plan-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     let cache = NatCache::new(dir.join("nat.json"), Duration::from_secs(600));
     let key = NatCache::key(default_gateway(), addr.ip(), addr, addr.ip());
+    let fw = NatSummary {
+        udp_mapping: Mapping::NoNat,
+        udp_filtering: Filtering::AddressAndPortDependent,
+        tcp_mapping: Mapping::NoNat,
+        port_mapping: false,
+    };
     let sym = NatSummary {
         udp_mapping: Mapping::AddressAndPortDependent,
         udp_filtering: Filtering::AddressAndPortDependent,
         tcp_mapping: Mapping::AddressAndPortDependent,
         port_mapping: false,
     };
-    cache.put(&key, sym).await;
 
     struct Never;
     #[async_trait::async_trait]
     impl nettool_core::Strategy for Never {
         fn name(&self) -> &'static str {
-            "tcp-punch"
+            "tcp-direct"
         }
         async fn connect(
             &self,
@@ -193,11 +201,38 @@ async fn the_plan_reuses_cached_discovery_for_the_same_network() {
             (a, b)
         }
     };
-    let (a, b) = run(true, "cached").await;
+    assert!(cache.put(&key, fw, None).await);
+    let (a, b) = run(true, "confirmed").await;
     for r in [&a, &b] {
-        assert_eq!(r.nat.as_ref().unwrap().local, Some(sym), "{r:?}");
+        assert_eq!(r.nat.as_ref().unwrap().local, Some(fw), "{r:?}");
+        assert_eq!(r.nat_cache[0].state, "verified", "{r:?}");
         assert_eq!(r.attempts[0].outcome, Outcome::Skipped, "{r:?}");
     }
+
+    assert!(cache.put(&key, sym, None).await);
+    let (a, b) = run(true, "contradicted").await;
+    for r in [&a, &b] {
+        let local = r.nat.as_ref().unwrap().local.unwrap();
+        assert_eq!(local.udp_mapping, Mapping::NoNat, "{r:?}");
+        assert_eq!(r.nat_cache[0].state, "contradicted", "{r:?}");
+        assert!(
+            r.nat_cache[0]
+                .detail
+                .as_deref()
+                .unwrap()
+                .contains("cached UDP mapping"),
+            "{r:?}"
+        );
+        assert_eq!(r.attempts[0].outcome, Outcome::Failed, "{r:?}");
+        // The plan's strategy failed: the fresh entry is dropped too, and the report says so.
+        assert!(r.nat_cache[0].invalidated.is_some(), "{r:?}");
+    }
+    assert_eq!(
+        cache.get(&key).await,
+        None,
+        "no entry survives a failed plan"
+    );
+
     let (a, _) = run(false, "measured").await;
     assert_eq!(a.nat.unwrap().local.unwrap().udp_mapping, Mapping::NoNat);
     assert_eq!(a.attempts[0].outcome, Outcome::Failed);

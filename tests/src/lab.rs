@@ -678,6 +678,53 @@ impl Lab {
         Self::side(h).map(|(_, i)| self.kinds[i])
     }
 
+    /// Turns the router in front of peer `h` into one of `kind` in place, addresses kept
+    /// (a router whose NAT behaviour changed; both kinds must be NAT kinds or both routed,
+    /// since `inet`'s routes stay). Connection tracking is flushed when the `conntrack` tool is
+    /// there, so old flows do not keep the old kind's mappings.
+    pub fn set_kind(&mut self, h: Host, kind: NatKind) -> Result<(), LabError> {
+        let (_, i) = Self::side(h).expect("set_kind is for the peers' routers");
+        let side = self.side_at(i);
+        assert_eq!(
+            self.kinds[i].is_routed(),
+            kind.is_routed(),
+            "set_kind keeps the addresses: routed and NAT kinds cannot be swapped"
+        );
+        let ns = self
+            .router_netns(h)
+            .expect("a peer has a router")
+            .to_owned();
+        let family = if self.has_ipv6() { "ip" } else { "inet" };
+        // The table may not exist (kind none): ignore that error.
+        let _ = run(
+            &mut ip(&[
+                "netns", "exec", &ns, "nft", "delete", "table", family, "ntl",
+            ]),
+            None,
+        );
+        let rules = if self.has_ipv6() {
+            kind.ruleset_ipv4(side.host, side.wan)
+        } else {
+            kind.ruleset(side.host, side.wan)
+        };
+        if let Some(rules) = rules {
+            run(
+                &mut ip(&["netns", "exec", &ns, "nft", "-f", "-"]),
+                Some(&rules),
+            )?;
+        }
+        self.kinds[i] = kind;
+        self.flush_conntrack(h)
+    }
+
+    /// Flushes the connection tracking table of the router in front of `h` (a NAT reboot, a
+    /// CGNAT rebinding: every mapping forgotten). Needs the `conntrack` tool; without it this
+    /// is an error naming the package.
+    pub fn flush_conntrack(&self, h: Host) -> Result<(), LabError> {
+        let ns = self.router_netns(h).expect("a peer has a router");
+        run(&mut ip(&["netns", "exec", ns, "conntrack", "-F"]), None).map(drop)
+    }
+
     /// The name of the host's network namespace.
     pub fn netns(&self, h: Host) -> &str {
         match h {

@@ -9,6 +9,7 @@ mod ipv6;
 mod lab;
 mod legacy;
 mod loopback;
+mod nat_cache;
 mod nat_punch;
 mod nat_quic;
 mod netcheck;
