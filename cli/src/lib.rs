@@ -37,6 +37,7 @@ mod compare;
 mod forward;
 mod legacy;
 mod netcheck;
+mod session;
 mod pump;
 mod stdio;
 mod tunables;
@@ -366,6 +367,16 @@ struct ConnectArgs {
     /// upnp, nat-pmp, pcp). Also `portmap.protocols` in the config.
     #[arg(long = "portmap-protocol", value_name = "upnp|nat-pmp|pcp")]
     portmap_protocols: Vec<String>,
+    /// When the path fails (an error, or nothing heard for 3-10 s), keep the session and try
+    /// for this long to link again through the rendezvous server (same strategies, from the
+    /// current addresses) and continue at the last confirmed byte; after it, exit 1 saying
+    /// how many bytes the peer confirmed (e.g. 60s, 5m).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    resume_timeout: Duration,
+    /// Most bytes read from stdin and not yet confirmed written by the peer (kept for a
+    /// resume; stdin is not read beyond it), e.g. 8MiB.
+    #[arg(long, value_parser = parse_size, default_value = "8MiB")]
+    send_buffer: u64,
 }
 
 #[derive(Debug, Args)]
@@ -1033,7 +1044,7 @@ async fn connect(
         session,
         secret: settings.secret.clone(),
     };
-    let code = connect_linked(orch, args, params).await;
+    let code = connect_linked(orch, args, params, settings.timeout).await;
     // However the link ended (done, signal, no link, error): delete the gateway's mappings.
     if let Some(m) = mapper {
         let live = m.mapped().len();
@@ -1050,6 +1061,7 @@ async fn connect_linked(
     orch: Orchestrator,
     args: ConnectArgs,
     params: ConnectParams,
+    settings_timeout: Duration,
 ) -> Result<i32> {
     let quiet = !std::io::stderr().is_terminal();
     let mut stop = pump::signals().context("installing signal handlers")?;
@@ -1060,6 +1072,7 @@ async fn connect_linked(
             progress(e)
         }
     };
+    let overall = settings_timeout;
     let linking = orch.connect(&params, &show);
     let (link, report) = match pump::or_signal(linking, &mut stop).await {
         Ok(r) => r,
@@ -1086,6 +1099,16 @@ async fn connect_linked(
     if let Some(path) = &args.report {
         write_report(path, &report)?;
     }
+    let session_params = session::SessionParams {
+        orch: orch.clone(),
+        params: params.clone(),
+        attempt_timeout: overall,
+        config: nettool_core::session::SessionConfig {
+            send_buffer: usize::try_from(args.send_buffer.max(1 << 16)).unwrap_or(usize::MAX),
+            resume_timeout: args.resume_timeout,
+            ..Default::default()
+        },
+    };
     let Some(link) = link else {
         eprintln!(
             "nettool: no link: {}",
@@ -1111,7 +1134,7 @@ async fn connect_linked(
             }
         };
     }
-    pump_and_report(link, stop).await
+    session::run(link, session_params, report, args.report.as_deref(), stop).await
 }
 
 /// `plain-tcp`: one plain TCP connection pumped like `connect`'s link.
@@ -1145,7 +1168,7 @@ async fn plain_tcp(args: PlainTcpArgs) -> Result<i32> {
     pump_and_report(link, stop).await
 }
 
-fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
+pub(crate) fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
     let json = serde_json::to_string_pretty(report)?;
     std::fs::write(path, json + "\n")
         .with_context(|| format!("cannot write the report to {}", path.display()))

@@ -67,6 +67,16 @@ impl LinkKey {
         h.update(secret.as_bytes());
         Self(h.finalize().into())
     }
+
+    /// A value only holders of this key can compute: HMAC-SHA256 keyed by it over `label`
+    /// and `context` (the session layer's resume name and secret, [`crate::session`]).
+    pub fn derive_labeled(&self, label: &str, context: &[u8]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
+        mac.update(label.as_bytes());
+        mac.update(&[0]);
+        mac.update(context);
+        mac.finalize().into_bytes().into()
+    }
 }
 
 /// Test-only switch that leaves the channel binding out of the confirmation, so the

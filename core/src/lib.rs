@@ -37,6 +37,7 @@ pub mod registry;
 pub mod relay;
 pub mod report;
 pub mod secure;
+pub mod session;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod strategy;

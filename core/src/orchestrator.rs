@@ -139,6 +139,12 @@ impl Orchestrator {
         self
     }
 
+    /// The same orchestrator with another overall deadline (a resume's remaining time).
+    pub fn with_overall(mut self, overall: Duration) -> Self {
+        self.overall = overall;
+        self
+    }
+
     /// Gives `token` in the join, for a rendezvous server that requires a server token.
     pub fn with_server_token(mut self, token: Option<String>) -> Self {
         self.server_token = token;
@@ -191,6 +197,9 @@ impl Orchestrator {
                 data_path: None,
                 port_mapping: None,
                 nat_cache: Vec::new(),
+                resumes: Vec::new(),
+                paths: Vec::new(),
+                session_end: None,
             },
             agreed: Vec::new(),
             current: None,

@@ -93,6 +93,30 @@ pub struct Report {
     /// What the NAT cache did, per family (absent with the cache off).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nat_cache: Vec<NatCacheReport>,
+    /// Every time the session lost its path and how it came back (the session layer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resumes: Vec<crate::session::ResumeReport>,
+    /// The links that carried the session, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<crate::session::PathReport>,
+    /// How the session ended (absent before it did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_end: Option<SessionEndReport>,
+}
+
+/// The end of the session, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEndReport {
+    /// `done`, `peer-stopped`, `peer-aborted`, `stopped`, `aborted` or `lost`.
+    pub kind: String,
+    /// The reason in words.
+    pub reason: Option<String>,
+    /// Bytes read from this side's input.
+    pub bytes_sent: u64,
+    /// Of those, bytes the peer confirmed written.
+    pub bytes_confirmed: u64,
+    /// Bytes received from the peer.
+    pub bytes_received: u64,
 }
 
 /// What the NAT cache did for one family's measurement.

@@ -1,0 +1,950 @@
+//! The session layer: a byte stream each way that outlives the path under it.
+//!
+//! A [`Session`] sits between an authenticated link (any strategy's [`Link`]: tcp-punch,
+//! tcp-direct, udp-quic, relay, plugins) and the user's data (a [`Source`] and a [`Sink`],
+//! stdin and stdout for `connect`). It owns the positions, so links are replaceable pipes:
+//!
+//! - **Acknowledged delivery.** Data travels in [`frame`]s that carry their stream offset. The
+//!   receiver acknowledges what it has *written to its sink* (cumulative ACKs, one per sink
+//!   write or data frame, so a few per MiB), and the sender keeps every unacknowledged byte in
+//!   a bounded [`send::SendBuf`] (default 8 MiB; the source is not read while it is full).
+//! - **Resume.** A link that fails (an error, or no byte for a liveness timeout of 8 round trips
+//!   bounded to 3–10 s; PINGs every second keep an idle link observable) ends one *generation*.
+//!   Both sides keep their buffers and ask their [`Paths`] for a new link, which re-joins the
+//!   rendezvous server under a [`ResumeTicket`]: a name and secret derived from the session key
+//!   and both sides' nonces (exchanged inside the first authenticated link), so the server sees
+//!   a name it cannot link to the old session and a stranger without the key can neither join
+//!   it nor pass the link handshake. Each link starts with HELLO (version, what this side has
+//!   received, the session id); the other side checks the id and resends from there. Positions,
+//!   not retransmitted segments: nothing is lost and nothing is written twice.
+//! - **Honest endings.** EOF ends one direction (the other keeps flowing); END ends the session
+//!   (`Done` when everything both ways was written, `Stopped` on a signal, `Abort` on an error),
+//!   so a partner ends promptly whatever its source does. [`SessionEnd`] tells the caller
+//!   exactly how it ended and how many bytes the peer confirmed.
+//!
+//! Design notes: the reader hands payloads to a sink task through a bounded channel and
+//! advances its window only once a payload is queued, so a generation cut anywhere can never
+//! skip or repeat bytes (a queued payload is written whatever happens to the link). Liveness
+//! timeouts run only while the reader waits for the link, never while the sink is slow, so a
+//! slow consumer is backpressure, not a dead path. Stdin is read in up to 1 MiB chunks held as
+//! `Bytes`; frames are slices of them (no copy).
+
+pub mod frame;
+pub mod send;
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{debug, info};
+
+use crate::handshake::LinkKey;
+use crate::strategy::Link;
+use frame::{EndCode, FrameError, Header, Window, HEADER_LEN, MAX_PAYLOAD, SESSION_ID_LEN};
+use send::SendBuf;
+
+/// Knobs of a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Most unacknowledged bytes held (backpressure beyond).
+    pub send_buffer: usize,
+    /// How long to try to resume after a path failed.
+    pub resume_timeout: Duration,
+    /// Lower bound of the liveness timeout.
+    pub liveness_min: Duration,
+    /// Upper bound of the liveness timeout.
+    pub liveness_max: Duration,
+    /// PING interval while nothing else is sent.
+    pub ping_every: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            send_buffer: 8 << 20,
+            resume_timeout: Duration::from_secs(60),
+            liveness_min: Duration::from_secs(3),
+            liveness_max: Duration::from_secs(10),
+            ping_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where a session's outgoing bytes come from (stdin for `connect`).
+#[async_trait::async_trait]
+pub trait Source: Send {
+    /// Reads some bytes into `buf`; 0 at the end.
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+/// Where a session's incoming bytes go (stdout for `connect`).
+#[async_trait::async_trait]
+pub trait Sink: Send {
+    /// Writes all of `buf`.
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// The peer's stream ended: flush and close.
+    async fn finish(&mut self) -> io::Result<()>;
+}
+
+/// Any tokio reader as a [`Source`].
+pub struct ReadSource<R>(pub R);
+/// Any tokio writer as a [`Sink`] (finish = flush + shutdown).
+pub struct WriteSink<W>(pub W);
+
+#[async_trait::async_trait]
+impl<R: AsyncRead + Unpin + Send> Source for ReadSource<R> {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).await
+    }
+}
+
+#[async_trait::async_trait]
+impl<W: AsyncWrite + Unpin + Send> Sink for WriteSink<W> {
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf).await
+    }
+    async fn finish(&mut self) -> io::Result<()> {
+        self.0.flush().await?;
+        self.0.shutdown().await
+    }
+}
+
+/// The rendezvous name and secret a resumed session joins under (see the module docs).
+#[derive(Clone)]
+pub struct ResumeTicket {
+    /// Session name for the rendezvous server.
+    pub session: String,
+    /// Secret for the link handshake.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ResumeTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeTicket")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResumeTicket {
+    /// The ticket for session id `sid` under `key` (the original session's link key).
+    pub fn derive(key: &LinkKey, sid: &[u8; SESSION_ID_LEN]) -> Self {
+        let name = key.derive_labeled("nettool resume name v1", sid);
+        let secret = key.derive_labeled("nettool resume secret v1", sid);
+        Self {
+            session: format!("resume-{}", hex::encode(&name[..16])),
+            secret: hex::encode(secret),
+        }
+    }
+}
+
+/// Gets new links for a session whose path failed.
+#[async_trait::async_trait]
+pub trait Paths: Send {
+    /// A new authenticated link to the same peer, joined under `ticket`, before `deadline`
+    /// (retrying as it sees fit), or why there is none.
+    async fn reconnect(&mut self, ticket: &ResumeTicket, deadline: Instant) -> Result<Link, String>;
+}
+
+/// One resume, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeReport {
+    /// When the path failed, ms since the session began.
+    pub at_ms: u64,
+    /// Why it failed.
+    pub reason: String,
+    /// The strategy of the new link (null when none came).
+    pub strategy: Option<String>,
+    /// How long until the new link carried the session, ms.
+    pub took_ms: u64,
+}
+
+/// One link that carried the session, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PathReport {
+    /// Its strategy.
+    pub strategy: String,
+    /// Payload bytes sent on it (resent bytes counted again).
+    pub bytes_sent: u64,
+    /// Payload bytes received on it.
+    pub bytes_received: u64,
+    /// When it began carrying the session, ms since the session began.
+    pub from_ms: u64,
+    /// When it stopped (null: it carried the session to its end).
+    pub to_ms: Option<u64>,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndKind {
+    /// Both directions ended and everything was written on both sides.
+    Done,
+    /// The peer ended the session (a signal on its side; the reason says which).
+    PeerStopped(String),
+    /// The peer gave up on an error.
+    PeerAborted(String),
+    /// This side was stopped by signal number `0`.
+    Stopped(i32),
+    /// This side gave up: its source or sink failed, or the peer broke the protocol.
+    Aborted(String),
+    /// The path failed and no new one came within the resume timeout.
+    Lost(String),
+}
+
+/// The session's end, with its figures.
+#[derive(Debug, Clone)]
+pub struct SessionEnd {
+    /// How.
+    pub kind: EndKind,
+    /// Bytes read from the source.
+    pub sent: u64,
+    /// Of those, bytes the peer confirmed written to its sink.
+    pub confirmed: u64,
+    /// Bytes received from the peer (and written, or being written, to the sink).
+    pub received: u64,
+    /// Resumes, in order.
+    pub resumes: Vec<ResumeReport>,
+    /// Links that carried the session, in order.
+    pub paths: Vec<PathReport>,
+}
+
+impl SessionEnd {
+    /// Whether this side may report success: every byte it sent was confirmed and the
+    /// session ended cleanly (both done, or the peer ended it in order).
+    pub fn delivered(&self) -> bool {
+        self.confirmed == self.sent && matches!(self.kind, EndKind::Done | EndKind::PeerStopped(_))
+    }
+}
+
+/// What the sink task is told.
+enum SinkItem {
+    Data(Bytes),
+    Finish,
+}
+
+/// State shared by the source task, the sink task and the link's reader and writer.
+struct State {
+    send: SendBuf,
+    window: Window,
+    /// Highest offset ever sent (acks beyond it are refused).
+    sent_high: u64,
+    /// Bytes the sink has written.
+    written: u64,
+    /// The peer's EOF is written and the sink finished.
+    sink_done: bool,
+    /// The sink task was told to finish.
+    finish_queued: bool,
+    /// The peer confirmed our EOF (ACK with the flag).
+    peer_has_eof: bool,
+    /// A PING to answer.
+    pong: Option<u64>,
+    /// Latest round trip measured by PING/PONG.
+    rtt: Option<Duration>,
+    /// Why the source or the sink failed.
+    local_error: Option<String>,
+    /// END to send (this side's decision), with its reason.
+    end: Option<(EndCode, String)>,
+}
+
+impl State {
+    /// What a peer's END(Done) claims: our stream fully confirmed, its stream fully received
+    /// (our sink may still be writing its tail: that is awaited before the session ends).
+    fn peer_may_be_done(&self) -> bool {
+        self.send.eof()
+            && self.send.acked() == self.send.end()
+            && self.peer_has_eof
+            && self.window.end == Some(self.window.received)
+    }
+
+    fn both_done(&self) -> bool {
+        self.send.eof() && self.send.acked() == self.send.end() && self.peer_has_eof && self.sink_done
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// The writer has something to do.
+    wake: Notify,
+    /// The source task may read again (room in the buffer).
+    room: Notify,
+    started: Instant,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// How one link's generation ended.
+enum LinkEnd {
+    /// The path failed (the reason, in words).
+    Broken(String),
+    /// The peer sent END.
+    PeerEnded(EndCode, String),
+    /// This side sent END.
+    EndSent,
+    /// The peer broke the protocol, or the session cannot go on (HELLO mismatch).
+    Fatal(String),
+}
+
+/// A session over replaceable links (see the module docs).
+pub struct Session {
+    cfg: SessionConfig,
+    key: LinkKey,
+}
+
+impl Session {
+    /// A session whose resumes are keyed by `key` (the original link key).
+    pub fn new(cfg: SessionConfig, key: LinkKey) -> Self {
+        Self { cfg, key }
+    }
+
+    /// Carries `source` → peer and peer → `sink` over `first` and whatever links `paths`
+    /// gives after failures, until the session ends; `stop` reports a signal number.
+    pub async fn run(
+        self,
+        first: Link,
+        source: Box<dyn Source>,
+        sink: Box<dyn Sink>,
+        mut paths: Box<dyn Paths>,
+        mut stop: watch::Receiver<Option<i32>>,
+    ) -> SessionEnd {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                send: SendBuf::new(self.cfg.send_buffer),
+                window: Window::default(),
+                sent_high: 0,
+                written: 0,
+                sink_done: false,
+                finish_queued: false,
+                peer_has_eof: false,
+                pong: None,
+                rtt: None,
+                local_error: None,
+                end: None,
+            }),
+            wake: Notify::new(),
+            room: Notify::new(),
+            started: Instant::now(),
+        });
+        let (tx, rx) = mpsc::channel::<SinkItem>(4);
+        let source_task = tokio::spawn(source_loop(shared.clone(), source));
+        let sink_task = tokio::spawn(sink_loop(shared.clone(), sink, rx));
+        let mut nonce = [0u8; SESSION_ID_LEN];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
+        let mut sid: Option<[u8; SESSION_ID_LEN]> = None;
+        let mut resumes = Vec::new();
+        let mut paths_report: Vec<PathReport> = Vec::new();
+        let mut link = first;
+        let kind = loop {
+            let path_index = paths_report.len();
+            paths_report.push(PathReport {
+                strategy: link.strategy.to_owned(),
+                bytes_sent: 0,
+                bytes_received: 0,
+                from_ms: shared.ms(),
+                to_ms: None,
+            });
+            let driven = {
+                let stats = &mut paths_report[path_index];
+                let run = drive(&shared, &self.cfg, link, &mut sid, &nonce, &tx, stats);
+                tokio::pin!(run);
+                tokio::select! {
+                    end = &mut run => Ok(end),
+                    s = signalled(&mut stop) => {
+                        // END(Stopped) goes out on the link (bounded), so the peer ends at once.
+                        let why = format!("stopped by {}", signal_name(s));
+                        shared.lock().end = Some((EndCode::Stopped, why));
+                        shared.wake.notify_one();
+                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut run).await;
+                        Err(s)
+                    }
+                }
+            };
+            let end = match driven {
+                Ok(end) => end,
+                Err(s) => break EndKind::Stopped(s),
+            };
+            paths_report[path_index].to_ms = Some(shared.ms());
+            let why = match end {
+                LinkEnd::EndSent => {
+                    let st = shared.lock();
+                    break match st.end.clone() {
+                        Some((EndCode::Done, _)) => EndKind::Done,
+                        Some((_, r)) => EndKind::Aborted(st.local_error.clone().unwrap_or(r)),
+                        None => EndKind::Aborted("ended".into()),
+                    };
+                }
+                LinkEnd::PeerEnded(EndCode::Done, _) => break EndKind::Done,
+                LinkEnd::PeerEnded(EndCode::Stopped, r) => break EndKind::PeerStopped(r),
+                LinkEnd::PeerEnded(EndCode::Abort, r) => break EndKind::PeerAborted(r),
+                LinkEnd::Fatal(r) => break EndKind::Aborted(r),
+                LinkEnd::Broken(why) => why,
+            };
+            {
+                let st = shared.lock();
+                if let Some(e) = &st.local_error {
+                    break EndKind::Aborted(e.clone());
+                }
+                if st.end.as_ref().is_some_and(|(c, _)| *c == EndCode::Done) && st.both_done() {
+                    // The link broke after our END(Done): everything was confirmed.
+                    break EndKind::Done;
+                }
+            }
+            let Some(id) = sid else {
+                break EndKind::Lost(format!("{why} (before the session was established)"));
+            };
+            info!("path failed ({why}); resuming");
+            let at = shared.ms();
+            let began = Instant::now();
+            let deadline = began + self.cfg.resume_timeout;
+            let ticket = ResumeTicket::derive(&self.key, &id);
+            let next = tokio::select! {
+                r = paths.reconnect(&ticket, deadline) => r,
+                s = signalled(&mut stop) => break EndKind::Stopped(s),
+            };
+            match next {
+                Ok(l) => {
+                    info!(strategy = l.strategy, "resumed");
+                    resumes.push(ResumeReport {
+                        at_ms: at,
+                        reason: why,
+                        strategy: Some(l.strategy.to_owned()),
+                        took_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    });
+                    link = l;
+                }
+                Err(e) => {
+                    resumes.push(ResumeReport {
+                        at_ms: at,
+                        reason: why.clone(),
+                        strategy: None,
+                        took_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    });
+                    break EndKind::Lost(format!(
+                        "{why}; no new path within {:.0}s: {e}",
+                        self.cfg.resume_timeout.as_secs_f64()
+                    ));
+                }
+            }
+        };
+        source_task.abort();
+        // What was received is written out unless this side was told to stop.
+        if !matches!(kind, EndKind::Stopped(_)) {
+            let queue_finish = {
+                let mut st = shared.lock();
+                let q = !st.finish_queued;
+                st.finish_queued = true;
+                q
+            };
+            if queue_finish && !matches!(kind, EndKind::Done) {
+                let _ = tx.send(SinkItem::Finish).await;
+            }
+            drop(tx);
+            let _ = sink_task.await;
+        } else {
+            sink_task.abort();
+        }
+        let st = shared.lock();
+        let kind = match (&kind, &st.local_error) {
+            (EndKind::Done | EndKind::PeerStopped(_), Some(e)) => EndKind::Aborted(e.clone()),
+            _ => kind,
+        };
+        SessionEnd {
+            kind,
+            sent: st.send.end(),
+            confirmed: st.send.acked(),
+            received: st.window.received,
+            resumes,
+            paths: paths_report,
+        }
+    }
+}
+
+/// The name of a signal number (the ones `connect` handles).
+pub fn signal_name(n: i32) -> &'static str {
+    match n {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        15 => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// Resolves once `rx` reports a signal.
+pub async fn signalled(rx: &mut watch::Receiver<Option<i32>>) -> i32 {
+    loop {
+        if let Some(n) = *rx.borrow_and_update() {
+            return n;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Source → send buffer, in chunks of up to 1 MiB, never past the buffer's bound.
+async fn source_loop(shared: Arc<Shared>, mut source: Box<dyn Source>) {
+    let mut buf = vec![0u8; MAX_PAYLOAD as usize];
+    loop {
+        let room = loop {
+            let notified = shared.room.notified();
+            let room = shared.lock().send.room();
+            if room > 0 {
+                break room;
+            }
+            notified.await;
+        };
+        let want = room.min(buf.len());
+        match source.read(&mut buf[..want]).await {
+            Ok(0) => {
+                shared.lock().send.finish();
+                shared.wake.notify_one();
+                return;
+            }
+            Ok(n) => {
+                shared.lock().send.push(Bytes::copy_from_slice(&buf[..n]));
+                shared.wake.notify_one();
+            }
+            Err(e) => {
+                let mut st = shared.lock();
+                st.local_error = Some(format!("reading the input: {e}"));
+                st.end = Some((EndCode::Abort, format!("the peer's input failed: {e}")));
+                drop(st);
+                shared.wake.notify_one();
+                return;
+            }
+        }
+    }
+}
+
+/// Received payloads → sink; counts what was written, for the ACKs.
+async fn sink_loop(shared: Arc<Shared>, mut sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkItem>) {
+    while let Some(item) = rx.recv().await {
+        let r = match item {
+            SinkItem::Data(b) => sink.write_all(&b).await.map(|()| b.len() as u64),
+            SinkItem::Finish => sink.finish().await.map(|()| u64::MAX),
+        };
+        let mut st = shared.lock();
+        match r {
+            Ok(u64::MAX) => st.sink_done = true,
+            Ok(n) => st.written += n,
+            Err(e) => {
+                st.local_error = Some(format!("writing the output: {e}"));
+                st.end = Some((EndCode::Abort, format!("the peer's output failed: {e}")));
+                drop(st);
+                shared.wake.notify_one();
+                return;
+            }
+        }
+        drop(st);
+        shared.wake.notify_one();
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, each wait for the link bounded by `limit`.
+async fn read_timed<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut [u8],
+    limit: Duration,
+) -> Result<(), String> {
+    let mut got = 0;
+    while got < buf.len() {
+        match tokio::time::timeout(limit, rd.read(&mut buf[got..])).await {
+            Err(_) => return Err(silence(limit)),
+            Ok(Ok(0)) => return Err("the link ended without the session's end".into()),
+            Ok(Ok(n)) => got += n,
+            Ok(Err(e)) => return Err(format!("the link failed: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn silence(limit: Duration) -> String {
+    format!(
+        "the peer stopped answering: nothing received for {:.1}s",
+        limit.as_secs_f64()
+    )
+}
+
+/// The liveness timeout for a measured round trip.
+fn liveness(cfg: &SessionConfig, rtt: Option<Duration>) -> Duration {
+    rtt.map_or(cfg.liveness_min, |r| r * 8)
+        .clamp(cfg.liveness_min, cfg.liveness_max)
+}
+
+/// Runs one generation: HELLO both ways, then the reader and the writer until the link fails
+/// or the session ends.
+async fn drive(
+    shared: &Arc<Shared>,
+    cfg: &SessionConfig,
+    link: Link,
+    sid: &mut Option<[u8; SESSION_ID_LEN]>,
+    nonce: &[u8; SESSION_ID_LEN],
+    tx: &mpsc::Sender<SinkItem>,
+    stats: &mut PathReport,
+) -> LinkEnd {
+    let (mut rd, mut wr) = tokio::io::split(link.stream);
+    // HELLO: what we have received, and the nonce (new) or the session id (resume).
+    let (received, resume) = (shared.lock().window.received, sid.is_some());
+    let body = sid.unwrap_or(*nonce);
+    let hello = frame::encode(&Header::Hello {
+        received,
+        version: frame::VERSION,
+        resume,
+    });
+    let greet = async {
+        wr.write_all(&hello).await?;
+        wr.write_all(&body).await?;
+        wr.flush().await
+    };
+    if let Err(e) = greet.await {
+        return LinkEnd::Broken(format!("the link failed: {e}"));
+    }
+    let limit = liveness(cfg, None);
+    let mut raw = [0u8; HEADER_LEN];
+    if let Err(e) = read_timed(&mut rd, &mut raw, limit).await {
+        return LinkEnd::Broken(e);
+    }
+    let mut theirs = [0u8; SESSION_ID_LEN];
+    let peer_received = match frame::decode(&raw) {
+        Ok(Header::Hello {
+            received,
+            version,
+            resume: their_resume,
+        }) => {
+            if version != frame::VERSION {
+                return LinkEnd::Fatal(FrameError::Version(version).to_string());
+            }
+            if let Err(e) = read_timed(&mut rd, &mut theirs, limit).await {
+                return LinkEnd::Broken(e);
+            }
+            if their_resume != resume {
+                return LinkEnd::Fatal(
+                    FrameError::Unexpected("one side resumes, the other starts anew").to_string(),
+                );
+            }
+            received
+        }
+        Ok(_) => return LinkEnd::Fatal(FrameError::Unexpected("HELLO must come first").to_string()),
+        Err(e) => return LinkEnd::Fatal(e.to_string()),
+    };
+    match sid {
+        Some(id) if *id != theirs => return LinkEnd::Fatal(FrameError::WrongSession.to_string()),
+        Some(_) => {}
+        None => {
+            // The session id: both nonces, in a fixed order.
+            let (lo, hi) = if nonce[..] <= theirs[..] {
+                (nonce, &theirs)
+            } else {
+                (&theirs, nonce)
+            };
+            let mut h = Sha256::new();
+            h.update(b"nettool session id v1\0");
+            h.update(lo);
+            h.update(hi);
+            *sid = Some(h.finalize().into());
+        }
+    }
+    {
+        let st = shared.lock();
+        if let Err(e) = st.send.resume_at(peer_received) {
+            return LinkEnd::Fatal(e.to_string());
+        }
+    }
+    debug!(peer_received, "session link up");
+    let mut sent_bytes = 0u64;
+    let mut received_bytes = 0u64;
+    let reader = read_side(shared, cfg, &mut rd, tx, &mut received_bytes);
+    let writer = write_side(shared, cfg, &mut wr, peer_received, &mut sent_bytes);
+    let end = tokio::select! {
+        e = reader => e,
+        e = writer => e,
+    };
+    stats.bytes_sent = sent_bytes;
+    stats.bytes_received = received_bytes;
+    if let LinkEnd::EndSent = end {
+        // Give the peer's END (or its close) a moment to arrive, so the END just written is
+        // not cut by our own close.
+        let mut buf = [0u8; 256];
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+    if let LinkEnd::PeerEnded(EndCode::Done, _) = end {
+        // Answer with our own END(Done) (the peer may be waiting for it), best effort.
+        let reason = b"done";
+        let h = frame::encode(&Header::End {
+            code: EndCode::Done,
+            len: reason.len() as u32,
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            wr.write_all(&h).await?;
+            wr.write_all(reason).await?;
+            wr.flush().await?;
+            wr.shutdown().await
+        })
+        .await;
+    }
+    end
+}
+
+/// Frames from the link: data to the sink, acks into the send buffer, pings answered.
+async fn read_side<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    cfg: &SessionConfig,
+    rd: &mut R,
+    tx: &mpsc::Sender<SinkItem>,
+    received_bytes: &mut u64,
+) -> LinkEnd {
+    let mut payload = BytesMut::new();
+    loop {
+        let limit = liveness(cfg, shared.lock().rtt);
+        let mut raw = [0u8; HEADER_LEN];
+        if let Err(e) = read_timed(rd, &mut raw, limit).await {
+            return LinkEnd::Broken(e);
+        }
+        let header = match frame::decode(&raw) {
+            Ok(h) => h,
+            Err(e) => return LinkEnd::Fatal(format!("the peer sent a {e}")),
+        };
+        match header {
+            Header::Data { offset, len } => {
+                payload.clear();
+                payload.reserve(len as usize);
+                while payload.len() < len as usize {
+                    let want = (len as usize - payload.len()) as u64;
+                    let mut part = (&mut *rd).take(want);
+                    match tokio::time::timeout(limit, part.read_buf(&mut payload)).await {
+                        Err(_) => return LinkEnd::Broken(silence(limit)),
+                        Ok(Ok(0)) => {
+                            return LinkEnd::Broken(
+                                "the link ended inside a data frame".into(),
+                            )
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return LinkEnd::Broken(format!("the link failed: {e}")),
+                    }
+                }
+                *received_bytes += u64::from(len);
+                let data = payload.split().freeze();
+                let mut window = shared.lock().window.clone();
+                let range = match window.accept(offset, len) {
+                    Ok(r) => r,
+                    Err(e) => return LinkEnd::Fatal(format!("the peer sent {e}")),
+                };
+                if !range.is_empty() && tx.send(SinkItem::Data(data.slice(range))).await.is_err() {
+                    return LinkEnd::Fatal("the output is gone".into());
+                }
+                // Only now, with the bytes queued for the sink: advance.
+                shared.lock().window = window;
+            }
+            Header::Ack { written, eof } => {
+                let mut st = shared.lock();
+                let sent = st.sent_high;
+                if let Err(e) = st.send.ack(written, sent) {
+                    return LinkEnd::Fatal(format!("the peer sent {e}"));
+                }
+                if eof && !(st.send.eof() && written == st.send.end()) {
+                    return LinkEnd::Fatal(
+                        "the peer confirmed an end this side has not sent".into(),
+                    );
+                }
+                st.peer_has_eof |= eof;
+                drop(st);
+                shared.room.notify_one();
+                shared.wake.notify_one();
+            }
+            Header::Eof { at } => {
+                let queue = {
+                    let mut st = shared.lock();
+                    if let Err(e) = st.window.eof(at) {
+                        return LinkEnd::Fatal(format!("the peer sent {e}"));
+                    }
+                    let q = st.window.received == at && !st.finish_queued;
+                    st.finish_queued |= q;
+                    q
+                };
+                if queue && tx.send(SinkItem::Finish).await.is_err() {
+                    return LinkEnd::Fatal("the output is gone".into());
+                }
+            }
+            Header::End { code, len } => {
+                let mut reason = vec![0u8; len as usize];
+                if let Err(e) = read_timed(rd, &mut reason, limit).await {
+                    return LinkEnd::Broken(e);
+                }
+                let reason = String::from_utf8_lossy(&reason).into_owned();
+                if code == EndCode::Done && !shared.lock().peer_may_be_done() {
+                    // The peer claims a clean end while bytes are outstanding: never a success.
+                    return LinkEnd::PeerEnded(
+                        EndCode::Abort,
+                        "the peer ended the session while data was outstanding".into(),
+                    );
+                }
+                return LinkEnd::PeerEnded(code, reason);
+            }
+            Header::Ping(t) => {
+                shared.lock().pong = Some(t);
+                shared.wake.notify_one();
+            }
+            Header::Pong(t) => {
+                let now = micros(shared);
+                if let Some(rtt) = now.checked_sub(t) {
+                    shared.lock().rtt = Some(Duration::from_micros(rtt));
+                }
+            }
+            Header::Hello { .. } => {
+                return LinkEnd::Fatal(
+                    FrameError::Unexpected("HELLO in the middle of a link").to_string(),
+                )
+            }
+        }
+    }
+}
+
+fn micros(shared: &Shared) -> u64 {
+    u64::try_from(shared.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// What the writer does next.
+enum Next {
+    End(EndCode, String),
+    Pong(u64),
+    Ack(u64, bool),
+    Data(u64, Bytes),
+    Eof(u64),
+    Wait,
+}
+
+/// Frames to the link: END, PONG, ACK, DATA from the send buffer, EOF, PING when idle.
+async fn write_side<W: AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    cfg: &SessionConfig,
+    wr: &mut W,
+    resume_at: u64,
+    sent_bytes: &mut u64,
+) -> LinkEnd {
+    let mut sent = resume_at;
+    let mut eof_sent = false;
+    // Forces one ACK at the start of every link (the peer may have missed the last).
+    let mut acked_told: Option<(u64, bool)> = None;
+    let mut last_write = tokio::time::Instant::now();
+    // One PING right away: the round trip for the liveness timeout.
+    let mut ping_due = true;
+    loop {
+        let notified = shared.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let next = {
+            let mut st = shared.lock();
+            let ack_now = (st.written, st.sink_done);
+            // END(Done) only once our last ACK (with its EOF flag) is out: the peer checks it.
+            if st.end.is_none() && st.both_done() && acked_told == Some(ack_now) {
+                st.end = Some((EndCode::Done, "done".into()));
+            }
+            if let Some((code, reason)) = st.end.clone() {
+                Next::End(code, reason)
+            } else if let Some(t) = st.pong.take() {
+                Next::Pong(t)
+            } else if acked_told != Some(ack_now) {
+                Next::Ack(ack_now.0, ack_now.1)
+            } else if let Some(b) = st.send.get(sent, MAX_PAYLOAD as usize) {
+                Next::Data(sent, b)
+            } else if st.send.eof() && sent == st.send.end() && !eof_sent {
+                Next::Eof(sent)
+            } else {
+                Next::Wait
+            }
+        };
+        let r = match next {
+            Next::End(code, reason) => {
+                let text = reason.as_bytes();
+                let text = &text[..text.len().min(frame::MAX_REASON as usize)];
+                let h = frame::encode(&Header::End {
+                    code,
+                    len: text.len() as u32,
+                });
+                let w = async {
+                    wr.write_all(&h).await?;
+                    wr.write_all(text).await?;
+                    wr.flush().await
+                };
+                return match tokio::time::timeout(Duration::from_secs(2), w).await {
+                    Ok(Ok(())) => LinkEnd::EndSent,
+                    Ok(Err(e)) if code == EndCode::Done => {
+                        debug!("END(done) not written: {e}");
+                        LinkEnd::EndSent
+                    }
+                    Ok(Err(e)) => LinkEnd::Broken(format!("the link failed: {e}")),
+                    Err(_) => LinkEnd::EndSent,
+                };
+            }
+            Next::Pong(t) => wr.write_all(&frame::encode(&Header::Pong(t))).await,
+            Next::Ack(written, eof) => {
+                acked_told = Some((written, eof));
+                wr.write_all(&frame::encode(&Header::Ack { written, eof }))
+                    .await
+            }
+            Next::Data(at, b) => {
+                let h = frame::encode(&Header::Data {
+                    offset: at,
+                    len: b.len() as u32,
+                });
+                let r = async {
+                    wr.write_all(&h).await?;
+                    wr.write_all(&b).await
+                }
+                .await;
+                if r.is_ok() {
+                    sent = at + b.len() as u64;
+                    *sent_bytes += b.len() as u64;
+                    let mut st = shared.lock();
+                    st.sent_high = st.sent_high.max(sent);
+                }
+                r
+            }
+            Next::Eof(at) => {
+                eof_sent = true;
+                wr.write_all(&frame::encode(&Header::Eof { at })).await
+            }
+            Next::Wait => {
+                if ping_due {
+                    ping_due = false;
+                    last_write = tokio::time::Instant::now();
+                    let r = async {
+                        wr.write_all(&frame::encode(&Header::Ping(micros(shared))))
+                            .await?;
+                        wr.flush().await
+                    };
+                    if let Err(e) = r.await {
+                        return LinkEnd::Broken(format!("the link failed: {e}"));
+                    }
+                    continue;
+                }
+                if let Err(e) = wr.flush().await {
+                    return LinkEnd::Broken(format!("the link failed: {e}"));
+                }
+                let next_ping = last_write + cfg.ping_every;
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep_until(next_ping) => ping_due = true,
+                }
+                continue;
+            }
+        };
+        if let Err(e) = r {
+            return LinkEnd::Broken(format!("the link failed: {e}"));
+        }
+        last_write = tokio::time::Instant::now();
+    }
+}
