@@ -37,8 +37,8 @@ mod compare;
 mod forward;
 mod legacy;
 mod netcheck;
-mod session;
 mod pump;
+mod session;
 mod stdio;
 mod tunables;
 

@@ -45,7 +45,11 @@ struct Rejoin {
 
 #[async_trait::async_trait]
 impl Paths for Rejoin {
-    async fn reconnect(&mut self, ticket: &ResumeTicket, deadline: Instant) -> Result<Link, String> {
+    async fn reconnect(
+        &mut self,
+        ticket: &ResumeTicket,
+        deadline: Instant,
+    ) -> Result<Link, String> {
         let mut last = "no attempt".to_owned();
         let mut tries = 0u32;
         loop {
@@ -68,7 +72,9 @@ impl Paths for Rejoin {
                 );
                 return Ok(link);
             }
-            last = report.error.unwrap_or_else(|| "no strategy produced a link".into());
+            last = report
+                .error
+                .unwrap_or_else(|| "no strategy produced a link".into());
             tracing::info!("resume attempt {tries} failed: {last}");
             // The server may be restarting: try again soon, never busily.
             tokio::time::sleep(Duration::from_millis(500).min(left)).await;
@@ -168,6 +174,14 @@ fn reason(k: &EndKind) -> Option<String> {
 /// The exit code and the one line that says how the session ended. 0 only when every byte
 /// this side sent was confirmed written by the peer and the peer ended in order.
 fn verdict(end: &SessionEnd) -> (i32, String) {
+    if option_env!("NETTOOL_TEST_ACKS_OFF").is_some() && matches!(end.kind, EndKind::Lost(_)) {
+        // Test-only build: success once everything was handed to a link, as before the
+        // session layer (to watch the test that guards "exit 0 means delivered" go red).
+        return (
+            0,
+            "done (acknowledgements ignored in this test build)".into(),
+        );
+    }
     let totals = if end.confirmed == end.sent {
         format!(
             "sent {} bytes (all confirmed written by the peer), received {} bytes",

@@ -37,9 +37,9 @@ pub mod registry;
 pub mod relay;
 pub mod report;
 pub mod secure;
-pub mod session;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod session;
 pub mod strategy;
 pub mod stun;
 

@@ -158,7 +158,9 @@ pub enum FrameError {
     #[error("the link belongs to another session (session id mismatch)")]
     WrongSession,
     /// A HELLO of another protocol version.
-    #[error("the peer speaks session protocol {0}, this nettool speaks {VERSION}: update both sides")]
+    #[error(
+        "the peer speaks session protocol {0}, this nettool speaks {VERSION}: update both sides"
+    )]
     Version(u16),
     /// Something other than HELLO came first, or HELLO came again.
     #[error("protocol violation: {0}")]
@@ -178,7 +180,11 @@ pub fn encode(h: &Header) -> [u8; HEADER_LEN] {
             received,
             version,
             resume,
-        } => (T_HELLO, received, u32::from(version) | (u32::from(resume) << 16)),
+        } => (
+            T_HELLO,
+            received,
+            u32::from(version) | (u32::from(resume) << 16),
+        ),
     };
     let mut out = [0u8; HEADER_LEN];
     out[0] = t;
@@ -191,7 +197,13 @@ pub fn encode(h: &Header) -> [u8; HEADER_LEN] {
 pub fn decode(raw: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
     let a = u64::from_be_bytes(raw[1..9].try_into().expect("8 bytes"));
     let b = u32::from_be_bytes(raw[9..13].try_into().expect("4 bytes"));
-    let zero_b = |what| if b == 0 { Ok(()) } else { Err(FrameError::Malformed(what)) };
+    let zero_b = |what| {
+        if b == 0 {
+            Ok(())
+        } else {
+            Err(FrameError::Malformed(what))
+        }
+    };
     Ok(match raw[0] {
         T_DATA => {
             if b == 0 || b > MAX_PAYLOAD {

@@ -47,6 +47,12 @@ use crate::strategy::Link;
 use frame::{EndCode, FrameError, Header, Window, HEADER_LEN, MAX_PAYLOAD, SESSION_ID_LEN};
 use send::SendBuf;
 
+/// Test-only builds (`NETTOOL_TEST_RESUME_OFF=1` / `NETTOOL_TEST_REPLAY_OFF=1` at compile
+/// time) switch the resume or the replay from the peer's position off, to watch the tests that
+/// guard them fail.
+const RESUME_OFF: bool = option_env!("NETTOOL_TEST_RESUME_OFF").is_some();
+const REPLAY_OFF: bool = option_env!("NETTOOL_TEST_REPLAY_OFF").is_some();
+
 /// Knobs of a session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -147,7 +153,8 @@ impl ResumeTicket {
 pub trait Paths: Send {
     /// A new authenticated link to the same peer, joined under `ticket`, before `deadline`
     /// (retrying as it sees fit), or why there is none.
-    async fn reconnect(&mut self, ticket: &ResumeTicket, deadline: Instant) -> Result<Link, String>;
+    async fn reconnect(&mut self, ticket: &ResumeTicket, deadline: Instant)
+        -> Result<Link, String>;
 }
 
 /// One resume, for the report.
@@ -261,7 +268,10 @@ impl State {
     }
 
     fn both_done(&self) -> bool {
-        self.send.eof() && self.send.acked() == self.send.end() && self.peer_has_eof && self.sink_done
+        self.send.eof()
+            && self.send.acked() == self.send.end()
+            && self.peer_has_eof
+            && self.sink_done
     }
 }
 
@@ -402,6 +412,9 @@ impl Session {
             let Some(id) = sid else {
                 break EndKind::Lost(format!("{why} (before the session was established)"));
             };
+            if RESUME_OFF {
+                break EndKind::Lost(format!("{why} (resume switched off in this test build)"));
+            }
             info!("path failed ({why}); resuming");
             let at = shared.ms();
             let began = Instant::now();
@@ -634,7 +647,9 @@ async fn drive(
             }
             received
         }
-        Ok(_) => return LinkEnd::Fatal(FrameError::Unexpected("HELLO must come first").to_string()),
+        Ok(_) => {
+            return LinkEnd::Fatal(FrameError::Unexpected("HELLO must come first").to_string())
+        }
         Err(e) => return LinkEnd::Fatal(e.to_string()),
     };
     match sid {
@@ -727,9 +742,7 @@ async fn read_side<R: AsyncRead + Unpin>(
                     match tokio::time::timeout(limit, part.read_buf(&mut payload)).await {
                         Err(_) => return LinkEnd::Broken(silence(limit)),
                         Ok(Ok(0)) => {
-                            return LinkEnd::Broken(
-                                "the link ended inside a data frame".into(),
-                            )
+                            return LinkEnd::Broken("the link ended inside a data frame".into())
                         }
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return LinkEnd::Broken(format!("the link failed: {e}")),
@@ -834,7 +847,13 @@ async fn write_side<W: AsyncWrite + Unpin>(
     resume_at: u64,
     sent_bytes: &mut u64,
 ) -> LinkEnd {
-    let mut sent = resume_at;
+    // A test-only build resends nothing: it continues where it had got to, as a plain
+    // reconnect would, to watch the tests that guard the replay go red.
+    let mut sent = if REPLAY_OFF {
+        shared.lock().send.end().max(resume_at)
+    } else {
+        resume_at
+    };
     let mut eof_sent = false;
     // Forces one ACK at the start of every link (the peer may have missed the last).
     let mut acked_told: Option<(u64, bool)> = None;

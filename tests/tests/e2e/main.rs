@@ -16,5 +16,6 @@ mod netcheck;
 mod plugin;
 mod portmap;
 mod security;
+mod session;
 mod signals;
 mod support;

@@ -1,0 +1,282 @@
+//! The session layer through the lab: a link that survives its path. Each case streams 4 MiB
+//! from A to B paced over 16 s (and 64 KiB from B to A), makes something happen to the path
+//! 5 s into the stream, and asserts that B's output is byte-identical and both exit 0 within
+//! 60 s: A's address changes, A's NAT forgets its mappings (conntrack flushed), the rendezvous
+//! server under a relay link restarts. The server killed for good: the sender exits non-zero
+//! and says how many bytes were confirmed, never 0.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nettool_tests::{require_lab, Host, Lab, NatKind};
+
+use crate::support::{nettool_bin, sha256, test_data, Proc, TempDir};
+
+const TOTAL: usize = 4 << 20;
+const PACE: Duration = Duration::from_secs(16);
+const EVENT_AFTER: Duration = Duration::from_secs(5);
+
+/// What happens to the path mid-stream.
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    /// A's host changes its LAN address (10.0.1.2 → 10.0.1.3).
+    AddressChange,
+    /// A's router flushes connection tracking (every NAT mapping forgotten).
+    ConntrackFlush,
+    /// The rendezvous server is killed and started again 2 s later at the same address.
+    ServerRestart,
+    /// The rendezvous server is killed for good.
+    ServerGone,
+}
+
+fn start_server(lab: &Lab) -> Proc {
+    let mut cmd = lab.command(Host::Server, nettool_bin());
+    let listen = format!("{}:8877", lab.server_ip());
+    let other = format!("{}:8878", lab.server_other_ip());
+    cmd.args(["rendezvous", "--listen", &listen, "--other-address", &other])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut server = Proc::spawn(cmd);
+    server.stderr_line_containing("listening on");
+    server
+}
+
+fn sh(lab: &Lab, ns: &str, script: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-ec", script])
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "`{script}` in {ns} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = lab;
+}
+
+struct Outcome {
+    a_code: Option<i32>,
+    b_code: Option<i32>,
+    a_err: String,
+    b_err: String,
+    b_out_ok: bool,
+    a_out_ok: bool,
+    b_out_len: usize,
+    a_report: Option<serde_json::Value>,
+}
+
+/// Runs one paced stream with `event` 5 s in; `extra` flags for both peers.
+fn paced(a: NatKind, b: NatKind, strategy: &str, event: Event, extra: &[&str]) -> Outcome {
+    let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
+    let mut server = Some(start_server(&lab));
+    let dir = TempDir::new(&format!("session-{strategy}-{event:?}"));
+    let server_addr = format!("{}:8877", lab.server_ip());
+    let a_data = test_data(TOTAL, 25);
+    let b_data = test_data(64 << 10, 26);
+    std::fs::write(dir.path("b.in"), &b_data).unwrap();
+    let peer = |h: Host, name: &str, stdin: Stdio| {
+        let mut cmd = lab.command(h, nettool_bin());
+        cmd.args(["connect", "--server", &server_addr, "--session", "durable"])
+            .args(["--secret", "lab", "--strategy", strategy])
+            .args(extra)
+            .arg("--report")
+            .arg(dir.path(&format!("{name}.report.json")))
+            .stdin(stdin)
+            .stdout(std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap())
+            .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).unwrap());
+        Proc::spawn(cmd)
+    };
+    let mut a_proc = peer(Host::A, "a", Stdio::piped());
+    let mut feed = a_proc.child.stdin.take().expect("piped");
+    // B joins second once A waits.
+    let start = Instant::now();
+    while !std::fs::read_to_string(dir.path("a.err"))
+        .unwrap_or_default()
+        .contains("waiting for the peer")
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "A did not join");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut b_proc = peer(
+        Host::B,
+        "b",
+        Stdio::from(std::fs::File::open(dir.path("b.in")).unwrap()),
+    );
+    let feeder = std::thread::spawn(move || {
+        let step = TOTAL / 256;
+        let began = Instant::now();
+        for (i, chunk) in a_data.chunks(step).enumerate() {
+            let due = began + PACE * (i as u32) / 256;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if feed.write_all(chunk).is_err() {
+                return;
+            }
+        }
+    });
+    // The event, 5 s after the first bytes reached B.
+    let start = Instant::now();
+    while std::fs::metadata(dir.path("b.out")).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no byte reached B: {}",
+            std::fs::read_to_string(dir.path("b.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(EVENT_AFTER);
+    let at = std::fs::metadata(dir.path("b.out")).map_or(0, |m| m.len());
+    eprintln!("{a} x {b} {strategy}: {event:?} with {at} bytes at B");
+    match event {
+        Event::AddressChange => sh(
+            &lab,
+            lab.netns(Host::A),
+            "ip addr del 10.0.1.2/24 dev eth0; ip addr add 10.0.1.3/24 dev eth0; \
+             ip route replace default via 10.0.1.1",
+        ),
+        Event::ConntrackFlush => lab.flush_conntrack(Host::A).expect("conntrack -F"),
+        Event::ServerRestart => {
+            drop(server.take());
+            std::thread::sleep(Duration::from_secs(2));
+            server = Some(start_server(&lab));
+        }
+        Event::ServerGone => drop(server.take()),
+    }
+    feeder.join().unwrap();
+    let limit = Duration::from_secs(60);
+    let a_status = a_proc.wait_timeout(limit);
+    let b_status = b_proc.wait_timeout(limit);
+    drop(server);
+    let b_out = std::fs::read(dir.path("b.out")).unwrap_or_default();
+    let a_out = std::fs::read(dir.path("a.out")).unwrap_or_default();
+    Outcome {
+        a_code: a_status.and_then(|s| s.code()),
+        b_code: b_status.and_then(|s| s.code()),
+        a_err: std::fs::read_to_string(dir.path("a.err")).unwrap_or_default(),
+        b_err: std::fs::read_to_string(dir.path("b.err")).unwrap_or_default(),
+        b_out_ok: sha256(&b_out) == sha256(&test_data(TOTAL, 25)),
+        a_out_ok: a_out == b_data,
+        b_out_len: b_out.len(),
+        a_report: std::fs::read(dir.path("a.report.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
+    }
+}
+
+/// The case must end intact, both exit 0, with at least one resume or a path that survived.
+fn survives(a: NatKind, b: NatKind, strategy: &str, event: Event) -> Result<(), String> {
+    let o = paced(a, b, strategy, event, &[]);
+    let resumes = o
+        .a_report
+        .as_ref()
+        .and_then(|r| r["resumes"].as_array().map(Vec::len))
+        .unwrap_or(0);
+    eprintln!(
+        "{a} x {b} {strategy} {event:?}: A {:?} B {:?}, {} bytes at B, {resumes} resume(s); A: {}",
+        o.a_code,
+        o.b_code,
+        o.b_out_len,
+        o.a_err.lines().last().unwrap_or("")
+    );
+    if o.a_code == Some(0) && o.b_code == Some(0) && o.b_out_ok && o.a_out_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{a} x {b} {strategy} {event:?}: A exit {:?}, B exit {:?}, B got {} of {TOTAL} bytes \
+             (identical: {}), A's output identical: {}\nA: {}\nB: {}",
+            o.a_code, o.b_code, o.b_out_len, o.b_out_ok, o.a_out_ok, o.a_err, o.b_err
+        ))
+    }
+}
+
+fn run_cases(cases: &[(NatKind, NatKind, &'static str, Event)]) {
+    if !require_lab() {
+        return;
+    }
+    let problems: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|&(a, b, strategy, event)| s.spawn(move || survives(a, b, strategy, event)))
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap().err())
+            .collect()
+    });
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+#[test]
+fn a_link_survives_an_address_change() {
+    run_cases(&[
+        (
+            NatKind::Cone,
+            NatKind::Cone,
+            "tcp-punch",
+            Event::AddressChange,
+        ),
+        (
+            NatKind::Cone,
+            NatKind::Cone,
+            "udp-quic",
+            Event::AddressChange,
+        ),
+    ]);
+}
+
+#[test]
+fn a_link_survives_a_nat_that_forgets_its_mappings() {
+    run_cases(&[
+        (
+            NatKind::Sym,
+            NatKind::Full,
+            "tcp-punch",
+            Event::ConntrackFlush,
+        ),
+        (
+            NatKind::Sym,
+            NatKind::Full,
+            "udp-quic",
+            Event::ConntrackFlush,
+        ),
+    ]);
+}
+
+#[test]
+fn a_relay_link_survives_a_server_restart() {
+    run_cases(&[(NatKind::Cone, NatKind::Cone, "relay", Event::ServerRestart)]);
+}
+
+#[test]
+fn the_sender_never_exits_0_when_the_only_server_is_gone() {
+    if !require_lab() {
+        return;
+    }
+    let o = paced(
+        NatKind::Cone,
+        NatKind::Cone,
+        "relay",
+        Event::ServerGone,
+        &["--resume-timeout", "8s"],
+    );
+    let ctx = format!("A: {}\nB: {}", o.a_err, o.b_err);
+    assert!(
+        o.a_code.is_some() && o.a_code != Some(0),
+        "A exit {:?}\n{ctx}",
+        o.a_code
+    );
+    assert!(
+        o.b_code.is_some() && o.b_code != Some(0),
+        "B exit {:?}\n{ctx}",
+        o.b_code
+    );
+    let last = o.a_err.lines().last().unwrap_or("");
+    assert!(
+        last.contains("link lost") && last.contains("confirmed written by the peer"),
+        "A's last line: {last}\n{ctx}"
+    );
+    assert!(!o.b_out_ok, "B cannot have everything: the stream was cut");
+}
