@@ -1044,7 +1044,14 @@ async fn connect(
         session,
         secret: settings.secret.clone(),
     };
-    let code = connect_linked(orch, args, params, settings.timeout).await;
+    let code = connect_linked(
+        orch,
+        args,
+        params,
+        settings.server.clone(),
+        settings.timeout,
+    )
+    .await;
     // However the link ended (done, signal, no link, error): delete the gateway's mappings.
     if let Some(m) = mapper {
         let live = m.mapped().len();
@@ -1061,6 +1068,7 @@ async fn connect_linked(
     orch: Orchestrator,
     args: ConnectArgs,
     params: ConnectParams,
+    servers: Vec<String>,
     settings_timeout: Duration,
 ) -> Result<i32> {
     let quiet = !std::io::stderr().is_terminal();
@@ -1102,6 +1110,7 @@ async fn connect_linked(
     let session_params = session::SessionParams {
         orch: orch.clone(),
         params: params.clone(),
+        servers,
         attempt_timeout: overall,
         config: nettool_core::session::SessionConfig {
             send_buffer: usize::try_from(args.send_buffer.max(1 << 16)).unwrap_or(usize::MAX),

@@ -34,11 +34,15 @@ impl Sink for Stdout {
     }
 }
 
-/// New paths for a resumed session: the same orchestrator (strategies, plan, server list),
-/// joined under the resume ticket, retried until the deadline.
+/// New paths for a resumed session: the same orchestrator (strategies, plan), joined under
+/// the resume ticket, retried until the deadline. With several `--server`s each attempt
+/// takes the first that answers (as `connect` did at its start), so a session whose server is
+/// gone for good resumes through the next one the partner also reaches.
 struct Rejoin {
     orch: Orchestrator,
     server: std::net::SocketAddr,
+    /// Every `--server` given, in order (one: always `server`).
+    servers: Vec<String>,
     /// Longest single connect (the configured overall timeout).
     attempt: Duration,
 }
@@ -58,12 +62,25 @@ impl Paths for Rejoin {
                 return Err(last);
             }
             tries += 1;
+            let mut orch = self.orch.clone().with_overall(left.min(self.attempt));
+            if self.servers.len() > 1 {
+                match crate::choose_server(&self.servers).await {
+                    Ok((server, all)) => {
+                        self.server = server;
+                        orch = orch.with_server_addresses(all);
+                    }
+                    Err(e) => {
+                        last = format!("{e:#}");
+                        tokio::time::sleep(Duration::from_millis(500).min(left)).await;
+                        continue;
+                    }
+                }
+            }
             let params = ConnectParams {
                 server: self.server,
                 session: ticket.session.clone(),
                 secret: Some(ticket.secret.clone()),
             };
-            let orch = self.orch.clone().with_overall(left.min(self.attempt));
             let (link, report) = orch.connect(&params, &|_| {}).await;
             if let Some(link) = link {
                 eprintln!(
@@ -86,6 +103,8 @@ impl Paths for Rejoin {
 pub(crate) struct SessionParams {
     pub(crate) orch: Orchestrator,
     pub(crate) params: ConnectParams,
+    /// Every `--server` given, for resumes.
+    pub(crate) servers: Vec<String>,
     pub(crate) attempt_timeout: Duration,
     pub(crate) config: SessionConfig,
 }
@@ -110,6 +129,7 @@ pub(crate) async fn run(
     let paths = Rejoin {
         orch: p.orch,
         server: p.params.server,
+        servers: p.servers,
         attempt: p.attempt_timeout,
     };
     let end = Session::new(p.config, key)

@@ -33,7 +33,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::protocol::Role;
 
 const MAGIC: &[u8; 4] = b"NTLK";
-const VERSION: u8 = 2;
+/// 3: the link carries the session layer ([`crate::session`]: acknowledged delivery,
+/// resume); 2 carried bare bytes. The session protocol has its own version in its HELLO.
+const VERSION: u8 = 3;
 const NONCE_LEN: usize = 32;
 /// Length of a SPAKE2 message over Ed25519 (side byte + point).
 const PAKE_MSG_LEN: usize = 33;
@@ -132,6 +134,18 @@ pub enum HandshakeError {
     /// The other end does not speak nettool's link protocol (or another version of it).
     #[error("not a nettool peer (bad hello)")]
     NotAPeer,
+    /// The other end is a nettool speaking another version of the link protocol.
+    #[error(
+        "the peer speaks nettool link protocol {theirs}, this nettool speaks {ours} \
+         (3 and later carry the session layer: acknowledged delivery and resume): \
+         update both sides to the same nettool"
+    )]
+    Version {
+        /// The peer's version.
+        theirs: u8,
+        /// Ours.
+        ours: u8,
+    },
     /// The other end claims the same role as this end.
     #[error("the other end claims the same role")]
     SameRole,
@@ -227,8 +241,14 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 
     let mut theirs = [0u8; HELLO_LEN];
     stream.read_exact(&mut theirs[..6]).await?;
-    if &theirs[..4] != MAGIC || theirs[4] != VERSION {
+    if &theirs[..4] != MAGIC {
         return Err(HandshakeError::NotAPeer);
+    }
+    if theirs[4] != VERSION {
+        return Err(HandshakeError::Version {
+            theirs: theirs[4],
+            ours: VERSION,
+        });
     }
     if theirs[5] != role_byte(ctx.role.other()) {
         return Err(HandshakeError::SameRole);
@@ -420,6 +440,31 @@ mod tests {
         };
         let (ra, ()) = tokio::join!(authenticate(&mut a, &first), stranger);
         assert!(matches!(ra, Err(HandshakeError::NotAPeer)));
+    }
+
+    #[tokio::test]
+    async fn an_older_peer_gets_a_clear_version_error() {
+        // A nettool of link protocol 2 (bare bytes after the handshake, no session layer).
+        let first = ctx(Role::First, "s");
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let older = async {
+            let mut hello = vec![0u8; HELLO_LEN];
+            hello[..4].copy_from_slice(MAGIC);
+            hello[4] = 2;
+            hello[5] = 2;
+            b.write_all(&hello).await.unwrap();
+        };
+        let (ra, ()) = tokio::join!(authenticate(&mut a, &first), older);
+        let e = ra.expect_err("another version must be refused");
+        assert!(
+            matches!(e, HandshakeError::Version { theirs: 2, ours: 3 }),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("link protocol 2") && text.contains("update both sides"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

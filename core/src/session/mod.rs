@@ -47,11 +47,12 @@ use crate::strategy::Link;
 use frame::{EndCode, FrameError, Header, Window, HEADER_LEN, MAX_PAYLOAD, SESSION_ID_LEN};
 use send::SendBuf;
 
-/// Test-only builds (`NETTOOL_TEST_RESUME_OFF=1` / `NETTOOL_TEST_REPLAY_OFF=1` at compile
-/// time) switch the resume or the replay from the peer's position off, to watch the tests that
-/// guard them fail.
+/// Test-only builds (`NETTOOL_TEST_RESUME_OFF=1` / `NETTOOL_TEST_REPLAY_OFF=1` /
+/// `NETTOOL_TEST_END_OFF=1` at compile time) switch the resume, the replay from the peer's
+/// position or the END sent on a signal off, to watch the tests that guard them fail.
 const RESUME_OFF: bool = option_env!("NETTOOL_TEST_RESUME_OFF").is_some();
 const REPLAY_OFF: bool = option_env!("NETTOOL_TEST_REPLAY_OFF").is_some();
+const END_OFF: bool = option_env!("NETTOOL_TEST_END_OFF").is_some();
 
 /// Knobs of a session.
 #[derive(Debug, Clone)]
@@ -370,6 +371,9 @@ impl Session {
                 tokio::select! {
                     end = &mut run => Ok(end),
                     s = signalled(&mut stop) => {
+                        if END_OFF {
+                            break EndKind::Stopped(s);
+                        }
                         // END(Stopped) goes out on the link (bounded), so the peer ends at once.
                         let why = format!("stopped by {}", signal_name(s));
                         shared.lock().end = Some((EndCode::Stopped, why));

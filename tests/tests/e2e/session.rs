@@ -2,8 +2,9 @@
 //! from A to B paced over 16 s (and 64 KiB from B to A), makes something happen to the path
 //! 5 s into the stream, and asserts that B's output is byte-identical and both exit 0 within
 //! 60 s: A's address changes, A's NAT forgets its mappings (conntrack flushed), the rendezvous
-//! server under a relay link restarts. The server killed for good: the sender exits non-zero
-//! and says how many bytes were confirmed, never 0.
+//! server under a relay link restarts, or (two `--server`s given) the first is killed for good
+//! and the session resumes through the second. The only server killed for good: the sender
+//! exits non-zero and says how many bytes were confirmed, never 0.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -28,14 +29,28 @@ enum Event {
     ServerRestart,
     /// The rendezvous server is killed for good.
     ServerGone,
+    /// Both peers were given two servers; the first (the one in use) is killed for good.
+    FirstServerGone,
+}
+
+/// The second server of [`Event::FirstServerGone`]: another address, another process.
+fn second_server_addr(lab: &Lab) -> String {
+    format!("{}:9000", lab.server_other_ip())
 }
 
 fn start_server(lab: &Lab) -> Proc {
-    let mut cmd = lab.command(Host::Server, nettool_bin());
     let listen = format!("{}:8877", lab.server_ip());
     let other = format!("{}:8878", lab.server_other_ip());
-    cmd.args(["rendezvous", "--listen", &listen, "--other-address", &other])
-        .stdin(Stdio::null())
+    start_server_at(lab, &listen, Some(&other))
+}
+
+fn start_server_at(lab: &Lab, listen: &str, other: Option<&str>) -> Proc {
+    let mut cmd = lab.command(Host::Server, nettool_bin());
+    cmd.args(["rendezvous", "--listen", listen]);
+    if let Some(other) = other {
+        cmd.args(["--other-address", other]);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut server = Proc::spawn(cmd);
@@ -71,6 +86,8 @@ struct Outcome {
 fn paced(a: NatKind, b: NatKind, strategy: &str, event: Event, extra: &[&str]) -> Outcome {
     let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
     let mut server = Some(start_server(&lab));
+    let second = matches!(event, Event::FirstServerGone)
+        .then(|| start_server_at(&lab, &second_server_addr(&lab), None));
     let dir = TempDir::new(&format!("session-{strategy}-{event:?}"));
     let server_addr = format!("{}:8877", lab.server_ip());
     let a_data = test_data(TOTAL, 25);
@@ -78,8 +95,11 @@ fn paced(a: NatKind, b: NatKind, strategy: &str, event: Event, extra: &[&str]) -
     std::fs::write(dir.path("b.in"), &b_data).unwrap();
     let peer = |h: Host, name: &str, stdin: Stdio| {
         let mut cmd = lab.command(h, nettool_bin());
-        cmd.args(["connect", "--server", &server_addr, "--session", "durable"])
-            .args(["--secret", "lab", "--strategy", strategy])
+        cmd.args(["connect", "--server", &server_addr, "--session", "durable"]);
+        if second.is_some() {
+            cmd.args(["--server", &second_server_addr(&lab)]);
+        }
+        cmd.args(["--secret", "lab", "--strategy", strategy])
             .args(extra)
             .arg("--report")
             .arg(dir.path(&format!("{name}.report.json")))
@@ -143,13 +163,14 @@ fn paced(a: NatKind, b: NatKind, strategy: &str, event: Event, extra: &[&str]) -
             std::thread::sleep(Duration::from_secs(2));
             server = Some(start_server(&lab));
         }
-        Event::ServerGone => drop(server.take()),
+        Event::ServerGone | Event::FirstServerGone => drop(server.take()),
     }
     feeder.join().unwrap();
     let limit = Duration::from_secs(60);
     let a_status = a_proc.wait_timeout(limit);
     let b_status = b_proc.wait_timeout(limit);
     drop(server);
+    drop(second);
     let b_out = std::fs::read(dir.path("b.out")).unwrap_or_default();
     let a_out = std::fs::read(dir.path("a.out")).unwrap_or_default();
     Outcome {
@@ -248,6 +269,16 @@ fn a_link_survives_a_nat_that_forgets_its_mappings() {
 #[test]
 fn a_relay_link_survives_a_server_restart() {
     run_cases(&[(NatKind::Cone, NatKind::Cone, "relay", Event::ServerRestart)]);
+}
+
+#[test]
+fn a_relay_link_resumes_through_the_second_server_when_the_first_is_gone() {
+    run_cases(&[(
+        NatKind::Cone,
+        NatKind::Cone,
+        "relay",
+        Event::FirstServerGone,
+    )]);
 }
 
 #[test]

@@ -42,17 +42,29 @@ fn connect_cmd(server: &str, session: &str, strategy: &str) -> Command {
     cmd
 }
 
+/// What B's stdin does while A is signalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BStdin {
+    /// At its end from the start (`/dev/null`).
+    Ended,
+    /// An open pipe nobody writes to: B has nothing to say yet, and no EOF either.
+    Idle,
+    /// A pipe fed 4 KiB every 5 ms until B is gone.
+    Sending,
+}
+
 /// Links A and B with `strategy`; A's stdin is a pipe we hold open, B's stdin is `b_stdin`.
 /// Once B has printed A's first line, sends `signal` to A. Returns both exit statuses and
-/// stderr texts, and whether A's stdin was left non-blocking.
+/// stderr texts, whether A's stdin was left non-blocking, and how long B took to exit after
+/// the signal.
 fn signal_one_peer(
     strategy: &str,
     signal: i32,
-    b_keeps_sending: bool,
-) -> (i32, String, i32, String, bool) {
+    b_stdin: BStdin,
+) -> (i32, String, i32, String, bool, Duration) {
     let (_server, addr) = loopback_rendezvous(&[]);
     let dir = TempDir::new("sig");
-    let session = format!("sig-{strategy}-{signal}-{b_keeps_sending}");
+    let session = format!("sig-{strategy}-{signal}-{b_stdin:?}");
 
     let (a_read, a_write) = pipe();
     let a_read_probe = a_read.try_clone().expect("dup");
@@ -65,20 +77,31 @@ fn signal_one_peer(
     let mut a = Proc::spawn(a_cmd);
 
     let mut b_cmd = connect_cmd(&addr, &session, strategy);
-    let b_feed = if b_keeps_sending {
-        let (b_read, b_write) = pipe();
-        b_cmd.stdin(Stdio::from(b_read));
-        let mut w = std::fs::File::from(b_write);
-        // Feeds B until B is gone (then the write fails and the thread ends).
-        Some(std::thread::spawn(move || {
-            let line = [b'b'; 4096];
-            while w.write_all(&line).is_ok() {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }))
-    } else {
-        b_cmd.stdin(Stdio::null());
-        None
+    // Held open (and unwritten) until the end of this function in the Idle case.
+    let mut b_idle_writer = None;
+    let b_feed = match b_stdin {
+        BStdin::Sending => {
+            let (b_read, b_write) = pipe();
+            b_cmd.stdin(Stdio::from(b_read));
+            let mut w = std::fs::File::from(b_write);
+            // Feeds B until B is gone (then the write fails and the thread ends).
+            Some(std::thread::spawn(move || {
+                let line = [b'b'; 4096];
+                while w.write_all(&line).is_ok() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }))
+        }
+        BStdin::Idle => {
+            let (b_read, b_write) = pipe();
+            b_cmd.stdin(Stdio::from(b_read));
+            b_idle_writer = Some(b_write);
+            None
+        }
+        BStdin::Ended => {
+            b_cmd.stdin(Stdio::null());
+            None
+        }
     };
     b_cmd
         .stdout(std::fs::File::create(dir.path("b.out")).unwrap())
@@ -91,10 +114,13 @@ fn signal_one_peer(
     });
     // SAFETY: kill with the pid of our own child.
     assert_eq!(unsafe { libc::kill(a.child.id() as i32, signal) }, 0);
+    let signalled = Instant::now();
 
     let a_status = a.wait_timeout(Duration::from_secs(15)).expect("A ended");
     let b_status = b.wait_timeout(Duration::from_secs(15)).expect("B ended");
+    let b_took = signalled.elapsed();
     drop(a_write);
+    drop(b_idle_writer);
     if let Some(t) = b_feed {
         t.join().unwrap();
     }
@@ -106,6 +132,7 @@ fn signal_one_peer(
         b_status.code().unwrap_or(-1),
         b_err,
         nonblocking(&a_read_probe),
+        b_took,
     )
 }
 
@@ -117,8 +144,8 @@ fn a_signalled_peer_closes_the_link_and_the_other_exits_0() {
         ("relay", libc::SIGINT),
         ("tcp-direct", libc::SIGHUP),
     ] {
-        let (a_code, a_err, b_code, b_err, left_nonblocking) =
-            signal_one_peer(strategy, signal, false);
+        let (a_code, a_err, b_code, b_err, left_nonblocking, _) =
+            signal_one_peer(strategy, signal, BStdin::Ended);
         let ctx = format!("{strategy}, signal {signal}\nA: {a_err}\nB: {b_err}");
         assert_eq!(a_code, 128 + signal, "{ctx}");
         assert!(a_err.contains("closed the link"), "{ctx}");
@@ -132,11 +159,29 @@ fn a_signalled_peer_closes_the_link_and_the_other_exits_0() {
 #[test]
 fn a_peer_still_sending_ends_with_peer_closed_when_the_other_is_signalled() {
     for strategy in ["tcp-punch", "udp-quic"] {
-        let (a_code, a_err, b_code, b_err, _) = signal_one_peer(strategy, libc::SIGTERM, true);
+        let (a_code, a_err, b_code, b_err, _, _) =
+            signal_one_peer(strategy, libc::SIGTERM, BStdin::Sending);
         let ctx = format!("{strategy}\nA: {a_err}\nB: {b_err}");
         assert_eq!(a_code, 128 + libc::SIGTERM, "{ctx}");
         assert_eq!(b_code, 0, "{ctx}");
         assert!(b_err.contains("peer closed"), "{ctx}");
+    }
+}
+
+/// The session's END: a partner whose stdin is an open pipe with nothing in it (no EOF, so
+/// close_notify alone would leave it waiting for its own input) ends within 5 s of A's
+/// SIGTERM, on every strategy, and says the peer closed.
+#[test]
+fn a_partner_with_an_idle_open_stdin_ends_within_5s_of_the_peers_sigterm() {
+    for strategy in ["tcp-punch", "udp-quic", "relay", "tcp-direct"] {
+        let (a_code, a_err, b_code, b_err, _, b_took) =
+            signal_one_peer(strategy, libc::SIGTERM, BStdin::Idle);
+        let ctx = format!("{strategy}, B took {b_took:?}\nA: {a_err}\nB: {b_err}");
+        assert_eq!(a_code, 128 + libc::SIGTERM, "{ctx}");
+        assert!(b_took <= Duration::from_secs(5), "{ctx}");
+        assert_eq!(b_code, 0, "{ctx}");
+        assert!(b_err.contains("peer closed"), "{ctx}");
+        assert!(b_err.contains("received 13 bytes"), "B got A's line: {ctx}");
     }
 }
 
