@@ -646,6 +646,7 @@ fn render(r: &BenchReport) -> String {
             "vs plain TCP",
             "target",
             "",
+            "vs socat -b 1MiB",
             "peak RSS",
             "≤ 32 MB",
             "CPU s/GiB send/recv",
@@ -666,6 +667,7 @@ fn render(r: &BenchReport) -> String {
                 row.target_ratio
                     .map_or(String::new(), |x| format!("≥ {x}×")),
                 row.verdict.as_str().into(),
+                opt(row.ratio_socat, 2, "×"),
                 format!("{:.1} MB", row.peak_rss_mb),
                 row.rss_verdict.as_str().into(),
                 format!(

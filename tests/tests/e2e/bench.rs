@@ -205,7 +205,7 @@ fn bench_lab_cli_path() {
     );
     for row in c["rows"].as_array().expect("rows") {
         println!(
-            "  {:<10} {:<5} {:>7.3} s  {:>6.0} MB/s  ratio {:>5.2}  target {:>5}  {:<4}  RSS {:>5.1} MB {}  CPU s/GiB {:.2} / {:.2}, server {:.2}",
+            "  {:<10} {:<5} {:>7.3} s  {:>6.0} MB/s  ratio {:>5.2}  target {:>5}  {:<4}  vs socat {:>5.2}  RSS {:>5.1} MB {}  CPU s/GiB {:.2} / {:.2}, server {:.2}",
             row["link"].as_str().unwrap_or("?"),
             row["mode"].as_str().unwrap_or("?"),
             row["seconds"].as_f64().unwrap_or(f64::NAN),
@@ -213,6 +213,7 @@ fn bench_lab_cli_path() {
             row["ratio"].as_f64().unwrap_or(f64::NAN),
             row["target_ratio"].as_f64().map_or("-".into(), |t| t.to_string()),
             row["verdict"].as_str().unwrap_or("?"),
+            row["ratio_socat"].as_f64().unwrap_or(f64::NAN),
             row["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
             row["rss_verdict"].as_str().unwrap_or("?"),
             row["cpu_s_per_gib"][0].as_f64().unwrap_or(f64::NAN),
