@@ -293,11 +293,14 @@ fn bench_smoke_prints_every_section() {
         cap["memory"][0]["rss_after_kib"].as_u64().is_some(),
         "{cap}"
     );
-    // The CLI path: plain TCP and four strategies, pipe and file, every transfer intact
-    // (the bench checks every byte) and an RSS figure for each.
+    // The CLI path: plain TCP, socat (the yardstick, installed by .ci/run) and four
+    // strategies, pipe and file, every transfer intact (the bench checks every byte) and an
+    // RSS figure for each.
     let cli = v["cli_path"]["rows"].as_array().expect("cli_path rows");
-    assert_eq!(cli.len(), 10, "{v}");
+    assert_eq!(cli.len(), 12, "{v}");
     assert_eq!(cli[0]["link"], "plain-tcp", "{v}");
+    assert_eq!(cli[2]["link"], "socat", "{v}");
+    assert!(cli[4]["ratio_socat"].as_f64().is_some(), "{v}");
     for row in cli {
         assert!(row["error"].is_null(), "{row}");
         assert!(row["peak_rss_mb"].as_f64().unwrap_or(0.0) > 0.0, "{row}");

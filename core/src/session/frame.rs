@@ -12,6 +12,12 @@
 //! | `END` | [`EndCode`] | reason length (≤ [`MAX_REASON`]) | reason (UTF-8) |
 //! | `PING` / `PONG` | sender's clock, µs (echoed) | 0 | — |
 //! | `HELLO` | bytes received so far (where the peer resumes) | protocol version | session id (32 bytes) |
+//! | `SWITCH` | offset where the sender stopped writing DATA on this link | 0 | — |
+//!
+//! `SWITCH` is the sequence boundary of a planned move to another link (relay-first's upgrade
+//! to a direct path): the last frame the sender writes on the old link. The receiver reads the
+//! old link up to it, then the new one (which starts with `HELLO` as after a resume), so order
+//! holds and nothing is sent twice.
 //!
 //! Everything a peer sends is checked before it is acted on: unknown types, oversized
 //! payloads or reasons, offsets that overflow, data that skips ahead of what was received, and
@@ -61,6 +67,12 @@ pub enum Header {
     Ping(u64),
     /// Answer to a PING (the clock echoed).
     Pong(u64),
+    /// The sender writes nothing more on this link; its DATA stopped at `at` (it continues on
+    /// the link the session moves to).
+    Switch {
+        /// Offset of the sender's stream where this link's DATA ended.
+        at: u64,
+    },
     /// First frame on every link; the 32-byte session id follows.
     Hello {
         /// Bytes the sender has received (the peer resumes sending there).
@@ -101,6 +113,7 @@ const T_END: u8 = 4;
 const T_PING: u8 = 5;
 const T_PONG: u8 = 6;
 const T_HELLO: u8 = 7;
+const T_SWITCH: u8 = 8;
 
 /// Why a frame (or a peer's use of it) is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,6 +189,7 @@ pub fn encode(h: &Header) -> [u8; HEADER_LEN] {
         Header::End { code, len } => (T_END, code.to_wire(), len),
         Header::Ping(t) => (T_PING, t, 0),
         Header::Pong(t) => (T_PONG, t, 0),
+        Header::Switch { at } => (T_SWITCH, at, 0),
         Header::Hello {
             received,
             version,
@@ -244,6 +258,10 @@ pub fn decode(raw: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
         T_PONG => {
             zero_b("PONG with a length")?;
             Header::Pong(a)
+        }
+        T_SWITCH => {
+            zero_b("SWITCH with a length")?;
+            Header::Switch { at: a }
         }
         T_HELLO => {
             if b >> 17 != 0 {
@@ -328,6 +346,7 @@ mod tests {
             },
             Header::Ping(5),
             Header::Pong(6),
+            Header::Switch { at: 1 << 33 },
             Header::Hello {
                 received: 1 << 40,
                 version: VERSION,
@@ -372,6 +391,7 @@ mod tests {
         assert!(decode(&raw(T_ACK, 0, 2)).is_err());
         assert!(decode(&raw(T_PING, 0, 1)).is_err());
         assert!(decode(&raw(T_EOF, 0, 1)).is_err());
+        assert!(decode(&raw(T_SWITCH, 0, 1)).is_err());
     }
 
     #[test]

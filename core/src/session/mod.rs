@@ -53,6 +53,14 @@ use send::SendBuf;
 const RESUME_OFF: bool = option_env!("NETTOOL_TEST_RESUME_OFF").is_some();
 const REPLAY_OFF: bool = option_env!("NETTOOL_TEST_REPLAY_OFF").is_some();
 const END_OFF: bool = option_env!("NETTOOL_TEST_END_OFF").is_some();
+/// Test-only build (`NETTOOL_TEST_SWITCH_BOUNDARY_OFF=1`): a move to a new link happens at once,
+/// without the SWITCH boundary, and the writer goes on where it was (a naive switch), to watch
+/// the tests that guard the lossless upgrade fail.
+const BOUNDARY_OFF: bool = option_env!("NETTOOL_TEST_SWITCH_BOUNDARY_OFF").is_some();
+
+/// How long a side that has written its SWITCH (or read the peer's) waits for the other half
+/// of the move before it counts the old link as failed (and resumes, losing nothing).
+const SWITCH_WAIT: Duration = Duration::from_secs(10);
 
 /// Knobs of a session.
 #[derive(Debug, Clone)]
@@ -218,6 +226,9 @@ pub struct SessionEnd {
     pub resumes: Vec<ResumeReport>,
     /// Links that carried the session, in order.
     pub paths: Vec<PathReport>,
+    /// When the first byte from the peer reached the sink, ms on the session's clock (see
+    /// [`Session::with_clock`]); `None` when none came.
+    pub first_byte_ms: Option<u64>,
 }
 
 impl SessionEnd {
@@ -254,6 +265,12 @@ struct State {
     rtt: Option<Duration>,
     /// Why the source or the sink failed.
     local_error: Option<String>,
+    /// The writer ends this link with SWITCH at its next frame boundary (a new link is ready).
+    switch_out: bool,
+    /// A naive switch happened (test-only build, [`BOUNDARY_OFF`]).
+    naive_switch: bool,
+    /// When the first byte from the peer was handed to the sink, ms on the session's clock.
+    first_byte_ms: Option<u64>,
     /// END to send (this side's decision), with its reason.
     end: Option<(EndCode, String)>,
 }
@@ -304,18 +321,47 @@ enum LinkEnd {
     EndSent,
     /// The peer broke the protocol, or the session cannot go on (HELLO mismatch).
     Fatal(String),
+    /// The writer wrote SWITCH (only inside [`drive`]).
+    SwitchSent,
+    /// The reader read the peer's SWITCH (only inside [`drive`]).
+    PeerSwitched,
+    /// Both directions moved past their SWITCH: the session continues on this link.
+    Switched(Link),
 }
 
 /// A session over replaceable links (see the module docs).
 pub struct Session {
     cfg: SessionConfig,
     key: LinkKey,
+    upgrades: Option<mpsc::Receiver<Link>>,
+    started: Option<Instant>,
 }
 
 impl Session {
     /// A session whose resumes are keyed by `key` (the original link key).
     pub fn new(cfg: SessionConfig, key: LinkKey) -> Self {
-        Self { cfg, key }
+        Self {
+            cfg,
+            key,
+            upgrades: None,
+            started: None,
+        }
+    }
+
+    /// Links to move to while the session runs (relay-first: the direct path found in the
+    /// background). Each is authenticated already; the move is make-before-break at a
+    /// sequence boundary (SWITCH, see [`frame`]): nothing lost, nothing sent twice, order kept.
+    /// Both peers must get the same links (they come from one pairing).
+    pub fn with_upgrades(mut self, upgrades: mpsc::Receiver<Link>) -> Self {
+        self.upgrades = Some(upgrades);
+        self
+    }
+
+    /// Counts the report's times (`paths`, `resumes`, first byte) from `started` (e.g. the
+    /// start of the connect) instead of the session's own start.
+    pub fn with_clock(mut self, started: Instant) -> Self {
+        self.started = Some(started);
+        self
     }
 
     /// Carries `source` → peer and peer → `sink` over `first` and whatever links `paths`
@@ -341,11 +387,15 @@ impl Session {
                 rtt: None,
                 local_error: None,
                 end: None,
+                switch_out: false,
+                naive_switch: false,
+                first_byte_ms: None,
             }),
             wake: Notify::new(),
             room: Notify::new(),
-            started: Instant::now(),
+            started: self.started.unwrap_or_else(Instant::now),
         });
+        let mut upgrades = self.upgrades;
         let (tx, rx) = mpsc::channel::<SinkItem>(4);
         let source_task = tokio::spawn(source_loop(shared.clone(), source));
         let sink_task = tokio::spawn(sink_loop(shared.clone(), sink, rx));
@@ -366,7 +416,15 @@ impl Session {
             });
             let driven = {
                 let stats = &mut paths_report[path_index];
-                let run = drive(&shared, &self.cfg, link, &mut sid, &nonce, &tx, stats);
+                let run = drive(
+                    &shared,
+                    &self.cfg,
+                    link,
+                    (&mut sid, &nonce),
+                    &tx,
+                    stats,
+                    &mut upgrades,
+                );
                 tokio::pin!(run);
                 tokio::select! {
                     end = &mut run => Ok(end),
@@ -401,6 +459,14 @@ impl Session {
                 LinkEnd::PeerEnded(EndCode::Stopped, r) => break EndKind::PeerStopped(r),
                 LinkEnd::PeerEnded(EndCode::Abort, r) => break EndKind::PeerAborted(r),
                 LinkEnd::Fatal(r) => break EndKind::Aborted(r),
+                LinkEnd::Switched(next) => {
+                    info!(strategy = next.strategy, "the session moved to a new path");
+                    link = next;
+                    continue;
+                }
+                LinkEnd::SwitchSent | LinkEnd::PeerSwitched => {
+                    unreachable!("drive resolves the halves of a switch itself")
+                }
                 LinkEnd::Broken(why) => why,
             };
             {
@@ -477,6 +543,7 @@ impl Session {
         };
         SessionEnd {
             kind,
+            first_byte_ms: st.first_byte_ms,
             sent: st.send.end(),
             confirmed: st.send.acked(),
             received: st.window.received,
@@ -604,10 +671,10 @@ async fn drive(
     shared: &Arc<Shared>,
     cfg: &SessionConfig,
     link: Link,
-    sid: &mut Option<[u8; SESSION_ID_LEN]>,
-    nonce: &[u8; SESSION_ID_LEN],
+    (sid, nonce): (&mut Option<[u8; SESSION_ID_LEN]>, &[u8; SESSION_ID_LEN]),
     tx: &mpsc::Sender<SinkItem>,
     stats: &mut PathReport,
+    upgrades: &mut Option<mpsc::Receiver<Link>>,
 ) -> LinkEnd {
     let (mut rd, mut wr) = tokio::io::split(link.stream);
     // HELLO: what we have received, and the nonce (new) or the session id (resume).
@@ -682,11 +749,70 @@ async fn drive(
     debug!(peer_received, "session link up");
     let mut sent_bytes = 0u64;
     let mut received_bytes = 0u64;
-    let reader = read_side(shared, cfg, &mut rd, tx, &mut received_bytes);
-    let writer = write_side(shared, cfg, &mut wr, peer_received, &mut sent_bytes);
-    let end = tokio::select! {
-        e = reader => e,
-        e = writer => e,
+    shared.lock().switch_out = false;
+    let end = {
+        let reader = read_side(shared, cfg, &mut rd, tx, &mut received_bytes);
+        let writer = write_side(shared, cfg, &mut wr, peer_received, &mut sent_bytes);
+        tokio::pin!(reader);
+        tokio::pin!(writer);
+        // A move to a new link (see [`Session::with_upgrades`]): once it is here, the writer
+        // ends this link with SWITCH; the reader reads on until the peer's SWITCH; then the
+        // session goes on over the new link, starting with HELLO.
+        let mut next: Option<Link> = None;
+        let (mut peer_switched, mut switch_sent) = (false, false);
+        let mut switch_by: Option<tokio::time::Instant> = None;
+        loop {
+            if peer_switched && switch_sent {
+                break LinkEnd::Switched(next.take().expect("SWITCH is written only with a link"));
+            }
+            let wait_upgrade = next.is_none() && upgrades.is_some();
+            let by = switch_by.unwrap_or_else(|| tokio::time::Instant::now() + SWITCH_WAIT);
+            let got = tokio::select! {
+                e = &mut reader, if !peer_switched => match e {
+                    LinkEnd::PeerSwitched => {
+                        peer_switched = true;
+                        switch_by.get_or_insert_with(|| tokio::time::Instant::now() + SWITCH_WAIT);
+                        continue;
+                    }
+                    other => break other,
+                },
+                e = &mut writer, if !switch_sent => match e {
+                    LinkEnd::SwitchSent => {
+                        switch_sent = true;
+                        switch_by.get_or_insert_with(|| tokio::time::Instant::now() + SWITCH_WAIT);
+                        continue;
+                    }
+                    other => break other,
+                },
+                l = next_upgrade(upgrades), if wait_upgrade => l,
+                () = tokio::time::sleep_until(by), if switch_by.is_some() => {
+                    break LinkEnd::Broken(format!(
+                        "the move to a new path did not complete within {}s",
+                        SWITCH_WAIT.as_secs()
+                    ));
+                }
+            };
+            match got {
+                Some(l) if BOUNDARY_OFF => {
+                    shared.lock().naive_switch = true;
+                    break LinkEnd::Switched(l);
+                }
+                Some(l) => {
+                    info!(strategy = l.strategy, "a new path is ready: switching");
+                    next = Some(l);
+                    shared.lock().switch_out = true;
+                    shared.wake.notify_one();
+                }
+                None => {
+                    *upgrades = None;
+                    if peer_switched {
+                        break LinkEnd::Broken(
+                            "the peer moved to a new path that this side did not get".into(),
+                        );
+                    }
+                }
+            }
+        }
     };
     stats.bytes_sent = sent_bytes;
     stats.bytes_received = received_bytes;
@@ -715,6 +841,14 @@ async fn drive(
         .await;
     }
     end
+}
+
+/// The next link to move to, or `None` once no more will come (never while there is none).
+async fn next_upgrade(upgrades: &mut Option<mpsc::Receiver<Link>>) -> Option<Link> {
+    match upgrades {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Frames from the link: data to the sink, acks into the send buffer, pings answered.
@@ -759,11 +893,17 @@ async fn read_side<R: AsyncRead + Unpin>(
                     Ok(r) => r,
                     Err(e) => return LinkEnd::Fatal(format!("the peer sent {e}")),
                 };
-                if !range.is_empty() && tx.send(SinkItem::Data(data.slice(range))).await.is_err() {
+                let fresh = !range.is_empty();
+                if fresh && tx.send(SinkItem::Data(data.slice(range))).await.is_err() {
                     return LinkEnd::Fatal("the output is gone".into());
                 }
                 // Only now, with the bytes queued for the sink: advance.
-                shared.lock().window = window;
+                let at = shared.ms();
+                let mut st = shared.lock();
+                st.window = window;
+                if fresh {
+                    st.first_byte_ms.get_or_insert(at);
+                }
             }
             Header::Ack { written, eof } => {
                 let mut st = shared.lock();
@@ -825,6 +965,15 @@ async fn read_side<R: AsyncRead + Unpin>(
                     FrameError::Unexpected("HELLO in the middle of a link").to_string(),
                 )
             }
+            Header::Switch { at } => {
+                let received = shared.lock().window.received;
+                if at != received {
+                    return LinkEnd::Fatal(format!(
+                        "the peer sent SWITCH at byte {at}, but {received} bytes were received"
+                    ));
+                }
+                return LinkEnd::PeerSwitched;
+            }
         }
     }
 }
@@ -836,6 +985,7 @@ fn micros(shared: &Shared) -> u64 {
 /// What the writer does next.
 enum Next {
     End(EndCode, String),
+    Switch(u64),
     Pong(u64),
     Ack(u64, bool),
     Data(u64, Bytes),
@@ -853,10 +1003,15 @@ async fn write_side<W: AsyncWrite + Unpin>(
 ) -> LinkEnd {
     // A test-only build resends nothing: it continues where it had got to, as a plain
     // reconnect would, to watch the tests that guard the replay go red.
-    let mut sent = if REPLAY_OFF {
-        shared.lock().send.end().max(resume_at)
-    } else {
-        resume_at
+    let mut sent = {
+        let st = shared.lock();
+        if REPLAY_OFF {
+            st.send.end().max(resume_at)
+        } else if st.naive_switch {
+            st.sent_high.max(resume_at)
+        } else {
+            resume_at
+        }
     };
     let mut eof_sent = false;
     // Forces one ACK at the start of every link (the peer may have missed the last).
@@ -877,6 +1032,8 @@ async fn write_side<W: AsyncWrite + Unpin>(
             }
             if let Some((code, reason)) = st.end.clone() {
                 Next::End(code, reason)
+            } else if st.switch_out {
+                Next::Switch(sent)
             } else if let Some(t) = st.pong.take() {
                 Next::Pong(t)
             } else if acked_told != Some(ack_now) {
@@ -910,6 +1067,16 @@ async fn write_side<W: AsyncWrite + Unpin>(
                     }
                     Ok(Err(e)) => LinkEnd::Broken(format!("the link failed: {e}")),
                     Err(_) => LinkEnd::EndSent,
+                };
+            }
+            Next::Switch(at) => {
+                let w = async {
+                    wr.write_all(&frame::encode(&Header::Switch { at })).await?;
+                    wr.flush().await
+                };
+                return match w.await {
+                    Ok(()) => LinkEnd::SwitchSent,
+                    Err(e) => LinkEnd::Broken(format!("the link failed: {e}")),
                 };
             }
             Next::Pong(t) => wr.write_all(&frame::encode(&Header::Pong(t))).await,
