@@ -377,6 +377,13 @@ struct ConnectArgs {
     /// resume; stdin is not read beyond it), e.g. 8MiB.
     #[arg(long, value_parser = parse_size, default_value = "8MiB")]
     send_buffer: u64,
+    /// Wait for the strategy ladder before any data flows, as before relay-first. By default
+    /// (no --strategy given, relay among the strategies) data flows over the relay as soon as
+    /// both peers are paired, while the direct strategies run in the background; the session
+    /// moves to the first direct path that links, losing nothing. Also `relay-first = false`
+    /// in the config or a profile.
+    #[arg(long)]
+    no_relay_first: bool,
 }
 
 #[derive(Debug, Args)]
@@ -634,6 +641,9 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             let mut o = args.peer.overrides(registry);
             if args.portmap {
                 o.set("portmap.enabled", true, "--portmap");
+            }
+            if args.no_relay_first {
+                o.set("relay-first", false, "--no-relay-first");
             }
             if !args.portmap_protocols.is_empty() {
                 o.set(
@@ -1044,12 +1054,18 @@ async fn connect(
         session,
         secret: settings.secret.clone(),
     };
+    // Relay-first with the configured order only: `--strategy X` means X alone, in order.
+    let relay_first = settings.relay_first
+        && args.peer.strategies.is_empty()
+        && !args.hello
+        && nettool_core::relay_first::applies(&orch);
     let code = connect_linked(
         orch,
         args,
         params,
         settings.server.clone(),
         settings.timeout,
+        relay_first,
     )
     .await;
     // However the link ended (done, signal, no link, error): delete the gateway's mappings.
@@ -1070,7 +1086,9 @@ async fn connect_linked(
     params: ConnectParams,
     servers: Vec<String>,
     settings_timeout: Duration,
+    relay_first: bool,
 ) -> Result<i32> {
+    let started = std::time::Instant::now();
     let quiet = !std::io::stderr().is_terminal();
     let mut stop = pump::signals().context("installing signal handlers")?;
     let show = |e| {
@@ -1081,8 +1099,16 @@ async fn connect_linked(
         }
     };
     let overall = settings_timeout;
-    let linking = orch.connect(&params, &show);
-    let (link, report) = match pump::or_signal(linking, &mut stop).await {
+    let linking = async {
+        if relay_first {
+            let r = nettool_core::relay_first::connect(&orch, &params, &show).await;
+            (r.link, r.report, r.direct)
+        } else {
+            let (link, report) = orch.connect(&params, &show).await;
+            (link, report, None)
+        }
+    };
+    let (link, report, direct) = match pump::or_signal(linking, &mut stop).await {
         Ok(r) => r,
         Err(sig) => {
             eprintln!("nettool: {} before a link was made", pump::signal_name(sig));
@@ -1112,6 +1138,9 @@ async fn connect_linked(
         params: params.clone(),
         servers,
         attempt_timeout: overall,
+        relay_first,
+        direct,
+        started,
         config: nettool_core::session::SessionConfig {
             send_buffer: usize::try_from(args.send_buffer.max(1 << 16)).unwrap_or(usize::MAX),
             resume_timeout: args.resume_timeout,

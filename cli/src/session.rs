@@ -2,15 +2,17 @@
 //! the session's source and sink, resumes through the rendezvous server with the same
 //! strategies, and the exit code and message that say exactly how the session ended.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use nettool_core::relay_first::{self, DirectConnect};
 use nettool_core::report::SessionEndReport;
 use nettool_core::session::{
     EndKind, Paths, ResumeTicket, Session, SessionConfig, SessionEnd, Sink, Source,
 };
 use nettool_core::{ConnectParams, Link, LinkKey, Orchestrator, Report};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::stdio::{self, Input, Output};
 
@@ -45,6 +47,79 @@ struct Rejoin {
     servers: Vec<String>,
     /// Longest single connect (the configured overall timeout).
     attempt: Duration,
+    /// Relay-first: resumes link on the relay at once and look for a direct path again in
+    /// the background.
+    upgrades: Option<Upgrades>,
+}
+
+/// Relay-first's direct connects in the background: each one's link goes to the session
+/// (which moves to it), each one's report is kept for the final report.
+#[derive(Clone)]
+struct Upgrades {
+    to_session: mpsc::Sender<Link>,
+    reports: Arc<Mutex<Vec<Report>>>,
+    /// The tasks waiting for the direct connects (aborted when the session ends).
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    started: Instant,
+}
+
+/// Aborts the direct connect when dropped (a detached task would keep its rendezvous
+/// connection and the peer's pairing alive).
+struct AbortOnDrop(DirectConnect);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Upgrades {
+    /// Waits for `direct` in the background; its link goes to the session.
+    fn watch(&self, direct: DirectConnect) {
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let mut direct = AbortOnDrop(direct);
+            let Ok((link, report)) = (&mut direct.0).await else {
+                return;
+            };
+            let at = me.started.elapsed().as_millis();
+            match &link {
+                Some(l) => eprintln!(
+                    "nettool: direct path ready at {at} ms: {} ({} -> {}); moving the session to it",
+                    l.strategy, l.local, l.remote
+                ),
+                None => eprintln!(
+                    "nettool: no direct path ({}); staying on the relay",
+                    report
+                        .error
+                        .as_deref()
+                        .unwrap_or("no strategy produced a link")
+                ),
+            }
+            me.reports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(report);
+            if let Some(l) = link {
+                let _ = me.to_session.send(l).await;
+            }
+        });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task.abort_handle());
+    }
+
+    fn stop(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -81,7 +156,16 @@ impl Paths for Rejoin {
                 session: ticket.session.clone(),
                 secret: Some(ticket.secret.clone()),
             };
-            let (link, report) = orch.connect(&params, &|_| {}).await;
+            let (link, report) = match &self.upgrades {
+                Some(up) => {
+                    let r = relay_first::connect(&orch, &params, &|_| {}).await;
+                    if let Some(d) = r.direct {
+                        up.watch(d);
+                    }
+                    (r.link, r.report)
+                }
+                None => orch.connect(&params, &|_| {}).await,
+            };
             if let Some(link) = link {
                 eprintln!(
                     "nettool: resumed via {} after {tries} attempt(s): {} -> {}",
@@ -107,6 +191,12 @@ pub(crate) struct SessionParams {
     pub(crate) servers: Vec<String>,
     pub(crate) attempt_timeout: Duration,
     pub(crate) config: SessionConfig,
+    /// Relay-first (see [`nettool_core::relay_first`]).
+    pub(crate) relay_first: bool,
+    /// Relay-first's direct connect, running, when the session starts on the relay.
+    pub(crate) direct: Option<DirectConnect>,
+    /// When the connect began (the report's times count from here).
+    pub(crate) started: Instant,
 }
 
 /// Runs the session over `link` until it ends; writes the final report; the exit code.
@@ -126,13 +216,28 @@ pub(crate) async fn run(
     );
     let secret = p.params.secret.as_deref().unwrap_or(&p.params.session);
     let key = LinkKey::derive(&p.params.session, secret);
+    let (to_session, upgrade_rx) = mpsc::channel(1);
+    let upgrades = p.relay_first.then(|| Upgrades {
+        to_session,
+        reports: Arc::default(),
+        tasks: Arc::default(),
+        started: p.started,
+    });
+    let mut session = Session::new(p.config, key).with_clock(p.started);
+    if let Some(up) = &upgrades {
+        if let Some(d) = p.direct {
+            up.watch(d);
+        }
+        session = session.with_upgrades(upgrade_rx);
+    }
     let paths = Rejoin {
         orch: p.orch,
         server: p.params.server,
         servers: p.servers,
         attempt: p.attempt_timeout,
+        upgrades: upgrades.clone(),
     };
-    let end = Session::new(p.config, key)
+    let end = session
         .run(
             link,
             Box::new(Stdin(input)),
@@ -143,6 +248,24 @@ pub(crate) async fn run(
         .await;
     stdio::restore();
     let (code, message) = verdict(&end);
+    if let Some(up) = &upgrades {
+        up.stop();
+        // The first direct connect's attempts and NAT findings join the report.
+        let first = up
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .next();
+        if let Some(direct) = first {
+            let moved = end.paths.iter().any(|p| p.strategy != relay_first::RELAY);
+            relay_first::merge(&mut report, direct, moved);
+        }
+        let summary = summary(&end);
+        eprintln!("nettool: {summary}");
+        report.summary = Some(summary);
+    }
+    report.first_byte_ms = end.first_byte_ms;
     if let Some(last) = end.paths.last() {
         report.strategy = Some(last.strategy.clone());
     }
@@ -164,6 +287,38 @@ pub(crate) async fn run(
     }
     eprintln!("nettool: {message}");
     Ok(code)
+}
+
+/// Relay-first's one line: "linked on relay in 12 ms, direct (tcp-punch) at 41 ms, 99.8 % of
+/// bytes direct".
+fn summary(end: &SessionEnd) -> String {
+    let Some(first) = end.paths.first() else {
+        return "no path carried the session".into();
+    };
+    let mut out = format!("linked on {} in {} ms", first.strategy, first.from_ms);
+    let bytes = |p: &nettool_core::session::PathReport| p.bytes_sent + p.bytes_received;
+    let total: u64 = end.paths.iter().map(bytes).sum();
+    match end.paths.iter().find(|p| p.strategy != relay_first::RELAY) {
+        Some(d) => {
+            let direct: u64 = end
+                .paths
+                .iter()
+                .filter(|p| p.strategy != relay_first::RELAY)
+                .map(bytes)
+                .sum();
+            let share = if total == 0 {
+                0.0
+            } else {
+                direct as f64 * 100.0 / total as f64
+            };
+            out += &format!(
+                ", direct ({}) at {} ms, {share:.1} % of bytes direct",
+                d.strategy, d.from_ms
+            );
+        }
+        None => out += ", no direct path: every byte relayed",
+    }
+    out
 }
 
 fn kind_name(k: &EndKind) -> &'static str {

@@ -62,6 +62,11 @@ pub struct Settings {
     /// Keep NAT discovery results per network (default gateway, local and public address) for
     /// 10 minutes and reuse them (`--no-nat-cache` turns it off).
     pub nat_cache: bool,
+    /// With the default strategy order, carry data over the relay as soon as both peers are
+    /// paired and move it (losslessly) to a direct path once one links in the background;
+    /// `false` (`--no-relay-first`) waits for the ladder as before. A `--strategy` given on
+    /// the command line means exactly those strategies, in that order (no relay-first).
+    pub relay_first: bool,
     /// Each strategy's own table (`[strategy.NAME]`), as given; the strategy's factory
     /// deserializes it.
     pub strategy: BTreeMap<String, serde_json::Value>,
@@ -82,6 +87,7 @@ impl Default for Settings {
             timeout: Duration::from_secs(60),
             plan: true,
             nat_cache: true,
+            relay_first: true,
             strategy: BTreeMap::new(),
             rendezvous: RendezvousConfig::default(),
             portmap: PortmapConfig::default(),
@@ -328,6 +334,7 @@ const TOP_LEVEL: &[&str] = &[
     "timeout",
     "plan",
     "nat-cache",
+    "relay-first",
     "strategy",
     "rendezvous",
     "portmap",

@@ -35,6 +35,7 @@ pub mod plan;
 pub mod protocol;
 pub mod registry;
 pub mod relay;
+pub mod relay_first;
 pub mod report;
 pub mod secure;
 #[cfg(feature = "server")]

@@ -139,6 +139,13 @@ impl Orchestrator {
         self
     }
 
+    /// The same orchestrator with only the strategies whose name `keep` accepts (relay-first
+    /// runs the relay and the direct strategies as two connects).
+    pub fn retain(mut self, keep: impl Fn(&str) -> bool) -> Self {
+        self.strategies.retain(|(s, _)| keep(s.name()));
+        self
+    }
+
     /// The same orchestrator with another overall deadline (a resume's remaining time).
     pub fn with_overall(mut self, overall: Duration) -> Self {
         self.overall = overall;
@@ -200,6 +207,8 @@ impl Orchestrator {
                 resumes: Vec::new(),
                 paths: Vec::new(),
                 session_end: None,
+                first_byte_ms: None,
+                summary: None,
             },
             agreed: Vec::new(),
             current: None,

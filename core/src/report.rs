@@ -102,6 +102,14 @@ pub struct Report {
     /// How the session ended (absent before it did).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_end: Option<SessionEndReport>,
+    /// Relay-first: when the first byte from the peer reached this side's output, ms since
+    /// the connect began (null when none came).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_ms: Option<u64>,
+    /// Relay-first: how the connect linked and moved (e.g. "linked on relay in 12 ms, direct
+    /// (tcp-punch) at 41 ms, 99.8 % of bytes direct").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
 }
 
 /// The end of the session, for the report.

@@ -214,6 +214,12 @@ pub(crate) fn spawn_peer(
     let input_path = dir.path(&format!("{name}.in"));
     std::fs::write(&input_path, input).expect("write input");
     let report = dir.path(&format!("{name}.report.json"));
+    // The tests built on this helper assert what the strategy ladder does (which strategy
+    // links which pair, the plan, the attempts), so they run it as `--no-relay-first` does;
+    // relay-first's own tests (relay_first.rs) set NETTOOL_RELAY_FIRST themselves.
+    if !cmd.get_envs().any(|(k, _)| k == "NETTOOL_RELAY_FIRST") {
+        cmd.env("NETTOOL_RELAY_FIRST", "false");
+    }
     cmd.arg("connect")
         .args(args)
         .arg("--report")
