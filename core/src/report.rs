@@ -102,6 +102,10 @@ pub struct Report {
     /// How the session ended (absent before it did).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_end: Option<SessionEndReport>,
+    /// A code session ended because a key confirmation failed: someone tried a wrong code
+    /// (this side's or the peer's confirmation), and the code is burned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wrong_code: bool,
 }
 
 /// The end of the session, for the report.
