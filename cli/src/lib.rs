@@ -1047,6 +1047,7 @@ pub(crate) async fn use_code(
     settings: &mut Settings,
     servers: &[SocketAddr],
     other_side: &str,
+    suffix: &str,
 ) -> Result<Option<CodeSide>> {
     use nettool_core::code::Code;
     if let Some(text) = &peer.code {
@@ -1075,8 +1076,13 @@ pub(crate) async fn use_code(
         .map(|s| format!("--server {s}"))
         .collect();
     eprintln!("nettool: code: {code}");
+    let suffix = if suffix.is_empty() {
+        String::new()
+    } else {
+        format!(" {suffix}")
+    };
     eprintln!(
-        "nettool: on the other side run: {other_side} {} --code {code}",
+        "nettool: on the other side run: {other_side} {} --code {code}{suffix}",
         server_flags.join(" ")
     );
     settings.session = Some(code.session());
@@ -1110,7 +1116,7 @@ async fn connect(
     if args.legacy {
         return legacy::connect(server, args.hello, args.hello_count, settings.timeout).await;
     }
-    let code_side = use_code(&args.peer, &mut settings, &all, "nettool connect").await?;
+    let code_side = use_code(&args.peer, &mut settings, &all, "nettool connect", "").await?;
     let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {
         bail!("no session: give --session NAME (not empty) or set `session` in the config");

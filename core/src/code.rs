@@ -59,6 +59,20 @@ pub fn nameplate_of(session: &str) -> Option<u32> {
         .filter(|n| (1..=MAX_NAMEPLATE).contains(n))
 }
 
+/// The session and secret two peers that linked once with a code use to link again (`expose`
+/// and `forward` rejoin after a link ends): derived from the code's session and secret, so
+/// only those two know them, and outside the code namespace (the nameplate was used once and
+/// is free again). A 256-bit secret: no guess limit is needed there.
+pub fn rejoin_params(code_session: &str, code_secret: &str) -> (String, String) {
+    let key = crate::handshake::LinkKey::derive(code_session, code_secret);
+    let name = key.derive_labeled("nettool code rejoin session", b"");
+    let secret = key.derive_labeled("nettool code rejoin secret", b"");
+    (
+        format!("coded-{}", hex::encode(&name[..16])),
+        hex::encode(secret),
+    )
+}
+
 /// The list a code's word at `position` (0 = first word) comes from.
 fn list_for(position: usize) -> &'static [&'static str; 256] {
     if position.is_multiple_of(2) {
@@ -810,6 +824,19 @@ mod tests {
         // The words stay out of Debug output.
         let code = Code::parse("7-guitarist-revenge").unwrap();
         assert!(!format!("{code:?}").contains("guitarist"));
+    }
+
+    #[test]
+    fn rejoin_params_are_derived_from_the_whole_code() {
+        let (s, k) = rejoin_params("code-7", "7-guitarist-revenge");
+        assert_eq!(
+            (s.clone(), k.clone()),
+            rejoin_params("code-7", "7-guitarist-revenge")
+        );
+        assert!(s.starts_with("coded-") && !is_code_session(&s), "{s}");
+        assert!(!s.contains("guitarist") && !k.contains("guitarist"));
+        assert_ne!(rejoin_params("code-7", "7-guitarist-aardvark").0, s);
+        assert_eq!(k.len(), 64);
     }
 
     #[test]

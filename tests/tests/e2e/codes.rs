@@ -219,3 +219,54 @@ fn bad_codes_are_refused_before_anything_is_sent() {
     assert_eq!(run.status.and_then(|s| s.code()), Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("cannot be used with"), "{}", run.stderr);
 }
+
+#[test]
+fn expose_prints_a_code_forward_uses_it_and_both_rejoin_after_a_lost_link() {
+    use crate::forward::{echo_now, echo_round, signal, start_side, wait_line};
+    let (_server, addr) = rendezvous();
+    let dir = TempDir::new("code-fw");
+    let echo = echo_now();
+    let base = ["--strategy", "tcp-punch", "--strategy-timeout", "3s"];
+    let mut e = args(&["expose", "--server", &addr]);
+    e.extend(args(&base));
+    e.push(echo.to_string());
+    let expose = start_side(Command::new(nettool_bin()), &dir.0, "expose", &e);
+    let line = wait_line(&expose.err, "nettool: code: ", Duration::from_secs(10));
+    let code = line.trim_start_matches("nettool: code: ").trim().to_owned();
+    let command = wait_line(&expose.err, "on the other side run", Duration::from_secs(5));
+    assert!(
+        command.contains(&format!(
+            "nettool forward --listen 127.0.0.1:PORT --server {addr} --code {code}"
+        )),
+        "{command}"
+    );
+    let mut f = args(&["forward", "--server", &addr, "--code", &code]);
+    f.extend(args(&base));
+    f.extend(args(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--heartbeat-timeout",
+        "2s",
+    ]));
+    let forward = start_side(Command::new(nettool_bin()), &dir.0, "forward", &f);
+    let line = wait_line(&forward.err, "listening on", Duration::from_secs(10));
+    let listen = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .expect("address in the listening line")
+        .trim_end_matches(';')
+        .to_owned();
+    wait_line(&forward.err, "forwarding", Duration::from_secs(30));
+    assert_eq!(
+        echo_round(&listen, b"through the code").unwrap(),
+        b"through the code"
+    );
+    // The link dies; both rejoin, not under the used code (its nameplate is free again) but
+    // under a session derived from it.
+    signal(&expose.proc, "-STOP");
+    wait_line(&forward.err, "link lost", Duration::from_secs(10));
+    signal(&expose.proc, "-CONT");
+    assert_eq!(echo_round(&listen, b"again").unwrap(), b"again");
+    let err = std::fs::read_to_string(&forward.err).unwrap();
+    assert!(!err.contains("no such code"), "{err}");
+}
