@@ -464,7 +464,8 @@ async fn prepare(
     let Some(secret) = settings.secret.clone().filter(|s| !s.is_empty()) else {
         bail!(
             "nettool {name} needs a secret: give --secret K (or NETTOOL_SECRET, or `secret` in \
-             the config); without one anyone who knows the session name could reach the service"
+             the config), or leave out --session too for a short code; without a secret anyone \
+             who knows the session name could reach the service"
         );
     };
     let orch = orchestrator(strategies, overall)
