@@ -3,7 +3,10 @@
 //! Messages are named by direction ([`ClientToServer`], [`ServerToClient`]). Every connection
 //! starts with either [`ClientToServer::Join`] (a control connection that takes part in a
 //! session) or [`ClientToServer::Observe`] (a short-lived connection from a strategy's punch
-//! port, answered with the address the server saw, i.e. the NAT's mapping of that port).
+//! port, answered with the address the server saw, i.e. the NAT's mapping of that port), or
+//! another one-purpose first frame ([`ClientToServer::Relay`],
+//! [`ClientToServer::ObserveFamily`], [`ClientToServer::Allocate`] for a short code's
+//! nameplate).
 //! Offers are opaque JSON payloads owned by each strategy; the server relays them verbatim.
 //!
 //! Decoding is separate from I/O so it can be tested (and fuzzed) without sockets.

@@ -41,6 +41,8 @@
 //! - connections open at once per source IP address (`max_conns_per_ip`), all kinds counted
 //!   (control, observe, relay), checked at accept;
 //! - sessions known at once (`max_sessions`), checked when a join would create one;
+//!   short-code nameplates reserved and not yet joined count against it too, and a
+//!   reservation lasts at most `session_expiry`;
 //! - joins per second per source IP address (`join_rate`, `join_burst`): a token bucket;
 //! - an optional server token (`server_token`) every join must carry;
 //! - time: a new connection has `first_frame_timeout` (capped by `idle_timeout`) for its whole

@@ -1,15 +1,22 @@
 //! Short-code nameplates on the rendezvous server over loopback: allocation (many at once,
 //! all distinct, given back after use), joins only for allocated nameplates, reservations
-//! that expire, and burning after a wrong code.
+//! that expire, and burning after a wrong code; and the orchestrator's one guess per code,
+//! whichever peer joins first.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nettool_core::client;
 use nettool_core::code::session_name;
+use nettool_core::orchestrator::{ConnectParams, Orchestrator};
 use nettool_core::protocol::{ClientToServer, FramedConn, ServerToClient, PROTOCOL_VERSION};
+use nettool_core::relay::RelayStream;
 use nettool_core::server::{RendezvousServer, ServerConfig, ServerStats};
+use nettool_core::strategy::{agree_on_link, RawLink};
+use nettool_core::{Attempt, Link, Role, Strategy, StrategyError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 type Conn = FramedConn<TcpStream>;
@@ -210,4 +217,179 @@ async fn a_wrong_code_burns_the_nameplate_and_tells_the_peer() {
     assert!(msg.contains("no such code"), "{msg}");
     assert_eq!(stats.session_count(), 0);
     drop((owner, guesser));
+}
+
+// --- One guess per code, through the orchestrator ------------------------------------------
+
+/// Links through the server's relay and runs the link handshake (SPAKE2 on the code) on it;
+/// the channel binding is a fixed value (these tests are about the guess limit, not TLS).
+struct HandshakeRelay {
+    server: SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl Strategy for HandshakeRelay {
+    fn name(&self) -> &'static str {
+        "relay"
+    }
+
+    async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
+        let token = attempt.pairing.relay_token.clone().expect("relaying is on");
+        attempt
+            .rendezvous
+            .exchange_offer("relay", serde_json::json!({}), attempt.deadline)
+            .await?;
+        let stream = TcpStream::connect(self.server)
+            .await
+            .map_err(|e| StrategyError::io("relay connect", e))?;
+        let local = stream.local_addr().unwrap();
+        let mut framed = FramedConn::new(stream, 1 << 16);
+        framed
+            .send(&ClientToServer::Relay {
+                version: PROTOCOL_VERSION,
+                session: attempt.session.to_owned(),
+                token,
+                role: attempt.role(),
+            })
+            .await
+            .map_err(|e| StrategyError::io("relay attach", e))?;
+        match framed.recv::<ServerToClient>().await {
+            Ok(Some(ServerToClient::Relaying)) => {}
+            other => return Err(StrategyError::NoLink(format!("relay refused: {other:?}"))),
+        }
+        let (stream, prefix) = framed.into_parts();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let raw = RawLink {
+            stream: RelayStream::new(stream, prefix),
+            local,
+            remote: self.server,
+        };
+        tx.send(raw).await.expect("receiver open");
+        let ctx = attempt.handshake_context("relay");
+        let upgrade = |s: RelayStream| async move { Ok((s, vec![7u8; 32])) };
+        let agreed = agree_on_link(&ctx, rx, upgrade, Duration::from_secs(3), attempt.deadline)
+            .await
+            .map_err(|none| {
+                let msg = format!("no link through the relay ({none})");
+                none.into_error(msg)
+            })?;
+        Ok(Link {
+            stream: Box::new(agreed.stream),
+            local,
+            remote: self.server,
+            strategy: "relay",
+        })
+    }
+}
+
+/// A second strategy that would link at once if it were tried (it never should be after a
+/// wrong code): it only fails, loudly.
+struct NeverAfterAWrongCode;
+
+#[async_trait::async_trait]
+impl Strategy for NeverAfterAWrongCode {
+    fn name(&self) -> &'static str {
+        "after"
+    }
+
+    async fn connect(&self, _: &mut Attempt<'_>) -> Result<Link, StrategyError> {
+        Err(StrategyError::NoLink("tried after a wrong code".into()))
+    }
+}
+
+/// Connects one peer of `session` with `secret`, after `delay` (so the other joins first).
+async fn peer(
+    server: SocketAddr,
+    session: String,
+    secret: String,
+    delay: Duration,
+) -> (Option<Link>, nettool_core::Report) {
+    tokio::time::sleep(delay).await;
+    let strategies: Vec<(Arc<dyn Strategy>, Duration)> = vec![
+        (Arc::new(HandshakeRelay { server }), Duration::from_secs(5)),
+        (Arc::new(NeverAfterAWrongCode), Duration::from_secs(2)),
+    ];
+    let orch = Orchestrator::new(strategies, Duration::from_secs(30)).with_plan(false);
+    let params = ConnectParams {
+        server,
+        session,
+        secret: Some(secret),
+    };
+    orch.connect(&params, &|_| {}).await
+}
+
+async fn check_link(link: Link, role: Role) {
+    let (mut rd, mut wr) = tokio::io::split(link.stream);
+    wr.write_all(role.as_str().as_bytes()).await.unwrap();
+    let theirs = role.other().as_str();
+    let mut got = vec![0u8; theirs.len()];
+    tokio::time::timeout(Duration::from_secs(5), rd.read_exact(&mut got))
+        .await
+        .expect("the peer's bytes arrive")
+        .unwrap();
+    assert_eq!(got, theirs.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_right_code_links_through_the_handshake() {
+    let (addr, _stats) = start(ServerConfig::default()).await;
+    let n = allocate(addr).await;
+    let code = format!("{n}-guitarist-revenge");
+    let short = Duration::from_millis(300);
+    let ((la, ra), (lb, rb)) = tokio::join!(
+        peer(addr, session_name(n), code.clone(), Duration::ZERO),
+        peer(addr, session_name(n), code, short),
+    );
+    assert!(!ra.wrong_code && !rb.wrong_code);
+    assert_eq!(ra.strategy.as_deref(), Some("relay"), "{ra:?}");
+    tokio::join!(
+        check_link(la.unwrap(), ra.role.unwrap()),
+        check_link(lb.unwrap(), rb.role.unwrap())
+    );
+}
+
+/// A wrong code ends both connects after the one attempt, well within 10 s, whichever peer
+/// joined first (the first checks the other's key confirmation and reports the wrong code;
+/// the server tells the second), and burns the nameplate.
+async fn a_wrong_code_is_one_guess(owner_first: bool) {
+    let (addr, _stats) = start(ServerConfig::default()).await;
+    let n = allocate(addr).await;
+    let (right, wrong) = (
+        format!("{n}-guitarist-revenge"),
+        format!("{n}-guitarist-aardvark"),
+    );
+    let later = Duration::from_millis(300);
+    let (owner_delay, guesser_delay) = if owner_first {
+        (Duration::ZERO, later)
+    } else {
+        (later, Duration::ZERO)
+    };
+    let started = Instant::now();
+    let ((lo, ro), (lg, rg)) = tokio::join!(
+        peer(addr, session_name(n), right, owner_delay),
+        peer(addr, session_name(n), wrong, guesser_delay),
+    );
+    let took = started.elapsed();
+    assert!(lo.is_none() && lg.is_none());
+    for (who, r) in [("owner", &ro), ("guesser", &rg)] {
+        assert!(r.wrong_code, "{who}: {r:?}");
+        assert_eq!(r.attempts.len(), 1, "{who}: one attempt only: {r:?}");
+        assert!(
+            r.error.as_deref().unwrap_or("").contains("wrong code"),
+            "{who}: {r:?}"
+        );
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let msg = refused(addr, &session_name(n)).await;
+    assert!(msg.contains("no such code"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_code_is_one_guess_when_the_owner_joined_first() {
+    a_wrong_code_is_one_guess(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_code_is_one_guess_when_the_guesser_joined_first() {
+    a_wrong_code_is_one_guess(false).await;
 }
