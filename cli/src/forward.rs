@@ -40,7 +40,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::{orchestrator, progress, ConfiguredStrategy, PeerArgs};
+use crate::{orchestrator, progress, CodeSide, ConfiguredStrategy, PeerArgs};
 
 const MAGIC: &[u8; 6] = b"NTFWD1";
 /// Bound on the hello exchange and on a stream's first bytes.
@@ -435,15 +435,28 @@ struct Peer {
     orch: Orchestrator,
     params: ConnectParams,
     quiet: bool,
+    /// Which side of a short code this peer is, if it uses one.
+    code: Option<CodeSide>,
+    /// What the next link joins with: `params`, or after a code's first link the session
+    /// derived from the code ([`nettool_core::code::rejoin_params`]).
+    next: std::sync::Mutex<ConnectParams>,
+}
+
+/// The command the other side of a short code runs: `prefix`, the servers, the code, `suffix`.
+struct OtherSide<'a> {
+    prefix: &'a str,
+    suffix: &'a str,
 }
 
 async fn prepare(
-    settings: &Settings,
+    settings: &mut Settings,
+    peer_args: &PeerArgs,
     strategies: &[ConfiguredStrategy],
-    name: &str,
+    (name, other): (&str, OtherSide<'_>),
     overall: Duration,
 ) -> Result<Peer> {
     let (server, all) = crate::choose_server(&settings.server).await?;
+    let code = crate::use_code(peer_args, settings, &all, other.prefix, other.suffix).await?;
     let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {
         bail!("no session: give --session NAME (not empty) or set `session` in the config");
@@ -451,7 +464,8 @@ async fn prepare(
     let Some(secret) = settings.secret.clone().filter(|s| !s.is_empty()) else {
         bail!(
             "nettool {name} needs a secret: give --secret K (or NETTOOL_SECRET, or `secret` in \
-             the config); without one anyone who knows the session name could reach the service"
+             the config), or leave out --session too for a short code; without a secret anyone \
+             who knows the session name could reach the service"
         );
     };
     let orch = orchestrator(strategies, overall)
@@ -459,27 +473,60 @@ async fn prepare(
         .with_plan(settings.plan)
         .with_nat_cache(crate::nat_cache(settings))
         .with_server_addresses(all);
+    let params = ConnectParams {
+        server,
+        session,
+        secret: Some(secret),
+    };
     Ok(Peer {
         orch,
-        params: ConnectParams {
-            server,
-            session,
-            secret: Some(secret),
-        },
+        next: std::sync::Mutex::new(params.clone()),
+        params,
         quiet: !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        code,
     })
 }
 
 impl Peer {
     async fn link(&self) -> (Option<Link>, Report) {
         let quiet = self.quiet;
-        self.orch
-            .connect(&self.params, &|e| {
+        let params = self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let (link, report) = self
+            .orch
+            .connect(&params, &|e| {
                 if !quiet {
                     progress(e)
                 }
             })
-            .await
+            .await;
+        if link.is_some() && nettool_core::code::is_code_session(&params.session) {
+            // A code links once; the same two peers link again under a session of their own.
+            let (session, secret) = nettool_core::code::rejoin_params(
+                &params.session,
+                params.secret.as_deref().unwrap_or_default(),
+            );
+            *self
+                .next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = ConnectParams {
+                session,
+                secret: Some(secret),
+                ..params
+            };
+        }
+        (link, report)
+    }
+
+    /// When a connect ended on a wrong code: the error that stops this peer.
+    fn wrong_code(&self, report: &Report) -> Result<()> {
+        if report.wrong_code {
+            bail!("{}", crate::wrong_code_message(self.code));
+        }
+        Ok(())
     }
 }
 
@@ -508,11 +555,18 @@ pub(crate) async fn expose(
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
         _ => bail!("bad TARGET '{target}': give HOST:PORT, e.g. 127.0.0.1:22"),
     }
+    let mut settings = settings;
+    let timeout = settings.timeout;
+    let other = OtherSide {
+        prefix: "nettool forward --listen 127.0.0.1:PORT",
+        suffix: "",
+    };
     let peer = prepare(
-        &settings,
+        &mut settings,
+        &args.peer,
         strategies,
-        "expose",
-        EXPOSE_WAIT + settings.timeout,
+        ("expose", other),
+        EXPOSE_WAIT + timeout,
     )
     .await?;
     let state = State::new("expose", target.clone(), args.report.clone());
@@ -528,6 +582,7 @@ pub(crate) async fn expose(
         loop {
             let (link, report) = peer.link().await;
             let Some(link) = link else {
+                peer.wrong_code(&report)?;
                 let why = report.error.clone().unwrap_or_else(|| "no link".into());
                 // Right after a link both peers leave the session; a rejoin that arrives
                 // before the server saw that gets "already has two peers": retry soon.
@@ -552,13 +607,16 @@ pub(crate) async fn expose(
             ));
         }
     };
-    tokio::select! {
-        () = serve => {}
-        _ = tokio::signal::ctrl_c() => eprintln!("nettool expose: interrupted, stopping"),
-    }
+    let res: Result<()> = tokio::select! {
+        r = serve => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("nettool expose: interrupted, stopping");
+            Ok(())
+        }
+    };
     eprintln!("{}", state.total_line());
     state.write_report();
-    Ok(0)
+    res.map(|()| 0)
 }
 
 async fn serve_forwarder(
@@ -798,7 +856,20 @@ pub(crate) async fn forward(
     settings: Settings,
     strategies: &[ConfiguredStrategy],
 ) -> Result<i32> {
-    let peer = prepare(&settings, strategies, "forward", settings.timeout).await?;
+    let mut settings = settings;
+    let timeout = settings.timeout;
+    let other = OtherSide {
+        prefix: "nettool expose",
+        suffix: "TARGET",
+    };
+    let peer = prepare(
+        &mut settings,
+        &args.peer,
+        strategies,
+        ("forward", other),
+        timeout,
+    )
+    .await?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -831,6 +902,7 @@ pub(crate) async fn forward(
             first = false;
             let (link, report) = peer.link().await;
             let Some(link) = link else {
+                peer.wrong_code(&report)?;
                 let why = report.error.clone().unwrap_or_else(|| "no link".into());
                 eprintln!("nettool forward: no link: {why}; trying again");
                 state.connect_failed(why);

@@ -279,6 +279,20 @@ struct PeerArgs {
     /// can pass as the peer. Also NETTOOL_SECRET or `secret` in the config.
     #[arg(long)]
     secret: Option<String>,
+    /// Short code the other side printed (e.g. 7-guitarist-revenge; case and spaces for
+    /// dashes do not matter): names the session and is the secret. Without --code, --session
+    /// and --secret, connect and expose ask the server for a code and print it. One guess: a
+    /// wrong code burns it, and both sides must start again.
+    #[arg(long, value_name = "CODE", conflicts_with_all = ["session", "secret"])]
+    code: Option<String>,
+    /// Words in a code this side asks the server for (1 to 8): each word adds 8 bits.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u8).range(1..=8)
+    )]
+    code_words: u8,
     /// Token the rendezvous server requires to join, if it requires one. Also
     /// NETTOOL_SERVER_TOKEN or `server-token` in the config.
     #[arg(long)]
@@ -338,7 +352,7 @@ struct ConnectArgs {
     peer: PeerArgs,
     /// Speak the original demo's 8877 text protocol with the server (no sessions: the server
     /// pairs clients in arrival order), then punch a plain TCP link as that demo meant to.
-    #[arg(long, conflicts_with_all = ["strategies", "secret", "session"])]
+    #[arg(long, conflicts_with_all = ["strategies", "secret", "session", "code"])]
     legacy: bool,
     /// Instead of stdin/stdout: the first peer sends "Hello, world" once a second and prints
     /// "send message: Hello, world"; the second prints "recv message: Hello, world" for each.
@@ -666,12 +680,14 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
                 println!("{}", compare::summary(&path).await?);
                 return Ok(0);
             }
+            no_code(&args.peer, "compare")?;
             let loaded = load(args.peer.overrides(registry))?;
             let strategies = build_strategies(&loaded, registry)?;
             compare_cmd(args, loaded.settings, &strategies).await
         }
         Command::Demo => demo(registry).await,
         Command::Bench(args) => {
+            no_code(&args.peer, "bench")?;
             let loaded = load(args.peer.overrides(registry))?;
             let strategies = build_strategies(&loaded, registry)?;
             bench::run(args, loaded.settings, &strategies).await
@@ -1013,9 +1029,91 @@ fn progress(event: Event) {
     }
 }
 
+/// Commands that run many pairings of one session take no short code (a code links once).
+fn no_code(peer: &PeerArgs, command: &str) -> Result<()> {
+    if peer.code.is_some() {
+        return Err(anyhow::Error::new(BadSettings(format!(
+            "--code is for connect, expose and forward; {command} needs --session and --secret"
+        ))));
+    }
+    Ok(())
+}
+
+/// Which side of a short code this peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CodeSide {
+    /// It asked the server for the code and printed it.
+    Owner,
+    /// It was given the code (`--code`).
+    Joiner,
+}
+
+/// Short codes: with `--code`, takes the session and secret from it; with no session, no
+/// secret and no code, asks the server at `servers` for a nameplate, makes a code of it and
+/// prints it with the command for the other side (`other_side`, e.g. `nettool connect`,
+/// followed by the `--server`s and `--code`). `None`: a session and secret as before.
+pub(crate) async fn use_code(
+    peer: &PeerArgs,
+    settings: &mut Settings,
+    servers: &[SocketAddr],
+    other_side: &str,
+    suffix: &str,
+) -> Result<Option<CodeSide>> {
+    use nettool_core::code::Code;
+    if let Some(text) = &peer.code {
+        let code = Code::parse(text).map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))?;
+        settings.session = Some(code.session());
+        settings.secret = Some(code.secret());
+        return Ok(Some(CodeSide::Joiner));
+    }
+    if settings.session.is_some() || settings.secret.is_some() {
+        return Ok(None);
+    }
+    let deadline = std::time::Instant::now() + settings.timeout.min(Duration::from_secs(15));
+    let nameplate =
+        nettool_core::client::allocate(servers, settings.server_token.as_deref(), deadline)
+            .await
+            .context("asking the rendezvous server for a short code")?;
+    let code = Code::generate(
+        nameplate,
+        usize::from(peer.code_words),
+        &mut rand::rngs::OsRng,
+    )
+    .map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))?;
+    let server_flags: Vec<String> = settings
+        .server
+        .iter()
+        .map(|s| format!("--server {s}"))
+        .collect();
+    eprintln!("nettool: code: {code}");
+    let suffix = if suffix.is_empty() {
+        String::new()
+    } else {
+        format!(" {suffix}")
+    };
+    eprintln!(
+        "nettool: on the other side run: {other_side} {} --code {code}{suffix}",
+        server_flags.join(" ")
+    );
+    settings.session = Some(code.session());
+    settings.secret = Some(code.secret());
+    Ok(Some(CodeSide::Owner))
+}
+
+/// What a peer says when its connect ended on a wrong code (see [`CodeSide`]).
+pub(crate) fn wrong_code_message(side: Option<CodeSide>) -> &'static str {
+    match side {
+        Some(CodeSide::Owner) => "someone tried a wrong code: start again",
+        Some(CodeSide::Joiner) => {
+            "wrong code: the other side refused it, and the code is burned now; ask for a new code"
+        }
+        None => "a key confirmation failed in a code session: the code is burned",
+    }
+}
+
 async fn connect(
     args: ConnectArgs,
-    settings: Settings,
+    mut settings: Settings,
     configs: &[ConfiguredStrategy],
 ) -> Result<i32> {
     if args.legacy && settings.server.len() > 1 {
@@ -1028,6 +1126,7 @@ async fn connect(
     if args.legacy {
         return legacy::connect(server, args.hello, args.hello_count, settings.timeout).await;
     }
+    let code_side = use_code(&args.peer, &mut settings, &all, "nettool connect", "").await?;
     let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {
         bail!("no session: give --session NAME (not empty) or set `session` in the config");
@@ -1064,7 +1163,7 @@ async fn connect(
         args,
         params,
         settings.server.clone(),
-        settings.timeout,
+        (settings.timeout, code_side),
         relay_first,
     )
     .await;
@@ -1085,7 +1184,7 @@ async fn connect_linked(
     args: ConnectArgs,
     params: ConnectParams,
     servers: Vec<String>,
-    settings_timeout: Duration,
+    (settings_timeout, code_side): (Duration, Option<CodeSide>),
     relay_first: bool,
 ) -> Result<i32> {
     let started = std::time::Instant::now();
@@ -1148,6 +1247,10 @@ async fn connect_linked(
         },
     };
     let Some(link) = link else {
+        if report.wrong_code {
+            eprintln!("nettool: {}", wrong_code_message(code_side));
+            return Ok(1);
+        }
         eprintln!(
             "nettool: no link: {}",
             report.error.as_deref().unwrap_or("unknown reason")

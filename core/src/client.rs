@@ -48,6 +48,10 @@ pub enum ClientError {
     /// The peer left the session.
     #[error("the peer left the session")]
     PeerLeft,
+    /// The peer's key confirmation failed in a code session and the server burned the code
+    /// ([`ServerToClient::WrongCode`]).
+    #[error("someone tried a wrong code: the code is burned")]
+    WrongCode,
     /// The server sent something this client did not expect at this point.
     #[error("unexpected message from the rendezvous server: {0}")]
     Unexpected(String),
@@ -487,6 +491,16 @@ impl RendezvousClient {
         })
     }
 
+    /// Tells the server that this peer's key confirmation failed in the code session
+    /// `session`: someone tried a wrong code, and the server burns it (see
+    /// [`ClientToServer::BadCode`]). Queued like every frame; it goes out even if the client
+    /// is dropped right after.
+    pub fn report_bad_code(&self, session: &str) -> Result<(), ClientError> {
+        self.writer.send(&ClientToServer::BadCode {
+            session: session.to_owned(),
+        })
+    }
+
     /// Number of early peer results held (for tests of the bound).
     #[doc(hidden)]
     pub fn held_results(&self) -> usize {
@@ -573,6 +587,7 @@ impl RendezvousClient {
                     return Err(ClientError::Refused(message))
                 }
                 Some(ServerToClient::PeerLeft) => return Err(ClientError::PeerLeft),
+                Some(ServerToClient::WrongCode) => return Err(ClientError::WrongCode),
                 Some(ServerToClient::PeerAddress { addr }) => {
                     // The server sends at most one per family; keep one per family anyway.
                     if !self
@@ -625,6 +640,7 @@ fn unexpected(msg: ServerToClient) -> ClientError {
     match msg {
         ServerToClient::Error { message } => ClientError::Refused(message),
         ServerToClient::PeerLeft => ClientError::PeerLeft,
+        ServerToClient::WrongCode => ClientError::WrongCode,
         other => ClientError::Unexpected(
             serde_json::to_string(&other).unwrap_or_else(|_| format!("{other:?}")),
         ),
@@ -639,6 +655,34 @@ async fn within<F: std::future::Future>(
     tokio::time::timeout_at(deadline.into(), fut)
         .await
         .map_err(|_| ClientError::TimedOut(what))
+}
+
+/// Asks the server for a free nameplate for a short code ([`ClientToServer::Allocate`] on a
+/// connection of its own, to the first of `servers` that answers).
+pub async fn allocate(
+    servers: &[SocketAddr],
+    token: Option<&str>,
+    deadline: Instant,
+) -> Result<u32, ClientError> {
+    let stream = connect_happy(servers, deadline).await?;
+    let _ = stream.set_nodelay(true);
+    let mut conn = FramedConn::new(stream, DEFAULT_MAX_FRAME_LEN);
+    conn.send(&ClientToServer::Allocate {
+        version: PROTOCOL_VERSION,
+        token: token.map(str::to_owned),
+    })
+    .await?;
+    match within(deadline, "the server's nameplate", conn.recv()).await?? {
+        Some(ServerToClient::Allocated { nameplate }) => Ok(nameplate),
+        Some(ServerToClient::Error { message }) if message.contains("`allocate`") => {
+            Err(ClientError::Refused(format!(
+                "this server does not know short codes (it predates them; update it, or give \
+                 --session and --secret): {message}"
+            )))
+        }
+        Some(other) => Err(unexpected(other)),
+        None => Err(ClientError::Lost("server closed the connection".into())),
+    }
 }
 
 /// Shows this peer to the server over another IP family: connects to the first of `servers`

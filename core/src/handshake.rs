@@ -107,6 +107,27 @@ mod insecure {
     }
 }
 
+/// One guess per code: shared by the handshakes of a code session's attempts (see
+/// [`crate::code`]), it records that the peer's key confirmation failed. With a short code
+/// that means a wrong code, so [`crate::strategy::agree_on_link`] stops at once and the
+/// orchestrator tries no other strategy.
+#[derive(Debug, Default)]
+pub struct OneGuess {
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl OneGuess {
+    /// Records a failed key confirmation.
+    pub fn fail(&self) {
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a key confirmation failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// What both ends must agree on for a handshake to succeed.
 #[derive(Debug, Clone)]
 pub struct HandshakeContext {
@@ -122,6 +143,9 @@ pub struct HandshakeContext {
     /// over (a TLS keying-material exporter), so the proof cannot be relayed into another
     /// channel. Must not be empty: a handshake without a secure channel below it is refused.
     pub binding: Vec<u8>,
+    /// Set in a code session: a failed key confirmation ends the attempt at once and is
+    /// recorded here (one guess per code). `None`: failures are logged and skipped.
+    pub one_guess: Option<std::sync::Arc<OneGuess>>,
 }
 
 /// Why a link handshake failed.
@@ -319,6 +343,7 @@ mod tests {
             strategy: "tcp-punch".into(),
             role,
             binding: vec![7; 32],
+            one_guess: None,
         }
     }
 

@@ -27,6 +27,7 @@
 
 pub mod candidates;
 pub mod client;
+pub mod code;
 pub mod discovery;
 pub mod handshake;
 pub mod nat_cache;

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, info_span, Instrument};
 
-use crate::client::{observe_family, RendezvousClient};
+use crate::client::{observe_family, ClientError, RendezvousClient};
 use crate::discovery::{discover, quick_check, DiscoverOptions};
-use crate::handshake::LinkKey;
+use crate::handshake::{LinkKey, OneGuess};
 use crate::nat_cache::{default_gateway, verify, NatCache, Verdict};
 use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
 use crate::protocol::{Role, PLAN_OFFER};
@@ -209,6 +209,7 @@ impl Orchestrator {
                 session_end: None,
                 first_byte_ms: None,
                 summary: None,
+                wrong_code: false,
             },
             agreed: Vec::new(),
             current: None,
@@ -614,6 +615,10 @@ impl Orchestrator {
             families,
         } = paired;
         let count = pairing.strategies.len();
+        // A code session allows one guess: a failed key confirmation (here, or the peer's
+        // reported by the server) ends the connect; no other strategy is tried.
+        let one_guess =
+            crate::code::is_code_session(&params.session).then(|| Arc::new(OneGuess::default()));
         for (index, name) in pairing.strategies.iter().enumerate() {
             let Some((strategy, timeout)) = self.strategies.iter().find(|(s, _)| s.name() == name)
             else {
@@ -679,6 +684,7 @@ impl Orchestrator {
                 nat,
                 notes: &mut notes,
                 portmap: self.portmap.as_ref().filter(|m| m.available()),
+                one_guess: one_guess.clone(),
             };
             let span = info_span!("attempt", strategy = %name);
             let res = tokio::time::timeout_at(
@@ -686,6 +692,11 @@ impl Orchestrator {
                 strategy.connect(&mut attempt).instrument(span),
             )
             .await;
+            let told = matches!(
+                &res,
+                Ok(Err(StrategyError::Rendezvous(ClientError::WrongCode)))
+            );
+            let guessed = one_guess.as_ref().is_some_and(|g| g.failed());
             let (mut outcome, mut error, got) = match res {
                 Ok(Ok(l)) => (Outcome::Connected, None, Some(l)),
                 Ok(Err(e @ StrategyError::TimedOut(_))) => {
@@ -704,7 +715,17 @@ impl Orchestrator {
             // Lock step: tell the peer, hear from the peer. The wait for the peer's result
             // gets a grace period past the attempt, but never past the overall deadline.
             let linked = got.is_some();
+            let mut wrong_code = guessed || told;
+            if guessed {
+                // Burn the code (the server tells the peer); no lock step after a wrong code.
+                if let Err(e) = client.report_bad_code(&params.session) {
+                    info!("could not report the wrong code to the server: {e}");
+                }
+            }
             let peer = async {
+                if wrong_code {
+                    return Ok(Err("a wrong code".to_owned()));
+                }
                 client.send_result(name, linked, error.clone()).await?;
                 client
                     .peer_result(name, (attempt_deadline + RESULT_GRACE).min(deadline))
@@ -713,6 +734,11 @@ impl Orchestrator {
             .await;
             match peer {
                 Ok(Ok(())) => {}
+                Err(ClientError::WrongCode) => {
+                    wrong_code = true;
+                    outcome = Outcome::Failed;
+                    error = Some(ClientError::WrongCode.to_string());
+                }
                 Ok(Err(reason)) => {
                     if got.is_some() {
                         outcome = Outcome::Failed;
@@ -746,6 +772,17 @@ impl Orchestrator {
                     // The attempt's sockets are gone: so must their mappings be.
                     m.release_all().await;
                 }
+            }
+            if wrong_code {
+                drop(got);
+                state.report.wrong_code = true;
+                state.report.error = Some(if guessed {
+                    "key confirmation failed: someone tried a wrong code (the code is burned)"
+                        .into()
+                } else {
+                    "the peer's key confirmation failed: a wrong code (the code is burned)".into()
+                });
+                return None;
             }
             if outcome == Outcome::Connected {
                 let l = got.expect("connected implies a link");

@@ -3,7 +3,10 @@
 //! Messages are named by direction ([`ClientToServer`], [`ServerToClient`]). Every connection
 //! starts with either [`ClientToServer::Join`] (a control connection that takes part in a
 //! session) or [`ClientToServer::Observe`] (a short-lived connection from a strategy's punch
-//! port, answered with the address the server saw, i.e. the NAT's mapping of that port).
+//! port, answered with the address the server saw, i.e. the NAT's mapping of that port), or
+//! another one-purpose first frame ([`ClientToServer::Relay`],
+//! [`ClientToServer::ObserveFamily`], [`ClientToServer::Allocate`] for a short code's
+//! nameplate).
 //! Offers are opaque JSON payloads owned by each strategy; the server relays them verbatim.
 //!
 //! Decoding is separate from I/O so it can be tested (and fuzzed) without sockets.
@@ -139,6 +142,24 @@ pub enum ClientToServer {
         /// Echoed back.
         id: u64,
     },
+    /// Ask for a free nameplate for a short code (first frame of its own connection);
+    /// answered with [`ServerToClient::Allocated`], then the server closes the connection.
+    /// The nameplate stays reserved for the session expiry: the first join of its session
+    /// (`code-N`, see [`crate::code`]) takes it, and it is free again once that session ends.
+    Allocate {
+        /// Protocol version the client speaks.
+        version: u32,
+        /// The server token, when the server requires one (as in [`ClientToServer::Join`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// This peer's key confirmation failed in a code session: someone tried a wrong code.
+    /// The server burns the nameplate (no further joins of the session) and tells the peer
+    /// ([`ServerToClient::WrongCode`]). Only on a paired control connection of that session.
+    BadCode {
+        /// The session (`code-N`).
+        session: String,
+    },
 }
 
 /// Messages the rendezvous server sends to a peer.
@@ -213,6 +234,14 @@ pub enum ServerToClient {
     },
     /// The peer's control connection closed; the session is over.
     PeerLeft,
+    /// Answer to [`ClientToServer::Allocate`]: the nameplate reserved for a short code.
+    Allocated {
+        /// The nameplate (the code's number; the session is `code-N`).
+        nameplate: u32,
+    },
+    /// The peer's key confirmation failed in this code session (someone tried a wrong code):
+    /// the nameplate is burned and the session is over.
+    WrongCode,
     /// The server refuses something; the connection is closed after this message.
     Error {
         /// What went wrong, for humans.

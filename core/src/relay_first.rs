@@ -72,6 +72,22 @@ pub async fn connect(
             direct: Some(direct),
         };
     }
+    // The peer holds another key (a wrong secret or code): the direct pairing, named from the
+    // key, will never meet it, so do not wait for it.
+    let auth_failed = report.wrong_code
+        || report.attempts.iter().any(|a| {
+            a.error
+                .as_deref()
+                .is_some_and(|e| e.contains("failed authentication"))
+        });
+    if auth_failed {
+        direct.abort();
+        return RelayFirst {
+            link: None,
+            report,
+            direct: None,
+        };
+    }
     let (link, direct_report) = match direct.await {
         Ok(x) => x,
         Err(e) => {

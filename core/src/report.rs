@@ -110,6 +110,10 @@ pub struct Report {
     /// (tcp-punch) at 41 ms, 99.8 % of bytes direct").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
+    /// A code session ended because a key confirmation failed: someone tried a wrong code
+    /// (this side's or the peer's confirmation), and the code is burned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wrong_code: bool,
 }
 
 /// The end of the session, for the report.

@@ -41,6 +41,8 @@
 //! - connections open at once per source IP address (`max_conns_per_ip`), all kinds counted
 //!   (control, observe, relay), checked at accept;
 //! - sessions known at once (`max_sessions`), checked when a join would create one;
+//!   short-code nameplates reserved and not yet joined count against it too, and a
+//!   reservation lasts at most `session_expiry`;
 //! - joins per second per source IP address (`join_rate`, `join_burst`): a token bucket;
 //! - an optional server token (`server_token`) every join must carry;
 //! - time: a new connection has `first_frame_timeout` (capped by `idle_timeout`) for its whole
@@ -68,6 +70,7 @@ mod stun_service;
 use cluster::SessionStore;
 pub use cluster::{ClusterConfig, ClusterError, MemoryCluster, KEY_PREFIX};
 
+use crate::code;
 use crate::protocol::{
     ClientToServer, FramedConn, RecvError, Role, ServerToClient, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -222,6 +225,10 @@ struct Shared {
     ips: Mutex<IpTable>,
     /// The cluster this node shares sessions with (unset: the in-process registry alone).
     cluster: std::sync::OnceLock<Arc<dyn SessionStore>>,
+    /// Short-code nameplates allocated and not yet joined, with when each reservation ends.
+    /// A nameplate is live while reserved here or while its session (`code-N`) is in
+    /// `sessions`; lock `sessions` first when both are needed.
+    nameplates: Mutex<HashMap<u32, Instant>>,
 }
 
 /// Per-source-address state.
@@ -349,6 +356,69 @@ impl Shared {
     }
 
     /// Checks the join's server token against the configured one.
+    /// Reserves the smallest free nameplate (1 and up) for the session expiry. Live
+    /// nameplates (reserved, or with a session) count against `max_sessions`.
+    fn allocate_nameplate(&self) -> Result<u32, String> {
+        if self.cluster.get().is_some() {
+            return Err(
+                "short codes are not available on a cluster node: use --session and \
+                        --secret"
+                    .into(),
+            );
+        }
+        let sessions = lock(&self.sessions);
+        let mut reserved = lock(&self.nameplates);
+        let now = Instant::now();
+        reserved.retain(|_, until| *until > now);
+        let max = self.config.max_sessions;
+        if max > 0 && sessions.len() + reserved.len() >= max {
+            return Err(format!(
+                "the server is full: it holds at most {max} sessions at a time; try again later"
+            ));
+        }
+        let free = (1..=code::MAX_NAMEPLATE)
+            .find(|n| !reserved.contains_key(n) && !sessions.contains_key(&code::session_name(*n)));
+        let Some(n) = free else {
+            return Err("no free nameplate; try again later".into());
+        };
+        reserved.insert(n, now + self.config.session_expiry);
+        Ok(n)
+    }
+
+    /// Takes the reservation of a code session's nameplate (called with `sessions` locked,
+    /// when the join would create the session), or says why the join is refused.
+    fn take_nameplate(&self, session: &str) -> Result<(), String> {
+        let taken = code::nameplate_of(session).and_then(|n| {
+            let until = lock(&self.nameplates).remove(&n)?;
+            (until > Instant::now()).then_some(n)
+        });
+        match taken {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "no such code: nameplate '{}' is not allocated (it expired, was used, or \
+                 someone tried a wrong code); ask for a new code",
+                session
+                    .strip_prefix(code::SESSION_PREFIX)
+                    .unwrap_or(session)
+            )),
+        }
+    }
+
+    /// Burns a code session's nameplate after a failed key confirmation: the session leaves
+    /// the map and the reservation (if any) is dropped, so further joins are refused.
+    fn burn(&self, pair: &Arc<Pair>) {
+        let mut sessions = lock(&self.sessions);
+        if matches!(sessions.get(&pair.session), Some(SessionSlot::Paired(p)) if Arc::ptr_eq(p, pair))
+        {
+            sessions.remove(&pair.session);
+        }
+        if let Some(n) = code::nameplate_of(&pair.session) {
+            lock(&self.nameplates).remove(&n);
+        }
+        drop(sessions);
+        warn!(session = %pair.session, "someone tried a wrong code: nameplate burned");
+    }
+
     fn check_server_token(&self, given: Option<&str>) -> Result<(), String> {
         let Some(expected) = self.config.server_token.as_deref() else {
             return Ok(());
@@ -696,6 +766,7 @@ impl RendezvousServer {
             shared: Arc::new(Shared {
                 config,
                 sessions: Mutex::new(HashMap::new()),
+                nameplates: Mutex::new(HashMap::new()),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
                 relay_waiting: Mutex::new(HashMap::new()),
                 relays: std::sync::atomic::AtomicUsize::new(0),
@@ -1305,6 +1376,24 @@ async fn serve_connection(
                 Err(why) => refuse(&mut framed, &why).await,
             }
         }
+        ClientToServer::Allocate { version, token } => {
+            if !check_version(&mut framed, version).await {
+                return;
+            }
+            // Rate limited and token checked like a join: each allocation is a session's worth.
+            let allocated = shared
+                .take_join_token(addr)
+                .and_then(|()| shared.check_server_token(token.as_deref()))
+                .and_then(|()| shared.allocate_nameplate());
+            match allocated {
+                Ok(nameplate) => {
+                    info!(nameplate, "nameplate allocated");
+                    let msg = ServerToClient::Allocated { nameplate };
+                    let _ = send_within(&shared, &mut framed, &msg).await;
+                }
+                Err(why) => refuse(&mut framed, &why).await,
+            }
+        }
         ClientToServer::ObserveFamily {
             version,
             session,
@@ -1333,8 +1422,8 @@ async fn serve_connection(
             refuse(
                 &mut framed,
                 &format!(
-                    "expected 'join', 'observe', 'observe-family' or 'relay' as the first frame, \
-                     got '{what}'"
+                    "expected 'join', 'observe', 'observe-family', 'relay' or 'allocate' as the \
+                     first frame, got '{what}'"
                 ),
             )
             .await;
@@ -1473,7 +1562,12 @@ async fn serve_control(
         #[cfg(test)]
         tests::panic_hook(&session);
         let max = shared.config.max_sessions;
+        // A code session is created only by the join that takes its nameplate's reservation.
+        let code_refused = (code::is_code_session(&session) && !sessions.contains_key(&session))
+            .then(|| shared.take_nameplate(&session))
+            .and_then(Result::err);
         match sessions.remove(&session) {
+            None if code_refused.is_some() => Err(code_refused.unwrap_or_default()),
             None if max > 0 && sessions.len() >= max => Err(format!(
                 "the server is full: it holds at most {max} sessions at a time; try again later"
             )),
@@ -1829,6 +1923,18 @@ async fn handle_frame(
                 },
             );
             Ok(())
+        }
+        ClientToServer::BadCode { session } => {
+            let (pair, role) = pair.ok_or("bad-code before the session was paired")?;
+            if pair.session != session || !code::is_code_session(&session) {
+                return Err("bad-code is only for this connection's code session".into());
+            }
+            shared.burn(pair);
+            pair.send(role.other(), ServerToClient::WrongCode);
+            Ok(())
+        }
+        ClientToServer::Allocate { .. } => {
+            Err("'allocate' must be the first frame of its own connection".into())
         }
         ClientToServer::Join { .. } => Err("already joined a session on this connection".into()),
         ClientToServer::Relay { .. } => {

@@ -238,6 +238,8 @@ pub struct Attempt<'a> {
     /// The gateway's port mapper, when port mapping is on and a gateway answered; see
     /// [`Attempt::map_port`].
     pub portmap: Option<&'a nettool_portmap::PortMapper>,
+    /// Set in a code session (see [`HandshakeContext::one_guess`]).
+    pub one_guess: Option<Arc<handshake::OneGuess>>,
 }
 
 /// What a strategy says about how an attempt ran; copied into its report entry.
@@ -339,6 +341,7 @@ impl Attempt<'_> {
             strategy: strategy.to_owned(),
             role: self.pairing.role,
             binding: Vec::new(),
+            one_guess: self.one_guess.clone(),
         }
     }
 }
@@ -463,6 +466,15 @@ where
                     }
                     debug!(%remote, "link authenticated");
                     return Ok(RawLink { stream, local, remote });
+                }
+                Ok(Err(e @ HandshakeError::BadProof)) if ctx.one_guess.is_some() => {
+                    // A code session: the peer does not hold the code. One guess per code.
+                    warn!(%remote, "refused connection: {e}; with a short code: a wrong code");
+                    if let Some(g) = &ctx.one_guess {
+                        g.fail();
+                    }
+                    rejected.push(format!("{remote}: {e}"));
+                    return Err(NoAgreement { timed_out: false, rejected });
                 }
                 Ok(Err(e @ HandshakeError::PeerRefused(_))) => {
                     // Also how a duplicate link the first peer dropped mid-handshake ends.

@@ -238,7 +238,7 @@ async fn bad_input_gets_a_named_error_and_only_that_connection_closes() {
         ),
         (
             b"{\"type\":\"ping\",\"id\":1}\n".to_vec(),
-            "expected 'join', 'observe', 'observe-family' or 'relay' as the first frame, got 'ping'",
+            "expected 'join', 'observe', 'observe-family', 'relay' or 'allocate' as the first frame, got 'ping'",
         ),
         (
             b"{\"type\":\"join\",\"version\":1,\"session\":\"\",\"strategies\":[]}\n".to_vec(),

@@ -173,7 +173,7 @@ impl EchoAfterEof {
 }
 
 /// A TCP service on loopback that echoes what it reads at once.
-fn echo_now() -> SocketAddr {
+pub(crate) fn echo_now() -> SocketAddr {
     let l = loopback_listener();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -189,7 +189,7 @@ fn echo_now() -> SocketAddr {
 }
 
 /// Sends `data` through the forwarder, half-closes, reads the echo to EOF.
-fn echo_round(listen: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
+pub(crate) fn echo_round(listen: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut c = TcpStream::connect(listen)?;
     c.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut w = c.try_clone()?;
@@ -618,7 +618,7 @@ fn a_connection_waits_for_a_link_up_to_the_wait_limit() {
     );
 }
 
-fn signal(proc: &Proc, sig: &str) {
+pub(crate) fn signal(proc: &Proc, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &proc.child.id().to_string()])
         .status()

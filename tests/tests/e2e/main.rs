@@ -3,6 +3,7 @@
 mod bench;
 mod birthday;
 mod cluster;
+mod codes;
 mod fallback;
 mod forward;
 mod ipv6;
