@@ -16,6 +16,7 @@ mod nat_quic;
 mod netcheck;
 mod plugin;
 mod portmap;
+mod relay_first;
 mod security;
 mod session;
 mod signals;

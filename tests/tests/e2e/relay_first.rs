@@ -1,0 +1,301 @@
+//! Relay-first through the NAT lab (the default order, no `--strategy`): the first byte over
+//! the relay right after pairing, then the lossless move to the direct path.
+//!
+//! - Every ordered pair of NAT kinds: B waits first, A starts; A's first byte must reach B's
+//!   stdout quickly (the figure is printed per pair), both directions arrive intact, both
+//!   exit 0, and the path carrying the session at the end is direct for every pair except
+//!   sym × sym (relay: nothing direct can link it).
+//! - cone × cone, 16 MiB one way and 4 MiB the other, paced over 4 s: the move happens while
+//!   data flows both ways; bytes on the relay, the majority on the direct path, every byte
+//!   once, and the relay carried no more than what the source had produced by the move.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nettool_tests::{require_lab, Host, NatKind};
+
+use crate::nat_punch::RunningLab;
+use crate::support::{nettool_bin, sha256, test_data, Proc, TempDir};
+
+/// First byte at B after A starts, ms: the issue's target in the lab. (Measured with the
+/// debug build, 4 labs at once on 2 cores: 22-59 ms.)
+fn first_byte_limit_ms() -> u64 {
+    300
+}
+
+struct Run {
+    a_code: Option<i32>,
+    b_code: Option<i32>,
+    a_err: String,
+    b_err: String,
+    a_intact: bool,
+    b_intact: bool,
+    first_byte_ms: Option<u64>,
+    a_report: serde_json::Value,
+    b_report: serde_json::Value,
+}
+
+/// Feeds `data` to `w` in 64 steps over `pace`.
+fn feed(mut w: std::process::ChildStdin, data: Vec<u8>, pace: Duration) {
+    let step = data.len().div_ceil(64).max(1);
+    let began = Instant::now();
+    for (i, chunk) in data.chunks(step).enumerate() {
+        let due = began + pace * (i as u32) / 64;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if w.write_all(chunk).is_err() {
+            return;
+        }
+    }
+}
+
+/// B joins and waits; then A starts. Both send paced data (`a_len` and `b_len` bytes over
+/// `pace`), relay-first (the default order).
+fn run_pair(a: NatKind, b: NatKind, a_len: usize, b_len: usize, pace: Duration) -> Run {
+    let lab = RunningLab::new(a, b);
+    let dir = TempDir::new(&format!("relay-first-{a}-{b}"));
+    let server = format!("{}:8877", lab.lab.server_ip());
+    let session = format!("rf-{a}-{b}");
+    let a_data = test_data(a_len, 31);
+    let b_data = test_data(b_len, 32);
+    let peer = |h: Host, name: &str| {
+        let mut cmd = lab.lab.command(h, nettool_bin());
+        cmd.env("NETTOOL_RELAY_FIRST", "true")
+            .args(["connect", "--server", &server, "--session", &session])
+            .args(["--secret", "lab", "--timeout", "30s", "--report"])
+            .arg(dir.path(&format!("{name}.report.json")))
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap())
+            .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).unwrap());
+        Proc::spawn(cmd)
+    };
+    let mut pb = peer(Host::B, "b");
+    let start = Instant::now();
+    while !std::fs::read_to_string(dir.path("b.err"))
+        .unwrap_or_default()
+        .contains("waiting for the peer")
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "B did not join");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let a_started = Instant::now();
+    let mut pa = peer(Host::A, "a");
+    let fa = {
+        let w = pa.child.stdin.take().expect("piped");
+        let d = a_data.clone();
+        std::thread::spawn(move || feed(w, d, pace))
+    };
+    let fb = {
+        let w = pb.child.stdin.take().expect("piped");
+        let d = b_data.clone();
+        std::thread::spawn(move || feed(w, d, pace))
+    };
+    // A's first byte at B's stdout, measured from A's start.
+    let mut first_byte_ms = None;
+    while a_started.elapsed() < Duration::from_secs(30) {
+        if std::fs::metadata(dir.path("b.out")).is_ok_and(|m| m.len() > 0) {
+            first_byte_ms = Some(a_started.elapsed().as_millis() as u64);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    fa.join().unwrap();
+    fb.join().unwrap();
+    let limit = Duration::from_secs(60);
+    let a_status = pa.wait_timeout(limit);
+    let b_status = pb.wait_timeout(limit);
+    let read_report = |n: &str| {
+        std::fs::read(dir.path(&format!("{n}.report.json")))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let a_out = std::fs::read(dir.path("a.out")).unwrap_or_default();
+    let b_out = std::fs::read(dir.path("b.out")).unwrap_or_default();
+    Run {
+        a_code: a_status.and_then(|s| s.code()),
+        b_code: b_status.and_then(|s| s.code()),
+        a_err: std::fs::read_to_string(dir.path("a.err")).unwrap_or_default(),
+        b_err: std::fs::read_to_string(dir.path("b.err")).unwrap_or_default(),
+        a_intact: sha256(&a_out) == sha256(&b_data),
+        b_intact: sha256(&b_out) == sha256(&a_data),
+        first_byte_ms,
+        a_report: read_report("a"),
+        b_report: read_report("b"),
+    }
+}
+
+fn paths(r: &serde_json::Value) -> Vec<serde_json::Value> {
+    r["paths"].as_array().cloned().unwrap_or_default()
+}
+
+/// When the session moved off the relay (the first direct path's `from_ms`), per report.
+fn direct_at(r: &serde_json::Value) -> Option<u64> {
+    paths(r)
+        .iter()
+        .find(|p| p["strategy"] != "relay")
+        .and_then(|p| p["from_ms"].as_u64())
+}
+
+fn intact_and_clean(r: &Run) -> Vec<String> {
+    let mut problems = Vec::new();
+    if r.a_code != Some(0) || r.b_code != Some(0) {
+        problems.push(format!("exit A {:?} B {:?}", r.a_code, r.b_code));
+    }
+    if !r.a_intact || !r.b_intact {
+        problems.push(format!(
+            "data differs (A got B's intact: {}, B got A's intact: {})",
+            r.a_intact, r.b_intact
+        ));
+    }
+    problems
+}
+
+#[test]
+fn relay_first_links_every_pair_at_once_and_ends_direct_where_a_direct_path_exists() {
+    if !require_lab() {
+        return;
+    }
+    let pairs: Vec<(NatKind, NatKind)> = NatKind::ALL
+        .iter()
+        .flat_map(|a| NatKind::ALL.iter().map(move |b| (*a, *b)))
+        .collect();
+    let queue = Mutex::new(pairs);
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let Some((a, b)) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                let r = run_pair(a, b, 1 << 20, 512 << 10, Duration::from_secs(4));
+                results.lock().unwrap().push((a, b, r));
+            });
+        }
+    });
+    let results = results.into_inner().unwrap();
+    let mut table = String::from(
+        "relay-first, B waiting, A starts: first byte at B / session on the direct path (ms \
+         since A's start) / final path\n",
+    );
+    let mut problems = Vec::new();
+    for (a, b, r) in &results {
+        let fin = r.a_report["strategy"].as_str().unwrap_or("-").to_owned();
+        let direct = direct_at(&r.a_report);
+        table.push_str(&format!(
+            "  {a:>8} x {b:<8} first byte {:>5} ms  direct at {:>6}  final {fin}\n",
+            r.first_byte_ms.map_or("-".into(), |m| m.to_string()),
+            direct.map_or("-".into(), |m| format!("{m} ms")),
+        ));
+        let mut p = intact_and_clean(r);
+        match r.first_byte_ms {
+            Some(ms) if ms <= first_byte_limit_ms() => {}
+            other => p.push(format!(
+                "first byte at B after {other:?} ms (limit {} ms)",
+                first_byte_limit_ms()
+            )),
+        }
+        let want_direct = !(*a == NatKind::Sym && *b == NatKind::Sym);
+        let b_fin = r.b_report["strategy"].as_str().unwrap_or("-");
+        if fin != b_fin {
+            p.push(format!("A ended on {fin}, B on {b_fin}"));
+        }
+        if want_direct && fin == "relay" {
+            p.push(format!(
+                "stayed on the relay; A's attempts: {}",
+                r.a_report["attempts"]
+            ));
+        }
+        if !want_direct && fin != "relay" {
+            p.push(format!("sym x sym ended on {fin}"));
+        }
+        // The first path is always the relay: data flowed before any direct attempt ended.
+        if paths(&r.a_report).first().map(|x| x["strategy"].clone()) != Some("relay".into()) {
+            p.push(format!(
+                "the first path is not the relay: {:?}",
+                paths(&r.a_report)
+            ));
+        }
+        if !p.is_empty() {
+            problems.push(format!(
+                "{a} x {b}: {}\nA: {}\nB: {}",
+                p.join("; "),
+                r.a_err,
+                r.b_err
+            ));
+        }
+    }
+    eprintln!("{table}");
+    assert!(
+        problems.is_empty(),
+        "{} pairs wrong:\n{}",
+        problems.len(),
+        problems.join("\n\n")
+    );
+}
+
+#[test]
+fn the_move_to_the_direct_path_happens_mid_stream_both_ways_and_loses_nothing() {
+    if !require_lab() {
+        return;
+    }
+    let (a_len, b_len) = (16 << 20, 4 << 20);
+    let pace = Duration::from_secs(4);
+    let r = run_pair(NatKind::Cone, NatKind::Cone, a_len, b_len, pace);
+    let ctx = format!(
+        "A: {}\nB: {}\nA report: {}\nB report: {}",
+        r.a_err, r.b_err, r.a_report, r.b_report
+    );
+    assert!(
+        intact_and_clean(&r).is_empty(),
+        "{:?}\n{ctx}",
+        intact_and_clean(&r)
+    );
+    for (who, report, sent_total) in [("A", &r.a_report, a_len), ("B", &r.b_report, b_len)] {
+        let p = paths(report);
+        assert!(p.len() >= 2, "{who}: no move: {ctx}");
+        let relay = &p[0];
+        assert_eq!(relay["strategy"], "relay", "{who}: {ctx}");
+        let direct: Vec<&serde_json::Value> =
+            p.iter().filter(|x| x["strategy"] != "relay").collect();
+        assert!(!direct.is_empty(), "{who}: no direct path: {ctx}");
+        let sum = |v: &[&serde_json::Value], f: &str| -> u64 {
+            v.iter().map(|x| x[f].as_u64().unwrap_or(0)).sum()
+        };
+        // Data in flight both ways on each path: the move happened mid-stream.
+        for f in ["bytes_sent", "bytes_received"] {
+            assert!(
+                relay[f].as_u64().unwrap_or(0) > 0,
+                "{who}: relay {f} 0: {ctx}"
+            );
+            assert!(sum(&direct, f) > 0, "{who}: direct {f} 0: {ctx}");
+        }
+        // Every byte sent exactly once over the paths (the SWITCH boundary: no replay).
+        let all: Vec<&serde_json::Value> = p.iter().collect();
+        assert_eq!(sum(&all, "bytes_sent"), sent_total as u64, "{who}: {ctx}");
+        // The majority went direct.
+        assert!(
+            sum(&direct, "bytes_sent") * 2 > sent_total as u64,
+            "{who}: most bytes went over the relay: {ctx}"
+        );
+        // The relay carried no more than the source had produced by the move (paced input:
+        // len * t / pace; 250 ms of slack for the clocks and the pipe).
+        let to = relay["to_ms"].as_u64().unwrap_or(u64::MAX);
+        let produced = (sent_total as f64 * ((to + 250) as f64 / pace.as_millis() as f64))
+            .min(sent_total as f64) as u64;
+        let relayed = relay["bytes_sent"].as_u64().unwrap_or(0);
+        assert!(
+            relayed <= produced,
+            "{who}: relayed {relayed} bytes by {to} ms, the source had produced ~{produced}: {ctx}"
+        );
+    }
+    let summary = r.a_report["summary"].as_str().unwrap_or("");
+    assert!(
+        summary.starts_with("linked on relay in ") && summary.contains("% of bytes direct"),
+        "summary: {summary}\n{ctx}"
+    );
+    assert!(r.a_report["first_byte_ms"].as_u64().is_some(), "{ctx}");
+}
