@@ -36,12 +36,18 @@ pub(crate) struct RunningLab {
 
 impl RunningLab {
     pub(crate) fn new(a: NatKind, b: NatKind) -> Self {
+        Self::with_server_args(a, b, &[])
+    }
+
+    /// As [`RunningLab::new`], the server started with `extra` flags too.
+    pub(crate) fn with_server_args(a: NatKind, b: NatKind, extra: &[&str]) -> Self {
         let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
         let mut cmd = lab.command(Host::Server, nettool_bin());
         // A second address (RFC 5780), so discovery and the plan know each side's NAT.
         let listen = format!("{}:8877", lab.server_ip());
         let other = format!("{}:8878", lab.server_other_ip());
         cmd.args(["rendezvous", "--listen", &listen, "--other-address", &other])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -5,8 +5,8 @@
 //!   stdout quickly (the figure is printed per pair), both directions arrive intact, both
 //!   exit 0, and the path carrying the session at the end is direct for every pair except
 //!   sym × sym (relay: nothing direct can link it).
-//! - cone × cone, 16 MiB one way and 4 MiB the other, paced over 4 s: the move happens while
-//!   data flows both ways; bytes on the relay, the majority on the direct path, every byte
+//! - cone × cone, 16 MiB one way and 4 MiB the other, paced over 4 s through a relay held to
+//!   2 MB/s: the move happens while data is in flight both ways; bytes on the relay, the majority on the direct path, every byte
 //!   once, and the relay carried no more than what the source had produced by the move.
 
 use std::io::Write;
@@ -53,9 +53,15 @@ fn feed(mut w: std::process::ChildStdin, data: Vec<u8>, pace: Duration) {
 }
 
 /// B joins and waits; then A starts. Both send paced data (`a_len` and `b_len` bytes over
-/// `pace`), relay-first (the default order).
-fn run_pair(a: NatKind, b: NatKind, a_len: usize, b_len: usize, pace: Duration) -> Run {
-    let lab = RunningLab::new(a, b);
+/// `pace`), relay-first (the default order); `server_args` for the rendezvous server.
+fn run_pair(
+    (a, b): (NatKind, NatKind),
+    a_len: usize,
+    b_len: usize,
+    pace: Duration,
+    server_args: &[&str],
+) -> Run {
+    let lab = RunningLab::with_server_args(a, b, server_args);
     let dir = TempDir::new(&format!("relay-first-{a}-{b}"));
     let server = format!("{}:8877", lab.lab.server_ip());
     let session = format!("rf-{a}-{b}");
@@ -171,7 +177,7 @@ fn relay_first_links_every_pair_at_once_and_ends_direct_where_a_direct_path_exis
                 let Some((a, b)) = queue.lock().unwrap().pop() else {
                     return;
                 };
-                let r = run_pair(a, b, 1 << 20, 512 << 10, Duration::from_secs(4));
+                let r = run_pair((a, b), 1 << 20, 512 << 10, Duration::from_secs(4), &[]);
                 results.lock().unwrap().push((a, b, r));
             });
         }
@@ -244,7 +250,16 @@ fn the_move_to_the_direct_path_happens_mid_stream_both_ways_and_loses_nothing() 
     }
     let (a_len, b_len) = (16 << 20, 4 << 20);
     let pace = Duration::from_secs(4);
-    let r = run_pair(NatKind::Cone, NatKind::Cone, a_len, b_len, pace);
+    // The relay is held to 2 MB/s (both ways together) while the sources produce 5 MiB/s:
+    // when the direct path arrives the relay has bytes in flight both ways (in its buffers
+    // and the sockets'), which a move without the SWITCH boundary would lose or repeat.
+    let r = run_pair(
+        (NatKind::Cone, NatKind::Cone),
+        a_len,
+        b_len,
+        pace,
+        &["--relay-rate", "2MB"],
+    );
     let ctx = format!(
         "A: {}\nB: {}\nA report: {}\nB report: {}",
         r.a_err, r.b_err, r.a_report, r.b_report
