@@ -5,7 +5,10 @@
 //! strategy), then over the link measure the round-trip time (median of pings) and the
 //! throughput each way. Results go to stdout as a table (or JSON) and are appended to a
 //! history file (JSON lines) with a label for the network, so `compare --summary` can put
-//! networks side by side.
+//! networks side by side. Each round ends with a `relay-first` row (the default `connect`:
+//! the relay at once, the direct strategies behind it): its time to link is the relay's, its
+//! `direct` says which direct path came and when, and the figures are measured over the path
+//! the session would end on (the direct one when it came).
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -18,6 +21,7 @@ use crate::ConfiguredStrategy;
 use nettool_core::discovery::{Filtering, Mapping};
 use nettool_core::orchestrator::Event;
 use nettool_core::plan::NatSummary;
+use nettool_core::relay_first;
 use nettool_core::report::NatPair;
 use nettool_core::{ConnectParams, Link, Outcome, Role};
 use serde::{Deserialize, Serialize};
@@ -52,6 +56,10 @@ pub(crate) struct CompareRow {
     /// Both sides' NAT behaviour as discovered for the plan (absent with `--plan off`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) nat: Option<NatPair>,
+    /// The `relay-first` row: the direct path that came behind the relay and when (ms since
+    /// the connect began), or why none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) direct: Option<String>,
 }
 
 /// One run of `compare`, as stored in the history.
@@ -106,8 +114,116 @@ pub(crate) async fn run(
             ));
             rows.push(row);
         }
+        if settings.relay_first {
+            let orch = crate::orchestrator(strategies, settings.timeout)
+                .with_server_token(settings.server_token.clone())
+                .with_plan(settings.plan)
+                .with_nat_cache(crate::nat_cache(settings));
+            if relay_first::applies(&orch) {
+                progress(&format!("round {round}: relay-first ..."));
+                let params = ConnectParams {
+                    session: format!("{}/{round}/relay-first", base.session),
+                    ..base.clone()
+                };
+                let row =
+                    one_relay_first(&orch, settings, &params, options, round, &mut role, &events)
+                        .await;
+                progress(&format!(
+                    "round {round}: relay-first {}",
+                    match (&row.error, &row.direct) {
+                        (None, d) => format!(
+                            "linked in {} ms, direct: {}",
+                            row.time_to_link_ms.unwrap_or(0),
+                            d.as_deref().unwrap_or("-")
+                        ),
+                        (Some(e), _) => format!("{}: {e}", row.outcome.as_str()),
+                    }
+                ));
+                rows.push(row);
+            }
+        }
     }
     (role, rows)
+}
+
+/// The `relay-first` row (see the module docs).
+async fn one_relay_first(
+    orch: &nettool_core::Orchestrator,
+    settings: &Settings,
+    params: &ConnectParams,
+    options: &CompareOptions,
+    round: u32,
+    role: &mut Option<Role>,
+    events: &(dyn Fn(Event) + Send + Sync),
+) -> CompareRow {
+    let started = Instant::now();
+    let r = relay_first::connect(orch, params, events).await;
+    let relay_ms = started.elapsed().as_millis() as u64;
+    *role = r.report.role.or(*role);
+    let mut row = CompareRow {
+        round,
+        strategy: "relay-first".into(),
+        outcome: if r.link.is_some() {
+            Outcome::Connected
+        } else {
+            Outcome::Failed
+        },
+        time_to_link_ms: None,
+        rtt_ms: None,
+        first_to_second_mbps: None,
+        second_to_first_mbps: None,
+        error: r.report.error.clone(),
+        nat: r.report.nat.clone(),
+        direct: None,
+    };
+    let (Some(first), Some(me)) = (r.link, r.report.role) else {
+        row.error.get_or_insert_with(|| "no link".into());
+        return row;
+    };
+    row.time_to_link_ms = Some(relay_ms);
+    let link = match r.direct {
+        // The relay did not link: the direct connect's link is the session's from the start.
+        None => {
+            row.direct = Some(format!("{} (no relay)", first.strategy));
+            first
+        }
+        Some(direct) => match tokio::time::timeout(settings.timeout, direct).await {
+            Ok(Ok((Some(l), report))) => {
+                row.direct = Some(format!(
+                    "{} at {} ms",
+                    l.strategy,
+                    started.elapsed().as_millis()
+                ));
+                row.nat = report.nat.or(row.nat.take());
+                l
+            }
+            Ok(Ok((None, report))) => {
+                row.direct = Some(format!(
+                    "none ({})",
+                    report
+                        .error
+                        .as_deref()
+                        .unwrap_or("no strategy produced a link")
+                ));
+                row.nat = report.nat.or(row.nat.take());
+                first
+            }
+            _ => {
+                row.direct = Some("none (the direct connect did not end in time)".into());
+                first
+            }
+        },
+    };
+    match tokio::time::timeout(settings.timeout, measure(link, me, options)).await {
+        Ok(Ok(m)) => {
+            row.rtt_ms = Some(m.rtt_ms);
+            row.first_to_second_mbps = Some(m.first_to_second);
+            row.second_to_first_mbps = Some(m.second_to_first);
+        }
+        Ok(Err(e)) => row.error = Some(format!("measuring over the link: {e:#}")),
+        Err(_) => row.error = Some("measuring over the link timed out".into()),
+    }
+    row
 }
 
 async fn one(
@@ -138,6 +254,7 @@ async fn one(
             .and_then(|a| a.error.clone())
             .or(report.error.clone()),
         nat: report.nat.clone(),
+        direct: None,
     };
     let (Some(link), Some(r)) = (link, report.role) else {
         if row.error.is_none() {
@@ -317,7 +434,10 @@ pub(crate) fn table(rows: &[CompareRow]) -> String {
     for r in rows {
         t.add_row([
             Cell::new(r.round),
-            Cell::new(&r.strategy),
+            Cell::new(match &r.direct {
+                Some(d) => format!("{} → {d}", r.strategy),
+                None => r.strategy.clone(),
+            }),
             Cell::new(r.outcome.as_str()),
             Cell::new(r.time_to_link_ms.map_or("-".into(), |v| format!("{v} ms"))),
             Cell::new(fmt_opt(r.rtt_ms, 3) + if r.rtt_ms.is_some() { " ms" } else { "" }),

@@ -315,7 +315,22 @@ fn compare_in_the_lab_gives_a_row_per_strategy_with_the_expected_outcome() {
         );
         let relay = outcome("relay");
         assert_eq!(relay["outcome"], "connected", "{name}: {relay}");
-        assert_eq!(rows.len(), 4);
+        // The default connect as a fifth row: the relay at once, tcp-punch behind it, the
+        // figures measured over the direct path.
+        let rf = outcome("relay-first");
+        assert_eq!(rf["outcome"], "connected", "{name}: {rf}");
+        assert!(
+            rf["direct"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("tcp-punch at "),
+            "{name}: {rf}"
+        );
+        assert!(
+            rf["rtt_ms"].as_f64().is_some_and(|v| v > 0.0),
+            "{name}: {rf}"
+        );
+        assert_eq!(rows.len(), 5);
     }
     let history = std::fs::read_to_string(&history).unwrap();
     assert_eq!(history.lines().count(), 2, "both peers append their run");
