@@ -214,7 +214,19 @@ async fn one_relay_first(
             }
         },
     };
-    match tokio::time::timeout(settings.timeout, measure(link, me, options)).await {
+    measure_into(&mut row, link, me, options, settings.timeout).await;
+    row
+}
+
+/// [`measure`] over `link` within `limit`, the figures (or why there are none) into `row`.
+async fn measure_into(
+    row: &mut CompareRow,
+    link: Link,
+    role: Role,
+    options: &CompareOptions,
+    limit: std::time::Duration,
+) {
+    match tokio::time::timeout(limit, measure(link, role, options)).await {
         Ok(Ok(m)) => {
             row.rtt_ms = Some(m.rtt_ms);
             row.first_to_second_mbps = Some(m.first_to_second);
@@ -223,7 +235,6 @@ async fn one_relay_first(
         Ok(Err(e)) => row.error = Some(format!("measuring over the link: {e:#}")),
         Err(_) => row.error = Some("measuring over the link timed out".into()),
     }
-    row
 }
 
 async fn one(
@@ -263,15 +274,7 @@ async fn one(
         return row;
     };
     row.time_to_link_ms = attempt.map(|a| a.elapsed_ms);
-    match tokio::time::timeout(settings.timeout, measure(link, r, options)).await {
-        Ok(Ok(m)) => {
-            row.rtt_ms = Some(m.rtt_ms);
-            row.first_to_second_mbps = Some(m.first_to_second);
-            row.second_to_first_mbps = Some(m.second_to_first);
-        }
-        Ok(Err(e)) => row.error = Some(format!("measuring over the link: {e:#}")),
-        Err(_) => row.error = Some("measuring over the link timed out".into()),
-    }
+    measure_into(&mut row, link, r, options, settings.timeout).await;
     row
 }
 

@@ -399,7 +399,9 @@ fn mappings_are_renewed_while_linked_and_deleted_on_signals() {
         wait_until_waiting(&dir, "a");
         let b_err = dir.path("b.err");
         let mut cmd = lab.lab.command(Host::B, nettool_bin());
+        // The ladder, like A's (spawn_peer): the mappings belong to its direct attempts.
         cmd.env("NETTOOL_PORTMAP__LEASE", "4s")
+            .env("NETTOOL_RELAY_FIRST", "false")
             .arg("connect")
             .args(&args)
             .args(["--portmap", "--portmap-protocol", protocol])

@@ -9,7 +9,6 @@
 //!   2 MB/s: the move happens while data is in flight both ways; bytes on the relay, the majority on the direct path, every byte
 //!   once, and the relay carried no more than what the source had produced by the move.
 
-use std::io::Write;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 use nettool_tests::{require_lab, Host, NatKind};
 
 use crate::nat_punch::RunningLab;
-use crate::support::{nettool_bin, sha256, test_data, Proc, TempDir};
+use crate::support::{feed_paced, nettool_bin, sha256, test_data, Proc, TempDir};
 
 /// First byte at B after A starts, ms: the target in the lab. (Measured with the
 /// debug build, 4 labs at once on 2 cores: 22-59 ms.)
@@ -35,21 +34,6 @@ struct Run {
     first_byte_ms: Option<u64>,
     a_report: serde_json::Value,
     b_report: serde_json::Value,
-}
-
-/// Feeds `data` to `w` in 64 steps over `pace`.
-fn feed(mut w: std::process::ChildStdin, data: Vec<u8>, pace: Duration) {
-    let step = data.len().div_ceil(64).max(1);
-    let began = Instant::now();
-    for (i, chunk) in data.chunks(step).enumerate() {
-        let due = began + pace * (i as u32) / 64;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        if w.write_all(chunk).is_err() {
-            return;
-        }
-    }
 }
 
 /// B joins and waits; then A starts. Both send paced data (`a_len` and `b_len` bytes over
@@ -92,12 +76,12 @@ fn run_pair(
     let fa = {
         let w = pa.child.stdin.take().expect("piped");
         let d = a_data.clone();
-        std::thread::spawn(move || feed(w, d, pace))
+        std::thread::spawn(move || feed_paced(w, &d, 64, pace))
     };
     let fb = {
         let w = pb.child.stdin.take().expect("piped");
         let d = b_data.clone();
-        std::thread::spawn(move || feed(w, d, pace))
+        std::thread::spawn(move || feed_paced(w, &d, 64, pace))
     };
     // A's first byte at B's stdout, measured from A's start.
     let mut first_byte_ms = None;

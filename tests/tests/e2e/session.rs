@@ -6,13 +6,12 @@
 //! and the session resumes through the second. The only server killed for good: the sender
 //! exits non-zero and says how many bytes were confirmed, never 0.
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nettool_tests::{require_lab, Host, Lab, NatKind};
 
-use crate::support::{nettool_bin, sha256, test_data, Proc, TempDir};
+use crate::support::{feed_paced, nettool_bin, sha256, test_data, Proc, TempDir};
 
 const TOTAL: usize = 4 << 20;
 const PACE: Duration = Duration::from_secs(16);
@@ -109,7 +108,7 @@ fn paced(a: NatKind, b: NatKind, strategy: &str, event: Event, extra: &[&str]) -
         Proc::spawn(cmd)
     };
     let mut a_proc = peer(Host::A, "a", Stdio::piped());
-    let mut feed = a_proc.child.stdin.take().expect("piped");
+    let feed = a_proc.child.stdin.take().expect("piped");
     // B joins second once A waits.
     let start = Instant::now();
     while !std::fs::read_to_string(dir.path("a.err"))
@@ -124,19 +123,7 @@ fn paced(a: NatKind, b: NatKind, strategy: &str, event: Event, extra: &[&str]) -
         "b",
         Stdio::from(std::fs::File::open(dir.path("b.in")).unwrap()),
     );
-    let feeder = std::thread::spawn(move || {
-        let step = TOTAL / 256;
-        let began = Instant::now();
-        for (i, chunk) in a_data.chunks(step).enumerate() {
-            let due = began + PACE * (i as u32) / 256;
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            if feed.write_all(chunk).is_err() {
-                return;
-            }
-        }
-    });
+    let feeder = std::thread::spawn(move || feed_paced(feed, &a_data, 256, PACE));
     // The event, 5 s after the first bytes reached B.
     let start = Instant::now();
     while std::fs::metadata(dir.path("b.out")).map_or(0, |m| m.len()) == 0 {

@@ -293,3 +293,19 @@ pub(crate) fn kinds_from_env(
         .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
         .unwrap_or_else(|| panic!("{var}={kinds}: expected two kinds, e.g. fw,none"))
 }
+
+/// Writes `data` to `w` in `steps` equal pieces spread over `pace` (a stream still flowing
+/// when something happens to the path); stops early when the reader is gone.
+pub(crate) fn feed_paced(mut w: impl std::io::Write, data: &[u8], steps: u32, pace: Duration) {
+    let step = data.len().div_ceil(steps as usize).max(1);
+    let began = Instant::now();
+    for (i, chunk) in data.chunks(step).enumerate() {
+        let due = began + pace * (i as u32) / steps;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if w.write_all(chunk).is_err() {
+            return;
+        }
+    }
+}
