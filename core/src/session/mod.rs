@@ -30,13 +30,14 @@
 //! `Bytes`; frames are slices of them (no copy).
 
 pub mod frame;
+pub mod pool;
 pub mod send;
 
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Notify};
@@ -45,6 +46,7 @@ use tracing::{debug, info};
 use crate::handshake::LinkKey;
 use crate::strategy::Link;
 use frame::{EndCode, FrameError, Header, Window, HEADER_LEN, MAX_PAYLOAD, SESSION_ID_LEN};
+use pool::Pool;
 use send::SendBuf;
 
 /// Test-only builds (`NETTOOL_TEST_RESUME_OFF=1` / `NETTOOL_TEST_REPLAY_OFF=1` /
@@ -397,129 +399,145 @@ impl Session {
         });
         let mut upgrades = self.upgrades;
         let (tx, rx) = mpsc::channel::<SinkItem>(4);
-        let source_task = tokio::spawn(source_loop(shared.clone(), source));
-        let sink_task = tokio::spawn(sink_loop(shared.clone(), sink, rx));
+        // The source and the sink run in this task, next to the link's reader and writer (not
+        // as tasks of their own): every byte stays on one thread from read to write, which
+        // measured cheaper than handing each chunk across threads.
+        let mut source_task = Box::pin(source_loop(shared.clone(), source));
+        let mut sink_task = Box::pin(sink_loop(shared.clone(), sink, rx));
+        let (mut source_done, mut sink_done) = (false, false);
         let mut nonce = [0u8; SESSION_ID_LEN];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
         let mut sid: Option<[u8; SESSION_ID_LEN]> = None;
         let mut resumes = Vec::new();
         let mut paths_report: Vec<PathReport> = Vec::new();
         let mut link = first;
-        let kind = loop {
-            let path_index = paths_report.len();
-            paths_report.push(PathReport {
-                strategy: link.strategy.to_owned(),
-                bytes_sent: 0,
-                bytes_received: 0,
-                from_ms: shared.ms(),
-                to_ms: None,
-            });
-            let driven = {
-                let stats = &mut paths_report[path_index];
-                let run = drive(
-                    &shared,
-                    &self.cfg,
-                    link,
-                    (&mut sid, &nonce),
-                    &tx,
-                    stats,
-                    &mut upgrades,
-                );
-                tokio::pin!(run);
-                tokio::select! {
-                    end = &mut run => Ok(end),
-                    s = signalled(&mut stop) => {
-                        if END_OFF {
-                            break EndKind::Stopped(s);
+        let main = async {
+            loop {
+                let path_index = paths_report.len();
+                paths_report.push(PathReport {
+                    strategy: link.strategy.to_owned(),
+                    bytes_sent: 0,
+                    bytes_received: 0,
+                    from_ms: shared.ms(),
+                    to_ms: None,
+                });
+                let driven = {
+                    let stats = &mut paths_report[path_index];
+                    let run = drive(
+                        &shared,
+                        &self.cfg,
+                        link,
+                        (&mut sid, &nonce),
+                        &tx,
+                        stats,
+                        &mut upgrades,
+                    );
+                    tokio::pin!(run);
+                    tokio::select! {
+                        end = &mut run => Ok(end),
+                        s = signalled(&mut stop) => {
+                            if END_OFF {
+                                break EndKind::Stopped(s);
+                            }
+                            // END(Stopped) goes out on the link (bounded), so the peer ends at once.
+                            let why = format!("stopped by {}", signal_name(s));
+                            shared.lock().end = Some((EndCode::Stopped, why));
+                            shared.wake.notify_one();
+                            let _ = tokio::time::timeout(Duration::from_secs(1), &mut run).await;
+                            Err(s)
                         }
-                        // END(Stopped) goes out on the link (bounded), so the peer ends at once.
-                        let why = format!("stopped by {}", signal_name(s));
-                        shared.lock().end = Some((EndCode::Stopped, why));
-                        shared.wake.notify_one();
-                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut run).await;
-                        Err(s)
+                    }
+                };
+                let end = match driven {
+                    Ok(end) => end,
+                    Err(s) => break EndKind::Stopped(s),
+                };
+                paths_report[path_index].to_ms = Some(shared.ms());
+                let why = match end {
+                    LinkEnd::EndSent => {
+                        let st = shared.lock();
+                        break match st.end.clone() {
+                            Some((EndCode::Done, _)) => EndKind::Done,
+                            Some((_, r)) => EndKind::Aborted(st.local_error.clone().unwrap_or(r)),
+                            None => EndKind::Aborted("ended".into()),
+                        };
+                    }
+                    LinkEnd::PeerEnded(EndCode::Done, _) => break EndKind::Done,
+                    LinkEnd::PeerEnded(EndCode::Stopped, r) => break EndKind::PeerStopped(r),
+                    LinkEnd::PeerEnded(EndCode::Abort, r) => break EndKind::PeerAborted(r),
+                    LinkEnd::Fatal(r) => break EndKind::Aborted(r),
+                    LinkEnd::Switched(next) => {
+                        info!(strategy = next.strategy, "the session moved to a new path");
+                        link = next;
+                        continue;
+                    }
+                    LinkEnd::SwitchSent | LinkEnd::PeerSwitched => {
+                        unreachable!("drive resolves the halves of a switch itself")
+                    }
+                    LinkEnd::Broken(why) => why,
+                };
+                {
+                    let st = shared.lock();
+                    if let Some(e) = &st.local_error {
+                        break EndKind::Aborted(e.clone());
+                    }
+                    if st.end.as_ref().is_some_and(|(c, _)| *c == EndCode::Done) && st.both_done() {
+                        // The link broke after our END(Done): everything was confirmed.
+                        break EndKind::Done;
                     }
                 }
-            };
-            let end = match driven {
-                Ok(end) => end,
-                Err(s) => break EndKind::Stopped(s),
-            };
-            paths_report[path_index].to_ms = Some(shared.ms());
-            let why = match end {
-                LinkEnd::EndSent => {
-                    let st = shared.lock();
-                    break match st.end.clone() {
-                        Some((EndCode::Done, _)) => EndKind::Done,
-                        Some((_, r)) => EndKind::Aborted(st.local_error.clone().unwrap_or(r)),
-                        None => EndKind::Aborted("ended".into()),
-                    };
+                let Some(id) = sid else {
+                    break EndKind::Lost(format!("{why} (before the session was established)"));
+                };
+                if RESUME_OFF {
+                    break EndKind::Lost(format!("{why} (resume switched off in this test build)"));
                 }
-                LinkEnd::PeerEnded(EndCode::Done, _) => break EndKind::Done,
-                LinkEnd::PeerEnded(EndCode::Stopped, r) => break EndKind::PeerStopped(r),
-                LinkEnd::PeerEnded(EndCode::Abort, r) => break EndKind::PeerAborted(r),
-                LinkEnd::Fatal(r) => break EndKind::Aborted(r),
-                LinkEnd::Switched(next) => {
-                    info!(strategy = next.strategy, "the session moved to a new path");
-                    link = next;
-                    continue;
-                }
-                LinkEnd::SwitchSent | LinkEnd::PeerSwitched => {
-                    unreachable!("drive resolves the halves of a switch itself")
-                }
-                LinkEnd::Broken(why) => why,
-            };
-            {
-                let st = shared.lock();
-                if let Some(e) = &st.local_error {
-                    break EndKind::Aborted(e.clone());
-                }
-                if st.end.as_ref().is_some_and(|(c, _)| *c == EndCode::Done) && st.both_done() {
-                    // The link broke after our END(Done): everything was confirmed.
-                    break EndKind::Done;
-                }
-            }
-            let Some(id) = sid else {
-                break EndKind::Lost(format!("{why} (before the session was established)"));
-            };
-            if RESUME_OFF {
-                break EndKind::Lost(format!("{why} (resume switched off in this test build)"));
-            }
-            info!("path failed ({why}); resuming");
-            let at = shared.ms();
-            let began = Instant::now();
-            let deadline = began + self.cfg.resume_timeout;
-            let ticket = ResumeTicket::derive(&self.key, &id);
-            let next = tokio::select! {
-                r = paths.reconnect(&ticket, deadline) => r,
-                s = signalled(&mut stop) => break EndKind::Stopped(s),
-            };
-            match next {
-                Ok(l) => {
-                    info!(strategy = l.strategy, "resumed");
-                    resumes.push(ResumeReport {
-                        at_ms: at,
-                        reason: why,
-                        strategy: Some(l.strategy.to_owned()),
-                        took_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    });
-                    link = l;
-                }
-                Err(e) => {
-                    resumes.push(ResumeReport {
-                        at_ms: at,
-                        reason: why.clone(),
-                        strategy: None,
-                        took_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    });
-                    break EndKind::Lost(format!(
-                        "{why}; no new path within {:.0}s: {e}",
-                        self.cfg.resume_timeout.as_secs_f64()
-                    ));
+                info!("path failed ({why}); resuming");
+                let at = shared.ms();
+                let began = Instant::now();
+                let deadline = began + self.cfg.resume_timeout;
+                let ticket = ResumeTicket::derive(&self.key, &id);
+                let next = tokio::select! {
+                    r = paths.reconnect(&ticket, deadline) => r,
+                    s = signalled(&mut stop) => break EndKind::Stopped(s),
+                };
+                match next {
+                    Ok(l) => {
+                        info!(strategy = l.strategy, "resumed");
+                        resumes.push(ResumeReport {
+                            at_ms: at,
+                            reason: why,
+                            strategy: Some(l.strategy.to_owned()),
+                            took_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        });
+                        link = l;
+                    }
+                    Err(e) => {
+                        resumes.push(ResumeReport {
+                            at_ms: at,
+                            reason: why.clone(),
+                            strategy: None,
+                            took_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        });
+                        break EndKind::Lost(format!(
+                            "{why}; no new path within {:.0}s: {e}",
+                            self.cfg.resume_timeout.as_secs_f64()
+                        ));
+                    }
                 }
             }
         };
-        source_task.abort();
+        let kind = {
+            tokio::pin!(main);
+            loop {
+                tokio::select! {
+                    k = &mut main => break k,
+                    () = &mut source_task, if !source_done => source_done = true,
+                    () = &mut sink_task, if !sink_done => sink_done = true,
+                }
+            }
+        };
+        drop(source_task);
         // What was received is written out unless this side was told to stop.
         if !matches!(kind, EndKind::Stopped(_)) {
             let queue_finish = {
@@ -528,13 +546,21 @@ impl Session {
                 st.finish_queued = true;
                 q
             };
-            if queue_finish && !matches!(kind, EndKind::Done) {
-                let _ = tx.send(SinkItem::Finish).await;
+            // The sink runs in this task: it drains while the finish is queued.
+            let send_finish = queue_finish && !matches!(kind, EndKind::Done);
+            let finish = async move {
+                if send_finish {
+                    let _ = tx.send(SinkItem::Finish).await;
+                }
+                drop(tx);
+            };
+            if sink_done {
+                finish.await;
+            } else {
+                tokio::join!(finish, sink_task);
             }
-            drop(tx);
-            let _ = sink_task.await;
         } else {
-            sink_task.abort();
+            drop(sink_task);
         }
         let st = shared.lock();
         let kind = match (&kind, &st.local_error) {
@@ -577,7 +603,10 @@ pub async fn signalled(rx: &mut watch::Receiver<Option<i32>>) -> i32 {
 
 /// Source → send buffer, in chunks of up to 1 MiB, never past the buffer's bound.
 async fn source_loop(shared: Arc<Shared>, mut source: Box<dyn Source>) {
-    let mut buf = vec![0u8; MAX_PAYLOAD as usize];
+    // Large reads keep their (pooled) buffer as the chunk, no copy; a small read is copied
+    // out and the buffer read into again, so a trickle cannot pin a megabyte per few bytes.
+    let pool = Pool::new(MAX_PAYLOAD as usize);
+    let mut buf = pool.take();
     loop {
         let room = loop {
             let notified = shared.room.notified();
@@ -595,7 +624,12 @@ async fn source_loop(shared: Arc<Shared>, mut source: Box<dyn Source>) {
                 return;
             }
             Ok(n) => {
-                shared.lock().send.push(Bytes::copy_from_slice(&buf[..n]));
+                let chunk = if n >= buf.len() / 2 {
+                    pool.freeze(std::mem::replace(&mut buf, pool.take()), n)
+                } else {
+                    Bytes::copy_from_slice(&buf[..n])
+                };
+                shared.lock().send.push(chunk);
                 shared.wake.notify_one();
             }
             Err(e) => {
@@ -640,13 +674,27 @@ async fn read_timed<R: AsyncRead + Unpin>(
     buf: &mut [u8],
     limit: Duration,
 ) -> Result<(), String> {
+    // One timer for the whole read, pushed out as bytes arrive (re-armed at most every
+    // quarter of the limit: a timer per small read cost measurable CPU at line rate).
     let mut got = 0;
+    let mut armed = tokio::time::Instant::now();
+    let sleep = tokio::time::sleep_until(armed + limit);
+    tokio::pin!(sleep);
     while got < buf.len() {
-        match tokio::time::timeout(limit, rd.read(&mut buf[got..])).await {
-            Err(_) => return Err(silence(limit)),
-            Ok(Ok(0)) => return Err("the link ended without the session's end".into()),
-            Ok(Ok(n)) => got += n,
-            Ok(Err(e)) => return Err(format!("the link failed: {e}")),
+        tokio::select! {
+            r = rd.read(&mut buf[got..]) => match r {
+                Ok(0) => return Err("the link ended without the session's end".into()),
+                Ok(n) => {
+                    got += n;
+                    let now = tokio::time::Instant::now();
+                    if now.duration_since(armed) > limit / 4 {
+                        armed = now;
+                        sleep.as_mut().reset(now + limit);
+                    }
+                }
+                Err(e) => return Err(format!("the link failed: {e}")),
+            },
+            () = &mut sleep => return Err(silence(limit)),
         }
     }
     Ok(())
@@ -859,7 +907,7 @@ async fn read_side<R: AsyncRead + Unpin>(
     tx: &mpsc::Sender<SinkItem>,
     received_bytes: &mut u64,
 ) -> LinkEnd {
-    let mut payload = BytesMut::new();
+    let pool = Pool::new(MAX_PAYLOAD as usize);
     loop {
         let limit = liveness(cfg, shared.lock().rtt);
         let mut raw = [0u8; HEADER_LEN];
@@ -872,22 +920,17 @@ async fn read_side<R: AsyncRead + Unpin>(
         };
         match header {
             Header::Data { offset, len } => {
-                payload.clear();
-                payload.reserve(len as usize);
-                while payload.len() < len as usize {
-                    let want = (len as usize - payload.len()) as u64;
-                    let mut part = (&mut *rd).take(want);
-                    match tokio::time::timeout(limit, part.read_buf(&mut payload)).await {
-                        Err(_) => return LinkEnd::Broken(silence(limit)),
-                        Ok(Ok(0)) => {
-                            return LinkEnd::Broken("the link ended inside a data frame".into())
-                        }
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return LinkEnd::Broken(format!("the link failed: {e}")),
-                    }
+                // Into a pooled buffer (initialized memory, reused once the sink wrote it).
+                let mut buf = pool.take();
+                if let Err(e) = read_timed(rd, &mut buf[..len as usize], limit).await {
+                    return LinkEnd::Broken(if e.starts_with("the link ended") {
+                        "the link ended inside a data frame".into()
+                    } else {
+                        e
+                    });
                 }
                 *received_bytes += u64::from(len);
-                let data = payload.split().freeze();
+                let data = pool.freeze(buf, len as usize);
                 let mut window = shared.lock().window.clone();
                 let range = match window.accept(offset, len) {
                     Ok(r) => r,
