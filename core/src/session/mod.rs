@@ -400,8 +400,8 @@ impl Session {
         let mut upgrades = self.upgrades;
         let (tx, rx) = mpsc::channel::<SinkItem>(4);
         // The source and the sink run in this task, next to the link's reader and writer (not
-        // as tasks of their own): every byte stays on one thread from read to write, which
-        // measured cheaper than handing each chunk across threads.
+        // as tasks of their own): one task to cancel, and every byte stays on one thread from
+        // read to write (measured: no faster or slower than separate tasks).
         let mut source_task = Box::pin(source_loop(shared.clone(), source));
         let mut sink_task = Box::pin(sink_loop(shared.clone(), sink, rx));
         let (mut source_done, mut sink_done) = (false, false);
