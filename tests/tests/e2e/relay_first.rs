@@ -36,6 +36,9 @@ struct Run {
     b_report: serde_json::Value,
 }
 
+/// Something done to the lab while the peers stream (after A's first byte reached B).
+type During = fn(&RunningLab, &TempDir);
+
 /// B joins and waits; then A starts. Both send paced data (`a_len` and `b_len` bytes over
 /// `pace`), relay-first (the default order); `server_args` for the rendezvous server.
 fn run_pair(
@@ -44,6 +47,7 @@ fn run_pair(
     b_len: usize,
     pace: Duration,
     server_args: &[&str],
+    during: Option<During>,
 ) -> Run {
     let lab = RunningLab::with_server_args(a, b, server_args);
     let dir = TempDir::new(&format!("relay-first-{a}-{b}"));
@@ -91,6 +95,9 @@ fn run_pair(
             break;
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+    if let Some(event) = during {
+        event(&lab, &dir);
     }
     fa.join().unwrap();
     fb.join().unwrap();
@@ -161,7 +168,14 @@ fn relay_first_links_every_pair_at_once_and_ends_direct_where_a_direct_path_exis
                 let Some((a, b)) = queue.lock().unwrap().pop() else {
                     return;
                 };
-                let r = run_pair((a, b), 1 << 20, 512 << 10, Duration::from_secs(4), &[]);
+                let r = run_pair(
+                    (a, b),
+                    1 << 20,
+                    512 << 10,
+                    Duration::from_secs(4),
+                    &[],
+                    None,
+                );
                 results.lock().unwrap().push((a, b, r));
             });
         }
@@ -243,6 +257,7 @@ fn the_move_to_the_direct_path_happens_mid_stream_both_ways_and_loses_nothing() 
         b_len,
         pace,
         &["--relay-rate", "2MB"],
+        None,
     );
     let ctx = format!(
         "A: {}\nB: {}\nA report: {}\nB report: {}",
@@ -297,4 +312,73 @@ fn the_move_to_the_direct_path_happens_mid_stream_both_ways_and_loses_nothing() 
         "summary: {summary}\n{ctx}"
     );
     assert!(r.a_report["first_byte_ms"].as_u64().is_some(), "{ctx}");
+}
+
+/// Once the session is on the direct path, A's host changes its address: the direct link dies,
+/// the session resumes on the relay at once and moves to a new direct path behind it.
+fn address_change_after_the_move(lab: &RunningLab, dir: &TempDir) {
+    let start = Instant::now();
+    while !std::fs::read_to_string(dir.path("a.err"))
+        .unwrap_or_default()
+        .contains("direct path ready")
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "no direct path");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.lab.netns(Host::A), "sh", "-ec"])
+        .arg(
+            "ip addr del 10.0.1.2/24 dev eth0; ip addr add 10.0.1.3/24 dev eth0; \
+             ip route replace default via 10.0.1.1",
+        )
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_direct_path_that_dies_falls_back_to_the_relay_and_moves_direct_again() {
+    if !require_lab() {
+        return;
+    }
+    let (a_len, b_len) = (8 << 20, 1 << 20);
+    let r = run_pair(
+        (NatKind::Cone, NatKind::Cone),
+        a_len,
+        b_len,
+        Duration::from_secs(12),
+        &[],
+        Some(address_change_after_the_move),
+    );
+    let ctx = format!("A: {}\nB: {}\nA report: {}", r.a_err, r.b_err, r.a_report);
+    assert!(
+        intact_and_clean(&r).is_empty(),
+        "{:?}\n{ctx}",
+        intact_and_clean(&r)
+    );
+    let kinds: Vec<String> = paths(&r.a_report)
+        .iter()
+        .map(|p| p["strategy"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    // relay, direct, (the address changes) relay again, direct again.
+    let relay_after_direct = kinds
+        .iter()
+        .skip_while(|k| *k == "relay")
+        .skip_while(|k| *k != "relay")
+        .count();
+    assert!(relay_after_direct >= 2, "paths {kinds:?}\n{ctx}");
+    assert_ne!(
+        kinds.last().map(String::as_str),
+        Some("relay"),
+        "{kinds:?}\n{ctx}"
+    );
+    let resumes = r.a_report["resumes"].as_array().map_or(0, Vec::len);
+    eprintln!("A's paths: {kinds:?}; resumes: {}", r.a_report["resumes"]);
+    assert!(resumes >= 1, "{ctx}");
+    assert_eq!(r.a_report["resumes"][0]["strategy"], "relay", "{ctx}");
 }
