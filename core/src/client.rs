@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::protocol::{
     encode, ClientToServer, FramedConn, RecvError, Role, ServerToClient, DEFAULT_MAX_FRAME_LEN,
@@ -226,16 +226,21 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// client is dropped, after writing what was queued, or at the first failed or stalled write.
 #[derive(Debug)]
 struct FrameWriter {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Frames to write, each with an optional signal for when it was written.
+    tx: mpsc::UnboundedSender<(Vec<u8>, Option<oneshot::Sender<()>>)>,
 }
 
 impl FrameWriter {
     fn spawn(mut half: OwnedWriteHalf) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<u8>, Option<oneshot::Sender<()>>)>();
         tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
+            while let Some((frame, written)) = rx.recv().await {
                 match tokio::time::timeout(WRITE_TIMEOUT, half.write_all(&frame)).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        if let Some(w) = written {
+                            let _ = w.send(());
+                        }
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!("rendezvous connection: write failed: {e}");
                         break;
@@ -254,8 +259,23 @@ impl FrameWriter {
 
     fn send(&self, msg: &ClientToServer) -> Result<(), ClientError> {
         self.tx
-            .send(encode(msg))
+            .send((encode(msg), None))
             .map_err(|_| ClientError::Lost("the connection to the server failed".into()))
+    }
+
+    /// Queues `msg` and waits (up to `limit`) until it is on the wire: for a last word
+    /// before the process may end.
+    async fn send_written(&self, msg: &ClientToServer, limit: Duration) -> Result<(), ClientError> {
+        let (done, written) = oneshot::channel();
+        self.tx
+            .send((encode(msg), Some(done)))
+            .map_err(|_| ClientError::Lost("the connection to the server failed".into()))?;
+        match tokio::time::timeout(limit, written).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(ClientError::Lost(
+                "the message could not be written to the server".into(),
+            )),
+        }
     }
 }
 
@@ -495,10 +515,17 @@ impl RendezvousClient {
     /// `session`: someone tried a wrong code, and the server burns it (see
     /// [`ClientToServer::BadCode`]). Queued like every frame; it goes out even if the client
     /// is dropped right after.
-    pub fn report_bad_code(&self, session: &str) -> Result<(), ClientError> {
-        self.writer.send(&ClientToServer::BadCode {
-            session: session.to_owned(),
-        })
+    pub async fn report_bad_code(&self, session: &str) -> Result<(), ClientError> {
+        // Written before this returns: the caller ends right after, and a frame still queued
+        // when the runtime stops would never reach the server (the code would not burn).
+        self.writer
+            .send_written(
+                &ClientToServer::BadCode {
+                    session: session.to_owned(),
+                },
+                Duration::from_secs(2),
+            )
+            .await
     }
 
     /// Number of early peer results held (for tests of the bound).

@@ -718,7 +718,7 @@ impl Orchestrator {
             let mut wrong_code = guessed || told;
             if guessed {
                 // Burn the code (the server tells the peer); no lock step after a wrong code.
-                if let Err(e) = client.report_bad_code(&params.session) {
+                if let Err(e) = client.report_bad_code(&params.session).await {
                     info!("could not report the wrong code to the server: {e}");
                 }
             }
@@ -726,10 +726,17 @@ impl Orchestrator {
                 if wrong_code {
                     return Ok(Err("a wrong code".to_owned()));
                 }
-                client.send_result(name, linked, error.clone()).await?;
-                client
+                // Read the peer's result even when ours could not be sent: a server that
+                // burned a code says so (WrongCode) before it closes the connection.
+                let sent = client.send_result(name, linked, error.clone()).await;
+                let heard = client
                     .peer_result(name, (attempt_deadline + RESULT_GRACE).min(deadline))
-                    .await
+                    .await;
+                match (sent, heard) {
+                    (_, Err(ClientError::WrongCode)) => Err(ClientError::WrongCode),
+                    (Err(e), _) => Err(e),
+                    (Ok(()), heard) => heard,
+                }
             }
             .await;
             match peer {

@@ -1,4 +1,5 @@
-//! Short codes with the real binary over loopback: one side asks the server for a code and
+//! Short codes with the real binary, over loopback (the strategy ladder) and through the NAT
+//! lab (cone × cone, the default relay-first connect): one side asks the server for a code and
 //! prints it, the other joins with it; a wrong code burns it on both sides.
 
 use std::process::Command;
@@ -42,19 +43,77 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// Where the peers run: the server's address and a command for each side (with the env).
+struct Place<'a> {
+    addr: String,
+    a: &'a dyn Fn() -> Command,
+    b: &'a dyn Fn() -> Command,
+    /// Extra flags for the owner's first connect (e.g. a forced strategy on loopback).
+    owner_flags: &'a [&'a str],
+}
+
+fn loopback_command() -> Command {
+    Command::new(nettool_bin())
+}
+
 #[test]
 fn a_printed_code_links_the_other_side_with_data_intact_both_ways() {
     let (_server, addr) = rendezvous();
+    code_links(&Place {
+        addr,
+        a: &loopback_command,
+        b: &loopback_command,
+        owner_flags: &["--strategy", "tcp-punch"],
+    });
+}
+
+/// The NAT lab with the default connect: relay-first (the relay at once, tcp-punch behind it).
+fn lab_command(lab: &crate::nat_punch::RunningLab, h: nettool_tests::Host) -> Command {
+    let mut c = lab.lab.command(h, nettool_bin());
+    c.env("NETTOOL_RELAY_FIRST", "true");
+    c
+}
+
+#[test]
+fn in_the_lab_a_printed_code_links_the_other_side_relay_first() {
+    if !nettool_tests::require_lab() {
+        return;
+    }
+    use nettool_tests::{Host, NatKind};
+    let lab = crate::nat_punch::RunningLab::new(NatKind::Cone, NatKind::Cone);
+    code_links(&Place {
+        addr: format!("{}:8877", lab.lab.server_ip()),
+        a: &|| lab_command(&lab, Host::A),
+        b: &|| lab_command(&lab, Host::B),
+        owner_flags: &[],
+    });
+}
+
+#[test]
+fn in_the_lab_a_wrong_code_fails_both_sides_and_burns_the_code() {
+    if !nettool_tests::require_lab() {
+        return;
+    }
+    use nettool_tests::{Host, NatKind};
+    let lab = crate::nat_punch::RunningLab::new(NatKind::Cone, NatKind::Cone);
+    wrong_code_burns(&Place {
+        addr: format!("{}:8877", lab.lab.server_ip()),
+        a: &|| lab_command(&lab, Host::A),
+        b: &|| lab_command(&lab, Host::B),
+        owner_flags: &[],
+    });
+}
+
+/// A allocates, B joins with the printed code (typed differently): intact both ways, the
+/// words nowhere in the report, the nameplate back after use.
+fn code_links(place: &Place) {
+    let addr = &place.addr;
     let dir = TempDir::new("code");
     let a_in = test_data(1 << 20, 11);
     let b_in = test_data(700 << 10, 12);
-    let (a, _) = spawn_peer(
-        Command::new(nettool_bin()),
-        &dir,
-        "a",
-        &a_in,
-        &args(&["--server", &addr, "--strategy", "tcp-punch"]),
-    );
+    let mut owner = args(&["--server", addr]);
+    owner.extend(args(place.owner_flags));
+    let (a, _) = spawn_peer((place.a)(), &dir, "a", &a_in, &owner);
     let (code, command) = printed_code(&dir, "a");
     // Nameplate, then two words from the list.
     let parts: Vec<&str> = code.split('-').collect();
@@ -67,20 +126,9 @@ fn a_printed_code_links_the_other_side_with_data_intact_both_ways() {
     wait_until_waiting(&dir, "a");
     // Typed differently: upper case and spaces for dashes.
     let typed = code.to_uppercase().replace('-', " ");
-    let (b, _) = spawn_peer(
-        Command::new(nettool_bin()),
-        &dir,
-        "b",
-        &b_in,
-        &args(&[
-            "--server",
-            &addr,
-            "--strategy",
-            "tcp-punch",
-            "--code",
-            &typed,
-        ]),
-    );
+    let mut joiner = args(&["--server", addr, "--code", &typed]);
+    joiner.extend(args(place.owner_flags));
+    let (b, _) = spawn_peer((place.b)(), &dir, "b", &b_in, &joiner);
     let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
     let b = finish_peer(b, &dir, "b", Duration::from_secs(30));
     assert!(a.status.unwrap().success(), "a failed: {}", a.stderr);
@@ -97,11 +145,11 @@ fn a_printed_code_links_the_other_side_with_data_intact_both_ways() {
 
     // The nameplate came back after use: the next code gets number 1 again.
     let (c, _) = spawn_peer(
-        Command::new(nettool_bin()),
+        (place.a)(),
         &dir,
         "c",
         b"",
-        &args(&["--server", &addr, "--code-words", "4", "--timeout", "5s"]),
+        &args(&["--server", addr, "--code-words", "4", "--timeout", "5s"]),
     );
     let (code, _) = printed_code(&dir, "c");
     assert!(code.starts_with("1-"), "{code}");
@@ -112,13 +160,25 @@ fn a_printed_code_links_the_other_side_with_data_intact_both_ways() {
 #[test]
 fn a_wrong_code_fails_both_sides_and_burns_the_code() {
     let (_server, addr) = rendezvous();
+    wrong_code_burns(&Place {
+        addr,
+        a: &loopback_command,
+        b: &loopback_command,
+        owner_flags: &[],
+    });
+}
+
+/// A guess with the right nameplate and a wrong word: the guesser exits 1, the owner exits 1
+/// within 10 s saying so, one attempt only, and the right code no longer joins.
+fn wrong_code_burns(place: &Place) {
+    let addr = &place.addr;
     let dir = TempDir::new("wrongcode");
     let (a, _) = spawn_peer(
-        Command::new(nettool_bin()),
+        (place.a)(),
         &dir,
         "a",
         b"owner data",
-        &args(&["--server", &addr]),
+        &args(&["--server", addr]),
     );
     let (code, _) = printed_code(&dir, "a");
     wait_until_waiting(&dir, "a");
@@ -133,11 +193,11 @@ fn a_wrong_code_fails_both_sides_and_burns_the_code() {
     let guess = format!("{number}-{other}-{rest}");
     let started = Instant::now();
     let (b, _) = spawn_peer(
-        Command::new(nettool_bin()),
+        (place.b)(),
         &dir,
         "b",
         b"guesser data",
-        &args(&["--server", &addr, "--code", &guess]),
+        &args(&["--server", addr, "--code", &guess]),
     );
     let a = finish_peer(a, &dir, "a", Duration::from_secs(10));
     let a_took = started.elapsed();
@@ -169,11 +229,11 @@ fn a_wrong_code_fails_both_sides_and_burns_the_code() {
 
     // The right code no longer joins: the server refuses its nameplate.
     let (c, _) = spawn_peer(
-        Command::new(nettool_bin()),
+        (place.b)(),
         &dir,
         "c",
         b"late",
-        &args(&["--server", &addr, "--code", &code, "--timeout", "10s"]),
+        &args(&["--server", addr, "--code", &code, "--timeout", "10s"]),
     );
     let c = finish_peer(c, &dir, "c", Duration::from_secs(15));
     assert_eq!(c.status.and_then(|s| s.code()), Some(1), "{}", c.stderr);
