@@ -499,3 +499,66 @@ fn when_a_node_dies_sessions_pair_on_the_other_and_its_keys_expire() {
     }
     drop(n1);
 }
+
+/// The session layer through a cluster: A lists both nodes and joins through node 1 (the
+/// relay runs there), B knows only node 2. Node 1 dies mid-stream: A resumes through node 2
+/// (the next of its servers that answers), B through its own, the cluster pairs the resumed
+/// halves again on node 2 and the stream goes on, every byte once.
+#[test]
+fn a_relayed_session_resumes_through_the_other_node_when_its_node_dies() {
+    let Some(redis) = Redis::start() else { return };
+    let n1 = Node::start("127.0.0.1", &redis, &[]);
+    let n2 = Node::start("127.0.0.2", &redis, &[]);
+    let dir = TempDir::new("cluster-resume");
+    let a_data = test_data(2 << 20, 41);
+    let b_data = test_data(64 << 10, 42);
+    std::fs::write(dir.path("b.in"), &b_data).unwrap();
+    let peer = |name: &str, servers: &[SocketAddr], stdin: Stdio| {
+        let mut cmd = Command::new(nettool_bin());
+        cmd.arg("connect")
+            .args(peer_args(servers, "cluster-resume", "relay"))
+            .arg("--report")
+            .arg(dir.path(&format!("{name}.report.json")))
+            .stdin(stdin)
+            .stdout(std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap())
+            .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).unwrap());
+        Proc::spawn(cmd)
+    };
+    let mut a = peer("a", &[n1.addr, n2.addr], Stdio::piped());
+    let feed = a.child.stdin.take().expect("piped");
+    wait_until_waiting(&dir, "a");
+    let mut b = peer(
+        "b",
+        &[n2.addr],
+        Stdio::from(std::fs::File::open(dir.path("b.in")).unwrap()),
+    );
+    let data = a_data.clone();
+    let feeder = std::thread::spawn(move || {
+        crate::support::feed_paced(feed, &data, 64, Duration::from_secs(8))
+    });
+    let start = Instant::now();
+    while std::fs::metadata(dir.path("b.out")).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no byte reached B"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    drop(n1);
+    feeder.join().unwrap();
+    let a_status = a.wait_timeout(Duration::from_secs(60));
+    let b_status = b.wait_timeout(Duration::from_secs(60));
+    let text = |n: &str| std::fs::read_to_string(dir.path(n)).unwrap_or_default();
+    let ctx = format!("A: {}\nB: {}", text("a.err"), text("b.err"));
+    assert!(a_status.is_some_and(|s| s.success()), "{ctx}");
+    assert!(b_status.is_some_and(|s| s.success()), "{ctx}");
+    let b_out = std::fs::read(dir.path("b.out")).unwrap();
+    assert_eq!(sha256(&b_out), sha256(&a_data), "A -> B differs: {ctx}");
+    assert_eq!(std::fs::read(dir.path("a.out")).unwrap(), b_data, "{ctx}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path("a.report.json")).unwrap()).unwrap();
+    assert_eq!(report["resumes"][0]["strategy"], "relay", "{report}");
+    assert!(text("a.err").contains("resumed via relay"), "{ctx}");
+    drop(n2);
+}
