@@ -178,13 +178,7 @@ async fn peer_ended(eof: &mut watch::Receiver<bool>) -> bool {
 /// stdin → `link` until EOF, `link` → stdout until the peer's end. Ends early, closing the
 /// sending side cleanly, when `stop` reports a signal.
 pub(crate) async fn pump_stdio(link: Link, stop: watch::Receiver<Option<i32>>) -> Result<Pumped> {
-    let input = Input::stdin().context("opening stdin")?;
-    let output = Output::stdout().context("opening stdout")?;
-    tracing::info!(
-        stdin = input.mode().as_str(),
-        stdout = output.mode().as_str(),
-        "stdio modes"
-    );
+    let (input, output) = stdio::open()?;
     let r = pump(link.stream, input, output, stop).await;
     stdio::restore();
     r

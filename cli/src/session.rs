@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use nettool_core::relay_first::{self, DirectConnect};
 use nettool_core::report::SessionEndReport;
 use nettool_core::session::{
@@ -207,13 +207,7 @@ pub(crate) async fn run(
     report_path: Option<&std::path::Path>,
     stop: watch::Receiver<Option<i32>>,
 ) -> Result<i32> {
-    let input = Input::stdin().context("opening stdin")?;
-    let output = Output::stdout().context("opening stdout")?;
-    tracing::info!(
-        stdin = input.mode().as_str(),
-        stdout = output.mode().as_str(),
-        "stdio modes"
-    );
+    let (input, output) = stdio::open()?;
     let secret = p.params.secret.as_deref().unwrap_or(&p.params.session);
     let key = LinkKey::derive(&p.params.session, secret);
     let (to_session, upgrade_rx) = mpsc::channel(1);

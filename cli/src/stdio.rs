@@ -33,6 +33,21 @@ const PIPE_SIZE: libc::c_int = 1 << 20;
 /// File status flags of the descriptors switched to non-blocking mode, to put back.
 static SAVED: Mutex<Vec<(RawFd, libc::c_int)>> = Mutex::new(Vec::new());
 
+/// Opens stdin and stdout for a data path (the one way `connect` and `plain-tcp` do it),
+/// logging which mode each runs in.
+pub(crate) fn open() -> io::Result<(Input, Output)> {
+    let input =
+        Input::stdin().map_err(|e| io::Error::new(e.kind(), format!("opening stdin: {e}")))?;
+    let output =
+        Output::stdout().map_err(|e| io::Error::new(e.kind(), format!("opening stdout: {e}")))?;
+    tracing::info!(
+        stdin = input.mode().as_str(),
+        stdout = output.mode().as_str(),
+        "stdio modes"
+    );
+    Ok((input, output))
+}
+
 /// Puts back the file status flags of every descriptor this module made non-blocking. Safe
 /// to call more than once; called when the pump ends and again before the process exits.
 pub(crate) fn restore() {
