@@ -180,7 +180,12 @@ fn a_stranger_on_the_listening_port_gets_no_data_and_is_logged() {
     let b = finish_peer(b, &dir, "b", Duration::from_secs(30));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (knocks, heard) = stranger.join().unwrap();
-    assert!(knocks > 0, "the stranger never reached the port");
+    assert!(
+        knocks > 0,
+        "the stranger never reached the port\nA: {}\nB: {}",
+        a.stderr,
+        b.stderr
+    );
     assert!(
         !heard.windows(marker.len()).any(|w| w == marker),
         "the stranger received user data"
