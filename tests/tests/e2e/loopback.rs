@@ -362,3 +362,39 @@ fn a_config_profile_sets_the_order_and_timeouts_connect_uses() {
         assert!((1300..3000).contains(&ms), "{attempt}");
     }
 }
+
+/// Relay-first against a server that does not relay: the relay attempt is refused and the
+/// direct connect that ran beside it is the connect (as without relay-first), data intact,
+/// exit 0, the report naming both.
+#[test]
+fn relay_first_without_a_relaying_server_links_directly() {
+    let (_server, addr) = crate::support::loopback_rendezvous(&["--no-relay"]);
+    let dir = TempDir::new("rf-norelay");
+    let common = args(&addr, "rf-norelay", &["--secret", "n"]);
+    let relay_first = || {
+        let mut c = Command::new(nettool_bin());
+        c.env("NETTOOL_RELAY_FIRST", "true");
+        c
+    };
+    let (a, _) = spawn_peer(relay_first(), &dir, "a", b"one", &common);
+    wait_until_waiting(&dir, "a");
+    let (b, _) = spawn_peer(relay_first(), &dir, "b", b"two", &common);
+    let a = finish_peer(a, &dir, "a", Duration::from_secs(30));
+    let b = finish_peer(b, &dir, "b", Duration::from_secs(30));
+    assert!(a.status.is_some_and(|s| s.success()), "{}", a.stderr);
+    assert!(b.status.is_some_and(|s| s.success()), "{}", b.stderr);
+    assert_eq!(a.stdout, b"two", "{}", a.stderr);
+    assert_eq!(b.stdout, b"one", "{}", b.stderr);
+    let report = a.report.unwrap();
+    assert_eq!(report["strategy"], "tcp-punch", "{report}");
+    let attempts = report["attempts"].as_array().unwrap();
+    assert_eq!(attempts[0]["strategy"], "relay", "{report}");
+    assert_ne!(attempts[0]["outcome"], "connected", "{report}");
+    assert!(
+        attempts
+            .iter()
+            .any(|x| x["strategy"] == "tcp-punch" && x["outcome"] == "connected"),
+        "{report}"
+    );
+    assert_eq!(report["paths"][0]["strategy"], "tcp-punch", "{report}");
+}
