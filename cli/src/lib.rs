@@ -13,34 +13,37 @@
 //! std::process::exit(nettool::run_with(registry));
 //! ```
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 
 use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
 use nettool_core::orchestrator::Event;
-use nettool_core::portmap::PortMapper;
 use nettool_core::registry::{RegistryError, StrategyRegistry};
-use nettool_core::server::{
-    ClusterConfig, ListenAddr, RelayLimits, RendezvousServer, ServerConfig,
-};
+use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::Strategy;
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
 
 mod bench;
+mod cmd;
 mod compare;
 mod forward;
 mod legacy;
 mod netcheck;
 mod pump;
+mod servers;
 mod session;
 mod stdio;
 mod tunables;
+
+use cmd::connect::{connect, ConnectArgs};
+use cmd::rendezvous::{rendezvous, RendezvousArgs};
+pub(crate) use servers::{choose_server, resolve_all};
 
 const DEFAULT_PORT: u16 = 8877;
 
@@ -162,85 +165,6 @@ struct ConfigArgs {
 }
 
 #[derive(Debug, Args)]
-struct RendezvousArgs {
-    /// Address to listen on (default 0.0.0.0:8877, or `rendezvous.listen` in the config). An
-    /// unspecified address (0.0.0.0 or [::]) serves both IPv4 and IPv6 on that port.
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// An IPv6 address to listen on as well, when --listen is a specific IPv4 address, e.g.
-    /// --listen 203.0.113.10:8877 --listen-v6 [2001:db8::10]:8877 (peers reach the server
-    /// over both families and learn their public address on each).
-    #[arg(long, value_name = "[IPV6]:PORT")]
-    listen_v6: Option<SocketAddr>,
-    /// Serve the original demo's 8877 text protocol instead ("first\n", "<ip1> <port1>
-    /// <port2>\n", ...), byte for byte, for the original clients and `connect --legacy`.
-    #[arg(long)]
-    legacy: bool,
-    /// How long a session waits for its second peer before it expires (e.g. 5m, 30s).
-    #[arg(long, value_parser = parse_duration)]
-    session_expiry: Option<Duration>,
-    /// Do not relay (peers asking for the relay strategy are refused with a clear message).
-    #[arg(long)]
-    no_relay: bool,
-    /// Bytes per second per relayed session, both directions together (0 = unlimited).
-    #[arg(long, value_parser = parse_size)]
-    relay_rate: Option<u64>,
-    /// Bytes per relayed session (0 = unlimited).
-    #[arg(long, value_parser = parse_size)]
-    relay_max_bytes: Option<u64>,
-    /// How long one relay may last (0s = unlimited).
-    #[arg(long, value_parser = parse_duration)]
-    relay_max_duration: Option<Duration>,
-    /// Sessions relayed at the same time.
-    #[arg(long)]
-    relay_max_sessions: Option<usize>,
-    /// Connections open at once from one source IP address (default 64; 0 = unlimited).
-    #[arg(long)]
-    max_conns_per_ip: Option<usize>,
-    /// Sessions known at once, waiting or paired (default 100000; 0 = unlimited).
-    #[arg(long)]
-    max_sessions: Option<usize>,
-    /// A paired peer that completes no frame for this long is dropped (default 2m; 0s = off).
-    #[arg(long, value_parser = parse_duration)]
-    idle_timeout: Option<Duration>,
-    /// Joins per second per source IP address (default 20; 0 = unlimited).
-    #[arg(long)]
-    join_rate: Option<u32>,
-    /// Joins one source IP address may make in a burst (default 40).
-    #[arg(long)]
-    join_burst: Option<u32>,
-    /// Require this token in every join (clients give it with --server-token). Also
-    /// NETTOOL_RENDEZVOUS__SERVER_TOKEN or `rendezvous.server-token` in the config.
-    #[arg(long)]
-    server_token: Option<String>,
-    /// A second address of this host, IP2:P2, for RFC 5780 NAT behaviour discovery (needs
-    /// --listen with a specific IP; STUN and TCP are then served on both IPs and both ports).
-    #[arg(long, value_name = "IP:PORT")]
-    other_address: Option<SocketAddr>,
-    /// The RFC 5780 second address for --listen-v6 (another IPv6 address of this host).
-    #[arg(long, value_name = "[IPV6]:PORT")]
-    other_address_v6: Option<SocketAddr>,
-    /// STUN answers per second per source IP address (default 20; 0 = unlimited).
-    #[arg(long)]
-    stun_rate: Option<u32>,
-    /// STUN answers one source IP address gets in a burst (default 50).
-    #[arg(long)]
-    stun_burst: Option<u32>,
-    /// Share sessions with other rendezvous nodes through this Redis server, so the two
-    /// peers of a session may join through different nodes (each node answers STUN and
-    /// observe itself; a session's relay runs on its first peer's node). Limits stay per
-    /// node. Needs --public-addr. Example:
-    ///   nettool rendezvous --cluster redis://10.0.0.5:6379 --public-addr 203.0.113.7:8877
-    #[arg(long, value_name = "redis://HOST:PORT", verbatim_doc_comment)]
-    cluster: Option<String>,
-    /// With --cluster: the address peers reach this node at (told to peers of other nodes
-    /// whose relay runs here). Repeat once per address family (an IPv4 and an IPv6 one). An
-    /// IP alone (or port 0) means this node's listening port.
-    #[arg(long = "public-addr", value_name = "IP[:PORT]", requires = "cluster", value_parser = parse_public_addr)]
-    public_addrs: Vec<SocketAddr>,
-}
-
-#[derive(Debug, Args)]
 struct PeerArgs {
     /// Rendezvous server, HOST:PORT (port defaults to 8877). Repeat to give fallbacks: the
     /// servers are tried in order and the first that answers is used (one line per server
@@ -344,60 +268,6 @@ impl PeerArgs {
         builtin("tcp-direct", "listen-port", port, "--local-port");
         o
     }
-}
-
-#[derive(Debug, Args)]
-struct ConnectArgs {
-    #[command(flatten)]
-    peer: PeerArgs,
-    /// Speak the original demo's 8877 text protocol with the server (no sessions: the server
-    /// pairs clients in arrival order), then punch a plain TCP link as that demo meant to.
-    #[arg(long, conflicts_with_all = ["strategies", "secret", "session", "code"])]
-    legacy: bool,
-    /// Instead of stdin/stdout: the first peer sends "Hello, world" once a second and prints
-    /// "send message: Hello, world"; the second prints "recv message: Hello, world" for each.
-    #[arg(long)]
-    hello: bool,
-    /// With --hello: stop after N messages (the first peer then closes its sending side).
-    #[arg(
-        long,
-        value_name = "N",
-        requires = "hello",
-        env = "NETTOOL_HELLO_COUNT"
-    )]
-    hello_count: Option<u64>,
-    /// Write the JSON report of the connect to this file (also when no link was made).
-    #[arg(long, value_name = "FILE")]
-    report: Option<PathBuf>,
-    /// Ask this network's gateway to map the ports of udp-quic and tcp-direct (UPnP-IGD,
-    /// NAT-PMP, PCP), so a peer behind any NAT reaches them; the mappings are renewed while
-    /// the link lasts and deleted when it ends (also on SIGINT, SIGTERM, SIGHUP). Use it
-    /// behind a home router with UPnP or NAT-PMP on, when both sides are behind NATs that
-    /// map per destination (otherwise only the relay links). Off by default: nothing is
-    /// sent to the gateway. Also `[default.portmap] enabled = true` or a profile.
-    #[arg(long)]
-    portmap: bool,
-    /// With port mapping on: a protocol to use (repeat for an order of preference; default
-    /// upnp, nat-pmp, pcp). Also `portmap.protocols` in the config.
-    #[arg(long = "portmap-protocol", value_name = "upnp|nat-pmp|pcp")]
-    portmap_protocols: Vec<String>,
-    /// When the path fails (an error, or nothing heard for 3-10 s), keep the session and try
-    /// for this long to link again through the rendezvous server (same strategies, from the
-    /// current addresses) and continue at the last confirmed byte; after it, exit 1 saying
-    /// how many bytes the peer confirmed (e.g. 60s, 5m).
-    #[arg(long, value_parser = parse_duration, default_value = "60s")]
-    resume_timeout: Duration,
-    /// Most bytes read from stdin and not yet confirmed written by the peer (kept for a
-    /// resume; stdin is not read beyond it), e.g. 8MiB.
-    #[arg(long, value_parser = parse_size, default_value = "8MiB")]
-    send_buffer: u64,
-    /// Wait for the strategy ladder before any data flows, as before relay-first. By default
-    /// (no --strategy given, relay among the strategies) data flows over the relay as soon as
-    /// both peers are paired, while the direct strategies run in the background; the session
-    /// moves to the first direct path that links, losing nothing. Also `relay-first = false`
-    /// in the config or a profile.
-    #[arg(long)]
-    no_relay_first: bool,
 }
 
 #[derive(Debug, Args)]
@@ -756,126 +626,6 @@ fn config_show(loaded: &Loaded) -> Result<i32> {
     Ok(0)
 }
 
-async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
-    let rv = settings.rendezvous;
-    if legacy {
-        return legacy::serve(rv.listen).await;
-    }
-    let config = server_config(&rv);
-    let mut server = match rv.listen_v6 {
-        None => {
-            if let Some(other) = rv.other_address_v6 {
-                bail!(
-                    "--other-address-v6 {other} needs --listen-v6 (the IPv6 address it goes with)"
-                );
-            }
-            RendezvousServer::bind(rv.listen, config)
-                .await
-                .with_context(|| format!("cannot listen on {}", rv.listen))?
-        }
-        Some(v6) => {
-            if !v6.is_ipv6() || rv.listen.is_ipv6() {
-                bail!(
-                    "--listen-v6 {v6} must be an IPv6 address next to an IPv4 --listen (got \
-                     --listen {})",
-                    rv.listen
-                );
-            }
-            let addrs = [
-                ListenAddr {
-                    addr: rv.listen,
-                    other: rv.other_address,
-                },
-                ListenAddr {
-                    addr: v6,
-                    other: rv.other_address_v6,
-                },
-            ];
-            RendezvousServer::bind_all(&addrs, config)
-                .await
-                .with_context(|| format!("cannot listen on {} and {v6}", rv.listen))?
-        }
-    };
-    if let Some(url) = &rv.cluster {
-        let cluster = ClusterConfig {
-            redis_url: url.clone(),
-            public_addrs: rv.public_addr.clone(),
-        };
-        server = server
-            .join_cluster(&cluster)
-            .await
-            .map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))?;
-        eprintln!(
-            "nettool rendezvous: cluster node {} (sessions shared through {url}; peers of other \
-             nodes are sent to {})",
-            server.node_id().unwrap_or_default(),
-            server
-                .public_addrs()
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    } else if !rv.public_addr.is_empty() {
-        bail!("`rendezvous.public-addr` is only used with a cluster: give --cluster too");
-    }
-    let others = server.other_local_addrs();
-    eprintln!(
-        "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
-        server
-            .local_addrs()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(" and "),
-        if others.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; RFC 5780 other address {}",
-                others
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" and ")
-            )
-        }
-    );
-    tokio::select! {
-        () = server.run() => {}
-        _ = tokio::signal::ctrl_c() => eprintln!("nettool rendezvous: interrupted, stopping"),
-    }
-    Ok(0)
-}
-
-/// The server's configuration from the `[rendezvous]` settings: the only place the two meet.
-/// `RendezvousConfig::default()` restates `ServerConfig::default()` (the config crate does not
-/// depend on the server); the test `rendezvous_defaults_are_the_servers` keeps them equal.
-fn server_config(rv: &nettool_config::RendezvousConfig) -> ServerConfig {
-    ServerConfig {
-        session_expiry: rv.session_expiry,
-        max_frame_len: rv.max_frame_len,
-        first_frame_timeout: rv.first_frame_timeout,
-        observe_hold: rv.observe_hold,
-        relay: rv.relay.then_some(RelayLimits {
-            max_sessions: rv.relay_max_sessions,
-            rate: rv.relay_rate,
-            max_bytes: rv.relay_max_bytes,
-            max_duration: rv.relay_max_duration,
-            attach_timeout: rv.relay_attach_timeout,
-        }),
-        max_conns_per_ip: rv.max_conns_per_ip,
-        max_sessions: rv.max_sessions,
-        idle_timeout: rv.idle_timeout,
-        join_rate: rv.join_rate,
-        join_burst: rv.join_burst,
-        server_token: rv.server_token.clone(),
-        other_address: rv.other_address,
-        stun_rate: rv.stun_rate,
-        stun_burst: rv.stun_burst,
-    }
-}
-
 fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrator {
     Orchestrator::new(
         configs
@@ -901,108 +651,6 @@ fn nat_cache_file() -> Option<nettool_core::nat_cache::NatCache> {
         path,
         Duration::from_secs(600),
     ))
-}
-
-/// `--public-addr`: `IP:PORT`, or an IP alone (port 0: the node's listening port).
-fn parse_public_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>()
-        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
-        .map_err(|_| format!("'{s}' is not an IP address or IP:PORT (IPv6 with a port: [IP]:PORT)"))
-}
-
-/// The rendezvous server to use, and all its addresses (both families, for
-/// [`Orchestrator::with_server_addresses`]: the control connection races them, IPv6 first,
-/// and each family is gathered): the only one given, or the first of several that answers
-/// (a TCP connect and an observe exchange within [`PROBE_TIMEOUT`]), with one line on stderr
-/// per server tried.
-async fn choose_server(servers: &[String]) -> Result<(SocketAddr, Vec<SocketAddr>)> {
-    match servers {
-        [] => bail!(
-            "no rendezvous server: give --server HOST:PORT (repeat it for fallbacks) or set \
-             `server` in the config"
-        ),
-        [one] => {
-            let addrs = resolve_all(one).await?;
-            Ok((addrs[0], addrs))
-        }
-        many => {
-            let mut failures = Vec::new();
-            for server in many {
-                match probe_server(server).await {
-                    Ok(addr) => {
-                        eprintln!("nettool: server {server} ({addr}) answers; using it");
-                        // Its other addresses (the other family) still serve the control
-                        // connection's race and the gathering of both families.
-                        let mut all = vec![addr];
-                        all.extend(
-                            resolve_all(server)
-                                .await
-                                .unwrap_or_default()
-                                .into_iter()
-                                .filter(|a| *a != addr),
-                        );
-                        return Ok((addr, all));
-                    }
-                    Err(e) => {
-                        let next = if failures.len() + 1 < many.len() {
-                            "trying the next"
-                        } else {
-                            "no more servers"
-                        };
-                        eprintln!("nettool: server {server}: {e:#}; {next}");
-                        failures.push(format!("{server}: {e:#}"));
-                    }
-                }
-            }
-            bail!("no rendezvous server answered ({})", failures.join("; "))
-        }
-    }
-}
-
-/// How long a server of a list has to answer before the next is tried.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The first address of `server` that accepts a connection and answers an observe request.
-async fn probe_server(server: &str) -> Result<SocketAddr> {
-    let mut last = None;
-    for addr in resolve_all(server).await? {
-        let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
-        let answered = async {
-            let stream = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr))
-                .await
-                .map_err(|_| anyhow!("no answer to a connect within {PROBE_TIMEOUT:?}"))??;
-            nettool_core::client::observe(stream, deadline)
-                .await
-                .map_err(anyhow::Error::new)
-        };
-        match answered.await {
-            Ok(_) => return Ok(addr),
-            Err(e) if addr.to_string() == server => last = Some(e),
-            Err(e) => last = Some(e.context(format!("at {addr}"))),
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow!("no address")))
-}
-
-/// Every address of a rendezvous server given as HOST or HOST:PORT (default port 8877).
-async fn resolve_all(server: &str) -> Result<Vec<SocketAddr>> {
-    let with_port = if server.parse::<SocketAddr>().is_ok()
-        || server
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok())
-    {
-        server.to_owned()
-    } else {
-        format!("{server}:{DEFAULT_PORT}")
-    };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&with_port)
-        .await
-        .with_context(|| format!("cannot resolve rendezvous server '{server}'"))?
-        .collect();
-    if addrs.is_empty() {
-        bail!("rendezvous server '{server}' has no address");
-    }
-    Ok(addrs)
 }
 
 fn progress(event: Event) {
@@ -1109,173 +757,6 @@ pub(crate) fn wrong_code_message(side: Option<CodeSide>) -> &'static str {
         }
         None => "a key confirmation failed in a code session: the code is burned",
     }
-}
-
-async fn connect(
-    args: ConnectArgs,
-    mut settings: Settings,
-    configs: &[ConfiguredStrategy],
-) -> Result<i32> {
-    if args.legacy && settings.server.len() > 1 {
-        // The original protocol has no request a server could answer without pairing.
-        return Err(anyhow::Error::new(BadSettings(
-            "--legacy takes one --server (the original protocol cannot probe a list)".into(),
-        )));
-    }
-    let (server, all) = choose_server(&settings.server).await?;
-    if args.legacy {
-        return legacy::connect(server, args.hello, args.hello_count, settings.timeout).await;
-    }
-    let code_side = use_code(&args.peer, &mut settings, &all, "nettool connect", "").await?;
-    let session = settings.session.clone().unwrap_or_default();
-    if session.is_empty() {
-        bail!("no session: give --session NAME (not empty) or set `session` in the config");
-    }
-    if settings.secret.is_none() {
-        eprintln!(
-            "nettool: warning: no --secret given; the link key is derived from the session name, \
-             so anyone who knows the name can pass as the peer"
-        );
-    }
-    // Port mapping only when asked for: otherwise no mapper exists and nothing is sent.
-    let mapper = settings
-        .portmap
-        .enabled
-        .then(|| PortMapper::new(settings.portmap.settings()));
-    let orch = orchestrator(configs, settings.timeout)
-        .with_server_token(settings.server_token.clone())
-        .with_plan(settings.plan)
-        .with_nat_cache(nat_cache(&settings))
-        .with_server_addresses(all)
-        .with_portmap(mapper.clone());
-    let params = ConnectParams {
-        server,
-        session,
-        secret: settings.secret.clone(),
-    };
-    // Relay-first with the configured order only: `--strategy X` means X alone, in order.
-    let relay_first = settings.relay_first
-        && args.peer.strategies.is_empty()
-        && !args.hello
-        && nettool_core::relay_first::applies(&orch);
-    let code = connect_linked(
-        orch,
-        args,
-        params,
-        settings.server.clone(),
-        (settings.timeout, code_side),
-        relay_first,
-    )
-    .await;
-    // However the link ended (done, signal, no link, error): delete the gateway's mappings.
-    if let Some(m) = mapper {
-        let live = m.mapped().len();
-        if live > 0 {
-            let deleted = m.release_all().await;
-            eprintln!("nettool: port mappings deleted: {deleted} of {live}");
-        }
-    }
-    code
-}
-
-/// `connect` once the orchestrator is built: link, then pump or say hello; the exit code.
-async fn connect_linked(
-    orch: Orchestrator,
-    args: ConnectArgs,
-    params: ConnectParams,
-    servers: Vec<String>,
-    (settings_timeout, code_side): (Duration, Option<CodeSide>),
-    relay_first: bool,
-) -> Result<i32> {
-    let started = std::time::Instant::now();
-    let quiet = !std::io::stderr().is_terminal();
-    let mut stop = pump::signals().context("installing signal handlers")?;
-    let show = |e| {
-        // "waiting for the peer" always goes out: scripts (and tests) start the second peer
-        // when they see it.
-        if !quiet || matches!(e, Event::Waiting) {
-            progress(e)
-        }
-    };
-    let overall = settings_timeout;
-    let linking = async {
-        if relay_first {
-            let r = nettool_core::relay_first::connect(&orch, &params, &show).await;
-            (r.link, r.report, r.direct)
-        } else {
-            let (link, report) = orch.connect(&params, &show).await;
-            (link, report, None)
-        }
-    };
-    let (link, report, direct) = match pump::or_signal(linking, &mut stop).await {
-        Ok(r) => r,
-        Err(sig) => {
-            eprintln!("nettool: {} before a link was made", pump::signal_name(sig));
-            return Ok(128 + sig);
-        }
-    };
-    let mut report = report;
-    if let Some(pm) = &report.port_mapping {
-        eprintln!("nettool: port mapping: {}", pm.discovery.summary());
-        for m in &pm.mapped {
-            eprintln!("nettool: port mapped: {m}");
-        }
-    }
-    if let Some(l) = &link {
-        let crypto = if l.strategy == "udp-quic" {
-            "QUIC (quinn, userspace crypto)".to_owned()
-        } else {
-            pump::ktls_status().replace(" was used", " is used")
-        };
-        report.data_path = Some(format!("{crypto}; {}", tunables::status()));
-    }
-    if let Some(path) = &args.report {
-        write_report(path, &report)?;
-    }
-    let session_params = session::SessionParams {
-        orch: orch.clone(),
-        params: params.clone(),
-        servers,
-        attempt_timeout: overall,
-        relay_first,
-        direct,
-        started,
-        config: nettool_core::session::SessionConfig {
-            send_buffer: usize::try_from(args.send_buffer.max(1 << 16)).unwrap_or(usize::MAX),
-            resume_timeout: args.resume_timeout,
-            ..Default::default()
-        },
-    };
-    let Some(link) = link else {
-        if report.wrong_code {
-            eprintln!("nettool: {}", wrong_code_message(code_side));
-            return Ok(1);
-        }
-        eprintln!(
-            "nettool: no link: {}",
-            report.error.as_deref().unwrap_or("unknown reason")
-        );
-        return Ok(1);
-    };
-    eprintln!(
-        "nettool: linked with {} via {}: {} -> {}",
-        report.role.map(|r| r.as_str()).unwrap_or("?"),
-        link.strategy,
-        link.local,
-        link.remote
-    );
-    if args.hello {
-        let role = report.role.expect("a linked report has a role");
-        // The signal handlers replaced the default action: end on a signal here too.
-        return match pump::or_signal(legacy::hello(link, role, args.hello_count), &mut stop).await {
-            Ok(r) => r,
-            Err(sig) => {
-                eprintln!("nettool: {}: stopped", pump::signal_name(sig));
-                Ok(128 + sig)
-            }
-        };
-    }
-    session::run(link, session_params, report, args.report.as_deref(), stop).await
 }
 
 /// `plain-tcp`: one plain TCP connection pumped like `connect`'s link.
@@ -1454,21 +935,4 @@ async fn compare_cmd(
         }
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The defaults are written twice (`nettool-config` does not depend on the server); a
-    /// drift in any field, the relay limits included, fails here.
-    #[test]
-    fn rendezvous_defaults_are_the_servers() {
-        let mapped = server_config(&nettool_config::RendezvousConfig::default());
-        assert_eq!(
-            format!("{mapped:#?}"),
-            format!("{:#?}", ServerConfig::default())
-        );
-        assert!(mapped.relay.is_some(), "relaying is on by default");
-    }
 }
