@@ -195,6 +195,8 @@ async fn one_relay_first(
                     started.elapsed().as_millis()
                 ));
                 row.nat = report.nat.or(row.nat.take());
+                // The session would close the relay after the move: so does the measure.
+                drop(first);
                 l
             }
             Ok(Ok((None, report))) => {

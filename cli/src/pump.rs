@@ -76,27 +76,8 @@ pub(crate) fn signals() -> io::Result<watch::Receiver<Option<i32>>> {
     Ok(rx)
 }
 
-/// The name of a signal number we handle.
-pub(crate) fn signal_name(n: i32) -> &'static str {
-    match n {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGHUP => "SIGHUP",
-        _ => "a signal",
-    }
-}
-
-/// Resolves once a signal has arrived.
-pub(crate) async fn signalled(rx: &mut watch::Receiver<Option<i32>>) -> i32 {
-    loop {
-        if let Some(n) = *rx.borrow_and_update() {
-            return n;
-        }
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
+// One way to name and await a signal: the session layer's (also used by the pump here).
+pub(crate) use nettool_core::session::{signal_name, signalled};
 
 /// Reads at least one byte (0 at the end), then tops the buffer up to `min` bytes with what
 /// the reader has ready without waiting.
