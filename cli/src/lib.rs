@@ -24,9 +24,9 @@ use std::io::IsTerminal;
 use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
 use nettool_core::orchestrator::Event;
 use nettool_core::registry::{RegistryError, StrategyRegistry};
-use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::Strategy;
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
+use nettool_rendezvous::{RendezvousServer, ServerConfig};
 use std::sync::Arc;
 
 mod bench;

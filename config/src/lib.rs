@@ -158,7 +158,7 @@ pub struct RendezvousConfig {
     pub public_addr: Vec<SocketAddr>,
 }
 
-/// The server's own defaults (`nettool_core::server::ServerConfig::default()` and the relay's
+/// The server's own defaults (`nettool_rendezvous::ServerConfig::default()` and the relay's
 /// `RelayLimits::default()`), restated here so this crate need not depend on the server; a test
 /// in the CLI (`rendezvous_defaults_are_the_servers`) fails when the two drift apart.
 impl Default for RendezvousConfig {

@@ -3,7 +3,7 @@
 //!
 //! - [`protocol`]: the versioned rendezvous messages and their line codec.
 //! - [`client`]: the peer's side of the rendezvous conversation.
-//! - `server` (feature `server`): the rendezvous server that pairs peers by session name.
+//!   (The rendezvous server itself is the `nettool-rendezvous` crate.)
 //! - [`registry`]: strategies by name, each built from its own `[strategy.NAME]` table.
 //! - [`strategy`]: the object-safe [`Strategy`] trait, the [`Link`] it produces and the
 //!   [`Attempt`] context it runs in.
@@ -20,8 +20,8 @@
 //!   per address family, in bounded time: what `nettool netcheck` reports and the plan uses.
 //! - [`plan`]: which strategies can work for two peers' NATs, and each attempt's timeout;
 //!   [`nat_cache`]: discovery results cached per network.
-//! - [`relay`]: the relay's wire format and its limits (the server splices; the relay strategy
-//!   lives with the others).
+//! - [`relay`]: the relay's wire format and the client's end of it (the server splices; the
+//!   relay strategy lives with the others).
 
 #![warn(missing_docs)]
 
@@ -39,8 +39,6 @@ pub mod relay;
 pub mod relay_first;
 pub mod report;
 pub mod secure;
-#[cfg(feature = "server")]
-pub mod server;
 pub mod session;
 pub mod strategy;
 pub mod stun;

@@ -5,8 +5,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Orchestrator, Outcome};
+use nettool_rendezvous::{RendezvousServer, ServerConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_attempts_close_every_socket() {

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nettool_core::protocol::{ClientToServer, FramedConn, ServerToClient, PROTOCOL_VERSION};
-use nettool_core::server::{RelayLimits, RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report, Role};
+use nettool_rendezvous::{RelayLimits, RendezvousServer, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn server(relay: Option<RelayLimits>) -> SocketAddr {

@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
+use nettool_rendezvous::{RendezvousServer, ServerConfig};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nettool_core::protocol::{encode, ClientToServer, PROTOCOL_VERSION};
-use nettool_core::server::UNPAIRED_MAX_FRAME_LEN;
+use nettool_rendezvous::UNPAIRED_MAX_FRAME_LEN;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};

@@ -1,4 +1,4 @@
-//! `nettool rendezvous`: the meeting point (the server itself is `nettool_core::server`).
+//! `nettool rendezvous`: the meeting point (the server itself is `nettool_rendezvous`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -6,9 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use nettool_config::Settings;
-use nettool_core::server::{
-    ClusterConfig, ListenAddr, RelayLimits, RendezvousServer, ServerConfig,
-};
+use nettool_rendezvous::{ClusterConfig, ListenAddr, RelayLimits, RendezvousServer, ServerConfig};
 
 use crate::{legacy, parse_duration, parse_size, BadSettings};
 

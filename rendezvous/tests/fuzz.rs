@@ -16,9 +16,9 @@ use nettool_core::protocol::{
     decode, encode, ClientToServer, FrameError, FramedConn, RecvError, ServerToClient,
     PROTOCOL_VERSION,
 };
-use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::stun;
 use nettool_core::Role;
+use nettool_rendezvous::{RendezvousServer, ServerConfig};
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;

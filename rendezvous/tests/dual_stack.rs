@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use nettool_core::client::{connect_happy, observe_family, ClientError, RendezvousClient};
 use nettool_core::protocol::{ClientToServer, FramedConn, ServerToClient};
-use nettool_core::server::{ListenAddr, RendezvousServer, ServerConfig};
 use nettool_core::Role;
+use nettool_rendezvous::{ListenAddr, RendezvousServer, ServerConfig};
 use tokio::net::TcpStream;
 
 fn v4(port: u16) -> SocketAddr {

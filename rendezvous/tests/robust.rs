@@ -12,8 +12,8 @@ use nettool_core::protocol::{
     encode, ClientToServer, FramedConn, Role, ServerToClient, PROTOCOL_VERSION,
 };
 use nettool_core::relay::RelayStream;
-use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::{Attempt, Link, Outcome, Strategy, StrategyError};
+use nettool_rendezvous::{RendezvousServer, ServerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

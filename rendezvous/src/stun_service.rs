@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UdpSocket};
 use tracing::{debug, warn};
 
-use super::ServerConfig;
-use crate::stun;
+use nettool_core::stun;
+
+use crate::ServerConfig;
 
 /// Most source addresses the rate limiter keeps a bucket for. When full, buckets that are
 /// full again are swept; if none is, requests from new sources are dropped until one is.

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use nettool_core::discovery::{discover, DiscoverOptions, DiscoveryError, Filtering, Mapping};
-use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::stun;
+use nettool_rendezvous::{RendezvousServer, ServerConfig};
 use tokio::net::UdpSocket;
 
 fn quick() -> DiscoverOptions {

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use nettool_core::server::{RendezvousServer, ServerConfig};
 use nettool_core::stun;
+use nettool_rendezvous::{RendezvousServer, ServerConfig};
 use rand::Rng;
 use tokio::net::UdpSocket;
 

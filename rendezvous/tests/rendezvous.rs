@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use nettool_core::client::{ClientError, RendezvousClient};
 use nettool_core::protocol::{ClientToServer, FramedConn, ServerToClient, PROTOCOL_VERSION};
-use nettool_core::server::{RendezvousServer, ServerConfig, ServerStats};
 use nettool_core::Role;
+use nettool_rendezvous::{RendezvousServer, ServerConfig, ServerStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -13,9 +13,9 @@ use nettool_core::code::session_name;
 use nettool_core::orchestrator::{ConnectParams, Orchestrator};
 use nettool_core::protocol::{ClientToServer, FramedConn, ServerToClient, PROTOCOL_VERSION};
 use nettool_core::relay::RelayStream;
-use nettool_core::server::{RendezvousServer, ServerConfig, ServerStats};
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Role, Strategy, StrategyError};
+use nettool_rendezvous::{RendezvousServer, ServerConfig, ServerStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use nettool_core::client::{ClientError, RendezvousClient};
-use nettool_core::server::{MemoryCluster, RendezvousServer, ServerConfig};
 use nettool_core::Role;
+use nettool_rendezvous::{MemoryCluster, RendezvousServer, ServerConfig};
 use tokio::task::JoinHandle;
 
 /// A node on loopback; its public address is its listening address.

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::protocol::ServerToClient;
+use nettool_core::protocol::ServerToClient;
 
 /// Prefix of every key and channel nettool uses in Redis.
 pub const KEY_PREFIX: &str = "nettool:";

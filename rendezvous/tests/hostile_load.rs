@@ -10,10 +10,10 @@ use nettool_core::protocol::{
     encode, ClientToServer, FramedConn, ServerToClient, PROTOCOL_VERSION,
 };
 use nettool_core::relay::RelayStream;
-use nettool_core::server::{
+use nettool_core::ClientError;
+use nettool_rendezvous::{
     RendezvousServer, ServerConfig, ServerStats, MAX_FRAMES_PER_STRATEGY, UNPAIRED_MAX_FRAME_LEN,
 };
-use nettool_core::ClientError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
