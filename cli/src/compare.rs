@@ -117,6 +117,7 @@ pub(crate) async fn run(
         if settings.relay_first {
             let orch = crate::orchestrator(strategies, settings.timeout)
                 .with_server_token(settings.server_token.clone())
+                .with_control(crate::servers::control(settings).expect("checked by compare_cmd"))
                 .with_plan(settings.plan)
                 .with_nat_cache(crate::nat_cache(settings));
             if relay_first::applies(&orch) {
@@ -250,6 +251,7 @@ async fn one(
 ) -> CompareRow {
     let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
         .with_server_token(settings.server_token.clone())
+        .with_control(crate::servers::control(settings).expect("checked by compare_cmd"))
         .with_plan(settings.plan)
         .with_nat_cache(crate::nat_cache(settings));
     let (link, report) = orch.connect(params, events).await;

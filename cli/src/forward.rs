@@ -470,6 +470,7 @@ async fn prepare(
     };
     let orch = orchestrator(strategies, overall)
         .with_server_token(settings.server_token.clone())
+        .with_control(crate::servers::control(settings)?)
         .with_plan(settings.plan)
         .with_nat_cache(crate::nat_cache(settings))
         .with_server_addresses(all);

@@ -221,6 +221,17 @@ struct PeerArgs {
     /// NETTOOL_SERVER_TOKEN or `server-token` in the config.
     #[arg(long)]
     server_token: Option<String>,
+    /// The rendezvous server's key as it prints it at start (sha256:HEX): only that key is
+    /// accepted. Without it the key is trusted on first use and remembered in
+    /// ~/.config/nettool/known_servers; a changed key is then refused (giving the new one
+    /// here accepts it). Also `server-key` in the config.
+    #[arg(long, value_name = "sha256:HEX")]
+    server_key: Option<String>,
+    /// Talk to the rendezvous server in plain JSON, not TLS (for servers older than the TLS
+    /// control channel). Anyone on the path then reads the session name, both peers'
+    /// addresses and the server token. Also `insecure-control = true` in the config.
+    #[arg(long)]
+    insecure_control: bool,
     /// tcp-punch: TTL of the priming SYN to each candidate (default 2; 0 turns priming off).
     #[arg(long)]
     punch_ttl: Option<u32>,
@@ -240,6 +251,10 @@ impl PeerArgs {
         o.set_opt("session", self.session.as_ref(), "--session");
         o.set_opt("secret", self.secret.as_ref(), "--secret");
         o.set_opt("server-token", self.server_token.as_ref(), "--server-token");
+        o.set_opt("server-key", self.server_key.as_ref(), "--server-key");
+        if self.insecure_control {
+            o.set("insecure-control", true, "--insecure-control");
+        }
         if !self.strategies.is_empty() {
             o.set("strategies", &self.strategies, "--strategy");
         }
@@ -516,6 +531,13 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             o.set_opt("rendezvous.stun-rate", r.stun_rate, "--stun-rate");
             o.set_opt("rendezvous.stun-burst", r.stun_burst, "--stun-burst");
             o.set_opt("rendezvous.cluster", r.cluster.as_ref(), "--cluster");
+            o.set_opt("rendezvous.identity", r.identity.as_ref(), "--identity");
+            o.set_opt("rendezvous.tls-cert", r.tls_cert.as_ref(), "--tls-cert");
+            o.set_opt("rendezvous.tls-key", r.tls_key.as_ref(), "--tls-key");
+            if r.insecure_control {
+                o.set("rendezvous.insecure-control", true, "--insecure-control");
+            }
+            o.set_opt("rendezvous.metrics", r.metrics, "--metrics");
             if !r.public_addrs.is_empty() {
                 o.set("rendezvous.public-addr", &r.public_addrs, "--public-addr");
             }
@@ -718,10 +740,15 @@ pub(crate) async fn use_code(
         return Ok(None);
     }
     let deadline = std::time::Instant::now() + settings.timeout.min(Duration::from_secs(15));
-    let nameplate =
-        nettool_core::client::allocate(servers, settings.server_token.as_deref(), deadline)
-            .await
-            .context("asking the rendezvous server for a short code")?;
+    let control = crate::servers::control(settings)?;
+    let nameplate = nettool_core::client::allocate(
+        servers,
+        &control,
+        settings.server_token.as_deref(),
+        deadline,
+    )
+    .await
+    .context("asking the rendezvous server for a short code")?;
     let code = Code::generate(
         nameplate,
         usize::from(peer.code_words),
@@ -878,6 +905,8 @@ async fn compare_cmd(
     settings: Settings,
     strategies: &[ConfiguredStrategy],
 ) -> Result<i32> {
+    // The control channel's settings are checked once here; the rounds use them as given.
+    crate::servers::control(&settings)?;
     let (server, _) = choose_server(&settings.server).await?;
     let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {

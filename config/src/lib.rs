@@ -156,6 +156,20 @@ pub struct RendezvousConfig {
     /// Addresses peers reach this node at, one per address family (a cluster node tells
     /// the peers of other nodes where the relay runs).
     pub public_addr: Vec<SocketAddr>,
+    /// The server's identity key (PEM), created on first start; unset = `server-identity.pem`
+    /// in the state directory (`$XDG_STATE_HOME/nettool`, else `~/.local/state/nettool`).
+    pub identity: Option<std::path::PathBuf>,
+    /// A certificate chain (PEM) for the control channel's TLS instead of the identity key's
+    /// self-signed one, e.g. from a public CA; needs `tls-key`.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `tls-cert`.
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Also accept plain JSON joins (clients older than the TLS control channel, or run with
+    /// `--insecure-control`): their session names, addresses and server token are readable
+    /// on the path.
+    pub insecure_control: bool,
+    /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`) over HTTP here.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The server's own defaults (`nettool_rendezvous::ServerConfig::default()` and the relay's
@@ -188,6 +202,11 @@ impl Default for RendezvousConfig {
             stun_burst: 50,
             cluster: None,
             public_addr: Vec::new(),
+            identity: None,
+            tls_cert: None,
+            tls_key: None,
+            insecure_control: false,
+            metrics: None,
         }
     }
 }

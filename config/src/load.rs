@@ -46,6 +46,14 @@ pub struct Settings {
     pub secret: Option<String>,
     /// Token the rendezvous server requires to join (its `rendezvous.server-token`).
     pub server_token: Option<String>,
+    /// The rendezvous server's key, `sha256:HEX` as the server prints it at start: only that
+    /// key is accepted. Unset = trust on first use (remembered in `known_servers` in the
+    /// config directory; a changed key is refused).
+    pub server_key: Option<String>,
+    /// Talk to the rendezvous server in plain JSON instead of TLS (servers older than the
+    /// TLS control channel): the session name, addresses and server token are readable on
+    /// the path.
+    pub insecure_control: bool,
     /// Strategies to try, in order (first = highest priority); empty = every registered
     /// strategy in the registry's order. Names are checked against the registry.
     #[serde(
@@ -83,6 +91,8 @@ impl Default for Settings {
             session: None,
             secret: None,
             server_token: None,
+            server_key: None,
+            insecure_control: false,
             strategies: Vec::new(),
             timeout: Duration::from_secs(60),
             plan: true,

@@ -14,10 +14,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{secure, ControlIo, ControlSecurity};
 
 use crate::protocol::{
     encode, ClientToServer, FramedConn, RecvError, Role, ServerToClient, DEFAULT_MAX_FRAME_LEN,
@@ -58,6 +59,10 @@ pub enum ClientError {
     /// A deadline passed while waiting for the server or the peer.
     #[error("timed out waiting for {0}")]
     TimedOut(&'static str),
+    /// The server's TLS key is not the one pinned or remembered for it (see
+    /// [`crate::control`]); the message names both keys and how to accept the new one.
+    #[error("{0}")]
+    ServerKey(String),
 }
 
 impl From<RecvError> for ClientError {
@@ -231,11 +236,15 @@ struct FrameWriter {
 }
 
 impl FrameWriter {
-    fn spawn(mut half: OwnedWriteHalf) -> Self {
+    fn spawn(mut half: WriteHalf<Box<dyn ControlIo>>) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<u8>, Option<oneshot::Sender<()>>)>();
         tokio::spawn(async move {
             while let Some((frame, written)) = rx.recv().await {
-                match tokio::time::timeout(WRITE_TIMEOUT, half.write_all(&frame)).await {
+                let write = async {
+                    half.write_all(&frame).await?;
+                    half.flush().await
+                };
+                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
                     Ok(Ok(())) => {
                         if let Some(w) = written {
                             let _ = w.send(());
@@ -294,7 +303,7 @@ struct EarlyResult {
 /// writer task and receiving keeps partial frames for the next call.
 #[derive(Debug)]
 pub struct RendezvousClient {
-    conn: FramedConn<OwnedReadHalf>,
+    conn: FramedConn<ReadHalf<Box<dyn ControlIo>>>,
     writer: FrameWriter,
     server: SocketAddr,
     /// Every address of the server this client was given.
@@ -326,7 +335,8 @@ impl RendezvousClient {
     }
 
     /// As [`join`](Self::join), giving `token` to a server that requires a server token to
-    /// join (`None` sends no token, as older clients do).
+    /// join (`None` sends no token, as older clients do). Both join over plain JSON: see
+    /// [`join_any`](Self::join_any) for TLS.
     pub async fn join_with_token(
         server: SocketAddr,
         session: &str,
@@ -335,14 +345,26 @@ impl RendezvousClient {
         deadline: Instant,
         on_waiting: impl FnOnce(),
     ) -> Result<(Self, Pairing), ClientError> {
-        Self::join_any(&[server], session, strategies, token, deadline, on_waiting).await
+        let plain = ControlSecurity::Plain;
+        Self::join_any(
+            &[server],
+            &plain,
+            session,
+            strategies,
+            token,
+            deadline,
+            on_waiting,
+        )
+        .await
     }
 
     /// As [`join_with_token`](Self::join_with_token) with every address of the server (of
     /// either family): the control connection goes to the first that answers
-    /// ([`connect_happy`]); the others stay known for [`observe_family`].
+    /// ([`connect_happy`]); the others stay known for [`observe_family`]. `security` says
+    /// whether it runs over TLS and which server key is accepted.
     pub async fn join_any(
         servers: &[SocketAddr],
+        security: &ControlSecurity,
         session: &str,
         strategies: &[String],
         token: Option<&str>,
@@ -350,12 +372,10 @@ impl RendezvousClient {
         on_waiting: impl FnOnce(),
     ) -> Result<(Self, Pairing), ClientError> {
         let stream = connect_happy(servers, deadline).await?;
-        let server = stream
-            .peer_addr()
-            .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
-            .map_err(|e| ClientError::Lost(e.to_string()))?;
+        let server = peer_of(&stream)?;
         let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
+        let stream = secure(stream, server, security, deadline).await?;
+        let (read, write) = tokio::io::split(stream);
         let writer = FrameWriter::spawn(write);
         let mut conn = FramedConn::new(read, DEFAULT_MAX_FRAME_LEN);
         writer.send(&ClientToServer::Join {
@@ -674,7 +694,7 @@ fn unexpected(msg: ServerToClient) -> ClientError {
     }
 }
 
-async fn within<F: std::future::Future>(
+pub(crate) async fn within<F: std::future::Future>(
     deadline: Instant,
     what: &'static str,
     fut: F,
@@ -684,15 +704,26 @@ async fn within<F: std::future::Future>(
         .map_err(|_| ClientError::TimedOut(what))
 }
 
+/// The server's address of a connection to it (an IPv4-mapped address as IPv4).
+fn peer_of(stream: &TcpStream) -> Result<SocketAddr, ClientError> {
+    stream
+        .peer_addr()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+        .map_err(|e| ClientError::Lost(e.to_string()))
+}
+
 /// Asks the server for a free nameplate for a short code ([`ClientToServer::Allocate`] on a
 /// connection of its own, to the first of `servers` that answers).
 pub async fn allocate(
     servers: &[SocketAddr],
+    security: &ControlSecurity,
     token: Option<&str>,
     deadline: Instant,
 ) -> Result<u32, ClientError> {
     let stream = connect_happy(servers, deadline).await?;
     let _ = stream.set_nodelay(true);
+    let server = peer_of(&stream)?;
+    let stream = secure(stream, server, security, deadline).await?;
     let mut conn = FramedConn::new(stream, DEFAULT_MAX_FRAME_LEN);
     conn.send(&ClientToServer::Allocate {
         version: PROTOCOL_VERSION,
@@ -720,12 +751,14 @@ pub async fn allocate(
 /// IPv4-only host) or the server does not know the message (an older server).
 pub async fn observe_family(
     servers: &[SocketAddr],
+    security: &ControlSecurity,
     session: &str,
     pairing: &Pairing,
     deadline: Instant,
 ) -> Result<(SocketAddr, SocketAddr), ClientError> {
     let stream = connect_happy(servers, deadline).await?;
-    let server = stream.peer_addr()?;
+    let server = peer_of(&stream)?;
+    let stream = secure(stream, server, security, deadline).await?;
     let mut conn = FramedConn::new(stream, DEFAULT_MAX_FRAME_LEN);
     conn.send(&ClientToServer::ObserveFamily {
         version: PROTOCOL_VERSION,

@@ -2,7 +2,8 @@
 //! particular strategy opens its sockets.
 //!
 //! - [`protocol`]: the versioned rendezvous messages and their line codec.
-//! - [`client`]: the peer's side of the rendezvous conversation.
+//! - [`client`]: the peer's side of the rendezvous conversation; [`control`]: its TLS and the
+//!   server key it pins (or trusts on first use).
 //!   (The rendezvous server itself is the `nettool-rendezvous` crate.)
 //! - [`registry`]: strategies by name, each built from its own `[strategy.NAME]` table.
 //! - [`strategy`]: the object-safe [`Strategy`] trait, the [`Link`] it produces and the
@@ -28,6 +29,7 @@
 pub mod candidates;
 pub mod client;
 pub mod code;
+pub mod control;
 pub mod discovery;
 pub mod handshake;
 pub mod nat_cache;

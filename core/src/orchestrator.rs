@@ -75,6 +75,8 @@ pub struct Orchestrator {
     plan: bool,
     nat_cache: Option<NatCache>,
     server_token: Option<String>,
+    /// How control connections to the server are secured (TLS and the key pinned).
+    control: crate::control::ControlSecurity,
     /// More addresses of the rendezvous server (the other family's), next to
     /// [`ConnectParams::server`].
     server_addresses: Vec<SocketAddr>,
@@ -111,6 +113,7 @@ impl Orchestrator {
             plan: true,
             nat_cache: None,
             server_token: None,
+            control: crate::control::ControlSecurity::Plain,
             server_addresses: Vec::new(),
             portmap: None,
         }
@@ -155,6 +158,13 @@ impl Orchestrator {
     /// Gives `token` in the join, for a rendezvous server that requires a server token.
     pub fn with_server_token(mut self, token: Option<String>) -> Self {
         self.server_token = token;
+        self
+    }
+
+    /// Secures the control connections to the rendezvous server with `control` (TLS with a
+    /// pinned or remembered server key; plain JSON by default, for in-process tests).
+    pub fn with_control(mut self, control: crate::control::ControlSecurity) -> Self {
+        self.control = control;
         self
     }
 
@@ -284,6 +294,7 @@ impl Orchestrator {
         }
         let join = RendezvousClient::join_any(
             &servers,
+            &self.control,
             &params.session,
             &names,
             self.server_token.as_deref(),
@@ -345,7 +356,15 @@ impl Orchestrator {
                 return None;
             }
             let until = (now() + SIGHTING_WAIT).min(deadline);
-            match observe_family(&other_servers, &params.session, &pairing, until).await {
+            match observe_family(
+                &other_servers,
+                &self.control,
+                &params.session,
+                &pairing,
+                until,
+            )
+            .await
+            {
                 Ok(x) => Some(x),
                 Err(e) => {
                     info!("not seen over the other IP family: {e}");

@@ -114,7 +114,10 @@ pub enum ClientToServer {
     Relay {
         /// Protocol version the client speaks.
         version: u32,
-        /// The session.
+        /// The session; empty (as nettool sends it since the control channel runs TLS): the
+        /// server finds the pairing by the token, so this plain connection shows no session
+        /// name.
+        #[serde(default)]
         session: String,
         /// The relay token from [`ServerToClient::Paired`].
         token: String,
@@ -378,7 +381,10 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> FramedConn<S> {
     /// task instead (as [`RendezvousClient`](crate::client::RendezvousClient) does).
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        self.stream.get_mut().write_all(&encode(msg)).await
+        let stream = self.stream.get_mut();
+        stream.write_all(&encode(msg)).await?;
+        // A TLS stream may hold the record until flushed.
+        stream.flush().await
     }
 }
 

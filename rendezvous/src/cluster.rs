@@ -214,6 +214,9 @@ pub(super) trait SessionStore: Send + Sync + std::fmt::Debug {
     /// This node's channel again, after it ended (the connection to the store was lost).
     async fn resubscribe(&self) -> Result<Inbox, String>;
 
+    /// Whether the store answers now (`/healthz`); the error says why not.
+    async fn healthy(&self) -> Result<(), String>;
+
     /// This node's value for a waiting connection.
     fn waiting_value(&self, conn: u64) -> String {
         format!("W{}:{conn}", self.node())
@@ -298,6 +301,39 @@ fn node_channel(node: &str) -> String {
     format!("{KEY_PREFIX}node:{node}")
 }
 
+/// What Redis itself answers a PING with when it refuses a client (e.g. its `-DENIED ...
+/// protected mode` text, or `-NOAUTH`), read off a fresh connection; `None` when it answers
+/// anything else or cannot be reached. The redis crate reports such a refusal as the
+/// closed connection that follows it ("broken pipe"), losing Redis's reason.
+async fn redis_says(client: &redis::Client) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis::ConnectionAddr::Tcp(host, port) = client.get_connection_info().addr.clone() else {
+        return None;
+    };
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .ok()?;
+        // An inline command: Redis answers it with one line.
+        s.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = vec![0u8; 1024];
+        let mut got = 0;
+        while got < buf.len() {
+            let n = s.read(&mut buf[got..]).await.ok()?;
+            if n == 0 || buf[..got + n].contains(&b'\n') {
+                got += n;
+                break;
+            }
+            got += n;
+        }
+        let text = String::from_utf8_lossy(&buf[..got]).trim().to_owned();
+        text.strip_prefix('-').map(|t| format!("Redis says: {t}"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), talk)
+        .await
+        .ok()?
+}
+
 /// How long a Redis request may take before the node gives up on it.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -322,16 +358,23 @@ impl RedisStore {
         };
         // One plain connection first: it fails at once with the reason (connection refused),
         // where the connection manager would keep retrying.
-        let mut probe =
-            tokio::time::timeout(REDIS_TIMEOUT, client.get_multiplexed_async_connection())
+        let probed = async {
+            let mut probe =
+                tokio::time::timeout(REDIS_TIMEOUT, client.get_multiplexed_async_connection())
+                    .await
+                    .map_err(|_| "no answer within 5s".to_owned())?
+                    .map_err(|e| e.to_string())?;
+            let _: String = redis::cmd("PING")
+                .query_async(&mut probe)
                 .await
-                .map_err(|_| unreachable("no answer within 5s".into()))?
-                .map_err(|e| unreachable(e.to_string()))?;
-        let _: String = redis::cmd("PING")
-            .query_async(&mut probe)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        drop(probe);
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        };
+        if let Err(why) = probed.await {
+            // Redis may have said why before it closed (protected mode, a password needed):
+            // its own words beat the client library's "broken pipe".
+            return Err(unreachable(redis_says(&client).await.unwrap_or(why)));
+        }
         let manager = tokio::time::timeout(REDIS_TIMEOUT, client.get_connection_manager())
             .await
             .map_err(|_| unreachable("no answer within 5s".into()))?
@@ -434,6 +477,12 @@ impl SessionStore for RedisStore {
         )
         .await?;
         Ok(done == 1)
+    }
+
+    async fn healthy(&self) -> Result<(), String> {
+        let mut c = self.conn.clone();
+        let _: String = within(redis::cmd("PING").query_async(&mut c)).await?;
+        Ok(())
     }
 
     async fn resubscribe(&self) -> Result<Inbox, String> {
@@ -680,6 +729,10 @@ impl SessionStore for MemoryStore {
 
     async fn swap_now(&self, session: &str, from: &str, to: &str) -> Result<bool, String> {
         Ok(self.cluster.swap(session, from, to, self.ttl))
+    }
+
+    async fn healthy(&self) -> Result<(), String> {
+        Ok(())
     }
 
     async fn resubscribe(&self) -> Result<Inbox, String> {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nettool_core::protocol::{
-    ClientToServer, FramedConn, Role, ServerToClient, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ClientToServer, FrameError, FramedConn, RecvError, Role, ServerToClient, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -14,8 +15,10 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::control::serve_control;
 use crate::limits::ConnSlot;
+use crate::metrics::Reason;
 use crate::pairing::SessionSlot;
 use crate::relay::serve_relay;
+use crate::stream::{open, ServerStream};
 use crate::{lock, Shared, READ_BUFFER, UNPAIRED_MAX_FRAME_LEN};
 
 /// Accepts connections and serves each in a task of its own, owned by a [`JoinSet`]: when
@@ -50,10 +53,15 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     async move {
                         match admitted {
                             Ok(slot) => serve_connection(shared, stream, addr, conn, slot).await,
-                            Err(why) => {
+                            Err((why, reason)) => {
+                                shared.metrics.reject(reason);
                                 let _ = stream.set_nodelay(true);
-                                let mut framed = FramedConn::new(stream, 0);
-                                refuse(&mut framed, &why).await;
+                                // Told over TLS when the client speaks it, so it can read why.
+                                let limit = Duration::from_secs(2);
+                                if let Ok(stream) = open(&shared, stream, limit).await {
+                                    let mut framed = FramedConn::new(stream, 0);
+                                    refuse(&mut framed, &why).await;
+                                }
                             }
                         }
                     }
@@ -76,38 +84,83 @@ pub(crate) async fn serve_connection(
     slot: ConnSlot,
 ) {
     let _ = stream.set_nodelay(true);
+    let mut first_frame_timeout = shared.config.first_frame_timeout;
+    if !shared.config.idle_timeout.is_zero() {
+        first_frame_timeout = first_frame_timeout.min(shared.config.idle_timeout);
+    }
+    // The TLS handshake (if any) and the whole first frame must arrive in time.
+    let started = tokio::time::Instant::now();
+    let stream = match open(&shared, stream, first_frame_timeout).await {
+        Ok(s) => s,
+        Err(why) => {
+            debug!("dropping connection: {why}");
+            if why.starts_with("no request") {
+                shared.metrics.reject(Reason::frame_timeout);
+            }
+            return;
+        }
+    };
+    let tls = stream.is_tls();
     // Until paired, frames are small; and no frame may take longer than the first may.
     let mut framed = FramedConn::with_read_buffer(
         stream,
         shared.config.max_frame_len.min(UNPAIRED_MAX_FRAME_LEN),
         READ_BUFFER,
     );
-    let mut first_frame_timeout = shared.config.first_frame_timeout;
-    if !shared.config.idle_timeout.is_zero() {
-        first_frame_timeout = first_frame_timeout.min(shared.config.idle_timeout);
-    }
     framed.set_frame_time(Some(first_frame_timeout));
-    // The whole first frame must arrive in time: sending it byte by byte does not help.
-    let first =
-        match tokio::time::timeout(first_frame_timeout, framed.recv::<ClientToServer>()).await {
-            Err(_) => {
-                refuse(
-                    &mut framed,
-                    &format!(
-                        "no request within the time limit ({:.1}s)",
-                        first_frame_timeout.as_secs_f64()
-                    ),
-                )
-                .await;
-                return;
-            }
-            Ok(Ok(Some(msg))) => msg,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                refuse(&mut framed, &e.to_string()).await;
-                return;
-            }
-        };
+    // Sending the first frame byte by byte does not help.
+    let first = match tokio::time::timeout_at(
+        started + first_frame_timeout,
+        framed.recv::<ClientToServer>(),
+    )
+    .await
+    {
+        Err(_) => {
+            shared.metrics.reject(Reason::frame_timeout);
+            refuse(
+                &mut framed,
+                &format!(
+                    "no request within the time limit ({:.1}s)",
+                    first_frame_timeout.as_secs_f64()
+                ),
+            )
+            .await;
+            return;
+        }
+        Ok(Ok(Some(msg))) => msg,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            count_frame_error(&shared, &e);
+            refuse(&mut framed, &e.to_string()).await;
+            return;
+        }
+    };
+    let secret = matches!(
+        first,
+        ClientToServer::Join { .. }
+            | ClientToServer::Allocate { .. }
+            | ClientToServer::ObserveFamily { .. }
+    );
+    if secret && !tls && shared.config.tls.is_some() && !shared.config.plain_control {
+        shared.metrics.reject(Reason::plain_control);
+        refuse(
+            &mut framed,
+            "this server requires TLS on its control channel (a plain join shows the session \
+             name, the addresses and the server token to anyone on the path): update nettool, \
+             or ask the server's operator to allow plain clients with --insecure-control",
+        )
+        .await;
+        return;
+    }
+    if tls && matches!(first, ClientToServer::Relay { .. }) {
+        refuse(
+            &mut framed,
+            "relay connections are plain (their bytes are the link's own end-to-end \
+             encryption): attach without TLS",
+        )
+        .await;
+        return;
+    }
     match first {
         ClientToServer::Observe { version } => {
             if check_version(&mut framed, version).await {
@@ -192,7 +245,7 @@ pub(crate) async fn serve_connection(
     }
 }
 
-pub(crate) async fn check_version(framed: &mut FramedConn<TcpStream>, version: u32) -> bool {
+pub(crate) async fn check_version(framed: &mut FramedConn<ServerStream>, version: u32) -> bool {
     if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
         return true;
     }
@@ -210,7 +263,7 @@ pub(crate) async fn check_version(framed: &mut FramedConn<TcpStream>, version: u
 /// Sends `msg`, giving up after the write timeout (a client that does not read).
 pub(crate) async fn send_within(
     shared: &Shared,
-    framed: &mut FramedConn<TcpStream>,
+    framed: &mut FramedConn<ServerStream>,
     msg: &ServerToClient,
 ) -> Result<(), String> {
     let Some(limit) = shared.config.write_timeout() else {
@@ -228,8 +281,21 @@ pub(crate) async fn send_within(
     }
 }
 
+/// Counts a bad first frame against the limit it broke, if any.
+pub(crate) fn count_frame_error(shared: &Shared, e: &RecvError) {
+    match e {
+        RecvError::Frame(FrameError::TooLong { .. }) => {
+            shared.metrics.reject(Reason::max_frame_len)
+        }
+        RecvError::Frame(FrameError::TooSlow { .. }) => {
+            shared.metrics.reject(Reason::frame_timeout)
+        }
+        _ => {}
+    }
+}
+
 /// Sends the client an error (the connection is closed afterwards) and logs it.
-pub(crate) async fn refuse(framed: &mut FramedConn<TcpStream>, message: &str) {
+pub(crate) async fn refuse(framed: &mut FramedConn<ServerStream>, message: &str) {
     warn!("refusing client: {message}");
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
@@ -242,7 +308,7 @@ pub(crate) async fn refuse(framed: &mut FramedConn<TcpStream>, message: &str) {
 
 pub(crate) async fn serve_observe(
     shared: &Shared,
-    mut framed: FramedConn<TcpStream>,
+    mut framed: FramedConn<ServerStream>,
     addr: SocketAddr,
 ) {
     debug!("observe");
@@ -265,7 +331,7 @@ pub(crate) async fn serve_observe(
 /// the same error, so the connection tells nothing about which sessions exist.
 pub(crate) async fn serve_observe_family(
     shared: &Shared,
-    mut framed: FramedConn<TcpStream>,
+    mut framed: FramedConn<ServerStream>,
     addr: SocketAddr,
     session: &str,
     pair_id: &str,

@@ -5,20 +5,21 @@ use std::sync::Arc;
 
 use nettool_core::code;
 use nettool_core::protocol::{ClientToServer, FramedConn, RecvError, Role, ServerToClient};
-use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::conn::{refuse, send_within, Joiner};
+use crate::conn::{count_frame_error, refuse, send_within, Joiner};
 use crate::limits::{spend, StrategyBudget};
+use crate::metrics::Reason;
 use crate::outbox::{CloseOnDrop, Outbound, Outbox};
 use crate::pairing::{
     agree, leave, new_pair_ids, no_common, register, release, Pair, PeerEnd, SessionSlot, Waiter,
 };
+use crate::stream::ServerStream;
 use crate::{lock, Shared, MAX_JOIN_STRATEGIES, OUTBOX_CAPACITY};
 
 pub(crate) async fn serve_control(
     shared: &Shared,
-    mut framed: FramedConn<TcpStream>,
+    mut framed: FramedConn<ServerStream>,
     joiner: Joiner,
     session: String,
     strategies: Vec<String>,
@@ -54,9 +55,13 @@ pub(crate) async fn serve_control(
             .and_then(Result::err);
         match sessions.remove(&session) {
             None if code_refused.is_some() => Err(code_refused.unwrap_or_default()),
-            None if max > 0 && sessions.len() >= max => Err(format!(
-                "the server is full: it holds at most {max} sessions at a time; try again later"
-            )),
+            None if max > 0 && sessions.len() >= max => {
+                shared.metrics.reject(Reason::max_sessions);
+                Err(format!(
+                    "the server is full: it holds at most {max} sessions at a time; try again \
+                     later"
+                ))
+            }
             None => {
                 sessions.insert(
                     session.clone(),
@@ -173,7 +178,11 @@ pub(crate) async fn serve_control(
                 }
             }
         }
-        Ok(Some(_)) => info!(session = %session, "paired"),
+        Ok(Some(pair)) => {
+            info!(session = %session, "paired");
+            shared.metrics.pairings.inc();
+            shared.index_relay_token(&session, pair.relay_token.as_deref());
+        }
     }
 
     let mut pair: Option<(Arc<Pair>, Role)> = None;
@@ -218,11 +227,13 @@ pub(crate) async fn serve_control(
                 }
             }
             () = outbox.overflowed() => {
+                shared.metrics.reject(Reason::slow_reader);
                 warn!("dropping client: it does not read (its queue of {OUTBOX_CAPACITY} messages is full)");
                 break;
             }
             () = &mut idle, if pair.is_some() && !idle_timeout.is_zero() => {
                 let secs = idle_timeout.as_secs_f64();
+                shared.metrics.reject(Reason::idle_timeout);
                 refuse(&mut framed, &format!("idle for {secs:.1}s: no complete frame received within the idle timeout")).await;
                 break;
             }
@@ -235,6 +246,8 @@ pub(crate) async fn serve_control(
                 match frame {
                     Ok(None) => break,
                     Err(RecvError::Frame(e)) => {
+                        let e = RecvError::Frame(e);
+                        count_frame_error(shared, &e);
                         refuse(&mut framed, &e.to_string()).await;
                         break;
                     }
@@ -259,7 +272,7 @@ pub(crate) async fn serve_control(
 
 pub(crate) async fn handle_frame(
     shared: &Shared,
-    framed: &mut FramedConn<TcpStream>,
+    framed: &mut FramedConn<ServerStream>,
     pair: Option<&(Arc<Pair>, Role)>,
     (budget, len): (&mut HashMap<String, StrategyBudget>, usize),
     msg: ClientToServer,
@@ -270,7 +283,8 @@ pub(crate) async fn handle_frame(
         }
         ClientToServer::Offer { strategy, payload } => {
             let (pair, role) = pair.ok_or("offer before the session was paired")?;
-            spend(shared, pair, budget, &strategy, len)?;
+            spend(shared, pair, budget, &strategy, len)
+                .inspect_err(|_| shared.metrics.reject(Reason::strategy_budget))?;
             pair.offer(*role, strategy, payload)
         }
         ClientToServer::Result {
@@ -279,7 +293,8 @@ pub(crate) async fn handle_frame(
             error,
         } => {
             let (pair, role) = pair.ok_or("result before the session was paired")?;
-            spend(shared, pair, budget, &strategy, len)?;
+            spend(shared, pair, budget, &strategy, len)
+                .inspect_err(|_| shared.metrics.reject(Reason::strategy_budget))?;
             pair.send(
                 role.other(),
                 ServerToClient::Result {

@@ -67,11 +67,14 @@ use tracing::debug;
 mod cluster;
 mod conn;
 mod control;
+mod identity;
 mod limits;
+mod metrics;
 mod outbox;
 mod pairing;
 mod relay;
 mod remote;
+mod stream;
 mod stun_service;
 #[cfg(test)]
 mod tests;
@@ -79,7 +82,9 @@ mod tests;
 use cluster::SessionStore;
 pub use cluster::{ClusterConfig, ClusterError, MemoryCluster, KEY_PREFIX};
 use conn::accept_loop;
+pub use identity::{default_identity_path, IdentityError, ServerIdentity};
 use limits::IpTable;
+pub use metrics::{Metrics, Reason};
 use pairing::SessionSlot;
 use relay::RelayWaiter;
 use remote::serve_cluster;
@@ -122,6 +127,14 @@ pub struct ServerConfig {
     pub stun_rate: u32,
     /// STUN answers one source IP address gets in a burst (the bucket's size; at least 1).
     pub stun_burst: u32,
+    /// The control channel's TLS (the server's identity, see [`ServerIdentity`]): a connection
+    /// whose first byte is a TLS handshake gets TLS. `None`: plain JSON only.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// With `tls` set: whether plain JSON joins, code allocations and observe-family requests
+    /// are still accepted (`--insecure-control`). Without `tls` the server speaks plain JSON
+    /// only. Plain observe and relay connections are always accepted: they carry no session
+    /// name, address list or server token.
+    pub plain_control: bool,
 }
 
 pub use relay::RelayLimits;
@@ -143,6 +156,8 @@ impl Default for ServerConfig {
             other_address: None,
             stun_rate: 20,
             stun_burst: 50,
+            tls: None,
+            plain_control: false,
         }
     }
 }
@@ -193,6 +208,8 @@ pub struct RendezvousServer {
     shared: Arc<Shared>,
     /// This node's channel from the other nodes of its cluster (`None` outside a cluster).
     inbox: Option<cluster::Inbox>,
+    /// Where `/metrics` and `/healthz` are served (see [`RendezvousServer::with_metrics`]).
+    metrics: Option<TcpListener>,
 }
 
 /// One listen address: its TCP listener, its STUN sockets and, with a second address, the
@@ -237,6 +254,10 @@ struct Shared {
     /// A nameplate is live while reserved here or while its session (`code-N`) is in
     /// `sessions`; lock `sessions` first when both are needed.
     nameplates: Mutex<HashMap<u32, Instant>>,
+    /// Relay tokens to their sessions: a relay attach names only its token (its connection
+    /// is plain, so it shows no session name). Stale entries are swept as it grows.
+    relay_tokens: Mutex<HashMap<String, String>>,
+    metrics: Metrics,
 }
 
 impl RendezvousServer {
@@ -287,6 +308,8 @@ impl RendezvousServer {
                 config,
                 sessions: Mutex::new(HashMap::new()),
                 nameplates: Mutex::new(HashMap::new()),
+                relay_tokens: Mutex::new(HashMap::new()),
+                metrics: Metrics::default(),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
                 relay_waiting: Mutex::new(HashMap::new()),
                 relays: std::sync::atomic::AtomicUsize::new(0),
@@ -294,6 +317,7 @@ impl RendezvousServer {
                 cluster: std::sync::OnceLock::new(),
             }),
             inbox: None,
+            metrics: None,
         }
     }
 
@@ -356,6 +380,18 @@ impl RendezvousServer {
         self.shared.cluster.get().map(|c| c.node().to_owned())
     }
 
+    /// Serves Prometheus metrics at `/metrics` and health at `/healthz` on `addr` (HTTP) while
+    /// the server runs (see the `metrics` module for what is counted).
+    pub async fn with_metrics(mut self, addr: SocketAddr) -> std::io::Result<Self> {
+        self.metrics = Some(metrics::bind(addr).await?);
+        Ok(self)
+    }
+
+    /// The address metrics are served on, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// A handle that reads the server's counters while it runs.
     pub fn stats(&self) -> ServerStats {
         ServerStats(self.shared.clone())
@@ -413,7 +449,13 @@ impl RendezvousServer {
             endpoints,
             shared,
             inbox,
+            metrics,
         } = self;
+        let metrics = async {
+            if let Some(listener) = metrics {
+                metrics::serve(listener, shared.clone()).await;
+            }
+        };
         let served = endpoints.into_iter().map(|endpoint| {
             let shared = shared.clone();
             async move {
@@ -431,13 +473,14 @@ impl RendezvousServer {
                 tokio::join!(
                     accept_loop(listener, shared.clone()),
                     others,
-                    stun_service::serve(stun, &shared.config)
+                    stun_service::serve(stun, &shared)
                 );
             }
         });
         tokio::join!(
             futures::future::join_all(served),
-            serve_cluster(inbox, &shared)
+            serve_cluster(inbox, &shared),
+            metrics
         );
     }
 }
@@ -495,11 +538,48 @@ async fn bind_unspecified(addr: SocketAddr) -> std::io::Result<Vec<Endpoint>> {
     }
 }
 
+impl Shared {
+    /// Sessions known: (waiting for their second peer, paired).
+    pub(crate) fn session_counts(&self) -> (usize, usize) {
+        let sessions = lock(&self.sessions);
+        let waiting = sessions
+            .values()
+            .filter(|s| matches!(s, SessionSlot::Waiting(_)))
+            .count();
+        (waiting, sessions.len() - waiting)
+    }
+
+    /// Remembers which session a relay token belongs to (a relay attach names only the
+    /// token); sweeps entries of pairs that are gone when the index has grown well past the
+    /// sessions. Call without the session map locked.
+    pub(crate) fn index_relay_token(&self, session: &str, token: Option<&str>) {
+        let Some(token) = token else { return };
+        let sessions = lock(&self.sessions);
+        let mut index = lock(&self.relay_tokens);
+        if index.len() >= 2 * sessions.len() + 1024 {
+            index.retain(|t, s| {
+                matches!(sessions.get(s), Some(SessionSlot::Paired(p)) if p.relay_token.as_deref() == Some(t.as_str()))
+            });
+        }
+        index.insert(token.to_owned(), session.to_owned());
+    }
+
+    /// The session a relay token belongs to, if known.
+    pub(crate) fn relay_session(&self, token: &str) -> Option<String> {
+        lock(&self.relay_tokens).get(token).cloned()
+    }
+}
+
 /// Reads a running server's counters.
 #[derive(Debug, Clone)]
 pub struct ServerStats(Arc<Shared>);
 
 impl ServerStats {
+    /// The server's metrics (what `/metrics` shows).
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
     /// Number of sessions currently known (waiting or paired).
     pub fn session_count(&self) -> usize {
         lock(&self.0.sessions).len()

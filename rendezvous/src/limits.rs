@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::metrics::Reason;
 use crate::pairing::Pair;
 use crate::{lock, ServerConfig, Shared, MAX_FRAMES_PER_STRATEGY};
 
@@ -82,7 +83,7 @@ impl Drop for ConnSlot {
 
 impl Shared {
     /// Counts a new connection from `addr`, or says why it is refused.
-    pub(crate) fn admit(self: &Arc<Self>, addr: SocketAddr) -> Result<ConnSlot, String> {
+    pub(crate) fn admit(self: &Arc<Self>, addr: SocketAddr) -> Result<ConnSlot, (String, Reason)> {
         let ip = ip_key(addr);
         let now = Instant::now();
         let mut ips = lock(&self.ips);
@@ -96,8 +97,12 @@ impl Shared {
             .or_insert_with(|| IpState::new(&self.config, now));
         let max = self.config.max_conns_per_ip;
         if max > 0 && state.conns >= max {
-            return Err(format!(
-                "too many connections from {ip}: the server allows {max} at a time per address"
+            return Err((
+                format!(
+                    "too many connections from {ip}: the server allows {max} at a time per \
+                     address"
+                ),
+                Reason::max_conns_per_ip,
             ));
         }
         state.conns += 1;
@@ -125,6 +130,7 @@ impl Shared {
             state.tokens -= 1.0;
             Ok(())
         } else {
+            self.metrics.reject(Reason::join_rate);
             Err(format!(
                 "too many joins from {ip}: the server allows {rate} per second (bursts of {}); \
                  try again shortly",
@@ -139,6 +145,7 @@ impl Shared {
             return Ok(());
         };
         let Some(given) = given else {
+            self.metrics.reject(Reason::server_token);
             return Err(
                 "this server requires a server token to join: give --server-token \
                  (or `server-token` in the config)"
@@ -155,6 +162,7 @@ impl Shared {
         {
             Ok(())
         } else {
+            self.metrics.reject(Reason::server_token);
             Err("wrong server token".into())
         }
     }

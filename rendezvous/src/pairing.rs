@@ -12,6 +12,7 @@ use rand::RngCore;
 use tracing::{debug, warn};
 
 use crate::cluster::{self, SessionStore};
+use crate::metrics::Reason;
 use crate::outbox::{Outbound, Outbox};
 use crate::{lock, Shared};
 
@@ -239,6 +240,7 @@ impl Shared {
         reserved.retain(|_, until| *until > now);
         let max = self.config.max_sessions;
         if max > 0 && sessions.len() + reserved.len() >= max {
+            self.metrics.reject(Reason::max_sessions);
             return Err(format!(
                 "the server is full: it holds at most {max} sessions at a time; try again later"
             ));

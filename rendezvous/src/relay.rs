@@ -19,8 +19,11 @@ use tracing::info;
 
 use crate::conn::{refuse, send_within};
 use crate::limits::ConnSlot;
+use crate::metrics::{Metrics, Reason};
 use crate::pairing::{PeerEnd, SessionSlot};
+use crate::stream::ServerStream;
 use crate::{lock, Shared};
+use prometheus_client::metrics::counter::Counter;
 
 /// Limits of the relay through the server. Hitting one ends that relay with a message to both
 /// peers.
@@ -70,9 +73,17 @@ impl Drop for RelaySlot<'_> {
     }
 }
 
+/// The TCP connection under a relay's stream (relays are refused over TLS before this).
+fn plain(stream: ServerStream) -> Option<TcpStream> {
+    match stream {
+        ServerStream::Plain(s) => Some(s),
+        ServerStream::Tls(_) => None,
+    }
+}
+
 pub(crate) async fn serve_relay(
     shared: &Shared,
-    mut framed: FramedConn<TcpStream>,
+    mut framed: FramedConn<ServerStream>,
     slot: ConnSlot,
     conn: u64,
     session: &str,
@@ -87,6 +98,12 @@ pub(crate) async fn serve_relay(
         .await;
         return;
     };
+    // Clients name only the token (the connection is plain); older ones the session too.
+    let session = match session {
+        "" => shared.relay_session(&token).unwrap_or_default(),
+        named => named.to_owned(),
+    };
+    let session = session.as_str();
     let known = {
         let sessions = lock(&shared.sessions);
         match sessions.get(session) {
@@ -135,6 +152,7 @@ pub(crate) async fn serve_relay(
                     .relays
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if active >= limits.max_sessions {
+                    shared.metrics.reject(Reason::relay_max_sessions);
                     shared
                         .relays
                         .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -162,7 +180,9 @@ pub(crate) async fn serve_relay(
             .is_ok()
         {
             let (stream, rest) = framed.into_parts();
-            let _ = w.tx.send((stream, rest, slot));
+            if let Some(stream) = plain(stream) {
+                let _ = w.tx.send((stream, rest, slot));
+            }
         }
         return;
     }
@@ -195,7 +215,15 @@ pub(crate) async fn serve_relay(
     // Both connection slots stay taken while the relay runs.
     let (other_stream, other_rest, _other_slot) = other;
     let _conn_slot = slot;
-    let why = crate::relay::splice(framed.into_parts(), (other_stream, other_rest), &limits).await;
+    let (stream, rest) = framed.into_parts();
+    let Some(stream) = plain(stream) else { return };
+    let why = splice(
+        (stream, rest),
+        (other_stream, other_rest),
+        &limits,
+        &shared.metrics,
+    )
+    .await;
     info!(session, "relay ended: {why}");
 }
 
@@ -204,14 +232,23 @@ struct Budget {
     start: Instant,
     bytes: AtomicU64,
     limits: RelayLimits,
+    /// `nettool_relay_bytes_total`.
+    relayed: Counter,
+    /// `nettool_rejected_total{reason="relay_max_bytes"}`, counted once per relay.
+    hit_bytes: Counter,
+    hit_bytes_once: AtomicBool,
 }
 
 impl Budget {
     /// Counts `n` more bytes; waits out the rate limit; says why the relay must stop.
     async fn spend(&self, n: usize) -> Option<String> {
         let total = self.bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        self.relayed.inc_by(n as u64);
         let limits = &self.limits;
         if limits.max_bytes > 0 && total > limits.max_bytes {
+            if !self.hit_bytes_once.swap(true, Ordering::Relaxed) {
+                self.hit_bytes.inc();
+            }
             return Some(format!(
                 "relay limit reached: {} bytes per session",
                 limits.max_bytes
@@ -320,6 +357,7 @@ pub(crate) async fn splice(
     a: (TcpStream, Vec<u8>),
     b: (TcpStream, Vec<u8>),
     limits: &RelayLimits,
+    metrics: &Metrics,
 ) -> String {
     let _ = a.0.set_nodelay(true);
     let _ = b.0.set_nodelay(true);
@@ -334,6 +372,9 @@ pub(crate) async fn splice(
         start: Instant::now(),
         bytes: AtomicU64::new(0),
         limits: limits.clone(),
+        relayed: metrics.relay_bytes.clone(),
+        hit_bytes: metrics.rejections(Reason::relay_max_bytes),
+        hit_bytes_once: AtomicBool::new(false),
     });
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(direction(sa.clone(), a.1, sb.clone(), budget.clone()));
@@ -355,10 +396,13 @@ pub(crate) async fn splice(
     } else {
         match tokio::time::timeout(limits.max_duration, run).await {
             Ok(s) => s,
-            Err(_) => Some(format!(
-                "relay limit reached: {:.0} s per session",
-                limits.max_duration.as_secs_f64()
-            )),
+            Err(_) => {
+                metrics.reject(Reason::relay_max_duration);
+                Some(format!(
+                    "relay limit reached: {:.0} s per session",
+                    limits.max_duration.as_secs_f64()
+                ))
+            }
         }
     };
     // Stop both directions, and wait until they are gone, before writing the end frames.

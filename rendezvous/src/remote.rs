@@ -106,6 +106,8 @@ pub(crate) fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg:
             );
             sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
             drop(sessions);
+            shared.metrics.pairings.inc();
+            shared.index_relay_token(&session, relay_token.as_deref());
             waiter.outbox.push(Outbound::Paired(
                 pair,
                 Role::First,
@@ -180,8 +182,9 @@ pub(crate) fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg:
                 strategies.clone(),
                 Some(cluster.clone()),
             );
-            sessions.insert(session, SessionSlot::Paired(pair.clone()));
+            sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
             drop(sessions);
+            shared.index_relay_token(&session, relay_token.as_deref());
             joiner.outbox.push(Outbound::Paired(
                 pair,
                 Role::Second,

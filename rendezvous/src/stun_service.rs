@@ -25,7 +25,8 @@ use tracing::{debug, warn};
 
 use nettool_core::stun;
 
-use crate::ServerConfig;
+use crate::metrics::{Metrics, Reason};
+use crate::Shared;
 
 /// Most source addresses the rate limiter keeps a bucket for. When full, buckets that are
 /// full again are swept; if none is, requests from new sources are dropped until one is.
@@ -201,14 +202,16 @@ impl StunLimiter {
 }
 
 /// Serves STUN on every socket until the task is dropped.
-pub(super) async fn serve(sockets: StunSockets, config: &ServerConfig) {
+pub(super) async fn serve(sockets: StunSockets, shared: &Shared) {
+    let config = &shared.config;
     let limiter = Arc::new(Mutex::new(StunLimiter::new(
         config.stun_rate,
         config.stun_burst,
         MAX_TRACKED,
     )));
     let sockets = Arc::new(sockets.sockets);
-    let loops = (0..sockets.len()).map(|i| serve_one(sockets.clone(), i, limiter.clone()));
+    let loops =
+        (0..sockets.len()).map(|i| serve_one(sockets.clone(), i, limiter.clone(), &shared.metrics));
     futures::future::join_all(loops).await;
 }
 
@@ -241,6 +244,7 @@ async fn serve_one(
     sockets: Arc<Vec<Arc<UdpSocket>>>,
     index: usize,
     limiter: Arc<Mutex<StunLimiter>>,
+    metrics: &Metrics,
 ) {
     let udp = &sockets[index];
     let mut buf = vec![0u8; 2048];
@@ -259,12 +263,14 @@ async fn serve_one(
             debug!(%from, len = n, "stun: ignored a datagram that is not a binding request");
             continue;
         };
+        metrics.stun_requests.inc();
         let allowed = limiter
             .lock()
             .expect("stun limiter poisoned")
             .allow(from.ip().to_canonical(), Instant::now());
         if !allowed {
             dropped += 1;
+            metrics.reject(Reason::stun_rate);
             // One line per 1000 dropped requests per socket, not one per request.
             if dropped % 1000 == 1 {
                 warn!(%from, dropped, "stun: answers to this source are rate limited (stun-rate)");

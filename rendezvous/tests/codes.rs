@@ -62,7 +62,9 @@ async fn allocate_from(addr: SocketAddr, source: [u8; 4]) -> u32 {
 
 async fn allocate(addr: SocketAddr) -> u32 {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    client::allocate(&[addr], None, deadline).await.unwrap()
+    client::allocate(&[addr], &Default::default(), None, deadline)
+        .await
+        .unwrap()
 }
 
 async fn join(addr: SocketAddr, session: &str) -> Conn {

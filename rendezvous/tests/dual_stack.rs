@@ -7,8 +7,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use nettool_core::client::{connect_happy, observe_family, ClientError, RendezvousClient};
+use nettool_core::control::ControlSecurity;
 use nettool_core::protocol::{ClientToServer, FramedConn, ServerToClient};
 use nettool_core::Role;
+
+/// These tests are about the families, over plain JSON (TLS is `control_tls.rs`'s).
+const PLAIN: ControlSecurity = ControlSecurity::Plain;
 use nettool_rendezvous::{ListenAddr, RendezvousServer, ServerConfig};
 use tokio::net::TcpStream;
 
@@ -49,10 +53,10 @@ async fn one_unspecified_address_serves_both_families_and_pairs_across_them() {
     let port = start().await;
     let s = strategies();
     let (only6, only4) = ([v6(port)], [v4(port)]);
-    let first = RendezvousClient::join_any(&only6, "x", &s, None, soon(), || {});
+    let first = RendezvousClient::join_any(&only6, &PLAIN, "x", &s, None, soon(), || {});
     let second = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        RendezvousClient::join_any(&only4, "x", &s, None, soon(), || {}).await
+        RendezvousClient::join_any(&only4, &PLAIN, "x", &s, None, soon(), || {}).await
     };
     let (first, second) = tokio::join!(first, second);
     let ((c6, p6), (c4, p4)) = (first.unwrap(), second.unwrap());
@@ -71,16 +75,16 @@ async fn a_peer_seen_over_its_other_family_is_told_to_the_peer_once() {
     // Both prefer IPv6 for the control connection (happy eyeballs); A then shows itself over
     // IPv4.
     let both = [v4(port), v6(port)];
-    let first = RendezvousClient::join_any(&both, "y", &s, None, soon(), || {});
+    let first = RendezvousClient::join_any(&both, &PLAIN, "y", &s, None, soon(), || {});
     let second = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        RendezvousClient::join_any(&both, "y", &s, None, soon(), || {}).await
+        RendezvousClient::join_any(&both, &PLAIN, "y", &s, None, soon(), || {}).await
     };
     let (first, second) = tokio::join!(first, second);
     let ((mut a, pa), (mut b, pb)) = (first.unwrap(), second.unwrap());
     assert!(pa.observed.is_ipv6() && pb.observed.is_ipv6());
     assert_eq!(a.other_family_servers(), vec![v4(port)]);
-    let (server, seen) = observe_family(&a.other_family_servers(), "y", &pa, soon())
+    let (server, seen) = observe_family(&a.other_family_servers(), &PLAIN, "y", &pa, soon())
         .await
         .unwrap();
     assert_eq!(server, v4(port));
@@ -91,7 +95,7 @@ async fn a_peer_seen_over_its_other_family_is_told_to_the_peer_once() {
     b.rtt(1, soon()).await.unwrap();
     assert_eq!(b.peer_addresses(), &[seen]);
     // Once per family: a second showing is refused.
-    let again = observe_family(&[v4(port)], "y", &pa, soon()).await;
+    let again = observe_family(&[v4(port)], &PLAIN, "y", &pa, soon()).await;
     assert!(
         matches!(&again, Err(ClientError::Refused(m)) if m.contains("already")),
         "{again:?}"
@@ -99,7 +103,7 @@ async fn a_peer_seen_over_its_other_family_is_told_to_the_peer_once() {
     // A stranger without the pairing id learns nothing and tells nobody anything.
     let mut forged = pb.clone();
     forged.pair_id = "00".repeat(16);
-    let refused = observe_family(&[v4(port)], "y", &forged, soon()).await;
+    let refused = observe_family(&[v4(port)], &PLAIN, "y", &forged, soon()).await;
     assert!(
         matches!(&refused, Err(ClientError::Refused(m)) if m.contains("no such pairing")),
         "{refused:?}"
@@ -123,11 +127,11 @@ async fn a_version_1_peer_is_not_sent_the_peers_other_address() {
     let waiting: ServerToClient = old.recv().await.unwrap().unwrap();
     assert!(matches!(waiting, ServerToClient::Waiting { .. }));
     let (_new, pairing) =
-        RendezvousClient::join_any(&[v6(port)], "z", &strategies(), None, soon(), || {})
+        RendezvousClient::join_any(&[v6(port)], &PLAIN, "z", &strategies(), None, soon(), || {})
             .await
             .unwrap();
     assert_eq!(pairing.role, Role::Second);
-    observe_family(&[v4(port)], "z", &pairing, soon())
+    observe_family(&[v4(port)], &PLAIN, "z", &pairing, soon())
         .await
         .unwrap();
     let paired: ServerToClient = old.recv().await.unwrap().unwrap();

@@ -76,7 +76,9 @@ impl Strategy for Relay {
         framed
             .send(&ClientToServer::Relay {
                 version: PROTOCOL_VERSION,
-                session: attempt.session.to_owned(),
+                // The token alone finds the pairing: this connection is plain, so it shows
+                // no session name on the path.
+                session: String::new(),
                 token,
                 role: attempt.role(),
             })

@@ -753,16 +753,28 @@ impl Lab {
     ///
     /// nettool's NAT discovery cache is off for these commands: every lab has the same
     /// addresses behind different NAT kinds, which the cache (keyed by the network) would mix up.
+    /// The lab's processes share a config and a state directory of their own (the server's
+    /// identity key, the peers' known servers), removed with the lab: every lab has the same
+    /// server address, and its servers must not meet another lab's keys.
     pub fn command(&self, h: Host, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", self.netns(h)]).arg(program);
         c.env("NETTOOL_NAT_CACHE", "false");
+        let dir = self.dir();
+        c.env("XDG_CONFIG_HOME", dir.join("config"));
+        c.env("XDG_STATE_HOME", dir.join("state"));
         c
+    }
+
+    /// This lab's directory for its processes' config and state (see [`Lab::command`]).
+    pub fn dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("nettool-{}", self.names[0]))
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.dir());
         if self.has_ipv6() {
             for name in &self.names {
                 let _ = std::fs::remove_dir_all(Path::new(ETC_NETNS).join(name));

@@ -105,6 +105,7 @@ pub(crate) async fn connect(
         .then(|| PortMapper::new(settings.portmap.settings()));
     let orch = orchestrator(configs, settings.timeout)
         .with_server_token(settings.server_token.clone())
+        .with_control(crate::servers::control(&settings)?)
         .with_plan(settings.plan)
         .with_nat_cache(nat_cache(&settings))
         .with_server_addresses(all)

@@ -1,12 +1,16 @@
 //! `nettool rendezvous`: the meeting point (the server itself is `nettool_rendezvous`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use nettool_config::Settings;
-use nettool_rendezvous::{ClusterConfig, ListenAddr, RelayLimits, RendezvousServer, ServerConfig};
+use nettool_rendezvous::{
+    default_identity_path, ClusterConfig, ListenAddr, RelayLimits, RendezvousServer, ServerConfig,
+    ServerIdentity,
+};
 
 use crate::{legacy, parse_duration, parse_size, BadSettings};
 
@@ -87,6 +91,32 @@ pub(crate) struct RendezvousArgs {
     /// IP alone (or port 0) means this node's listening port.
     #[arg(long = "public-addr", value_name = "IP[:PORT]", requires = "cluster", value_parser = parse_public_addr)]
     pub(crate) public_addrs: Vec<SocketAddr>,
+    /// The server's identity key (PEM; created there on first start). Peers pin its
+    /// fingerprint, printed at start ("key sha256:..."), with --server-key, or trust it on
+    /// first use. Default: server-identity.pem in $XDG_STATE_HOME/nettool, else
+    /// ~/.local/state/nettool. Keep it: a new key makes every peer that knew the old one
+    /// refuse this server.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) identity: Option<PathBuf>,
+    /// A certificate chain (PEM) for the control channel instead of the identity key's
+    /// self-signed certificate, e.g. from a public CA: peers that name this server by that
+    /// DNS name verify it with their system's roots. Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Also accept plain JSON joins (peers older than the TLS control channel, or run with
+    /// --insecure-control): their session names, addresses and server token cross the path
+    /// readable and forgeable. A warning is printed at start.
+    #[arg(long)]
+    pub(crate) insecure_control: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics and health at /healthz (200 while
+    /// serving; 503 when the cluster's Redis does not answer), e.g. --metrics 127.0.0.1:9877.
+    /// Counted: pairings, waiting sessions, relays and relayed bytes, STUN requests, and
+    /// every refusal by a limit (nettool_rejected_total{reason=...}).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics: Option<SocketAddr>,
 }
 
 pub(crate) async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> {
@@ -94,7 +124,19 @@ pub(crate) async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> 
     if legacy {
         return legacy::serve(rv.listen).await;
     }
-    let config = server_config(&rv);
+    let mut config = server_config(&rv);
+    let identity = identity(&rv)?;
+    config.tls = Some(
+        identity
+            .tls_config()
+            .map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))?,
+    );
+    if rv.insecure_control {
+        eprintln!(
+            "nettool rendezvous: warning: --insecure-control: plain JSON joins are accepted too; \
+             their session names, addresses and server token cross the network readable"
+        );
+    }
     let mut server = match rv.listen_v6 {
         None => {
             if let Some(other) = rv.other_address_v6 {
@@ -152,6 +194,18 @@ pub(crate) async fn rendezvous(legacy: bool, settings: Settings) -> Result<i32> 
     } else if !rv.public_addr.is_empty() {
         bail!("`rendezvous.public-addr` is only used with a cluster: give --cluster too");
     }
+    if let Some(addr) = rv.metrics {
+        server = server.with_metrics(addr).await?;
+        eprintln!(
+            "nettool rendezvous: metrics at http://{}/metrics, health at /healthz",
+            server.metrics_addr().unwrap_or(addr)
+        );
+    }
+    eprintln!(
+        "nettool rendezvous: key {} (peers pin it with --server-key {})",
+        identity.fingerprint(),
+        identity.fingerprint()
+    );
     let others = server.other_local_addrs();
     eprintln!(
         "nettool rendezvous: listening on {} (tcp, and udp for STUN){}",
@@ -206,6 +260,32 @@ fn server_config(rv: &nettool_config::RendezvousConfig) -> ServerConfig {
         other_address: rv.other_address,
         stun_rate: rv.stun_rate,
         stun_burst: rv.stun_burst,
+        tls: None,
+        plain_control: rv.insecure_control,
+    }
+}
+
+/// The server's TLS identity: `--tls-cert`/`--tls-key`, else the identity key (created on
+/// first start).
+fn identity(rv: &nettool_config::RendezvousConfig) -> Result<ServerIdentity> {
+    let bad = |e: nettool_rendezvous::IdentityError| anyhow::Error::new(BadSettings(e.to_string()));
+    match (&rv.tls_cert, &rv.tls_key) {
+        (Some(cert), Some(key)) => ServerIdentity::from_pem_files(cert, key).map_err(bad),
+        (None, None) => {
+            let path = rv
+                .identity
+                .clone()
+                .or_else(default_identity_path)
+                .ok_or_else(|| {
+                    BadSettings(
+                        "no place for the server's identity key: give --identity FILE (neither \
+                     XDG_STATE_HOME nor HOME is set)"
+                            .into(),
+                    )
+                })?;
+            ServerIdentity::load_or_create(&path).map_err(bad)
+        }
+        _ => Err(BadSettings("--tls-cert and --tls-key go together".into()).into()),
     }
 }
 

@@ -1,0 +1,106 @@
+//! A client connection: plain TCP, or TLS over it (the control channel), told apart by the
+//! first byte on one port.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use nettool_core::control::TLS_FIRST_BYTE;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::Shared;
+
+/// A client connection after its first byte was seen.
+#[derive(Debug)]
+pub(crate) enum ServerStream {
+    /// Plain JSON lines (observe and relay connections; joins with `--insecure-control`).
+    Plain(TcpStream),
+    /// TLS (the control channel).
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ServerStream {
+    /// Whether the connection runs TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+}
+
+/// Opens a new connection within `limit`: TLS when its first byte starts a TLS handshake and
+/// this server has an identity, else plain. `Err` says why the connection is dropped (it
+/// closed, was too slow, or the TLS handshake failed); nothing can be told to such a client.
+pub(crate) async fn open(
+    shared: &Shared,
+    stream: TcpStream,
+    limit: Duration,
+) -> Result<ServerStream, String> {
+    let opened = async {
+        let mut first = [0u8; 1];
+        let n = stream
+            .peek(&mut first)
+            .await
+            .map_err(|e| format!("reading the first byte: {e}"))?;
+        if n == 0 {
+            return Err("closed before sending anything".to_owned());
+        }
+        match (&shared.config.tls, first[0]) {
+            (Some(tls), TLS_FIRST_BYTE) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                let tls = acceptor
+                    .accept(stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                Ok(ServerStream::Tls(Box::new(tls)))
+            }
+            (None, TLS_FIRST_BYTE) => {
+                Err("a TLS client, but this server has no TLS identity (plain JSON only)".into())
+            }
+            _ => Ok(ServerStream::Plain(stream)),
+        }
+    };
+    tokio::time::timeout(limit, opened)
+        .await
+        .unwrap_or_else(|_| Err(format!("no request within {:.1}s", limit.as_secs_f64())))
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
