@@ -229,7 +229,11 @@ pub fn remember(path: &Path, server: SocketAddr, key: KeyFingerprint) -> std::io
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = path.with_extension(format!(
+        "tmp{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     std::fs::write(&tmp, out)?;
     std::fs::rename(&tmp, path)
 }

@@ -18,7 +18,7 @@ use crate::limits::ConnSlot;
 use crate::metrics::Reason;
 use crate::pairing::SessionSlot;
 use crate::relay::serve_relay;
-use crate::stream::{open, ServerStream};
+use crate::stream::{open, OpenError, ServerStream};
 use crate::{lock, Shared, READ_BUFFER, UNPAIRED_MAX_FRAME_LEN};
 
 /// Accepts connections and serves each in a task of its own, owned by a [`JoinSet`]: when
@@ -58,7 +58,12 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                                 let _ = stream.set_nodelay(true);
                                 // Told over TLS when the client speaks it, so it can read why.
                                 let limit = Duration::from_secs(2);
-                                if let Ok(stream) = open(&shared, stream, limit).await {
+                                let stream = match open(&shared, stream, limit).await {
+                                    Ok(s) => Some(s),
+                                    Err(OpenError::Silent(s)) => Some(ServerStream::Plain(s)),
+                                    Err(OpenError::Dropped(_)) => None,
+                                };
+                                if let Some(stream) = stream {
                                     let mut framed = FramedConn::new(stream, 0);
                                     refuse(&mut framed, &why).await;
                                 }
@@ -92,11 +97,19 @@ pub(crate) async fn serve_connection(
     let started = tokio::time::Instant::now();
     let stream = match open(&shared, stream, first_frame_timeout).await {
         Ok(s) => s,
-        Err(why) => {
+        Err(OpenError::Silent(stream)) => {
+            shared.metrics.reject(Reason::frame_timeout);
+            let mut framed = FramedConn::new(ServerStream::Plain(stream), 0);
+            let secs = first_frame_timeout.as_secs_f64();
+            refuse(
+                &mut framed,
+                &format!("no request within the time limit ({secs:.1}s)"),
+            )
+            .await;
+            return;
+        }
+        Err(OpenError::Dropped(why)) => {
             debug!("dropping connection: {why}");
-            if why.starts_with("no request") {
-                shared.metrics.reject(Reason::frame_timeout);
-            }
             return;
         }
     };

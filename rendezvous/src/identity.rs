@@ -148,7 +148,11 @@ fn create_key(path: &Path) -> std::io::Result<String> {
     }
     let key = rcgen::KeyPair::generate().map_err(std::io::Error::other)?;
     let pem = key.serialize_pem();
-    let tmp = path.with_extension(format!("new{}", std::process::id()));
+    let tmp = path.with_extension(format!(
+        "new{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)

@@ -28,41 +28,48 @@ impl ServerStream {
     }
 }
 
+/// Why a new connection could not be opened.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    /// Nothing arrived in time: the connection is handed back, to be told so in plain JSON
+    /// (as a silent client always was).
+    Silent(TcpStream),
+    /// It closed, or its TLS handshake failed or was too slow: nothing can be told to it.
+    Dropped(String),
+}
+
 /// Opens a new connection within `limit`: TLS when its first byte starts a TLS handshake and
-/// this server has an identity, else plain. `Err` says why the connection is dropped (it
-/// closed, was too slow, or the TLS handshake failed); nothing can be told to such a client.
+/// this server has an identity, else plain.
 pub(crate) async fn open(
     shared: &Shared,
     stream: TcpStream,
     limit: Duration,
-) -> Result<ServerStream, String> {
-    let opened = async {
-        let mut first = [0u8; 1];
-        let n = stream
-            .peek(&mut first)
-            .await
-            .map_err(|e| format!("reading the first byte: {e}"))?;
-        if n == 0 {
-            return Err("closed before sending anything".to_owned());
-        }
-        match (&shared.config.tls, first[0]) {
-            (Some(tls), TLS_FIRST_BYTE) => {
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-                let tls = acceptor
-                    .accept(stream)
-                    .await
-                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
-                Ok(ServerStream::Tls(Box::new(tls)))
+) -> Result<ServerStream, OpenError> {
+    let started = tokio::time::Instant::now();
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+        Err(_) => return Err(OpenError::Silent(stream)),
+        Ok(Err(e)) => return Err(OpenError::Dropped(format!("reading the first byte: {e}"))),
+        Ok(Ok(0)) => return Err(OpenError::Dropped("closed before sending anything".into())),
+        Ok(Ok(_)) => {}
+    }
+    match (&shared.config.tls, first[0]) {
+        (Some(tls), TLS_FIRST_BYTE) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            match tokio::time::timeout_at(started + limit, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Ok(ServerStream::Tls(Box::new(tls))),
+                Ok(Err(e)) => Err(OpenError::Dropped(format!("TLS handshake failed: {e}"))),
+                Err(_) => Err(OpenError::Dropped(format!(
+                    "TLS handshake not done within {:.1}s",
+                    limit.as_secs_f64()
+                ))),
             }
-            (None, TLS_FIRST_BYTE) => {
-                Err("a TLS client, but this server has no TLS identity (plain JSON only)".into())
-            }
-            _ => Ok(ServerStream::Plain(stream)),
         }
-    };
-    tokio::time::timeout(limit, opened)
-        .await
-        .unwrap_or_else(|_| Err(format!("no request within {:.1}s", limit.as_secs_f64())))
+        (None, TLS_FIRST_BYTE) => Err(OpenError::Dropped(
+            "a TLS client, but this server has no TLS identity (plain JSON only)".into(),
+        )),
+        _ => Ok(ServerStream::Plain(stream)),
+    }
 }
 
 impl AsyncRead for ServerStream {
