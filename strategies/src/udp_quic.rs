@@ -234,7 +234,7 @@ impl Strategy for UdpQuic {
         // (IPv4 only: NAT-PMP, PCP and UPnP-IGD map on the IPv4 gateway.)
         let mapped = if servers.iter().any(SocketAddr::is_ipv4) {
             attempt
-                .map_port(nettool_core::portmap::Transport::Udp, port)
+                .map_port(nettool_core::port_mapping::Transport::Udp, port)
                 .await
         } else {
             None
