@@ -41,7 +41,7 @@ pub(crate) struct NetcheckArgs {
         value_name = "upnp|nat-pmp|pcp",
         requires = "portmap"
     )]
-    portmap_protocols: Vec<nettool_core::portmap::Protocol>,
+    portmap_protocols: Vec<nettool_portmap::Protocol>,
 }
 
 /// Runs netcheck; exit status 0 when at least one family was measured.
@@ -55,18 +55,14 @@ pub(crate) async fn run(args: NetcheckArgs) -> Result<i32> {
         if !args.portmap {
             return None;
         }
-        let mut settings = nettool_core::portmap::Settings {
+        let mut settings = nettool_portmap::Settings {
             timeout: args.timeout,
             ..Default::default()
         };
         if !args.portmap_protocols.is_empty() {
             settings.protocols = args.portmap_protocols.clone();
         }
-        Some(
-            nettool_core::portmap::PortMapper::new(settings)
-                .discover()
-                .await,
-        )
+        Some(nettool_portmap::PortMapper::new(settings).discover().await)
     };
     let ((mut report, errors), gateway) = tokio::join!(discover_all(&addrs, &opts), gateway);
     if let Some(g) = gateway {

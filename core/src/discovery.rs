@@ -100,7 +100,7 @@ pub struct NetReport {
     /// The gateway probe (`netcheck --portmap`): protocols tried and answered, the gateway,
     /// its external address, why the others did not answer; null when not asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port_mapping_probe: Option<nettool_portmap::Discovery>,
+    pub port_mapping_probe: Option<crate::port_mapping::Discovery>,
     /// The smallest round trip to the server over any family, in milliseconds.
     pub server_rtt_ms: Option<f64>,
 }

@@ -21,6 +21,9 @@
 //!   per address family, in bounded time: what `nettool netcheck` reports and the plan uses.
 //! - [`plan`]: which strategies can work for two peers' NATs, and each attempt's timeout;
 //!   [`nat_cache`]: discovery results cached per network.
+//! - [`port_mapping`]: the [`PortMapping`](port_mapping::PortMapping) trait through which the
+//!   orchestrator and the strategies map ports on the gateway (implemented by `nettool-portmap`),
+//!   and the data of its reports.
 //! - [`relay`]: the relay's wire format and the client's end of it (the server splices; the
 //!   relay strategy lives with the others).
 
@@ -35,6 +38,7 @@ pub mod handshake;
 pub mod nat_cache;
 pub mod orchestrator;
 pub mod plan;
+pub mod port_mapping;
 pub mod protocol;
 pub mod registry;
 pub mod relay;
@@ -47,7 +51,6 @@ pub mod stun;
 
 pub use client::{ClientError, Pairing, RendezvousClient};
 pub use handshake::{HandshakeError, LinkKey};
-pub use nettool_portmap as portmap;
 pub use orchestrator::{ConnectParams, Orchestrator};
 pub use protocol::Role;
 pub use registry::{StrategyFactory, StrategyRegistry};

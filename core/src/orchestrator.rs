@@ -29,10 +29,10 @@ use crate::discovery::{discover, quick_check, DiscoverOptions};
 use crate::handshake::{LinkKey, OneGuess};
 use crate::nat_cache::{default_gateway, verify, NatCache, Verdict};
 use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
+use crate::port_mapping::PortMapping;
 use crate::protocol::{Role, PLAN_OFFER};
 use crate::report::{AttemptReport, NatCacheReport, NatPair, Outcome, PortMapReport, Report};
 use crate::strategy::{Attempt, AttemptNotes, Link, Offers, Strategy, StrategyError};
-use nettool_portmap::PortMapper;
 
 /// What the orchestrator reports while it works (for progress output).
 #[derive(Debug, Clone)]
@@ -80,7 +80,7 @@ pub struct Orchestrator {
     /// More addresses of the rendezvous server (the other family's), next to
     /// [`ConnectParams::server`].
     server_addresses: Vec<SocketAddr>,
-    portmap: Option<PortMapper>,
+    portmap: Option<Arc<dyn PortMapping>>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -171,8 +171,8 @@ impl Orchestrator {
     /// Maps the strategies' ports on the gateway with `mapper` (off, and silent, by default):
     /// discovery runs while joining, the plan counts a gateway that answered as making
     /// udp-quic and tcp-direct feasible, and the mappings of failed attempts are deleted.
-    /// The caller keeps a clone and calls [`PortMapper::release_all`] when the link ends.
-    pub fn with_portmap(mut self, mapper: Option<PortMapper>) -> Self {
+    /// The caller keeps a clone and calls [`PortMapping::release_all`] when the link ends.
+    pub fn with_portmap(mut self, mapper: Option<Arc<dyn PortMapping>>) -> Self {
         self.portmap = mapper;
         self
     }
@@ -702,7 +702,7 @@ impl Orchestrator {
                 deadline: attempt_deadline,
                 nat,
                 notes: &mut notes,
-                portmap: self.portmap.as_ref().filter(|m| m.available()),
+                portmap: self.portmap.as_deref().filter(|m| m.available()),
                 one_guess: one_guess.clone(),
             };
             let span = info_span!("attempt", strategy = %name);

@@ -169,9 +169,9 @@ impl NatCacheReport {
 pub struct PortMapReport {
     /// What gateway discovery found.
     #[serde(flatten)]
-    pub discovery: nettool_portmap::Discovery,
+    pub discovery: crate::port_mapping::Discovery,
     /// The mappings made for the link (deleted when it ends).
-    pub mapped: Vec<nettool_portmap::MappedPort>,
+    pub mapped: Vec<crate::port_mapping::MappedPort>,
 }
 
 /// What the plan was made from.

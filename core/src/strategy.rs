@@ -237,7 +237,7 @@ pub struct Attempt<'a> {
     pub notes: &'a mut AttemptNotes,
     /// The gateway's port mapper, when port mapping is on and a gateway answered; see
     /// [`Attempt::map_port`].
-    pub portmap: Option<&'a nettool_portmap::PortMapper>,
+    pub portmap: Option<&'a dyn crate::port_mapping::PortMapping>,
     /// Set in a code session (see [`HandshakeContext::one_guess`]).
     pub one_guess: Option<Arc<handshake::OneGuess>>,
 }
@@ -279,7 +279,7 @@ impl Attempt<'_> {
     /// `None` (logged) when mapping is off or the gateway refused.
     pub async fn map_port(
         &self,
-        transport: nettool_portmap::Transport,
+        transport: crate::port_mapping::Transport,
         local_port: u16,
     ) -> Option<std::net::SocketAddr> {
         let mapper = self.portmap?;

@@ -13,87 +13,32 @@
 //! Nothing here sends a packet until `discover` is called: a caller with mapping off never
 //! builds a [`PortMapper`]. The protocol work is done by maintained crates: `igd-next` (UPnP)
 //! and `crab_nat` (NAT-PMP, PCP).
+//!
+//! [`PortMapper`] implements `nettool-core`'s [`PortMapping`], through which the orchestrator
+//! and the strategies use it; the plain data in reports ([`Discovery`], [`MappedPort`],
+//! [`Protocol`], [`Transport`]) is defined in `nettool_core::port_mapping` and re-exported here.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::num::NonZeroU16;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crab_nat::{natpmp, pcp, InternetProtocol, PortMappingOptions, TimeoutConfig};
 use igd_next::aio::tokio::Tokio;
-use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-/// A port mapping protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Protocol {
-    /// UPnP Internet Gateway Device (SSDP discovery, SOAP AddPortMapping).
-    Upnp,
-    /// NAT Port Mapping Protocol (RFC 6886), UDP 5351 on the default gateway.
-    NatPmp,
-    /// Port Control Protocol (RFC 6887), UDP 5351 on the default gateway.
-    Pcp,
+pub use nettool_core::port_mapping::{
+    Discovery, MappedPort, PortMapping, Protocol, Transport, UnknownProtocol,
+};
+
+/// A [`Transport`] as each protocol crate spells it.
+trait TransportExt {
+    fn igd(self) -> igd_next::PortMappingProtocol;
+    fn crab(self) -> InternetProtocol;
 }
 
-impl Protocol {
-    /// Every protocol, in nettool's default order of preference.
-    pub const ALL: [Self; 3] = [Self::Upnp, Self::NatPmp, Self::Pcp];
-
-    /// The name used in config files, flags and reports (`upnp`, `nat-pmp`, `pcp`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Upnp => "upnp",
-            Self::NatPmp => "nat-pmp",
-            Self::Pcp => "pcp",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.name())
-    }
-}
-
-/// The error of parsing an unknown [`Protocol`] name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown port mapping protocol {0:?} (expected one of: upnp, nat-pmp, pcp)")]
-pub struct UnknownProtocol(pub String);
-
-impl FromStr for Protocol {
-    type Err = UnknownProtocol;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|p| p.name() == s)
-            .ok_or_else(|| UnknownProtocol(s.to_owned()))
-    }
-}
-
-/// The transport of a mapped port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        })
-    }
-}
-
-impl Transport {
+impl TransportExt for Transport {
     fn igd(self) -> igd_next::PortMappingProtocol {
         match self {
             Self::Tcp => igd_next::PortMappingProtocol::TCP,
@@ -130,54 +75,6 @@ impl Default for Settings {
     }
 }
 
-/// What discovery found, for reports and `netcheck`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Discovery {
-    /// The protocols asked, in order.
-    pub tried: Vec<Protocol>,
-    /// The protocols the gateway answered, in the order of `tried`.
-    pub answered: Vec<Protocol>,
-    /// The gateway NAT-PMP and PCP were sent to (the default IPv4 route's gateway), or the
-    /// UPnP device's address when only UPnP was tried.
-    pub gateway: Option<IpAddr>,
-    /// The gateway's external address, as the first answering protocol told it.
-    pub external_ip: Option<IpAddr>,
-    /// Why each protocol that was tried did not answer.
-    pub errors: Vec<String>,
-    /// How long discovery took, in milliseconds.
-    pub elapsed_ms: u64,
-}
-
-impl Discovery {
-    /// One line for humans: which protocols answered, or that none did and why.
-    pub fn summary(&self) -> String {
-        if self.answered.is_empty() {
-            format!(
-                "no gateway answered ({}) within {} ms{}",
-                names(&self.tried),
-                self.elapsed_ms,
-                if self.errors.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", self.errors.join("; "))
-                }
-            )
-        } else {
-            format!(
-                "gateway {} answers {} (external address {})",
-                self.gateway.map_or_else(|| "?".into(), |g| g.to_string()),
-                names(&self.answered),
-                self.external_ip
-                    .map_or_else(|| "unknown".into(), |g| g.to_string()),
-            )
-        }
-    }
-}
-
-fn names(p: &[Protocol]) -> String {
-    p.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
-}
-
 /// Why a port could not be mapped.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
@@ -197,31 +94,6 @@ pub enum MapError {
         /// Each protocol's error.
         detail: String,
     },
-}
-
-/// A live mapping: where the gateway forwards to us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MappedPort {
-    /// The protocol that made it.
-    pub protocol: Protocol,
-    /// TCP or UDP.
-    pub transport: Transport,
-    /// The local port mapped.
-    pub local_port: u16,
-    /// The gateway's external address and port that reach `local_port`.
-    pub external: SocketAddr,
-    /// The lease the gateway granted, in seconds.
-    pub lease_secs: u32,
-}
-
-impl fmt::Display for MappedPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{} -> local port {} ({}, {} s lease)",
-            self.external, self.transport, self.local_port, self.protocol, self.lease_secs
-        )
-    }
 }
 
 /// The protocol handle behind one mapping, to renew or delete it.
@@ -739,18 +611,36 @@ async fn delete(handle: Handle, port: MappedPort) -> Result<(), String> {
     }
 }
 
+#[async_trait::async_trait]
+impl PortMapping for PortMapper {
+    async fn discover(&self) -> Discovery {
+        Self::discover(self).await
+    }
+
+    fn available(&self) -> bool {
+        Self::available(self)
+    }
+
+    async fn map(
+        &self,
+        transport: Transport,
+        local_port: u16,
+    ) -> Result<MappedPort, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Self::map(self, transport, local_port).await?)
+    }
+
+    fn mapped(&self) -> Vec<MappedPort> {
+        Self::mapped(self)
+    }
+
+    async fn release_all(&self) -> usize {
+        Self::release_all(self).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn protocol_names_round_trip_and_unknown_names_are_errors() {
-        for p in Protocol::ALL {
-            assert_eq!(p.name().parse::<Protocol>(), Ok(p));
-        }
-        let err = "natpmp".parse::<Protocol>().unwrap_err();
-        assert!(err.to_string().contains("upnp, nat-pmp, pcp"), "{err}");
-    }
 
     #[test]
     fn preference_follows_the_configured_order() {
@@ -775,18 +665,6 @@ mod tests {
     fn renewal_comes_at_half_the_lease() {
         assert_eq!(renew_after(120), Duration::from_secs(60));
         assert_eq!(renew_after(1), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn a_summary_says_when_no_gateway_answered() {
-        let d = Discovery {
-            tried: Protocol::ALL.to_vec(),
-            elapsed_ms: 1000,
-            ..Default::default()
-        };
-        assert!(d
-            .summary()
-            .starts_with("no gateway answered (upnp, nat-pmp, pcp) within 1000 ms"));
     }
 
     #[tokio::test]

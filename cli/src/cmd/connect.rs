@@ -3,14 +3,16 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use nettool_config::Settings;
 use nettool_core::orchestrator::Event;
-use nettool_core::portmap::PortMapper;
+use nettool_core::port_mapping::PortMapping;
 use nettool_core::{ConnectParams, Orchestrator};
+use nettool_portmap::PortMapper;
 
 use crate::{
     choose_server, legacy, nat_cache, orchestrator, parse_duration, parse_size, progress, pump,
@@ -109,7 +111,7 @@ pub(crate) async fn connect(
         .with_plan(settings.plan)
         .with_nat_cache(nat_cache(&settings))
         .with_server_addresses(all)
-        .with_portmap(mapper.clone());
+        .with_portmap(mapper.clone().map(|m| Arc::new(m) as Arc<dyn PortMapping>));
     let params = ConnectParams {
         server,
         session,

@@ -27,7 +27,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, trace};
 
-use super::{bind_udp, decode_punch, encode_punch, set_ttl, ttl, Punch, PunchKey, LOW_TTL};
+use super::bind_udp;
+use super::punch::{decode_punch, encode_punch, set_ttl, ttl, Punch, PunchKey, LOW_TTL};
 use nettool_core::Role;
 
 /// Most sockets the hard side opens per attempt.
