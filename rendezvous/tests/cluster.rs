@@ -230,3 +230,36 @@ async fn waiting_keys_expire_with_the_session() {
         .expect("a new joiner waits: nobody to pair with");
     late.abort();
 }
+
+/// Redis's protected mode (or any refusal Redis sends before closing) reaches the operator in
+/// Redis's own words, not as the client library's "broken pipe". The store here does what
+/// Redis does to a client it refuses: writes one error line at once and closes.
+#[tokio::test]
+async fn a_redis_that_refuses_is_quoted() {
+    const DENIED: &str = "-DENIED Redis is running in protected mode because protected mode is \
+                          enabled and no password is set for the default user.\r\n";
+    let refusing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redis_addr = refusing.local_addr().unwrap();
+    let refuser = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        loop {
+            let (mut s, _) = refusing.accept().await.unwrap();
+            let _ = s.write_all(DENIED.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap();
+    let config = nettool_rendezvous::ClusterConfig {
+        redis_url: format!("redis://{redis_addr}"),
+        public_addrs: vec!["127.0.0.1:0".parse().unwrap()],
+    };
+    let err = server.join_cluster(&config).await.unwrap_err().to_string();
+    assert!(err.contains("cannot reach Redis"), "{err}");
+    assert!(
+        err.contains("DENIED Redis is running in protected mode"),
+        "Redis's own reason is shown: {err}"
+    );
+    refuser.abort();
+}

@@ -4,6 +4,7 @@ mod bench;
 mod birthday;
 mod cluster;
 mod codes;
+mod control;
 mod fallback;
 mod forward;
 mod ipv6;
