@@ -128,7 +128,13 @@ pub fn merge(report: &mut Report, direct: Report, direct_won: bool) {
         report.role = report.role.or(direct.role);
     } else if let Some(e) = direct.error {
         let relay = report.error.take().unwrap_or_else(|| "no link".into());
-        report.error = Some(format!("relay: {relay}; direct: {e}"));
+        // Both pairings go through the same server: its refusal (a changed key, a full
+        // server, a missing token) is said once.
+        report.error = Some(if relay == e {
+            e
+        } else {
+            format!("relay: {relay}; direct: {e}")
+        });
     }
 }
 

@@ -2,57 +2,15 @@
 //! the wire (tcpdump on A's router), metrics and health over HTTP, and a server with another
 //! identity at the same address is refused by peers that knew the first.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nettool_tests::{require_lab, Host, Lab, NatKind};
 
 use crate::nat_punch::RunningLab;
-use crate::support::{finish_peer, nettool_bin, spawn_peer, wait_until_waiting, Proc, TempDir};
-
-/// tcpdump on `host`'s router WAN, writing to `pcap`; started when it says it listens.
-fn capture(lab: &Lab, host: Host, dir: &TempDir, pcap: &std::path::Path) -> Proc {
-    let router = lab.router_netns(host).expect("the host has a router");
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", router, "tcpdump", "-i", "wan", "-n", "-U"])
-        .args([
-            "--immediate-mode",
-            "-B",
-            "8192",
-            "-Z",
-            "root",
-            "-s",
-            "0",
-            "-w",
-        ])
-        .arg(pcap)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path("tcpdump.err")).unwrap());
-    let proc = Proc::spawn(cmd);
-    let log = || std::fs::read_to_string(dir.path("tcpdump.err")).unwrap_or_default();
-    let started = Instant::now();
-    while !log().contains("listening on") {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "tcpdump did not start (CI installs it: see .ci/run): {}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    proc
-}
-
-/// Stops tcpdump cleanly (SIGINT: everything it saw is in the file) and reads the capture.
-fn stop_capture(mut capture: Proc, pcap: &std::path::Path) -> Vec<u8> {
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("kill")
-        .args(["-INT", &capture.child.id().to_string()])
-        .status();
-    let _ = capture.wait_timeout(Duration::from_secs(5));
-    drop(capture);
-    std::fs::read(pcap).expect("capture file")
-}
+use crate::support::{
+    capture, finish_peer, nettool_bin, spawn_peer, stop_capture, wait_until_waiting, Proc, TempDir,
+};
 
 /// `curl` from the server's namespace: (HTTP status, body).
 fn curl(lab: &Lab, url: &str) -> (String, String) {

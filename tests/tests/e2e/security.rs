@@ -7,7 +7,7 @@ use std::time::Duration;
 use nettool_tests::{require_lab, Host, NatKind};
 
 use crate::nat_punch::RunningLab;
-use crate::support::{finish_peer, nettool_bin, spawn_peer, Proc, TempDir};
+use crate::support::{capture, finish_peer, nettool_bin, spawn_peer, stop_capture, Proc, TempDir};
 
 fn tcpdump_available() -> bool {
     Command::new("tcpdump")
@@ -34,35 +34,7 @@ fn captured_bytes_hold_no_plaintext_on_any_strategy() {
     let lab = RunningLab::new(NatKind::Cone, NatKind::Full);
     let dir = TempDir::new("wire");
     let pcap = dir.path("wan.pcap");
-    let router = lab.lab.router_netns(Host::A).expect("A has a router");
-    let mut capture = Command::new("ip");
-    capture
-        .args(["netns", "exec", router, "tcpdump", "-i", "wan", "-n", "-U"])
-        .args([
-            "--immediate-mode",
-            "-B",
-            "8192",
-            "-Z",
-            "root",
-            "-s",
-            "0",
-            "-w",
-        ])
-        .arg(&pcap)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path("tcpdump.err")).unwrap());
-    let mut capture = Proc::spawn(capture);
-    let log = || std::fs::read_to_string(dir.path("tcpdump.err")).unwrap_or_default();
-    let started = std::time::Instant::now();
-    while !log().contains("listening on") {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "tcpdump did not start: {}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let capture = capture(&lab.lab, Host::A, &dir, &pcap);
 
     let marker: &[u8] = b"TOP-SECRET-PLAINTEXT-";
     let data = marker.repeat(2000);
@@ -115,20 +87,12 @@ fn captured_bytes_hold_no_plaintext_on_any_strategy() {
         la.stderr, lb.stderr
     );
 
-    // Stop the capture cleanly (SIGINT), so everything it saw is in the file.
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("kill")
-        .args(["-INT", &capture.child.id().to_string()])
-        .status();
-    let _ = capture.wait_timeout(Duration::from_secs(5));
-    drop(capture);
-    let wire = std::fs::read(&pcap).expect("capture file");
+    let wire = stop_capture(capture, &pcap);
     let contains = |needle: &[u8]| wire.windows(needle.len()).any(|w| w == needle);
     assert!(
         contains(control),
-        "the capture works: the plaintext control is on the wire ({} bytes captured; tcpdump: {})",
+        "the capture works: the plaintext control is on the wire ({} bytes captured)",
         wire.len(),
-        log()
     );
     assert!(
         !contains(marker),

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -308,4 +308,53 @@ pub(crate) fn feed_paced(mut w: impl std::io::Write, data: &[u8], steps: u32, pa
             return;
         }
     }
+}
+
+/// tcpdump on `host`'s router WAN, writing to `pcap`; started when it says it listens.
+pub(crate) fn capture(
+    lab: &nettool_tests::Lab,
+    host: nettool_tests::Host,
+    dir: &TempDir,
+    pcap: &std::path::Path,
+) -> Proc {
+    let router = lab.router_netns(host).expect("the host has a router");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", router, "tcpdump", "-i", "wan", "-n", "-U"])
+        .args([
+            "--immediate-mode",
+            "-B",
+            "8192",
+            "-Z",
+            "root",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(pcap)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path("tcpdump.err")).unwrap());
+    let proc = Proc::spawn(cmd);
+    let log = || std::fs::read_to_string(dir.path("tcpdump.err")).unwrap_or_default();
+    let started = Instant::now();
+    while !log().contains("listening on") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "tcpdump did not start (CI installs it: see .ci/run): {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc
+}
+
+/// Stops tcpdump cleanly (SIGINT: everything it saw is in the file) and reads the capture.
+pub(crate) fn stop_capture(mut capture: Proc, pcap: &std::path::Path) -> Vec<u8> {
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .args(["-INT", &capture.child.id().to_string()])
+        .status();
+    let _ = capture.wait_timeout(Duration::from_secs(5));
+    drop(capture);
+    std::fs::read(pcap).expect("capture file")
 }
