@@ -849,13 +849,24 @@ async fn pump_and_report(
 }
 
 async fn demo(registry: &StrategyRegistry) -> Result<i32> {
-    let server = RendezvousServer::bind("127.0.0.1:0".parse()?, ServerConfig::default())
+    // The embedded server speaks TLS like any other, with a key made for this run; the peers
+    // pin it (nothing is written to the known-servers file).
+    let identity = nettool_rendezvous::ServerIdentity::ephemeral()
+        .context("making the embedded server's TLS identity")?;
+    let config = ServerConfig {
+        tls: Some(identity.tls_config()?),
+        ..ServerConfig::default()
+    };
+    let server = RendezvousServer::bind("127.0.0.1:0".parse()?, config)
         .await
         .context("cannot start the embedded rendezvous server on loopback")?;
     let addr = server.local_addr()?;
     let server_task = tokio::spawn(server.run());
     println!("nettool demo: rendezvous on {addr}; two peers on loopback compare every strategy");
-    let settings = Settings::default();
+    let settings = Settings {
+        server_key: Some(identity.fingerprint().to_string()),
+        ..Settings::default()
+    };
     let strategies: Vec<ConfiguredStrategy> = registry
         .build(&[], &Default::default())
         .context("building the default strategies")?

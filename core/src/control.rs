@@ -441,9 +441,10 @@ pub async fn secure(
     };
     if let Some(path) = &trust.known {
         let record = match &expected {
-            // A pin that matched replaces whatever the file said (how a new key is accepted).
+            // A pin that matched replaces a different entry (how a new key is accepted); it
+            // adds none (the pin is the user's to keep).
             Some(Expected::Pinned(_)) => {
-                !matches!(known_entry(path, server), Ok(Some(e)) if e.key == key)
+                matches!(known_entry(path, server), Ok(Some(e)) if e.key != key)
             }
             Some(Expected::Known(..)) => false,
             None => !seen.ca_verified,

@@ -64,13 +64,22 @@ impl ServerIdentity {
         };
         let key_pair = rcgen::KeyPair::from_pem(&pem)
             .map_err(|e| key_err(format!("not a private key in PEM ({e})")))?;
+        Self::from_key_pair(&key_pair).map_err(key_err)
+    }
+
+    /// A new key kept in memory only (an embedded server, e.g. `nettool demo`, whose peers are
+    /// given its fingerprint directly).
+    pub fn ephemeral() -> Result<Self, IdentityError> {
+        let key_pair = rcgen::KeyPair::generate().map_err(|e| IdentityError::Tls(e.to_string()))?;
+        Self::from_key_pair(&key_pair).map_err(IdentityError::Tls)
+    }
+
+    fn from_key_pair(key_pair: &rcgen::KeyPair) -> Result<Self, String> {
         let cert = rcgen::CertificateParams::new(vec!["nettool-rendezvous".to_owned()])
-            .and_then(|p| p.self_signed(&key_pair))
-            .map_err(|e| key_err(format!("cannot make its certificate: {e}")))?;
-        let cert = cert.der().clone();
-        let key =
-            PrivateKeyDer::try_from(key_pair.serialize_der()).map_err(|e| key_err(e.to_owned()))?;
-        Self::new(vec![cert], key)
+            .and_then(|p| p.self_signed(key_pair))
+            .map_err(|e| format!("cannot make its certificate: {e}"))?;
+        let key = PrivateKeyDer::try_from(key_pair.serialize_der()).map_err(str::to_owned)?;
+        Self::new(vec![cert.der().clone()], key).map_err(|e| e.to_string())
     }
 
     /// A certificate chain and its key from PEM files (`--tls-cert`, `--tls-key`), e.g. from a
