@@ -29,7 +29,7 @@ use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
 use nettool_rendezvous::{RendezvousServer, ServerConfig};
 use std::sync::Arc;
 
-mod bench;
+pub mod bench_support;
 mod cmd;
 mod compare;
 mod forward;
@@ -91,16 +91,6 @@ enum Command {
     /// Example, on two machines:
     ///   nettool compare --server rv.example.net:8877 --session cmp --label office
     Compare(CompareArgs),
-    /// Measure time to link, link throughput and rendezvous capacity, with targets.
-    ///
-    /// Without --server everything runs on this machine (a rendezvous server in a child
-    /// process, both peers in this one) and prints a table per section (or --json), each figure
-    /// with PASS or MISS against its target. With --server and --session it is one peer of a
-    /// time-to-link benchmark against that server (the other peer runs the same command).
-    ///
-    /// Example (small and quick):
-    ///   nettool bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
-    Bench(bench::BenchArgs),
     /// Find out what kind of network this host is on (NAT mapping and filtering, per family).
     ///
     /// Against a rendezvous server started with --other-address (all tests), or any RFC 5780
@@ -133,7 +123,7 @@ enum Command {
     /// command-line flags.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Plain TCP with connect's stdin/stdout pump: the baseline of `bench --section cli-path`.
+    /// Plain TCP with connect's stdin/stdout pump: the baseline of `nettool-bench --section cli-path`.
     #[command(hide = true)]
     PlainTcp(PlainTcpArgs),
     /// List the strategies this binary knows, in the default order, with their settings.
@@ -153,8 +143,9 @@ struct PlainTcpArgs {
     connect: Option<SocketAddr>,
 }
 
+/// The config file and profile flags (`--config`, `--profile`), global to every command.
 #[derive(Debug, Args)]
-struct ConfigArgs {
+pub struct ConfigArgs {
     /// Config file (TOML with a [default] table and [profile.NAME] tables). Default:
     /// $NETTOOL_CONFIG, else ./nettool.toml, else the user config dir's nettool/config.toml.
     #[arg(long, global = true, value_name = "FILE")]
@@ -164,8 +155,9 @@ struct ConfigArgs {
     profile: Option<String>,
 }
 
+/// The flags of a peer: server, session, strategies, timeouts, secret or code.
 #[derive(Debug, Args)]
-struct PeerArgs {
+pub struct PeerArgs {
     /// Rendezvous server, HOST:PORT (port defaults to 8877). Repeat to give fallbacks: the
     /// servers are tried in order and the first that answers is used (one line per server
     /// tried). Or `server` in the config (a string, or a list). A name's every address is
@@ -302,7 +294,8 @@ struct CompareArgs {
     summary: bool,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+/// Parses a byte count with an optional unit: 8MiB, 500K, 1G (powers of 1000 or 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -351,7 +344,7 @@ pub fn run_with(registry: StrategyRegistry) -> i32 {
     init_logging(cli.verbose);
     // `connect` moves bytes between stdio and one link: one thread does that with less CPU per
     // byte than a worker pool, whose cross-thread wake-ups cost more than they win here
-    // (measured in `nettool bench --section cli-path`, CPU column; README "Data path").
+    // (measured in `nettool-bench --section cli-path`, CPU column; README "Data path").
     // `expose` and `forward` carry hundreds of connections at once and keep the pool, as do
     // the server and the in-process commands.
     let one_thread = matches!(cli.command, Command::Connect(_) | Command::Netcheck(_));
@@ -401,14 +394,14 @@ impl std::error::Error for BadSettings {}
 
 /// A strategy built from its settings, with its attempt timeout.
 #[derive(Clone)]
-pub(crate) struct ConfiguredStrategy {
+pub struct ConfiguredStrategy {
     strategy: Arc<dyn Strategy>,
     timeout: Duration,
 }
 
 impl ConfiguredStrategy {
     /// The strategy's name.
-    pub(crate) fn name(&self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         self.strategy.name()
     }
 }
@@ -444,7 +437,8 @@ fn build_strategies(
         })
 }
 
-fn init_logging(verbose: u8) {
+/// Logs to stderr at the level `-v` asked for (`verbose` times given); RUST_LOG overrides.
+pub fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -556,12 +550,6 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             compare_cmd(args, loaded.settings, &strategies).await
         }
         Command::Demo => demo(registry).await,
-        Command::Bench(args) => {
-            no_code(&args.peer, "bench")?;
-            let loaded = load(args.peer.overrides(registry))?;
-            let strategies = build_strategies(&loaded, registry)?;
-            bench::run(args, loaded.settings, &strategies).await
-        }
         Command::Netcheck(args) => netcheck::run(args).await,
         Command::Expose(args) => {
             let loaded = load(args.peer.overrides(registry))?;
@@ -626,7 +614,8 @@ fn config_show(loaded: &Loaded) -> Result<i32> {
     Ok(0)
 }
 
-fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrator {
+/// An orchestrator over `configs` in order, each with its attempt timeout, `overall` for all.
+pub fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrator {
     Orchestrator::new(
         configs
             .iter()

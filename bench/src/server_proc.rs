@@ -23,7 +23,7 @@ impl ServerProc {
     }
 
     pub(super) fn spawn_blocking(extra: &[String]) -> Result<Self> {
-        let exe = std::env::current_exe().context("finding the nettool binary")?;
+        let exe = crate::nettool_bin()?;
         let mut cmd = Command::new(exe);
         cmd.args([
             "rendezvous",
@@ -63,8 +63,14 @@ pub(super) fn unlimited_flags() -> Vec<&'static str> {
     static FLAGS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
     FLAGS
         .get_or_init(|| {
-            let help = std::env::current_exe()
-                .and_then(|exe| Command::new(exe).args(["rendezvous", "--help"]).output())
+            let help = crate::nettool_bin()
+                .ok()
+                .and_then(|exe| {
+                    Command::new(exe)
+                        .args(["rendezvous", "--help"])
+                        .output()
+                        .ok()
+                })
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
             [
