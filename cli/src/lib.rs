@@ -30,7 +30,7 @@ pub mod bench_support;
 mod cmd;
 mod codes;
 mod compare;
-mod forward;
+mod forwarding;
 mod legacy;
 mod pump;
 mod servers;
@@ -42,6 +42,8 @@ use cmd::compare::{compare_cmd, CompareArgs};
 use cmd::config::{config_show, ConfigCommand};
 use cmd::connect::{connect, ConnectArgs};
 use cmd::demo::demo;
+use cmd::expose::{expose, ExposeArgs};
+use cmd::forward::{forward, ForwardArgs};
 use cmd::netcheck;
 use cmd::plain_tcp::{plain_tcp, PlainTcpArgs};
 use cmd::rendezvous::{rendezvous, RendezvousArgs};
@@ -110,7 +112,7 @@ enum Command {
     /// after each forwarder leaves.
     ///
     /// Example: nettool expose --server rv.example.net --session ssh --secret K 127.0.0.1:22
-    Expose(forward::ExposeArgs),
+    Expose(ExposeArgs),
     /// Accept local TCP connections and carry each one over one link to `nettool expose`.
     ///
     /// Each connection becomes its own stream (yamux, per-stream flow control); a dead link is
@@ -118,7 +120,7 @@ enum Command {
     ///
     /// Example: nettool forward --server rv.example.net --session ssh --secret K
     ///   --listen 127.0.0.1:2222   (then: ssh -p 2222 user@127.0.0.1)
-    Forward(forward::ForwardArgs),
+    Forward(ForwardArgs),
     /// Inspect the configuration.
     ///
     /// Settings come from, lowest first: built-in defaults, the config file's [default]
@@ -511,12 +513,12 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
         Command::Expose(args) => {
             let loaded = load(args.peer.overrides(registry))?;
             let strategies = build_strategies(&loaded, registry)?;
-            forward::expose(args, loaded.settings, &strategies).await
+            expose(args, loaded.settings, &strategies).await
         }
         Command::Forward(args) => {
             let loaded = load(args.peer.overrides(registry))?;
             let strategies = build_strategies(&loaded, registry)?;
-            forward::forward(args, loaded.settings, &strategies).await
+            forward(args, loaded.settings, &strategies).await
         }
         Command::Config(ConfigCommand::Show) => {
             let loaded = load(Overrides::default())?;
