@@ -29,13 +29,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// How to compare.
 #[derive(Debug, Clone)]
-pub(crate) struct CompareOptions {
+pub struct CompareOptions {
     /// Rounds over all strategies.
-    pub(crate) rounds: u32,
+    pub rounds: u32,
     /// Bytes sent each way for the throughput figure.
-    pub(crate) size: u64,
+    pub size: u64,
     /// Pings for the RTT figure.
-    pub(crate) pings: u32,
+    pub pings: u32,
 }
 
 /// One strategy's result in one round, as this peer saw it.
@@ -117,7 +117,9 @@ pub(crate) async fn run(
         if settings.relay_first {
             let orch = crate::orchestrator(strategies, settings.timeout)
                 .with_server_token(settings.server_token.clone())
-                .with_control(crate::servers::control(settings).expect("checked by compare_cmd"))
+                .with_control(
+                    crate::servers::control(settings).expect("checked by compare_cmd and demo"),
+                )
                 .with_plan(settings.plan)
                 .with_nat_cache(crate::nat_cache(settings));
             if relay_first::applies(&orch) {
@@ -251,7 +253,7 @@ async fn one(
 ) -> CompareRow {
     let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
         .with_server_token(settings.server_token.clone())
-        .with_control(crate::servers::control(settings).expect("checked by compare_cmd"))
+        .with_control(crate::servers::control(settings).expect("checked by compare_cmd and demo"))
         .with_plan(settings.plan)
         .with_nat_cache(crate::nat_cache(settings));
     let (link, report) = orch.connect(params, events).await;
@@ -283,17 +285,17 @@ async fn one(
 }
 
 /// Figures measured over one link (both ends get all of them).
-pub(crate) struct Measured {
+pub struct Measured {
     /// Median round trip, ms.
-    pub(crate) rtt_ms: f64,
+    pub rtt_ms: f64,
     /// MB/s from the first peer to the second.
-    pub(crate) first_to_second: f64,
+    pub first_to_second: f64,
     /// MB/s from the second peer to the first.
-    pub(crate) second_to_first: f64,
+    pub second_to_first: f64,
 }
 
 /// Pings, then a bulk transfer each way, over the link. Both ends end up with all figures.
-pub(crate) async fn measure(link: Link, role: Role, options: &CompareOptions) -> Result<Measured> {
+pub async fn measure(link: Link, role: Role, options: &CompareOptions) -> Result<Measured> {
     let (mut rd, mut wr) = tokio::io::split(link.stream);
     // RTT: the first pings, the second echoes; then the other way round.
     let mut rtts = Vec::new();

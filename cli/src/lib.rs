@@ -13,36 +13,43 @@
 //! std::process::exit(nettool::run_with(registry));
 //! ```
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::io::IsTerminal;
 
 use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
 use nettool_core::orchestrator::Event;
 use nettool_core::registry::{RegistryError, StrategyRegistry};
 use nettool_core::Strategy;
-use nettool_core::{ConnectParams, Link, Orchestrator, Outcome, Report};
-use nettool_rendezvous::{RendezvousServer, ServerConfig};
+use nettool_core::{Link, Orchestrator, Outcome, Report};
 use std::sync::Arc;
 
-mod bench;
+pub mod bench_support;
 mod cmd;
+mod codes;
 mod compare;
-mod forward;
+mod forwarding;
 mod legacy;
-mod netcheck;
 mod pump;
 mod servers;
 mod session;
 mod stdio;
 mod tunables;
 
+use cmd::compare::{compare_cmd, CompareArgs};
+use cmd::config::{config_show, ConfigCommand};
 use cmd::connect::{connect, ConnectArgs};
+use cmd::demo::demo;
+use cmd::expose::{expose, ExposeArgs};
+use cmd::forward::{forward, ForwardArgs};
+use cmd::netcheck;
+use cmd::plain_tcp::{plain_tcp, PlainTcpArgs};
 use cmd::rendezvous::{rendezvous, RendezvousArgs};
+use cmd::strategies::strategies_list;
+use codes::no_code;
+pub(crate) use codes::{use_code, wrong_code_message, CodeSide};
 pub(crate) use servers::{choose_server, resolve_all};
 
 const DEFAULT_PORT: u16 = 8877;
@@ -91,16 +98,6 @@ enum Command {
     /// Example, on two machines:
     ///   nettool compare --server rv.example.net:8877 --session cmp --label office
     Compare(CompareArgs),
-    /// Measure time to link, link throughput and rendezvous capacity, with targets.
-    ///
-    /// Without --server everything runs on this machine (a rendezvous server in a child
-    /// process, both peers in this one) and prints a table per section (or --json), each figure
-    /// with PASS or MISS against its target. With --server and --session it is one peer of a
-    /// time-to-link benchmark against that server (the other peer runs the same command).
-    ///
-    /// Example (small and quick):
-    ///   nettool bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
-    Bench(bench::BenchArgs),
     /// Find out what kind of network this host is on (NAT mapping and filtering, per family).
     ///
     /// Against a rendezvous server started with --other-address (all tests), or any RFC 5780
@@ -115,7 +112,7 @@ enum Command {
     /// after each forwarder leaves.
     ///
     /// Example: nettool expose --server rv.example.net --session ssh --secret K 127.0.0.1:22
-    Expose(forward::ExposeArgs),
+    Expose(ExposeArgs),
     /// Accept local TCP connections and carry each one over one link to `nettool expose`.
     ///
     /// Each connection becomes its own stream (yamux, per-stream flow control); a dead link is
@@ -123,7 +120,7 @@ enum Command {
     ///
     /// Example: nettool forward --server rv.example.net --session ssh --secret K
     ///   --listen 127.0.0.1:2222   (then: ssh -p 2222 user@127.0.0.1)
-    Forward(forward::ForwardArgs),
+    Forward(ForwardArgs),
     /// Inspect the configuration.
     ///
     /// Settings come from, lowest first: built-in defaults, the config file's [default]
@@ -133,7 +130,7 @@ enum Command {
     /// command-line flags.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Plain TCP with connect's stdin/stdout pump: the baseline of `bench --section cli-path`.
+    /// Plain TCP with connect's stdin/stdout pump: the baseline of `nettool-bench --section cli-path`.
     #[command(hide = true)]
     PlainTcp(PlainTcpArgs),
     /// List the strategies this binary knows, in the default order, with their settings.
@@ -143,18 +140,9 @@ enum Command {
     Strategies,
 }
 
+/// The config file and profile flags (`--config`, `--profile`), global to every command.
 #[derive(Debug, Args)]
-struct PlainTcpArgs {
-    /// Accept one connection on this address (prints `listening on ADDR`).
-    #[arg(long, conflicts_with = "connect")]
-    listen: Option<SocketAddr>,
-    /// Connect to this address.
-    #[arg(long)]
-    connect: Option<SocketAddr>,
-}
-
-#[derive(Debug, Args)]
-struct ConfigArgs {
+pub struct ConfigArgs {
     /// Config file (TOML with a [default] table and [profile.NAME] tables). Default:
     /// $NETTOOL_CONFIG, else ./nettool.toml, else the user config dir's nettool/config.toml.
     #[arg(long, global = true, value_name = "FILE")]
@@ -164,8 +152,9 @@ struct ConfigArgs {
     profile: Option<String>,
 }
 
+/// The flags of a peer: server, session, strategies, timeouts, secret or code.
 #[derive(Debug, Args)]
-struct PeerArgs {
+pub struct PeerArgs {
     /// Rendezvous server, HOST:PORT (port defaults to 8877). Repeat to give fallbacks: the
     /// servers are tried in order and the first that answers is used (one line per server
     /// tried). Or `server` in the config (a string, or a list). A name's every address is
@@ -285,39 +274,8 @@ impl PeerArgs {
     }
 }
 
-#[derive(Debug, Args)]
-struct CompareArgs {
-    #[command(flatten)]
-    peer: PeerArgs,
-    /// Name of the network you are on, stored with the results (e.g. home, office, lte).
-    #[arg(long, default_value = "unlabelled")]
-    label: String,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Rounds over all strategies.
-    #[arg(long, default_value_t = 1)]
-    rounds: u32,
-    /// Bytes sent each way for the throughput figure (suffixes K, M, G, KiB, MiB, GiB).
-    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
-    size: u64,
-    /// Pings each way for the round-trip figure (the median is reported).
-    #[arg(long, default_value_t = 10)]
-    pings: u32,
-    /// History file the run is appended to as one JSON line (default: the user data dir's
-    /// nettool/history.jsonl).
-    #[arg(long, value_name = "FILE")]
-    history: Option<PathBuf>,
-    /// Do not append to the history.
-    #[arg(long, conflicts_with = "history")]
-    no_history: bool,
-    /// Print success rate and median time to link per label and strategy from the history,
-    /// instead of running a comparison.
-    #[arg(long)]
-    summary: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
+/// Parses a byte count with an optional unit: 8MiB, 500K, 1G (powers of 1000 or 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -342,12 +300,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
-#[derive(Debug, Subcommand)]
-enum ConfigCommand {
-    /// Print the effective settings and where each value came from.
-    Show,
-}
-
 fn fmt_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
@@ -366,7 +318,7 @@ pub fn run_with(registry: StrategyRegistry) -> i32 {
     init_logging(cli.verbose);
     // `connect` moves bytes between stdio and one link: one thread does that with less CPU per
     // byte than a worker pool, whose cross-thread wake-ups cost more than they win here
-    // (measured in `nettool bench --section cli-path`, CPU column; README "Data path").
+    // (measured in `nettool-bench --section cli-path`, CPU column; README "Data path").
     // `expose` and `forward` carry hundreds of connections at once and keep the pool, as do
     // the server and the in-process commands.
     let one_thread = matches!(cli.command, Command::Connect(_) | Command::Netcheck(_));
@@ -416,14 +368,14 @@ impl std::error::Error for BadSettings {}
 
 /// A strategy built from its settings, with its attempt timeout.
 #[derive(Clone)]
-pub(crate) struct ConfiguredStrategy {
+pub struct ConfiguredStrategy {
     strategy: Arc<dyn Strategy>,
     timeout: Duration,
 }
 
 impl ConfiguredStrategy {
     /// The strategy's name.
-    pub(crate) fn name(&self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         self.strategy.name()
     }
 }
@@ -459,7 +411,8 @@ fn build_strategies(
         })
 }
 
-fn init_logging(verbose: u8) {
+/// Logs to stderr at the level `-v` asked for (`verbose` times given); RUST_LOG overrides.
+pub fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -578,22 +531,16 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
             compare_cmd(args, loaded.settings, &strategies).await
         }
         Command::Demo => demo(registry).await,
-        Command::Bench(args) => {
-            no_code(&args.peer, "bench")?;
-            let loaded = load(args.peer.overrides(registry))?;
-            let strategies = build_strategies(&loaded, registry)?;
-            bench::run(args, loaded.settings, &strategies).await
-        }
         Command::Netcheck(args) => netcheck::run(args).await,
         Command::Expose(args) => {
             let loaded = load(args.peer.overrides(registry))?;
             let strategies = build_strategies(&loaded, registry)?;
-            forward::expose(args, loaded.settings, &strategies).await
+            expose(args, loaded.settings, &strategies).await
         }
         Command::Forward(args) => {
             let loaded = load(args.peer.overrides(registry))?;
             let strategies = build_strategies(&loaded, registry)?;
-            forward::forward(args, loaded.settings, &strategies).await
+            forward(args, loaded.settings, &strategies).await
         }
         Command::Config(ConfigCommand::Show) => {
             let loaded = load(Overrides::default())?;
@@ -608,47 +555,8 @@ async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) 
     }
 }
 
-fn strategies_list(registry: &StrategyRegistry) {
-    let tables = registry.default_tables();
-    for factory in registry.factories() {
-        println!("{:<12} {}", factory.name(), factory.description());
-        if let Some(serde_json::Value::Object(map)) = tables.get(factory.name()) {
-            for (key, value) in map {
-                println!("    strategy.{}.{key} = {value}", factory.name());
-            }
-        }
-    }
-}
-
-fn config_show(loaded: &Loaded) -> Result<i32> {
-    println!(
-        "# config file: {}",
-        loaded
-            .file
-            .as_ref()
-            .map_or("none".to_owned(), |p| p.display().to_string())
-    );
-    println!("# profile: {}", loaded.profile.as_deref().unwrap_or("none"));
-    let rows = loaded.explain();
-    let width = rows
-        .iter()
-        .map(|(k, v, _)| k.len() + v.len() + 3)
-        .max()
-        .unwrap_or(0);
-    for (key, value, source) in rows {
-        let hidden = ["secret", "server-token", "rendezvous.server-token"];
-        let value = if hidden.contains(&key.as_str()) && value != "null" {
-            "\"(hidden)\"".to_owned()
-        } else {
-            value
-        };
-        let kv = format!("{key} = {value}");
-        println!("{kv:<width$}  # {source}");
-    }
-    Ok(0)
-}
-
-fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrator {
+/// An orchestrator over `configs` in order, each with its attempt timeout, `overall` for all.
+pub fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orchestrator {
     Orchestrator::new(
         configs
             .iter()
@@ -699,124 +607,6 @@ fn progress(event: Event) {
     }
 }
 
-/// Commands that run many pairings of one session take no short code (a code links once).
-fn no_code(peer: &PeerArgs, command: &str) -> Result<()> {
-    if peer.code.is_some() {
-        return Err(anyhow::Error::new(BadSettings(format!(
-            "--code is for connect, expose and forward; {command} needs --session and --secret"
-        ))));
-    }
-    Ok(())
-}
-
-/// Which side of a short code this peer is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CodeSide {
-    /// It asked the server for the code and printed it.
-    Owner,
-    /// It was given the code (`--code`).
-    Joiner,
-}
-
-/// Short codes: with `--code`, takes the session and secret from it; with no session, no
-/// secret and no code, asks the server at `servers` for a nameplate, makes a code of it and
-/// prints it with the command for the other side (`other_side`, e.g. `nettool connect`,
-/// followed by the `--server`s and `--code`). `None`: a session and secret as before.
-pub(crate) async fn use_code(
-    peer: &PeerArgs,
-    settings: &mut Settings,
-    servers: &[SocketAddr],
-    other_side: &str,
-    suffix: &str,
-) -> Result<Option<CodeSide>> {
-    use nettool_core::code::Code;
-    if let Some(text) = &peer.code {
-        let code = Code::parse(text).map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))?;
-        settings.session = Some(code.session());
-        settings.secret = Some(code.secret());
-        return Ok(Some(CodeSide::Joiner));
-    }
-    if settings.session.is_some() || settings.secret.is_some() {
-        return Ok(None);
-    }
-    let deadline = std::time::Instant::now() + settings.timeout.min(Duration::from_secs(15));
-    let control = crate::servers::control(settings)?;
-    let nameplate = nettool_core::client::allocate(
-        servers,
-        &control,
-        settings.server_token.as_deref(),
-        deadline,
-    )
-    .await
-    .context("asking the rendezvous server for a short code")?;
-    let code = Code::generate(
-        nameplate,
-        usize::from(peer.code_words),
-        &mut rand::rngs::OsRng,
-    )
-    .map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))?;
-    let server_flags: Vec<String> = settings
-        .server
-        .iter()
-        .map(|s| format!("--server {s}"))
-        .collect();
-    eprintln!("nettool: code: {code}");
-    let suffix = if suffix.is_empty() {
-        String::new()
-    } else {
-        format!(" {suffix}")
-    };
-    eprintln!(
-        "nettool: on the other side run: {other_side} {} --code {code}{suffix}",
-        server_flags.join(" ")
-    );
-    settings.session = Some(code.session());
-    settings.secret = Some(code.secret());
-    Ok(Some(CodeSide::Owner))
-}
-
-/// What a peer says when its connect ended on a wrong code (see [`CodeSide`]).
-pub(crate) fn wrong_code_message(side: Option<CodeSide>) -> &'static str {
-    match side {
-        Some(CodeSide::Owner) => "someone tried a wrong code: start again",
-        Some(CodeSide::Joiner) => {
-            "wrong code: the other side refused it, and the code is burned now; ask for a new code"
-        }
-        None => "a key confirmation failed in a code session: the code is burned",
-    }
-}
-
-/// `plain-tcp`: one plain TCP connection pumped like `connect`'s link.
-async fn plain_tcp(args: PlainTcpArgs) -> Result<i32> {
-    let (stream, local, remote) = match (args.listen, args.connect) {
-        (Some(addr), None) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            eprintln!("nettool: listening on {}", l.local_addr()?);
-            let (s, remote) = l.accept().await.context("accepting")?;
-            (s, l.local_addr()?, remote)
-        }
-        (None, Some(addr)) => {
-            let s = tokio::net::TcpStream::connect(addr)
-                .await
-                .with_context(|| format!("cannot connect to {addr}"))?;
-            let local = s.local_addr()?;
-            (s, local, addr)
-        }
-        _ => bail!("give --listen ADDR or --connect ADDR"),
-    };
-    let stop = pump::signals().context("installing signal handlers")?;
-    let link = Link {
-        stream: Box::new(stream),
-        local,
-        remote,
-        strategy: "plain-tcp",
-    };
-    eprintln!("nettool: linked with ? via plain-tcp: {local} -> {remote}");
-    pump_and_report(link, stop).await
-}
-
 pub(crate) fn write_report(path: &PathBuf, report: &Report) -> Result<()> {
     let json = serde_json::to_string_pretty(report)?;
     std::fs::write(path, json + "\n")
@@ -844,135 +634,6 @@ async fn pump_and_report(
         eprintln!("nettool: peer closed (it no longer takes data); {totals}");
     } else {
         eprintln!("nettool: peer closed; done: {totals}");
-    }
-    Ok(0)
-}
-
-async fn demo(registry: &StrategyRegistry) -> Result<i32> {
-    // The embedded server speaks TLS like any other, with a key made for this run; the peers
-    // pin it (nothing is written to the known-servers file).
-    let identity = nettool_rendezvous::ServerIdentity::ephemeral()
-        .context("making the embedded server's TLS identity")?;
-    let config = ServerConfig {
-        tls: Some(identity.tls_config()?),
-        ..ServerConfig::default()
-    };
-    let server = RendezvousServer::bind("127.0.0.1:0".parse()?, config)
-        .await
-        .context("cannot start the embedded rendezvous server on loopback")?;
-    let addr = server.local_addr()?;
-    let server_task = tokio::spawn(server.run());
-    println!("nettool demo: rendezvous on {addr}; two peers on loopback compare every strategy");
-    let settings = Settings {
-        server_key: Some(identity.fingerprint().to_string()),
-        ..Settings::default()
-    };
-    let strategies: Vec<ConfiguredStrategy> = registry
-        .build(&[], &Default::default())
-        .context("building the default strategies")?
-        .into_iter()
-        .map(|(strategy, timeout)| ConfiguredStrategy { strategy, timeout })
-        .collect();
-    let params = ConnectParams {
-        server: addr,
-        session: "demo".into(),
-        secret: Some("demo".into()),
-    };
-    let options = compare::CompareOptions {
-        rounds: 1,
-        size: 8 << 20,
-        pings: 10,
-    };
-    let quiet = !std::io::stderr().is_terminal();
-    let show = |line: &str| {
-        if !quiet {
-            eprintln!("nettool demo: {line}");
-        }
-    };
-    let ((_, rows), _) = tokio::join!(
-        compare::run(&settings, &strategies, &params, &options, &show, &|| {}),
-        compare::run(&settings, &strategies, &params, &options, &|_| {}, &|| {}),
-    );
-    server_task.abort();
-    println!("{}", compare::table(&rows));
-    let linked: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.outcome == Outcome::Connected && r.error.is_none())
-        .map(|r| r.strategy.as_str())
-        .collect();
-    println!(
-        "linked with: {}",
-        if linked.is_empty() {
-            "nothing".to_owned()
-        } else {
-            linked.join(", ")
-        }
-    );
-    Ok(if linked.len() == rows.len() { 0 } else { 1 })
-}
-
-async fn compare_cmd(
-    args: CompareArgs,
-    settings: Settings,
-    strategies: &[ConfiguredStrategy],
-) -> Result<i32> {
-    // The control channel's settings are checked once here; the rounds use them as given.
-    crate::servers::control(&settings)?;
-    let (server, _) = choose_server(&settings.server).await?;
-    let session = settings.session.clone().unwrap_or_default();
-    if session.is_empty() {
-        bail!("no session: give --session NAME (not empty) or set `session` in the config");
-    }
-    let history = if args.no_history {
-        None
-    } else {
-        Some(
-            args.history
-                .clone()
-                .or_else(compare::default_history)
-                .context(
-                    "no user data directory for the history: give --history FILE or --no-history",
-                )?,
-        )
-    };
-    let params = ConnectParams {
-        server,
-        session: session.clone(),
-        secret: settings.secret.clone(),
-    };
-    let options = compare::CompareOptions {
-        rounds: args.rounds,
-        size: args.size,
-        pings: args.pings.max(1),
-    };
-    let quiet = !std::io::stderr().is_terminal();
-    let show = |line: &str| {
-        if !quiet {
-            eprintln!("nettool compare: {line}");
-        }
-    };
-    // Like connect's, always: scripts (and tests) start the second peer when they see it.
-    let waiting = || progress(Event::Waiting);
-    let (role, rows) =
-        compare::run(&settings, strategies, &params, &options, &show, &waiting).await;
-    let run = compare::CompareRun {
-        time_unix: compare::now_unix(),
-        label: args.label.clone(),
-        session,
-        role,
-        size: args.size,
-        rows,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&run)?);
-    } else {
-        println!("{}", compare::table(&run.rows));
-    }
-    if let Some(path) = history {
-        compare::append_history(&path, &run).await?;
-        if !quiet {
-            eprintln!("nettool compare: appended to {}", path.display());
-        }
     }
     Ok(0)
 }

@@ -297,7 +297,7 @@ pub(crate) async fn or_signal<T>(
 }
 
 /// Kernel TLS on this machine, and the path used.
-pub(crate) fn ktls_status() -> String {
+pub fn ktls_status() -> String {
     let ulp = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
     if ulp.split_whitespace().any(|u| u == "tls") {
         format!(

@@ -28,7 +28,7 @@ static FAILED: OnceLock<String> = OnceLock::new();
 
 /// Re-executes this process with the tunable set, unless it is set already, the user opted
 /// out, or this is not an x86-64 glibc build. Returns only when it does not re-execute.
-pub(crate) fn reexec_with_tuned_memcpy() {
+pub fn reexec_with_tuned_memcpy() {
     if !cfg!(all(
         target_os = "linux",
         target_env = "gnu",
@@ -65,7 +65,7 @@ pub(crate) fn reexec_with_tuned_memcpy() {
 }
 
 /// What the report and the bench say about the copy routine.
-pub(crate) fn status() -> String {
+pub fn status() -> String {
     if !cfg!(all(
         target_os = "linux",
         target_env = "gnu",

@@ -1,14 +1,15 @@
-//! The NAT-lab part of `nettool bench` (time to link through real NAT routers). Ignored by
-//! default — it is a benchmark, not a test; run it as root with a release binary:
+//! The NAT-lab part of `nettool-bench` (time to link through real NAT routers). Ignored by
+//! default — it is a benchmark, not a test; run it as root with release binaries (the
+//! `nettool-bench` next to NETTOOL_BIN is used):
 //!
 //! ```sh
-//! cargo build --release -p nettool
+//! cargo build --release -p nettool -p nettool-bench
 //! NETTOOL_BIN=target/release/nettool \
 //!   cargo test --release -p nettool-tests --test e2e bench_lab -- --ignored --nocapture
 //! ```
 //!
 //! The rendezvous server runs in the lab's server namespace; the two peers are two
-//! `nettool bench --server ... --session ...` processes (peer mode) in the host namespaces.
+//! `nettool-bench --server ... --session ...` processes (peer mode) in the host namespaces.
 //! Each prints its own p50/p95 with PASS/MISS; this test prints both tables and checks only
 //! that every run linked and the JSON parses (no timing assertions).
 
@@ -18,9 +19,9 @@ use std::time::Duration;
 
 use nettool_tests::{require_lab, Host, Lab, NatKind};
 
-use crate::support::{nettool_bin, Proc};
+use crate::support::{nettool_bench_bin, nettool_bin, Proc};
 
-/// Runs both peers of `nettool bench` (peer mode) for `strategies` through a lab `a` × `b`.
+/// Runs both peers of `nettool-bench` (peer mode) for `strategies` through a lab `a` × `b`.
 fn bench_pair(a: NatKind, b: NatKind, strategies: &[&str], runs: u32) {
     let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
     // The server's per-address join and STUN rate limits (20/s) would throttle 50
@@ -37,8 +38,8 @@ fn bench_pair(a: NatKind, b: NatKind, strategies: &[&str], runs: u32) {
     let session = format!("bench-{a}-{b}");
     let runs = runs.to_string();
     let peer = |h: Host| {
-        let mut cmd: Command = lab.command(h, nettool_bin());
-        cmd.args(["bench", "--server", &server, "--session", &session])
+        let mut cmd: Command = lab.command(h, nettool_bench_bin());
+        cmd.args(["--server", &server, "--session", &session])
             .args([
                 "--secret",
                 "lab",
@@ -87,7 +88,7 @@ fn bench_pair(a: NatKind, b: NatKind, strategies: &[&str], runs: u32) {
             .unwrap_or_else(|e| panic!("peer {name}: bad JSON ({e}):\n{out}"));
         tables.push((*name, v));
     }
-    println!("nettool bench in the NAT lab, {a} (A, first) x {b} (B):");
+    println!("nettool-bench in the NAT lab, {a} (A, first) x {b} (B):");
     for (name, v) in &tables {
         for row in v["time_to_link"].as_array().expect("rows") {
             println!(
@@ -127,13 +128,12 @@ fn bench_lab_time_to_link() {
     bench_pair(NatKind::Cone, NatKind::Full, &["tcp-direct"], runs);
 }
 
-/// Runs `nettool bench` (loopback mode) with its CLI-path processes placed in the lab `a` × `b`:
+/// Runs `nettool-bench` (loopback mode) with its CLI-path processes placed in the lab `a` × `b`:
 /// the server in the server namespace, peer A (sender) and B (receiver) in the hosts'.
 fn bench_cli_in_lab(a: NatKind, b: NatKind, extra: &[&str]) -> serde_json::Value {
     let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
-    let mut cmd = Command::new(nettool_bin());
-    cmd.arg("bench")
-        .args(extra)
+    let mut cmd = Command::new(nettool_bench_bin());
+    cmd.args(extra)
         .args(["--cli-netns-server", lab.netns(Host::Server)])
         .args(["--cli-netns-a", lab.netns(Host::A)])
         .args(["--cli-netns-b", lab.netns(Host::B)])

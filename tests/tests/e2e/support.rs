@@ -26,14 +26,42 @@ pub(crate) fn nettool_bin() -> PathBuf {
         bin.display()
     );
     static FRESH: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    if let Err(e) = FRESH.get_or_init(|| check_fresh(&bin)) {
+    if let Err(e) = FRESH.get_or_init(|| check_fresh(&bin, "nettool", NETTOOL_SOURCES)) {
         panic!("{e}");
     }
     bin
 }
 
-/// Errs when a source file of the binary is newer than the binary.
-fn check_fresh(bin: &Path) -> Result<(), String> {
+/// The source directories the `nettool` binary is built from.
+const NETTOOL_SOURCES: &[&str] = &[
+    "core/src",
+    "strategies/src",
+    "config/src",
+    "cli/src",
+    "portmap/src",
+];
+
+/// The `nettool-bench` binary (the benchmarks): the one next to [`nettool_bin`] (cargo builds
+/// both into the same directory; `cargo build -p nettool-bench` builds it). It runs that
+/// `nettool` for its child processes (NETTOOL_BIN, which it inherits, else its neighbour).
+pub(crate) fn nettool_bench_bin() -> PathBuf {
+    let bin = nettool_bin().with_file_name("nettool-bench");
+    assert!(
+        bin.exists(),
+        "{} not found: build it with `cargo build -p nettool-bench` (next to the nettool binary)",
+        bin.display()
+    );
+    let mut sources = NETTOOL_SOURCES.to_vec();
+    sources.push("bench/src");
+    if let Err(e) = check_fresh(&bin, "nettool-bench", &sources) {
+        panic!("{e}");
+    }
+    bin
+}
+
+/// Errs when a source file of the binary (under `sources`, of the package `package`) is newer
+/// than the binary.
+fn check_fresh(bin: &Path, package: &str, sources: &[&str]) -> Result<(), String> {
     fn newest(dir: &Path, best: &mut Option<(std::time::SystemTime, PathBuf)>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
@@ -53,13 +81,7 @@ fn check_fresh(bin: &Path) -> Result<(), String> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut best = None;
-    for krate in [
-        "core/src",
-        "strategies/src",
-        "config/src",
-        "cli/src",
-        "portmap/src",
-    ] {
+    for krate in sources {
         newest(&root.join(krate), &mut best);
     }
     let built = std::fs::metadata(bin)
@@ -67,7 +89,7 @@ fn check_fresh(bin: &Path) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", bin.display()))?;
     match best {
         Some((t, src)) if t > built => Err(format!(
-            "{} is stale: {} changed after it was built; run `cargo build -p nettool` or the \
+            "{} is stale: {} changed after it was built; run `cargo build -p {package}` or the \
              tests with `cargo test --workspace`",
             bin.display(),
             src.display()

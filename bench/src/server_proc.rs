@@ -23,7 +23,7 @@ impl ServerProc {
     }
 
     pub(super) fn spawn_blocking(extra: &[String]) -> Result<Self> {
-        let exe = std::env::current_exe().context("finding the nettool binary")?;
+        let exe = crate::nettool_bin()?;
         let mut cmd = Command::new(exe);
         cmd.args([
             "rendezvous",
@@ -58,13 +58,22 @@ impl Drop for ServerProc {
 
 /// Flags that lift the server's per-source-address limits (connections and joins per second
 /// per IP address, sessions at once) where this build has them: every benchmark client comes
-/// from loopback, and the figures are about the server's own capacity.
+/// from loopback, and the figures are about the server's own capacity. Also
+/// `--insecure-control` where the build has it: the capacity and cluster sections drive the
+/// server with many small plain-JSON clients (their figures are plain joins; `nettool
+/// connect` peers still use TLS).
 pub(super) fn unlimited_flags() -> Vec<&'static str> {
     static FLAGS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
     FLAGS
         .get_or_init(|| {
-            let help = std::env::current_exe()
-                .and_then(|exe| Command::new(exe).args(["rendezvous", "--help"]).output())
+            let help = crate::nettool_bin()
+                .ok()
+                .and_then(|exe| {
+                    Command::new(exe)
+                        .args(["rendezvous", "--help"])
+                        .output()
+                        .ok()
+                })
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
             [
@@ -76,6 +85,10 @@ pub(super) fn unlimited_flags() -> Vec<&'static str> {
             .into_iter()
             .filter(|f| help.contains(f))
             .flat_map(|f| [f, "0"])
+            .chain(
+                help.contains("--insecure-control")
+                    .then_some("--insecure-control"),
+            )
             .collect()
         })
         .clone()

@@ -1,4 +1,7 @@
-//! `nettool bench`: time to link, link throughput and rendezvous capacity, in one run.
+//! `nettool-bench`: time to link, link throughput and rendezvous capacity, in one run.
+//!
+//! It runs `nettool` child processes (the rendezvous server, the CLI path's peers): the binary
+//! `NETTOOL_BIN` names, else the `nettool` next to this executable ([`nettool_bin`]).
 //!
 //! Without `--server` everything runs on this machine: a rendezvous server in a child process
 //! (`nettool rendezvous --listen 127.0.0.1:0`, so its memory and CPU can be read from
@@ -29,15 +32,19 @@
 //! status 1. Timing is asserted here, never in tests.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use nettool_config::Settings;
 use nettool_core::ConnectParams;
 use serde::Serialize;
 
-use crate::ConfiguredStrategy;
+use nettool::bench_support::{
+    exit_status, init_logging, parse_size, peer_settings, reexec_with_tuned_memcpy, ConfigArgs,
+    ConfiguredStrategy, PeerArgs,
+};
 
 use capacity::capacity;
 use server_proc::ServerProc;
@@ -53,18 +60,90 @@ mod server_proc;
 mod throughput;
 mod time_to_link;
 
-/// Flags of `nettool bench`.
+/// Measure time to link, link throughput and rendezvous capacity, with targets.
+///
+/// Without --server everything runs on this machine (a rendezvous server in a child
+/// process, both peers in this one) and prints a table per section (or --json), each figure
+/// with PASS or MISS against its target. With --server and --session it is one peer of a
+/// time-to-link benchmark against that server (the other peer runs the same command).
+///
+/// Runs `nettool` child processes: NETTOOL_BIN, else the `nettool` next to this binary.
+///
+/// Example (small and quick):
+///   nettool-bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
+#[derive(Debug, Parser)]
+#[command(name = "nettool-bench", version)]
+struct Cli {
+    #[command(flatten)]
+    bench: BenchArgs,
+    /// Log more (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+fn main() {
+    // Like `nettool`, before anything else: the in-process links copy as the CLI's do, and
+    // the child processes inherit the setting (see `nettool`'s `tunables`).
+    reexec_with_tuned_memcpy();
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nettool-bench: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let registry = nettool_strategies::registry();
+    let code = runtime.block_on(async {
+        let result = async {
+            let (settings, strategies) =
+                peer_settings(&cli.config, &cli.bench.peer, &registry, "bench")?;
+            run(cli.bench, settings, &strategies).await
+        };
+        match result.await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("nettool-bench: {e:#}");
+                exit_status(&e)
+            }
+        }
+    });
+    std::process::exit(code);
+}
+
+/// The `nettool` binary the benchmark runs as child processes: `NETTOOL_BIN`, else the one
+/// next to this executable (cargo builds both into the same directory).
+pub(crate) fn nettool_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NETTOOL_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("finding the nettool-bench binary")?;
+    let bin = exe.with_file_name("nettool");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it next to nettool-bench (cargo build -p nettool) or set \
+             NETTOOL_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Flags of `nettool-bench`.
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
     /// Without --server: strategies to measure (default: all). With --server (peer mode): act
     /// as one peer against that rendezvous server; the other peer runs the same command.
     #[command(flatten)]
-    pub(crate) peer: crate::PeerArgs,
+    pub(crate) peer: PeerArgs,
     /// Runs per strategy for the time-to-link figures (p50 and p95).
     #[arg(long, default_value_t = 50)]
     runs: u32,
     /// Bytes sent each way per throughput round (suffixes K, M, G, KiB, MiB, GiB).
-    #[arg(long, default_value = "256MiB", value_parser = crate::parse_size)]
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     size: u64,
     /// Throughput rounds over plain TCP and every strategy, interleaved; the median counts.
     #[arg(long, default_value_t = 3)]
@@ -76,10 +155,10 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
     /// Numbers of waiting sessions for the memory figure, comma separated (10k = 10000).
-    #[arg(long, value_delimiter = ',', default_value = "10k,100k", value_parser = crate::parse_size)]
+    #[arg(long, value_delimiter = ',', default_value = "10k,100k", value_parser = parse_size)]
     sessions: Vec<u64>,
     /// CLI path: bytes per transfer between two `connect` processes (and plain TCP).
-    #[arg(long, default_value = "1GiB", value_parser = crate::parse_size)]
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     cli_size: u64,
     /// CLI path: how data goes in and out (pipe: the bench feeds and drains pipes; file: a
     /// file into A's stdin, B's stdout into a file). Comma separated.
@@ -89,7 +168,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 200)]
     soak_runs: u32,
     /// Soak: bytes each way per transfer.
-    #[arg(long, default_value = "64MiB", value_parser = crate::parse_size)]
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     soak_size: u64,
     /// Soak: the strategy soaked (a name `nettool strategies` lists).
     #[arg(long, default_value = "tcp-punch")]
@@ -286,13 +365,13 @@ struct MemoryRow {
     error: Option<String>,
 }
 
-/// `nettool bench`.
+/// The benchmark: the sections asked for, then the tables (or JSON); the exit status.
 pub(crate) async fn run(
     args: BenchArgs,
     settings: Settings,
     configs: &[ConfiguredStrategy],
 ) -> Result<i32> {
-    let peer_mode = !args.peer.server.is_empty();
+    let peer_mode = !args.peer.servers().is_empty();
     let sections: Vec<Section> = if args.sections.is_empty() {
         if peer_mode {
             vec![Section::TimeToLink]
@@ -317,7 +396,7 @@ pub(crate) async fn run(
     let quiet = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let progress = |line: &str| {
         if !quiet {
-            eprintln!("nettool bench: {line}");
+            eprintln!("nettool-bench: {line}");
         }
     };
     let mut report = BenchReport {
@@ -336,7 +415,7 @@ pub(crate) async fn run(
         ],
     };
     if peer_mode {
-        let (server, all) = crate::choose_server(&settings.server).await?;
+        let (server, all) = nettool::bench_support::choose_server(&settings.server).await?;
         let session = settings.session.clone().unwrap_or_default();
         if session.is_empty() {
             bail!("no session: give --session NAME (the other peer gives the same)");
@@ -347,9 +426,12 @@ pub(crate) async fn run(
             secret: settings.secret.clone(),
         };
         for config in configs {
-            let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
-                .with_server_token(settings.server_token.clone())
-                .with_server_addresses(all.clone());
+            let orch = nettool::bench_support::orchestrator(
+                std::slice::from_ref(config),
+                settings.timeout,
+            )
+            .with_server_token(settings.server_token.clone())
+            .with_server_addresses(all.clone());
             report
                 .time_to_link
                 .push(time_to_link_peer(&orch, config.name(), &params, args.runs, &progress).await);
@@ -424,12 +506,12 @@ pub(crate) async fn run(
                     .cli_b_ip
                     .unwrap_or(cli_path::Placement::loopback().b_ip),
             };
-            let links: Vec<String> = if args.peer.strategies.is_empty() {
+            let links: Vec<String> = if args.peer.strategies().is_empty() {
                 ["tcp-punch", "tcp-direct", "relay", "udp-quic"]
                     .map(str::to_owned)
                     .to_vec()
             } else {
-                args.peer.strategies.iter().map(String::clone).collect()
+                args.peer.strategies().iter().map(String::clone).collect()
             };
             let modes: Vec<cli_path::IoMode> = args
                 .cli_mode
@@ -447,7 +529,7 @@ pub(crate) async fn run(
             let (cli, soak) = tokio::task::spawn_blocking(move || {
                 let show = |line: &str| {
                     if !quiet {
-                        eprintln!("nettool bench: {line}");
+                        eprintln!("nettool-bench: {line}");
                     }
                 };
                 let cli = want_cli

@@ -9,8 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::time_to_link::{link_pair, percentile};
 use super::{Throughput, ThroughputRow, Verdict};
-use crate::compare::{measure, CompareOptions};
-use crate::ConfiguredStrategy;
+use nettool::bench_support::{measure, CompareOptions, ConfiguredStrategy};
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);

@@ -57,7 +57,7 @@ impl Placement {
 }
 
 fn command(netns: &Option<String>) -> Result<Command> {
-    let exe = std::env::current_exe().context("finding the nettool binary")?;
+    let exe = crate::nettool_bin()?;
     Ok(program(netns, exe))
 }
 
@@ -835,8 +835,8 @@ pub(crate) fn run(
         },
         ktls: format!(
             "{}; {}",
-            crate::pump::ktls_status(),
-            crate::tunables::status()
+            nettool::bench_support::ktls_status(),
+            nettool::bench_support::memcpy_status()
         ),
         rows,
     })

@@ -1,4 +1,4 @@
-//! `nettool bench --section cluster`: pairings per second through two rendezvous nodes that
+//! `nettool-bench --section cluster`: pairings per second through two rendezvous nodes that
 //! share sessions in Redis, against one node with its in-process registry, and the CPU time
 //! per pairing Redis adds.
 //!

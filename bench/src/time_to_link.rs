@@ -8,7 +8,7 @@ use nettool_core::orchestrator::Event;
 use nettool_core::{ConnectParams, Link, Orchestrator, Role};
 
 use super::{TimeToLinkRow, Verdict};
-use crate::ConfiguredStrategy;
+use nettool::bench_support::{orchestrator, ConfiguredStrategy};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -81,8 +81,8 @@ pub(super) async fn link_pair(
     overall: Duration,
     params: &ConnectParams,
 ) -> Result<(Duration, (Link, Role), (Link, Role))> {
-    let a = crate::orchestrator(std::slice::from_ref(config), overall);
-    let b = crate::orchestrator(std::slice::from_ref(config), overall);
+    let a = orchestrator(std::slice::from_ref(config), overall);
+    let b = orchestrator(std::slice::from_ref(config), overall);
     let ((ra, pa, ea), (rb, pb, eb)) =
         tokio::join!(connect_timed(&a, params), connect_timed(&b, params));
     let (la, lb) = (ra?, rb?);

@@ -1,4 +1,4 @@
-//! `nettool bench --section server-memory`: the rendezvous server's resident memory per
+//! `nettool-bench --section server-memory`: the rendezvous server's resident memory per
 //! connection under hostile load.
 //!
 //! A rendezvous server runs as a child process with its default limits (`nettool rendezvous
@@ -205,7 +205,7 @@ struct ServerChild {
 
 impl ServerChild {
     fn spawn() -> Result<Self> {
-        let exe = std::env::current_exe().context("finding the nettool binary")?;
+        let exe = crate::nettool_bin()?;
         let mut cmd = Command::new(exe);
         cmd.args(["rendezvous", "--listen", "127.0.0.1:0"]);
         let (child, addr) = super::server_proc::start_listening(&mut cmd)?;

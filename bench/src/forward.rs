@@ -1,4 +1,4 @@
-//! `nettool bench --section forward`: one forwarded stream against `nettool connect`.
+//! `nettool-bench --section forward`: one forwarded stream against `nettool connect`.
 //!
 //! Real processes on loopback, per strategy: two `nettool connect` peers carry `size` bytes
 //! from the first's stdin to the second's stdout; then `nettool expose` and `nettool forward`
@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::ConfiguredStrategy;
 use anyhow::{bail, Context, Result};
+use nettool::bench_support::ConfiguredStrategy;
 
 /// Runs the forward benchmark against the rendezvous server at `server`; one line per
 /// strategy (or its error).
@@ -56,7 +56,7 @@ impl Drop for Kid {
 }
 
 fn nettool(server: SocketAddr, session: &str, strategy: &str, sub: &[&str]) -> Result<Command> {
-    let mut c = Command::new(std::env::current_exe().context("finding the nettool binary")?);
+    let mut c = Command::new(crate::nettool_bin()?);
     c.args(sub)
         .args(["--server", &server.to_string(), "--session", session])
         .args(["--secret", "bench", "--strategy", strategy]);
