@@ -36,7 +36,7 @@ pub async fn choose_server(servers: &[String]) -> Result<(SocketAddr, Vec<Socket
 
 /// Loads the settings as `nettool` does for a command: defaults, the config file and profile
 /// of `config`, the environment, then `overrides` (the command's flags).
-fn load_settings(
+pub(crate) fn load_settings(
     config: &ConfigArgs,
     registry: &StrategyRegistry,
     overrides: Overrides,

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use nettool_config::{LoadOptions, Loaded, Overrides, Settings};
+use nettool_config::{Loaded, Overrides, Settings};
 use nettool_core::orchestrator::Event;
 use nettool_core::registry::{RegistryError, StrategyRegistry};
 use nettool_core::Strategy;
@@ -428,16 +428,7 @@ pub fn init_logging(verbose: u8) {
 }
 
 async fn run(command: Command, config: ConfigArgs, registry: &StrategyRegistry) -> Result<i32> {
-    let load = |overrides: Overrides| {
-        Settings::load(LoadOptions {
-            config: config.config.clone(),
-            profile: config.profile.clone(),
-            overrides,
-            strategy_defaults: registry.default_tables(),
-            default_strategies: registry.names().into_iter().map(str::to_owned).collect(),
-        })
-        .map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))
-    };
+    let load = |overrides: Overrides| bench_support::load_settings(&config, registry, overrides);
     match command {
         Command::Rendezvous(args) => {
             let mut o = Overrides::default();
