@@ -9,9 +9,11 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nettool_core::client::RendezvousClient;
+use nettool_core::client::{ClientError, Pairing, RendezvousClient};
+use nettool_core::control::{ControlSecurity, ServerTrust};
 
 use crate::support::{
     finish_peer, nettool_bin, sha256, spawn_peer, test_data, wait_until_waiting, Proc, TempDir,
@@ -97,6 +99,19 @@ impl Redis {
 }
 
 use redis::Commands as _;
+
+/// A join over the control channel's TLS, as `nettool connect` makes it (any server key is
+/// accepted: these tests are about the cluster, `control.rs` about the keys).
+async fn join(
+    server: SocketAddr,
+    session: &str,
+    names: &[String],
+    deadline: Instant,
+    on_waiting: impl FnOnce(),
+) -> Result<(RendezvousClient, Pairing), ClientError> {
+    let tls = ControlSecurity::Tls(Arc::new(ServerTrust::new(None, None, None)));
+    RendezvousClient::join_any(&[server], &tls, session, names, None, deadline, on_waiting).await
+}
 
 /// A `nettool rendezvous --cluster` node.
 struct Node {
@@ -277,7 +292,7 @@ async fn join_and_offer(
 ) -> Result<serde_json::Value, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let names = ["s".to_owned()];
-    let (mut client, pairing) = RendezvousClient::join(server, &session, &names, deadline, || {})
+    let (mut client, pairing) = join(server, &session, &names, deadline, || {})
         .await
         .map_err(|e| format!("{session}: join: {e}"))?;
     if pairing.strategies != names {
@@ -371,7 +386,7 @@ fn when_a_node_dies_sessions_pair_on_the_other_and_its_keys_expire() {
         waiters.push(rt.spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(30);
             let names = ["s".to_owned()];
-            let _ = RendezvousClient::join(n2_addr, &format!("dead-{i}"), &names, deadline, || {
+            let _ = join(n2_addr, &format!("dead-{i}"), &names, deadline, || {
                 let _ = tx.send(());
             })
             .await;
@@ -447,7 +462,7 @@ fn when_a_node_dies_sessions_pair_on_the_other_and_its_keys_expire() {
             let first = tokio::spawn(async move {
                 let deadline = Instant::now() + Duration::from_secs(20);
                 let names = ["s".to_owned()];
-                RendezvousClient::join(a, &s, &names, deadline, || {
+                join(a, &s, &names, deadline, || {
                     let _ = tx.send(());
                 })
                 .await
@@ -464,7 +479,7 @@ fn when_a_node_dies_sessions_pair_on_the_other_and_its_keys_expire() {
             }
             let deadline = Instant::now() + Duration::from_secs(20);
             let names = ["s".to_owned()];
-            let second = RendezvousClient::join(b, &session, &names, deadline, || {}).await;
+            let second = join(b, &session, &names, deadline, || {}).await;
             match (first.await.expect("task"), second) {
                 (Ok(nettool_core::protocol::Role::First), Ok(_)) => {}
                 (f, s) => failures.push(format!("{session}: {f:?} / {:?}", s.err())),
