@@ -118,6 +118,8 @@ struct Node {
     proc: Proc,
     addr: SocketAddr,
     id: String,
+    /// Where it serves `/metrics` and `/healthz` (with `--metrics` in `extra`).
+    metrics: Option<SocketAddr>,
 }
 
 impl Node {
@@ -133,6 +135,7 @@ impl Node {
         let stderr = proc.child.stderr.take().expect("stderr piped");
         let mut reader = BufReader::new(stderr);
         let mut id = None;
+        let mut metrics = None;
         let mut line = String::new();
         let addr = loop {
             line.clear();
@@ -140,6 +143,9 @@ impl Node {
             assert!(n > 0, "the node on {ip} ended before listening");
             if let Some(rest) = line.split("cluster node ").nth(1) {
                 id = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if let Some(rest) = line.split("metrics at http://").nth(1) {
+                metrics = rest.split('/').next().and_then(|a| a.parse().ok());
             }
             if let Some(rest) = line.split("listening on ").nth(1) {
                 break rest
@@ -154,6 +160,7 @@ impl Node {
             proc,
             addr,
             id: id.expect("the node printed its cluster id"),
+            metrics,
         }
     }
 }
@@ -576,4 +583,40 @@ fn a_relayed_session_resumes_through_the_other_node_when_its_node_dies() {
     assert_eq!(report["resumes"][0]["strategy"], "relay", "{report}");
     assert!(text("a.err").contains("resumed via relay"), "{ctx}");
     drop(n2);
+}
+
+/// `GET /healthz` of a node: the HTTP status code (curl; "000" when it did not answer).
+fn healthz(addr: SocketAddr) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://{addr}/healthz"))
+        .output()
+        .expect("curl runs (CI installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `/healthz` is 200 while the node's Redis answers and 503 once it is gone.
+#[test]
+fn health_follows_the_clusters_redis() {
+    let Some(redis) = Redis::start() else { return };
+    let node = Node::start("127.0.0.1", &redis, &["--metrics", "127.0.0.1:0"]);
+    let metrics = node.metrics.expect("the node printed its metrics address");
+    assert_eq!(healthz(metrics), "200");
+    drop(redis);
+    let started = Instant::now();
+    let mut status = healthz(metrics);
+    while status != "503" && started.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+        status = healthz(metrics);
+    }
+    assert_eq!(status, "503", "unhealthy once Redis is gone");
+    drop(node);
 }
