@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nettool_core::control::{secure, ControlIo, ControlSecurity, ServerTrust};
 use nettool_core::protocol::PROTOCOL_VERSION;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 
 use super::server_proc::ServerProc;
 use super::{BenchArgs, Capacity, MemoryRow, PairingRate, Verdict};
@@ -106,10 +107,20 @@ pub(super) async fn capacity(args: &BenchArgs, progress: &dyn Fn(&str)) -> (Capa
          of its own"
     ));
     let mut memory = Vec::new();
-    for &n in &args.sessions {
-        progress(&format!("capacity: {n} waiting sessions ..."));
+    // Plain joins at every size asked for, then the smallest size again over TLS (the
+    // control channel's cost per waiting session; the 100k figure projects from it).
+    let tls_size = args.sessions.iter().copied().min();
+    let runs = args
+        .sessions
+        .iter()
+        .map(|&n| (false, n))
+        .chain(tls_size.map(|n| (true, n)));
+    for (tls, n) in runs {
+        let over = if tls { " over TLS" } else { "" };
+        progress(&format!("capacity: {n} waiting sessions{over} ..."));
         memory.push(
             waiting_sessions(
+                tls,
                 n,
                 limit.saturating_sub(margin),
                 why_low.as_deref(),
@@ -260,7 +271,19 @@ pub(super) async fn raw_join(
     src: Option<Ipv4Addr>,
     session: String,
     until: &str,
-) -> Result<TcpStream> {
+) -> Result<Box<dyn ControlIo>> {
+    raw_join_over(server, src, session, until, false).await
+}
+
+/// As [`raw_join`], over the control channel's TLS when `tls` (the real client's handshake,
+/// any server key accepted): what a waiting TLS session costs the server.
+pub(super) async fn raw_join_over(
+    server: SocketAddr,
+    src: Option<Ipv4Addr>,
+    session: String,
+    until: &str,
+    tls: bool,
+) -> Result<Box<dyn ControlIo>> {
     let socket = TcpSocket::new_v4()?;
     socket.set_zero_linger()?;
     if let Some(src) = src {
@@ -285,7 +308,16 @@ pub(super) async fn raw_join(
             .with_context(|| format!("binding a client socket on {src}"))?;
     }
     let _ = socket.set_nodelay(true);
-    let mut stream = socket.connect(server).await.context("connecting")?;
+    let stream = socket.connect(server).await.context("connecting")?;
+    let security = if tls {
+        ControlSecurity::Tls(Arc::new(ServerTrust::new(None, None, None)))
+    } else {
+        ControlSecurity::Plain
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut stream = secure(stream, server, &security, deadline)
+        .await
+        .context("the control channel's TLS")?;
     // Written by hand (the fields every server version takes) rather than built from the
     // message type, so the figure does not depend on optional fields added later.
     let join = serde_json::json!({
@@ -295,6 +327,7 @@ pub(super) async fn raw_join(
         "strategies": ["relay"],
     });
     stream.write_all(format!("{join}\n").as_bytes()).await?;
+    stream.flush().await?;
     let want = format!("\"type\":\"{until}\"");
     let mut got = Vec::new();
     let mut buf = [0u8; 512];
@@ -315,12 +348,14 @@ pub(super) async fn raw_join(
 }
 
 async fn waiting_sessions(
+    tls: bool,
     n: u64,
     fd_budget: u64,
     why_low: Option<&str>,
     concurrency: usize,
 ) -> MemoryRow {
     let mut row = MemoryRow {
+        tls,
         sessions: n,
         reached: 0,
         rss_before_kib: None,
@@ -358,11 +393,12 @@ async fn waiting_sessions(
     while i < goal || !tasks.is_empty() {
         while i < goal && tasks.len() < concurrency.max(1) && failure.is_none() {
             let src = Ipv4Addr::new(127, 0, 0, (2 + i / 10_000 % 250) as u8);
-            tasks.spawn(raw_join(
+            tasks.spawn(raw_join_over(
                 server.addr,
                 Some(src),
                 format!("wait-{tag}-{i}"),
                 "waiting",
+                tls,
             ));
             i += 1;
         }
@@ -398,7 +434,8 @@ async fn waiting_sessions(
             row.projected_100k_mb = Some((b * 1024) as f64 / 1e6 + per * 100_000.0 / 1e6);
         }
     }
-    if n >= 100_000 {
+    if n >= 100_000 || tls {
+        // The TLS run is the smaller size only: its projection is what 100k TLS sessions cost.
         match row.rss_after_kib {
             Some(a) if row.reached >= 100_000 => {
                 row.verdict = Verdict::of((a * 1024) as f64 / 1e6 <= TARGET_100K_MB);

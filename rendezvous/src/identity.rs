@@ -132,6 +132,10 @@ impl ServerIdentity {
             .with_single_cert(self.certs.clone(), self.key.clone_key())
             .map_err(|e| IdentityError::Tls(e.to_string()))?;
         tls.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+        // Peers make a new TLS client per connection and never resume: no tickets to issue,
+        // no session cache to hold.
+        tls.send_tls13_tickets = 0;
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(Arc::new(tls))
     }
 }
