@@ -333,3 +333,23 @@ fn an_identity_created_by_racing_servers_is_one_key() {
     assert_eq!(mode, 0o600, "the key is private to its owner");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A TLS client against a server that speaks plain JSON only (an older server) fails with a
+/// message that says how to talk to it.
+#[tokio::test]
+async fn tls_to_a_plain_only_server_says_to_use_insecure_control() {
+    let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let stats = server.stats();
+    let running = tokio::spawn(server.run());
+    let err = join(addr, &tls(None, None), "old-server")
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("TLS with the rendezvous server"), "{text}");
+    assert!(text.contains("--insecure-control"), "{text}");
+    assert_eq!(stats.session_count(), 0);
+    running.abort();
+}
