@@ -112,7 +112,11 @@ pub(crate) async fn resolve_all(server: &str) -> Result<Vec<SocketAddr>> {
 pub(crate) fn control(settings: &nettool_config::Settings) -> Result<ControlSecurity> {
     if settings.insecure_control {
         if settings.server_key.is_some() {
-            bail!("--server-key pins the server's TLS key, but --insecure-control turns TLS off: give one of them");
+            return Err(anyhow::Error::new(crate::BadSettings(
+                "--server-key pins the server's TLS key, but --insecure-control turns TLS off: \
+                 give one of them"
+                    .into(),
+            )));
         }
         static WARNED: std::sync::Once = std::sync::Once::new();
         WARNED.call_once(|| {
@@ -128,7 +132,11 @@ pub(crate) fn control(settings: &nettool_config::Settings) -> Result<ControlSecu
         .as_deref()
         .map(str::parse::<KeyFingerprint>)
         .transpose()
-        .map_err(|e| anyhow!("--server-key (or `server-key` in the config): {e}"))?;
+        .map_err(|e| {
+            anyhow::Error::new(crate::BadSettings(format!(
+                "--server-key (or `server-key` in the config): {e}"
+            )))
+        })?;
     // The DNS name (one server given by name): SNI, and checked against a public CA's
     // certificate when nothing is pinned or remembered.
     let name = match &settings.server[..] {

@@ -467,3 +467,55 @@ pub async fn secure(
     }
     Ok(Box::new(tls_stream))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_parse_and_print_as_sha256_hex() {
+        let hex64 = "ab".repeat(32);
+        let fp: KeyFingerprint = format!("sha256:{hex64}").parse().unwrap();
+        assert_eq!(fp.to_string(), format!("sha256:{hex64}"));
+        assert_eq!(format!("SHA256:{hex64}").parse::<KeyFingerprint>(), Ok(fp));
+        for (bad, says) in [
+            (hex64.clone(), "must be written sha256:"),
+            ("sha256:zz".to_owned(), "not hex"),
+            ("sha256:abcd".to_owned(), "64 hex digits"),
+        ] {
+            let err = bad.parse::<KeyFingerprint>().unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn known_servers_are_read_written_and_replaced() {
+        let dir = std::env::temp_dir().join(format!(
+            "nettool-known-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let path = dir.join("nettool").join("known_servers");
+        let a: SocketAddr = "192.0.2.1:8877".parse().unwrap();
+        let b: SocketAddr = "[2001:db8::1]:8877".parse().unwrap();
+        let (k1, k2) = (KeyFingerprint([1; 32]), KeyFingerprint([2; 32]));
+        assert_eq!(known_entry(&path, a).unwrap(), None, "no file yet");
+        remember(&path, a, k1).unwrap();
+        remember(&path, b, k1).unwrap();
+        remember(&path, a, k2).unwrap();
+        let entry = known_entry(&path, a).unwrap().unwrap();
+        assert_eq!(
+            (entry.key, entry.line),
+            (k2, 3),
+            "replaced, moved to the end"
+        );
+        assert_eq!(known_entry(&path, b).unwrap().unwrap().key, k1);
+        std::fs::write(&path, "192.0.2.1:8877\n").unwrap();
+        let err = known_entry(&path, a).unwrap_err();
+        assert!(
+            err.contains("line 1") && err.contains("IP:PORT sha256:HEX"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
