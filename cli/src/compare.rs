@@ -18,6 +18,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Table};
 use nettool_config::Settings;
 
 use crate::ConfiguredStrategy;
+use nettool_core::control::ControlSecurity;
 use nettool_core::discovery::{Filtering, Mapping};
 use nettool_core::orchestrator::Event;
 use nettool_core::plan::NatSummary;
@@ -77,6 +78,7 @@ pub(crate) struct CompareRun {
 /// and waits for the other (`compare` prints connect's "waiting for the peer" line then).
 pub(crate) async fn run(
     settings: &Settings,
+    control: &ControlSecurity,
     strategies: &[ConfiguredStrategy],
     base: &ConnectParams,
     options: &CompareOptions,
@@ -101,10 +103,13 @@ pub(crate) async fn run(
                 session: format!("{}/{round}/{name}", base.session),
                 ..base.clone()
             };
-            let row = one(
-                config, settings, &params, options, round, &mut role, &events,
-            )
-            .await;
+            let orch = crate::peer_orchestrator(
+                std::slice::from_ref(config),
+                settings.timeout,
+                settings,
+                control.clone(),
+            );
+            let row = one(orch, settings, &params, options, round, &mut role, &events).await;
             progress(&format!(
                 "round {round}: {name} {}",
                 match &row.error {
@@ -115,13 +120,8 @@ pub(crate) async fn run(
             rows.push(row);
         }
         if settings.relay_first {
-            let orch = crate::orchestrator(strategies, settings.timeout)
-                .with_server_token(settings.server_token.clone())
-                .with_control(
-                    crate::servers::control(settings).expect("checked by compare_cmd and demo"),
-                )
-                .with_plan(settings.plan)
-                .with_nat_cache(crate::nat_cache(settings));
+            let orch =
+                crate::peer_orchestrator(strategies, settings.timeout, settings, control.clone());
             if relay_first::applies(&orch) {
                 progress(&format!("round {round}: relay-first ..."));
                 let params = ConnectParams {
@@ -242,8 +242,9 @@ async fn measure_into(
     }
 }
 
+/// One strategy's row: `orch` holds that strategy alone.
 async fn one(
-    config: &ConfiguredStrategy,
+    orch: nettool_core::Orchestrator,
     settings: &Settings,
     params: &ConnectParams,
     options: &CompareOptions,
@@ -251,17 +252,12 @@ async fn one(
     role: &mut Option<Role>,
     events: &(dyn Fn(Event) + Send + Sync),
 ) -> CompareRow {
-    let orch = crate::orchestrator(std::slice::from_ref(config), settings.timeout)
-        .with_server_token(settings.server_token.clone())
-        .with_control(crate::servers::control(settings).expect("checked by compare_cmd and demo"))
-        .with_plan(settings.plan)
-        .with_nat_cache(crate::nat_cache(settings));
     let (link, report) = orch.connect(params, events).await;
     *role = report.role.or(*role);
     let attempt = report.attempts.first();
     let mut row = CompareRow {
         round,
-        strategy: config.name().to_owned(),
+        strategy: orch.names().concat(),
         outcome: attempt.map_or(Outcome::Failed, |a| a.outcome),
         time_to_link_ms: None,
         rtt_ms: None,

@@ -557,6 +557,21 @@ pub fn orchestrator(configs: &[ConfiguredStrategy], overall: Duration) -> Orches
     )
 }
 
+/// The orchestrator of a peer command: `configs` within `overall`, with the settings' server
+/// token, plan and NAT cache, and the control channel secured by `control`.
+pub(crate) fn peer_orchestrator(
+    configs: &[ConfiguredStrategy],
+    overall: Duration,
+    settings: &Settings,
+    control: nettool_core::control::ControlSecurity,
+) -> Orchestrator {
+    orchestrator(configs, overall)
+        .with_server_token(settings.server_token.clone())
+        .with_control(control)
+        .with_plan(settings.plan)
+        .with_nat_cache(nat_cache(settings))
+}
+
 /// The NAT discovery cache the settings ask for: `<user cache dir>/nettool/nat.json`.
 fn nat_cache(settings: &Settings) -> Option<nettool_core::nat_cache::NatCache> {
     if !settings.nat_cache || !settings.plan {

@@ -50,8 +50,7 @@ pub(crate) async fn compare_cmd(
     settings: Settings,
     strategies: &[ConfiguredStrategy],
 ) -> Result<i32> {
-    // The control channel's settings are checked once here; the rounds use them as given.
-    crate::servers::control(&settings)?;
+    let control = crate::servers::control(&settings)?;
     let (server, _) = choose_server(&settings.server).await?;
     let session = settings.session.clone().unwrap_or_default();
     if session.is_empty() {
@@ -87,8 +86,10 @@ pub(crate) async fn compare_cmd(
     };
     // Like connect's, always: scripts (and tests) start the second peer when they see it.
     let waiting = || progress(Event::Waiting);
-    let (role, rows) =
-        compare::run(&settings, strategies, &params, &options, &show, &waiting).await;
+    let (role, rows) = compare::run(
+        &settings, &control, strategies, &params, &options, &show, &waiting,
+    )
+    .await;
     let run = compare::CompareRun {
         time_unix: compare::now_unix(),
         label: args.label.clone(),

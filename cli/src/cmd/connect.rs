@@ -15,9 +15,8 @@ use nettool_core::{ConnectParams, Orchestrator};
 use nettool_portmap::PortMapper;
 
 use crate::{
-    choose_server, legacy, nat_cache, orchestrator, parse_duration, parse_size, progress, pump,
-    session, tunables, use_code, write_report, wrong_code_message, BadSettings, CodeSide,
-    ConfiguredStrategy, PeerArgs,
+    choose_server, legacy, parse_duration, parse_size, progress, pump, session, tunables, use_code,
+    write_report, wrong_code_message, BadSettings, CodeSide, ConfiguredStrategy, PeerArgs,
 };
 
 #[derive(Debug, Args)]
@@ -105,11 +104,8 @@ pub(crate) async fn connect(
         .portmap
         .enabled
         .then(|| PortMapper::new(settings.portmap.settings()));
-    let orch = orchestrator(configs, settings.timeout)
-        .with_server_token(settings.server_token.clone())
-        .with_control(crate::servers::control(&settings)?)
-        .with_plan(settings.plan)
-        .with_nat_cache(nat_cache(&settings))
+    let control = crate::servers::control(&settings)?;
+    let orch = crate::peer_orchestrator(configs, settings.timeout, &settings, control)
         .with_server_addresses(all)
         .with_portmap(mapper.clone().map(|m| Arc::new(m) as Arc<dyn PortMapping>));
     let params = ConnectParams {

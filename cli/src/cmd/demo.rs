@@ -52,9 +52,26 @@ pub(crate) async fn demo(registry: &StrategyRegistry) -> Result<i32> {
             eprintln!("nettool demo: {line}");
         }
     };
+    let control = crate::servers::control(&settings)?;
     let ((_, rows), _) = tokio::join!(
-        compare::run(&settings, &strategies, &params, &options, &show, &|| {}),
-        compare::run(&settings, &strategies, &params, &options, &|_| {}, &|| {}),
+        compare::run(
+            &settings,
+            &control,
+            &strategies,
+            &params,
+            &options,
+            &show,
+            &|| {}
+        ),
+        compare::run(
+            &settings,
+            &control,
+            &strategies,
+            &params,
+            &options,
+            &|_| {},
+            &|| {}
+        ),
     );
     server_task.abort();
     println!("{}", compare::table(&rows));

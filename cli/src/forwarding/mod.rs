@@ -37,7 +37,7 @@ use nettool_config::Settings;
 use nettool_core::{ConnectParams, Link, Orchestrator, Report};
 use serde::Serialize;
 
-use crate::{orchestrator, progress, CodeSide, ConfiguredStrategy, PeerArgs};
+use crate::{progress, CodeSide, ConfiguredStrategy, PeerArgs};
 
 pub(crate) mod mux;
 
@@ -288,12 +288,9 @@ pub(crate) async fn prepare(
              who knows the session name could reach the service"
         );
     };
-    let orch = orchestrator(strategies, overall)
-        .with_server_token(settings.server_token.clone())
-        .with_control(crate::servers::control(settings)?)
-        .with_plan(settings.plan)
-        .with_nat_cache(crate::nat_cache(settings))
-        .with_server_addresses(all);
+    let control = crate::servers::control(settings)?;
+    let orch =
+        crate::peer_orchestrator(strategies, overall, settings, control).with_server_addresses(all);
     let params = ConnectParams {
         server,
         session,
