@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nettool_core::control::{default_known_servers, ControlSecurity, KeyFingerprint, ServerTrust};
+use nettool_core::control::{ControlSecurity, KeyFingerprint, ServerTrust};
 
 use crate::DEFAULT_PORT;
 
@@ -152,7 +152,7 @@ pub(crate) fn control(settings: &nettool_config::Settings) -> Result<ControlSecu
     };
     Ok(ControlSecurity::Tls(Arc::new(ServerTrust::new(
         pin,
-        default_known_servers(),
+        dirs::config_dir().map(|d| d.join("nettool").join("known_servers")),
         name,
     ))))
 }

@@ -143,19 +143,6 @@ impl ServerTrust {
     }
 }
 
-/// The default known-servers file: `known_servers` in nettool's config directory.
-pub fn default_known_servers() -> Option<PathBuf> {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .map(|home| {
-            std::env::var_os("XDG_CONFIG_HOME")
-                .map(PathBuf::from)
-                .filter(|p| p.is_absolute())
-                .unwrap_or_else(|| home.join(".config"))
-        })
-        .map(|config| config.join("nettool").join("known_servers"))
-}
-
 /// One entry of a known-servers file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnownEntry {
@@ -375,11 +362,19 @@ pub async fn secure(
         ControlSecurity::Plain => return Ok(Box::new(stream)),
         ControlSecurity::Tls(trust) => trust.clone(),
     };
-    let expected = match (&trust.pin, &trust.known) {
-        (Some(pin), _) => Some(Expected::Pinned(*pin)),
-        (None, Some(path)) => known_entry(path, server)
-            .map_err(ClientError::Refused)?
-            .map(|e| Expected::Known(e, path.clone())),
+    // The server's entry, read once: what to expect without a pin, and what a pin replaces.
+    let known = match &trust.known {
+        Some(path) => match known_entry(path, server) {
+            Ok(entry) => entry.map(|e| (e, path.clone())),
+            // With a pin the file is not needed: a malformed one only matters without.
+            Err(_) if trust.pin.is_some() => None,
+            Err(e) => return Err(ClientError::Refused(e)),
+        },
+        None => None,
+    };
+    let expected = match (trust.pin, &known) {
+        (Some(pin), _) => Some(Expected::Pinned(pin)),
+        (None, Some((entry, path))) => Some(Expected::Known(entry.clone(), path.clone())),
         (None, None) => None,
     };
     let provider = crate::secure::provider();
@@ -443,9 +438,7 @@ pub async fn secure(
         let record = match &expected {
             // A pin that matched replaces a different entry (how a new key is accepted); it
             // adds none (the pin is the user's to keep).
-            Some(Expected::Pinned(_)) => {
-                matches!(known_entry(path, server), Ok(Some(e)) if e.key != key)
-            }
+            Some(Expected::Pinned(_)) => known.as_ref().is_some_and(|(e, _)| e.key != key),
             Some(Expected::Known(..)) => false,
             None => !seen.ca_verified,
         };

@@ -140,18 +140,6 @@ impl ServerIdentity {
     }
 }
 
-/// The default identity file: `server-identity.pem` in nettool's state directory
-/// (`$XDG_STATE_HOME/nettool`, else `~/.local/state/nettool`).
-pub fn default_identity_path() -> Option<PathBuf> {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("state"))
-        })?;
-    Some(state.join("nettool").join("server-identity.pem"))
-}
-
 /// Creates a new key at `path` and returns its PEM (or the PEM another process created there
 /// first).
 fn create_key(path: &Path) -> std::io::Result<String> {

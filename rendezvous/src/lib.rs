@@ -82,7 +82,7 @@ mod tests;
 use cluster::SessionStore;
 pub use cluster::{ClusterConfig, ClusterError, MemoryCluster, KEY_PREFIX};
 use conn::accept_loop;
-pub use identity::{default_identity_path, IdentityError, ServerIdentity};
+pub use identity::{IdentityError, ServerIdentity};
 use limits::IpTable;
 pub use metrics::{Metrics, Reason};
 use pairing::SessionSlot;

@@ -8,8 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use nettool_config::Settings;
 use nettool_rendezvous::{
-    default_identity_path, ClusterConfig, ListenAddr, RelayLimits, RendezvousServer, ServerConfig,
-    ServerIdentity,
+    ClusterConfig, ListenAddr, RelayLimits, RendezvousServer, ServerConfig, ServerIdentity,
 };
 
 use crate::{legacy, parse_duration, parse_size, BadSettings};
@@ -275,7 +274,9 @@ fn identity(rv: &nettool_config::RendezvousConfig) -> Result<ServerIdentity> {
             let path = rv
                 .identity
                 .clone()
-                .or_else(default_identity_path)
+                .or_else(|| {
+                    dirs::state_dir().map(|d| d.join("nettool").join("server-identity.pem"))
+                })
                 .ok_or_else(|| {
                     BadSettings(
                         "no place for the server's identity key: give --identity FILE (neither \
