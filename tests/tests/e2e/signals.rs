@@ -163,8 +163,16 @@ fn a_peer_still_sending_ends_with_peer_closed_when_the_other_is_signalled() {
             signal_one_peer(strategy, libc::SIGTERM, BStdin::Sending);
         let ctx = format!("{strategy}\nA: {a_err}\nB: {b_err}");
         assert_eq!(a_code, 128 + libc::SIGTERM, "{ctx}");
-        assert_eq!(b_code, 0, "{ctx}");
         assert!(b_err.contains("peer closed"), "{ctx}");
+        // B writes 4 KiB every 5 ms: whether a piece was still in flight when A stopped is a
+        // race. Exit 0 only when every byte B sent was confirmed; otherwise 1, naming it
+        // (README, exit status).
+        if b_err.contains("all confirmed written by the peer") {
+            assert_eq!(b_code, 0, "{ctx}");
+        } else {
+            assert_eq!(b_code, 1, "{ctx}");
+            assert!(b_err.contains("before it took everything"), "{ctx}");
+        }
     }
 }
 
