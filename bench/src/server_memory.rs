@@ -181,6 +181,7 @@ async fn hostile(server: SocketAddr, source: Ipv4Addr, i: u64) -> Result<TcpStre
             session: format!("hostile-{}-{i}", std::process::id()),
             strategies: vec!["relay".into()],
             token: None,
+            express: None,
         }))
         .await?;
         // The server's answer (waiting) is one line.

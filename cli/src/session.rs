@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use nettool_core::express::{Confirmation, Verdict};
 use nettool_core::relay_first::{self, DirectConnect};
 use nettool_core::report::SessionEndReport;
 use nettool_core::session::{
@@ -197,6 +198,11 @@ pub(crate) struct SessionParams {
     pub(crate) direct: Option<DirectConnect>,
     /// When the connect began (the report's times count from here).
     pub(crate) started: Instant,
+    /// The peer's key confirmation still to come (an express relay link: it rides with the
+    /// peer's first data); a failed one means there was no link.
+    pub(crate) confirmation: Option<Confirmation>,
+    /// Which side of a short code this peer is, if any (for the wrong-code message).
+    pub(crate) code_side: Option<crate::CodeSide>,
 }
 
 /// Runs the session over `link` until it ends; writes the final report; the exit code.
@@ -241,6 +247,17 @@ pub(crate) async fn run(
         )
         .await;
     stdio::restore();
+    if let Some(mut c) = p.confirmation {
+        // The verdict is settled within a moment of the link's end (a wrong code is reported
+        // to the server first).
+        let v = tokio::time::timeout(Duration::from_secs(3), c.decided()).await;
+        if let Ok(Verdict::Failed(why)) = v {
+            if let Some(up) = &upgrades {
+                up.stop();
+            }
+            return not_linked(report, report_path, &p.params.session, why, p.code_side);
+        }
+    }
     let (code, message) = verdict(&end);
     if let Some(up) = &upgrades {
         up.stop();
@@ -281,6 +298,44 @@ pub(crate) async fn run(
     }
     eprintln!("nettool: {message}");
     Ok(code)
+}
+
+/// The peer's key confirmation failed on an express relay link: no link after all (exit 1),
+/// said as a failed connect says it; the relay attempt failed, a code is burned.
+fn not_linked(
+    mut report: Report,
+    report_path: Option<&std::path::Path>,
+    session: &str,
+    why: String,
+    code_side: Option<crate::CodeSide>,
+) -> Result<i32> {
+    let code = nettool_core::code::is_code_session(session);
+    if let Some(a) = report
+        .attempts
+        .iter_mut()
+        .find(|a| a.strategy == relay_first::RELAY)
+    {
+        a.outcome = nettool_core::Outcome::Failed;
+        a.error = Some(why.clone());
+    }
+    report.strategy = None;
+    report.local = None;
+    report.remote = None;
+    report.wrong_code = code;
+    report.error = Some(if code {
+        "key confirmation failed: a wrong code (the code is burned)".into()
+    } else {
+        why.clone()
+    });
+    if let Some(path) = report_path {
+        crate::write_report(&path.to_path_buf(), &report)?;
+    }
+    if code {
+        eprintln!("nettool: {}", crate::wrong_code_message(code_side));
+    } else {
+        eprintln!("nettool: no link: {why}");
+    }
+    Ok(1)
 }
 
 /// Relay-first's one line: "linked on relay in 12 ms, direct (tcp-punch) at 41 ms, 99.8 % of

@@ -102,6 +102,22 @@ pub struct Pairing {
     /// Where the relay runs when not on the server this peer joined through (another node
     /// of a cluster; one address per family); empty = that server.
     pub relay_addrs: Vec<SocketAddr>,
+    /// The peer's express PAKE message, when the server paired two express joins and splices
+    /// their relay connections ([`crate::express`]).
+    pub peer_pake: Option<String>,
+}
+
+/// What a join asks for ([`RendezvousClient::join_request`]).
+#[derive(Debug, Clone)]
+pub struct JoinRequest<'a> {
+    /// The session name.
+    pub session: &'a str,
+    /// The strategies offered, in order.
+    pub strategies: &'a [String],
+    /// The server token, when the server requires one.
+    pub token: Option<&'a str>,
+    /// The express relay's part of the join.
+    pub express: Option<crate::protocol::ExpressJoin>,
 }
 
 impl Pairing {
@@ -371,6 +387,30 @@ impl RendezvousClient {
         deadline: Instant,
         on_waiting: impl FnOnce(),
     ) -> Result<(Self, Pairing), ClientError> {
+        let join = JoinRequest {
+            session,
+            strategies,
+            token,
+            express: None,
+        };
+        Self::join_request(servers, security, join, deadline, on_waiting).await
+    }
+
+    /// As [`join_any`](Self::join_any) with everything a join can carry (the express relay's
+    /// part too, [`crate::express`]).
+    pub async fn join_request(
+        servers: &[SocketAddr],
+        security: &ControlSecurity,
+        join: JoinRequest<'_>,
+        deadline: Instant,
+        on_waiting: impl FnOnce(),
+    ) -> Result<(Self, Pairing), ClientError> {
+        let JoinRequest {
+            session,
+            strategies,
+            token,
+            express,
+        } = join;
         let stream = connect_happy(servers, deadline).await?;
         let server = peer_of(&stream)?;
         let _ = stream.set_nodelay(true);
@@ -383,6 +423,7 @@ impl RendezvousClient {
             session: session.to_owned(),
             strategies: strategies.to_vec(),
             token: token.map(str::to_owned),
+            express,
         })?;
         let mut on_waiting = Some(on_waiting);
         loop {
@@ -402,6 +443,7 @@ impl RendezvousClient {
                     peer,
                     relay_token,
                     relay_addrs,
+                    peer_pake,
                 }) => {
                     let client = Self {
                         conn,
@@ -424,6 +466,7 @@ impl RendezvousClient {
                         observed_other: None,
                         peer_other: None,
                         relay_addrs,
+                        peer_pake,
                     };
                     return Ok((client, pairing));
                 }
@@ -606,6 +649,19 @@ impl RendezvousClient {
                 // A peer that gave up early may have skipped its offer; ignore stale offers.
                 ServerToClient::Offer { .. } => {}
                 other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// Reads the control connection until it ends or `deadline`: `Err(WrongCode)` when the
+    /// server says the peer's key confirmation failed in a code session (it burned the code),
+    /// `Ok` when the connection just ended or the deadline came.
+    pub async fn until_closed(&mut self, deadline: Instant) -> Result<(), ClientError> {
+        loop {
+            match self.recv_any(deadline, "the server", true).await {
+                Ok(_) => {}
+                Err(ClientError::WrongCode) => return Err(ClientError::WrongCode),
+                Err(_) => return Ok(()),
             }
         }
     }
@@ -828,6 +884,7 @@ mod tests {
             observed_other: None,
             peer_other: None,
             relay_addrs: relay_addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            peer_pake: None,
         }
     }
 

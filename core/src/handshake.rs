@@ -70,6 +70,11 @@ impl LinkKey {
         Self(h.finalize().into())
     }
 
+    /// The key's bytes: the password of the express relay's PAKE ([`crate::express`]).
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// A value only holders of this key can compute: HMAC-SHA256 keyed by it over `label`
     /// and `context` (the session layer's resume name and secret, [`crate::session`]).
     pub fn derive_labeled(&self, label: &str, context: &[u8]) -> [u8; 32] {

@@ -24,6 +24,8 @@
 //! - [`port_mapping`]: the [`PortMapping`](port_mapping::PortMapping) trait through which the
 //!   orchestrator and the strategies map ports on the gateway (implemented by `nettool-portmap`),
 //!   and the data of its reports.
+//! - [`express`]: relay-first's express relay: the PAKE with the join, relay connections
+//!   spliced at pairing, the link's record layer keyed from the PAKE.
 //! - [`relay`]: the relay's wire format and the client's end of it (the server splices; the
 //!   relay strategy lives with the others).
 
@@ -34,6 +36,7 @@ pub mod client;
 pub mod code;
 pub mod control;
 pub mod discovery;
+pub mod express;
 pub mod handshake;
 pub mod nat_cache;
 pub mod orchestrator;

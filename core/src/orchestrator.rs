@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, info_span, Instrument};
 
-use crate::client::{observe_family, ClientError, RendezvousClient};
+use crate::client::{observe_family, ClientError, JoinRequest, RendezvousClient};
 use crate::discovery::{discover, quick_check, DiscoverOptions};
+use crate::express::{self, Confirmation, ExpressStart};
 use crate::handshake::{LinkKey, OneGuess};
 use crate::nat_cache::{default_gateway, verify, NatCache, Verdict};
 use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
@@ -81,6 +82,8 @@ pub struct Orchestrator {
     /// [`ConnectParams::server`].
     server_addresses: Vec<SocketAddr>,
     portmap: Option<Arc<dyn PortMapping>>,
+    /// Join for the express relay when the relay is the only strategy ([`crate::express`]).
+    express: bool,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -116,7 +119,17 @@ impl Orchestrator {
             control: crate::control::ControlSecurity::Plain,
             server_addresses: Vec::new(),
             portmap: None,
+            express: false,
         }
+    }
+
+    /// With the relay as the only strategy: joins for the express relay ([`crate::express`]):
+    /// the PAKE travels with the join and a relay connection opens beside it, so the link
+    /// exists when the peers are paired. A server or peer without it pairs as before, and
+    /// the relay attempt runs as without it. Off by default (relay-first turns it on).
+    pub fn with_express(mut self, on: bool) -> Self {
+        self.express = on;
+        self
     }
 
     /// Every address of the rendezvous server (both IP families, e.g. a host name's A and
@@ -292,15 +305,30 @@ impl Orchestrator {
                 servers.push(*a);
             }
         }
-        let join = RendezvousClient::join_any(
+        let secret = params.secret.as_deref().unwrap_or(&params.session);
+        let key = LinkKey::derive(&params.session, secret);
+        let express = (self.express && names.len() == 1 && names[0] == crate::relay_first::RELAY)
+            .then(|| ExpressStart::new(&key));
+        let join = RendezvousClient::join_request(
             &servers,
             &self.control,
-            &params.session,
-            &names,
-            self.server_token.as_deref(),
+            JoinRequest {
+                session: &params.session,
+                strategies: &names,
+                token: self.server_token.as_deref(),
+                express: express.as_ref().map(ExpressStart::join),
+            },
             deadline,
             || events(Event::Waiting),
         );
+        // The express relay's connection opens beside the join (to the first address: the
+        // join's too unless that one does not answer; then the express path is not taken).
+        let relay_conn = async {
+            match &express {
+                Some(x) => Some(express::attach(servers[0], x.ticket(), deadline).await),
+                None => None,
+            }
+        };
         // Measure the NAT per family while joining and waiting for the peer (bounded:
         // DISCOVERY's time bound). A server without RFC 5780 gives "unknown", which the plan
         // tries; a family the server does not answer on gives nothing.
@@ -317,8 +345,8 @@ impl Orchestrator {
                 None => None,
             }
         };
-        let (joined, ((mut mine, cache4), (mine6, cache6)), gateway) =
-            tokio::join!(join, discovery, gateway);
+        let (joined, ((mut mine, cache4), (mine6, cache6)), gateway, relay_conn) =
+            tokio::join!(join, discovery, gateway, relay_conn);
         for (family, c) in [("ipv4", &cache4), ("ipv6", &cache6)] {
             if let Some(c) = c {
                 let mut r = c.report.clone();
@@ -349,6 +377,21 @@ impl Orchestrator {
             role: pairing.role,
             strategies: pairing.strategies.clone(),
         });
+        if let (Some(x), Some(peer_pake), Some(Ok(conn))) =
+            (express, pairing.peer_pake.clone(), relay_conn)
+        {
+            let link = self
+                .express_link(
+                    x,
+                    conn,
+                    (client, pairing, peer_pake),
+                    params,
+                    events,
+                    deadline,
+                )
+                .await;
+            return finish_express(state, link);
+        }
         // Show this peer over its other family while measuring the round trip.
         let other_servers = client.other_family_servers();
         let sight = async {
@@ -385,8 +428,6 @@ impl Orchestrator {
                 return None;
             }
         };
-        let secret = params.secret.as_deref().unwrap_or(&params.session);
-        let key = LinkKey::derive(&params.session, secret);
 
         // Both peers always send their plan offer (null without a plan), so neither waits for
         // the other's; the wait is bounded for a peer that predates it.
@@ -462,6 +503,94 @@ impl Orchestrator {
             self.learn(c, state).await;
         }
         link
+    }
+
+    /// The express relay's link once paired: the spliced relay connection under the record
+    /// layer keyed from the PAKE; the peer's confirmation comes with its first data. The
+    /// control connection stays open until that confirmation is decided, to burn a code
+    /// whose confirmation failed (one guess per code).
+    async fn express_link(
+        &self,
+        start: ExpressStart,
+        conn: express::TicketedRelay,
+        (client, pairing, peer_pake): (RendezvousClient, crate::client::Pairing, String),
+        params: &ConnectParams,
+        events: &(dyn Fn(Event) + Send + Sync),
+        deadline: Instant,
+    ) -> (Result<Link, String>, AttemptReport) {
+        let began = now();
+        events(Event::AttemptStarted {
+            strategy: crate::relay_first::RELAY.to_owned(),
+        });
+        let made = async {
+            let (stream, local, remote) = conn.relaying(deadline).await?;
+            let sealed = start
+                .finish(
+                    &params.session,
+                    &pairing.pair_id,
+                    pairing.role,
+                    &peer_pake,
+                    stream,
+                )
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((sealed, local, remote))
+        }
+        .await;
+        let link = made.map(|(mut sealed, local, remote)| {
+            // The verdict is passed on once a wrong code is reported (burned).
+            let mut raw = sealed.confirmation();
+            let (settled, watched) = tokio::sync::watch::channel(express::Verdict::Pending);
+            sealed.settle_through(Confirmation(watched));
+            let code = crate::code::is_code_session(&params.session);
+            let session = params.session.clone();
+            tokio::spawn(async move {
+                let mut client = client;
+                // The server tells a code session's peer when the other side's confirmation
+                // failed (it burned the code): the relay may end before our own check.
+                let burned = || express::Verdict::Failed(ClientError::WrongCode.to_string());
+                let mut verdict = tokio::select! {
+                    v = raw.decided() => v,
+                    Err(ClientError::WrongCode) = client.until_closed(deadline) => burned(),
+                };
+                if verdict == express::Verdict::Pending {
+                    // The link went away before the peer's confirmation came: the server may
+                    // still say why (it burned the code).
+                    let soon = (now() + Duration::from_secs(2)).min(deadline);
+                    if let Err(ClientError::WrongCode) = client.until_closed(soon).await {
+                        verdict = burned();
+                    }
+                }
+                if let express::Verdict::Failed(why) = &verdict {
+                    info!("express relay: the peer's key confirmation failed: {why}");
+                    if code && !why.contains("wrong code") {
+                        if let Err(e) = client.report_bad_code(&session).await {
+                            info!("could not report the wrong code to the server: {e}");
+                        }
+                    }
+                }
+                settled.send_replace(verdict);
+            });
+            Link {
+                stream: Box::new(sealed),
+                local,
+                remote,
+                strategy: crate::relay_first::RELAY,
+            }
+        });
+        let entry = AttemptReport {
+            strategy: crate::relay_first::RELAY.to_owned(),
+            outcome: if link.is_ok() {
+                Outcome::Connected
+            } else {
+                Outcome::Failed
+            },
+            elapsed_ms: ms(now().saturating_duration_since(began)),
+            error: link.as_ref().err().cloned(),
+            mode: Some("express".into()),
+            probes: None,
+        };
+        events(Event::AttemptFinished(entry.clone()));
+        (link, entry)
     }
 
     /// After the attempts: remembers the winner for this network, or drops the cached entry
@@ -828,6 +957,27 @@ impl Orchestrator {
         }
         None
     }
+}
+
+/// Puts the express relay's attempt into the report; the link, if it was made.
+fn finish_express(
+    state: &mut Progress,
+    (link, entry): (Result<Link, String>, AttemptReport),
+) -> Option<Link> {
+    state.report.attempts.push(entry);
+    let l = link.ok()?;
+    state.report.strategy = Some(l.strategy.to_owned());
+    state.report.local = Some(l.local.to_string());
+    state.report.remote = Some(l.remote.to_string());
+    state.report.family = Some(
+        if l.remote.ip().to_canonical().is_ipv6() {
+            "ipv6"
+        } else {
+            "ipv4"
+        }
+        .to_owned(),
+    );
+    Some(l)
 }
 
 /// Discovery while joining: short per-test waits, so a filtered test costs little.

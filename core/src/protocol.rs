@@ -85,6 +85,10 @@ pub enum ClientToServer {
         /// from the frame when `None`, so frames of clients that predate it stay valid.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// The express relay ([`ExpressJoin`]): this peer's PAKE message and the ticket of the
+        /// relay connection it opened beside this one. Absent when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        express: Option<ExpressJoin>,
     },
     /// Ask for this connection's source address as the server sees it (first frame of an
     /// observe connection).
@@ -123,6 +127,17 @@ pub enum ClientToServer {
         token: String,
         /// This peer's role in the session.
         role: Role,
+    },
+    /// Attach this plain connection to the relay of the pairing whose join names `ticket` in
+    /// its [`ExpressJoin`] (first frame of a relay connection opened beside the control
+    /// connection, before pairing). The server holds it until that join is paired (at most
+    /// the session expiry), then treats it as a [`ClientToServer::Relay`] of that peer:
+    /// answered with [`ServerToClient::Relaying`] once both peers are attached.
+    RelayTicket {
+        /// Protocol version the client speaks.
+        version: u32,
+        /// The ticket (32 hex digits) the peer put in its join.
+        ticket: String,
     },
     /// Ask for this connection's source address, as [`ClientToServer::Observe`] does, and have
     /// the server tell the peer of this pairing about it ([`ServerToClient::PeerAddress`]).
@@ -165,6 +180,19 @@ pub enum ClientToServer {
     },
 }
 
+/// What a join carries for the express relay (see [`crate::express`]): the peer's first PAKE
+/// message, which the server hands to the other peer in [`ServerToClient::Paired`], and the
+/// ticket of the plain relay connection it opened beside the control connection
+/// ([`ClientToServer::RelayTicket`]). Neither lets the server learn or test the link key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpressJoin {
+    /// The SPAKE2 message (hex).
+    pub pake: String,
+    /// The relay connection's ticket (32 hex digits).
+    pub ticket: String,
+}
+
 /// Messages the rendezvous server sends to a peer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
@@ -197,6 +225,12 @@ pub enum ServerToClient {
         /// node, one address per family). Empty (and absent from the frame): this server.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         relay_addrs: Vec<SocketAddr>,
+        /// The peer's PAKE message from its [`ExpressJoin`], verbatim, when both peers asked
+        /// for the express relay and this server relays for the pair (the relay connections
+        /// named by the tickets are then spliced): the link needs no further round trip.
+        /// Absent otherwise: the peers go on as without it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer_pake: Option<String>,
     },
     /// Answer to [`ClientToServer::Relay`]: both peers are attached. From here on the server
     /// sends relay frames (see [`crate::relay`]) and the client sends raw link bytes.
@@ -495,6 +529,7 @@ mod tests {
             peer: "127.0.0.1:2".parse().unwrap(),
             relay_token: Some("t".into()),
             relay_addrs: Vec::new(),
+            peer_pake: None,
         };
         let line = encode(&msg);
         assert!(!String::from_utf8_lossy(&line).contains("relay_addrs"));
@@ -516,6 +551,7 @@ mod tests {
             session: "demo".into(),
             strategies: vec!["tcp-punch".into()],
             token: None,
+            express: None,
         };
         let line = encode(&msg);
         assert_eq!(
@@ -529,6 +565,7 @@ mod tests {
             session: "demo".into(),
             strategies: vec![],
             token: Some("t0ken".into()),
+            express: None,
         };
         let line = encode(&with_token);
         assert!(std::str::from_utf8(&line)

@@ -10,6 +10,10 @@
 //! link (a server that does not relay), the direct connect's outcome is the connect's, as
 //! without relay-first. Which link the session starts on is decided by the relay's outcome
 //! alone, which both peers learn in lock step: they never start on different links.
+//!
+//! The relay half joins for the express relay ([`crate::express`]): the link exists when the
+//! peers are paired, and the peer's key confirmation rides with its first data; the caller
+//! watches it ([`Link::confirmation`]) and treats a failed one as no link.
 
 use tokio::task::JoinHandle;
 
@@ -60,7 +64,11 @@ pub async fn connect(
     params: &ConnectParams,
     events: &(dyn Fn(Event) + Send + Sync),
 ) -> RelayFirst {
-    let relay = orch.clone().retain(|n| n == RELAY).with_plan(false);
+    let relay = orch
+        .clone()
+        .retain(|n| n == RELAY)
+        .with_plan(false)
+        .with_express(true);
     let direct = orch.clone().retain(|n| n != RELAY);
     let dparams = direct_params(params);
     let direct = tokio::spawn(async move { direct.connect(&dparams, &|_| {}).await });

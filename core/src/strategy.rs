@@ -119,6 +119,15 @@ impl Link {
         let any: &dyn Any = &*self.stream;
         any.downcast_ref::<MultiStream>().map(|m| m.streams.clone())
     }
+
+    /// The peer's key confirmation still to come, for an express relay link (its
+    /// confirmation rides with the first data, [`crate::express`]); `None` for links whose
+    /// handshake finished before they were handed out.
+    pub fn confirmation(&self) -> Option<crate::express::Confirmation> {
+        let any: &dyn Any = &*self.stream;
+        any.downcast_ref::<crate::express::SealedStream<crate::relay::RelayStream>>()
+            .map(|s| s.confirmation())
+    }
 }
 
 impl std::fmt::Debug for Link {

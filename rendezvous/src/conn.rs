@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nettool_core::protocol::{
-    ClientToServer, FrameError, FramedConn, RecvError, Role, ServerToClient, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    ClientToServer, ExpressJoin, FrameError, FramedConn, RecvError, Role, ServerToClient,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -17,7 +17,7 @@ use crate::control::serve_control;
 use crate::limits::ConnSlot;
 use crate::metrics::Reason;
 use crate::pairing::SessionSlot;
-use crate::relay::serve_relay;
+use crate::relay::{serve_relay, serve_relay_ticket};
 use crate::stream::{open, OpenError, ServerStream};
 use crate::{lock, Shared, READ_BUFFER, UNPAIRED_MAX_FRAME_LEN};
 
@@ -165,7 +165,12 @@ pub(crate) async fn serve_connection(
         .await;
         return;
     }
-    if tls && matches!(first, ClientToServer::Relay { .. }) {
+    if tls
+        && matches!(
+            first,
+            ClientToServer::Relay { .. } | ClientToServer::RelayTicket { .. }
+        )
+    {
         refuse(
             &mut framed,
             "relay connections are plain (their bytes are the link's own end-to-end \
@@ -185,6 +190,7 @@ pub(crate) async fn serve_connection(
             session,
             strategies,
             token,
+            express,
         } => {
             if !check_version(&mut framed, version).await {
                 return;
@@ -197,6 +203,7 @@ pub(crate) async fn serve_connection(
                 addr,
                 conn,
                 version,
+                express,
             };
             match admitted {
                 Ok(()) => serve_control(&shared, framed, joiner, session, strategies).await,
@@ -241,6 +248,11 @@ pub(crate) async fn serve_connection(
                 serve_relay(&shared, framed, slot, conn, &session, token, role).await;
             }
         }
+        ClientToServer::RelayTicket { version, ticket } => {
+            if check_version(&mut framed, version).await {
+                serve_relay_ticket(&shared, framed, slot, conn, ticket).await;
+            }
+        }
         other => {
             let what = serde_json::to_value(&other)
                 .ok()
@@ -249,8 +261,8 @@ pub(crate) async fn serve_connection(
             refuse(
                 &mut framed,
                 &format!(
-                    "expected 'join', 'observe', 'observe-family', 'relay' or 'allocate' as the \
-                     first frame, got '{what}'"
+                    "expected 'join', 'observe', 'observe-family', 'relay', 'relay-ticket' or \
+                     'allocate' as the first frame, got '{what}'"
                 ),
             )
             .await;
@@ -372,4 +384,6 @@ pub(crate) struct Joiner {
     pub(crate) addr: SocketAddr,
     pub(crate) conn: u64,
     pub(crate) version: u32,
+    /// The join's express relay part (PAKE message and relay ticket).
+    pub(crate) express: Option<ExpressJoin>,
 }

@@ -14,6 +14,7 @@ use crate::outbox::{CloseOnDrop, Outbound, Outbox};
 use crate::pairing::{
     agree, leave, new_pair_ids, no_common, register, release, Pair, PeerEnd, SessionSlot, Waiter,
 };
+use crate::relay::{valid_ticket, TicketAssignment};
 use crate::stream::ServerStream;
 use crate::{lock, Shared, MAX_JOIN_STRATEGIES, OUTBOX_CAPACITY};
 
@@ -28,6 +29,7 @@ pub(crate) async fn serve_control(
         addr,
         conn,
         version,
+        express,
     } = joiner;
     let outbox = Arc::new(Outbox::default());
     let _close = CloseOnDrop(&outbox);
@@ -71,6 +73,7 @@ pub(crate) async fn serve_control(
                         addr,
                         strategies,
                         outbox: outbox.clone(),
+                        express,
                         claiming: false,
                     }),
                 );
@@ -113,6 +116,28 @@ pub(crate) async fn serve_control(
                         None,
                     );
                     sessions.insert(session.clone(), SessionSlot::Paired(pair.clone()));
+                    // The express relay: both joins asked for it and this server relays.
+                    // Each peer gets the other's PAKE message; the relay connections named
+                    // by the tickets attach as this pairing's relay.
+                    let (first_pake, second_pake) = match (&waiter.express, &express, &relay_token)
+                    {
+                        (Some(w), Some(j), Some(token))
+                            if valid_ticket(&w.ticket) && valid_ticket(&j.ticket) =>
+                        {
+                            for (ticket, role) in
+                                [(&w.ticket, Role::First), (&j.ticket, Role::Second)]
+                            {
+                                let assigned = TicketAssignment {
+                                    session: session.clone(),
+                                    token: token.clone(),
+                                    role,
+                                };
+                                shared.assign_ticket(ticket, assigned);
+                            }
+                            (Some(j.pake.clone()), Some(w.pake.clone()))
+                        }
+                        _ => (None, None),
+                    };
                     waiter.outbox.push(Outbound::Paired(
                         pair.clone(),
                         Role::First,
@@ -124,6 +149,7 @@ pub(crate) async fn serve_control(
                             peer: addr,
                             relay_token: relay_token.clone(),
                             relay_addrs: Vec::new(),
+                            peer_pake: first_pake,
                         },
                     ));
                     outbox.push(Outbound::Paired(
@@ -137,6 +163,7 @@ pub(crate) async fn serve_control(
                             peer: waiter.addr,
                             relay_token,
                             relay_addrs: Vec::new(),
+                            peer_pake: second_pake,
                         },
                     ));
                     Ok(Some(pair))

@@ -244,6 +244,9 @@ struct Shared {
     next_conn: std::sync::atomic::AtomicU64,
     /// First peers attached to a relay, waiting for the second, by relay token.
     relay_waiting: Mutex<HashMap<String, RelayWaiter>>,
+    /// Express relay connections by ticket: waiting for their join's pairing, or the pairing
+    /// that came first ([`relay::TicketSlot`]).
+    express_tickets: Mutex<HashMap<String, relay::TicketSlot>>,
     /// Relays attached or running.
     relays: std::sync::atomic::AtomicUsize,
     /// Per source IP address: open connections and the join token bucket.
@@ -312,6 +315,7 @@ impl RendezvousServer {
                 metrics: Metrics::default(),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
                 relay_waiting: Mutex::new(HashMap::new()),
+                express_tickets: Mutex::new(HashMap::new()),
                 relays: std::sync::atomic::AtomicUsize::new(0),
                 ips: Mutex::new(IpTable::default()),
                 cluster: std::sync::OnceLock::new(),

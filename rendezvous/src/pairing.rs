@@ -31,6 +31,8 @@ pub(crate) struct Waiter {
     pub(crate) addr: SocketAddr,
     pub(crate) strategies: Vec<String>,
     pub(crate) outbox: Arc<Outbox>,
+    /// The join's express relay part (its PAKE message and relay ticket).
+    pub(crate) express: Option<nettool_core::protocol::ExpressJoin>,
     /// This joiner claimed a waiter on another node and waits for that node's answer: no
     /// local joiner may pair with it.
     pub(crate) claiming: bool,

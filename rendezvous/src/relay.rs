@@ -73,6 +73,139 @@ impl Drop for RelaySlot<'_> {
     }
 }
 
+/// What the server holds for an express relay ticket ([`ClientToServer::RelayTicket`]).
+///
+/// [`ClientToServer::RelayTicket`]: nettool_core::protocol::ClientToServer::RelayTicket
+#[derive(Debug)]
+pub(crate) enum TicketSlot {
+    /// The relay connection came first: it waits for its join's pairing (the relay token
+    /// and its role).
+    Waiting(tokio::sync::oneshot::Sender<TicketAssignment>),
+    /// The pairing came first: what the connection attaches as, and when.
+    Assigned(TicketAssignment, Instant),
+}
+
+/// What an express relay connection attaches as: its pairing's session, relay token and
+/// the peer's role.
+#[derive(Debug)]
+pub(crate) struct TicketAssignment {
+    pub(crate) session: String,
+    pub(crate) token: String,
+    pub(crate) role: Role,
+}
+
+/// Whether `ticket` looks like one (32 hex digits): anything else is refused unstored.
+pub(crate) fn valid_ticket(ticket: &str) -> bool {
+    ticket.len() == 32 && ticket.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Shared {
+    /// At pairing: gives the express relay connection of `ticket` its relay token and role
+    /// (at once when it waits, else when it comes, within the relay's attach timeout).
+    pub(crate) fn assign_ticket(&self, ticket: &str, assigned: TicketAssignment) {
+        let mut tickets = lock(&self.express_tickets);
+        if let Some(TicketSlot::Waiting(_)) = tickets.get(ticket) {
+            if let Some(TicketSlot::Waiting(tx)) = tickets.remove(ticket) {
+                let _ = tx.send(assigned);
+            }
+            return;
+        }
+        // Assignments whose connection never came are dropped after the attach timeout.
+        if tickets.len() >= 1024 {
+            let limit = self
+                .config
+                .relay
+                .as_ref()
+                .map_or(Duration::from_secs(10), |l| l.attach_timeout);
+            tickets.retain(|_, t| match t {
+                TicketSlot::Waiting(tx) => !tx.is_closed(),
+                TicketSlot::Assigned(_, at) => at.elapsed() < limit,
+            });
+        }
+        tickets.insert(
+            ticket.to_owned(),
+            TicketSlot::Assigned(assigned, Instant::now()),
+        );
+    }
+}
+
+/// An express relay connection ([`ClientToServer::RelayTicket`]): waits (at most the session
+/// expiry) until the join that names its ticket is paired, then attaches as that peer's
+/// relay connection ([`serve_relay`]).
+///
+/// [`ClientToServer::RelayTicket`]: nettool_core::protocol::ClientToServer::RelayTicket
+pub(crate) async fn serve_relay_ticket(
+    shared: &Shared,
+    mut framed: FramedConn<ServerStream>,
+    slot: ConnSlot,
+    conn: u64,
+    ticket: String,
+) {
+    if shared.config.relay.is_none() {
+        refuse(
+            &mut framed,
+            "this server does not relay (relaying is turned off)",
+        )
+        .await;
+        return;
+    }
+    if !valid_ticket(&ticket) {
+        refuse(&mut framed, "relay refused: a ticket is 32 hex digits").await;
+        return;
+    }
+    let rx = {
+        let mut tickets = lock(&shared.express_tickets);
+        match tickets.remove(&ticket) {
+            Some(TicketSlot::Assigned(assigned, _)) => Ok(assigned),
+            Some(waiting @ TicketSlot::Waiting(_)) => {
+                tickets.insert(ticket.clone(), waiting);
+                Err(None)
+            }
+            None => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tickets.insert(ticket.clone(), TicketSlot::Waiting(tx));
+                Err(Some(rx))
+            }
+        }
+    };
+    let assigned = match rx {
+        Ok(assigned) => assigned,
+        Err(None) => {
+            refuse(&mut framed, "relay refused: this ticket is already in use").await;
+            return;
+        }
+        Err(Some(rx)) => {
+            let waited = tokio::time::timeout(shared.config.session_expiry, rx).await;
+            match waited {
+                Ok(Ok(assigned)) => assigned,
+                _ => {
+                    {
+                        let mut tickets = lock(&shared.express_tickets);
+                        if matches!(tickets.get(&ticket), Some(TicketSlot::Waiting(tx)) if tx.is_closed())
+                        {
+                            tickets.remove(&ticket);
+                        }
+                    }
+                    refuse(
+                        &mut framed,
+                        "relay refused: no join with this ticket was paired in time",
+                    )
+                    .await;
+                    return;
+                }
+            }
+        }
+    };
+    // Named by its session: the token index is written after pairing, which may not have
+    // happened yet when the waiting connection wakes.
+    let TicketAssignment {
+        session,
+        token,
+        role,
+    } = assigned;
+    serve_relay(shared, framed, slot, conn, &session, token, role).await;
+}
+
 /// The TCP connection under a relay's stream (relays are refused over TLS before this).
 fn plain(stream: ServerStream) -> Option<TcpStream> {
     match stream {

@@ -119,6 +119,7 @@ pub(crate) fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg:
                     peer: addr,
                     relay_token: relay_token.clone(),
                     relay_addrs: Vec::new(),
+                    peer_pake: None,
                 },
             ));
             info!(session = %session, node = %from, "paired with a peer on another node");
@@ -196,6 +197,7 @@ pub(crate) fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg:
                     peer,
                     relay_token,
                     relay_addrs,
+                    peer_pake: None,
                 },
             ));
         }

@@ -74,6 +74,7 @@ async fn join(addr: SocketAddr, session: &str) -> Conn {
         session: session.into(),
         strategies: vec!["relay".into()],
         token: None,
+        express: None,
     })
     .await
     .unwrap();

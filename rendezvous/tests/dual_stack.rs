@@ -121,6 +121,7 @@ async fn a_version_1_peer_is_not_sent_the_peers_other_address() {
         session: "z".into(),
         strategies: strategies(),
         token: None,
+        express: None,
     })
     .await
     .unwrap();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use nettool_core::client::RendezvousClient;
 use nettool_core::protocol::{
-    decode, encode, ClientToServer, FrameError, FramedConn, RecvError, ServerToClient,
+    decode, encode, ClientToServer, ExpressJoin, FrameError, FramedConn, RecvError, ServerToClient,
     PROTOCOL_VERSION,
 };
 use nettool_core::stun;
@@ -84,17 +84,21 @@ fn client_msg() -> impl Strategy<Value = ClientToServer> {
             any::<u32>(),
             text(),
             prop::collection::vec(text(), 0..5),
-            prop::option::of(text())
+            prop::option::of(text()),
+            prop::option::of((text(), text()))
         )
-            .prop_map(
-                |(version, session, strategies, token)| ClientToServer::Join {
+            .prop_map(|(version, session, strategies, token, express)| {
+                ClientToServer::Join {
                     version,
                     session,
                     strategies,
-                    token
+                    token,
+                    express: express.map(|(pake, ticket)| ExpressJoin { pake, ticket }),
                 }
-            ),
+            }),
         any::<u32>().prop_map(|version| ClientToServer::Observe { version }),
+        (any::<u32>(), text())
+            .prop_map(|(version, ticket)| ClientToServer::RelayTicket { version, ticket }),
         (text(), json_value())
             .prop_map(|(strategy, payload)| ClientToServer::Offer { strategy, payload }),
         (text(), any::<bool>(), prop::option::of(text())).prop_map(|(strategy, ok, error)| {
@@ -126,10 +130,20 @@ fn server_msg() -> impl Strategy<Value = ServerToClient> {
             socket_addr(),
             socket_addr(),
             prop::option::of(text()),
-            prop::collection::vec(socket_addr(), 0..3)
+            prop::collection::vec(socket_addr(), 0..3),
+            prop::option::of(text())
         )
             .prop_map(
-                |(role, strategies, pair_id, observed, peer, relay_token, relay_addrs)| {
+                |(
+                    role,
+                    strategies,
+                    pair_id,
+                    observed,
+                    peer,
+                    relay_token,
+                    relay_addrs,
+                    peer_pake,
+                )| {
                     ServerToClient::Paired {
                         role,
                         strategies,
@@ -138,6 +152,7 @@ fn server_msg() -> impl Strategy<Value = ServerToClient> {
                         peer,
                         relay_token,
                         relay_addrs,
+                        peer_pake,
                     }
                 }
             ),
@@ -640,6 +655,7 @@ async fn a_live_server_shrugs_off_hostile_connections_while_peers_pair() {
         session: "victim".into(),
         strategies: vec!["tcp-punch".into()],
         token: None,
+        express: None,
     });
     for cut in [1, frame.len() / 2, frame.len() - 1] {
         let part = frame[..cut].to_vec();

@@ -66,6 +66,7 @@ fn join_frame(session: &str, strategies: &[&str]) -> Vec<u8> {
         session: session.into(),
         strategies: strategies.iter().map(|s| s.to_string()).collect(),
         token: None,
+        express: None,
     })
 }
 
@@ -239,6 +240,7 @@ async fn frames_are_capped_at_4_kib_until_paired() {
         session: "waiting".into(),
         strategies: vec!["relay".into()],
         token: None,
+        express: None,
     })
     .await
     .unwrap();
@@ -284,6 +286,7 @@ async fn a_partial_frame_is_held_only_for_a_while() {
         session: "slow".into(),
         strategies: vec!["relay".into()],
         token: None,
+        express: None,
     })
     .await
     .unwrap();
@@ -336,6 +339,7 @@ async fn a_peer_that_does_not_read_is_dropped_when_its_queue_is_full() {
         session: "deaf".into(),
         strategies: strategies.clone(),
         token: None,
+        express: None,
     }))
     .await
     .unwrap();

@@ -45,6 +45,7 @@ fn join_frame(session: &str, token: Option<&str>) -> ClientToServer {
         session: session.into(),
         strategies: vec!["tcp-punch".into()],
         token: token.map(str::to_owned),
+        express: None,
     }
 }
 
@@ -66,6 +67,7 @@ async fn join(addr: SocketAddr, session: &str, strategies: &[&str]) -> Conn {
         session: session.into(),
         strategies: strategies.iter().map(|s| s.to_string()).collect(),
         token: None,
+        express: None,
     })
     .await
     .unwrap();
@@ -238,7 +240,7 @@ async fn bad_input_gets_a_named_error_and_only_that_connection_closes() {
         ),
         (
             b"{\"type\":\"ping\",\"id\":1}\n".to_vec(),
-            "expected 'join', 'observe', 'observe-family', 'relay' or 'allocate' as the first frame, got 'ping'",
+            "expected 'join', 'observe', 'observe-family', 'relay', 'relay-ticket' or 'allocate' as the first frame, got 'ping'",
         ),
         (
             b"{\"type\":\"join\",\"version\":1,\"session\":\"\",\"strategies\":[]}\n".to_vec(),
@@ -283,6 +285,7 @@ async fn a_paired_peer_sending_garbage_loses_only_its_own_connection() {
         session: "again".into(),
         strategies: vec![],
         token: None,
+        express: None,
     })
     .await
     .unwrap();

@@ -300,6 +300,7 @@ async fn the_overall_deadline_is_a_hard_bound() {
             session: "deadline".into(),
             strategies: vec!["fail-fast".into()],
             token: None,
+            express: None,
         })
         .await
         .unwrap();
@@ -377,6 +378,7 @@ async fn stopping_the_server_ends_all_its_tasks_and_sockets() {
             session: format!("waiting-{i}"),
             strategies: vec!["relay".into()],
             token: None,
+            express: None,
         }))
         .await
         .unwrap();
@@ -488,6 +490,7 @@ async fn early_results_are_capped_per_attempt() {
             peer,
             relay_token: None,
             relay_addrs: Vec::new(),
+            peer_pake: None,
         });
         for i in 0..20_000u32 {
             let strategy = match i % 3 {

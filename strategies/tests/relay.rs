@@ -90,6 +90,7 @@ async fn a_third_party_without_the_token_cannot_attach() {
             session: "victim".into(),
             strategies: vec!["relay".into()],
             token: None,
+            express: None,
         })
         .await
         .unwrap();

@@ -23,6 +23,11 @@
 //! server's IPv4 and IPv6 addresses (an `/etc/netns/NS/hosts` that `ip netns exec` mounts).
 //! Addresses are added with `nodad` (and DAD is off in the lab's namespaces), so they work at
 //! once. Without the option the lab is IPv4 only, exactly as before.
+//!
+//! Link conditions (one-way delay, jitter, random loss), options of [`Lab::builder`] too, are
+//! applied at `inet` by a userspace delay line (module `delay`, [`LinkConditions`]): an
+//! `iptables -j NFQUEUE` rule in `inet`'s FORWARD chain hands it every forwarded packet. Without
+//! them nothing of that exists (and no `iptables` is needed).
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -32,7 +37,9 @@ use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
+use crate::delay::{DelayLine, LinkConditions};
 use crate::{Ipv6Kind, NatKind};
 
 /// A host of the lab that tests run programs on.
@@ -65,6 +72,13 @@ pub enum LabError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// The delay line of the link conditions could not be set up (e.g. no nfnetlink_queue).
+    DelayLine {
+        /// What failed.
+        what: String,
+        /// The error.
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for LabError {
@@ -76,6 +90,7 @@ impl fmt::Display for LabError {
                 status,
                 stderr,
             } => write!(f, "`{command}` failed ({status}): {}", stderr.trim()),
+            Self::DelayLine { what, source } => write!(f, "delay line: {what}: {source}"),
         }
     }
 }
@@ -83,13 +98,13 @@ impl fmt::Display for LabError {
 impl std::error::Error for LabError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Spawn { source, .. } => Some(source),
+            Self::Spawn { source, .. } | Self::DelayLine { source, .. } => Some(source),
             Self::Command { .. } => None,
         }
     }
 }
 
-const NETNS_DIR: &str = "/run/netns";
+pub(crate) const NETNS_DIR: &str = "/run/netns";
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const SERVER_OTHER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
 const INET_SERVER_SIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -192,15 +207,21 @@ pub struct Lab {
     created: usize,
     /// Per side: the router's WAN is in [`PUBLIC_WAN`] instead of TEST-NET-2.
     public_wan: [bool; 2],
+    /// The link conditions at `inet`, when any were asked for.
+    conditions: Option<LinkConditions>,
+    /// The delay line applying `conditions`; stopped before the namespaces are deleted.
+    line: Option<DelayLine>,
 }
 
-/// Options of a [`Lab`] beyond its two NAT kinds: IPv6 per side, IPv6-only hosts.
+/// Options of a [`Lab`] beyond its two NAT kinds: IPv6 per side, IPv6-only hosts, a public
+/// WAN, link conditions.
 #[derive(Debug, Clone)]
 pub struct LabBuilder {
     kinds: [NatKind; 2],
     v6: [Option<Ipv6Kind>; 2],
     v4: [bool; 2],
     public_wan: [bool; 2],
+    conditions: Option<LinkConditions>,
 }
 
 impl LabBuilder {
@@ -236,6 +257,44 @@ impl LabBuilder {
         self
     }
 
+    fn conditions(&mut self) -> &mut LinkConditions {
+        self.conditions.get_or_insert_with(LinkConditions::default)
+    }
+
+    /// Delays every packet by `delay` where it crosses the internet router `inet` (a one-way
+    /// delay). Every path between a peer and the server or between the peers crosses `inet`
+    /// once per direction, so host↔server and host↔host round trips take 2 × `delay` more, and
+    /// so does a relayed A→B packet one way (A→server, then server→B).
+    ///
+    /// Any of [`Self::delay`], [`Self::jitter`] and [`Self::loss`] makes the lab run a
+    /// userspace delay line on `inet` (needs `iptables` and the kernel's nfnetlink_queue; the
+    /// build fails naming what is missing). [`Lab::conditions`] then tells the conditions.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.conditions().delay = delay;
+        self
+    }
+
+    /// Varies each packet's delay at `inet` uniformly in `delay ± jitter` (never below zero),
+    /// order kept: a packet never overtakes the one ahead of it going the same way through
+    /// `inet` (from the same link to the same link; see [`Self::delay`]).
+    pub fn jitter(mut self, jitter: Duration) -> Self {
+        self.conditions().jitter = jitter;
+        self
+    }
+
+    /// Drops each packet crossing `inet` with probability `loss` (a fraction, 0 to 1), once
+    /// per crossing: a round trip crosses twice, so it is lost with probability
+    /// 1 - (1 - `loss`)² (see [`Self::delay`]).
+    ///
+    /// # Panics
+    ///
+    /// If `loss` is not within 0 and 1.
+    pub fn loss(mut self, loss: f64) -> Self {
+        assert!((0.0..=1.0).contains(&loss), "loss {loss} is not a fraction");
+        self.conditions().loss = loss;
+        self
+    }
+
     /// Builds the lab; fails as [`Lab::new`] does.
     pub fn build(self) -> Result<Lab, LabError> {
         delete_stale_namespaces();
@@ -248,8 +307,13 @@ impl LabBuilder {
             names: ROLES.map(|r| format!("{prefix}-{r}")),
             created: 0,
             public_wan: self.public_wan,
+            conditions: None,
+            line: None,
         };
         lab.build()?;
+        if let Some(conditions) = self.conditions {
+            lab.start_conditions(conditions)?;
+        }
         Ok(lab)
     }
 }
@@ -374,7 +438,45 @@ impl Lab {
             v6: [None, None],
             v4: [true, true],
             public_wan: [false; 2],
+            conditions: None,
         }
+    }
+
+    /// The link conditions at the internet router (`None` unless the builder set any): one
+    /// way per crossing of `inet`, so a host↔server or host↔host round trip takes
+    /// 2 × `delay` more (see [`LabBuilder::delay`]).
+    pub fn conditions(&self) -> Option<LinkConditions> {
+        self.conditions
+    }
+
+    /// Starts the delay line on `inet`, then sends every packet `inet` forwards to it.
+    fn start_conditions(&mut self, conditions: LinkConditions) -> Result<(), LabError> {
+        // The queue is bound before the rules exist: an NFQUEUE without a listener drops all.
+        self.line = Some(DelayLine::start(&self.names[INET], conditions)?);
+        self.conditions = Some(conditions);
+        let queue = crate::delay::QUEUE_NUM.to_string();
+        let mut tools = vec!["iptables"];
+        if self.has_ipv6() {
+            tools.push("ip6tables");
+        }
+        for tool in tools {
+            run(
+                &mut ip(&[
+                    "netns",
+                    "exec",
+                    &self.names[INET],
+                    tool,
+                    "-A",
+                    "FORWARD",
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    &queue,
+                ]),
+                None,
+            )?;
+        }
+        Ok(())
     }
 
     /// Whether any side has IPv6 (the server then has it too).
@@ -774,6 +876,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The line's thread lives in `inet`: stop it (it accepts what it holds) first.
+        drop(self.line.take());
         let _ = std::fs::remove_dir_all(self.dir());
         if self.has_ipv6() {
             for name in &self.names {

@@ -200,6 +200,8 @@ async fn connect_linked(
         relay_first,
         direct,
         started,
+        confirmation: link.as_ref().and_then(|l| l.confirmation()),
+        code_side,
         config: nettool_core::session::SessionConfig {
             send_buffer: usize::try_from(args.send_buffer.max(1 << 16)).unwrap_or(usize::MAX),
             resume_timeout: args.resume_timeout,

@@ -80,6 +80,68 @@ fn liveness(cfg: &SessionConfig, rtt: Option<Duration>) -> Duration {
         .clamp(cfg.liveness_min, cfg.liveness_max)
 }
 
+/// Reads the peer's HELLO (what it received, and its nonce or the session id); a new session
+/// gets its id from both nonces here.
+async fn read_hello<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    cfg: &SessionConfig,
+    resume: bool,
+    (sid, nonce): (&mut Option<[u8; SESSION_ID_LEN]>, &[u8; SESSION_ID_LEN]),
+) -> Result<u64, LinkEnd> {
+    let limit = liveness(cfg, None);
+    let mut raw = [0u8; HEADER_LEN];
+    read_timed(rd, &mut raw, limit)
+        .await
+        .map_err(LinkEnd::Broken)?;
+    let mut theirs = [0u8; SESSION_ID_LEN];
+    let peer_received = match frame::decode(&raw) {
+        Ok(Header::Hello {
+            received,
+            version,
+            resume: their_resume,
+        }) => {
+            if version != frame::VERSION {
+                return Err(LinkEnd::Fatal(FrameError::Version(version).to_string()));
+            }
+            read_timed(rd, &mut theirs, limit)
+                .await
+                .map_err(LinkEnd::Broken)?;
+            if their_resume != resume {
+                return Err(LinkEnd::Fatal(
+                    FrameError::Unexpected("one side resumes, the other starts anew").to_string(),
+                ));
+            }
+            received
+        }
+        Ok(_) => {
+            return Err(LinkEnd::Fatal(
+                FrameError::Unexpected("HELLO must come first").to_string(),
+            ))
+        }
+        Err(e) => return Err(LinkEnd::Fatal(e.to_string())),
+    };
+    match sid {
+        Some(id) if *id != theirs => {
+            return Err(LinkEnd::Fatal(FrameError::WrongSession.to_string()))
+        }
+        Some(_) => {}
+        None => {
+            // The session id: both nonces, in a fixed order.
+            let (lo, hi) = if nonce[..] <= theirs[..] {
+                (nonce, &theirs)
+            } else {
+                (&theirs, nonce)
+            };
+            let mut h = Sha256::new();
+            h.update(b"nettool session id v1\0");
+            h.update(lo);
+            h.update(hi);
+            *sid = Some(h.finalize().into());
+        }
+    }
+    Ok(peer_received)
+}
+
 /// Runs one generation: HELLO both ways, then the reader and the writer until the link fails
 /// or the session ends.
 pub(super) async fn drive(
@@ -108,53 +170,19 @@ pub(super) async fn drive(
     if let Err(e) = greet.await {
         return LinkEnd::Broken(format!("the link failed: {e}"));
     }
-    let limit = liveness(cfg, None);
-    let mut raw = [0u8; HEADER_LEN];
-    if let Err(e) = read_timed(&mut rd, &mut raw, limit).await {
-        return LinkEnd::Broken(e);
-    }
-    let mut theirs = [0u8; SESSION_ID_LEN];
-    let peer_received = match frame::decode(&raw) {
-        Ok(Header::Hello {
-            received,
-            version,
-            resume: their_resume,
-        }) => {
-            if version != frame::VERSION {
-                return LinkEnd::Fatal(FrameError::Version(version).to_string());
-            }
-            if let Err(e) = read_timed(&mut rd, &mut theirs, limit).await {
-                return LinkEnd::Broken(e);
-            }
-            if their_resume != resume {
-                return LinkEnd::Fatal(
-                    FrameError::Unexpected("one side resumes, the other starts anew").to_string(),
-                );
-            }
-            received
+    // A new session starts sending at once, in the same flight as its HELLO: the peer has
+    // received nothing of it yet, so there is nothing to agree on first (its HELLO is read
+    // before anything else on the link, and must say 0). A resume waits for the peer's
+    // HELLO: it says where to go on from.
+    let fresh = sid.is_none();
+    let peer_received = if fresh {
+        0
+    } else {
+        match read_hello(&mut rd, cfg, resume, (sid, nonce)).await {
+            Ok(r) => r,
+            Err(end) => return end,
         }
-        Ok(_) => {
-            return LinkEnd::Fatal(FrameError::Unexpected("HELLO must come first").to_string())
-        }
-        Err(e) => return LinkEnd::Fatal(e.to_string()),
     };
-    match sid {
-        Some(id) if *id != theirs => return LinkEnd::Fatal(FrameError::WrongSession.to_string()),
-        Some(_) => {}
-        None => {
-            // The session id: both nonces, in a fixed order.
-            let (lo, hi) = if nonce[..] <= theirs[..] {
-                (nonce, &theirs)
-            } else {
-                (&theirs, nonce)
-            };
-            let mut h = Sha256::new();
-            h.update(b"nettool session id v1\0");
-            h.update(lo);
-            h.update(hi);
-            *sid = Some(h.finalize().into());
-        }
-    }
     {
         let st = shared.lock();
         if let Err(e) = st.send.resume_at(peer_received) {
@@ -166,7 +194,20 @@ pub(super) async fn drive(
     let mut received_bytes = 0u64;
     shared.lock().switch_out = false;
     let end = {
-        let reader = read_side(shared, cfg, &mut rd, tx, &mut received_bytes);
+        let reader = async {
+            if fresh {
+                match read_hello(&mut rd, cfg, resume, (sid, nonce)).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        return LinkEnd::Fatal(format!(
+                            "the peer's HELLO of a new session says it received {n} bytes"
+                        ))
+                    }
+                    Err(end) => return end,
+                }
+            }
+            read_side(shared, cfg, &mut rd, tx, &mut received_bytes).await
+        };
         let writer = write_side(shared, cfg, &mut wr, peer_received, &mut sent_bytes);
         tokio::pin!(reader);
         tokio::pin!(writer);

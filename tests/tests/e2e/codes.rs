@@ -205,8 +205,9 @@ fn wrong_code_burns(place: &Place) {
     assert_eq!(
         a.status.and_then(|s| s.code()),
         Some(1),
-        "the owner must exit 1 within 10 s (took {a_took:?}): {}",
-        a.stderr
+        "the owner must exit 1 within 10 s (took {a_took:?}): {}\nB: {}",
+        a.stderr,
+        b.stderr
     );
     assert!(
         a.stderr

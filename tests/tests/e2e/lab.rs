@@ -371,3 +371,329 @@ fn labs_clean_up_their_namespaces() {
     assert_gone(&[stale]);
     drop(lab);
 }
+
+// Link conditions: the delay line at `inet` (LabBuilder::delay, jitter, loss).
+
+/// What `ping` reported: packets sent and answered, each reply's round trip (ms), the average.
+#[derive(Debug)]
+struct PingStats {
+    transmitted: u32,
+    received: u32,
+    rtts: Vec<f64>,
+    avg_ms: f64,
+}
+
+/// Runs `ping -n -c count -i interval` from `h` to `to` and parses what it printed.
+fn ping(lab: &Lab, h: Host, to: Ipv4Addr, count: u32, interval: &str) -> PingStats {
+    let out = lab
+        .command(h, "ping")
+        .args(["-n", "-W", "1", "-c", &count.to_string(), "-i", interval])
+        .arg(to.to_string())
+        .output()
+        .expect("run ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no ping summary (is `ping` there? package iputils-ping): {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let number = |i| word(summary, i).parse::<u32>().expect("ping count");
+    let rtts = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .map(|t| word(t, 0).parse::<f64>().expect("ping time"))
+        .collect::<Vec<_>>();
+    // The summary's average has more digits than each reply's time (3 significant ones).
+    let avg_ms = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rtt min/avg/max/mdev = "))
+        .and_then(|v| v.split('/').nth(1)?.parse::<f64>().ok())
+        .unwrap_or_else(|| rtts.iter().sum::<f64>() / rtts.len().max(1) as f64);
+    PingStats {
+        transmitted: number(0),
+        received: number(3),
+        rtts,
+        avg_ms,
+    }
+}
+
+fn lab_with(build: impl FnOnce(nettool_tests::LabBuilder) -> nettool_tests::LabBuilder) -> Lab {
+    build(Lab::builder(NatKind::None, NatKind::None))
+        .build()
+        .expect("build lab with link conditions")
+}
+
+#[test]
+fn delay_line_ping_rtt_is_twice_the_delay() {
+    if !require_lab() {
+        return;
+    }
+    for delay_ms in [50, 150] {
+        let lab = lab_with(|b| b.delay(Duration::from_millis(delay_ms)));
+        let conditions = lab.conditions().expect("conditions set");
+        let expected = 2.0 * conditions.delay.as_secs_f64() * 1000.0;
+        for (what, to) in [
+            ("server", lab.server_ip()),
+            ("peer B", lab.public_ip(Host::B)),
+        ] {
+            let stats = ping(&lab, Host::A, to, 10, "0.2");
+            println!(
+                "delay {delay_ms} ms: A -> {what}: {}/{} replies, average RTT {:.2} ms \
+                 (expected {expected} ms), each {:?}",
+                stats.received, stats.transmitted, stats.avg_ms, stats.rtts
+            );
+            assert_eq!(stats.received, 10, "A -> {what}: {stats:?}");
+            assert!(
+                (stats.avg_ms - expected).abs() <= expected * 0.05,
+                "A -> {what}: average RTT {:.2} ms, expected {expected} ms ± 5 %",
+                stats.avg_ms
+            );
+        }
+    }
+}
+
+/// CPU time (ticks) used so far by this process's delay line threads.
+fn delay_line_cpu_ticks() -> u64 {
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("delay-line") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is field 3; utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields = rest.split_whitespace().collect::<Vec<_>>();
+        for i in [11, 12] {
+            ticks += fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ticks
+}
+
+#[test]
+fn delay_line_throughput_at_100ms_rtt() {
+    if !require_lab() {
+        return;
+    }
+    assert!(
+        Command::new("iperf3")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok(),
+        "iperf3 is missing: install the iperf3 package"
+    );
+    let lab = lab_with(|b| b.delay(Duration::from_millis(50)));
+    // Room for the bandwidth-delay product (400 Mbit/s × 100 ms = 5 MB) and more.
+    for h in [Host::A, Host::B] {
+        let st = lab
+            .command(h, "sysctl")
+            .args([
+                "-qw",
+                "net.ipv4.tcp_rmem=4096 131072 33554432",
+                "net.ipv4.tcp_wmem=4096 131072 33554432",
+            ])
+            .status()
+            .expect("sysctl");
+        assert!(st.success(), "sysctl tcp_rmem/tcp_wmem in {h:?}");
+    }
+    let server = lab
+        .command(Host::B, "iperf3")
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start iperf3 server");
+    let mut server = KillOnDrop(server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = lab
+            .command(Host::B, "ss")
+            .args(["-Hltn", "sport = :5201"])
+            .output()
+            .expect("ss");
+        if !out.stdout.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "iperf3 server never listened");
+        assert!(
+            server.0.try_wait().expect("wait").is_none(),
+            "iperf3 -s exited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ticks = delay_line_cpu_ticks();
+    let start = Instant::now();
+    let out = lab
+        .command(Host::A, "iperf3")
+        .args(["-c", &lab.public_ip(Host::B).to_string(), "-p", "5201"])
+        .args(["-t", "8", "-O", "3", "-J"])
+        .output()
+        .expect("run iperf3 client");
+    let took = start.elapsed();
+    let ticks = delay_line_cpu_ticks() - ticks;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 output is no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no end.sum_received in iperf3's report: {report}"));
+    let retransmits = &report["end"]["sum_sent"]["retransmits"];
+    // The sender's smoothed RTT samples (µs): the transfer did cross the delay.
+    let sender = &report["end"]["streams"][0]["sender"];
+    let rtt_ms = |key: &str| sender[key].as_f64().unwrap_or(0.0) / 1000.0;
+    let (min_rtt, mean_rtt) = (rtt_ms("min_rtt"), rtt_ms("mean_rtt"));
+    let mbps = bps / 1e6;
+    println!(
+        "A -> B TCP at 100 ms RTT: {mbps:.0} Mbit/s ({retransmits} retransmits, RTT min \
+         {min_rtt:.1} ms, mean {mean_rtt:.1} ms); delay line CPU {:.0} % of a core over {took:.1?}",
+        ticks as f64 / hz / took.as_secs_f64() * 100.0
+    );
+    assert!(
+        min_rtt >= 95.0,
+        "TCP's RTT {min_rtt:.1} ms: the transfer did not see the 100 ms RTT"
+    );
+    assert!(mbps >= 400.0, "A -> B TCP at 100 ms RTT: {mbps:.0} Mbit/s");
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn delay_line_loss_drops_about_that_fraction() {
+    if !require_lab() {
+        return;
+    }
+    let lab = lab_with(|b| b.loss(0.1));
+    let stats = ping(&lab, Host::A, lab.server_ip(), 1000, "0.005");
+    let lost = 1.0 - f64::from(stats.received) / f64::from(stats.transmitted);
+    println!(
+        "loss 10 % per crossing: {} of {} round trips lost ({:.1} %, expected 19 %)",
+        stats.transmitted - stats.received,
+        stats.transmitted,
+        lost * 100.0
+    );
+    assert_eq!(stats.transmitted, 1000, "{stats:?}");
+    // Each round trip crosses `inet` twice: 1 - 0.9² = 19 % (σ ≈ 1.2 % over 1000).
+    assert!(
+        (0.15..=0.40).contains(&lost),
+        "{:.1} % of round trips lost, expected about 19 %",
+        lost * 100.0
+    );
+
+    let lab = lab_with(|b| b.loss(0.0));
+    let stats = ping(&lab, Host::A, lab.server_ip(), 200, "0.005");
+    println!(
+        "loss 0: {} of {} round trips answered",
+        stats.received, stats.transmitted
+    );
+    assert_eq!(
+        (stats.transmitted, stats.received),
+        (200, 200),
+        "no loss asked"
+    );
+}
+
+/// Runs `f` on a thread inside the host's network namespace.
+fn in_netns<T: Send + 'static>(
+    lab: &Lab,
+    h: Host,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{}", lab.netns(h));
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open the namespace");
+        // SAFETY: a valid namespace descriptor; setns affects this thread only.
+        let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+#[test]
+fn delay_line_jitter_varies_delay_and_keeps_order() {
+    if !require_lab() {
+        return;
+    }
+    let lab = lab_with(|b| {
+        b.delay(Duration::from_millis(50))
+            .jitter(Duration::from_millis(20))
+    });
+    let stats = ping(&lab, Host::A, lab.server_ip(), 20, "0.05");
+    let min = stats.rtts.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = stats.rtts.iter().copied().fold(0.0, f64::max);
+    println!("delay 50 ms ± 20 ms: RTTs {min:.1} to {max:.1} ms: {stats:?}");
+    assert_eq!(stats.received, 20, "{stats:?}");
+    // Each way 30 to 70 ms, plus the line's own fraction of a millisecond.
+    assert!(
+        min >= 60.0 && max <= 142.0,
+        "RTTs {min:.1} to {max:.1} ms, expected within 60 to 140 ms"
+    );
+    assert!(
+        max - min >= 10.0,
+        "RTTs hardly vary: {min:.1} to {max:.1} ms"
+    );
+
+    // Datagrams 0.5 ms apart, each delayed 30 to 70 ms: they arrive in the order sent.
+    const N: u32 = 1000;
+    let to = SocketAddrV4::new(lab.public_ip(Host::B), 7300);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = in_netns(&lab, Host::B, move || {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", to.port())).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        ready_tx.send(()).expect("ready");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 16];
+        while seen.len() < N as usize {
+            match sock.recv(&mut buf) {
+                Ok(4) => seen.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]])),
+                Ok(n) => panic!("unexpected datagram of {n} bytes"),
+                Err(_) => break,
+            }
+        }
+        seen
+    });
+    ready_rx.recv().expect("receiver ready");
+    in_netns(&lab, Host::A, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for i in 0..N {
+            sock.send_to(&i.to_be_bytes(), to).expect("send");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    })
+    .join()
+    .expect("sender");
+    let seen = receiver.join().expect("receiver");
+    let out_of_order = seen.windows(2).filter(|w| w[1] <= w[0]).count();
+    println!(
+        "{} of {N} datagrams arrived, {out_of_order} out of order",
+        seen.len()
+    );
+    assert_eq!(seen.len(), N as usize, "datagrams lost");
+    assert_eq!(out_of_order, 0, "order not kept");
+}
