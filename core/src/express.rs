@@ -629,6 +629,48 @@ mod tests {
         assert!(matches!(cb.decided().await, Verdict::Failed(_)));
     }
 
+    /// An observer (the server, say) that holds everything on the wire (both PAKE messages,
+    /// the session, the pairing id, the first record) and even the right password cannot
+    /// open the confirmation record: the key needs a SPAKE2 secret scalar. So recording a
+    /// code session gives nothing to test guesses of the code against offline. (Keyed from
+    /// the password alone, as the test-only `pake_off` switch does, it opens at once.)
+    #[tokio::test]
+    async fn the_wire_carries_nothing_to_test_guesses_against() {
+        let k = LinkKey::derive("s", "right");
+        let (x, mut wire) = tokio::io::duplex(1 << 16);
+        let a = ExpressStart::new(&k);
+        let b = ExpressStart::new(&k);
+        let (ja, jb) = (a.join(), b.join());
+        let mut sa = a.finish("s", "p", Role::First, &jb.pake, x).unwrap();
+        sa.flush().await.unwrap();
+        let mut rec = vec![0u8; HEADER_LEN + CONFIRM_LEN + TAG_LEN];
+        wire.read_exact(&mut rec).await.unwrap();
+        // The observer's best: the public transcript and a guess (here the right password).
+        let (first, second) = (
+            hex::decode(&ja.pake).unwrap(),
+            hex::decode(&jb.pake).unwrap(),
+        );
+        let mut h = Sha256::new();
+        h.update(b"nettool express transcript v1\0");
+        for part in [&b"s"[..], b"p", &first, &second] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        let transcript: [u8; 32] = h.finalize().into();
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &transcript).extract(k.bytes());
+        let info = [&b"first to second"[..]];
+        let okm = prk.expand(&info, &AES_256_GCM).unwrap();
+        let key = LessSafeKey::new(UnboundKey::from(okm));
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&rec[..HEADER_LEN]);
+        let opened = key.open_in_place(nonce(0), Aad::from(header), &mut rec[HEADER_LEN..]);
+        assert!(
+            opened.is_err(),
+            "the confirmation opened with a key derived from the password and the wire alone"
+        );
+        drop(b);
+    }
+
     #[tokio::test]
     async fn a_reflected_message_is_refused() {
         let k = LinkKey::derive("s", "k");

@@ -80,6 +80,11 @@ fn liveness(cfg: &SessionConfig, rtt: Option<Duration>) -> Duration {
         .clamp(cfg.liveness_min, cfg.liveness_max)
 }
 
+/// Largest payload of a link's first DATA frame (each next one may be twice as big, up to
+/// [`MAX_PAYLOAD`]): with the frame header and a record's overhead it fits in the first
+/// round trip of a new TCP connection (10 segments).
+const FIRST_FRAME: usize = 8 * 1024;
+
 /// Reads the peer's HELLO (what it received, and its nonce or the session id); a new session
 /// gets its id from both nonces here.
 async fn read_hello<R: AsyncRead + Unpin>(
@@ -470,6 +475,10 @@ async fn write_side<W: AsyncWrite + Unpin>(
     let mut last_write = tokio::time::Instant::now();
     // One PING right away: the round trip for the liveness timeout.
     let mut ping_due = true;
+    // A new link's first frames are small and grow: the reader takes a frame whole, and a
+    // fresh TCP connection carries about 14 KB in its first round trip, so a 1 MiB first
+    // frame would hold the first byte back by the round trips of slow start.
+    let mut frame_cap = FIRST_FRAME;
     loop {
         let notified = shared.wake.notified();
         tokio::pin!(notified);
@@ -489,7 +498,8 @@ async fn write_side<W: AsyncWrite + Unpin>(
                 Next::Pong(t)
             } else if acked_told != Some(ack_now) {
                 Next::Ack(ack_now.0, ack_now.1)
-            } else if let Some(b) = st.send.get(sent, MAX_PAYLOAD as usize) {
+            } else if let Some(b) = st.send.get(sent, frame_cap) {
+                frame_cap = (frame_cap * 2).min(MAX_PAYLOAD as usize);
                 Next::Data(sent, b)
             } else if st.send.eof() && sent == st.send.end() && !eof_sent {
                 Next::Eof(sent)

@@ -5,6 +5,7 @@ mod birthday;
 mod cluster;
 mod codes;
 mod control;
+mod distance;
 mod fallback;
 mod forward;
 mod ipv6;

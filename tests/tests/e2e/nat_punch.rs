@@ -42,6 +42,12 @@ impl RunningLab {
     /// As [`RunningLab::new`], the server started with `extra` flags too.
     pub(crate) fn with_server_args(a: NatKind, b: NatKind, extra: &[&str]) -> Self {
         let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
+        Self::on(lab, extra)
+    }
+
+    /// The rendezvous server (with `extra` flags) started on a lab built by the caller (with
+    /// link conditions, say).
+    pub(crate) fn on(lab: Lab, extra: &[&str]) -> Self {
         let mut cmd = lab.command(Host::Server, nettool_bin());
         // A second address (RFC 5780), so discovery and the plan know each side's NAT.
         let listen = format!("{}:8877", lab.server_ip());

@@ -24,16 +24,16 @@ fn first_byte_limit_ms() -> u64 {
     300
 }
 
-struct Run {
-    a_code: Option<i32>,
-    b_code: Option<i32>,
-    a_err: String,
-    b_err: String,
-    a_intact: bool,
-    b_intact: bool,
-    first_byte_ms: Option<u64>,
-    a_report: serde_json::Value,
-    b_report: serde_json::Value,
+pub(crate) struct Run {
+    pub(crate) a_code: Option<i32>,
+    pub(crate) b_code: Option<i32>,
+    pub(crate) a_err: String,
+    pub(crate) b_err: String,
+    pub(crate) a_intact: bool,
+    pub(crate) b_intact: bool,
+    pub(crate) first_byte_ms: Option<u64>,
+    pub(crate) a_report: serde_json::Value,
+    pub(crate) b_report: serde_json::Value,
 }
 
 /// Something done to the lab while the peers stream (after A's first byte reached B).
@@ -50,6 +50,17 @@ fn run_pair(
     during: Option<During>,
 ) -> Run {
     let lab = RunningLab::with_server_args(a, b, server_args);
+    run_pair_in(&lab, (a, b), (a_len, b_len), pace, during)
+}
+
+/// [`run_pair`] in a running lab (one with link conditions, say).
+pub(crate) fn run_pair_in(
+    lab: &RunningLab,
+    (a, b): (NatKind, NatKind),
+    (a_len, b_len): (usize, usize),
+    pace: Duration,
+    during: Option<During>,
+) -> Run {
     let dir = TempDir::new(&format!("relay-first-{a}-{b}"));
     let server = format!("{}:8877", lab.lab.server_ip());
     let session = format!("rf-{a}-{b}");
@@ -97,7 +108,7 @@ fn run_pair(
         std::thread::sleep(Duration::from_millis(1));
     }
     if let Some(event) = during {
-        event(&lab, &dir);
+        event(lab, &dir);
     }
     fa.join().unwrap();
     fb.join().unwrap();
@@ -130,14 +141,14 @@ fn paths(r: &serde_json::Value) -> Vec<serde_json::Value> {
 }
 
 /// When the session moved off the relay (the first direct path's `from_ms`), per report.
-fn direct_at(r: &serde_json::Value) -> Option<u64> {
+pub(crate) fn direct_at(r: &serde_json::Value) -> Option<u64> {
     paths(r)
         .iter()
         .find(|p| p["strategy"] != "relay")
         .and_then(|p| p["from_ms"].as_u64())
 }
 
-fn intact_and_clean(r: &Run) -> Vec<String> {
+pub(crate) fn intact_and_clean(r: &Run) -> Vec<String> {
     let mut problems = Vec::new();
     if r.a_code != Some(0) || r.b_code != Some(0) {
         problems.push(format!("exit A {:?} B {:?}", r.a_code, r.b_code));
