@@ -59,6 +59,8 @@ const PAKE_MSG_LEN: usize = 33;
 /// Most plaintext bytes in one record.
 pub const MAX_PLAIN: usize = 64 * 1024;
 const TAG_LEN: usize = 16;
+/// Sealed bytes held before they are written without a flush.
+const DRAIN_AT: usize = 32 * 1024;
 const HEADER_LEN: usize = 4;
 /// The confirmation record's plaintext: magic, version, the sender's role.
 const CONFIRM_MAGIC: &[u8; 4] = b"NTLX";
@@ -475,15 +477,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SealedStream<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
+        // Records gather until a flush or [`DRAIN_AT`] bytes: small frames written one by
+        // one (HELLO, ACK, a DATA header) would each take a segment, and a new connection's
+        // first round trip carries ten segments, not ten segments' worth of bytes.
+        if this.out.len() - this.out_pos >= DRAIN_AT {
+            ready!(this.poll_drain(cx))?;
+        }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
         let n = buf.len().min(MAX_PLAIN);
         this.seal_record(&buf[..n])?;
-        // Start writing it; what the socket does not take now goes with the next call.
-        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-            return Poll::Ready(Err(e));
+        if this.out.len() - this.out_pos >= DRAIN_AT {
+            // Start writing; what the socket does not take now goes with the next call.
+            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+                return Poll::Ready(Err(e));
+            }
         }
         Poll::Ready(Ok(n))
     }
