@@ -516,6 +516,7 @@ pub struct TicketedRelay {
     framed: FramedConn<TcpStream>,
     local: SocketAddr,
     server: SocketAddr,
+    connect_rtt: std::time::Duration,
 }
 
 /// Opens the express relay connection to `server` and sends `ticket` on it (plain TCP: its
@@ -525,10 +526,12 @@ pub async fn attach(
     ticket: &str,
     deadline: std::time::Instant,
 ) -> Result<TicketedRelay, String> {
+    let began = std::time::Instant::now();
     let stream = tokio::time::timeout_at(deadline.into(), TcpStream::connect(server))
         .await
         .map_err(|_| format!("connecting to the relay at {server}: timed out"))?
         .map_err(|e| format!("connecting to the relay at {server}: {e}"))?;
+    let connect_rtt = began.elapsed();
     let _ = stream.set_nodelay(true);
     let local = stream
         .local_addr()
@@ -545,10 +548,16 @@ pub async fn attach(
         framed,
         local,
         server,
+        connect_rtt,
     })
 }
 
 impl TicketedRelay {
+    /// How long its TCP handshake took: a round trip to the server.
+    pub fn connect_rtt(&self) -> std::time::Duration {
+        self.connect_rtt
+    }
+
     /// Waits for the server's [`ServerToClient::Relaying`] (both relay connections spliced):
     /// the relay stream, this end's address and the server's.
     pub async fn relaying(
@@ -559,6 +568,7 @@ impl TicketedRelay {
             mut framed,
             local,
             server,
+            ..
         } = self;
         let answer = tokio::time::timeout_at(deadline.into(), framed.recv::<ServerToClient>())
             .await

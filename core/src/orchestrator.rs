@@ -102,8 +102,8 @@ impl std::fmt::Debug for Orchestrator {
     }
 }
 
-/// How long to wait for the peer's result beyond the attempt's own deadline (never past the
-/// overall deadline).
+/// How long to wait for the peer's result beyond the attempt's own deadline, at least eight
+/// round trips (never past the overall deadline).
 const RESULT_GRACE: Duration = Duration::from_secs(5);
 
 impl Orchestrator {
@@ -233,6 +233,7 @@ impl Orchestrator {
                 first_byte_ms: None,
                 summary: None,
                 wrong_code: false,
+                server_rtt_ms: None,
             },
             agreed: Vec::new(),
             current: None,
@@ -334,38 +335,24 @@ impl Orchestrator {
         // tries; a family the server does not answer on gives nothing.
         let v4 = servers.iter().copied().find(SocketAddr::is_ipv4);
         let v6 = servers.iter().copied().find(SocketAddr::is_ipv6);
-        let discovery = async {
-            let (nat4, nat6) = tokio::join!(self.measure(v4), self.measure(v6));
-            (nat4, nat6)
-        };
+        // Both run in tasks of their own: the join does not wait for them, and what is left
+        // of them runs alongside the work after pairing (the round trip, the sighting).
+        let me = self.clone();
+        let discovery = tokio::spawn(async move { tokio::join!(me.measure(v4), me.measure(v6)) });
         // Ask the gateway (only with port mapping on) while joining: bounded by its timeout.
-        let gateway = async {
-            match &self.portmap {
+        let portmap = self.portmap.clone();
+        let gateway = tokio::spawn(async move {
+            match portmap {
                 Some(m) => Some(m.discover().await),
                 None => None,
             }
-        };
-        let (joined, ((mut mine, cache4), (mine6, cache6)), gateway, relay_conn) =
-            tokio::join!(join, discovery, gateway, relay_conn);
-        for (family, c) in [("ipv4", &cache4), ("ipv6", &cache6)] {
-            if let Some(c) = c {
-                let mut r = c.report.clone();
-                r.family = family.to_owned();
-                state.report.nat_cache.push(r);
-            }
-        }
-        if let Some(found) = gateway {
-            if let Some(nat) = mine.as_mut() {
-                nat.port_mapping = !found.answered.is_empty();
-            }
-            state.report.port_mapping = Some(PortMapReport {
-                discovery: found,
-                mapped: Vec::new(),
-            });
-        }
+        });
+        let (joined, relay_conn) = tokio::join!(join, relay_conn);
         let (mut client, mut pairing) = match joined {
             Ok(x) => x,
             Err(e) => {
+                let (found, gw) = tokio::join!(discovery, gateway);
+                record_found(state, found.ok(), gw.ok().flatten());
                 state.report.error = Some(e.to_string());
                 return None;
             }
@@ -380,6 +367,9 @@ impl Orchestrator {
         if let (Some(x), Some(peer_pake), Some(Ok(conn))) =
             (express, pairing.peer_pake.clone(), relay_conn)
         {
+            discovery.abort();
+            gateway.abort();
+            state.report.server_rtt_ms = Some(crate::report::ms_1(conn.connect_rtt()));
             let link = self
                 .express_link(
                     x,
@@ -415,7 +405,15 @@ impl Orchestrator {
                 }
             }
         };
-        let (server_rtt, sighted) = tokio::join!(client.rtt(3, deadline), sight);
+        // One ping: discovery usually takes longer, and the attempts' timeouts only need
+        // the scale of the round trip.
+        let (found, gw, (server_rtt, sighted)) = tokio::join!(discovery, gateway, async {
+            tokio::join!(client.rtt(1, deadline), sight)
+        });
+        let ((mine, cache4), (mine6, _)) = record_found(state, found.ok(), gw.ok().flatten());
+        if let Ok(rtt) = &server_rtt {
+            state.report.server_rtt_ms = Some(crate::report::ms_1(*rtt));
+        }
         if let Some((server, addr)) = sighted {
             info!(%addr, "seen over the other IP family");
             client.set_other_family_server(server);
@@ -808,7 +806,7 @@ impl Orchestrator {
             let share = share_budget(
                 deadline.saturating_duration_since(began),
                 count - index - 1,
-                BUDGET_RESERVE,
+                BUDGET_RESERVE.max(rtt * 10),
             );
             let attempt_deadline = (began + timeout.min(share)).min(deadline);
             let mut notes = AttemptNotes::default();
@@ -878,7 +876,10 @@ impl Orchestrator {
                 // burned a code says so (WrongCode) before it closes the connection.
                 let sent = client.send_result(name, linked, error.clone()).await;
                 let heard = client
-                    .peer_result(name, (attempt_deadline + RESULT_GRACE).min(deadline))
+                    .peer_result(
+                        name,
+                        (attempt_deadline + RESULT_GRACE.max(rtt * 8)).min(deadline),
+                    )
                     .await;
                 match (sent, heard) {
                     (_, Err(ClientError::WrongCode)) => Err(ClientError::WrongCode),
@@ -959,6 +960,40 @@ impl Orchestrator {
     }
 }
 
+/// What discovery and the gateway found, for the plan: into the report (the NAT cache's
+/// use per family, the gateway's answer); this side's NAT per family and the caches.
+#[allow(clippy::type_complexity)]
+fn record_found(
+    state: &mut Progress,
+    found: Option<(
+        (Option<NatSummary>, Option<CacheUse>),
+        (Option<NatSummary>, Option<CacheUse>),
+    )>,
+    gateway: Option<crate::port_mapping::Discovery>,
+) -> (
+    (Option<NatSummary>, Option<CacheUse>),
+    (Option<NatSummary>, Option<CacheUse>),
+) {
+    let ((mut mine, cache4), (mine6, cache6)) = found.unwrap_or(((None, None), (None, None)));
+    for (family, c) in [("ipv4", &cache4), ("ipv6", &cache6)] {
+        if let Some(c) = c {
+            let mut r = c.report.clone();
+            r.family = family.to_owned();
+            state.report.nat_cache.push(r);
+        }
+    }
+    if let Some(found) = gateway {
+        if let Some(nat) = mine.as_mut() {
+            nat.port_mapping = !found.answered.is_empty();
+        }
+        state.report.port_mapping = Some(PortMapReport {
+            discovery: found,
+            mapped: Vec::new(),
+        });
+    }
+    ((mine, cache4), (mine6, cache6))
+}
+
 /// Puts the express relay's attempt into the report; the link, if it was made.
 fn finish_express(
     state: &mut Progress,
@@ -1021,7 +1056,7 @@ fn feasible_on_any(
 /// Longest wait for the peer's plan offer beyond a few round trips.
 const PLAN_WAIT: Duration = Duration::from_secs(2);
 
-/// Time kept back for each strategy after the current one.
+/// Time kept back for each strategy after the current one (at least ten round trips).
 const BUDGET_RESERVE: Duration = Duration::from_millis(2500);
 
 /// What each peer tells the other for the plan.

@@ -53,7 +53,7 @@ pub struct AttemptReport {
 }
 
 /// The report of one connect.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// The session name.
     pub session: String,
@@ -114,6 +114,16 @@ pub struct Report {
     /// (this side's or the peer's confirmation), and the code is burned.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub wrong_code: bool,
+    /// The round trip to the rendezvous server, ms (the control connection's ping; for the
+    /// express relay, its relay connection's TCP handshake). The round trip to the peer is
+    /// each path's `rtt_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_rtt_ms: Option<f64>,
+}
+
+/// `d` in milliseconds with one decimal, for the report.
+pub fn ms_1(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
 /// The end of the session, for the report.

@@ -215,15 +215,17 @@ impl Strategy for TcpPunch {
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
         let servers = attempt.rendezvous.servers();
         let unspecified = crate::net::unspecified_for_all(&servers);
-        let receive = open_port(
-            unspecified,
-            self.config.local_port,
-            &servers,
-            attempt.deadline,
-            "receive",
-        )
-        .await?;
-        let dial = open_port(unspecified, 0, &servers, attempt.deadline, "dial").await?;
+        // Both ports are observed at once: two round trips each, not four in a row.
+        let (receive, dial) = tokio::try_join!(
+            open_port(
+                unspecified,
+                self.config.local_port,
+                &servers,
+                attempt.deadline,
+                "receive",
+            ),
+            open_port(unspecified, 0, &servers, attempt.deadline, "dial"),
+        )?;
         let offer = PunchOffer {
             receive: receive.candidates.clone(),
             dial: dial.candidates.clone(),

@@ -413,7 +413,10 @@ async fn read_side<R: AsyncRead + Unpin>(
             Header::Pong(t) => {
                 let now = micros(shared);
                 if let Some(rtt) = now.checked_sub(t) {
-                    shared.lock().rtt = Some(Duration::from_micros(rtt));
+                    let rtt = Duration::from_micros(rtt);
+                    let mut st = shared.lock();
+                    st.rtt = Some(rtt);
+                    st.path_rtt = Some(st.path_rtt.map_or(rtt, |r| r.min(rtt)));
                 }
             }
             Header::Hello { .. } => {

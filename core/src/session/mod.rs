@@ -183,7 +183,7 @@ pub struct ResumeReport {
 }
 
 /// One link that carried the session, for the report.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PathReport {
     /// Its strategy.
     pub strategy: String,
@@ -195,6 +195,9 @@ pub struct PathReport {
     pub from_ms: u64,
     /// When it stopped (null: it carried the session to its end).
     pub to_ms: Option<u64>,
+    /// The round trip to the peer over it (the lowest of the session's PINGs on it), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
 }
 
 /// How a session ended.
@@ -266,6 +269,8 @@ struct State {
     pong: Option<u64>,
     /// Latest round trip measured by PING/PONG.
     rtt: Option<Duration>,
+    /// The lowest round trip measured on the current path.
+    path_rtt: Option<Duration>,
     /// Why the source or the sink failed.
     local_error: Option<String>,
     /// The writer ends this link with SWITCH at its next frame boundary (a new link is ready).
@@ -370,6 +375,7 @@ impl Session {
                 peer_has_eof: false,
                 pong: None,
                 rtt: None,
+                path_rtt: None,
                 local_error: None,
                 end: None,
                 switch_out: false,
@@ -403,7 +409,9 @@ impl Session {
                     bytes_received: 0,
                     from_ms: shared.ms(),
                     to_ms: None,
+                    rtt_ms: None,
                 });
+                shared.lock().path_rtt = None;
                 let driven = {
                     let stats = &mut paths_report[path_index];
                     let run = drive(
@@ -436,6 +444,7 @@ impl Session {
                     Err(s) => break EndKind::Stopped(s),
                 };
                 paths_report[path_index].to_ms = Some(shared.ms());
+                paths_report[path_index].rtt_ms = shared.lock().path_rtt.map(crate::report::ms_1);
                 let why = match end {
                     LinkEnd::EndSent => {
                         let st = shared.lock();
