@@ -21,16 +21,29 @@
 //! - **Hairpinning** (RFC 5780 §4.5): a datagram from a second socket to the first socket's
 //!   mapped address comes back to the first socket.
 //!
+//! Waits follow the round trip: Test I (one Binding request) is retransmitted after 250 ms
+//! and then at doubling intervals within [`DiscoverOptions::first_timeout`] (2 s), so a far
+//! server or a lost datagram still answers; its round trip sets every later test's wait to
+//! `max(test_timeout, 2 × rtt + 50 ms)` (sent again halfway). Then the mapping tests (with
+//! hairpinning on the same socket), the filtering tests and the TCP test run alongside each
+//! other: behind a typical cone NAT about three round trips and 50 ms in all. The reported
+//! round trip is the smallest over every answer, and [`discover`] stops by itself within
+//! [`DiscoverOptions::time_bound`].
+//!
 //! A server without OTHER-ADDRESS (plain RFC 5389) gives the public address, port
 //! preservation, hairpinning and "no NAT"; the other tests then say `unknown`. Nothing here
 //! sends to any address but the server's and the host's own mapped address.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, UdpSocket};
+use tokio::sync::Notify;
+use tokio::time::error::Elapsed;
+use tokio::time::{timeout_at, Instant};
 
 use crate::stun::{self, BindingResponse, TransactionId};
 
@@ -106,10 +119,17 @@ pub struct NetReport {
 }
 
 /// Knobs of a discovery run.
+///
+/// Waits follow the round trip: Test I (the first Binding request) waits up to
+/// [`Self::first_timeout`], retransmitting after 250 ms and then at doubling intervals
+/// (RFC 5389 §7.2.1, shortened); every later test waits [`Self::timeout_for`] the measured
+/// round trip, `max(test_timeout, 2 × rtt + 50 ms)`, sending again halfway. [`discover`]
+/// enforces its own deadline, just inside [`Self::time_bound`].
 #[derive(Debug, Clone)]
 pub struct DiscoverOptions {
-    /// How long one test waits for its answer (requests are resent every quarter of it).
-    /// A filtering test that gets no answer in this time counts as filtered.
+    /// The shortest wait of one test for its answer (the floor of the round-trip-derived
+    /// wait; requests are sent again halfway). A filtering test that gets no answer in its
+    /// wait counts as filtered.
     pub test_timeout: Duration,
     /// Whether to measure the TCP mapping with observe connections.
     pub tcp: bool,
@@ -124,12 +144,49 @@ impl Default for DiscoverOptions {
     }
 }
 
+/// The first retransmission interval of Test I; each later one doubles (0, 250, 750, 1750 ms
+/// within the default two seconds).
+const FIRST_RTO: Duration = Duration::from_millis(250);
+/// What a test's wait adds to two round trips.
+const WAIT_SLACK: Duration = Duration::from_millis(50);
+/// How much earlier than [`DiscoverOptions::time_bound`] [`discover`] stops by itself, so a
+/// caller's timeout of that bound never cuts off a report that is about to come.
+const BOUND_GRACE: Duration = Duration::from_millis(100);
+
 impl DiscoverOptions {
-    /// An upper bound on how long [`discover`] takes with these options.
+    /// Test I's wait at least (longer only when `test_timeout` is): a server at a 600 ms
+    /// round trip, or one whose first answer was lost, still answers within it.
+    pub const FIRST_TIMEOUT: Duration = Duration::from_secs(2);
+    /// The round trip [`Self::time_bound`] is sized for: up to it no test is cut short.
+    pub const DESIGN_RTT: Duration = Duration::from_millis(600);
+
+    /// How long Test I (the first Binding request, with its retransmissions) waits.
+    pub fn first_timeout(&self) -> Duration {
+        self.test_timeout.max(Self::FIRST_TIMEOUT)
+    }
+
+    /// How long each later test waits, given the server's round trip: two round trips and
+    /// 50 ms (an answer to the request sent again halfway still fits), at least
+    /// `test_timeout`.
+    pub fn timeout_for(&self, rtt: Duration) -> Duration {
+        self.test_timeout
+            .max(rtt.saturating_mul(2).saturating_add(WAIT_SLACK))
+    }
+
+    /// An upper bound on how long [`discover`] takes with these options, whatever the
+    /// server does: discover stops by itself just before it (tests it cuts short say
+    /// `unknown`), and up to a [`Self::DESIGN_RTT`] round trip it cuts nothing.
     pub fn time_bound(&self) -> Duration {
-        // Three round-trip samples, then alongside each other: mapping II + III + hairpin;
-        // filtering; TCP (three connections, each connect and answer within one timeout).
-        self.test_timeout * (3 + 3)
+        self.budget() + BOUND_GRACE
+    }
+
+    /// Discover's own deadline after its start: Test I, then alongside each other mapping
+    /// II then III (one wait each) with hairpinning (one wait), filtering (one wait) and TCP
+    /// (two rounds of observe connections, each connect and answer within a wait and a round
+    /// trip), all at the design round trip.
+    fn budget(&self) -> Duration {
+        let t = self.timeout_for(Self::DESIGN_RTT);
+        self.first_timeout() + 2 * (t + Self::DESIGN_RTT)
     }
 }
 
@@ -178,39 +235,158 @@ fn unspecified(addr: SocketAddr) -> SocketAddr {
 struct Answer {
     response: BindingResponse,
     from: SocketAddr,
+    /// From the sending of the request this answers to the answer.
     rtt: Duration,
 }
 
-/// Sends `request` to `to` from `socket`, resending every quarter of `timeout`, and returns the
-/// first response with its transaction id (from wherever it came: the caller checks), or
-/// `None` after `timeout`. Datagrams that are not that response are skipped.
+/// When a transaction sends its request (offsets from its start) and how long it waits in
+/// all.
+#[derive(Debug, Clone)]
+struct Schedule {
+    sends: Vec<Duration>,
+    wait: Duration,
+}
+
+impl Schedule {
+    /// Test I's: at once, after [`FIRST_RTO`], then at doubling intervals, within `wait`.
+    fn backoff(wait: Duration) -> Self {
+        let mut sends = vec![Duration::ZERO];
+        let (mut at, mut rto) = (FIRST_RTO, FIRST_RTO);
+        while at < wait {
+            sends.push(at);
+            rto *= 2;
+            at += rto;
+        }
+        Self { sends, wait }
+    }
+
+    /// A later test's: at once and again halfway through `wait` (guards against one lost
+    /// datagram; an answer to the second request still comes within a wait of two round
+    /// trips).
+    fn halfway(wait: Duration) -> Self {
+        Self {
+            sends: vec![Duration::ZERO, wait / 2],
+            wait,
+        }
+    }
+
+    /// Every quarter of `wait` (at least every 10 ms): for the one-shot checks
+    /// ([`public_address`], [`quick_check`]) that take a fixed timeout.
+    fn every_quarter(wait: Duration) -> Self {
+        let step = (wait / 4).max(Duration::from_millis(10));
+        let sends = (0u32..)
+            .map(|i| step * i)
+            .take_while(|at| at.is_zero() || *at < wait)
+            .collect();
+        Self { sends, wait }
+    }
+}
+
+/// Sends a request made by `request` to `to` from `socket` at the times of `schedule`, and
+/// returns the first response to any of them (from wherever it came: the caller checks), or
+/// `None` after the schedule's wait. Every transmission carries a fresh transaction id, so
+/// the answer tells which one it answers and its round trip is exact even when an earlier
+/// datagram was lost or late (Karn's ambiguity); a Binding request is idempotent, so to the
+/// server each is simply a request. Datagrams that are not such a response are skipped, but
+/// the hairpin probe `hairpin` watches for is noted.
 async fn transact(
     socket: &UdpSocket,
     to: SocketAddr,
-    (id, request): &(TransactionId, Vec<u8>),
-    timeout: Duration,
+    request: impl Fn() -> (TransactionId, Vec<u8>),
+    schedule: &Schedule,
+    hairpin: Option<&HairpinWatch>,
 ) -> Option<Answer> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let resend = (timeout / 4).max(Duration::from_millis(10));
+    let start = Instant::now();
+    let deadline = start + schedule.wait;
+    let mut sent: Vec<(TransactionId, Instant)> = Vec::with_capacity(schedule.sends.len());
     let mut buf = [0u8; 1500];
-    while tokio::time::Instant::now() < deadline {
-        let sent = Instant::now();
+    for (i, _) in schedule.sends.iter().enumerate() {
+        let (id, bytes) = request();
+        let at = Instant::now();
         // A send error (e.g. no route for this family) means no answer will come.
-        socket.send_to(request, to).await.ok()?;
-        let next = (tokio::time::Instant::now() + resend).min(deadline);
-        while let Ok(got) = tokio::time::timeout_at(next, socket.recv_from(&mut buf)).await {
+        socket.send_to(&bytes, to).await.ok()?;
+        sent.push((id, at));
+        let next = schedule
+            .sends
+            .get(i + 1)
+            .map_or(deadline, |n| (start + *n).min(deadline));
+        while let Ok(got) = timeout_at(next, socket.recv_from(&mut buf)).await {
             // ICMP errors of earlier datagrams surface as receive errors: keep waiting.
             let Ok((n, from)) = got else { continue };
-            if let Some(response) = stun::parse_response(&buf[..n], id) {
-                return Some(Answer {
-                    response,
-                    from,
-                    rtt: sent.elapsed(),
-                });
+            let packet = &buf[..n];
+            if hairpin.is_some_and(|w| w.saw(packet)) {
+                continue;
+            }
+            for (id, at) in &sent {
+                if let Some(response) = stun::parse_response(packet, id) {
+                    return Some(Answer {
+                        response,
+                        from,
+                        rtt: at.elapsed(),
+                    });
+                }
             }
         }
     }
     None
+}
+
+/// The hairpinning probe (a Binding request from a second socket to the first socket's
+/// mapped address), which the first socket watches for while it runs the mapping tests.
+struct HairpinWatch {
+    id: TransactionId,
+    probe: Vec<u8>,
+    seen: AtomicBool,
+    arrived: Notify,
+}
+
+impl HairpinWatch {
+    fn new() -> Self {
+        let (id, probe) = stun::binding_request();
+        Self {
+            id,
+            probe,
+            seen: AtomicBool::new(false),
+            arrived: Notify::new(),
+        }
+    }
+
+    fn seen(&self) -> bool {
+        self.seen.load(Ordering::Relaxed)
+    }
+
+    /// Whether `packet` is the probe (and notes it).
+    fn saw(&self, packet: &[u8]) -> bool {
+        let hit = stun::parse_request(packet).is_some_and(|r| r.id == self.id);
+        if hit {
+            self.seen.store(true, Ordering::Relaxed);
+            self.arrived.notify_one();
+        }
+        hit
+    }
+}
+
+/// The smallest round trip seen so far (shared by the tests that run alongside each other).
+struct MinRtt(AtomicU64);
+
+impl MinRtt {
+    fn new(first: Duration) -> Self {
+        Self(AtomicU64::new(nanos(first)))
+    }
+
+    fn note(&self, answer: &Option<Answer>) {
+        if let Some(a) = answer {
+            self.0.fetch_min(nanos(a.rtt), Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The mapped address of a success answer.
@@ -234,7 +410,14 @@ pub async fn public_address(
     let socket = UdpSocket::bind(unspecified(server))
         .await
         .map_err(|source| DiscoveryError::Io { family, source })?;
-    let answer = transact(&socket, server, &stun::binding_request(), timeout).await;
+    let answer = transact(
+        &socket,
+        server,
+        stun::binding_request,
+        &Schedule::every_quarter(timeout),
+        None,
+    )
+    .await;
     mapped(&answer).ok_or(DiscoveryError::NoAnswer(server))
 }
 
@@ -275,16 +458,24 @@ fn usable_other(server: SocketAddr, other: Option<SocketAddr>) -> Option<SocketA
     })
 }
 
-/// Runs every test against `server` (one address, so one family) and reports. Takes at most
-/// about [`DiscoverOptions::time_bound`]; fails only when the server does not answer a plain
-/// Binding request or no local socket can be opened.
+/// Runs every test against `server` (one address, so one family) and reports. Returns
+/// within [`DiscoverOptions::time_bound`] (tests its own deadline cuts short say `unknown`);
+/// fails only when the server does not answer a plain Binding request or no local socket can
+/// be opened.
+///
+/// Test I runs once (its answer gives the first round-trip sample and the waits of the other
+/// tests); then, alongside each other: mapping test II (then III if needed) from Test I's
+/// socket while that socket also watches for the hairpinning probe; the two filtering tests;
+/// the TCP mapping (IP1:P1 and IP2:P1 at once, then IP2:P2 if needed). The reported round
+/// trip is the smallest over every answer.
 pub async fn discover(
     server: SocketAddr,
     opts: &DiscoverOptions,
 ) -> Result<FamilyReport, DiscoveryError> {
+    let start = Instant::now();
+    let end = start + opts.budget();
     let family = family_name(server);
     let io_err = |source| DiscoveryError::Io { family, source };
-    let t = opts.test_timeout;
     let mapping_socket = UdpSocket::bind(unspecified(server)).await.map_err(io_err)?;
     let local_ip = local_ip_towards(server).await.map_err(io_err)?;
     let local = SocketAddr::new(
@@ -292,34 +483,37 @@ pub async fn discover(
         mapping_socket.local_addr().map_err(io_err)?.port(),
     );
 
-    // Test I, three times for the round trip.
-    let mut first = None;
-    let mut rtt = None::<Duration>;
-    for _ in 0..3 {
-        let answer = transact(&mapping_socket, server, &stun::binding_request(), t).await;
-        // No answer within the timeout: a silent server fails after one timeout, and a lost
-        // later sample just leaves fewer samples.
-        let Some(answer) = answer else { break };
-        if let BindingResponse::Error { code } = answer.response {
-            return Err(DiscoveryError::Refused { server, code });
-        }
-        rtt = Some(rtt.map_or(answer.rtt, |r| r.min(answer.rtt)));
-        first.get_or_insert(answer);
-    }
-    let Some(first) = first else {
-        return Err(DiscoveryError::NoAnswer(server));
-    };
-    let BindingResponse::Success {
-        mapped: m1,
-        other_address,
-        ..
-    } = first.response
-    else {
-        // Error answers returned above; keep the compiler's exhaustiveness without a panic.
-        return Err(DiscoveryError::NoAnswer(server));
+    // Test I, once: retransmitted within the generous first wait (a far server, a lost
+    // datagram).
+    let first = transact(
+        &mapping_socket,
+        server,
+        stun::binding_request,
+        &Schedule::backoff(opts.first_timeout()),
+        None,
+    )
+    .await
+    .ok_or(DiscoveryError::NoAnswer(server))?;
+    let (m1, other_address) = match first.response {
+        BindingResponse::Success {
+            mapped,
+            other_address,
+            ..
+        } => (mapped, other_address),
+        BindingResponse::Error { code } => return Err(DiscoveryError::Refused { server, code }),
     };
     let other = usable_other(server, other_address);
+    let rtt = MinRtt::new(first.rtt);
+    // Every later wait follows Test I's round trip.
+    let t = opts.timeout_for(first.rtt);
+    let resend_halfway = Schedule::halfway(t);
+    let phase_start = Instant::now();
 
+    // Mapping II and III share Test I's socket with the hairpinning test: the socket's one
+    // reader notes the probe while it waits for the mapping answers, then waits out the
+    // hairpinning test's wait if the probe has not come yet.
+    let hairpin = HairpinWatch::new();
+    let hairpin_until = phase_start + t;
     let mapping = async {
         let Some(other) = other else {
             return classify_mapping(local, Some(m1), None, None).min_known();
@@ -328,14 +522,44 @@ pub async fn discover(
             return Mapping::NoNat;
         }
         let ip2_p1 = SocketAddr::new(other.ip(), server.port());
-        let m2 = mapped(&transact(&mapping_socket, ip2_p1, &stun::binding_request(), t).await);
+        let test = |to| {
+            timeout_at(
+                end,
+                transact(
+                    &mapping_socket,
+                    to,
+                    stun::binding_request,
+                    &resend_halfway,
+                    Some(&hairpin),
+                ),
+            )
+        };
+        // Cut short by the deadline: no answer, so the class is unknown.
+        let a2 = test(ip2_p1).await.ok().flatten();
+        rtt.note(&a2);
+        let m2 = mapped(&a2);
         let m3 = if m2.is_some() && m2 != Some(m1) {
-            mapped(&transact(&mapping_socket, other, &stun::binding_request(), t).await)
+            let a3 = test(other).await.ok().flatten();
+            rtt.note(&a3);
+            mapped(&a3)
         } else {
             None
         };
         classify_mapping(local, Some(m1), m2, m3)
     };
+    let mapping_and_hairpin = async {
+        let mapping = mapping.await;
+        wait_for_hairpin(&mapping_socket, &hairpin, hairpin_until.min(end)).await;
+        let hairpinning = if hairpin.seen() {
+            Some(true)
+        } else if hairpin_until <= end {
+            Some(false)
+        } else {
+            None
+        };
+        (mapping, hairpinning)
+    };
+    let hairpin_probes = send_hairpin_probes(&hairpin, m1, t);
     let filtering = async {
         let Some(other) = other else {
             return Ok(Filtering::Unknown);
@@ -345,24 +569,43 @@ pub async fn discover(
             UdpSocket::bind(unspecified(server)).await?,
         );
         let ip1_p2 = SocketAddr::new(server.ip(), other.port());
-        let (change_both, change_port) = (
-            stun::binding_request_with_change(true, true),
-            stun::binding_request_with_change(false, true),
-        );
         let (both, port) = tokio::join!(
-            transact(&f2, server, &change_both, t),
-            transact(&f3, server, &change_port, t),
+            timeout_at(
+                end,
+                transact(
+                    &f2,
+                    server,
+                    || stun::binding_request_with_change(true, true),
+                    &resend_halfway,
+                    None,
+                )
+            ),
+            timeout_at(
+                end,
+                transact(
+                    &f3,
+                    server,
+                    || stun::binding_request_with_change(false, true),
+                    &resend_halfway,
+                    None,
+                )
+            ),
         );
+        for answer in [&both, &port].into_iter().flatten() {
+            rtt.note(answer);
+        }
         // An answer from the wrong place (a server that ignored CHANGE-REQUEST) or an error
-        // (one that refused it) tells nothing about filtering.
-        let honoured = |a: &Option<Answer>, want: SocketAddr| match a {
-            None => Some(false),
-            Some(Answer {
+        // (one that refused it) tells nothing about filtering; nor does a test the deadline
+        // cut short (silence only counts after the whole wait).
+        let honoured = |a: &Result<Option<Answer>, Elapsed>, want: SocketAddr| match a {
+            Err(_) => None,
+            Ok(None) => Some(false),
+            Ok(Some(Answer {
                 response: BindingResponse::Success { .. },
                 from,
                 ..
-            }) if *from == want => Some(true),
-            Some(_) => None,
+            })) if *from == want => Some(true),
+            Ok(Some(_)) => None,
         };
         Ok(match (honoured(&both, other), honoured(&port, ip1_p2)) {
             (Some(true), _) => Filtering::EndpointIndependent,
@@ -373,30 +616,28 @@ pub async fn discover(
     };
     let tcp = async {
         if opts.tcp {
-            tcp_mapping(server, other, t).await
+            // A connect and an observe answer: two round trips, within a wait and one more.
+            timeout_at(end, tcp_mapping(server, other, t + first.rtt))
+                .await
+                .unwrap_or(Mapping::Unknown)
         } else {
             Mapping::Unknown
         }
     };
-    // Hairpinning after the mapping tests (they share the socket), alongside the rest.
-    let mapping_then_hairpin = async {
-        let mapping = mapping.await;
-        (mapping, hairpin(&mapping_socket, m1, t).await)
-    };
-    let ((udp_mapping, hairpinning), udp_filtering, tcp_mapping) =
-        tokio::join!(mapping_then_hairpin, filtering, tcp);
+    let ((udp_mapping, hairpinning), probes, udp_filtering, tcp_mapping) =
+        tokio::join!(mapping_and_hairpin, hairpin_probes, filtering, tcp);
+    probes.map_err(io_err)?;
     let udp_filtering = udp_filtering.map_err(io_err)?;
-    let hairpinning = hairpinning.map_err(io_err)?;
     Ok(FamilyReport {
         udp_mapping,
         udp_filtering,
         tcp_mapping,
         public_addr: Some(m1.ip()),
         port_preservation: Some(m1.port() == local.port()),
-        hairpinning: Some(hairpinning),
+        hairpinning,
         server,
         server_other_address: other,
-        rtt_ms: rtt.unwrap_or_default().as_secs_f64() * 1000.0,
+        rtt_ms: rtt.get().as_secs_f64() * 1000.0,
     })
 }
 
@@ -411,27 +652,40 @@ impl Mapping {
     }
 }
 
-/// Whether a datagram from a second socket to `mapped` (the first socket's public mapping)
-/// reaches the first socket.
-async fn hairpin(socket: &UdpSocket, mapped: SocketAddr, timeout: Duration) -> io::Result<bool> {
+/// Sends the hairpinning probe from a second socket to `mapped` (the first socket's public
+/// mapping) three times within `wait`, stopping once the first socket has seen it.
+async fn send_hairpin_probes(
+    watch: &HairpinWatch,
+    mapped: SocketAddr,
+    wait: Duration,
+) -> io::Result<()> {
     let sender = UdpSocket::bind(unspecified(mapped)).await?;
-    let (id, probe) = stun::binding_request();
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = [0u8; 1500];
-    for _ in 0..3 {
+    let start = Instant::now();
+    for i in 1..=3u32 {
         // A send error (no route to our own public address) is simply "no hairpin".
-        if sender.send_to(&probe, mapped).await.is_err() {
-            return Ok(false);
+        if watch.seen() || sender.send_to(&watch.probe, mapped).await.is_err() || i == 3 {
+            break;
         }
-        let next = (tokio::time::Instant::now() + timeout / 3).min(deadline);
-        while let Ok(got) = tokio::time::timeout_at(next, socket.recv_from(&mut buf)).await {
-            let Ok((n, _)) = got else { continue };
-            if stun::parse_request(&buf[..n]).is_some_and(|r| r.id == id) {
-                return Ok(true);
-            }
+        tokio::select! {
+            () = tokio::time::sleep_until(start + wait * i / 3) => {}
+            () = watch.arrived.notified() => break,
         }
     }
-    Ok(false)
+    Ok(())
+}
+
+/// Reads `socket` until the hairpinning probe arrives or `until`.
+async fn wait_for_hairpin(socket: &UdpSocket, watch: &HairpinWatch, until: Instant) {
+    let mut buf = [0u8; 1500];
+    while !watch.seen() {
+        match timeout_at(until, socket.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => {
+                watch.saw(&buf[..n]);
+            }
+            Ok(Err(_)) => {}
+            Err(_) => break,
+        }
+    }
 }
 
 /// The address one observe connection from `local_port` to `to` is seen from, and the local
@@ -457,7 +711,7 @@ async fn observe_from(
     socket
         .bind(SocketAddr::new(unspecified(to).ip(), local_port))
         .ok()?;
-    let deadline = Instant::now() + timeout;
+    let deadline = std::time::Instant::now() + timeout;
     let stream = tokio::time::timeout(timeout, socket.connect(to))
         .await
         .ok()?
@@ -467,13 +721,21 @@ async fn observe_from(
     Some((seen, local, conn))
 }
 
-/// The TCP mapping from observe connections from one local port to IP1:P1, IP2:P1, IP2:P2.
-async fn tcp_mapping(server: SocketAddr, other: Option<SocketAddr>, t: Duration) -> Mapping {
+/// The TCP mapping from observe connections from one local port to IP1:P1 and IP2:P1 at the
+/// same time, then IP2:P2 if those two differ; each connection within `wait`.
+async fn tcp_mapping(server: SocketAddr, other: Option<SocketAddr>, wait: Duration) -> Mapping {
     let Ok(port) = reusable_port(server).await else {
         return Mapping::Unknown;
     };
+    let ip2_p1 = other.map(|o| SocketAddr::new(o.ip(), server.port()));
     // Connections are kept open until the end, so the NAT keeps the mapping of the port.
-    let Some((t1, local, _c1)) = observe_from(port, server, t).await else {
+    let (first, second) = tokio::join!(observe_from(port, server, wait), async {
+        match ip2_p1 {
+            Some(to) => observe_from(port, to, wait).await,
+            None => None,
+        }
+    });
+    let Some((t1, local, _c1)) = first else {
         return Mapping::Unknown;
     };
     let Some(other) = other else {
@@ -482,11 +744,9 @@ async fn tcp_mapping(server: SocketAddr, other: Option<SocketAddr>, t: Duration)
     if t1 == local {
         return Mapping::NoNat;
     }
-    let ip2_p1 = SocketAddr::new(other.ip(), server.port());
-    let second = observe_from(port, ip2_p1, t).await;
     let t2 = second.as_ref().map(|s| s.0);
     let third = if t2.is_some() && t2 != Some(t1) {
-        observe_from(port, other, t).await
+        observe_from(port, other, wait).await
     } else {
         None
     };
@@ -567,7 +827,8 @@ pub async fn quick_check(
         local_ip_towards(server).await.map_err(io_err)?,
         socket.local_addr().map_err(io_err)?.port(),
     );
-    let first = transact(&socket, server, &stun::binding_request(), timeout)
+    let schedule = Schedule::every_quarter(timeout);
+    let first = transact(&socket, server, stun::binding_request, &schedule, None)
         .await
         .ok_or(DiscoveryError::NoAnswer(server))?;
     let (m1, other) = match first.response {
@@ -590,7 +851,8 @@ pub async fn quick_check(
         });
     };
     let ip2_p1 = SocketAddr::new(other.ip(), server.port());
-    let udp = async { mapped(&transact(&socket, ip2_p1, &stun::binding_request(), timeout).await) };
+    let udp =
+        async { mapped(&transact(&socket, ip2_p1, stun::binding_request, &schedule, None).await) };
     let tcp_check = async {
         if !tcp {
             return None;
@@ -680,6 +942,226 @@ pub async fn discover_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+
+    /// Where the fake server says its clients come from: a made-up public address on
+    /// loopback. A datagram to it reaches the client's socket (bound to the unspecified
+    /// address), so the hairpinning test sees its probe.
+    const SIM_PUBLIC: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9));
+
+    /// What the fake server plays.
+    #[derive(Debug, Clone, Copy)]
+    struct Fake {
+        /// How long every answer is held back (the round trip on loopback).
+        delay: Duration,
+        /// Drop the first request each client socket sends to each server socket (the first
+        /// datagram of every test is lost).
+        drop_first: bool,
+        /// The NAT's mapping: `false` one public port for every destination, `true` another
+        /// one per server socket (the port towards IP1:P1 stays the local one).
+        per_destination: bool,
+        /// The NAT's filtering: which change requests come back.
+        filtering: Filtering,
+        /// Whether requests to IP2:P2 are answered at all.
+        answer_ip2_p2: bool,
+    }
+
+    const CONE: Fake = Fake {
+        delay: Duration::ZERO,
+        drop_first: false,
+        per_destination: false,
+        filtering: Filtering::AddressDependent,
+        answer_ip2_p2: true,
+    };
+
+    /// A fake RFC 5780 server on 127.0.0.1 and 127.0.0.2, ports P1 and P2 (sockets indexed
+    /// 2 × ip + port, like the rendezvous server's), playing a NAT in front of the client as
+    /// `fake` says; returns IP1:P1.
+    async fn fake_server(fake: Fake) -> SocketAddr {
+        let sockets = loop {
+            let a11 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let a12 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let (p1, p2) = (
+                a11.local_addr().unwrap().port(),
+                a12.local_addr().unwrap().port(),
+            );
+            // The same ports may be taken on 127.0.0.2: try others.
+            let Ok(a21) = UdpSocket::bind(("127.0.0.2", p1)).await else {
+                continue;
+            };
+            let Ok(a22) = UdpSocket::bind(("127.0.0.2", p2)).await else {
+                continue;
+            };
+            break [a11, a12, a21, a22].map(Arc::new);
+        };
+        let addrs = sockets.clone().map(|s| s.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        for i in 0..4 {
+            let sockets = sockets.clone();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1500];
+                while let Ok((n, from)) = sockets[i].recv_from(&mut buf).await {
+                    let Some(req) = stun::parse_request(&buf[..n]) else {
+                        continue;
+                    };
+                    if fake.drop_first && seen.lock().unwrap().insert((i, from)) {
+                        continue;
+                    }
+                    let filtered = match fake.filtering {
+                        Filtering::EndpointIndependent | Filtering::Unknown => false,
+                        Filtering::AddressDependent => req.change_ip,
+                        Filtering::AddressAndPortDependent => req.change_ip || req.change_port,
+                    };
+                    if filtered || (i == 3 && !fake.answer_ip2_p2) {
+                        continue;
+                    }
+                    let j = i ^ if req.change_ip { 2 } else { 0 } ^ usize::from(req.change_port);
+                    let port = if fake.per_destination {
+                        from.port().wrapping_add(i as u16)
+                    } else {
+                        from.port()
+                    };
+                    let reply = stun::success_response(
+                        &req.id,
+                        SocketAddr::new(SIM_PUBLIC, port),
+                        Some(addrs[j]),
+                        Some(addrs[i ^ 3]),
+                    );
+                    let out = sockets[j].clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(fake.delay).await;
+                        let _ = out.send_to(&reply, from).await;
+                    });
+                }
+            });
+        }
+        addrs[0]
+    }
+
+    /// The orchestrator's knobs, without TCP (the fake server speaks no observe).
+    fn opts() -> DiscoverOptions {
+        DiscoverOptions {
+            test_timeout: Duration::from_millis(250),
+            tcp: false,
+        }
+    }
+
+    #[test]
+    fn waits_follow_the_round_trip() {
+        let o = opts();
+        let ms = Duration::from_millis;
+        assert_eq!(o.first_timeout(), ms(2000));
+        assert_eq!(o.timeout_for(ms(1)), ms(250), "test_timeout is the floor");
+        assert_eq!(o.timeout_for(ms(300)), ms(650));
+        assert_eq!(o.timeout_for(ms(600)), ms(1250));
+        assert_eq!(
+            Schedule::backoff(o.first_timeout()).sends,
+            [0, 250, 750, 1750].map(ms)
+        );
+        assert_eq!(Schedule::halfway(ms(650)).sends, [0, 325].map(ms));
+        assert_eq!(
+            Schedule::every_quarter(ms(200)).sends,
+            [0, 50, 100, 150].map(ms)
+        );
+        // Test I at 600 ms, then TCP's two rounds of (wait + round trip), with the grace.
+        assert_eq!(o.time_bound(), ms(2000 + 2 * (1250 + 600) + 100));
+        let lab = DiscoverOptions {
+            test_timeout: ms(2000),
+            tcp: true,
+        };
+        assert_eq!(lab.time_bound(), ms(2000 + 2 * (2000 + 600) + 100));
+    }
+
+    /// The first datagram of every test is lost: each is sent again (Test I after 250 ms,
+    /// the later tests halfway through their wait), the verdicts are those of the NAT the
+    /// server plays, and the round trip is that of the answered request, not from the lost
+    /// one.
+    #[tokio::test]
+    async fn a_lost_first_request_is_sent_again() {
+        let server = fake_server(Fake {
+            drop_first: true,
+            ..CONE
+        })
+        .await;
+        let r = discover(server, &opts()).await.unwrap();
+        assert_eq!(r.udp_mapping, Mapping::EndpointIndependent, "{r:?}");
+        assert_eq!(r.udp_filtering, Filtering::AddressDependent, "{r:?}");
+        assert_eq!(r.public_addr, Some(SIM_PUBLIC), "{r:?}");
+        assert_eq!(r.port_preservation, Some(true), "{r:?}");
+        assert_eq!(r.hairpinning, Some(true), "{r:?}");
+        assert_eq!(
+            r.server_other_address.map(|o| o.ip().to_string()),
+            Some("127.0.0.2".into())
+        );
+        assert!(r.rtt_ms < 100.0, "{r:?}");
+    }
+
+    /// Every answer comes 600 ms late (beyond the 250 ms floor of every wait): Test I waits
+    /// for it, the later tests wait two round trips, the verdicts are right, the round trip
+    /// is 600 ms, and it all takes about three round trips (Test I, then the filtering
+    /// test's wait for the answer that does not come), within the time bound.
+    #[tokio::test]
+    async fn a_server_600ms_away_is_measured_in_about_three_round_trips() {
+        let server = fake_server(Fake {
+            delay: Duration::from_millis(600),
+            ..CONE
+        })
+        .await;
+        let o = opts();
+        let start = Instant::now();
+        let r = discover(server, &o).await.unwrap();
+        let took = start.elapsed();
+        assert_eq!(r.udp_mapping, Mapping::EndpointIndependent, "{r:?}");
+        assert_eq!(r.udp_filtering, Filtering::AddressDependent, "{r:?}");
+        assert_eq!(r.hairpinning, Some(true), "{r:?}");
+        assert!((600.0..750.0).contains(&r.rtt_ms), "{r:?}");
+        assert!(took <= o.time_bound(), "{took:?}");
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+    }
+
+    /// A server slower than the time bound is sized for (answers 1.9 s late, per-destination
+    /// mapping, IP2:P2 and the filtering tests unanswered): discover stops by itself within
+    /// the bound, and what it cut short is unknown, not a verdict.
+    #[tokio::test]
+    async fn discovery_stops_within_its_time_bound() {
+        let server = fake_server(Fake {
+            delay: Duration::from_millis(1900),
+            per_destination: true,
+            filtering: Filtering::AddressAndPortDependent,
+            answer_ip2_p2: false,
+            ..CONE
+        })
+        .await;
+        let o = opts();
+        let start = Instant::now();
+        let r = discover(server, &o).await.unwrap();
+        let took = start.elapsed();
+        assert!(took <= o.time_bound(), "{took:?}");
+        assert_eq!(r.udp_mapping, Mapping::Unknown, "{r:?}");
+        assert_eq!(r.udp_filtering, Filtering::Unknown, "{r:?}");
+        assert!((1900.0..2000.0).contains(&r.rtt_ms), "{r:?}");
+    }
+
+    /// A server that never answers is an error after Test I's whole wait, within the bound.
+    #[tokio::test]
+    async fn a_silent_server_is_an_error_after_the_first_wait() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let o = opts();
+        let start = Instant::now();
+        let err = discover(addr, &o).await.unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            matches!(err, DiscoveryError::NoAnswer(a) if a == addr),
+            "{err}"
+        );
+        assert!(
+            took >= o.first_timeout() && took <= o.time_bound(),
+            "{took:?}"
+        );
+    }
 
     fn a(s: &str) -> Option<SocketAddr> {
         Some(s.parse().unwrap())

@@ -658,7 +658,7 @@ impl Orchestrator {
         if let Some(cache) = &self.nat_cache {
             let checked = tokio::time::timeout(
                 bound,
-                quick_check(server, DISCOVERY.test_timeout, DISCOVERY.tcp),
+                quick_check(server, DISCOVERY.first_timeout(), DISCOVERY.tcp),
             )
             .await;
             if let Ok(Ok(check)) = checked {

@@ -496,6 +496,20 @@ where
                     debug!(%remote, "link dropped during handshake: {e}");
                     rejected.push(format!("{remote}: {e}"));
                 }
+                Ok(Err(HandshakeError::Secure(e)))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::BrokenPipe
+                            | std::io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    // The other end closed it during TLS: a candidate connection that lost
+                    // the race (expected, not a problem).
+                    debug!(%remote, "link closed during TLS: {e}");
+                    rejected.push(format!("{remote}: TLS failed: {e}"));
+                }
                 Ok(Err(e)) => {
                     warn!(%remote, "refused connection: {e}");
                     rejected.push(format!("{remote}: {e}"));

@@ -132,6 +132,11 @@ fn bench_lab_time_to_link() {
 /// the server in the server namespace, peer A (sender) and B (receiver) in the hosts'.
 fn bench_cli_in_lab(a: NatKind, b: NatKind, extra: &[&str]) -> serde_json::Value {
     let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
+    bench_cli_in(&lab, extra)
+}
+
+/// [`bench_cli_in_lab`] in a lab built by the caller (with link conditions, say).
+fn bench_cli_in(lab: &Lab, extra: &[&str]) -> serde_json::Value {
     let mut cmd = Command::new(nettool_bench_bin());
     cmd.args(extra)
         .args(["--cli-netns-server", lab.netns(Host::Server)])
@@ -160,6 +165,39 @@ fn bench_cli_in_lab(a: NatKind, b: NatKind, extra: &[&str]) -> serde_json::Value
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// The CLI path at a distance: as [`bench_lab_cli_path`] through a lab whose internet
+/// router holds every packet 50 ms (RTT 100 ms), 256 MiB by default, pipe to pipe, socat with
+/// 1 MiB buffers as the yardstick on the same path. Prints the table; checks every transfer
+/// arrived intact, not the ratios.
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture, as root, with a release NETTOOL_BIN"]
+fn bench_lab_cli_path_at_100ms_rtt() {
+    if !require_lab() {
+        return;
+    }
+    let size = env_or("NETTOOL_BENCH_CLI_SIZE", "256MiB");
+    let rounds = env_or("NETTOOL_BENCH_ROUNDS", "1");
+    let lab = Lab::builder(NatKind::None, NatKind::None)
+        .delay(Duration::from_millis(50))
+        .build()
+        .unwrap_or_else(|e| panic!("cannot build the lab with delay: {e}"));
+    let args = [
+        "--section",
+        "cli-path",
+        "--cli-size",
+        &size,
+        "--rounds",
+        &rounds,
+        "--cli-mode",
+        "pipe",
+    ];
+    let v = bench_cli_in(&lab, &args);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&v["cli_path"]).unwrap_or_default()
+    );
 }
 
 /// The CLI path (issue 12) between two lab hosts with no NAT on either side (routed): two

@@ -14,7 +14,7 @@ use std::time::Duration;
 use nettool_tests::{require_lab, Lab, NatKind};
 
 use crate::nat_punch::RunningLab;
-use crate::relay_first::{direct_at, intact_and_clean, run_pair_in};
+use crate::relay_first::{direct_at, intact_and_clean, run_pair_in, run_pair_with};
 
 /// Link conditions and what a run must show.
 #[derive(Clone, Copy)]
@@ -192,4 +192,43 @@ fn at_100ms_rtt_with_1_percent_loss_every_pair_links_intact() {
         .flat_map(|&a| kinds.iter().map(move |&b| (a, b)))
         .collect();
     run_cases(case, &pairs, 4);
+}
+
+/// `--no-relay-first --strategy tcp-punch` at 100 ms RTT (cone × cone): links on tcp-punch,
+/// intact both ways, both exit 0; the first byte's time is printed (the issue's target is 6
+/// round trips: not met yet, see docs/session.md).
+#[test]
+fn at_100ms_rtt_tcp_punch_alone_links_intact() {
+    if !require_lab() {
+        return;
+    }
+    let (a, b) = (NatKind::Cone, NatKind::Cone);
+    let lab = Lab::builder(a, b)
+        .delay(Duration::from_millis(50))
+        .build()
+        .unwrap_or_else(|e| panic!("cannot build the lab {a} x {b} with delay: {e}"));
+    let lab = RunningLab::on(lab, &[]);
+    let run = run_pair_with(
+        &lab,
+        (a, b),
+        (256 << 10, 128 << 10),
+        Duration::from_secs(2),
+        None,
+        &["--no-relay-first", "--strategy", "tcp-punch"],
+    );
+    let problems = intact_and_clean(&run);
+    let fb = run.first_byte_ms.unwrap_or(0);
+    println!(
+        "distance: tcp-punch alone, {a} x {b} at RTT 100 ms: first byte {fb} ms ({:.1} RTT), \
+         strategy {}",
+        fb as f64 / 100.0,
+        run.a_report["strategy"]
+    );
+    assert!(
+        problems.is_empty(),
+        "{problems:?}\nA: {}\nB: {}",
+        run.a_err,
+        run.b_err
+    );
+    assert_eq!(run.a_report["strategy"], "tcp-punch", "{}", run.a_report);
 }

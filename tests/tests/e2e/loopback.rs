@@ -243,6 +243,13 @@ fn demo_compares_every_strategy_on_loopback() {
         stdout.contains("linked with: tcp-punch, udp-quic, tcp-direct"),
         "{stdout}"
     );
+    // A healthy run warns about nothing: a candidate connection that lost a race is not a
+    // problem (it was a WARN line above the table).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("WARN") && !stderr.contains("ERROR"),
+        "the demo printed a warning or an error:\n{stderr}"
+    );
 }
 
 #[test]

@@ -56,10 +56,22 @@ fn run_pair(
 /// [`run_pair`] in a running lab (one with link conditions, say).
 pub(crate) fn run_pair_in(
     lab: &RunningLab,
+    pair: (NatKind, NatKind),
+    lens: (usize, usize),
+    pace: Duration,
+    during: Option<During>,
+) -> Run {
+    run_pair_with(lab, pair, lens, pace, during, &[])
+}
+
+/// [`run_pair_in`] with more flags for both peers' `connect` (e.g. `--no-relay-first`).
+pub(crate) fn run_pair_with(
+    lab: &RunningLab,
     (a, b): (NatKind, NatKind),
     (a_len, b_len): (usize, usize),
     pace: Duration,
     during: Option<During>,
+    extra: &[&str],
 ) -> Run {
     let dir = TempDir::new(&format!("relay-first-{a}-{b}"));
     let server = format!("{}:8877", lab.lab.server_ip());
@@ -70,7 +82,9 @@ pub(crate) fn run_pair_in(
         let mut cmd = lab.lab.command(h, nettool_bin());
         cmd.env("NETTOOL_RELAY_FIRST", "true")
             .args(["connect", "--server", &server, "--session", &session])
-            .args(["--secret", "lab", "--timeout", "30s", "--report"])
+            .args(["--secret", "lab", "--timeout", "30s"])
+            .args(extra)
+            .arg("--report")
             .arg(dir.path(&format!("{name}.report.json")))
             .stdin(Stdio::piped())
             .stdout(std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap())
