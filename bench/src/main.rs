@@ -20,6 +20,11 @@
 //! - **Cluster** (`--section cluster`, not in the default set: needs `redis-server`): pairings
 //!   per second through two nodes sharing sessions in Redis against one in-process node, and
 //!   the CPU per pairing Redis adds (`cluster.rs`).
+//! - **Distance** (`--section distance`, not in the default set: needs root and the NAT lab):
+//!   relay-first at a real round trip (`--distance-rtt`, 100 ms), per pair of NAT kinds and
+//!   `--rounds` rounds in a fresh lab each: A's first byte on B's stdout and the move to the
+//!   direct path, in ms and round trips since A's start, against 5 and 8 round trips
+//!   (`distance.rs`). Without the lab it prints `distance: skipped: <reason>`.
 //!
 //! With `--server HOST:PORT --session NAME` this process is one peer against an external
 //! rendezvous server and measures time to link only (its own view: from its "paired" event to
@@ -54,6 +59,7 @@ use time_to_link::{time_to_link_local, time_to_link_peer};
 mod capacity;
 mod cli_path;
 mod cluster;
+mod distance;
 mod forward;
 mod server_memory;
 mod server_proc;
@@ -68,6 +74,10 @@ mod time_to_link;
 /// time-to-link benchmark against that server (the other peer runs the same command).
 ///
 /// Runs `nettool` child processes: NETTOOL_BIN, else the `nettool` next to this binary.
+///
+/// Sections not in the default set: soak, forward, cluster (needs redis-server) and distance
+/// (relay-first in the NAT lab at --distance-rtt: first byte and time to the direct path per
+/// pair of NAT kinds; needs root, nftables and iptables, else it prints "distance: skipped").
 ///
 /// Example (small and quick):
 ///   nettool-bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
@@ -146,8 +156,13 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     size: u64,
     /// Throughput rounds over plain TCP and every strategy, interleaved; the median counts.
+    /// Also the CLI path's rounds and the distance section's (a fresh NAT lab per pair each).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Distance: the round trip the NAT lab adds (half of it each way at its internet
+    /// router), ms.
+    #[arg(long, default_value_t = 100, value_name = "MS")]
+    distance_rtt: u64,
     /// Sessions paired for the pairings-per-second figure.
     #[arg(long, default_value_t = 50_000)]
     pairings: u64,
@@ -222,6 +237,10 @@ pub(crate) enum Section {
     /// one in-process node, and the CPU per pairing Redis adds (only when asked for; needs
     /// `redis-server` on PATH).
     Cluster,
+    /// Relay-first in the NAT lab at a real round trip (--distance-rtt): first byte and time
+    /// to the direct path per pair of NAT kinds (only when asked for; needs root, nftables and
+    /// iptables, else skipped).
+    Distance,
 }
 
 /// How the CLI path feeds and drains the processes.
@@ -273,6 +292,7 @@ struct BenchReport {
     capacity: Option<Capacity>,
     server_memory: Option<server_memory::ServerMemory>,
     cluster: Option<cluster::ClusterBench>,
+    distance: Option<distance::Distance>,
     cli_path: Option<cli_path::CliPath>,
     soak: Option<cli_path::Soak>,
     notes: Vec<String>,
@@ -408,6 +428,7 @@ pub(crate) async fn run(
         capacity: None,
         server_memory: None,
         cluster: None,
+        distance: None,
         cli_path: None,
         soak: None,
         notes: vec![
@@ -496,6 +517,18 @@ pub(crate) async fn run(
             let measured = cluster::measure(args.pairings, args.concurrency, &progress);
             report.cluster = Some(measured.await);
         }
+        if sections.contains(&Section::Distance) {
+            let (rtt, rounds) = (args.distance_rtt, args.rounds);
+            let measured = tokio::task::spawn_blocking(move || {
+                let show = |line: &str| {
+                    if !quiet {
+                        eprintln!("nettool-bench: {line}");
+                    }
+                };
+                distance::run(rtt, rounds, &show)
+            });
+            report.distance = Some(measured.await.context("the distance task")?);
+        }
         if sections.contains(&Section::CliPath) || sections.contains(&Section::Soak) {
             let place = cli_path::Placement {
                 netns_server: args.cli_netns_server.clone(),
@@ -573,6 +606,7 @@ fn verdicts(r: &BenchReport) -> impl Iterator<Item = Verdict> + '_ {
                 .chain(c.memory.iter().map(|m| m.verdict))
         }))
         .chain(r.server_memory.iter().map(|m| Verdict::of(m.pass)))
+        .chain(r.distance.iter().flat_map(distance::Distance::verdicts))
         .chain(
             r.cli_path
                 .iter()
@@ -720,6 +754,9 @@ fn render(r: &BenchReport) -> String {
     }
     if let Some(c) = &r.cluster {
         out += &format!("{}\n", c.render());
+    }
+    if let Some(d) = &r.distance {
+        out += &format!("{}\n", d.render());
     }
     if let Some(c) = &r.cli_path {
         out += &format!(
