@@ -407,10 +407,27 @@ impl Orchestrator {
         };
         // One ping: discovery usually takes longer, and the attempts' timeouts only need
         // the scale of the round trip.
-        let (found, gw, (server_rtt, sighted)) = tokio::join!(discovery, gateway, async {
-            tokio::join!(client.rtt(1, deadline), sight)
+        let (server_rtt, sighted) = tokio::join!(client.rtt(1, deadline), sight);
+        // What discovery has not found a few round trips after pairing it will not find in
+        // time (a server without STUN, a network that drops UDP): the plan goes on without
+        // it ("unknown" is tried) rather than waiting out discovery's own bound.
+        let mut discovery = discovery;
+        let wait = server_rtt.as_ref().map_or(DISCOVERY_AFTER_PAIRING, |r| {
+            (*r * 4).max(DISCOVERY_AFTER_PAIRING)
         });
-        let ((mine, cache4), (mine6, _)) = record_found(state, found.ok(), gw.ok().flatten());
+        let found = match tokio::time::timeout(wait, &mut discovery).await {
+            Ok(found) => found.ok(),
+            Err(_) => {
+                info!(
+                    "NAT discovery not done {} ms after pairing: planning without it",
+                    wait.as_millis()
+                );
+                discovery.abort();
+                None
+            }
+        };
+        let gw = gateway.await;
+        let ((mine, cache4), (mine6, _)) = record_found(state, found, gw.ok().flatten());
         if let Ok(rtt) = &server_rtt {
             state.report.server_rtt_ms = Some(crate::report::ms_1(*rtt));
         }
@@ -1020,6 +1037,10 @@ const DISCOVERY: DiscoverOptions = DiscoverOptions {
     test_timeout: Duration::from_millis(250),
     tcp: true,
 };
+
+/// Least time discovery gets after pairing (and the server's round trip) before the plan
+/// goes on without it; four server round trips when that is longer.
+const DISCOVERY_AFTER_PAIRING: Duration = Duration::from_millis(500);
 
 /// Longest wait for showing this peer to the server over its other IP family.
 const SIGHTING_WAIT: Duration = Duration::from_millis(1500);

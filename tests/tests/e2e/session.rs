@@ -83,7 +83,25 @@ struct Outcome {
 
 /// Runs one paced stream with `event` 5 s in; `extra` flags for both peers.
 fn paced(a: NatKind, b: NatKind, strategy: &str, event: Event, extra: &[&str]) -> Outcome {
-    let lab = Lab::new(a, b).unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
+    paced_at(None, a, b, strategy, event, extra)
+}
+
+/// [`paced`] in a lab whose internet router holds every packet `delay` (RTT = 2 × delay).
+fn paced_at(
+    delay: Option<Duration>,
+    a: NatKind,
+    b: NatKind,
+    strategy: &str,
+    event: Event,
+    extra: &[&str],
+) -> Outcome {
+    let mut builder = Lab::builder(a, b);
+    if let Some(d) = delay {
+        builder = builder.delay(d);
+    }
+    let lab = builder
+        .build()
+        .unwrap_or_else(|e| panic!("cannot build the lab {a} x {b}: {e}"));
     let mut server = Some(start_server(&lab));
     let second = matches!(event, Event::FirstServerGone)
         .then(|| start_server_at(&lab, &second_server_addr(&lab), None));
@@ -176,7 +194,18 @@ fn paced(a: NatKind, b: NatKind, strategy: &str, event: Event, extra: &[&str]) -
 
 /// The case must end intact, both exit 0, with at least one resume or a path that survived.
 fn survives(a: NatKind, b: NatKind, strategy: &str, event: Event) -> Result<(), String> {
-    let o = paced(a, b, strategy, event, &[]);
+    survives_at(None, a, b, strategy, event)
+}
+
+/// [`survives`] at a distance (`delay` one way at the internet router).
+fn survives_at(
+    delay: Option<Duration>,
+    a: NatKind,
+    b: NatKind,
+    strategy: &str,
+    event: Event,
+) -> Result<(), String> {
+    let o = paced_at(delay, a, b, strategy, event, &[]);
     let resumes = o
         .a_report
         .as_ref()
@@ -201,13 +230,19 @@ fn survives(a: NatKind, b: NatKind, strategy: &str, event: Event) -> Result<(), 
 }
 
 fn run_cases(cases: &[(NatKind, NatKind, &'static str, Event)]) {
+    run_cases_at(None, cases);
+}
+
+fn run_cases_at(delay: Option<Duration>, cases: &[(NatKind, NatKind, &'static str, Event)]) {
     if !require_lab() {
         return;
     }
     let problems: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = cases
             .iter()
-            .map(|&(a, b, strategy, event)| s.spawn(move || survives(a, b, strategy, event)))
+            .map(|&(a, b, strategy, event)| {
+                s.spawn(move || survives_at(delay, a, b, strategy, event))
+            })
             .collect();
         handles
             .into_iter()
@@ -251,6 +286,31 @@ fn a_link_survives_a_nat_that_forgets_its_mappings() {
             Event::ConntrackFlush,
         ),
     ]);
+}
+
+/// The path events at a distance (100 ms RTT: 50 ms each way at the internet router): an
+/// address change under tcp-punch, a NAT that forgets its mappings under udp-quic, a server
+/// restart under the relay. Intact, both exit 0.
+#[test]
+fn the_path_events_are_survived_at_100ms_rtt() {
+    run_cases_at(
+        Some(Duration::from_millis(50)),
+        &[
+            (
+                NatKind::Cone,
+                NatKind::Cone,
+                "tcp-punch",
+                Event::AddressChange,
+            ),
+            (
+                NatKind::Sym,
+                NatKind::Full,
+                "udp-quic",
+                Event::ConntrackFlush,
+            ),
+            (NatKind::Cone, NatKind::Cone, "relay", Event::ServerRestart),
+        ],
+    );
 }
 
 #[test]
