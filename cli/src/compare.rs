@@ -190,7 +190,7 @@ async fn one_relay_first(
             row.direct = Some(format!("{} (no relay)", first.strategy));
             first
         }
-        Some(direct) => match tokio::time::timeout(settings.timeout, direct).await {
+        Some(direct) => match tokio::time::timeout(settings.timeout, direct.handle).await {
             Ok(Ok((Some(l), report))) => {
                 row.direct = Some(format!(
                     "{} at {} ms",

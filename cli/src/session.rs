@@ -62,11 +62,16 @@ struct Upgrades {
     /// The tasks waiting for the direct connects (aborted when the session ends).
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     started: Instant,
+    /// The first direct path that was ready: ms since the connect began, and its strategy
+    /// (the session may have ended before it moved there).
+    ready: Arc<Mutex<Option<(u128, &'static str)>>>,
+    /// How far the first direct connect got (for the report when the session ends first).
+    progress: Arc<Mutex<Option<relay_first::DirectProgress>>>,
 }
 
 /// Aborts the direct connect when dropped (a detached task would keep its rendezvous
 /// connection and the peer's pairing alive).
-struct AbortOnDrop(DirectConnect);
+struct AbortOnDrop(tokio::task::JoinHandle<(Option<Link>, Report)>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -78,17 +83,27 @@ impl Upgrades {
     /// Waits for `direct` in the background; its link goes to the session.
     fn watch(&self, direct: DirectConnect) {
         let me = self.clone();
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(direct.progress);
         let task = tokio::spawn(async move {
-            let mut direct = AbortOnDrop(direct);
+            let mut direct = AbortOnDrop(direct.handle);
             let Ok((link, report)) = (&mut direct.0).await else {
                 return;
             };
             let at = me.started.elapsed().as_millis();
             match &link {
-                Some(l) => eprintln!(
-                    "nettool: direct path ready at {at} ms: {} ({} -> {}); moving the session to it",
-                    l.strategy, l.local, l.remote
-                ),
+                Some(l) => {
+                    me.ready
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert((at, l.strategy));
+                    eprintln!(
+                        "nettool: direct path ready at {at} ms: {} ({} -> {}); moving the session to it",
+                        l.strategy, l.local, l.remote
+                    )
+                }
                 None => eprintln!(
                     "nettool: no direct path ({}); staying on the relay",
                     report
@@ -222,6 +237,8 @@ pub(crate) async fn run(
         reports: Arc::default(),
         tasks: Arc::default(),
         started: p.started,
+        ready: Arc::default(),
+        progress: Arc::default(),
     });
     let mut session = Session::new(p.config, key).with_clock(p.started);
     if let Some(up) = &upgrades {
@@ -230,6 +247,13 @@ pub(crate) async fn run(
         }
         session = session.with_upgrades(upgrade_rx);
     }
+    // The direct strategies (for the report when the session ends before they do).
+    let direct_names: Vec<String> = p
+        .orch
+        .names()
+        .into_iter()
+        .filter(|n| n != relay_first::RELAY)
+        .collect();
     let paths = Rejoin {
         orch: p.orch,
         server: p.params.server,
@@ -271,8 +295,14 @@ pub(crate) async fn run(
         if let Some(direct) = first {
             let moved = end.paths.iter().any(|p| p.strategy != relay_first::RELAY);
             relay_first::merge(&mut report, direct, moved);
+        } else if let Some(progress) = up.progress.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            // The session ended before the direct connect did: its attempts, as far as they
+            // got, cancelled.
+            report.attempts.extend(progress.cancelled(&direct_names));
         }
-        let summary = summary(&end);
+        let ready = *up.ready.lock().unwrap_or_else(|e| e.into_inner());
+        let summary = summary(&end, ready);
         eprintln!("nettool: {summary}");
         report.summary = Some(summary);
     }
@@ -340,7 +370,9 @@ fn not_linked(
 
 /// Relay-first's one line: "linked on relay in 12 ms, direct (tcp-punch) at 41 ms, 99.8 % of
 /// bytes direct".
-fn summary(end: &SessionEnd) -> String {
+/// When a direct path was ready but the session ended before it moved there, the line says
+/// so instead of "no direct path" (two endings that seemed to contradict each other).
+fn summary(end: &SessionEnd, ready: Option<(u128, &str)>) -> String {
     let Some(first) = end.paths.first() else {
         return "no path carried the session".into();
     };
@@ -365,7 +397,15 @@ fn summary(end: &SessionEnd) -> String {
                 d.strategy, d.from_ms
             );
         }
-        None => out += ", no direct path: every byte relayed",
+        None => match ready {
+            Some((at, strategy)) => {
+                out += &format!(
+                    ", direct path ({strategy}) ready at {at} ms, but the session ended on the \
+                     relay first: every byte relayed"
+                )
+            }
+            None => out += ", no direct path: every byte relayed",
+        },
     }
     out
 }
@@ -444,5 +484,52 @@ fn verdict(end: &SessionEnd) -> (i32, String) {
         EndKind::PeerAborted(r) => (1, format!("the peer aborted: {r}{resumed}; {totals}")),
         EndKind::Aborted(r) => (1, format!("aborted: {r}{resumed}; {totals}")),
         EndKind::Lost(r) => (1, format!("link lost: {r}{resumed}; {totals}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nettool_core::session::PathReport;
+
+    fn end(paths: &[(&str, u64, u64)]) -> SessionEnd {
+        SessionEnd {
+            kind: EndKind::Done,
+            sent: 0,
+            confirmed: 0,
+            received: 0,
+            resumes: Vec::new(),
+            paths: paths
+                .iter()
+                .map(|&(strategy, from_ms, bytes)| PathReport {
+                    strategy: strategy.into(),
+                    bytes_sent: bytes,
+                    bytes_received: 0,
+                    from_ms,
+                    to_ms: None,
+                    rtt_ms: None,
+                })
+                .collect(),
+            first_byte_ms: None,
+        }
+    }
+
+    #[test]
+    fn the_last_line_says_what_happened_to_the_direct_path() {
+        let upgraded = end(&[("relay", 7, 100), ("tcp-punch", 263, 300)]);
+        assert_eq!(
+            summary(&upgraded, Some((250, "tcp-punch"))),
+            "linked on relay in 7 ms, direct (tcp-punch) at 263 ms, 75.0 % of bytes direct"
+        );
+        let ended_first = end(&[("relay", 7, 100)]);
+        assert_eq!(
+            summary(&ended_first, Some((263, "tcp-punch"))),
+            "linked on relay in 7 ms, direct path (tcp-punch) ready at 263 ms, but the session \
+             ended on the relay first: every byte relayed"
+        );
+        assert_eq!(
+            summary(&ended_first, None),
+            "linked on relay in 7 ms, no direct path: every byte relayed"
+        );
     }
 }

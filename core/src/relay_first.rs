@@ -18,15 +18,101 @@
 use tokio::task::JoinHandle;
 
 use crate::orchestrator::{ConnectParams, Event, Orchestrator};
-use crate::report::Report;
+use std::sync::{Arc, Mutex};
+
+use crate::report::{AttemptReport, Outcome, Report};
 use crate::strategy::Link;
 use crate::LinkKey;
 
 /// The relay strategy's name.
 pub const RELAY: &str = "relay";
 
-/// The direct half of a relay-first connect, running in the background.
-pub type DirectConnect = JoinHandle<(Option<Link>, Report)>;
+/// The direct half of a relay-first connect, running in the background, and how far it got.
+pub struct DirectConnect {
+    /// The connect (its link, if any, and its report).
+    pub handle: JoinHandle<(Option<Link>, Report)>,
+    /// Its progress so far, for the report when it is cancelled ([`DirectProgress::cancelled`]).
+    pub progress: DirectProgress,
+}
+
+/// How far a direct connect got: its pairing, the attempts started and those finished.
+#[derive(Debug, Clone, Default)]
+pub struct DirectProgress(Arc<Mutex<Live>>);
+
+#[derive(Debug, Default)]
+struct Live {
+    began: Option<std::time::Instant>,
+    /// The agreed strategies, once paired.
+    agreed: Option<Vec<String>>,
+    started: Vec<(String, std::time::Instant)>,
+    finished: Vec<AttemptReport>,
+}
+
+impl DirectProgress {
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn event(&self, e: &Event) {
+        let mut live = self.live();
+        match e {
+            Event::Paired { strategies, .. } => live.agreed = Some(strategies.clone()),
+            Event::AttemptStarted { strategy } => live
+                .started
+                .push((strategy.clone(), std::time::Instant::now())),
+            Event::AttemptFinished(r) => live.finished.push(r.clone()),
+            _ => {}
+        }
+    }
+
+    /// The report's entries for a direct connect stopped before it ended: the attempts that
+    /// finished as they did, the one running as `cancelled` with its elapsed time, and the
+    /// strategies not reached yet as `cancelled` with the phase the connect was in.
+    pub fn cancelled(&self, strategies: &[String]) -> Vec<AttemptReport> {
+        let live = self.live();
+        let mut out = live.finished.clone();
+        let done = |name: &str| out.iter().any(|a: &AttemptReport| a.strategy == name);
+        let mut running = Vec::new();
+        for (name, at) in &live.started {
+            if !done(name) {
+                running.push(AttemptReport {
+                    strategy: name.clone(),
+                    outcome: Outcome::Cancelled,
+                    elapsed_ms: at.elapsed().as_millis().try_into().unwrap_or(u64::MAX),
+                    error: Some("the session ended before this attempt finished".into()),
+                    mode: None,
+                    probes: None,
+                });
+            }
+        }
+        out.extend(running);
+        let phase = if live.agreed.is_none() {
+            "joining its pairing"
+        } else {
+            "planning: NAT discovery and the plan offers"
+        };
+        let waited = live.began.map_or(0, |b| {
+            b.elapsed().as_millis().try_into().unwrap_or(u64::MAX)
+        });
+        let names = live.agreed.clone().unwrap_or_else(|| strategies.to_vec());
+        for name in names {
+            if !out.iter().any(|a| a.strategy == name) {
+                out.push(AttemptReport {
+                    strategy: name,
+                    outcome: Outcome::Cancelled,
+                    elapsed_ms: waited,
+                    error: Some(format!(
+                        "the session ended before this attempt started (the direct connect was \
+                         still {phase})"
+                    )),
+                    mode: None,
+                    probes: None,
+                });
+            }
+        }
+        out
+    }
+}
 
 /// What [`connect`] gives.
 pub struct RelayFirst {
@@ -71,7 +157,12 @@ pub async fn connect(
         .with_express(true);
     let direct = orch.clone().retain(|n| n != RELAY);
     let dparams = direct_params(params);
-    let direct = tokio::spawn(async move { direct.connect(&dparams, &|_| {}).await });
+    let progress = DirectProgress::default();
+    progress.live().began = Some(std::time::Instant::now());
+    let seen = progress.clone();
+    let handle =
+        tokio::spawn(async move { direct.connect(&dparams, &move |e| seen.event(&e)).await });
+    let direct = DirectConnect { handle, progress };
     let (link, report) = relay.connect(params, events).await;
     if link.is_some() {
         return RelayFirst {
@@ -89,14 +180,14 @@ pub async fn connect(
                 .is_some_and(|e| e.contains("failed authentication"))
         });
     if auth_failed {
-        direct.abort();
+        direct.handle.abort();
         return RelayFirst {
             link: None,
             report,
             direct: None,
         };
     }
-    let (link, direct_report) = match direct.await {
+    let (link, direct_report) = match direct.handle.await {
         Ok(x) => x,
         Err(e) => {
             let mut report = report;

@@ -18,6 +18,9 @@ pub enum Outcome {
     TimedOut,
     /// The strategy was not tried.
     Skipped,
+    /// The attempt was stopped before it ended: relay-first's session ended first (its error
+    /// says in which phase).
+    Cancelled,
 }
 
 impl Outcome {
@@ -28,6 +31,7 @@ impl Outcome {
             Self::Failed => "failed",
             Self::TimedOut => "timed-out",
             Self::Skipped => "skipped",
+            Self::Cancelled => "cancelled",
         }
     }
 }

@@ -407,3 +407,41 @@ fn a_direct_path_that_dies_falls_back_to_the_relay_and_moves_direct_again() {
     assert!(resumes >= 1, "{ctx}");
     assert_eq!(r.a_report["resumes"][0]["strategy"], "relay", "{ctx}");
 }
+
+/// A relay-first session that ends before the direct connect does (a few bytes each way,
+/// done in tens of ms while the direct half is still planning): the report still lists every
+/// direct strategy, as it ended or `cancelled` with its elapsed time and the phase.
+#[test]
+fn a_session_that_ends_at_once_lists_the_direct_attempts_as_cancelled() {
+    if !require_lab() {
+        return;
+    }
+    let pair = (NatKind::Cone, NatKind::Cone);
+    let lab = RunningLab::new(pair.0, pair.1);
+    let r = run_pair_in(&lab, pair, (16, 16), Duration::from_millis(1), None);
+    assert!(intact_and_clean(&r).is_empty(), "{}\n{}", r.a_err, r.b_err);
+    for report in [&r.a_report, &r.b_report] {
+        let attempts = report["attempts"].as_array().cloned().unwrap_or_default();
+        let direct: Vec<&serde_json::Value> = attempts
+            .iter()
+            .filter(|a| a["strategy"] != "relay")
+            .collect();
+        for name in ["tcp-punch", "udp-quic", "tcp-direct"] {
+            let a = direct
+                .iter()
+                .find(|a| a["strategy"] == name)
+                .unwrap_or_else(|| panic!("{name} missing from the report: {report}"));
+            assert!(a["elapsed_ms"].is_u64(), "{a}");
+            assert!(
+                ["connected", "failed", "timed-out", "skipped", "cancelled"]
+                    .contains(&a["outcome"].as_str().unwrap_or("")),
+                "{a}"
+            );
+        }
+        assert!(
+            direct.iter().any(|a| a["outcome"] == "cancelled"),
+            "the session ended in tens of ms, before any direct attempt could finish: {report}"
+        );
+        eprintln!("{}", serde_json::to_string(&attempts).unwrap());
+    }
+}

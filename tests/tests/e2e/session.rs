@@ -192,12 +192,8 @@ fn paced_at(
     }
 }
 
-/// The case must end intact, both exit 0, with at least one resume or a path that survived.
-fn survives(a: NatKind, b: NatKind, strategy: &str, event: Event) -> Result<(), String> {
-    survives_at(None, a, b, strategy, event)
-}
-
-/// [`survives`] at a distance (`delay` one way at the internet router).
+/// The case must end intact, both exit 0, with at least one resume or a path that survived;
+/// `delay` one way at the internet router (`None`: the lab's own sub-millisecond paths).
 fn survives_at(
     delay: Option<Duration>,
     a: NatKind,
