@@ -35,6 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nettool_tests::test_data as data;
 use nettool_tests::{lab_unavailable_reason, Host, Lab, NatKind};
 use serde::Serialize;
 
@@ -393,20 +394,6 @@ impl Distance {
 
 // ---------------------------------------------------------------------------------------------
 // One run.
-
-/// Pseudo-random bytes (xorshift64), a different stream per seed.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Writes `data` to `w` in [`STEPS`] pieces spread over [`PACE`], then closes `w`.
 fn feed_paced(mut w: impl Write, data: &[u8]) {

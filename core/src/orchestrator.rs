@@ -959,17 +959,7 @@ impl Orchestrator {
             }
             if outcome == Outcome::Connected {
                 let l = got.expect("connected implies a link");
-                state.report.strategy = Some(name.clone());
-                state.report.local = Some(l.local.to_string());
-                state.report.remote = Some(l.remote.to_string());
-                state.report.family = Some(
-                    if l.remote.ip().to_canonical().is_ipv6() {
-                        "ipv6"
-                    } else {
-                        "ipv4"
-                    }
-                    .to_owned(),
-                );
+                record_link(&mut state.report, &l);
                 return Some(l);
             }
         }
@@ -1018,10 +1008,16 @@ fn finish_express(
 ) -> Option<Link> {
     state.report.attempts.push(entry);
     let l = link.ok()?;
-    state.report.strategy = Some(l.strategy.to_owned());
-    state.report.local = Some(l.local.to_string());
-    state.report.remote = Some(l.remote.to_string());
-    state.report.family = Some(
+    record_link(&mut state.report, &l);
+    Some(l)
+}
+
+/// The link that won, in the report: its strategy, addresses and IP family.
+fn record_link(report: &mut Report, l: &Link) {
+    report.strategy = Some(l.strategy.to_owned());
+    report.local = Some(l.local.to_string());
+    report.remote = Some(l.remote.to_string());
+    report.family = Some(
         if l.remote.ip().to_canonical().is_ipv6() {
             "ipv6"
         } else {
@@ -1029,7 +1025,6 @@ fn finish_express(
         }
         .to_owned(),
     );
-    Some(l)
 }
 
 /// Discovery while joining: short per-test waits, so a filtered test costs little.

@@ -17,3 +17,18 @@ pub use delay::LinkConditions;
 pub use lab::{lab_unavailable_reason, require_lab, Host, Lab, LabBuilder, LabError};
 pub use miniupnpd::{Miniupnpd, MiniupnpdOptions};
 pub use nat::{Ipv6Kind, NatKind, UnknownNatKind};
+
+/// Deterministic pseudo-random bytes (xorshift64, a different stream per seed), so a failed
+/// transfer can be reproduced: the end-to-end tests' and the benchmarks' payloads.
+pub fn test_data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

@@ -153,19 +153,7 @@ impl Drop for Proc {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so failures can be reproduced.
-pub(crate) fn test_data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+pub(crate) use nettool_tests::test_data;
 
 pub(crate) fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
