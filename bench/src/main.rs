@@ -433,7 +433,8 @@ pub(crate) async fn run(
         soak: None,
         notes: vec![
             "links are measured as this build makes them, encryption included (TLS on the TCP \
-             links and the relay, QUIC's own on udp-quic)"
+             links and on the relay tried as a strategy, AES-256-GCM keyed from SPAKE2 on \
+             relay-first's express relay, QUIC's own on udp-quic)"
                 .into(),
         ],
     };
