@@ -47,8 +47,7 @@ use tokio::net::TcpStream;
 
 use crate::handshake::{HandshakeError, LinkKey};
 use crate::protocol::{
-    ClientToServer, ExpressJoin, FramedConn, Role, ServerToClient, DEFAULT_MAX_FRAME_LEN,
-    PROTOCOL_VERSION,
+    ClientToServer, ExpressJoin, FramedConn, Role, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use crate::relay::RelayStream;
 
@@ -558,32 +557,22 @@ impl TicketedRelay {
         self.connect_rtt
     }
 
-    /// Waits for the server's [`ServerToClient::Relaying`] (both relay connections spliced):
+    /// Waits for the server's [`ServerToClient::Relaying`](crate::protocol::ServerToClient::Relaying) (both relay connections spliced):
     /// the relay stream, this end's address and the server's.
     pub async fn relaying(
         self,
         deadline: std::time::Instant,
     ) -> Result<(RelayStream, SocketAddr, SocketAddr), String> {
         let Self {
-            mut framed,
+            framed,
             local,
             server,
             ..
         } = self;
-        let answer = tokio::time::timeout_at(deadline.into(), framed.recv::<ServerToClient>())
+        let stream = crate::relay::await_relaying(framed, deadline)
             .await
-            .map_err(|_| "the relay did not splice before the deadline".to_owned())?
-            .map_err(|e| format!("attaching to the relay: {e}"))?;
-        match answer {
-            Some(ServerToClient::Relaying) => {}
-            Some(ServerToClient::Error { message }) => {
-                return Err(format!("the server refused to relay: {message}"))
-            }
-            Some(other) => return Err(format!("unexpected answer from the relay: {other:?}")),
-            None => return Err("the relay closed the connection".into()),
-        }
-        let (stream, prefix) = framed.into_parts();
-        Ok((RelayStream::new(stream, prefix), local, server))
+            .map_err(|e| e.to_string())?;
+        Ok((stream, local, server))
     }
 }
 

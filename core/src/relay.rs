@@ -101,6 +101,52 @@ impl RelayStream {
     }
 }
 
+/// Why a relay connection was not spliced ([`await_relaying`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// No answer before the deadline.
+    #[error("the relay did not answer before the deadline")]
+    TimedOut,
+    /// The server refused, closed, answered something else, or the connection failed; the
+    /// words say which.
+    #[error("{0}")]
+    NoRelay(String),
+}
+
+/// Waits for the server's answer to a relay request sent on `framed` (the relay token's
+/// [`ClientToServer::Relay`] or an express ticket's
+/// [`ClientToServer::RelayTicket`](crate::protocol::ClientToServer::RelayTicket)): the relay
+/// stream once both peers are spliced ([`ServerToClient::Relaying`]).
+///
+/// [`ClientToServer::Relay`]: crate::protocol::ClientToServer::Relay
+/// [`ServerToClient::Relaying`]: crate::protocol::ServerToClient::Relaying
+pub async fn await_relaying(
+    mut framed: crate::protocol::FramedConn<TcpStream>,
+    deadline: std::time::Instant,
+) -> Result<RelayStream, AttachError> {
+    use crate::protocol::ServerToClient;
+    let answer = tokio::time::timeout_at(deadline.into(), framed.recv::<ServerToClient>())
+        .await
+        .map_err(|_| AttachError::TimedOut)?
+        .map_err(|e| AttachError::NoRelay(format!("attaching to the relay: {e}")))?;
+    match answer {
+        Some(ServerToClient::Relaying) => {
+            let (stream, prefix) = framed.into_parts();
+            Ok(RelayStream::new(stream, prefix))
+        }
+        Some(ServerToClient::Error { message }) => Err(AttachError::NoRelay(format!(
+            "the server refused to relay: {message}"
+        ))),
+        Some(other) => Err(AttachError::NoRelay(format!(
+            "unexpected answer from the relay: {other:?}"
+        ))),
+        None => Err(AttachError::NoRelay(
+            "the relay closed the connection".into(),
+        )),
+    }
+}
+
 fn closed() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,

@@ -8,10 +8,8 @@
 
 use std::time::Duration;
 
-use nettool_core::protocol::{
-    ClientToServer, FramedConn, ServerToClient, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
-};
-use nettool_core::relay::RelayStream;
+use nettool_core::protocol::{ClientToServer, FramedConn, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION};
+use nettool_core::relay::{await_relaying, AttachError, RelayStream};
 use nettool_core::strategy::{agree_on_link, RawLink};
 use nettool_core::{Attempt, Link, Strategy, StrategyError};
 use tokio::net::TcpStream;
@@ -84,35 +82,16 @@ impl Strategy for Relay {
             })
             .await
             .map_err(|e| StrategyError::io("attaching to the relay", e))?;
-        let answer = tokio::time::timeout_at(deadline.into(), framed.recv::<ServerToClient>())
+        let stream = await_relaying(framed, deadline)
             .await
-            .map_err(|_| {
-                StrategyError::TimedOut("the relay did not answer before the deadline".into())
-            })?
-            .map_err(|e| StrategyError::NoLink(format!("attaching to the relay: {e}")))?;
-        match answer {
-            Some(ServerToClient::Relaying) => {}
-            Some(ServerToClient::Error { message }) => {
-                return Err(StrategyError::NoLink(format!(
-                    "the server refused to relay: {message}"
-                )))
-            }
-            Some(other) => {
-                return Err(StrategyError::NoLink(format!(
-                    "unexpected answer from the relay: {other:?}"
-                )))
-            }
-            None => {
-                return Err(StrategyError::NoLink(
-                    "the relay closed the connection".into(),
-                ))
-            }
-        }
-        let (stream, prefix) = framed.into_parts();
+            .map_err(|e| match e {
+                AttachError::TimedOut => StrategyError::TimedOut(e.to_string()),
+                e => StrategyError::NoLink(e.to_string()),
+            })?;
         let (tx, rx) = mpsc::channel(1);
         let _ = tx
             .send(RawLink {
-                stream: RelayStream::new(stream, prefix),
+                stream,
                 local,
                 remote: server,
             })
