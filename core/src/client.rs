@@ -329,6 +329,8 @@ pub struct RendezvousClient {
     /// The peer's addresses of other families the server reported (at most one per family).
     peer_addresses: Vec<SocketAddr>,
     next_ping: u64,
+    /// The join's round trip (the join sent to the server's first answer).
+    join_rtt: Duration,
     /// The agreed strategies: the only ones the peer may send results for.
     strategies: Vec<String>,
     /// Results the peer sent while this side was still busy with an attempt: at most one per
@@ -425,9 +427,12 @@ impl RendezvousClient {
             token: token.map(str::to_owned),
             express,
         })?;
+        let sent = Instant::now();
+        let mut join_rtt = None;
         let mut on_waiting = Some(on_waiting);
         loop {
             let msg = within(deadline, "a peer to join the session", conn.recv()).await??;
+            let join_rtt = *join_rtt.get_or_insert_with(|| sent.elapsed());
             match msg {
                 None => return Err(ClientError::Lost("server closed the connection".into())),
                 Some(ServerToClient::Waiting { .. }) => {
@@ -453,6 +458,7 @@ impl RendezvousClient {
                         other_server: None,
                         peer_addresses: Vec::new(),
                         next_ping: 0,
+                        join_rtt,
                         strategies: strategies.clone(),
                         early_results: Vec::new(),
                     };
@@ -511,6 +517,12 @@ impl RendezvousClient {
         }
     }
 
+    /// The join's round trip: from sending the join to the server's first answer (waiting or
+    /// paired). The scale of the round trip to the server, at no cost of its own.
+    pub fn join_rtt(&self) -> Duration {
+        self.join_rtt
+    }
+
     /// Measures the round-trip time to the server (the smallest of `count` pings).
     pub async fn rtt(&mut self, count: usize, deadline: Instant) -> Result<Duration, ClientError> {
         let mut best = Duration::MAX;
@@ -531,6 +543,19 @@ impl RendezvousClient {
         Ok(best)
     }
 
+    /// Sends this peer's offer for `strategy` without waiting for the peer's (queued whole
+    /// to the writer task).
+    pub fn send_offer(
+        &self,
+        strategy: &str,
+        payload: serde_json::Value,
+    ) -> Result<(), ClientError> {
+        self.writer.send(&ClientToServer::Offer {
+            strategy: strategy.to_owned(),
+            payload,
+        })
+    }
+
     /// Sends this peer's offer for `strategy` and waits for the peer's (the server delivers
     /// both at the same moment).
     pub async fn exchange_offer(
@@ -539,10 +564,7 @@ impl RendezvousClient {
         payload: serde_json::Value,
         deadline: Instant,
     ) -> Result<serde_json::Value, ClientError> {
-        self.writer.send(&ClientToServer::Offer {
-            strategy: strategy.to_owned(),
-            payload,
-        })?;
+        self.send_offer(strategy, payload)?;
         loop {
             match self.recv(deadline, "the peer's offer").await? {
                 ServerToClient::Offer {

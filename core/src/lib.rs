@@ -58,4 +58,6 @@ pub use orchestrator::{ConnectParams, Orchestrator};
 pub use protocol::Role;
 pub use registry::{StrategyFactory, StrategyRegistry};
 pub use report::{AttemptReport, Outcome, PortMapReport, Report};
-pub use strategy::{Attempt, Link, LinkStream, LinkStreams, MultiStream, Strategy, StrategyError};
+pub use strategy::{
+    Attempt, Link, LinkStream, LinkStreams, MultiStream, Prepared, Strategy, StrategyError,
+};

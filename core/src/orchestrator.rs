@@ -18,6 +18,7 @@
 //! its candidates there), and the plan keeps a strategy when it can work on any family both
 //! peers have.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +34,9 @@ use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
 use crate::port_mapping::PortMapping;
 use crate::protocol::{Role, PLAN_OFFER};
 use crate::report::{AttemptReport, NatCacheReport, NatPair, Outcome, PortMapReport, Report};
-use crate::strategy::{Attempt, AttemptNotes, Link, Offers, Strategy, StrategyError};
+use crate::strategy::{
+    Attempt, AttemptNotes, Early, Link, Offers, Ready, Strategy, StrategyError,
+};
 
 /// What the orchestrator reports while it works (for progress output).
 #[derive(Debug, Clone)]
@@ -310,6 +313,11 @@ impl Orchestrator {
         let key = LinkKey::derive(&params.session, secret);
         let express = (self.express && names.len() == 1 && names[0] == crate::relay_first::RELAY)
             .then(|| ExpressStart::new(&key));
+        // The strategies prepare (bind and observe their ports) while this side joins and
+        // waits: their offers then go with the plan offer.
+        let preparing = express
+            .is_none()
+            .then(|| Preparing::start(self.strategies.clone(), &servers, deadline));
         let join = RendezvousClient::join_request(
             &servers,
             &self.control,
@@ -405,44 +413,50 @@ impl Orchestrator {
                 }
             }
         };
-        // One ping: discovery usually takes longer, and the attempts' timeouts only need
-        // the scale of the round trip.
-        let (server_rtt, sighted) = tokio::join!(client.rtt(1, deadline), sight);
+        // The join's round trip is the server's: the attempts' timeouts only need its scale.
+        let server_rtt = client.join_rtt();
+        state.report.server_rtt_ms = Some(crate::report::ms_1(server_rtt));
         // What discovery has not found a few round trips after pairing it will not find in
         // time (a server without STUN, a network that drops UDP): the plan goes on without
-        // it ("unknown" is tried) rather than waiting out discovery's own bound.
+        // it ("unknown" is tried) rather than waiting out discovery's own bound. The
+        // prepared offers get the same time.
+        let wait = (server_rtt * 4).max(DISCOVERY_AFTER_PAIRING);
         let mut discovery = discovery;
-        let wait = server_rtt.as_ref().map_or(DISCOVERY_AFTER_PAIRING, |r| {
-            (*r * 4).max(DISCOVERY_AFTER_PAIRING)
-        });
-        let found = match tokio::time::timeout(wait, &mut discovery).await {
-            Ok(found) => found.ok(),
-            Err(_) => {
-                info!(
-                    "NAT discovery not done {} ms after pairing: planning without it",
-                    wait.as_millis()
-                );
-                discovery.abort();
-                None
+        let discovered = async {
+            match tokio::time::timeout(wait, &mut discovery).await {
+                Ok(found) => found.ok(),
+                Err(_) => {
+                    info!(
+                        "NAT discovery not done {} ms after pairing: planning without it",
+                        wait.as_millis()
+                    );
+                    discovery.abort();
+                    None
+                }
             }
         };
+        let prepared = async {
+            match preparing {
+                Some(p) => p.take(wait).await,
+                None => BTreeMap::new(),
+            }
+        };
+        let (sighted, found, mut prepared) = tokio::join!(sight, discovered, prepared);
         let gw = gateway.await;
         let ((mine, cache4), (mine6, _)) = record_found(state, found, gw.ok().flatten());
-        if let Ok(rtt) = &server_rtt {
-            state.report.server_rtt_ms = Some(crate::report::ms_1(*rtt));
-        }
         if let Some((server, addr)) = sighted {
             info!(%addr, "seen over the other IP family");
             client.set_other_family_server(server);
             pairing.observed_other = Some(addr);
         }
-        let server_rtt = match server_rtt {
-            Ok(rtt) => rtt,
-            Err(e) => {
-                state.report.error = Some(format!("measuring the server round trip: {e}"));
-                return None;
+        // Only what was made against the server addresses the attempts will use.
+        prepared.retain(|name, ready| {
+            let fits = ready.servers() == client.servers();
+            if !fits {
+                info!(strategy = %name, "prepared for other server addresses: not offered");
             }
-        };
+            fits && pairing.strategies.contains(name)
+        });
 
         // Both peers always send their plan offer (null without a plan), so neither waits for
         // the other's; the wait is bounded for a peer that predates it.
@@ -451,6 +465,10 @@ impl Orchestrator {
             nat_v6: mine6,
             server_rtt_us: server_rtt.as_micros().try_into().unwrap_or(u64::MAX),
             hint: cache4.as_ref().and_then(|c| c.winner.clone()),
+            offers: prepared
+                .iter()
+                .map(|(name, ready)| (name.clone(), ready.offer().clone()))
+                .collect(),
         };
         let plan_wait = (now() + PLAN_WAIT + server_rtt * 4).min(deadline);
         let theirs = client
@@ -490,7 +508,15 @@ impl Orchestrator {
                 }
             }
         }
-        let (peer_nat, peer_nat6) = theirs.map_or((None, None), |t| (t.nat, t.nat_v6));
+        let (peer_nat, peer_nat6, peer_offers) =
+            theirs.map_or((None, None, BTreeMap::new()), |t| (t.nat, t.nat_v6, t.offers));
+        let early = prepared
+            .into_iter()
+            .map(|(name, ready)| {
+                let theirs = peer_offers.get(&name).cloned();
+                (name, Early { ready, theirs })
+            })
+            .collect();
         if self.plan {
             state.report.nat = Some(NatPair {
                 local: mine,
@@ -512,6 +538,7 @@ impl Orchestrator {
             server_rtt,
             rtt,
             families,
+            early,
         };
         let link = self.attempts(params, events, deadline, state, paired).await;
         if let Some(c) = &cache4 {
@@ -776,6 +803,7 @@ impl Orchestrator {
             server_rtt,
             rtt,
             families,
+            mut early,
         } = paired;
         let count = pairing.strategies.len();
         // A code session allows one guess: a failed key confirmation (here, or the peer's
@@ -848,6 +876,7 @@ impl Orchestrator {
                 notes: &mut notes,
                 portmap: self.portmap.as_deref().filter(|m| m.available()),
                 one_guess: one_guess.clone(),
+                early: early.remove(name),
             };
             let span = info_span!("attempt", strategy = %name);
             let res = tokio::time::timeout_at(
@@ -1088,6 +1117,86 @@ struct PlanOffer {
     /// The strategy that last won from this peer's network (absent from older peers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     hint: Option<String>,
+    /// The offers this peer prepared before pairing, by strategy ([`Strategy::prepare`];
+    /// absent from older peers, which then exchange every offer in its attempt).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    offers: BTreeMap<String, serde_json::Value>,
+}
+
+/// How long a prepared offer is used: the server holds an observation's connection (and with
+/// it the NAT's mapping) for `observe_hold` (120 s by default), so a side that waits longer
+/// for its peer prepares again every this long.
+const PREPARED_FRESH: Duration = Duration::from_secs(60);
+
+/// The strategies' prepared offers ([`Strategy::prepare`]), made in a task of their own while
+/// joining and made again every [`PREPARED_FRESH`] until taken.
+struct Preparing {
+    latest: Arc<std::sync::Mutex<Option<BTreeMap<String, Ready>>>>,
+    made: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Preparing {
+    fn start(
+        strategies: Vec<(Arc<dyn Strategy>, Duration)>,
+        servers: &[SocketAddr],
+        deadline: Instant,
+    ) -> Self {
+        // The addresses the control connection will most likely use: the first tried, and
+        // the first of the other family (as after being seen there).
+        let order = crate::client::happy_eyeballs_order(servers);
+        let mut against: Vec<SocketAddr> = order.first().copied().into_iter().collect();
+        if let Some(other) = order.iter().find(|a| a.is_ipv4() != order[0].is_ipv4()) {
+            against.push(*other);
+        }
+        let latest = Arc::new(std::sync::Mutex::new(None));
+        let (tx, made) = tokio::sync::watch::channel(false);
+        let slot = latest.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let round = futures::future::join_all(strategies.iter().map(|(s, _)| {
+                    let against = &against;
+                    async move {
+                        let name = s.name().to_owned();
+                        match s.prepare(against, deadline).await.and_then(|p| match p {
+                            Some(p) => Ready::new(p).map(Some),
+                            None => Ok(None),
+                        }) {
+                            Ok(r) => r.map(|r| (name, r)),
+                            Err(e) => {
+                                info!(strategy = %name, "nothing prepared: {e}");
+                                None
+                            }
+                        }
+                    }
+                }))
+                .await;
+                let set: BTreeMap<String, Ready> = round.into_iter().flatten().collect();
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(set);
+                let _ = tx.send(true);
+                tokio::time::sleep(PREPARED_FRESH).await;
+            }
+        });
+        Self { latest, made, task }
+    }
+
+    /// The latest prepared offers, waiting at most `wait` for the first; stops preparing.
+    async fn take(mut self, wait: Duration) -> BTreeMap<String, Ready> {
+        let _ = tokio::time::timeout(wait, self.made.wait_for(|m| *m)).await;
+        self.task.abort();
+        let set = self
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        set.unwrap_or_default()
+    }
+}
+
+impl Drop for Preparing {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Whether the NAT cache's quick check is ignored (a test-only build, to watch the tests that
@@ -1134,6 +1243,8 @@ struct Paired {
     rtt: Duration,
     /// Both peers' NAT behaviour per family (this side's, the peer's): IPv4, then IPv6.
     families: [(Option<NatSummary>, Option<NatSummary>); 2],
+    /// The prepared offers by strategy (this side's, the peer's when it sent them).
+    early: BTreeMap<String, Early>,
 }
 
 /// What [`Orchestrator::connect`] knows so far; kept outside the running future so a deadline

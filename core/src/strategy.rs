@@ -223,6 +223,15 @@ impl<'a> Offers<'a> {
             .exchange_offer(strategy, payload, deadline)
             .await?)
     }
+
+    /// Sends this peer's offer for this attempt's strategy without waiting for the peer's
+    /// (a copy for a peer that fetches it; see [`Attempt::prepared_offers`]). A failure to
+    /// queue it is logged: the connection is gone, which the attempt finds out by itself.
+    fn send_offer(&self, strategy: &str, payload: serde_json::Value) {
+        if let Err(e) = self.client.send_offer(strategy, payload) {
+            debug!("could not send the offer's copy: {e}");
+        }
+    }
 }
 
 /// Everything a strategy needs for one attempt.
@@ -249,6 +258,85 @@ pub struct Attempt<'a> {
     pub portmap: Option<&'a dyn crate::port_mapping::PortMapping>,
     /// Set in a code session (see [`HandshakeContext::one_guess`]).
     pub one_guess: Option<Arc<handshake::OneGuess>>,
+    /// What this strategy prepared before pairing, and the peer's prepared offer when it came
+    /// with the peer's plan offer: see [`Attempt::prepared_offers`].
+    pub early: Option<Early>,
+}
+
+/// What a strategy made ready before the peers were paired ([`Strategy::prepare`]): its offer
+/// and what stands behind it (ports bound, observed and held), so the offer travels with the
+/// plan offer and the attempt needs no offer round trip and no observation of its own.
+pub struct Prepared {
+    /// The server addresses it was made against (one per family, as [`Offers::servers`]);
+    /// it is used only for an attempt on exactly these.
+    pub servers: Vec<SocketAddr>,
+    /// The offer, a JSON object (the certificate fingerprint is added to it).
+    pub offer: serde_json::Value,
+    /// What the attempt needs of it, taken back with [`Attempt::prepared_offers`].
+    pub state: Box<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("servers", &self.servers)
+            .field("offer", &self.offer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Prepared`] with the certificate its offer names: ready to be sent.
+#[derive(Debug)]
+pub struct Ready {
+    prepared: Prepared,
+    identity: Identity,
+    made: Instant,
+}
+
+impl Ready {
+    /// Adds a fresh certificate's fingerprint to the prepared offer.
+    pub fn new(mut prepared: Prepared) -> Result<Self, StrategyError> {
+        let identity = Identity::generate()?;
+        let serde_json::Value::Object(map) = &mut prepared.offer else {
+            return Err(StrategyError::BadOffer(
+                "an offer must be a JSON object".into(),
+            ));
+        };
+        map.insert(
+            "fingerprint".into(),
+            serde_json::Value::String(fingerprint_hex(&identity.fingerprint)),
+        );
+        Ok(Self {
+            prepared,
+            identity,
+            made: Instant::now(),
+        })
+    }
+
+    /// The offer as sent (certificate fingerprint included).
+    pub fn offer(&self) -> &serde_json::Value {
+        &self.prepared.offer
+    }
+
+    /// The server addresses it was made against.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.prepared.servers
+    }
+
+    /// When it was made.
+    pub fn made(&self) -> Instant {
+        self.made
+    }
+}
+
+/// An attempt's prepared state ([`Ready`]) and the peer's prepared offer, when that came with
+/// the peer's plan offer.
+#[derive(Debug)]
+pub struct Early {
+    /// This side's.
+    pub ready: Ready,
+    /// The peer's prepared offer for this strategy (untrusted, checked like any offer).
+    pub theirs: Option<serde_json::Value>,
 }
 
 /// What a strategy says about how an attempt ran; copied into its report entry.
@@ -324,22 +412,52 @@ impl Attempt<'_> {
             "fingerprint".into(),
             serde_json::Value::String(fingerprint_hex(&identity.fingerprint)),
         );
-        let mut theirs = self
+        let theirs = self
             .rendezvous
             .exchange_offer(strategy, offer, self.deadline)
             .await?;
-        let fingerprint = theirs
-            .as_object_mut()
-            .and_then(|m| m.remove("fingerprint"))
-            .ok_or_else(|| StrategyError::BadOffer("no certificate fingerprint".into()))?;
-        let peer_fingerprint = parse_fingerprint(fingerprint.as_str().unwrap_or_default())?;
-        let theirs =
-            serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
-        Ok(SecureOffers {
-            identity,
-            peer_fingerprint,
-            theirs,
-        })
+        secure_offers(identity, theirs)
+    }
+
+    /// The state this attempt's strategy prepared before pairing ([`Strategy::prepare`]) and
+    /// the secure offers for it: the peer's offer as it came with the peer's plan offer, or
+    /// (when it did not) exchanged now with the prepared offer. `None` when nothing usable
+    /// was prepared (none, made against other server addresses, or of another type): the
+    /// strategy then opens its ports and calls [`Self::exchange_secure_offers`] as without.
+    ///
+    /// With the peer's offer at hand this side still sends its own over the control
+    /// connection, without waiting: a peer that missed this side's plan offer (its wait ran
+    /// out) fetches it there, and a peer that has it ignores the copy.
+    pub async fn prepared_offers<S: Any + Send + Sync, T: serde::de::DeserializeOwned>(
+        &mut self,
+        strategy: &str,
+    ) -> Option<Result<(S, SecureOffers<T>), StrategyError>> {
+        let early = self.early.take()?;
+        if early.ready.prepared.servers != self.rendezvous.servers() {
+            debug!("the prepared offer was made for other server addresses: not used");
+            return None;
+        }
+        let Ready {
+            prepared, identity, ..
+        } = early.ready;
+        let state = match prepared.state.downcast::<S>() {
+            Ok(s) => *s,
+            Err(_) => {
+                warn!("a prepared state of the wrong type: not used");
+                return None;
+            }
+        };
+        let theirs = match early.theirs {
+            Some(theirs) => {
+                self.rendezvous.send_offer(strategy, prepared.offer);
+                Ok(theirs)
+            }
+            None => self
+                .rendezvous
+                .exchange_offer(strategy, prepared.offer, self.deadline)
+                .await,
+        };
+        Some(theirs.and_then(|t| secure_offers(identity, t).map(|o| (state, o))))
     }
 
     /// The handshake context for a link made by `strategy`.
@@ -355,6 +473,25 @@ impl Attempt<'_> {
     }
 }
 
+/// The peer's offer with its certificate fingerprint taken out and pinned.
+fn secure_offers<T: serde::de::DeserializeOwned>(
+    identity: Identity,
+    mut theirs: serde_json::Value,
+) -> Result<SecureOffers<T>, StrategyError> {
+    let fingerprint = theirs
+        .as_object_mut()
+        .and_then(|m| m.remove("fingerprint"))
+        .ok_or_else(|| StrategyError::BadOffer("no certificate fingerprint".into()))?;
+    let peer_fingerprint = parse_fingerprint(fingerprint.as_str().unwrap_or_default())?;
+    let theirs =
+        serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
+    Ok(SecureOffers {
+        identity,
+        peer_fingerprint,
+        theirs,
+    })
+}
+
 /// One way of making a link. Object safe; stored as `Arc<dyn Strategy>`.
 #[async_trait::async_trait]
 pub trait Strategy: Send + Sync {
@@ -364,6 +501,21 @@ pub trait Strategy: Send + Sync {
     /// Makes an authenticated link, or says why not. The orchestrator enforces the deadline by
     /// dropping the future, so everything the strategy opened must close on drop.
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError>;
+
+    /// What can be made ready before the peers are paired, against the server addresses
+    /// `servers` (one per family, the control connection's first): ports bound and observed,
+    /// and the offer naming them. The orchestrator runs it while joining, sends the offer with
+    /// its plan offer and hands the state to the attempt ([`Attempt::prepared_offers`]), so
+    /// the attempt costs no observation and no offer round trip after pairing. `Ok(None)`
+    /// (the default): nothing to prepare.
+    async fn prepare(
+        &self,
+        servers: &[SocketAddr],
+        deadline: Instant,
+    ) -> Result<Option<Prepared>, StrategyError> {
+        let _ = (servers, deadline);
+        Ok(None)
+    }
 
     /// Whether this strategy (as configured) can link a pair where exactly one side's NAT maps
     /// per destination and the other filters (udp-quic's birthday mode); the plan then tries

@@ -58,7 +58,7 @@ use nettool_core::client::observe;
 use nettool_core::discovery::{Filtering, Mapping};
 use nettool_core::plan::NatSummary;
 use nettool_core::strategy::{agree_on_link, RawLink};
-use nettool_core::{Attempt, Link, Strategy, StrategyError};
+use nettool_core::{Attempt, Link, Prepared, Strategy, StrategyError};
 
 use crate::net::send_tcp;
 use nettool_core::candidates::{candidates, peer_candidates_all, start_delay};
@@ -144,6 +144,8 @@ struct PunchPort {
     listener: TcpListener,
     local: SocketAddr,
     candidates: Vec<SocketAddr>,
+    /// How long the first observation's TCP connect took: a round trip to the server.
+    connect_rtt: Duration,
     /// Hold the NAT mappings (one per family) open while the attempt runs.
     _observe: Vec<nettool_core::protocol::FramedConn<TcpStream>>,
 }
@@ -171,6 +173,7 @@ async fn open_port(
         listener,
         local,
         candidates: Vec::new(),
+        connect_rtt: Duration::MAX,
         _observe: Vec::new(),
     };
     for (i, server) in servers.iter().copied().enumerate() {
@@ -180,20 +183,25 @@ async fn open_port(
             (Instant::now() + OTHER_FAMILY_OBSERVE).min(deadline)
         };
         let observed = async {
+            let began = Instant::now();
             let stream = tokio::time::timeout_at(until.into(), connect_from(local, server))
                 .await
                 .map_err(|_| {
                     StrategyError::TimedOut(format!("observing the {what} port timed out"))
                 })?
                 .map_err(|e| StrategyError::io(format!("observe connection to {server}"), e))?;
+            let took = began.elapsed();
             let via = stream
                 .local_addr()
                 .map_err(|e| StrategyError::io("reading the observe address", e))?;
             let (public, conn) = observe(stream, until).await?;
-            Ok::<_, StrategyError>((public, via, conn))
+            Ok::<_, StrategyError>((public, via, conn, took))
         };
         match observed.await {
-            Ok((public, via, conn)) => {
+            Ok((public, via, conn, took)) => {
+                if i == 0 {
+                    port.connect_rtt = took;
+                }
                 debug!(%public, port = local.port(), "{what} port observed");
                 port.candidates
                     .extend(candidates(public, via, server.ip().is_loopback()));
@@ -206,39 +214,83 @@ async fn open_port(
     Ok(port)
 }
 
+/// Both ports of an attempt, bound and observed.
+struct Ports {
+    receive: PunchPort,
+    dial: PunchPort,
+}
+
+impl Ports {
+    /// The offer naming them, with this side's round trip to the server.
+    fn offer(&self, server_rtt: Duration) -> serde_json::Value {
+        let offer = PunchOffer {
+            receive: self.receive.candidates.clone(),
+            dial: self.dial.candidates.clone(),
+            server_rtt_us: server_rtt.as_micros().try_into().unwrap_or(u64::MAX),
+        };
+        serde_json::to_value(&offer).expect("offer serializes")
+    }
+}
+
+impl TcpPunch {
+    /// Binds both ports and observes them at once: two round trips each, not four in a row.
+    async fn open_ports(
+        &self,
+        servers: &[SocketAddr],
+        deadline: Instant,
+    ) -> Result<Ports, StrategyError> {
+        let unspecified = crate::net::unspecified_for_all(servers);
+        let (receive, dial) = tokio::try_join!(
+            open_port(
+                unspecified,
+                self.config.local_port,
+                servers,
+                deadline,
+                "receive",
+            ),
+            open_port(unspecified, 0, servers, deadline, "dial"),
+        )?;
+        Ok(Ports { receive, dial })
+    }
+}
+
 #[async_trait::async_trait]
 impl Strategy for TcpPunch {
     fn name(&self) -> &'static str {
         NAME
     }
 
+    async fn prepare(
+        &self,
+        servers: &[SocketAddr],
+        deadline: Instant,
+    ) -> Result<Option<Prepared>, StrategyError> {
+        let ports = self.open_ports(servers, deadline).await?;
+        // Before pairing the observations' own connects are the round trip to the server.
+        let rtt = ports.receive.connect_rtt.min(ports.dial.connect_rtt);
+        Ok(Some(Prepared {
+            servers: servers.to_vec(),
+            offer: ports.offer(rtt),
+            state: Box::new(ports),
+        }))
+    }
+
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
         let servers = attempt.rendezvous.servers();
-        let unspecified = crate::net::unspecified_for_all(&servers);
-        // Both ports are observed at once: two round trips each, not four in a row.
-        let (receive, dial) = tokio::try_join!(
-            open_port(
-                unspecified,
-                self.config.local_port,
-                &servers,
-                attempt.deadline,
-                "receive",
-            ),
-            open_port(unspecified, 0, &servers, attempt.deadline, "dial"),
-        )?;
-        let offer = PunchOffer {
-            receive: receive.candidates.clone(),
-            dial: dial.candidates.clone(),
-            server_rtt_us: attempt
-                .server_rtt
-                .as_micros()
-                .try_into()
-                .unwrap_or(u64::MAX),
+        let (Ports { receive, dial }, secured) = match attempt
+            .prepared_offers::<Ports, PunchOffer>(NAME)
+            .await
+        {
+            Some(prepared) => prepared?,
+            None => {
+                let ports = self.open_ports(&servers, attempt.deadline).await?;
+                let payload = ports.offer(attempt.server_rtt);
+                let secured = attempt
+                    .exchange_secure_offers::<PunchOffer>(NAME, payload)
+                    .await?;
+                (ports, secured)
+            }
         };
-        let payload = serde_json::to_value(&offer).expect("offer serializes");
-        let secured = attempt
-            .exchange_secure_offers::<PunchOffer>(NAME, payload)
-            .await?;
         let tls = secured.link_tls(attempt.role())?;
         let theirs = secured.theirs;
         let observed: Vec<IpAddr> = attempt.pairing.peer_all().iter().map(|a| a.ip()).collect();
