@@ -87,6 +87,9 @@ pub struct Orchestrator {
     portmap: Option<Arc<dyn PortMapping>>,
     /// Join for the express relay when the relay is the only strategy ([`crate::express`]).
     express: bool,
+    /// Hand a link over once its handshake agreed on it, without the lock step's wait for
+    /// the peer's result (see [`Self::with_prompt_link`]).
+    prompt_link: bool,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -123,7 +126,21 @@ impl Orchestrator {
             server_addresses: Vec::new(),
             portmap: None,
             express: false,
+            prompt_link: false,
         }
+    }
+
+    /// A link goes to the caller as soon as its handshake agreed on it (the first peer's
+    /// SELECT), without waiting for the peer's result through the server (a round trip and
+    /// a half at the second peer). The lock step is there so both peers move on to the next
+    /// strategy together; a caller with somewhere else to be (relay-first's direct half:
+    /// the session stays on the relay) does not need it for a link. In the rare race where
+    /// the peer gave up on its attempt just as the link was selected, the session's move to
+    /// the link does not complete ([`crate::session`]) and it resumes. The last strategy of
+    /// any connect hands its link over at once anyway: after it there is nothing to move on to.
+    pub fn with_prompt_link(mut self, on: bool) -> Self {
+        self.prompt_link = on;
+        self
     }
 
     /// With the relay as the only strategy: joins for the express relay ([`crate::express`]):
@@ -914,9 +931,15 @@ impl Orchestrator {
                     info!("could not report the wrong code to the server: {e}");
                 }
             }
+            let prompt = linked && (self.prompt_link || index + 1 == count);
             let peer = async {
                 if wrong_code {
                     return Ok(Err("a wrong code".to_owned()));
+                }
+                if prompt {
+                    // Sent (queued whole; it goes out even when the client is dropped), not
+                    // waited for.
+                    return client.send_result(name, true, None).await.map(Ok);
                 }
                 // Read the peer's result even when ours could not be sent: a server that
                 // burned a code says so (WrongCode) before it closes the connection.

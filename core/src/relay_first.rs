@@ -155,7 +155,7 @@ pub async fn connect(
         .retain(|n| n == RELAY)
         .with_plan(false)
         .with_express(true);
-    let direct = orch.clone().retain(|n| n != RELAY);
+    let direct = orch.clone().retain(|n| n != RELAY).with_prompt_link(true);
     let dparams = direct_params(params);
     let progress = DirectProgress::default();
     progress.live().began = Some(std::time::Instant::now());
