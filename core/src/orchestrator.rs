@@ -34,9 +34,7 @@ use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
 use crate::port_mapping::PortMapping;
 use crate::protocol::{Role, PLAN_OFFER};
 use crate::report::{AttemptReport, NatCacheReport, NatPair, Outcome, PortMapReport, Report};
-use crate::strategy::{
-    Attempt, AttemptNotes, Early, Link, Offers, Ready, Strategy, StrategyError,
-};
+use crate::strategy::{Attempt, AttemptNotes, Early, Link, Offers, Ready, Strategy, StrategyError};
 
 /// What the orchestrator reports while it works (for progress output).
 #[derive(Debug, Clone)]
@@ -525,8 +523,10 @@ impl Orchestrator {
                 }
             }
         }
-        let (peer_nat, peer_nat6, peer_offers) =
-            theirs.map_or((None, None, BTreeMap::new()), |t| (t.nat, t.nat_v6, t.offers));
+        let (peer_nat, peer_nat6, peer_offers) = theirs
+            .map_or((None, None, BTreeMap::new()), |t| {
+                (t.nat, t.nat_v6, t.offers)
+            });
         let early = prepared
             .into_iter()
             .map(|(name, ready)| {
@@ -1207,11 +1207,7 @@ impl Preparing {
     async fn take(mut self, wait: Duration) -> BTreeMap<String, Ready> {
         let _ = tokio::time::timeout(wait, self.made.wait_for(|m| *m)).await;
         self.task.abort();
-        let set = self
-            .latest
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let set = self.latest.lock().unwrap_or_else(|e| e.into_inner()).take();
         set.unwrap_or_default()
     }
 }

@@ -452,10 +452,11 @@ impl Attempt<'_> {
                 self.rendezvous.send_offer(strategy, prepared.offer);
                 Ok(theirs)
             }
-            None => self
-                .rendezvous
-                .exchange_offer(strategy, prepared.offer, self.deadline)
-                .await,
+            None => {
+                self.rendezvous
+                    .exchange_offer(strategy, prepared.offer, self.deadline)
+                    .await
+            }
         };
         Some(theirs.and_then(|t| secure_offers(identity, t).map(|o| (state, o))))
     }

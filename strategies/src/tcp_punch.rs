@@ -277,20 +277,18 @@ impl Strategy for TcpPunch {
 
     async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
         let servers = attempt.rendezvous.servers();
-        let (Ports { receive, dial }, secured) = match attempt
-            .prepared_offers::<Ports, PunchOffer>(NAME)
-            .await
-        {
-            Some(prepared) => prepared?,
-            None => {
-                let ports = self.open_ports(&servers, attempt.deadline).await?;
-                let payload = ports.offer(attempt.server_rtt);
-                let secured = attempt
-                    .exchange_secure_offers::<PunchOffer>(NAME, payload)
-                    .await?;
-                (ports, secured)
-            }
-        };
+        let (Ports { receive, dial }, secured) =
+            match attempt.prepared_offers::<Ports, PunchOffer>(NAME).await {
+                Some(prepared) => prepared?,
+                None => {
+                    let ports = self.open_ports(&servers, attempt.deadline).await?;
+                    let payload = ports.offer(attempt.server_rtt);
+                    let secured = attempt
+                        .exchange_secure_offers::<PunchOffer>(NAME, payload)
+                        .await?;
+                    (ports, secured)
+                }
+            };
         let tls = secured.link_tls(attempt.role())?;
         let theirs = secured.theirs;
         let observed: Vec<IpAddr> = attempt.pairing.peer_all().iter().map(|a| a.ip()).collect();
@@ -304,11 +302,8 @@ impl Strategy for TcpPunch {
         debug!(receive = ?peer_receive, dial = ?peer_dial, "peer offer");
 
         let peer_rtt = Duration::from_micros(theirs.server_rtt_us.min(60_000_000));
-        let max_rtt = attempt.server_rtt.max(peer_rtt);
-        // The server hands out both offers at once, so the peers start at most half the larger
-        // server round trip apart. Dial once the peer's priming SYN is surely out.
         let dial_delay = match self.config.priming_ttl() {
-            Some(_) => max_rtt / 2 + Duration::from_millis(1),
+            Some(_) => dial_delay(attempt.server_rtt, peer_rtt),
             None => Duration::ZERO,
         };
         let syn_timeout = self
@@ -574,6 +569,21 @@ fn stateful_in_front(me: Option<&NatSummary>) -> bool {
     })
 }
 
+/// Least wait before the first SYN, for the peer's work between receiving the offers and
+/// priming.
+const DIAL_MARGIN: Duration = Duration::from_millis(5);
+
+/// How long to wait before dialing so the peer's priming SYN is out when this side's SYN
+/// reaches the peer's NAT. The server hands out both offers at once: they reach the peer
+/// half its round trip to the server after the server sent them, and this side half its own
+/// round trip after. So the peer starts later by half the difference when its round trip
+/// is the longer (this side's SYN still has the way to the peer to go, which is left as
+/// slack), plus a margin for the peer's own work and the round trips' measurement (a tenth
+/// of the larger, at least [`DIAL_MARGIN`]).
+fn dial_delay(mine: Duration, peer: Duration) -> Duration {
+    peer.saturating_sub(mine) / 2 + DIAL_MARGIN.max(mine.max(peer) / 10)
+}
+
 /// Accepts connections and hands them on, except those from an endpoint of `refused` (the
 /// ones this port primes towards, when a router in front tracks the primed sockets): those are
 /// reset at once (see the module documentation).
@@ -616,6 +626,17 @@ mod tests {
             tcp_mapping: mapping,
             port_mapping: false,
         }
+    }
+
+    /// Equal round trips: only the margin; a peer farther from the server starts later by
+    /// half the difference.
+    #[test]
+    fn the_dial_waits_for_the_peer_that_hears_the_offers_later() {
+        let ms = Duration::from_millis;
+        assert_eq!(dial_delay(ms(100), ms(100)), ms(10));
+        assert_eq!(dial_delay(ms(0), ms(0)), DIAL_MARGIN);
+        assert_eq!(dial_delay(ms(20), ms(200)), ms(90) + ms(20));
+        assert_eq!(dial_delay(ms(200), ms(20)), ms(20));
     }
 
     #[test]
