@@ -330,8 +330,7 @@ impl Orchestrator {
             .then(|| ExpressStart::new(&key));
         // The strategies prepare (bind and observe their ports) while this side joins and
         // waits: their offers then go with the plan offer.
-        let preparing = express
-            .is_none()
+        let preparing = (express.is_none() && !PREPARE_OFF)
             .then(|| Preparing::start(self.strategies.clone(), &servers, deadline));
         let join = RendezvousClient::join_request(
             &servers,
@@ -1145,6 +1144,10 @@ struct PlanOffer {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     offers: BTreeMap<String, serde_json::Value>,
 }
+
+/// Whether the strategies prepare nothing before pairing (a test-only build, to watch the
+/// distance tests that guard it go red): `NETTOOL_TEST_PREPARE_OFF=1` at compile time.
+const PREPARE_OFF: bool = option_env!("NETTOOL_TEST_PREPARE_OFF").is_some();
 
 /// How long a prepared offer is used: the server holds an observation's connection (and with
 /// it the NAT's mapping) for `observe_hold` (120 s by default), so a side that waits longer

@@ -183,7 +183,7 @@ fn bench_lab_cli_path_at_100ms_rtt() {
         .delay(Duration::from_millis(50))
         .build()
         .unwrap_or_else(|e| panic!("cannot build the lab with delay: {e}"));
-    let args = [
+    let mut args: Vec<String> = [
         "--section",
         "cli-path",
         "--cli-size",
@@ -192,7 +192,17 @@ fn bench_lab_cli_path_at_100ms_rtt() {
         &rounds,
         "--cli-mode",
         "pipe",
-    ];
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    // NETTOOL_BENCH_STRATEGIES (comma separated; default all four).
+    for s in env_or("NETTOOL_BENCH_STRATEGIES", "")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        args.extend(["--strategy".to_owned(), s.to_owned()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let v = bench_cli_in(&lab, &args);
     println!(
         "{}",
