@@ -472,6 +472,17 @@ pub async fn discover(
     server: SocketAddr,
     opts: &DiscoverOptions,
 ) -> Result<FamilyReport, DiscoveryError> {
+    discover_noting(server, opts, None).await
+}
+
+/// [`discover`], setting `answered` as soon as Test I is answered: a caller that cannot wait
+/// for the whole run can still tell a network where UDP gets answers from one where it
+/// does not.
+pub async fn discover_noting(
+    server: SocketAddr,
+    opts: &DiscoverOptions,
+    answered: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<FamilyReport, DiscoveryError> {
     let start = Instant::now();
     let end = start + opts.budget();
     let family = family_name(server);
@@ -494,6 +505,9 @@ pub async fn discover(
     )
     .await
     .ok_or(DiscoveryError::NoAnswer(server))?;
+    if let Some(a) = answered {
+        a.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let (m1, other_address) = match first.response {
         BindingResponse::Success {
             mapped,

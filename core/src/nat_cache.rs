@@ -312,6 +312,7 @@ mod tests {
             udp_filtering: Filtering::AddressAndPortDependent,
             tcp_mapping: Mapping::EndpointIndependent,
             port_mapping: false,
+            udp_blocked: false,
         }
     }
 

@@ -20,13 +20,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, info_span, Instrument};
 
 use crate::client::{observe_family, ClientError, JoinRequest, RendezvousClient};
-use crate::discovery::{discover, quick_check, DiscoverOptions};
+use crate::discovery::{discover_noting, quick_check, DiscoverOptions, DiscoveryError};
 use crate::express::{self, Confirmation, ExpressStart};
 use crate::handshake::{LinkKey, OneGuess};
 use crate::nat_cache::{default_gateway, verify, NatCache, Verdict};
@@ -360,7 +361,12 @@ impl Orchestrator {
         // Both run in tasks of their own: the join does not wait for them, and what is left
         // of them runs alongside the work after pairing (the round trip, the sighting).
         let me = self.clone();
-        let discovery = tokio::spawn(async move { tokio::join!(me.measure(v4), me.measure(v6)) });
+        let answered: [Arc<AtomicBool>; 2] = Default::default();
+        let noting = answered.clone();
+        let discovery_began = now();
+        let discovery = tokio::spawn(async move {
+            tokio::join!(me.measure(v4, &noting[0]), me.measure(v6, &noting[1]))
+        });
         // Ask the gateway (only with port mapping on) while joining: bounded by its timeout.
         let portmap = self.portmap.clone();
         let gateway = tokio::spawn(async move {
@@ -437,17 +443,36 @@ impl Orchestrator {
         let wait = (server_rtt * 4).max(DISCOVERY_AFTER_PAIRING);
         let mut discovery = discovery;
         let discovered = async {
-            match tokio::time::timeout(wait, &mut discovery).await {
-                Ok(found) => found.ok(),
-                Err(_) => {
-                    info!(
-                        "NAT discovery not done {} ms after pairing: planning without it",
-                        wait.as_millis()
-                    );
-                    discovery.abort();
-                    None
+            if let Ok(found) = tokio::time::timeout(wait, &mut discovery).await {
+                return found.ok();
+            }
+            // A family whose STUN has not answered yet: wait until its silence says UDP is
+            // blocked (Test I sent three times), so the plan skips the UDP strategies rather
+            // than try them to their timeout.
+            let quiet = |i: usize, server: Option<SocketAddr>| {
+                self.plan
+                    && !UDP_CHECK_OFF
+                    && server.is_some()
+                    && !answered[i].load(Ordering::Relaxed)
+            };
+            let silence =
+                (discovery_began + udp_silence(server_rtt)).saturating_duration_since(now());
+            if (quiet(0, v4) || quiet(1, v6)) && !silence.is_zero() {
+                if let Ok(found) = tokio::time::timeout(silence, &mut discovery).await {
+                    return found.ok();
                 }
             }
+            info!(
+                "NAT discovery not done {} ms after pairing: planning without it",
+                wait.as_millis()
+            );
+            discovery.abort();
+            let blocked = |i, server| quiet(i, server).then_some(NatSummary::UDP_BLOCKED);
+            let (b4, b6) = (blocked(0, v4), blocked(1, v6));
+            if b4.is_some() || b6.is_some() {
+                info!("no STUN answer over UDP: UDP looks blocked on this network");
+            }
+            (b4.is_some() || b6.is_some()).then_some(((b4, None), (b6, None)))
         };
         let prepared = async {
             match preparing {
@@ -706,7 +731,14 @@ impl Orchestrator {
     /// plans off, or when the server does not answer there). With a cache: a cached entry for
     /// this network is used only after a quick check of the mapping confirms it; a
     /// contradiction drops it and discovery runs afresh; only complete results are stored.
-    async fn measure(&self, server: Option<SocketAddr>) -> (Option<NatSummary>, Option<CacheUse>) {
+    ///
+    /// `answered` is set once the server's STUN answered over UDP; a server that never does
+    /// gives [`NatSummary::UDP_BLOCKED`].
+    async fn measure(
+        &self,
+        server: Option<SocketAddr>,
+        answered: &AtomicBool,
+    ) -> (Option<NatSummary>, Option<CacheUse>) {
         let Some(server) = server else {
             return (None, None);
         };
@@ -722,6 +754,7 @@ impl Orchestrator {
             )
             .await;
             if let Ok(Ok(check)) = checked {
+                answered.store(true, Ordering::Relaxed);
                 let key = NatCache::key(
                     default_gateway(),
                     check.udp.local.ip(),
@@ -772,9 +805,13 @@ impl Orchestrator {
                 cache_use = Some((cache, key, check, report));
             }
         }
-        let run = discover(server, &DISCOVERY);
+        let run = discover_noting(server, &DISCOVERY, Some(answered));
         let nat = match tokio::time::timeout(bound, run).await {
             Ok(Ok(report)) => Some(NatSummary::from(&report)),
+            Ok(Err(e @ DiscoveryError::NoAnswer(_))) if !UDP_CHECK_OFF => {
+                info!("NAT discovery: {e}: UDP looks blocked on this network");
+                Some(NatSummary::UDP_BLOCKED)
+            }
             Ok(Err(e)) => {
                 info!("NAT discovery failed: {e}");
                 None
@@ -784,8 +821,8 @@ impl Orchestrator {
         let cache_use = match cache_use {
             Some((cache, key, check, mut report)) => {
                 let stored = match nat {
-                    Some(nat) => cache.put(&key, nat, Some(check)).await,
-                    None => false,
+                    Some(nat) if !nat.udp_blocked => cache.put(&key, nat, Some(check)).await,
+                    _ => false,
                 };
                 if !stored {
                     report.detail.get_or_insert_with(|| {
@@ -1143,6 +1180,16 @@ struct PlanOffer {
     /// absent from older peers, which then exchange every offer in its attempt).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     offers: BTreeMap<String, serde_json::Value>,
+}
+
+/// Whether silence from the server's STUN is ignored (a test-only build, to watch the test
+/// that guards it go red): `NETTOOL_TEST_UDP_CHECK_OFF=1` at compile time.
+const UDP_CHECK_OFF: bool = option_env!("NETTOOL_TEST_UDP_CHECK_OFF").is_some();
+
+/// How long after discovery began no STUN answer over UDP means UDP is blocked: Test I has
+/// then been sent three times (at 0, 250 and 750 ms) and each had time for its answer.
+fn udp_silence(server_rtt: Duration) -> Duration {
+    Duration::from_millis(800) + server_rtt * 2
 }
 
 /// Whether the strategies prepare nothing before pairing (a test-only build, to watch the

@@ -40,15 +40,26 @@ pub struct NatSummary {
     /// anywhere, whatever the NAT's own mapping and filtering.
     #[serde(default)]
     pub port_mapping: bool,
+    /// Whether the server's STUN never answered this peer over UDP (a network that lets only
+    /// TCP out): the UDP strategies are skipped. Absent (false) from older peers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub udp_blocked: bool,
 }
 
 impl NatSummary {
+    /// Nothing known but that no STUN answer came back over UDP.
+    pub const UDP_BLOCKED: Self = Self {
+        udp_blocked: true,
+        ..Self::UNKNOWN
+    };
+
     /// Nothing known.
     pub const UNKNOWN: Self = Self {
         udp_mapping: Mapping::Unknown,
         udp_filtering: Filtering::Unknown,
         tcp_mapping: Mapping::Unknown,
         port_mapping: false,
+        udp_blocked: false,
     };
 }
 
@@ -59,6 +70,7 @@ impl From<&FamilyReport> for NatSummary {
             udp_filtering: r.udp_filtering,
             tcp_mapping: r.tcp_mapping,
             port_mapping: false,
+            udp_blocked: false,
         }
     }
 }
@@ -122,6 +134,17 @@ pub fn feasible(
     // reaches it from whatever mapping its own NAT gives, and the answer goes back through
     // that NAT's state. So the strategies that map (udp-quic, tcp-direct) work for any pair.
     let mapped = me.port_mapping || peer.port_mapping;
+    let udp = matches!(name, "udp-quic");
+    if udp && (me.udp_blocked || peer.udp_blocked) {
+        let whose = if me.udp_blocked {
+            "this side's"
+        } else {
+            "the peer's"
+        };
+        return Err(format!(
+            "UDP looks blocked on {whose} network (the server's STUN never answered over UDP)"
+        ));
+    }
     let blocked = match name {
         "tcp-punch" => punch_blocked(|s| s.tcp_mapping, me, peer),
         "udp-quic" if mapped => None,
@@ -179,6 +202,7 @@ mod tests {
             udp_filtering: f,
             tcp_mapping: m,
             port_mapping: false,
+            udp_blocked: false,
         }
     }
 
@@ -238,6 +262,34 @@ mod tests {
         for s in ["udp-quic", "tcp-direct"] {
             assert!(feasible(s, &kind("sym"), &kind("sym"), false).is_err());
         }
+    }
+
+    /// No STUN answer on either side skips the UDP strategies, even with a mapped port, and
+    /// says whose network; the TCP strategies are planned as for unknown behaviour.
+    #[test]
+    fn udp_blocked_on_either_side_skips_udp_only() {
+        let blocked = NatSummary::UDP_BLOCKED;
+        let mut mapped = kind("none");
+        mapped.port_mapping = true;
+        for peer in [kind("none"), mapped] {
+            let mine = feasible("udp-quic", &blocked, &peer, true).unwrap_err();
+            assert!(mine.contains("this side's network"), "{mine}");
+            let theirs = feasible("udp-quic", &peer, &blocked, true).unwrap_err();
+            assert!(theirs.contains("the peer's network"), "{theirs}");
+            for s in ["tcp-punch", "tcp-direct", "relay"] {
+                assert!(feasible(s, &blocked, &peer, false).is_ok(), "{s}");
+            }
+        }
+        // Old peers' summaries (no field) are not blocked, and a blocked one says so.
+        let old: NatSummary = serde_json::from_str(
+            r#"{"udp_mapping":"endpoint-independent","udp_filtering":"endpoint-independent","tcp_mapping":"endpoint-independent"}"#,
+        )
+        .unwrap();
+        assert!(!old.udp_blocked);
+        assert!(serde_json::to_string(&blocked)
+            .unwrap()
+            .contains("\"udp_blocked\":true"));
+        assert!(!serde_json::to_string(&old).unwrap().contains("udp_blocked"));
     }
 
     #[test]

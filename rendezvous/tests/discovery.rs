@@ -160,12 +160,14 @@ async fn the_plan_uses_a_cached_class_only_when_the_network_confirms_it() {
         udp_filtering: Filtering::AddressAndPortDependent,
         tcp_mapping: Mapping::NoNat,
         port_mapping: false,
+        udp_blocked: false,
     };
     let sym = NatSummary {
         udp_mapping: Mapping::AddressAndPortDependent,
         udp_filtering: Filtering::AddressAndPortDependent,
         tcp_mapping: Mapping::AddressAndPortDependent,
         port_mapping: false,
+        udp_blocked: false,
     };
 
     struct Never;

@@ -625,6 +625,7 @@ mod tests {
             udp_filtering: filtering,
             tcp_mapping: mapping,
             port_mapping: false,
+            udp_blocked: false,
         }
     }
 

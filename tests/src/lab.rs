@@ -819,6 +819,24 @@ impl Lab {
         self.flush_conntrack(h)
     }
 
+    /// Drops every UDP packet the router in front of `h` would forward, both ways (a network
+    /// that lets only TCP out, as many corporate and guest networks do). Its own table, so
+    /// [`Self::set_kind`] leaves it in place.
+    pub fn block_udp(&self, h: Host) -> Result<(), LabError> {
+        let ns = self.router_netns(h).expect("a peer has a router");
+        let rules = "table inet ntl_udp_block {\n\
+                     \tchain forward {\n\
+                     \t\ttype filter hook forward priority -10; policy accept;\n\
+                     \t\tmeta l4proto udp drop\n\
+                     \t}\n\
+                     }\n";
+        run(
+            &mut ip(&["netns", "exec", ns, "nft", "-f", "-"]),
+            Some(rules),
+        )
+        .map(drop)
+    }
+
     /// Flushes the connection tracking table of the router in front of `h` (a NAT reboot, a
     /// CGNAT rebinding: every mapping forgotten). Needs the `conntrack` tool; without it this
     /// is an error naming the package.

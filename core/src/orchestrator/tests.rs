@@ -7,6 +7,7 @@ fn nat(mapping: Mapping, filtering: Filtering) -> Option<NatSummary> {
         udp_filtering: filtering,
         tcp_mapping: mapping,
         port_mapping: false,
+        udp_blocked: false,
     })
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use nettool_tests::{require_lab, Host, NatKind};
 
 use crate::nat_punch::RunningLab;
+use crate::relay_first::{direct_at, intact_and_clean, run_pair_homes};
 use crate::support::{finish_peer, nettool_bin, spawn_peer, wait_until_waiting, PeerRun, TempDir};
 
 /// Runs one pair with the cache on, each side's cache in `caches[side]`.
@@ -174,4 +175,81 @@ fn a_corrupt_cache_file_is_reported_and_replaced() {
     let entries: serde_json::Value =
         serde_json::from_slice(&text).expect("the broken file was replaced by a whole one");
     assert_eq!(entries.as_array().map(Vec::len), Some(1), "{entries}");
+}
+
+/// Issue 37: cone × cone where udp-quic won the run before on both networks; then A's router
+/// drops every UDP packet (a network that lets only TCP out). The default connect
+/// (relay-first, B waiting) skips udp-quic, its report says why, and the session is on
+/// tcp-punch within a second of pairing instead of waiting out a UDP attempt's timeout.
+/// Watched red with the UDP check switched off (`NETTOOL_TEST_UDP_CHECK_OFF`): udp-quic is
+/// tried first and times out.
+#[test]
+fn when_udp_is_blocked_the_plan_skips_udp_and_tcp_punch_links_at_once() {
+    if !require_lab() {
+        return;
+    }
+    let (ka, kb) = (NatKind::Cone, NatKind::Cone);
+    let lab = RunningLab::new(ka, kb);
+    let homes = TempDir::new("udp-blocked-homes");
+    let homes = [homes.sub("a"), homes.sub("b")];
+    let pace = Duration::from_secs(2);
+    let lens = (64 << 10, 64 << 10);
+    let warm = run_pair_homes(
+        &lab,
+        (ka, kb),
+        lens,
+        pace,
+        None,
+        &["--strategy", "udp-quic", "--strategy", "relay"],
+        Some(&homes),
+    );
+    let problems = intact_and_clean(&warm);
+    assert!(
+        problems.is_empty(),
+        "warming: {problems:?}\nA: {}",
+        warm.a_err
+    );
+    assert_eq!(warm.a_report["strategy"], "udp-quic", "{}", warm.a_report);
+    for home in &homes {
+        let cache = std::fs::read_to_string(cache_file(home)).unwrap_or_default();
+        assert!(
+            cache.contains("udp-quic"),
+            "no udp-quic winner cached: {cache}\nA: {}\nB: {}",
+            warm.a_err,
+            warm.b_err
+        );
+    }
+    lab.lab
+        .block_udp(Host::A)
+        .unwrap_or_else(|e| panic!("cannot block UDP at A's router: {e}"));
+    let run = run_pair_homes(&lab, (ka, kb), lens, pace, None, &[], Some(&homes));
+    let problems = intact_and_clean(&run);
+    assert!(
+        problems.is_empty(),
+        "{problems:?}\nA: {}\nB: {}",
+        run.a_err,
+        run.b_err
+    );
+    let report = &run.a_report;
+    assert_eq!(report["strategy"], "tcp-punch", "{report}");
+    let udp = report["attempts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["strategy"] == "udp-quic")
+        .unwrap_or_else(|| panic!("no udp-quic entry: {report}"));
+    assert_eq!(udp["outcome"], "skipped", "{udp}");
+    let why = udp["error"].as_str().unwrap_or_default();
+    assert!(why.contains("UDP looks blocked"), "{why}");
+    // The express relay links at pairing: the session's first path starts then.
+    let paired = report["paths"][0]["from_ms"].as_u64().unwrap_or(0);
+    let direct = direct_at(report).unwrap_or(u64::MAX);
+    eprintln!(
+        "UDP blocked at A: udp-quic skipped ({why}); relay at {paired} ms, tcp-punch at \
+         {direct} ms"
+    );
+    assert!(
+        direct.saturating_sub(paired) <= 1000,
+        "on the direct path {direct} ms after A started, {paired} ms after pairing: {report}"
+    );
 }

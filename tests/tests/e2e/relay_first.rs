@@ -73,6 +73,21 @@ pub(crate) fn run_pair_with(
     during: Option<During>,
     extra: &[&str],
 ) -> Run {
+    run_pair_homes(lab, (a, b), (a_len, b_len), pace, during, extra, None)
+}
+
+/// [`run_pair_with`], with the NAT cache on when `homes` are given: each peer's home (and
+/// cache) in `homes` (A's, then B's), kept by the caller across runs. (The lab's commands run
+/// with the cache off, so no run's winners order another's strategies.)
+pub(crate) fn run_pair_homes(
+    lab: &RunningLab,
+    (a, b): (NatKind, NatKind),
+    (a_len, b_len): (usize, usize),
+    pace: Duration,
+    during: Option<During>,
+    extra: &[&str],
+    homes: Option<&[std::path::PathBuf; 2]>,
+) -> Run {
     let dir = TempDir::new(&format!("relay-first-{a}-{b}"));
     let server = format!("{}:8877", lab.lab.server_ip());
     let session = format!("rf-{a}-{b}");
@@ -80,6 +95,12 @@ pub(crate) fn run_pair_with(
     let b_data = test_data(b_len, 32);
     let peer = |h: Host, name: &str| {
         let mut cmd = lab.lab.command(h, nettool_bin());
+        if let Some(homes) = homes {
+            let home = &homes[usize::from(h == Host::B)];
+            cmd.env("HOME", home)
+                .env("XDG_CACHE_HOME", home)
+                .env("NETTOOL_NAT_CACHE", "true");
+        }
         cmd.env("NETTOOL_RELAY_FIRST", "true")
             .args(["connect", "--server", &server, "--session", &session])
             .args(["--secret", "lab", "--timeout", "30s"])
