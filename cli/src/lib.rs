@@ -52,8 +52,6 @@ use codes::no_code;
 pub(crate) use codes::{use_code, wrong_code_message, CodeSide};
 pub(crate) use servers::{choose_server, resolve_all};
 
-const DEFAULT_PORT: u16 = 8877;
-
 /// Connect two peers that sit behind NATs and firewalls.
 ///
 /// A rendezvous server introduces the peers; they then try connection strategies in order
@@ -587,6 +585,52 @@ fn nat_cache_file() -> Option<nettool_core::nat_cache::NatCache> {
         path,
         Duration::from_secs(600),
     ))
+}
+
+/// Prints a library event as the command line always has: the server chosen of several, the
+/// connect's progress (with `quiet`, when stderr is no terminal, only "waiting": scripts and
+/// tests start the second peer when they see it), direct paths and resumes.
+pub(crate) fn say(e: nettool_peer::Event, quiet: bool) {
+    use nettool_peer::Event as E;
+    match e {
+        E::ServerChosen { server, addr } => {
+            eprintln!("nettool: server {server} ({addr}) answers; using it")
+        }
+        E::ServerFailed {
+            server,
+            error,
+            next,
+        } => {
+            let next = if next {
+                "trying the next"
+            } else {
+                "no more servers"
+            };
+            eprintln!("nettool: server {server}: {error}; {next}")
+        }
+        E::Connect(e) if !quiet || matches!(e, Event::Waiting) => progress(e),
+        E::DirectReady {
+            at_ms,
+            strategy,
+            local,
+            remote,
+        } => eprintln!(
+            "nettool: direct path ready at {at_ms} ms: {strategy} ({local} -> {remote}); moving \
+             the session to it"
+        ),
+        E::NoDirectPath { reason } => {
+            eprintln!("nettool: no direct path ({reason}); staying on the relay")
+        }
+        E::Resumed {
+            strategy,
+            local,
+            remote,
+            tries,
+        } => eprintln!(
+            "nettool: resumed via {strategy} after {tries} attempt(s): {local} -> {remote}"
+        ),
+        _ => {}
+    }
 }
 
 fn progress(event: Event) {

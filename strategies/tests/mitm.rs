@@ -320,7 +320,16 @@ impl DoubleState {
                     let strategy = msg["strategy"].as_str().unwrap_or_default().to_owned();
                     // This offer came from the other peer: pose as it.
                     let posed = role.expect("paired before offers").other();
-                    me.rewrite(&strategy, posed, &mut msg["payload"]);
+                    if strategy == nettool_core::protocol::PLAN_OFFER {
+                        // The plan offer carries the offers the peer prepared before pairing.
+                        if let Some(offers) = msg["payload"]["offers"].as_object_mut() {
+                            for (name, payload) in offers.iter_mut() {
+                                me.rewrite(name, posed, payload);
+                            }
+                        }
+                    } else {
+                        me.rewrite(&strategy, posed, &mut msg["payload"]);
+                    }
                     line = serde_json::to_string(&msg).unwrap() + "\n";
                 }
                 if peer_w.write_all(line.as_bytes()).await.is_err() {

@@ -9,13 +9,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use nettool_config::Settings;
-use nettool_core::orchestrator::Event;
 use nettool_core::port_mapping::PortMapping;
-use nettool_core::{ConnectParams, Orchestrator};
+use nettool_core::session::SessionConfig;
+use nettool_peer::{Peer, PeerBuilder, PeerError};
 use nettool_portmap::PortMapper;
 
 use crate::{
-    choose_server, legacy, parse_duration, parse_size, progress, pump, session, tunables, use_code,
+    choose_server, legacy, parse_duration, parse_size, pump, session, tunables, use_code,
     write_report, wrong_code_message, BadSettings, CodeSide, ConfiguredStrategy, PeerArgs,
 };
 
@@ -105,28 +105,30 @@ pub(crate) async fn connect(
         .enabled
         .then(|| PortMapper::new(settings.portmap.settings()));
     let control = crate::servers::control(&settings)?;
-    let orch = crate::peer_orchestrator(configs, settings.timeout, &settings, control)
-        .with_server_addresses(all)
-        .with_portmap(mapper.clone().map(|m| Arc::new(m) as Arc<dyn PortMapping>));
-    let params = ConnectParams {
-        server,
-        session,
-        secret: settings.secret.clone(),
-    };
+    let orch = crate::peer_orchestrator(configs, settings.timeout, &settings, control);
     // Relay-first with the configured order only: `--strategy X` means X alone, in order.
-    let relay_first = settings.relay_first
-        && args.peer.strategies.is_empty()
-        && !args.hello
-        && nettool_core::relay_first::applies(&orch);
-    let code = connect_linked(
-        orch,
-        args,
-        params,
-        settings.server.clone(),
-        (settings.timeout, code_side),
-        relay_first,
-    )
-    .await;
+    let relay_first = settings.relay_first && args.peer.strategies.is_empty() && !args.hello;
+    let mut peer = Peer::builder()
+        .chosen_server(server, all)
+        .session(session)
+        .orchestrator(orch)
+        .timeout(settings.timeout)
+        .relay_first(relay_first)
+        .session_config(SessionConfig {
+            send_buffer: usize::try_from(args.send_buffer.max(1 << 16)).unwrap_or(usize::MAX),
+            resume_timeout: args.resume_timeout,
+            ..Default::default()
+        });
+    for s in &settings.server {
+        peer = peer.server(s.clone());
+    }
+    if let Some(secret) = settings.secret.clone() {
+        peer = peer.secret(secret);
+    }
+    if let Some(m) = &mapper {
+        peer = peer.portmap(Arc::new(m.clone()) as Arc<dyn PortMapping>);
+    }
+    let code = connect_linked(peer, args, code_side).await;
     // However the link ended (done, signal, no link, error): delete the gateway's mappings.
     if let Some(m) = mapper {
         let live = m.mapped().len();
@@ -138,98 +140,65 @@ pub(crate) async fn connect(
     code
 }
 
-/// `connect` once the orchestrator is built: link, then pump or say hello; the exit code.
+/// `connect` once the orchestrator is built: link (the `nettool_peer` library), then run the
+/// session over stdin and stdout or say hello; the exit code.
 async fn connect_linked(
-    orch: Orchestrator,
+    peer: PeerBuilder,
     args: ConnectArgs,
-    params: ConnectParams,
-    servers: Vec<String>,
-    (settings_timeout, code_side): (Duration, Option<CodeSide>),
-    relay_first: bool,
+    code_side: Option<CodeSide>,
 ) -> Result<i32> {
-    let started = std::time::Instant::now();
-    let quiet = !std::io::stderr().is_terminal();
     let mut stop = pump::signals().context("installing signal handlers")?;
-    let show = |e| {
-        // "waiting for the peer" always goes out: scripts (and tests) start the second peer
-        // when they see it.
-        if !quiet || matches!(e, Event::Waiting) {
-            progress(e)
+    let quiet = !std::io::stderr().is_terminal();
+    let peer = peer.on_event(move |e| crate::say(e, quiet));
+    let mut connection = match pump::or_signal(peer.connect(), &mut stop).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(PeerError::NoLink(report))) => {
+            port_mapping_lines(&report);
+            if let Some(path) = &args.report {
+                write_report(path, &report)?;
+            }
+            if report.wrong_code {
+                eprintln!("nettool: {}", wrong_code_message(code_side));
+            } else {
+                eprintln!(
+                    "nettool: no link: {}",
+                    report.error.as_deref().unwrap_or("unknown reason")
+                );
+            }
+            return Ok(1);
         }
-    };
-    let overall = settings_timeout;
-    let linking = async {
-        if relay_first {
-            let r = nettool_core::relay_first::connect(&orch, &params, &show).await;
-            (r.link, r.report, r.direct)
-        } else {
-            let (link, report) = orch.connect(&params, &show).await;
-            (link, report, None)
-        }
-    };
-    let (link, report, direct) = match pump::or_signal(linking, &mut stop).await {
-        Ok(r) => r,
+        Ok(Err(e)) => return Err(e.into()),
         Err(sig) => {
             eprintln!("nettool: {} before a link was made", pump::signal_name(sig));
             return Ok(128 + sig);
         }
     };
-    let mut report = report;
-    if let Some(pm) = &report.port_mapping {
-        eprintln!("nettool: port mapping: {}", pm.discovery.summary());
-        for m in &pm.mapped {
-            eprintln!("nettool: port mapped: {m}");
-        }
-    }
-    if let Some(l) = &link {
-        let crypto = if l.strategy == "udp-quic" {
-            "QUIC (quinn, userspace crypto)".to_owned()
-        } else {
-            pump::ktls_status().replace(" was used", " is used")
-        };
-        report.data_path = Some(format!("{crypto}; {}", tunables::status()));
-    }
+    port_mapping_lines(connection.report());
+    let crypto = if connection.link().strategy == "udp-quic" {
+        "QUIC (quinn, userspace crypto)".to_owned()
+    } else {
+        pump::ktls_status().replace(" was used", " is used")
+    };
+    connection.report_mut().data_path = Some(format!("{crypto}; {}", tunables::status()));
     if let Some(path) = &args.report {
-        write_report(path, &report)?;
+        write_report(path, connection.report())?;
     }
-    let session_params = session::SessionParams {
-        orch: orch.clone(),
-        params: params.clone(),
-        servers,
-        attempt_timeout: overall,
-        relay_first,
-        direct,
-        started,
-        confirmation: link.as_ref().and_then(|l| l.confirmation()),
-        code_side,
-        config: nettool_core::session::SessionConfig {
-            send_buffer: usize::try_from(args.send_buffer.max(1 << 16)).unwrap_or(usize::MAX),
-            resume_timeout: args.resume_timeout,
-            ..Default::default()
-        },
-    };
-    let Some(link) = link else {
-        if report.wrong_code {
-            eprintln!("nettool: {}", wrong_code_message(code_side));
-            return Ok(1);
-        }
-        eprintln!(
-            "nettool: no link: {}",
-            report.error.as_deref().unwrap_or("unknown reason")
-        );
-        return Ok(1);
-    };
+    let link = connection.link();
     eprintln!(
         "nettool: linked with {} via {}: {} -> {}",
-        report.role.map(|r| r.as_str()).unwrap_or("?"),
+        connection.report().role.map(|r| r.as_str()).unwrap_or("?"),
         link.strategy,
         link.local,
         link.remote
     );
     if args.hello {
-        let role = report.role.expect("a linked report has a role");
+        let role = connection
+            .report()
+            .role
+            .expect("a linked report has a role");
         // The signal handlers replaced the default action: end on a signal here too.
-        return match pump::or_signal(legacy::hello(link, role, args.hello_count), &mut stop).await {
+        let hello = legacy::hello(connection.into_link(), role, args.hello_count);
+        return match pump::or_signal(hello, &mut stop).await {
             Ok(r) => r,
             Err(sig) => {
                 eprintln!("nettool: {}: stopped", pump::signal_name(sig));
@@ -237,5 +206,15 @@ async fn connect_linked(
             }
         };
     }
-    session::run(link, session_params, report, args.report.as_deref(), stop).await
+    session::run(connection, args.report.as_deref(), code_side, stop).await
+}
+
+/// What the gateway said and mapped (with port mapping on).
+fn port_mapping_lines(report: &nettool_core::Report) {
+    if let Some(pm) = &report.port_mapping {
+        eprintln!("nettool: port mapping: {}", pm.discovery.summary());
+        for m in &pm.mapped {
+            eprintln!("nettool: port mapped: {m}");
+        }
+    }
 }

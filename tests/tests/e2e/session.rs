@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use nettool_tests::{require_lab, Host, Lab, NatKind};
 
-use crate::support::{feed_paced, nettool_bin, sha256, test_data, Proc, TempDir};
+use crate::support::{
+    feed_paced, nettool_bin, nettool_embed_bin, sha256, test_data, Proc, TempDir,
+};
 
 const TOTAL: usize = 4 << 20;
 const PACE: Duration = Duration::from_secs(16);
@@ -95,6 +97,34 @@ fn paced_at(
     event: Event,
     extra: &[&str],
 ) -> Outcome {
+    paced_by(delay, a, b, Program::Connect { strategy, extra }, event)
+}
+
+/// Which program the two peers run.
+#[derive(Clone, Copy)]
+enum Program<'a> {
+    /// `nettool connect --strategy STRATEGY EXTRA...`.
+    Connect {
+        strategy: &'a str,
+        extra: &'a [&'a str],
+    },
+    /// `nettool-embed` (examples/embed: the library's durable stream, default strategies,
+    /// relay-first).
+    Embed,
+}
+
+/// [`paced_at`] with either program.
+fn paced_by(
+    delay: Option<Duration>,
+    a: NatKind,
+    b: NatKind,
+    program: Program<'_>,
+    event: Event,
+) -> Outcome {
+    let strategy = match program {
+        Program::Connect { strategy, .. } => strategy,
+        Program::Embed => "embed",
+    };
     let mut builder = Lab::builder(a, b);
     if let Some(d) = delay {
         builder = builder.delay(d);
@@ -111,16 +141,27 @@ fn paced_at(
     let b_data = test_data(64 << 10, 26);
     std::fs::write(dir.path("b.in"), &b_data).unwrap();
     let peer = |h: Host, name: &str, stdin: Stdio| {
-        let mut cmd = lab.command(h, nettool_bin());
-        cmd.args(["connect", "--server", &server_addr, "--session", "durable"]);
-        if second.is_some() {
-            cmd.args(["--server", &second_server_addr(&lab)]);
-        }
-        cmd.args(["--secret", "lab", "--strategy", strategy])
-            .args(extra)
-            .arg("--report")
-            .arg(dir.path(&format!("{name}.report.json")))
-            .stdin(stdin)
+        let mut cmd = match program {
+            Program::Connect { strategy, extra } => {
+                let mut cmd = lab.command(h, nettool_bin());
+                cmd.args(["connect", "--server", &server_addr, "--session", "durable"]);
+                if second.is_some() {
+                    cmd.args(["--server", &second_server_addr(&lab)]);
+                }
+                cmd.args(["--secret", "lab", "--strategy", strategy])
+                    .args(extra)
+                    .arg("--report")
+                    .arg(dir.path(&format!("{name}.report.json")));
+                cmd
+            }
+            Program::Embed => {
+                let mut cmd = lab.command(h, nettool_embed_bin());
+                cmd.args(["--server", &server_addr, "--session", "durable"])
+                    .args(["--secret", "lab"]);
+                cmd
+            }
+        };
+        cmd.stdin(stdin)
             .stdout(std::fs::File::create(dir.path(&format!("{name}.out"))).unwrap())
             .stderr(std::fs::File::create(dir.path(&format!("{name}.err"))).unwrap());
         Proc::spawn(cmd)
@@ -129,10 +170,9 @@ fn paced_at(
     let feed = a_proc.child.stdin.take().expect("piped");
     // B joins second once A waits.
     let start = Instant::now();
-    while !std::fs::read_to_string(dir.path("a.err"))
-        .unwrap_or_default()
-        .contains("waiting for the peer")
-    {
+    let waiting =
+        |err: String| err.contains("waiting for the peer") || err.contains("Connect(Waiting)");
+    while !waiting(std::fs::read_to_string(dir.path("a.err")).unwrap_or_default()) {
         assert!(start.elapsed() < Duration::from_secs(20), "A did not join");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -264,6 +304,40 @@ fn a_link_survives_an_address_change() {
             Event::AddressChange,
         ),
     ]);
+}
+
+/// The library's durable stream (issue "The durable link is the toolkit"): two
+/// `nettool-embed` processes (examples/embed, only the public API of `nettool-peer`: default
+/// strategies, relay-first), cone × cone, 4 MiB paced over 16 s, A's host changes its address
+/// 5 s in: B's output byte-identical, both exit 0. Watched red with resume switched off (a
+/// test-only build, `NETTOOL_TEST_RESUME_OFF`).
+#[test]
+fn two_embedded_peers_survive_an_address_change() {
+    if !require_lab() {
+        return;
+    }
+    let (a, b) = (NatKind::Cone, NatKind::Cone);
+    let o = paced_by(None, a, b, Program::Embed, Event::AddressChange);
+    let resumes = o.a_err.matches("Resumed {").count();
+    eprintln!(
+        "embed {a} x {b} AddressChange: A {:?} B {:?}, {} bytes at B, {resumes} resume(s); A: {}",
+        o.a_code,
+        o.b_code,
+        o.b_out_len,
+        o.a_err.lines().last().unwrap_or("")
+    );
+    assert!(
+        o.a_code == Some(0) && o.b_code == Some(0) && o.b_out_ok && o.a_out_ok,
+        "A exit {:?}, B exit {:?}, B got {} of {TOTAL} bytes (identical: {}), A's output \
+         identical: {}\nA: {}\nB: {}",
+        o.a_code,
+        o.b_code,
+        o.b_out_len,
+        o.b_out_ok,
+        o.a_out_ok,
+        o.a_err,
+        o.b_err
+    );
 }
 
 #[test]

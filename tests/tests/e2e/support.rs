@@ -59,6 +59,27 @@ pub(crate) fn nettool_bench_bin() -> PathBuf {
     bin
 }
 
+/// The `nettool-embed` binary (examples/embed, on the `nettool-peer` library), next to
+/// [`nettool_bin`] (`cargo build -p nettool-embed` builds it; `cargo test --workspace` too).
+pub(crate) fn nettool_embed_bin() -> PathBuf {
+    let bin = nettool_bin().with_file_name("nettool-embed");
+    assert!(
+        bin.exists(),
+        "{} not found: build it with `cargo build -p nettool-embed` (next to the nettool binary)",
+        bin.display()
+    );
+    let sources = [
+        "core/src",
+        "strategies/src",
+        "peer/src",
+        "examples/embed/src",
+    ];
+    if let Err(e) = check_fresh(&bin, "nettool-embed", &sources) {
+        panic!("{e}");
+    }
+    bin
+}
+
 /// Errs when a source file of the binary (under `sources`, of the package `package`) is newer
 /// than the binary.
 fn check_fresh(bin: &Path, package: &str, sources: &[&str]) -> Result<(), String> {
