@@ -89,6 +89,8 @@ pub struct Orchestrator {
     /// Hand a link over once its handshake agreed on it, without the lock step's wait for
     /// the peer's result (see [`Self::with_prompt_link`]).
     prompt_link: bool,
+    /// Let the strategies prepare their offers while joining (see [`Self::with_prepare`]).
+    prepare: bool,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -126,7 +128,17 @@ impl Orchestrator {
             portmap: None,
             express: false,
             prompt_link: false,
+            prepare: true,
         }
+    }
+
+    /// Whether the strategies prepare their offers while this peer joins and waits
+    /// ([`Strategy::prepare`]; on by default): their offers then ride with the plan offer.
+    /// Off, every attempt observes and exchanges its offer after pairing, as a peer that
+    /// predates preparing does.
+    pub fn with_prepare(mut self, on: bool) -> Self {
+        self.prepare = on;
+        self
     }
 
     /// A link goes to the caller as soon as its handshake agreed on it (the first peer's
@@ -331,7 +343,7 @@ impl Orchestrator {
             .then(|| ExpressStart::new(&key));
         // The strategies prepare (bind and observe their ports) while this side joins and
         // waits: their offers then go with the plan offer.
-        let preparing = (express.is_none() && !PREPARE_OFF)
+        let preparing = (express.is_none() && self.prepare && !PREPARE_OFF)
             .then(|| Preparing::start(self.strategies.clone(), &servers, deadline));
         let join = RendezvousClient::join_request(
             &servers,

@@ -1,0 +1,70 @@
+//! Offers prepared before pairing (`Strategy::prepare`): tcp-punch links on loopback whether
+//! both peers prepared, only one did (the other, like a peer that predates preparing, sends no
+//! prepared offer: both then exchange offers in the attempt, the preparing side with the
+//! ports it prepared), or neither; and a connect that ends leaves none of the prepared
+//! sockets behind.
+
+mod common;
+
+use std::time::Duration;
+
+use nettool_core::{ConnectParams, Orchestrator, Outcome};
+use nettool_rendezvous::{RendezvousServer, ServerConfig};
+
+fn orchestrator(order: &[&str], prepare: bool) -> Orchestrator {
+    let order: Vec<String> = order.iter().map(|s| (*s).to_owned()).collect();
+    let built = nettool_strategies::registry()
+        .build(&order, &Default::default())
+        .unwrap();
+    Orchestrator::new(built, Duration::from_secs(20)).with_prepare(prepare)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_punch_links_with_prepared_offers_on_either_side_or_none() {
+    let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run());
+    let baseline = common::open_fds();
+    for (first, second) in [(true, true), (true, false), (false, true), (false, false)] {
+        let params = ConnectParams {
+            server: addr,
+            session: format!("prepared-{first}-{second}"),
+            secret: Some("k".into()),
+        };
+        let (a, b) = (
+            orchestrator(&["tcp-punch"], first),
+            orchestrator(&["tcp-punch"], second),
+        );
+        let ((la, ra), (lb, rb)) = tokio::join!(a.connect(&params, &|_| {}), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            b.connect(&params, &|_| {}).await
+        });
+        for (link, report) in [(&la, &ra), (&lb, &rb)] {
+            assert!(
+                link.is_some(),
+                "prepared {first}/{second}: no link: {:?}",
+                report.attempts
+            );
+            assert_eq!(report.attempts[0].outcome, Outcome::Connected);
+        }
+        // Both ends of the same link.
+        let (la, lb) = (la.unwrap(), lb.unwrap());
+        assert_eq!((la.local, la.remote), (lb.remote, lb.local));
+    }
+    // A ladder whose first strategy prepares nothing uses tcp-punch's prepared offer later.
+    let params = ConnectParams {
+        server: addr,
+        session: "prepared-later".into(),
+        secret: Some("k".into()),
+    };
+    let orch = orchestrator(&["tcp-direct", "tcp-punch"], true);
+    let ((la, ra), (lb, _)) = tokio::join!(orch.connect(&params, &|_| {}), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        orch.connect(&params, &|_| {}).await
+    });
+    assert!(la.is_some() && lb.is_some(), "{:?}", ra.attempts);
+    drop((la, lb));
+    common::assert_no_descriptor_left(&baseline).await;
+}
