@@ -37,6 +37,7 @@
 
 mod servers;
 mod session;
+pub mod streams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +54,7 @@ pub use nettool_core::code::Code;
 pub use nettool_core::session::{EndKind, SessionConfig, SessionEnd, Sink, Source};
 pub use servers::{choose_server, resolve_all, DEFAULT_PORT};
 pub use session::{Completion, Finished, PeerStream};
+pub use streams::{MuxStream, Streams};
 
 /// What a connect and its session go through, for a program to show or log.
 #[derive(Debug, Clone)]
@@ -400,5 +402,14 @@ impl Connection {
     /// The session in a task of its own, as a stream to hold: see [`PeerStream`].
     pub fn into_stream(self) -> (PeerStream, Completion) {
         session::stream(self.link, self.lifecycle, self.report)
+    }
+
+    /// The session in a task of its own, carrying several streams, each with its own flow
+    /// control (yamux over [`Self::into_stream`]'s stream): either side opens streams, the
+    /// other accepts them. Every stream survives what the session survives.
+    pub fn into_streams(self) -> (Streams, Completion) {
+        let client = self.report.role == Some(nettool_core::Role::First);
+        let (stream, completion) = self.into_stream();
+        (Streams::over(stream, client), completion)
     }
 }

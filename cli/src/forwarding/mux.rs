@@ -5,20 +5,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
-use futures::future::poll_fn;
 use nettool_core::{Link, LinkStream, LinkStreams};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 use super::Counters;
 
 const COPY_BUF: usize = 64 << 10;
-/// yamux ends the whole connection when a stream beyond its maximum is opened (either way), so
-/// the forwarder keeps its streams well below it and makes further connections wait.
-const MAX_STREAMS: usize = 1024;
-pub(crate) const MAX_OPEN_STREAMS: usize = 512;
+/// yamux ends the whole connection when a stream beyond its maximum
+/// ([`nettool_peer::streams::MAX_STREAMS`]) is opened (either way), so the forwarder keeps its
+/// streams well below it and makes further connections wait.
+pub(crate) const MAX_OPEN_STREAMS: usize = nettool_peer::streams::MAX_STREAMS / 2;
 
 // ---------------------------------------------------------------------------------------------
 // Byte pumping with counters and half-close
@@ -137,59 +135,12 @@ async fn drive_streams(
     }
 }
 
-/// [`drive_mux`] with yamux over the link's byte stream.
-/// Largest yamux frame: bigger frames cost fewer headers, wake-ups and TLS records per byte
-/// (yamux's 16 KiB default caps a stream at about 550 MB/s here); 128 KiB keeps a bulk
-/// stream's frames short enough that an interactive stream's frames interleave.
-const YAMUX_SPLIT: usize = 128 * 1024;
-
+/// [`drive_mux`] with yamux over the link's byte stream (the library's multiplexer).
 async fn drive_yamux(
     link: Box<dyn LinkStream>,
     mode: yamux::Mode,
-    mut open: mpsc::Receiver<OpenReply>,
+    open: mpsc::Receiver<OpenReply>,
     inbound: mpsc::UnboundedSender<Stream>,
 ) -> String {
-    let mut config = yamux::Config::default();
-    config.set_max_num_streams(MAX_STREAMS);
-    config.set_split_send_size(YAMUX_SPLIT);
-    let mut conn = yamux::Connection::new(link.compat(), config, mode);
-    let mut waiting: std::collections::VecDeque<OpenReply> = Default::default();
-    let mut requests = true;
-    poll_fn(|cx| loop {
-        while requests {
-            match open.poll_recv(cx) {
-                std::task::Poll::Ready(Some(r)) => waiting.push_back(r),
-                std::task::Poll::Ready(None) => requests = false,
-                std::task::Poll::Pending => break,
-            }
-        }
-        while !waiting.is_empty() {
-            match conn.poll_new_outbound(cx) {
-                std::task::Poll::Ready(Ok(s)) => {
-                    let r = waiting.pop_front().expect("not empty");
-                    let _ = r.send(Ok(Box::new(s.compat())));
-                }
-                std::task::Poll::Ready(Err(e)) => {
-                    for r in waiting.drain(..) {
-                        let _ = r.send(Err(format!("cannot open a stream: {e}")));
-                    }
-                    return std::task::Poll::Ready(format!("the link failed: {e}"));
-                }
-                std::task::Poll::Pending => break,
-            }
-        }
-        match conn.poll_next_inbound(cx) {
-            std::task::Poll::Ready(Some(Ok(s))) => {
-                let _ = inbound.send(Box::new(s.compat()));
-            }
-            std::task::Poll::Ready(Some(Err(e))) => {
-                return std::task::Poll::Ready(format!("the link failed: {e}"))
-            }
-            std::task::Poll::Ready(None) => {
-                return std::task::Poll::Ready("the peer closed the link".to_owned())
-            }
-            std::task::Poll::Pending => return std::task::Poll::Pending,
-        }
-    })
-    .await
+    nettool_peer::streams::drive(link, mode, open, inbound, None).await
 }
