@@ -103,18 +103,22 @@ enum Command {
     /// documents. Example:
     ///   nettool netcheck --server rv.example.net:8877 --json
     Netcheck(netcheck::NetcheckArgs),
-    /// Make one local service (TARGET, HOST:PORT) reachable by a `nettool forward` peer.
+    /// Make one local service (TARGET, HOST:PORT) reachable by `nettool forward` peers.
     ///
-    /// Needs --secret. Serves one forwarder at a time (a second one is told "busy"); every
-    /// stream the forwarder opens is connected to TARGET and nowhere else. Rejoins the session
-    /// after each forwarder leaves.
+    /// Needs --secret. Serves several forwarders at once, each in a session of its own
+    /// (relay-first: streams flow over the relay at once and move to a direct path; the session
+    /// survives address changes, NAT flushes and a server restart under the relay); every
+    /// stream a forwarder opens is connected to TARGET and nowhere else. Keeps a join waiting
+    /// for the next forwarder at all times.
     ///
     /// Example: nettool expose --server rv.example.net --session ssh --secret K 127.0.0.1:22
     Expose(ExposeArgs),
-    /// Accept local TCP connections and carry each one over one link to `nettool expose`.
+    /// Accept local TCP connections and carry each one over one session to `nettool expose`.
     ///
-    /// Each connection becomes its own stream (yamux, per-stream flow control); a dead link is
-    /// noticed by a heartbeat and the link is made again automatically.
+    /// Each connection becomes its own stream (yamux over the session, per-stream flow
+    /// control). The session resumes under its streams when the path fails (an ssh session
+    /// through it survives an address change); one that cannot come back within its resume
+    /// timeout ends, and the forwarder links again.
     ///
     /// Example: nettool forward --server rv.example.net --session ssh --secret K
     ///   --listen 127.0.0.1:2222   (then: ssh -p 2222 user@127.0.0.1)

@@ -245,6 +245,7 @@ impl Orchestrator {
         let mut state = Progress {
             report: Report {
                 session: params.session.clone(),
+                pair_id: None,
                 role: None,
                 strategy: None,
                 local: None,
@@ -398,6 +399,7 @@ impl Orchestrator {
             }
         };
         state.report.role = Some(pairing.role);
+        state.report.pair_id = Some(pairing.pair_id.clone());
         state.agreed = pairing.strategies.clone();
         info!(role = %pairing.role, strategies = ?pairing.strategies, "paired");
         events(Event::Paired {

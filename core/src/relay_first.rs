@@ -143,6 +143,40 @@ pub fn direct_params(params: &ConnectParams) -> ConnectParams {
     }
 }
 
+/// How the direct half's pairing is named (both peers derive it alike, and the server cannot
+/// tie it to the relay's pairing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectNaming {
+    /// From the session key alone ([`direct_params`]): the direct half joins at once, beside
+    /// the relay. Unique while one pair at a time uses the session (`connect`).
+    FromKey,
+    /// From the session key and the relay pairing's id ([`direct_params_for`]): the direct
+    /// half joins once the relay linked, a little later, but unique per pairing, for a side
+    /// that pairs with several peers under one session at once (`expose`). When the relay does
+    /// not link, the direct half runs under [`Self::FromKey`]'s name, as both peers then do.
+    PerPairing,
+}
+
+/// The rendezvous name and secret of the direct half of `params` after the relay paired as
+/// `pair_id`: derived from the key and the pairing.
+pub fn direct_params_for(params: &ConnectParams, pair_id: &str) -> ConnectParams {
+    let secret = params.secret.as_deref().unwrap_or(&params.session);
+    let key = LinkKey::derive(&params.session, secret);
+    let name = key.derive_labeled(
+        "nettool relay-first direct name per pairing v1",
+        pair_id.as_bytes(),
+    );
+    let secret = key.derive_labeled(
+        "nettool relay-first direct secret per pairing v1",
+        pair_id.as_bytes(),
+    );
+    ConnectParams {
+        server: params.server,
+        session: format!("direct-{}", hex::encode(&name[..16])),
+        secret: Some(hex::encode(secret)),
+    }
+}
+
 /// Runs the relay and the direct strategies of `orch` together (see the module docs);
 /// `events` sees the relay connect's progress.
 pub async fn connect(
@@ -150,27 +184,46 @@ pub async fn connect(
     params: &ConnectParams,
     events: &(dyn Fn(Event) + Send + Sync),
 ) -> RelayFirst {
+    connect_named(orch, params, events, DirectNaming::FromKey).await
+}
+
+/// [`connect`] with the direct half's pairing named as `naming` says.
+pub async fn connect_named(
+    orch: &Orchestrator,
+    params: &ConnectParams,
+    events: &(dyn Fn(Event) + Send + Sync),
+    naming: DirectNaming,
+) -> RelayFirst {
     let relay = orch
         .clone()
         .retain(|n| n == RELAY)
         .with_plan(false)
         .with_express(true);
-    let direct = orch.clone().retain(|n| n != RELAY).with_prompt_link(true);
-    let dparams = direct_params(params);
-    let progress = DirectProgress::default();
-    progress.live().began = Some(std::time::Instant::now());
-    let seen = progress.clone();
-    let handle =
-        tokio::spawn(async move { direct.connect(&dparams, &move |e| seen.event(&e)).await });
-    let direct = DirectConnect { handle, progress };
+    let direct_orch = orch.clone().retain(|n| n != RELAY).with_prompt_link(true);
+    let start = |dparams: ConnectParams| {
+        let direct = direct_orch.clone();
+        let progress = DirectProgress::default();
+        progress.live().began = Some(std::time::Instant::now());
+        let seen = progress.clone();
+        let handle =
+            tokio::spawn(async move { direct.connect(&dparams, &move |e| seen.event(&e)).await });
+        DirectConnect { handle, progress }
+    };
+    let early = (naming == DirectNaming::FromKey).then(|| start(direct_params(params)));
     let (link, report) = relay.connect(params, events).await;
     if link.is_some() {
+        let direct = match (early, &report.pair_id) {
+            (Some(d), _) => d,
+            (None, Some(pair_id)) => start(direct_params_for(params, pair_id)),
+            (None, None) => start(direct_params(params)),
+        };
         return RelayFirst {
             link,
             report,
             direct: Some(direct),
         };
     }
+    let direct = early.unwrap_or_else(|| start(direct_params(params)));
     // The peer holds another key (a wrong secret or code): the direct pairing, named from the
     // key, will never meet it, so do not wait for it.
     let auth_failed = report.wrong_code
@@ -256,5 +309,22 @@ mod tests {
         assert_ne!(a.session, other.session);
         assert_ne!(a.secret, other.secret);
         assert!(a.session.starts_with("direct-") && a.session.len() == 7 + 32);
+        // Per pairing: both peers of one pairing alike, another pairing of the same session
+        // (a second forwarder of one `expose`) elsewhere, and never the key's own name.
+        let key = p(Some("k"));
+        let one = direct_params_for(&key, "pair-1");
+        assert_eq!(
+            one.session,
+            direct_params_for(&p(Some("k")), "pair-1").session
+        );
+        assert_eq!(
+            one.secret,
+            direct_params_for(&p(Some("k")), "pair-1").secret
+        );
+        let two = direct_params_for(&key, "pair-2");
+        assert_ne!(one.session, two.session);
+        assert_ne!(one.secret, two.secret);
+        assert_ne!(one.session, a.session);
+        assert!(one.session.starts_with("direct-") && one.session.len() == 7 + 32);
     }
 }

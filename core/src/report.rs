@@ -57,10 +57,15 @@ pub struct AttemptReport {
 }
 
 /// The report of one connect.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// The session name.
     pub session: String,
+    /// The pairing's id (the server's, the same for both peers), once paired; not written to
+    /// report files (relay-first names a direct pairing of its own from it, see
+    /// [`crate::relay_first::DirectNaming`]).
+    #[serde(skip)]
+    pub pair_id: Option<String>,
     /// This peer's role, null when it was never paired.
     pub role: Option<Role>,
     /// The strategy that produced the link, null when none did.

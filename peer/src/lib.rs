@@ -143,6 +143,7 @@ impl Peer {
             orchestrator: None,
             timeout: Duration::from_secs(30),
             relay_first: true,
+            naming: relay_first::DirectNaming::FromKey,
             config: SessionConfig::default(),
             control: None,
             portmap: None,
@@ -160,6 +161,7 @@ pub struct PeerBuilder {
     orchestrator: Option<Orchestrator>,
     timeout: Duration,
     relay_first: bool,
+    naming: relay_first::DirectNaming,
     config: SessionConfig,
     control: Option<ControlSecurity>,
     portmap: Option<Arc<dyn PortMapping>>,
@@ -250,6 +252,19 @@ impl PeerBuilder {
         self
     }
 
+    /// For a side that pairs with several peers under one session name at once (a service
+    /// many clients connect to, as `nettool expose`): relay-first's direct pairing is named
+    /// per pairing, so each peer's direct connect meets its own partner (it joins once the
+    /// relay linked: a little later than the default). Off by default.
+    pub fn many_peers(mut self, on: bool) -> Self {
+        self.naming = if on {
+            relay_first::DirectNaming::PerPairing
+        } else {
+            relay_first::DirectNaming::FromKey
+        };
+        self
+    }
+
     /// The session's settings (resume timeout, send buffer, liveness).
     pub fn session_config(mut self, config: SessionConfig) -> Self {
         self.config = config;
@@ -311,7 +326,7 @@ impl PeerBuilder {
         let events = self.events.clone();
         let show = move |e| events(Event::Connect(e));
         let (link, report, direct) = if relay_first {
-            let r = relay_first::connect(&orch, &params, &show).await;
+            let r = relay_first::connect_named(&orch, &params, &show, self.naming).await;
             (r.link, r.report, r.direct)
         } else {
             let (link, report) = orch.connect(&params, &show).await;

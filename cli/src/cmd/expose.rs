@@ -1,9 +1,10 @@
-//! `nettool expose`: makes one local service (TARGET) reachable by a `nettool forward` peer,
-//! one forwarder at a time (`crate::forwarding` has the wire format and what both share).
+//! `nettool expose`: makes one local service (TARGET) reachable by `nettool forward` peers,
+//! each forwarder in a session of its own, several at once (`crate::forwarding` has the wire
+//! format and what both share).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -12,7 +13,7 @@ use nettool_config::Settings;
 use nettool_core::{Link, Report};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::forwarding::mux::{drive_mux, multiplexer, pump, OpenReply, Stream};
 use crate::forwarding::{
@@ -35,13 +36,6 @@ pub(crate) struct ExposeArgs {
     /// this file, rewritten as it changes.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
-}
-
-/// The forwarder a link currently serves.
-struct Current {
-    id: [u8; 16],
-    generation: u64,
-    stop: Arc<Notify>,
 }
 
 /// `nettool expose`.
@@ -71,8 +65,6 @@ pub(crate) async fn expose(
     .await?;
     let state = State::new("expose", target.clone(), args.report.clone());
     spawn_report_writer(&state);
-    let current: Arc<Mutex<Option<Current>>> = Arc::new(Mutex::new(None));
-    let generation = AtomicU64::new(0);
     eprintln!(
         "nettool expose: exposing {target} as session '{}' on {}; waiting for a forwarder",
         peer.params.session, peer.params.server
@@ -96,15 +88,8 @@ pub(crate) async fn expose(
                 continue;
             };
             backoff = Duration::from_millis(200);
-            let gen = generation.fetch_add(1, Ordering::Relaxed) + 1;
-            tokio::spawn(serve_forwarder(
-                link,
-                report,
-                state.clone(),
-                current.clone(),
-                gen,
-                target.clone(),
-            ));
+            // Each forwarder its own session; the next join waits at once.
+            tokio::spawn(serve_forwarder(link, report, state.clone(), target.clone()));
         }
     };
     let res: Result<()> = tokio::select! {
@@ -119,18 +104,11 @@ pub(crate) async fn expose(
     res.map(|()| 0)
 }
 
-async fn serve_forwarder(
-    mut link: Link,
-    report: Report,
-    state: Arc<State>,
-    current: Arc<Mutex<Option<Current>>>,
-    gen: u64,
-    target: String,
-) {
+async fn serve_forwarder(mut link: Link, report: Report, state: Arc<State>, target: String) {
     let via = format!("{} via {}", link.remote, link.strategy);
     // Hello from the forwarder.
     let hello = tokio::time::timeout(SETUP_TIMEOUT, async {
-        let mut h = [0u8; 27];
+        let mut h = [0u8; 23];
         link.stream.read_exact(&mut h).await?;
         Ok::<_, std::io::Error>(h)
     })
@@ -149,54 +127,16 @@ async fn serve_forwarder(
         let what = if &h[..6] == MAGIC {
             "the peer is not a forwarder (is `nettool expose` running on both sides?)"
         } else {
-            "the peer does not speak the forward protocol (is it `nettool connect`?)"
+            "the peer does not speak this forward protocol (an older nettool, or `nettool \
+             connect`?)"
         };
         eprintln!("nettool expose: link {via}: {what}");
-        return;
-    }
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&h[7..23]);
-    let hb_ms = u32::from_be_bytes([h[23], h[24], h[25], h[26]]);
-    let hb_timeout = Duration::from_millis(u64::from(hb_ms.clamp(500, 600_000)));
-    let stop = Arc::new(Notify::new());
-    let busy = {
-        let mut cur = current.lock().expect("current poisoned");
-        match cur.as_ref() {
-            Some(c) if c.id != id => true,
-            other => {
-                if let Some(c) = other {
-                    eprintln!("nettool expose: the forwarder rejoined; dropping its old link");
-                    c.stop.notify_one();
-                }
-                *cur = Some(Current {
-                    id,
-                    generation: gen,
-                    stop: stop.clone(),
-                });
-                false
-            }
-        }
-    };
-    if busy {
-        eprintln!("nettool expose: refused a second forwarder ({via}): busy");
-        let msg = b"busy: this session already serves another forwarder";
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.push(b'B');
-        out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-        out.extend_from_slice(msg);
-        let _ = tokio::time::timeout(SETUP_TIMEOUT, async {
-            link.stream.write_all(&out).await?;
-            link.stream.shutdown().await
-        })
-        .await;
         return;
     }
     let mut ok = MAGIC.to_vec();
     ok.push(b'O');
     if let Err(e) = link.stream.write_all(&ok).await {
         eprintln!("nettool expose: link {via}: {e}");
-        clear_current(&current, gen);
         return;
     }
     let mux = multiplexer(&link);
@@ -209,61 +149,19 @@ async fn serve_forwarder(
     let driver = drive_mux(link, yamux::Mode::Server, open_rx, in_tx);
     tokio::pin!(driver);
     let work = async {
-        // The first stream is the heartbeat.
-        let first = tokio::time::timeout(hb_timeout, in_rx.recv()).await;
-        let Ok(Some(mut hb)) = first else {
-            return format!("no heartbeat stream within {}", short(hb_timeout));
-        };
-        let mut tag = [0u8; 1];
-        match tokio::time::timeout(hb_timeout, hb.read_exact(&mut tag)).await {
-            Ok(Ok(_)) if tag[0] == b'H' => {}
-            _ => return "the first stream was not the heartbeat".to_owned(),
+        while let Some(s) = in_rx.recv().await {
+            state.link_stream(index);
+            tokio::spawn(expose_stream(s, state.clone(), target.clone()));
         }
-        let heartbeat = async {
-            let mut b = [0u8; 64];
-            loop {
-                match tokio::time::timeout(hb_timeout, hb.read(&mut b)).await {
-                    Err(_) => return format!("no heartbeat for {}", short(hb_timeout)),
-                    Ok(Ok(0)) => return "the heartbeat stream ended".to_owned(),
-                    Ok(Err(e)) => return format!("heartbeat: {e}"),
-                    Ok(Ok(n)) => {
-                        if let Err(e) = hb.write_all(&b[..n]).await {
-                            return format!("heartbeat: {e}");
-                        }
-                    }
-                }
-            }
-        };
-        tokio::pin!(heartbeat);
-        loop {
-            tokio::select! {
-                why = &mut heartbeat => return why,
-                s = in_rx.recv() => match s {
-                    Some(s) => {
-                        state.link_stream(index);
-                        tokio::spawn(expose_stream(s, state.clone(), target.clone()));
-                    }
-                    None => return "the link ended".to_owned(),
-                },
-            }
-        }
+        "the link ended".to_owned()
     };
     let why = tokio::select! {
         why = &mut driver => why,
         why = work => why,
-        () = stop.notified() => "replaced by the same forwarder's new link".to_owned(),
     };
-    clear_current(&current, gen);
-    eprintln!("nettool expose: link {via} ended: {why}; waiting for a forwarder");
+    eprintln!("nettool expose: link {via} ended: {why}");
     state.link_down(index, &why);
     eprintln!("{}", state.total_line());
-}
-
-fn clear_current(current: &Mutex<Option<Current>>, gen: u64) {
-    let mut cur = current.lock().expect("current poisoned");
-    if cur.as_ref().is_some_and(|c| c.generation == gen) {
-        *cur = None;
-    }
 }
 
 async fn expose_stream(mut s: Stream, state: Arc<State>, target: String) {

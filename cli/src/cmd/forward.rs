@@ -33,10 +33,6 @@ pub(crate) struct ForwardArgs {
     /// How long a new local connection waits for a link (at start or while rejoining).
     #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
     wait: Duration,
-    /// A link is declared dead when no heartbeat answer came for this long (one heartbeat
-    /// goes each fifth of it); both sides then rejoin.
-    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
-    heartbeat_timeout: Duration,
     /// Keep a JSON report (links with their connect reports, stream and byte counters) in
     /// this file, rewritten as it changes.
     #[arg(long, value_name = "FILE")]
@@ -87,7 +83,6 @@ pub(crate) async fn forward(
     ));
     let mut id = [0u8; 16];
     rand::Rng::fill(&mut rand::thread_rng(), &mut id);
-    let hb_timeout = args.heartbeat_timeout.max(Duration::from_millis(500));
     let run = async {
         let mut backoff = Duration::from_millis(200);
         let mut first = true;
@@ -107,7 +102,7 @@ pub(crate) async fn forward(
                 continue;
             };
             backoff = Duration::from_millis(200);
-            match run_forward_link(link, report, &state, &link_tx, id, hb_timeout).await {
+            match run_forward_link(link, report, &state, &link_tx, id).await {
                 Ok(why) => {
                     eprintln!("nettool forward: link lost: {why}; rejoining");
                     eprintln!("{}", state.total_line());
@@ -142,43 +137,31 @@ async fn wait_for_server(server: SocketAddr) {
     }
 }
 
-/// Serves one link until it dies; `Ok(reason)` means rejoin, `Err` means stop.
+/// Serves one session until it ends; `Ok(reason)` means link again, `Err` means stop.
 async fn run_forward_link(
     mut link: Link,
     report: Report,
     state: &Arc<State>,
     link_tx: &watch::Sender<Option<Opener>>,
     id: [u8; 16],
-    hb_timeout: Duration,
 ) -> Result<String> {
     let via = format!("{} via {}", link.remote, link.strategy);
     let mut hello = MAGIC.to_vec();
     hello.push(b'F');
     hello.extend_from_slice(&id);
-    let ms = u32::try_from(hb_timeout.as_millis()).unwrap_or(u32::MAX);
-    hello.extend_from_slice(&ms.to_be_bytes());
     let answer = tokio::time::timeout(SETUP_TIMEOUT, async {
         link.stream.write_all(&hello).await?;
         let mut a = [0u8; 7];
         link.stream.read_exact(&mut a).await?;
         if &a[..6] != MAGIC {
             return Ok(Err(
-                "the peer does not speak the forward protocol (is it `nettool connect`?)"
+                "the peer does not speak this forward protocol (an older nettool, or `nettool \
+                 connect`?)"
                     .to_owned(),
             ));
         }
         match a[6] {
             b'O' => Ok::<_, std::io::Error>(Ok(())),
-            b'B' => {
-                let mut l = [0u8; 2];
-                link.stream.read_exact(&mut l).await?;
-                let mut m = vec![0u8; usize::from(u16::from_be_bytes(l))];
-                link.stream.read_exact(&mut m).await?;
-                Ok(Err(format!(
-                    "the exposing side refused: {}",
-                    String::from_utf8_lossy(&m)
-                )))
-            }
             b'F' => Ok(Err(
                 "the peer is another forwarder: run `nettool expose` on the other side".to_owned(),
             )),
@@ -203,55 +186,11 @@ async fn run_forward_link(
     state.write_report();
     let (open_tx, open_rx) = mpsc::channel::<OpenReply>(64);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Stream>();
+    let _ = link_tx.send(Some(open_tx));
     let driver = drive_mux(link, yamux::Mode::Client, open_rx, in_tx);
-    tokio::pin!(driver);
-    let work = async {
-        // Inbound streams are not part of the protocol: drop them.
-        let drop_inbound = async { while in_rx.recv().await.is_some() {} };
-        let (tx, rx) = oneshot::channel();
-        if open_tx.send(tx).await.is_err() {
-            return "the link ended".to_owned();
-        }
-        let mut hb = match rx.await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return e,
-            Err(_) => return "the link ended".to_owned(),
-        };
-        if let Err(e) = hb.write_all(b"H").await {
-            return format!("heartbeat: {e}");
-        }
-        let _ = link_tx.send(Some(open_tx.clone()));
-        let (mut hr, mut hw) = tokio::io::split(hb);
-        let interval = hb_timeout / 5;
-        let ping = async {
-            loop {
-                tokio::time::sleep(interval).await;
-                if let Err(e) = hw.write_all(&[1]).await {
-                    return format!("heartbeat: {e}");
-                }
-            }
-        };
-        let pong = async {
-            let mut b = [0u8; 64];
-            loop {
-                match tokio::time::timeout(hb_timeout, hr.read(&mut b)).await {
-                    Err(_) => return format!("no heartbeat answer for {}", short(hb_timeout)),
-                    Ok(Ok(0)) => return "the heartbeat stream ended".to_owned(),
-                    Ok(Err(e)) => return format!("heartbeat: {e}"),
-                    Ok(Ok(_)) => {}
-                }
-            }
-        };
-        tokio::select! {
-            why = ping => why,
-            why = pong => why,
-            () = drop_inbound => "the link ended".to_owned(),
-        }
-    };
-    let why = tokio::select! {
-        why = &mut driver => why,
-        why = work => why,
-    };
+    // Inbound streams are not part of the protocol: dropped (this ends with the driver).
+    let drop_inbound = async { while in_rx.recv().await.is_some() {} };
+    let (why, ()) = tokio::join!(driver, drop_inbound);
     let _ = link_tx.send(None);
     state.link_down(index, &why);
     Ok(why)

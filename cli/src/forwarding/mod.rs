@@ -9,20 +9,23 @@
 //! (QUIC's per-stream windows); on the byte-stream links (TCP, relay) streams are multiplexed
 //! with yamux inside the link's TLS.
 //!
-//! Wire format after the link handshake (all inside the authenticated link):
-//! - forwarder → expose: `NTFWD1` `F` instance-id (16 bytes) heartbeat-timeout (u32 ms, BE);
-//! - expose → forwarder: `NTFWD1` `O` (accepted) or `NTFWD1` `B` len (u16 BE) message (busy);
-//! - then streams (QUIC streams, or yamux with the forwarder as the client), all opened by the
-//!   forwarder. Its first stream is the heartbeat (`H`, then
-//!   one byte per interval, echoed); every other stream starts with `C` and is answered with
-//!   `0` (connected to TARGET) or `1` len (u16 BE) message (that stream failed), then raw bytes
-//!   both ways with half-close.
+//! Every forwarder gets a session of its own with the exposing side (`nettool_peer`,
+//! relay-first): its connections ride the session's stream, so they start on the relay at once,
+//! survive what the session survives (an address change, a NAT that forgets its mappings, the
+//! server restarting under the relay) and move to a direct path without a byte lost. The
+//! exposing side keeps a join waiting at all times and serves every forwarder that links, each
+//! in its own session (relay-first's direct pairing is named per pairing for it); a forwarder
+//! that vanishes leaves a session that waits out its resume timeout on its own.
 //!
-//! A link is dead when no heartbeat has come back (forwarder) or arrived (expose) for the
-//! heartbeat timeout; both sides then drop it: open streams fail, the forwarder rejoins the
-//! session and the exposing side, which always keeps a join waiting, links again. A forwarder
-//! that rejoins before the exposing side noticed the old link's death is recognised by its
-//! instance id and replaces its own stale link; any other forwarder gets "busy".
+//! Wire format on the session's stream:
+//! - forwarder → expose: `NTFWD2` `F` instance-id (16 bytes);
+//! - expose → forwarder: `NTFWD2` `O`;
+//! - then yamux (the forwarder is the client), every stream opened by the forwarder: `C`,
+//!   answered with `0` (connected to TARGET) or `1` len (u16 BE) message (that stream failed),
+//!   then raw bytes both ways with half-close.
+//!
+//! Liveness is the session's: a dead path is resumed under the streams; a session that cannot
+//! be resumed within its timeout ends, its streams fail, and the forwarder links again.
 //!
 //! Here: the wire format's constants, the counters and the JSON report, and the setup both
 //! commands make (`Peer`); the streams of a link and byte pumping in [`mux`].
@@ -37,12 +40,15 @@ use nettool_config::Settings;
 use nettool_core::{ConnectParams, Link, Orchestrator, Report};
 use serde::Serialize;
 
-use crate::{progress, CodeSide, ConfiguredStrategy, PeerArgs};
+use crate::{CodeSide, ConfiguredStrategy, PeerArgs};
 
 pub(crate) mod mux;
 
 /// The first bytes of both hellos.
-pub(crate) const MAGIC: &[u8; 6] = b"NTFWD1";
+pub(crate) const MAGIC: &[u8; 6] = b"NTFWD2";
+/// What a forwarding link is called where a strategy's name would be (it is a session, on
+/// whichever paths it takes).
+pub(crate) const SESSION: &str = "session";
 /// Bound on the hello exchange and on a stream's first bytes.
 pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -251,6 +257,14 @@ pub(crate) fn report_stream(
 pub(crate) struct Peer {
     orch: Orchestrator,
     pub(crate) params: ConnectParams,
+    /// Every address of the chosen server, and every server given (for resumes).
+    addrs: Vec<std::net::SocketAddr>,
+    servers: Vec<String>,
+    /// The longest connect (also each resume's).
+    overall: Duration,
+    /// Relay-first's direct pairing named per pairing (an exposing side serves several
+    /// forwarders, each its own session, at once).
+    many_peers: bool,
     quiet: bool,
     /// Which side of a short code this peer is, if it uses one.
     code: Option<CodeSide>,
@@ -289,8 +303,7 @@ pub(crate) async fn prepare(
         );
     };
     let control = crate::servers::control(settings)?;
-    let orch =
-        crate::peer_orchestrator(strategies, overall, settings, control).with_server_addresses(all);
+    let orch = crate::peer_orchestrator(strategies, overall, settings, control);
     let params = ConnectParams {
         server,
         session,
@@ -298,6 +311,12 @@ pub(crate) async fn prepare(
     };
     Ok(Peer {
         orch,
+        addrs: all,
+        servers: settings.server.clone(),
+        overall,
+        // The exposing side pairs with several forwarders under one session name: the
+        // direct pairings are named per pairing, on both sides alike.
+        many_peers: true,
         next: std::sync::Mutex::new(params.clone()),
         params,
         quiet: !std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -306,7 +325,8 @@ pub(crate) async fn prepare(
 }
 
 impl Peer {
-    /// Links once, with the session of the next link.
+    /// Links once, with the session of the next link: a session (relay-first, resumed under
+    /// its stream), given as a link whose stream is the session's.
     pub(crate) async fn link(&self) -> (Option<Link>, Report) {
         let quiet = self.quiet;
         let params = self
@@ -314,15 +334,32 @@ impl Peer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let (link, report) = self
-            .orch
-            .connect(&params, &|e| {
-                if !quiet {
-                    progress(e)
-                }
-            })
-            .await;
-        if link.is_some() && nettool_core::code::is_code_session(&params.session) {
+        let mut peer = nettool_peer::Peer::builder()
+            .chosen_server(params.server, self.addrs.clone())
+            .session(params.session.clone())
+            .orchestrator(self.orch.clone())
+            .timeout(self.overall)
+            .many_peers(self.many_peers)
+            .on_event(move |e| crate::say(e, quiet));
+        for s in &self.servers {
+            peer = peer.server(s.clone());
+        }
+        if let Some(secret) = params.secret.clone() {
+            peer = peer.secret(secret);
+        }
+        let connection = match peer.connect().await {
+            Ok(c) => c,
+            Err(nettool_peer::PeerError::NoLink(report)) => return (None, *report),
+            Err(e) => {
+                let report = Report {
+                    session: params.session.clone(),
+                    error: Some(e.to_string()),
+                    ..Report::default()
+                };
+                return (None, report);
+            }
+        };
+        if nettool_core::code::is_code_session(&params.session) {
             // A code links once; the same two peers link again under a session of their own.
             let (session, secret) = nettool_core::code::rejoin_params(
                 &params.session,
@@ -337,7 +374,18 @@ impl Peer {
                 ..params
             };
         }
-        (link, report)
+        let report = connection.report().clone();
+        let (local, remote) = (connection.link().local, connection.link().remote);
+        // The session runs in a task of its own until its stream ends; how it ended shows
+        // as the streams' end.
+        let (stream, _completion) = connection.into_stream();
+        let link = Link {
+            stream: Box::new(stream),
+            local,
+            remote,
+            strategy: SESSION,
+        };
+        (Some(link), report)
     }
 
     /// When a connect ended on a wrong code: the error that stops this peer.
