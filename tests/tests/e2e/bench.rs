@@ -167,6 +167,30 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
+/// `nettool-bench`'s arguments for the CLI-path section: `size`, `rounds`, the modes, and
+/// a `--strategy` for each of NETTOOL_BENCH_STRATEGIES (comma separated; default all four).
+fn cli_path_args(size: &str, rounds: &str, modes: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--section",
+        "cli-path",
+        "--cli-size",
+        size,
+        "--rounds",
+        rounds,
+        "--cli-mode",
+        modes,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for s in env_or("NETTOOL_BENCH_STRATEGIES", "")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        args.extend(["--strategy".to_owned(), s.to_owned()]);
+    }
+    args
+}
+
 /// The CLI path at a distance: as [`bench_lab_cli_path`] through a lab whose internet
 /// router holds every packet 50 ms (RTT 100 ms), 256 MiB by default, pipe to pipe, socat with
 /// 1 MiB buffers as the yardstick on the same path. Prints the table; checks every transfer
@@ -183,25 +207,7 @@ fn bench_lab_cli_path_at_100ms_rtt() {
         .delay(Duration::from_millis(50))
         .build()
         .unwrap_or_else(|e| panic!("cannot build the lab with delay: {e}"));
-    let mut args: Vec<String> = [
-        "--section",
-        "cli-path",
-        "--cli-size",
-        &size,
-        "--rounds",
-        &rounds,
-        "--cli-mode",
-        "pipe",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    // NETTOOL_BENCH_STRATEGIES (comma separated; default all four).
-    for s in env_or("NETTOOL_BENCH_STRATEGIES", "")
-        .split(',')
-        .filter(|s| !s.is_empty())
-    {
-        args.extend(["--strategy".to_owned(), s.to_owned()]);
-    }
+    let args = cli_path_args(&size, &rounds, "pipe");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let v = bench_cli_in(&lab, &args);
     println!(
@@ -226,24 +232,7 @@ fn bench_lab_cli_path() {
     // NETTOOL_BENCH_STRATEGIES (comma separated; default all four), NETTOOL_BENCH_CLI_MODES
     // (default pipe,file).
     let modes = env_or("NETTOOL_BENCH_CLI_MODES", "pipe,file");
-    let mut args: Vec<String> = [
-        "--section",
-        "cli-path",
-        "--cli-size",
-        &size,
-        "--rounds",
-        &rounds,
-        "--cli-mode",
-        &modes,
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    for s in env_or("NETTOOL_BENCH_STRATEGIES", "")
-        .split(',')
-        .filter(|s| !s.is_empty())
-    {
-        args.extend(["--strategy".to_owned(), s.to_owned()]);
-    }
+    let args = cli_path_args(&size, &rounds, &modes);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let v = bench_cli_in_lab(NatKind::None, NatKind::None, &args);
     let c = &v["cli_path"];

@@ -986,6 +986,71 @@ mod lab {
         );
     }
 
+    /// An interactive ssh session through a forwarder: it answers each line it reads with
+    /// "got LINE" (after "up").
+    struct Chat {
+        ssh: std::process::Child,
+        input: Option<std::process::ChildStdin>,
+        lines: std::sync::mpsc::Receiver<String>,
+    }
+
+    impl Chat {
+        fn open(lab: &RunningLab, key: &Path, port: &str) -> Self {
+            let mut c = ssh_base(lab, "ssh", key, "-p", port);
+            c.args([
+                "root@127.0.0.1",
+                "echo up; while read l; do echo \"got $l\"; done",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            let mut ssh = c.spawn().unwrap();
+            let input = ssh.stdin.take();
+            let out = ssh.stdout.take().unwrap();
+            let (tx, lines) = std::sync::mpsc::channel::<String>();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for l in std::io::BufReader::new(out).lines() {
+                    let Ok(l) = l else { break };
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut chat = Self { ssh, input, lines };
+            assert_eq!(chat.next(Duration::from_secs(30)), "up");
+            chat
+        }
+
+        fn send(&mut self, line: &str) {
+            let input = self.input.as_mut().expect("open");
+            std::io::Write::write_all(input, format!("{line}\n").as_bytes()).unwrap();
+        }
+
+        /// The next line it printed ("" when none came within `limit`).
+        fn next(&mut self, limit: Duration) -> String {
+            self.lines.recv_timeout(limit).unwrap_or_default()
+        }
+
+        /// Ends its input and waits (up to 20 s) for ssh to exit.
+        fn finish(mut self) -> Option<std::process::ExitStatus> {
+            drop(self.input.take());
+            let end = Instant::now() + Duration::from_secs(20);
+            let status = loop {
+                if let Some(s) = self.ssh.try_wait().unwrap() {
+                    break Some(s);
+                }
+                if Instant::now() > end {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let _ = self.ssh.kill();
+            let _ = self.ssh.wait();
+            status
+        }
+    }
+
     /// A path broken for 7 s (router A drops everything it would forward) and restored: the
     /// forwarder's session resumes under its streams. An interactive ssh session open across
     /// the break goes on (a line sent after the path returned is answered, and it exits 0),
@@ -1021,32 +1086,10 @@ mod lab {
             &[],
         );
         assert_eq!(curl_many(&lab, &listen, 4, &sha256(&page), &dir), 4);
-        // An interactive session open across the break: it answers each line it reads.
-        let mut open = ssh_base(&lab, "ssh", &key, "-p", &port_of(&ssh_listen));
-        open.args([
-            "root@127.0.0.1",
-            "echo up; while read l; do echo \"got $l\"; done",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut open = open.spawn().unwrap();
-        let mut to_ssh = open.stdin.take().unwrap();
-        let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-        let out = open.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if lines_tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let next = |limit: Duration| lines.recv_timeout(limit).unwrap_or_default();
-        assert_eq!(next(Duration::from_secs(20)), "up");
-        std::io::Write::write_all(&mut to_ssh, b"before\n").unwrap();
-        assert_eq!(next(Duration::from_secs(20)), "got before");
+        // An interactive session open across the break.
+        let mut chat = Chat::open(&lab, &key, &port_of(&ssh_listen));
+        chat.send("before");
+        assert_eq!(chat.next(Duration::from_secs(20)), "got before");
         // Break: router A drops everything it would forward, for 7 s.
         nft(
             &lab,
@@ -1055,34 +1098,22 @@ mod lab {
         );
         let broke = Instant::now();
         // A line typed during the break.
-        std::io::Write::write_all(&mut to_ssh, b"during\n").unwrap();
+        chat.send("during");
         std::thread::sleep(Duration::from_secs(7).saturating_sub(broke.elapsed()));
         nft(&lab, Host::A, "delete table inet ntlbreak\n");
         let restored = Instant::now();
-        let during = next(Duration::from_secs(60));
+        let during = chat.next(Duration::from_secs(60));
         eprintln!(
             "the line typed during the break was answered {:?} after the path returned",
             restored.elapsed()
         );
         assert_eq!(during, "got during");
-        std::io::Write::write_all(&mut to_ssh, b"after\n").unwrap();
-        assert_eq!(next(Duration::from_secs(20)), "got after");
+        chat.send("after");
+        assert_eq!(chat.next(Duration::from_secs(20)), "got after");
         // New connections work.
         assert_eq!(curl_many(&lab, &listen, 20, &sha256(&page), &dir), 20);
         // The session ends cleanly: ssh exits 0.
-        drop(to_ssh);
-        let end = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(s) = open.try_wait().unwrap() {
-                break Some(s);
-            }
-            if Instant::now() > end {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let _ = open.kill();
-        let status = status.expect("the ssh session ended");
+        let status = chat.finish().expect("the ssh session ended");
         assert!(status.success(), "ssh across the break: {status:?}");
         let resumed = std::fs::read_to_string(&fwd.err).unwrap_or_default();
         let report: serde_json::Value =
@@ -1115,29 +1146,7 @@ mod lab {
         let (_e, fwd, ssh_listen) = start_forwarding(&lab, &dir, "addr-ssh", SSH_PORT, &[], &[]);
         let port = port_of(&ssh_listen);
         // The interactive session, open before the change.
-        let mut chat = ssh_base(&lab, "ssh", &key, "-p", &port);
-        chat.args([
-            "root@127.0.0.1",
-            "echo up; while read l; do echo \"got $l\"; done",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut chat = chat.spawn().unwrap();
-        let mut to_chat = chat.stdin.take().unwrap();
-        let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-        let out = chat.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if lines_tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let next = |limit: Duration| lines.recv_timeout(limit).unwrap_or_default();
-        assert_eq!(next(Duration::from_secs(30)), "up");
+        let mut chat = Chat::open(&lab, &key, &port);
         // The bulk transfer: `cat` of 64 MiB to ssh's stdout, read here.
         let mut cat = ssh_base(&lab, "ssh", &key, "-p", &port);
         cat.arg("root@127.0.0.1")
@@ -1185,20 +1194,9 @@ mod lab {
             got.len()
         );
         // The interactive session goes on after the change.
-        std::io::Write::write_all(&mut to_chat, b"after\n").unwrap();
-        assert_eq!(next(Duration::from_secs(30)), "got after");
-        drop(to_chat);
-        let end = Instant::now() + Duration::from_secs(20);
-        let chat_status = loop {
-            if let Some(s) = chat.try_wait().unwrap() {
-                break Some(s);
-            }
-            if Instant::now() > end {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let _ = chat.kill();
+        chat.send("after");
+        assert_eq!(chat.next(Duration::from_secs(30)), "got after");
+        let chat_status = chat.finish();
         assert!(
             chat_status.is_some_and(|s| s.success()),
             "interactive ssh: {chat_status:?}"
