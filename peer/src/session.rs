@@ -449,6 +449,11 @@ impl Completion {
         }
     }
 
+    /// Whether the session has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Ends the session now, as a signal would (`END` to the peer): the stream's pending
     /// bytes may not be delivered; [`Self::finished`] then says `stopped`.
     pub fn stop(&self) {

@@ -96,6 +96,7 @@ pub(crate) async fn expose(
         r = serve => r,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("nettool expose: interrupted, stopping");
+            peer.stop_all().await;
             Ok(())
         }
     };

@@ -115,6 +115,7 @@ pub(crate) async fn forward(
         r = run => r,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("nettool forward: interrupted, stopping");
+            peer.stop_all().await;
             Ok(())
         }
     };

@@ -265,6 +265,9 @@ pub(crate) struct Peer {
     /// Relay-first's direct pairing named per pairing (an exposing side serves several
     /// forwarders, each its own session, at once).
     many_peers: bool,
+    /// The sessions this peer runs (ended ones are pruned at each new link), to end them in
+    /// order when the command stops ([`Peer::stop_all`]).
+    sessions: std::sync::Mutex<Vec<nettool_peer::Completion>>,
     quiet: bool,
     /// Which side of a short code this peer is, if it uses one.
     code: Option<CodeSide>,
@@ -317,6 +320,7 @@ pub(crate) async fn prepare(
         // The exposing side pairs with several forwarders under one session name: the
         // direct pairings are named per pairing, on both sides alike.
         many_peers: true,
+        sessions: std::sync::Mutex::new(Vec::new()),
         next: std::sync::Mutex::new(params.clone()),
         params,
         quiet: !std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -378,7 +382,15 @@ impl Peer {
         let (local, remote) = (connection.link().local, connection.link().remote);
         // The session runs in a task of its own until its stream ends; how it ended shows
         // as the streams' end.
-        let (stream, _completion) = connection.into_stream();
+        let (stream, completion) = connection.into_stream();
+        {
+            let mut sessions = self
+                .sessions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            sessions.retain(|c| !c.is_finished());
+            sessions.push(completion);
+        }
         let link = Link {
             stream: Box::new(stream),
             local,
@@ -386,6 +398,22 @@ impl Peer {
             strategy: SESSION,
         };
         (Some(link), report)
+    }
+
+    /// Ends every session this peer runs in order (END to each peer, so the other side
+    /// ends it at once instead of waiting out its resume timeout), waiting up to 3 s.
+    pub(crate) async fn stop_all(&self) {
+        let sessions: Vec<_> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        for s in &sessions {
+            s.stop();
+        }
+        let all = futures::future::join_all(sessions.into_iter().map(|s| s.finished()));
+        let _ = tokio::time::timeout(Duration::from_secs(3), all).await;
     }
 
     /// When a connect ended on a wrong code: the error that stops this peer.
