@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use nettool_config::Settings;
 
 use crate::{BadSettings, PeerArgs};
@@ -52,15 +52,18 @@ pub(crate) async fn use_code(
     let deadline = std::time::Instant::now() + settings.timeout.min(Duration::from_secs(15));
     let control = crate::servers::control(settings)?;
     let token = settings.server_token.as_deref();
-    let nameplate = nettool_core::client::allocate(servers, &control, token, deadline)
-        .await
-        .context("asking the rendezvous server for a short code")?;
-    let code = Code::generate(
-        nameplate,
+    let code = nettool_peer::allocate_code(
+        servers,
+        &control,
+        token,
         usize::from(peer.code_words),
-        &mut rand::rngs::OsRng,
+        deadline,
     )
-    .map_err(|e| anyhow::Error::new(BadSettings(e.to_string())))?;
+    .await
+    .map_err(|e| match e {
+        nettool_peer::PeerError::Settings(m) => anyhow::Error::new(BadSettings(m)),
+        e => anyhow::Error::new(e),
+    })?;
     let server_flags: Vec<String> = settings
         .server
         .iter()

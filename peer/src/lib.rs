@@ -292,6 +292,18 @@ impl PeerBuilder {
         self
     }
 
+    /// Asks the first of the servers given that answers for a short code of `words` words
+    /// (see [`allocate_code`]); connect with it through [`Self::code`].
+    pub async fn ask_code(&self, words: usize) -> Result<Code, PeerError> {
+        let (_, all) = match self.chosen.clone() {
+            Some(c) => c,
+            None => choose_server(&self.servers, self.events.as_ref()).await?,
+        };
+        let control = self.control.clone().unwrap_or_else(default_control);
+        let deadline = Instant::now() + self.timeout.min(Duration::from_secs(15));
+        allocate_code(&all, &control, None, words, deadline).await
+    }
+
     /// Chooses a server, joins, links (relay-first unless turned off): a [`Connection`] whose
     /// session has not started yet.
     pub async fn connect(self) -> Result<Connection, PeerError> {
@@ -355,6 +367,27 @@ impl PeerBuilder {
             lifecycle,
         })
     }
+}
+
+/// Asks the rendezvous server at `addrs` (one server's addresses, raced) for a short code of
+/// `words` words (a nameplate the server reserves, and words from this machine's random
+/// generator): give it to the other side, and connect with [`PeerBuilder::code`].
+pub async fn allocate_code(
+    addrs: &[SocketAddr],
+    control: &ControlSecurity,
+    token: Option<&str>,
+    words: usize,
+    deadline: Instant,
+) -> Result<Code, PeerError> {
+    let nameplate = nettool_core::client::allocate(addrs, control, token, deadline)
+        .await
+        .map_err(|e| {
+            PeerError::Unreachable(format!(
+                "asking the rendezvous server for a short code: {e}"
+            ))
+        })?;
+    Code::generate(nameplate, words, &mut rand::rngs::OsRng)
+        .map_err(|e| PeerError::Settings(e.to_string()))
 }
 
 /// TLS to the server, its key remembered on first use in `<config dir>/nettool/known_servers`.

@@ -99,3 +99,42 @@ async fn streams_over_one_session_have_their_own_flow_control_and_end_in_order()
     }
     assert!(a_end.end.sent > 4 << 20, "{:?}", a_end.end);
 }
+
+/// A short code asked through the library links two peers (`ask_code`, then `code`), and the
+/// stream carries bytes both ways; the code's session is the server's `code-N`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_asked_through_the_library_links_two_peers() {
+    let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run());
+    let peer = || {
+        Peer::builder()
+            .server(addr.to_string())
+            .control(ControlSecurity::Plain)
+    };
+    let code = peer().ask_code(2).await.unwrap();
+    assert!(code.session().starts_with("code-"), "{}", code.session());
+    let (a, b) = tokio::join!(peer().code(&code).connect(), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peer().code(&code).connect().await
+    });
+    let (mut a, a_done) = a.unwrap().into_stream();
+    let (mut b, b_done) = b.unwrap().into_stream();
+    a.write_all(b"from a").await.unwrap();
+    a.shutdown().await.unwrap();
+    b.write_all(b"from b").await.unwrap();
+    b.shutdown().await.unwrap();
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    a.read_to_end(&mut got_a).await.unwrap();
+    b.read_to_end(&mut got_b).await.unwrap();
+    assert_eq!((&got_a[..], &got_b[..]), (&b"from b"[..], &b"from a"[..]));
+    let (fa, fb) = tokio::join!(a_done.finished(), b_done.finished());
+    assert!(
+        fa.succeeded() && fb.succeeded(),
+        "{:?} {:?}",
+        fa.end.kind,
+        fb.end.kind
+    );
+}
