@@ -5,10 +5,11 @@
 //! strategy), then over the link measure the round-trip time (median of pings) and the
 //! throughput each way. Results go to stdout as a table (or JSON) and are appended to a
 //! history file (JSON lines) with a label for the network, so `compare --summary` can put
-//! networks side by side. Each round ends with a `relay-first` row (the default `connect`:
-//! the relay at once, the direct strategies behind it): its time to link is the relay's, its
-//! `direct` says which direct path came and when, and the figures are measured over the path
-//! the session would end on (the direct one when it came).
+//! networks side by side. Each round ends with a `relay-first` row (the default `connect`, made
+//! by the `nettool_peer` library as `connect` makes it: the relay at once, the direct
+//! strategies behind it): its time to link is the relay's, its `direct` says which direct path
+//! came and when, and the figures are measured over the session's stream once the direct
+//! connect ended (on the direct path when it came: the session moves there).
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -129,8 +130,7 @@ pub(crate) async fn run(
                     ..base.clone()
                 };
                 let row =
-                    one_relay_first(&orch, settings, &params, options, round, &mut role, &events)
-                        .await;
+                    one_relay_first(&orch, settings, &params, options, round, &mut role).await;
                 progress(&format!(
                     "round {round}: relay-first {}",
                     match (&row.error, &row.direct) {
@@ -149,7 +149,9 @@ pub(crate) async fn run(
     (role, rows)
 }
 
-/// The `relay-first` row (see the module docs).
+/// The `relay-first` row (see the module docs): the default connect as the library makes it
+/// (`nettool_peer`, relay-first), the figures measured over its session's stream once the
+/// direct connect has come (or not).
 async fn one_relay_first(
     orch: &nettool_core::Orchestrator,
     settings: &Settings,
@@ -157,69 +159,100 @@ async fn one_relay_first(
     options: &CompareOptions,
     round: u32,
     role: &mut Option<Role>,
-    events: &(dyn Fn(Event) + Send + Sync),
 ) -> CompareRow {
+    use std::sync::{Arc, Mutex};
     let started = Instant::now();
-    let r = relay_first::connect(orch, params, events).await;
+    // What the direct connect came to: the path (ms since the start, strategy) or why none.
+    let direct: Arc<Mutex<Option<String>>> = Arc::default();
+    let done = Arc::new(tokio::sync::Notify::new());
+    let (seen, told) = (direct.clone(), done.clone());
+    let mut peer = nettool_peer::Peer::builder()
+        .chosen_server(params.server, vec![params.server])
+        .session(params.session.clone())
+        .orchestrator(orch.clone())
+        .timeout(settings.timeout)
+        .on_event(move |e| {
+            let said = match e {
+                nettool_peer::Event::DirectReady {
+                    at_ms, strategy, ..
+                } => format!("{strategy} at {at_ms} ms"),
+                nettool_peer::Event::NoDirectPath { reason } => format!("none ({reason})"),
+                _ => return,
+            };
+            seen.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_or_insert(said);
+            told.notify_one();
+        });
+    if let Some(secret) = &params.secret {
+        peer = peer.secret(secret.clone());
+    }
+    let connected = peer.connect().await;
     let relay_ms = started.elapsed().as_millis() as u64;
-    *role = r.report.role.or(*role);
     let mut row = CompareRow {
         round,
         strategy: "relay-first".into(),
-        outcome: if r.link.is_some() {
-            Outcome::Connected
-        } else {
-            Outcome::Failed
-        },
+        outcome: Outcome::Failed,
         time_to_link_ms: None,
         rtt_ms: None,
         first_to_second_mbps: None,
         second_to_first_mbps: None,
-        error: r.report.error.clone(),
-        nat: r.report.nat.clone(),
+        error: None,
+        nat: None,
         direct: None,
     };
-    let (Some(first), Some(me)) = (r.link, r.report.role) else {
-        row.error.get_or_insert_with(|| "no link".into());
+    let connection = match connected {
+        Ok(c) => c,
+        Err(nettool_peer::PeerError::NoLink(report)) => {
+            *role = report.role.or(*role);
+            row.nat = report.nat.clone();
+            row.error = Some(report.error.unwrap_or_else(|| "no link".into()));
+            return row;
+        }
+        Err(e) => {
+            row.error = Some(e.to_string());
+            return row;
+        }
+    };
+    let report = connection.report();
+    *role = report.role.or(*role);
+    row.outcome = Outcome::Connected;
+    row.time_to_link_ms = Some(relay_ms);
+    row.nat = report.nat.clone();
+    let Some(me) = report.role else {
+        row.error = Some("no role in the report".into());
         return row;
     };
-    row.time_to_link_ms = Some(relay_ms);
-    let link = match r.direct {
+    let first = connection.link();
+    let (strategy, local, remote) = (first.strategy, first.local, first.remote);
+    // The session starts now (it watches the direct connect and moves to its path).
+    let (stream, completion) = connection.into_stream();
+    if strategy != relay_first::RELAY {
         // The relay did not link: the direct connect's link is the session's from the start.
-        None => {
-            row.direct = Some(format!("{} (no relay)", first.strategy));
-            first
-        }
-        Some(direct) => match tokio::time::timeout(settings.timeout, direct.handle).await {
-            Ok(Ok((Some(l), report))) => {
-                row.direct = Some(format!(
-                    "{} at {} ms",
-                    l.strategy,
-                    started.elapsed().as_millis()
-                ));
-                row.nat = report.nat.or(row.nat.take());
-                // The session would close the relay after the move: so does the measure.
-                drop(first);
-                l
-            }
-            Ok(Ok((None, report))) => {
-                row.direct = Some(format!(
-                    "none ({})",
-                    report
-                        .error
-                        .as_deref()
-                        .unwrap_or("no strategy produced a link")
-                ));
-                row.nat = report.nat.or(row.nat.take());
-                first
-            }
-            _ => {
-                row.direct = Some("none (the direct connect did not end in time)".into());
-                first
-            }
-        },
+        row.direct = Some(format!("{strategy} (no relay)"));
+    } else {
+        let came = tokio::time::timeout(settings.timeout, done.notified()).await;
+        row.direct = direct
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .or_else(|| {
+                came.is_err()
+                    .then(|| "none (the direct connect did not end in time)".into())
+            });
+    }
+    let link = Link {
+        stream: Box::new(stream),
+        local,
+        remote,
+        strategy: "session",
     };
     measure_into(&mut row, link, me, options, settings.timeout).await;
+    // The measurement dropped the stream: the session ends, and its report holds the direct
+    // connect's NAT findings.
+    if let Ok(finished) = tokio::time::timeout(settings.timeout, completion.finished()).await {
+        row.nat = finished.report.nat.or(row.nat.take());
+    }
     row
 }
 
