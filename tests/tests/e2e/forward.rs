@@ -1126,24 +1126,33 @@ mod lab {
         );
     }
 
-    /// Issue "The durable link is the toolkit": ssh through forward -> expose (cone x cone)
-    /// streams 64 MiB (`cat` of a file) while A's host (the forwarder's) changes its address
-    /// mid-transfer: the output is byte-identical and the same ssh process exits 0; an
-    /// interactive session open across the change answers a line sent after it. Watched red
-    /// with resume switched off (`NETTOOL_TEST_RESUME_OFF`: the session cannot come back).
-    #[test]
-    fn lab_ssh_through_forward_survives_an_address_change_mid_transfer() {
+    /// What happens to the path under an ssh transfer through forward -> expose.
+    #[derive(Debug, Clone, Copy)]
+    enum PathEvent {
+        /// A's host (the forwarder's) takes another LAN address (10.0.1.2 -> 10.0.1.3).
+        AddressChange,
+        /// A's router forgets every NAT mapping (conntrack flushed).
+        NatFlush,
+        /// The rendezvous server is killed and started again 2 s later.
+        ServerRestart,
+    }
+
+    /// Issue "The durable link is the toolkit": ssh through forward -> expose streams 64 MiB
+    /// (`cat` of a file) while `event` happens at 8 MiB: the output is byte-identical and the
+    /// same ssh process exits 0; an interactive session open across the event answers a line
+    /// sent after it; the forwarder's session resumed. Watched red with resume switched off
+    /// (`NETTOOL_TEST_RESUME_OFF`: ssh exits 255).
+    fn ssh_cat_survives(a: NatKind, b: NatKind, extra: &[&str], event: PathEvent) {
         if !require_lab() {
             return;
         }
-        let (a, b) = (NatKind::Cone, NatKind::Cone);
-        let lab = RunningLab::new(a, b);
+        let mut lab = RunningLab::new(a, b);
         let dir = TempDir::new("fwlab-addr");
         let (_sshd, key) = start_sshd(&lab, &dir);
         let big = test_data(64 << 20, 77);
         let src = dir.path("big.bin");
         std::fs::write(&src, &big).unwrap();
-        let (_e, fwd, ssh_listen) = start_forwarding(&lab, &dir, "addr-ssh", SSH_PORT, &[], &[]);
+        let (_e, fwd, ssh_listen) = start_forwarding(&lab, &dir, "addr-ssh", SSH_PORT, extra, &[]);
         let port = port_of(&ssh_listen);
         // The interactive session, open before the change.
         let mut chat = Chat::open(&lab, &key, &port);
@@ -1166,24 +1175,30 @@ mod lab {
             }
             got.extend_from_slice(&buf[..n]);
             if changed.is_none() && got.len() >= 8 << 20 {
-                // A's host takes another LAN address (10.0.1.2 -> 10.0.1.3).
-                let ns = lab.lab.netns(Host::A);
-                let o = Command::new("ip")
-                    .args(["netns", "exec", ns, "sh", "-ec"])
-                    .arg(
-                        "ip addr del 10.0.1.2/24 dev eth0; ip addr add 10.0.1.3/24 dev eth0; \
-                         ip route replace default via 10.0.1.1",
-                    )
-                    .output()
-                    .unwrap();
-                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                match event {
+                    PathEvent::AddressChange => {
+                        let ns = lab.lab.netns(Host::A);
+                        let o = Command::new("ip")
+                            .args(["netns", "exec", ns, "sh", "-ec"])
+                            .arg(
+                                "ip addr del 10.0.1.2/24 dev eth0; \
+                                 ip addr add 10.0.1.3/24 dev eth0; \
+                                 ip route replace default via 10.0.1.1",
+                            )
+                            .output()
+                            .unwrap();
+                        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                    }
+                    PathEvent::NatFlush => lab.lab.flush_conntrack(Host::A).expect("conntrack -F"),
+                    PathEvent::ServerRestart => lab.restart_server(Duration::from_secs(2)),
+                }
                 changed = Some((Instant::now(), got.len()));
             }
         }
         let status = cat.wait().unwrap();
         let (at, bytes) = changed.expect("the address changed mid-transfer");
         eprintln!(
-            "address changed at {} MiB; the transfer finished {:?} later",
+            "{a} x {b}: {event:?} at {} MiB; the transfer finished {:?} later",
             bytes >> 20,
             at.elapsed()
         );
@@ -1203,6 +1218,27 @@ mod lab {
         );
         let err = std::fs::read_to_string(&fwd.err).unwrap_or_default();
         assert!(err.contains("resumed via"), "the session resumed: {err}");
+    }
+
+    #[test]
+    fn lab_ssh_through_forward_survives_an_address_change_mid_transfer() {
+        ssh_cat_survives(NatKind::Cone, NatKind::Cone, &[], PathEvent::AddressChange);
+    }
+
+    #[test]
+    fn lab_ssh_through_forward_survives_a_nat_that_forgets_its_mappings() {
+        ssh_cat_survives(NatKind::Sym, NatKind::Full, &[], PathEvent::NatFlush);
+    }
+
+    /// Under the relay (sym x sym): the server restarts mid-transfer.
+    #[test]
+    fn lab_ssh_through_forward_survives_a_server_restart_under_the_relay() {
+        ssh_cat_survives(
+            NatKind::Sym,
+            NatKind::Sym,
+            &["--strategy-timeout", "3s"],
+            PathEvent::ServerRestart,
+        );
     }
 
     /// Issue "The durable link is the toolkit", in the lab (cone x cone): the exposing side

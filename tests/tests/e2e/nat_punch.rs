@@ -31,7 +31,25 @@ pub(crate) fn punch_expected(a: NatKind, b: NatKind) -> bool {
 /// A lab with the rendezvous server running in its server namespace.
 pub(crate) struct RunningLab {
     pub(crate) lab: Lab,
-    _server: Proc,
+    server: Option<Proc>,
+    /// The server's extra flags (kept for [`RunningLab::restart_server`]).
+    server_extra: Vec<String>,
+}
+
+/// The lab's rendezvous server with a second address (RFC 5780, so discovery and the plan know
+/// each side's NAT) and `extra` flags, once it listens.
+fn start_server(lab: &Lab, extra: &[String]) -> Proc {
+    let mut cmd = lab.command(Host::Server, nettool_bin());
+    let listen = format!("{}:8877", lab.server_ip());
+    let other = format!("{}:8878", lab.server_other_ip());
+    cmd.args(["rendezvous", "--listen", &listen, "--other-address", &other])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut server = Proc::spawn(cmd);
+    server.stderr_line_containing("listening on");
+    server
 }
 
 impl RunningLab {
@@ -48,21 +66,21 @@ impl RunningLab {
     /// The rendezvous server (with `extra` flags) started on a lab built by the caller (with
     /// link conditions, say).
     pub(crate) fn on(lab: Lab, extra: &[&str]) -> Self {
-        let mut cmd = lab.command(Host::Server, nettool_bin());
-        // A second address (RFC 5780), so discovery and the plan know each side's NAT.
-        let listen = format!("{}:8877", lab.server_ip());
-        let other = format!("{}:8878", lab.server_other_ip());
-        cmd.args(["rendezvous", "--listen", &listen, "--other-address", &other])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut server = Proc::spawn(cmd);
-        server.stderr_line_containing("listening on");
+        let server_extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let server = Some(start_server(&lab, &server_extra));
         Self {
             lab,
-            _server: server,
+            server,
+            server_extra,
         }
+    }
+
+    /// Kills the rendezvous server and starts it again at the same addresses `pause` later
+    /// (with the same identity: it is kept in the lab's state directory).
+    pub(crate) fn restart_server(&mut self, pause: std::time::Duration) {
+        drop(self.server.take());
+        std::thread::sleep(pause);
+        self.server = Some(start_server(&self.lab, &self.server_extra));
     }
 
     /// Runs `nettool connect` on A (first) and B (second) with `extra` flags.
