@@ -613,6 +613,9 @@ pub(crate) fn say(e: nettool_peer::Event, quiet: bool) {
             eprintln!("nettool: server {server}: {error}; {next}")
         }
         E::Connect(e) if !quiet || matches!(e, Event::Waiting) => progress(e),
+        E::Path { strategy, at_ms } if !quiet => {
+            eprintln!("nettool: the session runs on {strategy} from {at_ms} ms")
+        }
         E::DirectReady {
             at_ms,
             strategy,

@@ -94,6 +94,14 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The session runs on this link from now on: the first, each move to a direct path,
+    /// each resume (as the report's `paths` list them).
+    Path {
+        /// The link's strategy.
+        strategy: String,
+        /// Since the connect began.
+        at_ms: u64,
+    },
     /// The session lost its path and goes on over a new link.
     Resumed {
         /// The new link's strategy.

@@ -242,7 +242,15 @@ pub(crate) async fn run(
         progress: Arc::default(),
         events: p.events.clone(),
     });
-    let mut session = Session::new(p.config, key).with_clock(p.started);
+    let events = p.events.clone();
+    let mut session = Session::new(p.config, key)
+        .with_clock(p.started)
+        .with_path_events(Arc::new(move |strategy: &str, at_ms: u64| {
+            events(Event::Path {
+                strategy: strategy.to_owned(),
+                at_ms,
+            })
+        }));
     if let Some(up) = &upgrades {
         if let Some(d) = p.direct {
             up.watch(d);

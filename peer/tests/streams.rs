@@ -23,6 +23,9 @@ async fn streams_over_one_session_have_their_own_flow_control_and_end_in_order()
         .unwrap();
     let addr = server.local_addr().unwrap();
     tokio::spawn(server.run());
+    // A's path events, to hold against its final report.
+    let paths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = paths.clone();
     let peer = || {
         Peer::builder()
             .server(addr.to_string())
@@ -30,7 +33,12 @@ async fn streams_over_one_session_have_their_own_flow_control_and_end_in_order()
             .secret("k")
             .control(ControlSecurity::Plain)
     };
-    let (a, b) = tokio::join!(peer().connect(), async {
+    let a_peer = peer().on_event(move |e| {
+        if let nettool_peer::Event::Path { strategy, at_ms } = e {
+            seen.lock().unwrap().push((strategy, at_ms));
+        }
+    });
+    let (a, b) = tokio::join!(a_peer.connect(), async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         peer().connect().await
     });
@@ -98,6 +106,21 @@ async fn streams_over_one_session_have_their_own_flow_control_and_end_in_order()
         assert_eq!(f.end.sent, f.end.confirmed, "{side}");
     }
     assert!(a_end.end.sent > 4 << 20, "{:?}", a_end.end);
+    // Every path the session ran on was told as it began, in order: relay-first starts on the
+    // relay.
+    let told = paths.lock().unwrap().clone();
+    let reported: Vec<(String, u64)> = a_end
+        .end
+        .paths
+        .iter()
+        .map(|p| (p.strategy.clone(), p.from_ms))
+        .collect();
+    assert_eq!(told, reported);
+    assert_eq!(
+        told.first().map(|p| p.0.as_str()),
+        Some("relay"),
+        "{told:?}"
+    );
 }
 
 /// A short code asked through the library links two peers (`ask_code`, then `code`), and the

@@ -325,7 +325,12 @@ pub struct Session {
     key: LinkKey,
     upgrades: Option<mpsc::Receiver<Link>>,
     started: Option<Instant>,
+    on_path: Option<PathEvents>,
 }
+
+/// Told of each link the session starts to run on: its strategy and when (ms, on the
+/// session's clock); see [`Session::with_path_events`].
+pub type PathEvents = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
 impl Session {
     /// A session whose resumes are keyed by `key` (the original link key).
@@ -335,7 +340,15 @@ impl Session {
             key,
             upgrades: None,
             started: None,
+            on_path: None,
         }
+    }
+
+    /// Calls `f` with each link the session starts to run on (the first, each move to a new
+    /// path, each resume), as the report's `paths` will list them.
+    pub fn with_path_events(mut self, f: PathEvents) -> Self {
+        self.on_path = Some(f);
+        self
     }
 
     /// Links to move to while the session runs (relay-first: the direct path found in the
@@ -387,6 +400,7 @@ impl Session {
             started: self.started.unwrap_or_else(Instant::now),
         });
         let mut upgrades = self.upgrades;
+        let on_path = self.on_path;
         let (tx, rx) = mpsc::channel::<SinkItem>(4);
         // The source and the sink run in this task, next to the link's reader and writer (not
         // as tasks of their own): one task to cancel, and every byte stays on one thread from
@@ -403,14 +417,18 @@ impl Session {
         let main = async {
             loop {
                 let path_index = paths_report.len();
+                let from_ms = shared.ms();
                 paths_report.push(PathReport {
                     strategy: link.strategy.to_owned(),
                     bytes_sent: 0,
                     bytes_received: 0,
-                    from_ms: shared.ms(),
+                    from_ms,
                     to_ms: None,
                     rtt_ms: None,
                 });
+                if let Some(f) = &on_path {
+                    f(link.strategy, from_ms);
+                }
                 shared.lock().path_rtt = None;
                 let driven = {
                     let stats = &mut paths_report[path_index];
