@@ -86,10 +86,10 @@ impl DirectProgress {
             }
         }
         out.extend(running);
-        let phase = if live.agreed.is_none() {
-            "joining its pairing"
-        } else {
-            "planning: NAT discovery and the plan offers"
+        let phase = match (&live.agreed, live.started.last()) {
+            (None, _) => "joining its pairing".to_owned(),
+            (Some(_), None) => "planning: NAT discovery and the plan offers".to_owned(),
+            (Some(_), Some((running, _))) => format!("trying {running}"),
         };
         let waited = live.began.map_or(0, |b| {
             b.elapsed().as_millis().try_into().unwrap_or(u64::MAX)
@@ -293,6 +293,34 @@ pub fn merge(report: &mut Report, direct: Report, direct_won: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cancelled entries say how far the direct connect got: joining, planning, or
+    /// running an earlier attempt.
+    #[test]
+    fn cancelled_attempts_say_how_far_the_direct_connect_got() {
+        let p = DirectProgress::default();
+        let names = vec!["tcp-punch".to_owned(), "udp-quic".to_owned()];
+        let why = |out: &[AttemptReport], i: usize| out[i].error.clone().unwrap_or_default();
+        let out = p.cancelled(&names);
+        assert!(out.iter().all(|a| a.outcome == Outcome::Cancelled));
+        assert!(why(&out, 0).contains("joining its pairing"), "{out:?}");
+        p.event(&Event::Paired {
+            role: crate::protocol::Role::First,
+            strategies: names.clone(),
+        });
+        assert!(why(&p.cancelled(&names), 1).contains("planning"));
+        p.event(&Event::AttemptStarted {
+            strategy: "tcp-punch".into(),
+        });
+        let out = p.cancelled(&names);
+        assert_eq!(out[0].strategy, "tcp-punch");
+        assert_eq!(
+            why(&out, 0),
+            "the session ended before this attempt finished"
+        );
+        assert_eq!(out[1].strategy, "udp-quic");
+        assert!(why(&out, 1).contains("still trying tcp-punch"), "{out:?}");
+    }
 
     #[test]
     fn both_peers_derive_the_same_direct_pairing_and_strangers_another() {
