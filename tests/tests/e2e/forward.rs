@@ -1267,13 +1267,7 @@ mod lab {
             f.extend(peer_args(&server, "kill-http", &[]));
             f.extend(["--listen".into(), "127.0.0.1:0".into()]);
             let side = start_side(lab.lab.command(Host::A, nettool_bin()), &dir.0, name, &f);
-            let line = wait_line(&side.err, "listening on", Duration::from_secs(10));
-            let listen = line
-                .split_whitespace()
-                .find(|w| w.starts_with("127.0.0.1:"))
-                .unwrap()
-                .trim_end_matches(';')
-                .to_owned();
+            let listen = super::listening(&side);
             (side, listen)
         };
         let (second, listen2) = forwarder("second");
