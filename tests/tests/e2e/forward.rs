@@ -820,14 +820,22 @@ mod lab {
     /// (its "direct path ready" line), else the link it started on (its report). `want` is
     /// what the caller expects: a direct strategy is waited for (up to 15 s).
     fn carried_by(side: &Side, want: &str) -> String {
-        let report: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(side.err.with_file_name("forward.json")).unwrap_or_default(),
-        )
-        .unwrap_or_default();
-        let first = report["links"][0]["connect"]["strategy"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        // The report file is rewritten every 0.5 s: wait (up to 5 s) for the link in it.
+        let end = Instant::now() + Duration::from_secs(5);
+        let first = loop {
+            let report: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(side.err.with_file_name("forward.json")).unwrap_or_default(),
+            )
+            .unwrap_or_default();
+            let first = report["links"][0]["connect"]["strategy"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if !first.is_empty() || Instant::now() > end {
+                break first;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         if first == want || want == "relay" {
             return first;
         }
