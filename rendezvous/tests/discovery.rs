@@ -153,7 +153,12 @@ async fn the_plan_uses_a_cached_class_only_when_the_network_confirms_it() {
     let addr = server(Some("127.0.0.2:0")).await;
     let dir = std::env::temp_dir().join(format!("nettool-plan-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cache = NatCache::new(dir.join("nat.json"), Duration::from_secs(600));
+    // Each peer keeps its own cache, as two machines do: one shared file would let the first
+    // peer's verdict (a dropped entry) race the second peer's read.
+    let caches = [
+        NatCache::new(dir.join("a.json"), Duration::from_secs(600)),
+        NatCache::new(dir.join("b.json"), Duration::from_secs(600)),
+    ];
     let key = NatCache::key(default_gateway(), addr.ip(), addr, addr.ip());
     let fw = NatSummary {
         udp_mapping: Mapping::NoNat,
@@ -184,26 +189,30 @@ async fn the_plan_uses_a_cached_class_only_when_the_network_confirms_it() {
         }
     }
     let run = |cached: bool, session: &'static str| {
-        let cache = cached.then(|| cache.clone());
-        async move {
-            let orch = Orchestrator::new(
+        let orch = |i: usize| {
+            Orchestrator::new(
                 vec![(Arc::new(Never), Duration::from_secs(2))],
                 Duration::from_secs(10),
             )
-            .with_nat_cache(cache);
+            .with_nat_cache(cached.then(|| caches[i].clone()))
+        };
+        let (oa, ob) = (orch(0), orch(1));
+        async move {
             let params = ConnectParams {
                 server: addr,
                 session: session.into(),
                 secret: Some("s".into()),
             };
             let ((_, a), (_, b)) = tokio::join!(
-                orch.connect(&params, &|_| {}),
-                orch.connect(&params, &|_| {})
+                oa.connect(&params, &|_| {}),
+                ob.connect(&params, &|_| {})
             );
             (a, b)
         }
     };
-    assert!(cache.put(&key, fw, None).await);
+    for cache in &caches {
+        assert!(cache.put(&key, fw, None).await);
+    }
     let (a, b) = run(true, "confirmed").await;
     for r in [&a, &b] {
         assert_eq!(r.nat.as_ref().unwrap().local, Some(fw), "{r:?}");
@@ -211,7 +220,9 @@ async fn the_plan_uses_a_cached_class_only_when_the_network_confirms_it() {
         assert_eq!(r.attempts[0].outcome, Outcome::Skipped, "{r:?}");
     }
 
-    assert!(cache.put(&key, sym, None).await);
+    for cache in &caches {
+        assert!(cache.put(&key, sym, None).await);
+    }
     let (a, b) = run(true, "contradicted").await;
     for r in [&a, &b] {
         let local = r.nat.as_ref().unwrap().local.unwrap();
@@ -229,11 +240,13 @@ async fn the_plan_uses_a_cached_class_only_when_the_network_confirms_it() {
         // The plan's strategy failed: the fresh entry is dropped too, and the report says so.
         assert!(r.nat_cache[0].invalidated.is_some(), "{r:?}");
     }
-    assert_eq!(
-        cache.get(&key).await,
-        None,
-        "no entry survives a failed plan"
-    );
+    for cache in &caches {
+        assert_eq!(
+            cache.get(&key).await,
+            None,
+            "no entry survives a failed plan"
+        );
+    }
 
     let (a, _) = run(false, "measured").await;
     assert_eq!(a.nat.unwrap().local.unwrap().udp_mapping, Mapping::NoNat);
