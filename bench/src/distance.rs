@@ -61,6 +61,9 @@ const STEPS: u32 = 64;
 /// Targets, in round trips.
 const FIRST_BYTE_TARGET_RTT: u64 = 5;
 const DIRECT_TARGET_RTT: u64 = 8;
+/// With this variable set to a directory, both peers log at debug level and each run's two
+/// logs are written there (`{a}-{b}-{round}.{a,b}.log`): the timeline behind a figure.
+const LOG_DIR_VAR: &str = "NETTOOL_BENCH_LOG_DIR";
 /// Labs at once (two shared cores).
 const PARALLEL: usize = 2;
 /// How long B may take to join, and both peers to finish.
@@ -563,6 +566,9 @@ fn one_run(bin: &Path, a: NatKind, b: NatKind, delay: Duration, round: u32) -> R
             .args(["connect", "--server", &listen, "--session", &session])
             .args(["--secret", "distance", "--timeout", "30s", "--report"])
             .arg(dir.path(&format!("{name}.report.json")));
+        if std::env::var_os(LOG_DIR_VAR).is_some() {
+            cmd.env("RUST_LOG", "debug");
+        }
         Proc::spawn(cmd)
     };
     let a_data = data(A_BYTES, 2 * u64::from(round) + 1);
@@ -643,6 +649,13 @@ fn one_run(bin: &Path, a: NatKind, b: NatKind, delay: Duration, round: u32) -> R
         problems.push("A wrote no report".into());
     }
     run.error = (!problems.is_empty()).then(|| problems.join("; "));
+    if let Some(logs) = std::env::var_os(LOG_DIR_VAR) {
+        for (name, p) in [("a", &pa), ("b", &pb)] {
+            let file = Path::new(&logs).join(format!("{tag}.{name}.log"));
+            let text = p.lines.lock().expect("lines lock").join("\n");
+            std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+        }
+    }
     // The processes end before the lab (its namespaces) goes.
     drop(pa);
     drop(pb);

@@ -24,9 +24,12 @@
 //! Waits follow the round trip: Test I (one Binding request) is retransmitted after 250 ms
 //! and then at doubling intervals within [`DiscoverOptions::first_timeout`] (2 s), so a far
 //! server or a lost datagram still answers; its round trip sets every later test's wait to
-//! `max(test_timeout, 2 × rtt + 50 ms)` (sent again halfway). Then the mapping tests (with
-//! hairpinning on the same socket), the filtering tests and the TCP test run alongside each
-//! other: behind a typical cone NAT about three round trips and 50 ms in all. The reported
+//! `max(test_timeout, 2 × rtt + 50 ms)` (sent again halfway). The filtering tests go out
+//! beside Test I (their requests do not need its answer; their wait, counted from their
+//! start, follows its round trip); after Test I the mapping tests (with hairpinning on the
+//! same socket) and the TCP test run alongside them: behind a typical cone NAT about three
+//! round trips in all (the TCP test's connect and observe after Test I), where the filtering
+//! tests' silence once added a round trip more. The reported
 //! round trip is the smallest over every answer, and [`discover`] stops by itself within
 //! [`DiscoverOptions::time_bound`].
 //!
@@ -310,25 +313,99 @@ async fn transact(
             .sends
             .get(i + 1)
             .map_or(deadline, |n| (start + *n).min(deadline));
-        while let Ok(got) = timeout_at(next, socket.recv_from(&mut buf)).await {
-            // ICMP errors of earlier datagrams surface as receive errors: keep waiting.
-            let Ok((n, from)) = got else { continue };
-            let packet = &buf[..n];
-            if hairpin.is_some_and(|w| w.saw(packet)) {
-                continue;
-            }
-            for (id, at) in &sent {
-                if let Some(response) = stun::parse_response(packet, id) {
-                    return Some(Answer {
-                        response,
-                        from,
-                        rtt: at.elapsed(),
-                    });
-                }
+        if let Some(answer) = answer_until(socket, &sent, next, hairpin, &mut buf).await {
+            return Some(answer);
+        }
+    }
+    None
+}
+
+/// The first response to any of the requests `sent` arriving on `socket` before `until`
+/// (`None` then). Datagrams that are not such a response are skipped, but the hairpin probe
+/// `hairpin` watches for is noted.
+async fn answer_until(
+    socket: &UdpSocket,
+    sent: &[(TransactionId, Instant)],
+    until: Instant,
+    hairpin: Option<&HairpinWatch>,
+    buf: &mut [u8],
+) -> Option<Answer> {
+    while let Ok(got) = timeout_at(until, socket.recv_from(buf)).await {
+        // ICMP errors of earlier datagrams surface as receive errors: keep waiting.
+        let Ok((n, from)) = got else { continue };
+        let packet = &buf[..n];
+        if hairpin.is_some_and(|w| w.saw(packet)) {
+            continue;
+        }
+        for (id, at) in sent {
+            if let Some(response) = stun::parse_response(packet, id) {
+                return Some(Answer {
+                    response,
+                    from,
+                    rtt: at.elapsed(),
+                });
             }
         }
     }
     None
+}
+
+/// What Test I told the tests sent beside it: its round trip and the server's usable other
+/// address (`None` until it answered; the sender goes away when it never does).
+type FirstSeen = Option<(Duration, Option<SocketAddr>)>;
+
+/// A filtering test sent at once, beside Test I rather than after it: the request goes out
+/// at its start; once Test I's round trip is known the test waits
+/// [`DiscoverOptions::timeout_for`] that round trip from its start, sending again halfway
+/// (as [`Schedule::halfway`]; when Test I comes later than that, at once, with half a wait
+/// left for the answer). `None`: no answer within the wait, or Test I never answered.
+async fn transact_beside_first(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    request: impl Fn() -> (TransactionId, Vec<u8>),
+    mut first: tokio::sync::watch::Receiver<FirstSeen>,
+    opts: &DiscoverOptions,
+) -> Option<Answer> {
+    let start = Instant::now();
+    let mut buf = [0u8; 1500];
+    let mut sent: Vec<(TransactionId, Instant)> = Vec::with_capacity(2);
+    let send = |sent: &mut Vec<_>| {
+        let (id, bytes) = request();
+        sent.push((id, Instant::now()));
+        bytes
+    };
+    let bytes = send(&mut sent);
+    socket.send_to(&bytes, to).await.ok()?;
+    // Until Test I answers, an answer to this test is taken as it comes.
+    let rtt = {
+        let known = first.wait_for(Option::is_some);
+        tokio::pin!(known);
+        loop {
+            tokio::select! {
+                known = &mut known => match known {
+                    Ok(seen) => break (*seen).map(|(rtt, _)| rtt)?,
+                    Err(_) => return None,
+                },
+                got = socket.recv_from(&mut buf) => {
+                    let Ok((n, from)) = got else { continue };
+                    for (id, at) in &sent {
+                        if let Some(response) = stun::parse_response(&buf[..n], id) {
+                            return Some(Answer { response, from, rtt: at.elapsed() });
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let t = opts.timeout_for(rtt);
+    if let Some(answer) = answer_until(socket, &sent, start + t / 2, None, &mut buf).await {
+        return Some(answer);
+    }
+    let bytes = send(&mut sent);
+    socket.send_to(&bytes, to).await.ok()?;
+    // A late Test I (its first request lost) leaves the second request half a wait too.
+    let until = (start + t).max(Instant::now() + t / 2);
+    answer_until(socket, &sent, until, None, &mut buf).await
 }
 
 /// The hairpinning probe (a Binding request from a second socket to the first socket's
@@ -463,10 +540,10 @@ fn usable_other(server: SocketAddr, other: Option<SocketAddr>) -> Option<SocketA
 /// fails only when the server does not answer a plain Binding request or no local socket can
 /// be opened.
 ///
-/// Test I runs once (its answer gives the first round-trip sample and the waits of the other
-/// tests); then, alongside each other: mapping test II (then III if needed) from Test I's
-/// socket while that socket also watches for the hairpinning probe; the two filtering tests;
-/// the TCP mapping (IP1:P1 and IP2:P1 at once, then IP2:P2 if needed). The reported round
+/// The two filtering tests start beside Test I, which runs once (its answer gives the first
+/// round-trip sample and the waits of the other tests); then, alongside each other: mapping
+/// test II (then III if needed) from Test I's socket while that socket also watches for the
+/// hairpinning probe; the TCP mapping (IP1:P1 and IP2:P1 at once, then IP2:P2 if needed). The reported round
 /// trip is the smallest over every answer.
 pub async fn discover(
     server: SocketAddr,
@@ -494,10 +571,109 @@ pub async fn discover_noting(
         mapping_socket.local_addr().map_err(io_err)?.port(),
     );
 
+    // The filtering tests go out beside Test I (their requests do not depend on its
+    // answer; their wait follows its round trip): a test that must wait out silence then
+    // ends a round trip sooner.
+    let (first_seen, seen) = tokio::sync::watch::channel::<FirstSeen>(None);
+    let rtt = MinRtt::new(opts.first_timeout());
+    let filtering = async {
+        let (f2, f3) = (
+            UdpSocket::bind(unspecified(server)).await?,
+            UdpSocket::bind(unspecified(server)).await?,
+        );
+        let (both, port) = tokio::join!(
+            timeout_at(
+                end,
+                transact_beside_first(
+                    &f2,
+                    server,
+                    || stun::binding_request_with_change(true, true),
+                    seen.clone(),
+                    opts,
+                )
+            ),
+            timeout_at(
+                end,
+                transact_beside_first(
+                    &f3,
+                    server,
+                    || stun::binding_request_with_change(false, true),
+                    seen.clone(),
+                    opts,
+                )
+            ),
+        );
+        for answer in [&both, &port].into_iter().flatten() {
+            rtt.note(answer);
+        }
+        let Some((_, Some(other))) = *seen.borrow() else {
+            return Ok(Filtering::Unknown);
+        };
+        let ip1_p2 = SocketAddr::new(server.ip(), other.port());
+        // An answer from the wrong place (a server that ignored CHANGE-REQUEST) or an error
+        // (one that refused it) tells nothing about filtering; nor does a test the deadline
+        // cut short (silence only counts after the whole wait).
+        let honoured = |a: &Result<Option<Answer>, Elapsed>, want: SocketAddr| match a {
+            Err(_) => None,
+            Ok(None) => Some(false),
+            Ok(Some(Answer {
+                response: BindingResponse::Success { .. },
+                from,
+                ..
+            })) if *from == want => Some(true),
+            Ok(Some(_)) => None,
+        };
+        Ok::<_, io::Error>(match (honoured(&both, other), honoured(&port, ip1_p2)) {
+            (Some(true), _) => Filtering::EndpointIndependent,
+            (Some(false), Some(true)) => Filtering::AddressDependent,
+            (Some(false), Some(false)) => Filtering::AddressAndPortDependent,
+            _ => Filtering::Unknown,
+        })
+    };
+    let (rest, udp_filtering) = tokio::join!(
+        after_first(
+            server,
+            opts,
+            (&mapping_socket, local, end),
+            first_seen,
+            answered,
+            &rtt
+        ),
+        filtering
+    );
+    let (m1, other, (udp_mapping, hairpinning), tcp_mapping) = rest?;
+    let udp_filtering = udp_filtering.map_err(io_err)?;
+    Ok(FamilyReport {
+        udp_mapping,
+        udp_filtering,
+        tcp_mapping,
+        public_addr: Some(m1.ip()),
+        port_preservation: Some(m1.port() == local.port()),
+        hairpinning,
+        server,
+        server_other_address: other,
+        rtt_ms: rtt.get().as_secs_f64() * 1000.0,
+    })
+}
+
+/// Test I, then the mapping tests (with hairpinning on Test I's socket) and the TCP mapping:
+/// Test I's mapped address, the server's usable other address, the UDP mapping and
+/// hairpinning, the TCP mapping. Test I's round trip and the other address go to `seen` the
+/// moment it answers (the filtering tests wait on it).
+async fn after_first(
+    server: SocketAddr,
+    opts: &DiscoverOptions,
+    (mapping_socket, local, end): (&UdpSocket, SocketAddr, Instant),
+    seen: tokio::sync::watch::Sender<FirstSeen>,
+    answered: Option<&std::sync::atomic::AtomicBool>,
+    rtt: &MinRtt,
+) -> Result<FirstResults, DiscoveryError> {
+    let family = family_name(server);
+    let io_err = |source| DiscoveryError::Io { family, source };
     // Test I, once: retransmitted within the generous first wait (a far server, a lost
     // datagram).
     let first = transact(
-        &mapping_socket,
+        mapping_socket,
         server,
         stun::binding_request,
         &Schedule::backoff(opts.first_timeout()),
@@ -517,9 +693,11 @@ pub async fn discover_noting(
         BindingResponse::Error { code } => return Err(DiscoveryError::Refused { server, code }),
     };
     let other = usable_other(server, other_address);
-    let rtt = MinRtt::new(first.rtt);
+    seen.send_replace(Some((first.rtt, other)));
+    rtt.note(&Some(first));
+    let first_rtt = rtt.get();
     // Every later wait follows Test I's round trip.
-    let t = opts.timeout_for(first.rtt);
+    let t = opts.timeout_for(first_rtt);
     let resend_halfway = Schedule::halfway(t);
     let phase_start = Instant::now();
 
@@ -527,7 +705,11 @@ pub async fn discover_noting(
     // reader notes the probe while it waits for the mapping answers, then waits out the
     // hairpinning test's wait if the probe has not come yet.
     let hairpin = HairpinWatch::new();
-    let hairpin_until = phase_start + t;
+    // The probe only goes as far as this side's NAT and back (never further than the
+    // server): half a wait, so a NAT that does not hairpin does not make this test the
+    // last to end.
+    let hairpin_wait = t / 2;
+    let hairpin_until = phase_start + hairpin_wait;
     let mapping = async {
         let Some(other) = other else {
             return classify_mapping(local, Some(m1), None, None).min_known();
@@ -573,87 +755,30 @@ pub async fn discover_noting(
         };
         (mapping, hairpinning)
     };
-    let hairpin_probes = send_hairpin_probes(&hairpin, m1, t);
-    let filtering = async {
-        let Some(other) = other else {
-            return Ok(Filtering::Unknown);
-        };
-        let (f2, f3) = (
-            UdpSocket::bind(unspecified(server)).await?,
-            UdpSocket::bind(unspecified(server)).await?,
-        );
-        let ip1_p2 = SocketAddr::new(server.ip(), other.port());
-        let (both, port) = tokio::join!(
-            timeout_at(
-                end,
-                transact(
-                    &f2,
-                    server,
-                    || stun::binding_request_with_change(true, true),
-                    &resend_halfway,
-                    None,
-                )
-            ),
-            timeout_at(
-                end,
-                transact(
-                    &f3,
-                    server,
-                    || stun::binding_request_with_change(false, true),
-                    &resend_halfway,
-                    None,
-                )
-            ),
-        );
-        for answer in [&both, &port].into_iter().flatten() {
-            rtt.note(answer);
-        }
-        // An answer from the wrong place (a server that ignored CHANGE-REQUEST) or an error
-        // (one that refused it) tells nothing about filtering; nor does a test the deadline
-        // cut short (silence only counts after the whole wait).
-        let honoured = |a: &Result<Option<Answer>, Elapsed>, want: SocketAddr| match a {
-            Err(_) => None,
-            Ok(None) => Some(false),
-            Ok(Some(Answer {
-                response: BindingResponse::Success { .. },
-                from,
-                ..
-            })) if *from == want => Some(true),
-            Ok(Some(_)) => None,
-        };
-        Ok(match (honoured(&both, other), honoured(&port, ip1_p2)) {
-            (Some(true), _) => Filtering::EndpointIndependent,
-            (Some(false), Some(true)) => Filtering::AddressDependent,
-            (Some(false), Some(false)) => Filtering::AddressAndPortDependent,
-            _ => Filtering::Unknown,
-        })
-    };
+    let hairpin_probes = send_hairpin_probes(&hairpin, m1, hairpin_wait);
     let tcp = async {
         if opts.tcp {
             // A connect and an observe answer: two round trips, within a wait and one more.
-            timeout_at(end, tcp_mapping(server, other, t + first.rtt))
+            timeout_at(end, tcp_mapping(server, other, t + first_rtt))
                 .await
                 .unwrap_or(Mapping::Unknown)
         } else {
             Mapping::Unknown
         }
     };
-    let ((udp_mapping, hairpinning), probes, udp_filtering, tcp_mapping) =
-        tokio::join!(mapping_and_hairpin, hairpin_probes, filtering, tcp);
+    let (mapping_and_hairpin, probes, tcp_mapping) =
+        tokio::join!(mapping_and_hairpin, hairpin_probes, tcp);
     probes.map_err(io_err)?;
-    let udp_filtering = udp_filtering.map_err(io_err)?;
-    Ok(FamilyReport {
-        udp_mapping,
-        udp_filtering,
-        tcp_mapping,
-        public_addr: Some(m1.ip()),
-        port_preservation: Some(m1.port() == local.port()),
-        hairpinning,
-        server,
-        server_other_address: other,
-        rtt_ms: rtt.get().as_secs_f64() * 1000.0,
-    })
+    Ok((m1, other, mapping_and_hairpin, tcp_mapping))
 }
+
+/// What [`after_first`] found.
+type FirstResults = (
+    SocketAddr,
+    Option<SocketAddr>,
+    (Mapping, Option<bool>),
+    Mapping,
+);
 
 impl Mapping {
     /// Without RFC 5780 only "no NAT" can be told apart; anything else is unknown.
@@ -1154,7 +1279,9 @@ mod tests {
         let took = start.elapsed();
         assert!(took <= o.time_bound(), "{took:?}");
         assert_eq!(r.udp_mapping, Mapping::Unknown, "{r:?}");
-        assert_eq!(r.udp_filtering, Filtering::Unknown, "{r:?}");
+        // The filtering tests went out beside Test I: their whole wait (two round trips)
+        // fits the bound.
+        assert_eq!(r.udp_filtering, Filtering::AddressAndPortDependent, "{r:?}");
         assert!((1900.0..2000.0).contains(&r.rtt_ms), "{r:?}");
     }
 

@@ -183,7 +183,15 @@ impl ExpressStart {
                 .map_err(|_| HandshakeError::NotAPeer)?;
             Ok(LessSafeKey::new(UnboundKey::from(okm)))
         };
-        Ok(SealedStream::new(stream, key(send)?, key(recv)?, role))
+        // The key another link of the same connect may key its handshake with once this
+        // exchange's confirmation checked ([`crate::handshake::AgreedKey`]).
+        let mut agreed = [0u8; 32];
+        prk.expand(&[b"agreed key for other links"], hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut agreed))
+            .map_err(|_| HandshakeError::NotAPeer)?;
+        let mut sealed = SealedStream::new(stream, key(send)?, key(recv)?, role);
+        sealed.agreed = crate::handshake::AgreedKey(agreed);
+        Ok(sealed)
     }
 }
 
@@ -242,6 +250,8 @@ pub struct SealedStream<S> {
     settled: Option<Confirmation>,
     eof: bool,
     failed: Option<String>,
+    /// See [`Self::agreed_key`].
+    agreed: crate::handshake::AgreedKey,
 }
 
 impl<S> std::fmt::Debug for SealedStream<S> {
@@ -279,6 +289,7 @@ impl<S> SealedStream<S> {
             settled: None,
             eof: false,
             failed: None,
+            agreed: crate::handshake::AgreedKey([0; 32]),
         };
         let mut confirm = Vec::with_capacity(CONFIRM_LEN);
         confirm.extend_from_slice(CONFIRM_MAGIC);
@@ -290,6 +301,12 @@ impl<S> SealedStream<S> {
         s.seal_record(&confirm)
             .expect("the first record's nonce is fresh");
         s
+    }
+
+    /// A key derived from this exchange for the handshakes of the connect's other links: use
+    /// it only once the peer's confirmation checked ([`Self::confirmation`]).
+    pub fn agreed_key(&self) -> crate::handshake::AgreedKey {
+        self.agreed
     }
 
     /// Watches the peer's key confirmation (or what [`Self::settle_through`] set).

@@ -20,6 +20,17 @@
 //! does not know the secret and runs the exchange itself gets one guess per attempt, and the
 //! victim sees that attempt fail.
 //!
+//! **With a key already agreed** ([`AgreedKey`]: relay-first's express relay ran SPAKE2 on the
+//! same session secret when the peers were paired, and its confirmation checked), the
+//! exchange needs no second PAKE and one flight less. Each hello says whether its sender
+//! holds such a key; the second peer sends its confirmation (keyed with the agreed key, over
+//! the pairing, strategy, channel binding and its own hello) right behind its hello, and when
+//! the first peer's hello says it holds the key too, the first peer checks that confirmation
+//! and answers with its own (still verify before reveal). When either side holds none, both
+//! go on with SPAKE2 as above (the first peer skips the unused confirmation). The agreed key
+//! came from a PAKE on the same password, so an attacker gets no guess here it did not get
+//! there.
+//!
 //! When a strategy ends up with several authenticated raw links (it dials many candidates), the
 //! first peer picks one and sends [`SELECT`] on it; the second peer uses the link on which it
 //! receives that byte. Both ends thus agree on one link.
@@ -33,13 +44,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::protocol::Role;
 
 const MAGIC: &[u8; 4] = b"NTLK";
-/// 3: the link carries the session layer ([`crate::session`]: acknowledged delivery,
-/// resume); 2 carried bare bytes. The session protocol has its own version in its HELLO.
-const VERSION: u8 = 3;
+/// 4: the hello says whether its sender holds an [`AgreedKey`] (the keyed exchange);
+/// 3 carried the session layer ([`crate::session`]: acknowledged delivery, resume) with a
+/// PAKE on every link; 2 carried bare bytes. The session protocol has its own version in its
+/// HELLO.
+const VERSION: u8 = 4;
 const NONCE_LEN: usize = 32;
 /// Length of a SPAKE2 message over Ed25519 (side byte + point).
 const PAKE_MSG_LEN: usize = 33;
-const HELLO_LEN: usize = 4 + 1 + 1 + NONCE_LEN + PAKE_MSG_LEN;
+const HELLO_LEN: usize = 4 + 1 + 1 + 1 + NONCE_LEN + PAKE_MSG_LEN;
+/// Offset of the hello's flags byte, and its bit for "holds an agreed key".
+const FLAGS_AT: usize = 6;
+const FLAG_KEYED: u8 = 1;
 const MAC_LEN: usize = 32;
 /// Byte the first peer sends on the one link it picked.
 pub const SELECT: u8 = 0x5e;
@@ -103,6 +119,10 @@ pub mod insecure {
     pub(crate) fn binding_off() -> bool {
         BINDING_OFF.load(Ordering::SeqCst)
     }
+
+    pub(crate) fn keyed_off() -> bool {
+        super::KEYED_OFF
+    }
 }
 
 #[cfg(not(feature = "insecure-test-switches"))]
@@ -110,7 +130,16 @@ mod insecure {
     pub(crate) fn binding_off() -> bool {
         false
     }
+
+    pub(crate) fn keyed_off() -> bool {
+        super::KEYED_OFF
+    }
 }
+
+/// Whether the link handshake ignores an agreed key and always runs SPAKE2 (a test-only build,
+/// to watch the tests that guard the shorter exchange go red): `NETTOOL_TEST_KEYED_OFF=1` at
+/// compile time.
+const KEYED_OFF: bool = option_env!("NETTOOL_TEST_KEYED_OFF").is_some();
 
 /// One guess per code: shared by the handshakes of a code session's attempts (see
 /// [`crate::code`]), it records that the peer's key confirmation failed. With a short code
@@ -151,6 +180,56 @@ pub struct HandshakeContext {
     /// Set in a code session: a failed key confirmation ends the attempt at once and is
     /// recorded here (one guess per code). `None`: failures are logged and skipped.
     pub one_guess: Option<std::sync::Arc<OneGuess>>,
+    /// A key both peers already agreed on for this connect (see the module docs), when both
+    /// said they hold it: an exchange one flight shorter.
+    pub agreed: Option<AgreedKey>,
+}
+
+/// A key the two peers of one connect already agreed on through a PAKE on the session secret
+/// whose confirmation checked (relay-first's express relay, [`crate::express`]): the link
+/// handshake's confirmations can be keyed with it instead of running SPAKE2 again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AgreedKey(pub(crate) [u8; 32]);
+
+impl std::fmt::Debug for AgreedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgreedKey(..)")
+    }
+}
+
+/// Where the relay half of a relay-first connect leaves its [`AgreedKey`] for the direct
+/// half (shared by both halves' orchestrators): the key once its express exchange finished,
+/// or word that none will come.
+#[derive(Debug, Clone)]
+pub struct AgreedKeySlot(std::sync::Arc<tokio::sync::watch::Sender<Option<Option<AgreedKey>>>>);
+
+impl Default for AgreedKeySlot {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::watch::channel(None).0))
+    }
+}
+
+impl AgreedKeySlot {
+    /// Leaves `key`, or (`None`) word that no key will come; the first word stays.
+    pub fn set(&self, key: Option<AgreedKey>) {
+        self.0.send_if_modified(|v| {
+            if v.is_some() {
+                return false;
+            }
+            *v = Some(key);
+            true
+        });
+    }
+
+    /// The key, waiting up to `limit` for word of it.
+    pub async fn wait(&self, limit: std::time::Duration) -> Option<AgreedKey> {
+        let mut rx = self.0.subscribe();
+        let word = match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(v)) => v.flatten(),
+            _ => None,
+        };
+        word
+    }
 }
 
 /// Why a link handshake failed.
@@ -166,8 +245,8 @@ pub enum HandshakeError {
     /// The other end is a nettool speaking another version of the link protocol.
     #[error(
         "the peer speaks nettool link protocol {theirs}, this nettool speaks {ours} \
-         (3 and later carry the session layer: acknowledged delivery and resume): \
-         update both sides to the same nettool"
+         (3 and later carry the session layer: acknowledged delivery and resume; 4 keys the \
+         handshake with relay-first's agreed key): update both sides to the same nettool"
     )]
     Version {
         /// The peer's version.
@@ -233,6 +312,36 @@ fn transcript(ctx: &HandshakeContext, hello_first: &[u8], hello_second: &[u8]) -
     h.finalize().into()
 }
 
+/// The keyed exchange's transcript of the second peer's confirmation: everything both ends
+/// agree on before the second peer has seen the first peer's hello (the channel binding makes
+/// it unique to this secure channel).
+fn keyed_transcript(ctx: &HandshakeContext, hello_second: &[u8]) -> [u8; 32] {
+    transcript(ctx, b"keyed: the first hello follows", hello_second)
+}
+
+/// A keyed confirmation: HMAC under the agreed key, labelled apart from SPAKE2's.
+fn keyed_confirmation(agreed: &AgreedKey, transcript: &[u8; 32], sender: Role) -> [u8; MAC_LEN] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&agreed.0).expect("any key length");
+    mac.update(b"nettool link keyed confirm v1\0");
+    mac.update(transcript);
+    mac.update(&[role_byte(sender)]);
+    mac.finalize().into_bytes().into()
+}
+
+fn keyed_check(
+    agreed: &AgreedKey,
+    transcript: &[u8; 32],
+    sender: Role,
+    their_mac: &[u8],
+) -> Result<(), HandshakeError> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&agreed.0).expect("any key length");
+    mac.update(b"nettool link keyed confirm v1\0");
+    mac.update(transcript);
+    mac.update(&[role_byte(sender)]);
+    mac.verify_slice(their_mac)
+        .map_err(|_| HandshakeError::BadProof)
+}
+
 fn confirmation(pake_key: &[u8], transcript: &[u8; 32], sender: Role) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(pake_key).expect("any key length");
     mac.update(b"nettool link confirm v2\0");
@@ -259,14 +368,29 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     debug_assert_eq!(pake_msg.len(), PAKE_MSG_LEN);
     let mut nonce = [0u8; NONCE_LEN];
     rand::thread_rng().fill_bytes(&mut nonce);
-    let mut hello = Vec::with_capacity(HELLO_LEN);
+    let agreed = ctx.agreed.filter(|_| !insecure::keyed_off());
+    let mut hello = Vec::with_capacity(HELLO_LEN + MAC_LEN);
     hello.extend_from_slice(MAGIC);
     hello.push(VERSION);
     hello.push(role_byte(ctx.role));
+    hello.push(if agreed.is_some() { FLAG_KEYED } else { 0 });
     hello.extend_from_slice(&nonce);
     hello.extend_from_slice(&pake_msg);
+    // Keyed, the second peer's confirmation rides right behind its hello.
+    let sent_keyed = match (agreed, ctx.role) {
+        (Some(k), Role::Second) => {
+            let t = keyed_transcript(ctx, &hello);
+            Some(keyed_confirmation(&k, &t, Role::Second))
+        }
+        _ => None,
+    };
+    let hello_len = hello.len();
+    if let Some(mac) = &sent_keyed {
+        hello.extend_from_slice(mac);
+    }
     stream.write_all(&hello).await?;
     stream.flush().await?;
+    hello.truncate(hello_len);
 
     let mut theirs = [0u8; HELLO_LEN];
     stream.read_exact(&mut theirs[..6]).await?;
@@ -283,8 +407,43 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(HandshakeError::SameRole);
     }
     stream.read_exact(&mut theirs[6..]).await?;
+    let their_keyed = theirs[FLAGS_AT] & FLAG_KEYED != 0;
+    if let (Some(k), true) = (agreed, their_keyed) {
+        let mut their_mac = [0u8; MAC_LEN];
+        match ctx.role {
+            // Verify before reveal, as below.
+            Role::First => {
+                stream.read_exact(&mut their_mac).await?;
+                keyed_check(
+                    &k,
+                    &keyed_transcript(ctx, &theirs),
+                    Role::Second,
+                    &their_mac,
+                )?;
+                let t = transcript(ctx, &hello, &theirs);
+                stream
+                    .write_all(&keyed_confirmation(&k, &t, Role::First))
+                    .await?;
+                stream.flush().await?;
+            }
+            Role::Second => {
+                stream
+                    .read_exact(&mut their_mac)
+                    .await
+                    .map_err(HandshakeError::PeerRefused)?;
+                let t = transcript(ctx, &theirs, &hello);
+                keyed_check(&k, &t, Role::First, &their_mac)?;
+            }
+        }
+        return Ok(());
+    }
+    if their_keyed && ctx.role == Role::First {
+        // The second peer's keyed confirmation, of no use to a first peer without the key.
+        let mut unused = [0u8; MAC_LEN];
+        stream.read_exact(&mut unused).await?;
+    }
     let pake_key = pake
-        .finish(&theirs[6 + NONCE_LEN..])
+        .finish(&theirs[FLAGS_AT + 1 + NONCE_LEN..])
         .map_err(|_| HandshakeError::NotAPeer)?;
     let (hello_first, hello_second) = match ctx.role {
         Role::First => (&hello[..], &theirs[..]),
@@ -340,6 +499,7 @@ pub async fn await_select<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(), Ha
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn ctx(role: Role, secret: &str) -> HandshakeContext {
         HandshakeContext {
@@ -349,6 +509,14 @@ mod tests {
             role,
             binding: vec![7; 32],
             one_guess: None,
+            agreed: None,
+        }
+    }
+
+    fn keyed(role: Role, key: u8) -> HandshakeContext {
+        HandshakeContext {
+            agreed: Some(AgreedKey([key; 32])),
+            ..ctx(role, "s")
         }
     }
 
@@ -433,6 +601,7 @@ mod tests {
             hello.extend_from_slice(MAGIC);
             hello.push(VERSION);
             hello.push(2);
+            hello.push(0);
             hello.extend_from_slice(&[1; NONCE_LEN]);
             hello.extend_from_slice(&msg);
             b.write_all(&hello).await.unwrap();
@@ -455,6 +624,98 @@ mod tests {
             HELLO_LEN,
             "only the hello may reach an unproven peer"
         );
+    }
+
+    #[tokio::test]
+    async fn peers_holding_the_agreed_key_authenticate_and_select() {
+        let (first, second) = (keyed(Role::First, 1), keyed(Role::Second, 1));
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let (ra, rb) = tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &second));
+        ra.unwrap();
+        rb.unwrap();
+        let (sa, sb) = tokio::join!(select(&mut a), await_select(&mut b));
+        sa.unwrap();
+        sb.unwrap();
+    }
+
+    /// The flight the keyed exchange saves: the second peer's confirmation goes out before
+    /// anything came from the first peer, and the first peer answers it having sent nothing
+    /// but its hello. A first peer that only writes once it has read the second's hello and
+    /// confirmation (what a network a round trip long does to the SPAKE2 exchange) still
+    /// completes; without the key the second peer would wait for the first's hello forever.
+    #[tokio::test]
+    async fn the_keyed_second_peer_confirms_in_its_first_flight() {
+        let second = keyed(Role::Second, 1);
+        let first = keyed(Role::First, 1);
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let held_back = async move {
+            // Everything the second peer sends before it hears anything.
+            let mut flight = vec![0u8; HELLO_LEN + MAC_LEN];
+            tokio::time::timeout(Duration::from_secs(5), a.read_exact(&mut flight))
+                .await
+                .expect("the second peer's confirmation came in its first flight")
+                .unwrap();
+            // Now the first peer's side, from what has arrived.
+            let (theirs, mac) = flight.split_at(HELLO_LEN);
+            keyed_check(
+                &first.agreed.unwrap(),
+                &keyed_transcript(&first, theirs),
+                Role::Second,
+                mac,
+            )
+            .unwrap();
+            let mut hello = theirs.to_vec();
+            hello[5] = 1;
+            let t = transcript(&first, &hello, theirs);
+            a.write_all(&hello).await.unwrap();
+            a.write_all(&keyed_confirmation(
+                &first.agreed.unwrap(),
+                &t,
+                Role::First,
+            ))
+            .await
+            .unwrap();
+            a
+        };
+        let (rb, _a) = tokio::join!(authenticate(&mut b, &second), held_back);
+        rb.unwrap();
+    }
+
+    #[tokio::test]
+    async fn another_agreed_key_is_refused_without_the_first_peer_confirming() {
+        let (ra, rb) = run_pair(&keyed(Role::First, 1), &keyed(Role::Second, 2)).await;
+        assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
+        assert!(matches!(rb, Err(HandshakeError::PeerRefused(_))), "{rb:?}");
+    }
+
+    #[tokio::test]
+    async fn keyed_confirmations_are_bound_to_the_channel() {
+        let first = keyed(Role::First, 1);
+        let mut second = keyed(Role::Second, 1);
+        second.binding = vec![8; 32];
+        let (ra, rb) = run_pair(&first, &second).await;
+        assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
+        assert!(rb.is_err(), "{rb:?}");
+    }
+
+    #[tokio::test]
+    async fn when_one_side_holds_no_agreed_key_both_run_spake2() {
+        for (first, second) in [
+            (keyed(Role::First, 1), ctx(Role::Second, "s")),
+            (ctx(Role::First, "s"), keyed(Role::Second, 1)),
+        ] {
+            let (mut a, mut b) = tokio::io::duplex(4096);
+            let (ra, rb) =
+                tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &second));
+            ra.unwrap();
+            rb.unwrap();
+            let (sa, sb) = tokio::join!(select(&mut a), await_select(&mut b));
+            sa.unwrap();
+            sb.unwrap();
+        }
+        // And then the secret still decides.
+        let (ra, _) = run_pair(&keyed(Role::First, 1), &ctx(Role::Second, "other")).await;
+        assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
     }
 
     #[tokio::test]
@@ -487,7 +748,7 @@ mod tests {
         let (ra, ()) = tokio::join!(authenticate(&mut a, &first), older);
         let e = ra.expect_err("another version must be refused");
         assert!(
-            matches!(e, HandshakeError::Version { theirs: 2, ours: 3 }),
+            matches!(e, HandshakeError::Version { theirs: 2, ours: 4 }),
             "{e:?}"
         );
         let text = e.to_string();

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{info, info_span, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use crate::client::{observe_family, ClientError, JoinRequest, RendezvousClient};
 use crate::discovery::{discover_noting, quick_check, DiscoverOptions, DiscoveryError};
@@ -91,6 +91,9 @@ pub struct Orchestrator {
     prompt_link: bool,
     /// Let the strategies prepare their offers while joining (see [`Self::with_prepare`]).
     prepare: bool,
+    /// Where an express relay leaves its agreed key, and the attempts take it from (see
+    /// [`Self::with_agreed_key`]).
+    agreed: Option<crate::handshake::AgreedKeySlot>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -129,7 +132,17 @@ impl Orchestrator {
             express: false,
             prompt_link: false,
             prepare: true,
+            agreed: None,
         }
+    }
+
+    /// Shares `slot` between an express relay's connect, which leaves its agreed key there
+    /// once the peer's confirmation checked, and the attempts of another connect of the same
+    /// peers (relay-first's direct half), whose link handshakes then need no PAKE of their own
+    /// and one flight less ([`crate::handshake`]).
+    pub fn with_agreed_key(mut self, slot: crate::handshake::AgreedKeySlot) -> Self {
+        self.agreed = Some(slot);
+        self
     }
 
     /// Whether the strategies prepare their offers while this peer joins and waits
@@ -494,7 +507,16 @@ impl Orchestrator {
                 None => BTreeMap::new(),
             }
         };
-        let (sighted, found, mut prepared) = tokio::join!(sight, discovered, prepared);
+        // The relay half's agreed key (relay-first): it pairs beside this connect, so word
+        // of it comes at once or not in time.
+        let agreed = async {
+            match &self.agreed {
+                Some(slot) => slot.wait(server_rtt / 2).await,
+                None => None,
+            }
+        };
+        let (sighted, found, mut prepared, agreed) =
+            tokio::join!(sight, discovered, prepared, agreed);
         let gw = gateway.await;
         let ((mine, cache4), (mine6, _)) = record_found(state, found, gw.ok().flatten());
         if let Some((server, addr)) = sighted {
@@ -522,7 +544,9 @@ impl Orchestrator {
                 .iter()
                 .map(|(name, ready)| (name.clone(), ready.offer().clone()))
                 .collect(),
+            keyed: agreed.is_some(),
         };
+        debug!(offers = plan_offer.offers.len(), "plan offer sent");
         let plan_wait = (now() + PLAN_WAIT + server_rtt * 4).min(deadline);
         let theirs = client
             .exchange_offer(
@@ -561,6 +585,8 @@ impl Orchestrator {
                 }
             }
         }
+        // Keyed handshakes (and TLS roles swapped) only when both said they hold the key.
+        let agreed = agreed.filter(|_| theirs.as_ref().is_some_and(|t| t.keyed));
         let (peer_nat, peer_nat6, peer_offers) = theirs
             .map_or((None, None, BTreeMap::new()), |t| {
                 (t.nat, t.nat_v6, t.offers)
@@ -594,6 +620,7 @@ impl Orchestrator {
             rtt,
             families,
             early,
+            agreed,
         };
         let link = self.attempts(params, events, deadline, state, paired).await;
         if let Some(c) = &cache4 {
@@ -636,6 +663,9 @@ impl Orchestrator {
         let link = made.map(|(mut sealed, local, remote)| {
             // The verdict is passed on once a wrong code is reported (burned).
             let mut raw = sealed.confirmation();
+            if let Some(slot) = &self.agreed {
+                slot.set(Some(sealed.agreed_key()));
+            }
             let (settled, watched) = tokio::sync::watch::channel(express::Verdict::Pending);
             sealed.settle_through(Confirmation(watched));
             let code = crate::code::is_code_session(&params.session);
@@ -760,13 +790,25 @@ impl Orchestrator {
             return (None, None);
         }
         let bound = DISCOVERY.time_bound();
+        let began = now();
         let mut cache_use = None;
+        // Discovery starts at once, beside the cache's quick check rather than after it (a
+        // miss then costs no extra round trips); a confirmed entry drops it.
+        let run = tokio::time::timeout(bound, discover_noting(server, &DISCOVERY, Some(answered)));
+        tokio::pin!(run);
+        let mut ran = None;
         if let Some(cache) = &self.nat_cache {
             let checked = tokio::time::timeout(
                 bound,
                 quick_check(server, DISCOVERY.first_timeout(), DISCOVERY.tcp),
-            )
-            .await;
+            );
+            tokio::pin!(checked);
+            let checked = loop {
+                tokio::select! {
+                    checked = &mut checked => break checked,
+                    r = &mut run, if ran.is_none() => ran = Some(r),
+                }
+            };
             if let Ok(Ok(check)) = checked {
                 answered.store(true, Ordering::Relaxed);
                 let key = NatCache::key(
@@ -819,8 +861,16 @@ impl Orchestrator {
                 cache_use = Some((cache, key, check, report));
             }
         }
-        let run = discover_noting(server, &DISCOVERY, Some(answered));
-        let nat = match tokio::time::timeout(bound, run).await {
+        let ran = match ran {
+            Some(r) => r,
+            None => run.await,
+        };
+        debug!(
+            ms = ms(now().saturating_duration_since(began)),
+            found = ?ran.as_ref().ok().and_then(|r| r.as_ref().ok()).map(NatSummary::from),
+            "NAT discovery done"
+        );
+        let nat = match ran {
             Ok(Ok(report)) => Some(NatSummary::from(&report)),
             Ok(Err(e @ DiscoveryError::NoAnswer(_))) if !UDP_CHECK_OFF => {
                 info!("NAT discovery: {e}: UDP looks blocked on this network");
@@ -871,6 +921,7 @@ impl Orchestrator {
             rtt,
             families,
             mut early,
+            agreed,
         } = paired;
         let count = pairing.strategies.len();
         // A code session allows one guess: a failed key confirmation (here, or the peer's
@@ -943,6 +994,7 @@ impl Orchestrator {
                 notes: &mut notes,
                 portmap: self.portmap.as_deref().filter(|m| m.available()),
                 one_guess: one_guess.clone(),
+                agreed,
                 early: early.remove(name),
             };
             let span = info_span!("attempt", strategy = %name);
@@ -1194,6 +1246,10 @@ struct PlanOffer {
     /// absent from older peers, which then exchange every offer in its attempt).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     offers: BTreeMap<String, serde_json::Value>,
+    /// Whether this peer holds the relay half's agreed key ([`crate::handshake::AgreedKey`]);
+    /// absent (false) from older peers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    keyed: bool,
 }
 
 /// Whether silence from the server's STUN is ignored (a test-only build, to watch the test
@@ -1328,6 +1384,8 @@ struct Paired {
     families: [(Option<NatSummary>, Option<NatSummary>); 2],
     /// The prepared offers by strategy (this side's, the peer's when it sent them).
     early: BTreeMap<String, Early>,
+    /// The agreed key, when both peers hold it.
+    agreed: Option<crate::handshake::AgreedKey>,
 }
 
 /// What [`Orchestrator::connect`] knows so far; kept outside the running future so a deadline

@@ -258,6 +258,9 @@ pub struct Attempt<'a> {
     pub portmap: Option<&'a dyn crate::port_mapping::PortMapping>,
     /// Set in a code session (see [`HandshakeContext::one_guess`]).
     pub one_guess: Option<Arc<handshake::OneGuess>>,
+    /// A key both peers hold and said so in their plan offers (see
+    /// [`HandshakeContext::agreed`] and [`Attempt::tls_role`]).
+    pub agreed: Option<handshake::AgreedKey>,
     /// What this strategy prepared before pairing, and the peer's prepared offer when it came
     /// with the peer's plan offer: see [`Attempt::prepared_offers`].
     pub early: Option<Early>,
@@ -389,6 +392,19 @@ impl Attempt<'_> {
         }
     }
 
+    /// The role this peer takes in the links' TLS ([`crate::secure::LinkTls`]: the first is
+    /// the client): its pairing role, swapped when both peers hold an agreed key. Keyed, the
+    /// second peer's proof goes first ([`crate::handshake`]), so it is the TLS client: its
+    /// proof then rides with its TLS Finished, and the first peer, which checks it before it
+    /// selects the link, has it half a round trip after its own TLS is done instead of one
+    /// and a half.
+    pub fn tls_role(&self) -> Role {
+        match self.agreed {
+            Some(_) => self.pairing.role.other(),
+            None => self.pairing.role,
+        }
+    }
+
     /// This peer's role.
     pub fn role(&self) -> Role {
         self.pairing.role
@@ -470,6 +486,7 @@ impl Attempt<'_> {
             role: self.pairing.role,
             binding: Vec::new(),
             one_guess: self.one_guess.clone(),
+            agreed: self.agreed,
         }
     }
 }

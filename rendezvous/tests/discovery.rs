@@ -203,10 +203,8 @@ async fn the_plan_uses_a_cached_class_only_when_the_network_confirms_it() {
                 session: session.into(),
                 secret: Some("s".into()),
             };
-            let ((_, a), (_, b)) = tokio::join!(
-                oa.connect(&params, &|_| {}),
-                ob.connect(&params, &|_| {})
-            );
+            let ((_, a), (_, b)) =
+                tokio::join!(oa.connect(&params, &|_| {}), ob.connect(&params, &|_| {}));
             (a, b)
         }
     };

@@ -57,7 +57,7 @@ impl Strategy for Relay {
         let secured = attempt
             .exchange_secure_offers::<serde_json::Value>(NAME, serde_json::json!({}))
             .await?;
-        let tls = secured.link_tls(attempt.role())?;
+        let tls = secured.link_tls(attempt.tls_role())?;
         // On a cluster the relay runs on the first peer's node, which may not be ours.
         let server = attempt.pairing.relay_addr(attempt.rendezvous.server());
         let deadline = attempt.deadline;

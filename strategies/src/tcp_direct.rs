@@ -118,7 +118,7 @@ impl Strategy for TcpDirect {
         let secured = attempt
             .exchange_secure_offers::<DirectOffer>(NAME, payload)
             .await?;
-        let tls = secured.link_tls(attempt.role())?;
+        let tls = secured.link_tls(attempt.tls_role())?;
         let seen: Vec<std::net::IpAddr> =
             attempt.pairing.peer_all().iter().map(|a| a.ip()).collect();
         let peer = peer_candidates_all(&secured.theirs.listen, &seen, &servers);

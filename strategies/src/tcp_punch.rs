@@ -289,7 +289,7 @@ impl Strategy for TcpPunch {
                     (ports, secured)
                 }
             };
-        let tls = secured.link_tls(attempt.role())?;
+        let tls = secured.link_tls(attempt.tls_role())?;
         let theirs = secured.theirs;
         let observed: Vec<IpAddr> = attempt.pairing.peer_all().iter().map(|a| a.ip()).collect();
         let usable = |v: &[SocketAddr]| peer_candidates_all(v, &observed, &servers);
