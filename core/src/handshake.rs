@@ -123,6 +123,18 @@ pub mod insecure {
     pub(crate) fn keyed_off() -> bool {
         super::KEYED_OFF
     }
+
+    static KEYED_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    /// How many link handshakes in this process finished with the agreed key (the keyed
+    /// exchange), for the tests that show relay-first's direct links use it.
+    pub fn keyed_handshakes() -> u64 {
+        KEYED_DONE.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn note_keyed() {
+        KEYED_DONE.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 #[cfg(not(feature = "insecure-test-switches"))]
@@ -134,6 +146,8 @@ mod insecure {
     pub(crate) fn keyed_off() -> bool {
         super::KEYED_OFF
     }
+
+    pub(crate) fn note_keyed() {}
 }
 
 /// Whether the link handshake ignores an agreed key and always runs SPAKE2 (a test-only build,
@@ -435,6 +449,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
                 keyed_check(&k, &t, Role::First, &their_mac)?;
             }
         }
+        insecure::note_keyed();
         return Ok(());
     }
     if their_keyed && ctx.role == Role::First {
@@ -668,13 +683,9 @@ mod tests {
             hello[5] = 1;
             let t = transcript(&first, &hello, theirs);
             a.write_all(&hello).await.unwrap();
-            a.write_all(&keyed_confirmation(
-                &first.agreed.unwrap(),
-                &t,
-                Role::First,
-            ))
-            .await
-            .unwrap();
+            a.write_all(&keyed_confirmation(&first.agreed.unwrap(), &t, Role::First))
+                .await
+                .unwrap();
             a
         };
         let (rb, _a) = tokio::join!(authenticate(&mut b, &second), held_back);

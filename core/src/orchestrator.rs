@@ -508,10 +508,11 @@ impl Orchestrator {
             }
         };
         // The relay half's agreed key (relay-first): it pairs beside this connect, so word
-        // of it comes at once or not in time.
+        // of it comes about now (its relay connection's splice may take a moment more) or
+        // not in time.
         let agreed = async {
             match &self.agreed {
-                Some(slot) => slot.wait(server_rtt / 2).await,
+                Some(slot) => slot.wait((server_rtt / 2).max(AGREED_KEY_WAIT)).await,
                 None => None,
             }
         };
@@ -1190,6 +1191,10 @@ const DISCOVERY: DiscoverOptions = DiscoverOptions {
 /// Least time discovery gets after pairing (and the server's round trip) before the plan
 /// goes on without it; four server round trips when that is longer.
 const DISCOVERY_AFTER_PAIRING: Duration = Duration::from_millis(500);
+
+/// Least wait for the relay half's word on its agreed key (see
+/// [`Orchestrator::with_agreed_key`]).
+const AGREED_KEY_WAIT: Duration = Duration::from_millis(50);
 
 /// Longest wait for showing this peer to the server over its other IP family.
 const SIGHTING_WAIT: Duration = Duration::from_millis(1500);

@@ -1,0 +1,74 @@
+//! Relay-first's direct links key their handshake with the express relay's agreed key
+//! (`nettool_core::handshake::AgreedKey`): two peers on loopback get the relay link at once
+//! and then a direct tcp-punch link whose handshake ran the keyed exchange (no second PAKE;
+//! the second peer is the TLS client). A build with `NETTOOL_TEST_KEYED_OFF=1` runs SPAKE2
+//! on every link, and this test goes red.
+
+use std::time::Duration;
+
+use nettool_core::handshake::insecure::keyed_handshakes;
+use nettool_core::{relay_first, ConnectParams, Orchestrator, Outcome};
+use nettool_rendezvous::{RendezvousServer, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_first_direct_links_use_the_express_relays_agreed_key() {
+    let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run());
+    let order: Vec<String> = ["relay", "tcp-punch"].map(String::from).to_vec();
+    let orch = || {
+        let built = nettool_strategies::registry()
+            .build(&order, &Default::default())
+            .unwrap();
+        Orchestrator::new(built, Duration::from_secs(20))
+    };
+    let (a, b) = (orch(), orch());
+    let params = ConnectParams {
+        server: addr,
+        session: "agreed-key".into(),
+        secret: Some("k".into()),
+    };
+    let before = keyed_handshakes();
+    let (ra, rb) = tokio::join!(relay_first::connect(&a, &params, &|_| {}), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        relay_first::connect(&b, &params, &|_| {}).await
+    });
+    let mut directs = Vec::new();
+    for r in [ra, rb] {
+        assert!(r.link.is_some(), "no relay link: {:?}", r.report);
+        assert_eq!(r.report.attempts[0].mode.as_deref(), Some("express"));
+        // The relay links carry the express confirmation both ways.
+        let mut link = r.link.unwrap();
+        link.stream.write_all(b"x").await.unwrap();
+        link.stream.flush().await.unwrap();
+        directs.push((r.direct.expect("the direct half runs"), link));
+    }
+    for (_, link) in &mut directs {
+        let mut b = [0u8; 1];
+        link.stream.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"x");
+    }
+    let mut links = Vec::new();
+    for (direct, _) in directs {
+        let (link, report) = direct.handle.await.unwrap();
+        let tried = &report.attempts[0];
+        assert_eq!(
+            (tried.strategy.as_str(), tried.outcome),
+            ("tcp-punch", Outcome::Connected),
+            "{report:?}"
+        );
+        links.push(link.expect("a direct link"));
+    }
+    assert_eq!(
+        (links[0].local, links[0].remote),
+        (links[1].remote, links[1].local)
+    );
+    assert_eq!(
+        keyed_handshakes() - before,
+        2,
+        "both ends of the direct link ran the keyed exchange"
+    );
+}
