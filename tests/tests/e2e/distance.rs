@@ -130,14 +130,16 @@ fn run_cases(case: Case, pairs: &[(NatKind, NatKind)], at_once: usize) {
 }
 
 /// RTT = 2 × `delay_ms`, no loss, the first byte within 5 round trips, a pair that ends on
-/// tcp-punch on the direct path within 10 (the issue asks 8; measured 8.4–8.9 at 100 ms RTT,
-/// about 12 without the prepared offers).
+/// tcp-punch on the direct path within 9 (the issue asks 8, which `nettool-bench --section
+/// distance` holds the release build to; this debug build measured 7.8–7.9 at 100 ms RTT, and
+/// a round trip of headroom keeps a loaded CI machine from failing it. Without the prepared
+/// offers it took about 12; what the agreed key saves, `strategies/tests/agreed.rs` checks).
 fn within_five(delay_ms: u64) -> Case {
     Case {
         delay: Duration::from_millis(delay_ms),
         loss: 0.0,
         first_byte_rtts: Some(5),
-        direct_rtts: Some(10),
+        direct_rtts: Some(9),
     }
 }
 
