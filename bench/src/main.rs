@@ -340,11 +340,15 @@ struct Capacity {
     /// RLIMIT_NOFILE (soft) this process and the server ran with.
     nofile_limit: u64,
     pairing: Option<PairingRate>,
+    /// The same over the control channel's TLS (the verdict on the server-only figure).
+    pairing_tls: Option<PairingRate>,
     memory: Vec<MemoryRow>,
 }
 
 #[derive(Debug, Serialize)]
 struct PairingRate {
+    /// Both joins of each pairing over the control channel's TLS.
+    tls: bool,
     pairings: u64,
     failed: u64,
     concurrency: usize,
@@ -603,6 +607,7 @@ fn verdicts(r: &BenchReport) -> impl Iterator<Item = Verdict> + '_ {
         .chain(r.capacity.iter().flat_map(|c| {
             c.pairing
                 .iter()
+                .chain(&c.pairing_tls)
                 .map(|p| p.verdict)
                 .chain(c.memory.iter().map(|m| m.verdict))
         }))
@@ -696,11 +701,19 @@ fn render(r: &BenchReport) -> String {
     if let Some(c) = &r.capacity {
         out += &format!("Rendezvous capacity (open-file limit {})\n", c.nofile_limit);
         let mut t = table(&["figure", "value", "target", "", "detail"]);
-        if let Some(p) = &c.pairing {
+        for p in c.pairing.iter().chain(&c.pairing_tls) {
             t.add_row([
-                "pairings per second".to_owned(),
+                if p.tls {
+                    "pairings per second over TLS".to_owned()
+                } else {
+                    "pairings per second".to_owned()
+                },
                 format!("{:.0}/s", p.per_second),
-                format!("≥ {:.0}/s", p.target_per_second),
+                if p.tls {
+                    format!("≥ {:.0}/s server-only", p.target_per_second)
+                } else {
+                    format!("≥ {:.0}/s", p.target_per_second)
+                },
                 p.verdict.as_str().into(),
                 format!(
                     "{} paired ({} failed) in {:.2} s, {} in flight; server CPU {:.2} s ({:.1} µs per pairing, server-only on {} cores: {}), clients' CPU {:.2} s{}",

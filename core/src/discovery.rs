@@ -722,7 +722,7 @@ async fn after_first(
             timeout_at(
                 end,
                 transact(
-                    &mapping_socket,
+                    mapping_socket,
                     to,
                     stun::binding_request,
                     &resend_halfway,
@@ -745,7 +745,7 @@ async fn after_first(
     };
     let mapping_and_hairpin = async {
         let mapping = mapping.await;
-        wait_for_hairpin(&mapping_socket, &hairpin, hairpin_until.min(end)).await;
+        wait_for_hairpin(mapping_socket, &hairpin, hairpin_until.min(end)).await;
         let hairpinning = if hairpin.seen() {
             Some(true)
         } else if hairpin_until <= end {
