@@ -14,9 +14,14 @@
 //!   interleaved for `--rounds` rounds, `--size` bytes each way with `compare`'s measurement;
 //!   the median per direction counts and each strategy is given as a ratio of plain TCP.
 //! - **Rendezvous capacity**: pairings per second (`--pairings` sessions, `--concurrency` of
-//!   them in flight, both peers through the real client join path), the server's CPU time per
-//!   pairing, and the server's resident memory with `--sessions` sessions waiting for their
-//!   second peer (a fresh server per size; VmRSS before and after).
+//!   them in flight, both peers through the real client join path), plain and over the
+//!   control channel's TLS, the server's CPU time per pairing, and the server's resident
+//!   memory with `--sessions` sessions waiting for their second peer (a fresh server per size;
+//!   VmRSS before and after).
+//! - **CLI path** (`--section cli-path`): two real `nettool connect` processes per strategy,
+//!   stdin → stdout, against socat with 1 MiB buffers and a plain TCP pump on the same path,
+//!   in a routed NAT lab of its own (none × none, MTU 1,500) when this machine can build one
+//!   (root, nftables), else on loopback, labelled as the fallback (`cli_path.rs`).
 //! - **Cluster** (`--section cluster`, not in the default set: needs `redis-server`): pairings
 //!   per second through two nodes sharing sessions in Redis against one in-process node, and
 //!   the CPU per pairing Redis adds (`cluster.rs`).
@@ -188,8 +193,10 @@ pub(crate) struct BenchArgs {
     /// Soak: the strategy soaked (a name `nettool strategies` lists).
     #[arg(long, default_value = "tcp-punch")]
     soak_strategy: String,
-    /// CLI path and soak in network namespaces (the NAT lab's ignored tests use these): the
-    /// server's, peer A's and peer B's namespace.
+    /// CLI path and soak in these network namespaces (the NAT lab's ignored tests use these):
+    /// the server's, peer A's and peer B's namespace. Without them the CLI path runs in a
+    /// routed NAT lab of its own (none × none, MTU 1,500) when this machine can build one
+    /// (root, nftables, `ip netns`), else on loopback, labelled so.
     #[arg(long, requires_all = ["cli_netns_a", "cli_netns_b", "cli_server_ip"])]
     cli_netns_server: Option<String>,
     /// See --cli-netns-server.
@@ -535,17 +542,27 @@ pub(crate) async fn run(
             report.distance = Some(measured.await.context("the distance task")?);
         }
         if sections.contains(&Section::CliPath) || sections.contains(&Section::Soak) {
-            let place = cli_path::Placement {
-                netns_server: args.cli_netns_server.clone(),
-                netns_a: args.cli_netns_a.clone(),
-                netns_b: args.cli_netns_b.clone(),
-                server_ip: args
-                    .cli_server_ip
-                    .unwrap_or(cli_path::Placement::loopback().server_ip),
-                b_ip: args
-                    .cli_b_ip
-                    .unwrap_or(cli_path::Placement::loopback().b_ip),
+            // The path users have: a routed lab of its own unless told where to run.
+            let (place, _lab) = if args.cli_netns_server.is_some() {
+                let place = cli_path::Placement {
+                    netns_server: args.cli_netns_server.clone(),
+                    netns_a: args.cli_netns_a.clone(),
+                    netns_b: args.cli_netns_b.clone(),
+                    server_ip: args
+                        .cli_server_ip
+                        .unwrap_or(cli_path::Placement::loopback().server_ip),
+                    b_ip: args
+                        .cli_b_ip
+                        .unwrap_or(cli_path::Placement::loopback().b_ip),
+                    label: None,
+                };
+                (place, None)
+            } else {
+                cli_path::Placement::routed_lab_or_loopback()
             };
+            if !quiet {
+                eprintln!("nettool-bench: CLI path: {}", place.describe());
+            }
             let links: Vec<String> = if args.peer.strategies().is_empty() {
                 ["tcp-punch", "tcp-direct", "relay", "udp-quic"]
                     .map(str::to_owned)
@@ -783,9 +800,9 @@ fn render(r: &BenchReport) -> String {
             "time",
             "rate",
             "vs plain TCP",
-            "target",
-            "",
             "vs socat -b 1MiB",
+            "target (vs socat)",
+            "",
             "peak RSS",
             "≤ 32 MB",
             "CPU s/GiB send/recv",
@@ -803,10 +820,10 @@ fn render(r: &BenchReport) -> String {
                 opt(row.seconds, 3, " s"),
                 opt(row.mb_per_s, 0, " MB/s"),
                 opt(row.ratio, 2, "×"),
+                opt(row.ratio_socat, 2, "×"),
                 row.target_ratio
                     .map_or(String::new(), |x| format!("≥ {x}×")),
                 row.verdict.as_str().into(),
-                opt(row.ratio_socat, 2, "×"),
                 format!("{:.1} MB", row.peak_rss_mb),
                 row.rss_verdict.as_str().into(),
                 format!(
