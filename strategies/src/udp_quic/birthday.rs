@@ -198,14 +198,29 @@ pub(crate) async fn hard(
         readers.spawn(async move {
             let mut buf = vec![0u8; 2048];
             loop {
-                let Ok((len, from)) = socket.recv_from(&mut buf).await else {
+                // Peeked first: the easy side starts its QUIC handshake on this socket as soon
+                // as it heard from it, and that handshake's first datagram may come before the
+                // easy side's confirmation does. Read and dropped here, it would be retried
+                // only after QUIC's loss timer (the better part of a second at a distance).
+                let Ok((len, from)) = socket.peek_from(&mut buf).await else {
+                    // An ICMP error of an earlier prime, reported once.
                     continue;
                 };
                 let from = nettool_core::candidates::canonical(from);
-                if !easy.contains(&from.ip()) {
-                    continue;
+                let packet = &buf[..len];
+                let punch = easy
+                    .contains(&from.ip())
+                    .then(|| decode_punch(&peer_key, &pair_id, from_role, packet).ok())
+                    .flatten();
+                if punch.is_none() && easy.contains(&from.ip()) && is_quic_initial(packet) {
+                    // The easy side is on QUIC through this socket: it won. The datagram
+                    // stays queued for the QUIC endpoint that takes the socket over.
+                    let _ = tx.send((i, from, true)).await;
+                    return;
                 }
-                if let Ok(p) = decode_punch(&peer_key, &pair_id, from_role, &buf[..len]) {
+                // Taken off the socket: a punch, or a stranger's datagram (dropped).
+                let _ = socket.recv_from(&mut buf).await;
+                if let Some(p) = punch {
                     if tx.send((i, from, p.heard)).await.is_err() {
                         return;
                     }
@@ -264,4 +279,92 @@ pub(crate) async fn hard(
         socket,
         probes: received,
     })
+}
+
+/// Whether `packet` is a QUIC version 1 long-header Initial (RFC 9000 §17.2: header form and
+/// fixed bits set, packet type 0, version 1).
+fn is_quic_initial(packet: &[u8]) -> bool {
+    packet.len() >= 5 && packet[0] & 0xf0 == 0xc0 && packet[1..5] == [0, 0, 0, 1]
+}
+
+#[cfg(test)]
+mod quic_initial_tests {
+    use super::*;
+    use sha2::Digest;
+
+    #[test]
+    fn a_quic_initial_is_told_from_other_datagrams() {
+        assert!(is_quic_initial(&[0xc3, 0, 0, 0, 1, 8]));
+        // A Handshake packet (type 2), another version, a short header, too short.
+        assert!(!is_quic_initial(&[0xe3, 0, 0, 0, 1, 8]));
+        assert!(!is_quic_initial(&[0xc3, 0x6b, 0x33, 0x43, 0xcf]));
+        assert!(!is_quic_initial(&[0x43, 0, 0, 0, 1]));
+        assert!(!is_quic_initial(&[0xc3, 0, 0]));
+    }
+
+    /// The easy side's QUIC Initial right behind its answer (before its confirmation) stays
+    /// queued on the winning socket for the QUIC endpoint: read and dropped by the hard side's
+    /// probe readers, QUIC would resend it only after its loss timer.
+    #[tokio::test]
+    async fn the_easy_sides_quic_initial_waits_on_the_winning_socket() {
+        let key = |s: &str| -> PunchKey { sha2::Sha256::digest(s.as_bytes()).into() };
+        let (hard_key, easy_key) = (key("hard"), key("easy"));
+        let easy_socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let easy_addr = easy_socket.local_addr().unwrap();
+        let hard_keys = Keys {
+            mine: &hard_key,
+            peer: &easy_key,
+            pair_id: "p",
+            role: Role::Second,
+        };
+        let stop = Instant::now() + Duration::from_secs(5);
+        let easy_addrs = [easy_addr];
+        let hard_side = hard(
+            "127.0.0.1".parse().unwrap(),
+            &hard_keys,
+            &easy_addrs,
+            4,
+            true,
+            stop,
+        );
+        let easy_side = async {
+            // The primes tell where the hard side's sockets are; answer the first with a
+            // probe, then at once (as the real easy side dials when it hears back) the Initial.
+            let mut buf = [0u8; 2048];
+            let (_, to) = easy_socket.recv_from(&mut buf).await.unwrap();
+            let probe = encode_punch(
+                &easy_key,
+                "p",
+                Punch {
+                    role: Role::First,
+                    heard: false,
+                },
+            );
+            easy_socket.send_to(&probe, to).await.unwrap();
+            loop {
+                let (n, from) = easy_socket.recv_from(&mut buf).await.unwrap();
+                let answer = decode_punch(&hard_key, "p", Role::Second, &buf[..n]);
+                if from == to && answer.is_ok_and(|p| p.heard) {
+                    break;
+                }
+            }
+            let initial = [0xc3, 0, 0, 0, 1, 0x55, 0x55];
+            easy_socket.send_to(&initial, to).await.unwrap();
+            to
+        };
+        let (won, to) = tokio::join!(hard_side, easy_side);
+        let won = won.unwrap_or_else(|m| panic!("{}", m.detail));
+        assert_eq!(won.peer, easy_addr);
+        assert_eq!(won.socket.local_addr().unwrap(), to);
+        let mut buf = [0u8; 64];
+        let (n, from) =
+            tokio::time::timeout(Duration::from_secs(1), won.socket.recv_from(&mut buf))
+                .await
+                .expect("the Initial is still queued on the winning socket")
+                .unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&[0xc3, 0, 0, 0, 1, 0x55, 0x55][..], easy_addr)
+        );
+    }
 }
