@@ -543,8 +543,8 @@ fn usable_other(server: SocketAddr, other: Option<SocketAddr>) -> Option<SocketA
 /// The two filtering tests start beside Test I, which runs once (its answer gives the first
 /// round-trip sample and the waits of the other tests); then, alongside each other: mapping
 /// test II (then III if needed) from Test I's socket while that socket also watches for the
-/// hairpinning probe; the TCP mapping (IP1:P1 and IP2:P1 at once, then IP2:P2 if needed). The reported round
-/// trip is the smallest over every answer.
+/// hairpinning probe; the TCP mapping (IP1:P1, IP2:P1 and IP2:P2 at once). The reported
+/// round trip is the smallest over every answer.
 pub async fn discover(
     server: SocketAddr,
     opts: &DiscoverOptions,
@@ -867,29 +867,35 @@ async fn tcp_mapping(server: SocketAddr, other: Option<SocketAddr>, wait: Durati
         return Mapping::Unknown;
     };
     let ip2_p1 = other.map(|o| SocketAddr::new(o.ip(), server.port()));
-    // Connections are kept open until the end, so the NAT keeps the mapping of the port.
-    let (first, second) = tokio::join!(observe_from(port, server, wait), async {
-        match ip2_p1 {
+    // Connections are kept open until the end, so the NAT keeps the mapping of the port. All
+    // three at once: IP2:P2 only matters when IP2:P1 saw another mapping (a NAT that maps per
+    // destination), but asked only then it would cost that NAT two round trips more.
+    let maybe = |to: Option<SocketAddr>| async move {
+        match to {
             Some(to) => observe_from(port, to, wait).await,
             None => None,
         }
-    });
+    };
+    let (first, second, third) = tokio::join!(
+        observe_from(port, server, wait),
+        maybe(ip2_p1),
+        maybe(other)
+    );
     let Some((t1, local, _c1)) = first else {
         return Mapping::Unknown;
     };
-    let Some(other) = other else {
+    if other.is_none() {
         return classify_mapping(local, Some(t1), None, None).min_known();
-    };
+    }
     if t1 == local {
         return Mapping::NoNat;
     }
     let t2 = second.as_ref().map(|s| s.0);
-    let third = if t2.is_some() && t2 != Some(t1) {
-        observe_from(port, other, wait).await
-    } else {
-        None
-    };
-    classify_mapping(local, Some(t1), t2, third.as_ref().map(|s| s.0))
+    let t3 = third
+        .as_ref()
+        .map(|s| s.0)
+        .filter(|_| t2.is_some() && t2 != Some(t1));
+    classify_mapping(local, Some(t1), t2, t3)
 }
 
 /// The mapped addresses one local port got towards two addresses of the server: the evidence
