@@ -606,7 +606,13 @@ pub async fn discover_noting(
         for answer in [&both, &port].into_iter().flatten() {
             rtt.note(answer);
         }
-        let Some((_, Some(other))) = *seen.borrow() else {
+        // Answers can come before Test I's (nearby, an open filter): what they mean needs
+        // the other address Test I brings.
+        let other = match seen.clone().wait_for(Option::is_some).await {
+            Ok(first) => (*first).and_then(|(_, other)| other),
+            Err(_) => None,
+        };
+        let Some(other) = other else {
             return Ok(Filtering::Unknown);
         };
         let ip1_p2 = SocketAddr::new(server.ip(), other.port());
@@ -1110,6 +1116,9 @@ mod tests {
         filtering: Filtering,
         /// Whether requests to IP2:P2 are answered at all.
         answer_ip2_p2: bool,
+        /// How much longer answers without a change request (Test I's, the mapping tests')
+        /// are held back than the others.
+        plain_extra_delay: Duration,
     }
 
     const CONE: Fake = Fake {
@@ -1118,6 +1127,7 @@ mod tests {
         per_destination: false,
         filtering: Filtering::AddressDependent,
         answer_ip2_p2: true,
+        plain_extra_delay: Duration::ZERO,
     };
 
     /// A fake RFC 5780 server on 127.0.0.1 and 127.0.0.2, ports P1 and P2 (sockets indexed
@@ -1175,8 +1185,13 @@ mod tests {
                         Some(addrs[i ^ 3]),
                     );
                     let out = sockets[j].clone();
+                    let delay = if req.change_ip || req.change_port {
+                        fake.delay
+                    } else {
+                        fake.delay + fake.plain_extra_delay
+                    };
                     tokio::spawn(async move {
-                        tokio::time::sleep(fake.delay).await;
+                        tokio::time::sleep(delay).await;
                         let _ = out.send_to(&reply, from).await;
                     });
                 }
@@ -1223,6 +1238,21 @@ mod tests {
     /// the later tests halfway through their wait), the verdicts are those of the NAT the
     /// server plays, and the round trip is that of the answered request, not from the lost
     /// one.
+    /// The filtering tests go out beside Test I, so their answers may come first (an open
+    /// filter nearby): they are classified once Test I brought the server's other address.
+    #[tokio::test]
+    async fn filtering_answers_before_test_i_still_count() {
+        let server = fake_server(Fake {
+            filtering: Filtering::EndpointIndependent,
+            plain_extra_delay: Duration::from_millis(50),
+            ..CONE
+        })
+        .await;
+        let r = discover(server, &opts()).await.unwrap();
+        assert_eq!(r.udp_filtering, Filtering::EndpointIndependent, "{r:?}");
+        assert_eq!(r.udp_mapping, Mapping::EndpointIndependent, "{r:?}");
+    }
+
     #[tokio::test]
     async fn a_lost_first_request_is_sent_again() {
         let server = fake_server(Fake {
