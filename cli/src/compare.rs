@@ -223,10 +223,9 @@ async fn one_relay_first(
         row.error = Some("no role in the report".into());
         return row;
     };
-    let first = connection.link();
-    let (strategy, local, remote) = (first.strategy, first.local, first.remote);
+    let strategy = connection.link().strategy;
     // The session starts now (it watches the direct connect and moves to its path).
-    let (stream, completion) = connection.into_stream();
+    let (link, completion) = connection.into_session_link();
     if strategy != relay_first::RELAY {
         // The relay did not link: the direct connect's link is the session's from the start.
         row.direct = Some(format!("{strategy} (no relay)"));
@@ -241,12 +240,6 @@ async fn one_relay_first(
                     .then(|| "none (the direct connect did not end in time)".into())
             });
     }
-    let link = Link {
-        stream: Box::new(stream),
-        local,
-        remote,
-        strategy: "session",
-    };
     measure_into(&mut row, link, me, options, settings.timeout).await;
     // The measurement dropped the stream: the session ends, and its report holds the direct
     // connect's NAT findings.

@@ -334,12 +334,19 @@ fn keyed_transcript(ctx: &HandshakeContext, hello_second: &[u8]) -> [u8; 32] {
 }
 
 /// A keyed confirmation: HMAC under the agreed key, labelled apart from SPAKE2's.
-fn keyed_confirmation(agreed: &AgreedKey, transcript: &[u8; 32], sender: Role) -> [u8; MAC_LEN] {
+fn keyed_mac(agreed: &AgreedKey, transcript: &[u8; 32], sender: Role) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&agreed.0).expect("any key length");
     mac.update(b"nettool link keyed confirm v1\0");
     mac.update(transcript);
     mac.update(&[role_byte(sender)]);
-    mac.finalize().into_bytes().into()
+    mac
+}
+
+fn keyed_confirmation(agreed: &AgreedKey, transcript: &[u8; 32], sender: Role) -> [u8; MAC_LEN] {
+    keyed_mac(agreed, transcript, sender)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 fn keyed_check(
@@ -348,11 +355,8 @@ fn keyed_check(
     sender: Role,
     their_mac: &[u8],
 ) -> Result<(), HandshakeError> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&agreed.0).expect("any key length");
-    mac.update(b"nettool link keyed confirm v1\0");
-    mac.update(transcript);
-    mac.update(&[role_byte(sender)]);
-    mac.verify_slice(their_mac)
+    keyed_mac(agreed, transcript, sender)
+        .verify_slice(their_mac)
         .map_err(|_| HandshakeError::BadProof)
 }
 
@@ -555,16 +559,20 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn matching_peers_authenticate() {
-        let (first, second) = (ctx(Role::First, "s"), ctx(Role::Second, "s"));
+    /// Both ends authenticate, then the first selects the link and the second sees it.
+    async fn authenticate_and_select(first: &HandshakeContext, second: &HandshakeContext) {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let (ra, rb) = tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &second));
+        let (ra, rb) = tokio::join!(authenticate(&mut a, first), authenticate(&mut b, second));
         ra.unwrap();
         rb.unwrap();
         let (sa, sb) = tokio::join!(select(&mut a), await_select(&mut b));
         sa.unwrap();
         sb.unwrap();
+    }
+
+    #[tokio::test]
+    async fn matching_peers_authenticate() {
+        authenticate_and_select(&ctx(Role::First, "s"), &ctx(Role::Second, "s")).await;
     }
 
     #[tokio::test]
@@ -643,14 +651,7 @@ mod tests {
 
     #[tokio::test]
     async fn peers_holding_the_agreed_key_authenticate_and_select() {
-        let (first, second) = (keyed(Role::First, 1), keyed(Role::Second, 1));
-        let (mut a, mut b) = tokio::io::duplex(4096);
-        let (ra, rb) = tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &second));
-        ra.unwrap();
-        rb.unwrap();
-        let (sa, sb) = tokio::join!(select(&mut a), await_select(&mut b));
-        sa.unwrap();
-        sb.unwrap();
+        authenticate_and_select(&keyed(Role::First, 1), &keyed(Role::Second, 1)).await;
     }
 
     /// The flight the keyed exchange saves: the second peer's confirmation goes out before
@@ -715,14 +716,7 @@ mod tests {
             (keyed(Role::First, 1), ctx(Role::Second, "s")),
             (ctx(Role::First, "s"), keyed(Role::Second, 1)),
         ] {
-            let (mut a, mut b) = tokio::io::duplex(4096);
-            let (ra, rb) =
-                tokio::join!(authenticate(&mut a, &first), authenticate(&mut b, &second));
-            ra.unwrap();
-            rb.unwrap();
-            let (sa, sb) = tokio::join!(select(&mut a), await_select(&mut b));
-            sa.unwrap();
-            sb.unwrap();
+            authenticate_and_select(&first, &second).await;
         }
         // And then the secret still decides.
         let (ra, _) = run_pair(&keyed(Role::First, 1), &ctx(Role::Second, "other")).await;

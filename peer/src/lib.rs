@@ -56,6 +56,9 @@ pub use servers::{choose_server, resolve_all, DEFAULT_PORT};
 pub use session::{Completion, Finished, PeerStream};
 pub use streams::{MuxStream, Streams};
 
+/// The strategy name of [`Connection::into_session_link`]'s link.
+pub const SESSION_LINK: &str = "session";
+
 /// What a connect and its session go through, for a program to show or log.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -458,6 +461,21 @@ impl Connection {
     /// The session in a task of its own, as a stream to hold: see [`PeerStream`].
     pub fn into_stream(self) -> (PeerStream, Completion) {
         session::stream(self.link, self.lifecycle, self.report)
+    }
+
+    /// [`Self::into_stream`]'s stream as a [`Link`] (the first link's addresses, strategy
+    /// [`SESSION_LINK`]), for code that takes links: whatever runs over it survives what the
+    /// session survives.
+    pub fn into_session_link(self) -> (Link, Completion) {
+        let (local, remote) = (self.link.local, self.link.remote);
+        let (stream, completion) = self.into_stream();
+        let link = Link {
+            stream: Box::new(stream),
+            local,
+            remote,
+            strategy: SESSION_LINK,
+        };
+        (link, completion)
     }
 
     /// The session in a task of its own, carrying several streams, each with its own flow

@@ -46,9 +46,6 @@ pub(crate) mod mux;
 
 /// The first bytes of both hellos.
 pub(crate) const MAGIC: &[u8; 6] = b"NTFWD2";
-/// What a forwarding link is called where a strategy's name would be (it is a session, on
-/// whichever paths it takes).
-pub(crate) const SESSION: &str = "session";
 /// Bound on the hello exchange and on a stream's first bytes.
 pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -379,10 +376,9 @@ impl Peer {
             };
         }
         let report = connection.report().clone();
-        let (local, remote) = (connection.link().local, connection.link().remote);
         // The session runs in a task of its own until its stream ends; how it ended shows
         // as the streams' end.
-        let (stream, completion) = connection.into_stream();
+        let (link, completion) = connection.into_session_link();
         {
             let mut sessions = self
                 .sessions
@@ -391,12 +387,6 @@ impl Peer {
             sessions.retain(|c| !c.is_finished());
             sessions.push(completion);
         }
-        let link = Link {
-            stream: Box::new(stream),
-            local,
-            remote,
-            strategy: SESSION,
-        };
         (Some(link), report)
     }
 
