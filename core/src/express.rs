@@ -183,8 +183,8 @@ impl ExpressStart {
                 .map_err(|_| HandshakeError::NotAPeer)?;
             Ok(LessSafeKey::new(UnboundKey::from(okm)))
         };
-        // The key another link of the same connect may key its handshake with once this
-        // exchange's confirmation checked ([`crate::handshake::AgreedKey`]).
+        // The key another link of the same connect may key its handshake with
+        // ([`crate::handshake::AgreedKey`]; that handshake confirms it).
         let mut agreed = [0u8; 32];
         prk.expand(&[b"agreed key for other links"], hkdf::HKDF_SHA256)
             .and_then(|okm| okm.fill(&mut agreed))
@@ -303,8 +303,8 @@ impl<S> SealedStream<S> {
         s
     }
 
-    /// A key derived from this exchange for the handshakes of the connect's other links: use
-    /// it only once the peer's confirmation checked ([`Self::confirmation`]).
+    /// A key derived from this exchange for the handshakes of the connect's other links, which
+    /// confirm it on their own channel (a key that differs from the peer's fails them).
     pub fn agreed_key(&self) -> crate::handshake::AgreedKey {
         self.agreed
     }

@@ -21,8 +21,8 @@
 //! victim sees that attempt fail.
 //!
 //! **With a key already agreed** ([`AgreedKey`]: relay-first's express relay ran SPAKE2 on the
-//! same session secret when the peers were paired, and its confirmation checked), the
-//! exchange needs no second PAKE and one flight less. Each hello says whether its sender
+//! same session secret when the peers were paired), the exchange needs no second PAKE and one
+//! flight less; its confirmations are what confirm that key on this channel. Each hello says whether its sender
 //! holds such a key; the second peer sends its confirmation (keyed with the agreed key, over
 //! the pairing, strategy, channel binding and its own hello) right behind its hello, and when
 //! the first peer's hello says it holds the key too, the first peer checks that confirmation
@@ -200,8 +200,9 @@ pub struct HandshakeContext {
 }
 
 /// A key the two peers of one connect already agreed on through a PAKE on the session secret
-/// whose confirmation checked (relay-first's express relay, [`crate::express`]): the link
-/// handshake's confirmations can be keyed with it instead of running SPAKE2 again.
+/// (relay-first's express relay, [`crate::express`]): the link handshake's confirmations can
+/// be keyed with it instead of running SPAKE2 again (and they fail when the two keys differ:
+/// another secret, or someone else's PAKE message).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct AgreedKey(pub(crate) [u8; 32]);
 

@@ -137,9 +137,10 @@ impl Orchestrator {
     }
 
     /// Shares `slot` between an express relay's connect, which leaves its agreed key there
-    /// once the peer's confirmation checked, and the attempts of another connect of the same
-    /// peers (relay-first's direct half), whose link handshakes then need no PAKE of their own
-    /// and one flight less ([`crate::handshake`]).
+    /// as soon as its exchange finished (the keyed link handshake confirms the key itself:
+    /// keys that differ fail it), and the attempts of another connect of the same peers
+    /// (relay-first's direct half), whose link handshakes then need no PAKE of their own and
+    /// one flight less ([`crate::handshake`]).
     pub fn with_agreed_key(mut self, slot: crate::handshake::AgreedKeySlot) -> Self {
         self.agreed = Some(slot);
         self
