@@ -138,16 +138,24 @@ impl ExpressStart {
         &self.ticket
     }
 
-    /// Finishes the exchange with the peer's message (`peer_pake`, hex, untrusted) and wraps
-    /// `stream` (the spliced relay connection) in the link's record layer.
-    pub fn finish<S>(
+    /// What a join carries that asks for no express relay, only the exchange: the PAKE
+    /// message, no ticket. Every link of that connect then keys its handshake with the
+    /// agreed key ([`Self::agreed_only`]) instead of running SPAKE2 of its own.
+    pub fn join_pake_only(&self) -> ExpressJoin {
+        ExpressJoin {
+            pake: hex::encode(&self.msg),
+            ticket: String::new(),
+        }
+    }
+
+    /// The exchange's key schedule with the peer's message (`peer_pake`, hex, untrusted).
+    fn schedule(
         self,
         session: &str,
         pair_id: &str,
         role: Role,
         peer_pake: &str,
-        stream: S,
-    ) -> Result<SealedStream<S>, HandshakeError> {
+    ) -> Result<hkdf::Prk, HandshakeError> {
         let theirs = hex::decode(peer_pake).map_err(|_| HandshakeError::NotAPeer)?;
         // A reflected message (our own, sent back) would key both directions alike.
         if theirs.len() != PAKE_MSG_LEN || theirs == self.msg {
@@ -171,11 +179,24 @@ impl ExpressStart {
             h.update(part);
         }
         let transcript: [u8; 32] = h.finalize().into();
+        Ok(hkdf::Salt::new(hkdf::HKDF_SHA256, &transcript).extract(&secret))
+    }
+
+    /// Finishes the exchange with the peer's message (`peer_pake`, hex, untrusted) and wraps
+    /// `stream` (the spliced relay connection) in the link's record layer.
+    pub fn finish<S>(
+        self,
+        session: &str,
+        pair_id: &str,
+        role: Role,
+        peer_pake: &str,
+        stream: S,
+    ) -> Result<SealedStream<S>, HandshakeError> {
+        let prk = self.schedule(session, pair_id, role, peer_pake)?;
         let (send, recv) = match role {
             Role::First => (b"first to second", b"second to first"),
             Role::Second => (b"second to first", b"first to second"),
         };
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &transcript).extract(&secret);
         let key = |label: &[u8]| -> Result<LessSafeKey, HandshakeError> {
             let info = [label];
             let okm = prk
@@ -183,16 +204,32 @@ impl ExpressStart {
                 .map_err(|_| HandshakeError::NotAPeer)?;
             Ok(LessSafeKey::new(UnboundKey::from(okm)))
         };
-        // The key another link of the same connect may key its handshake with
-        // ([`crate::handshake::AgreedKey`]; that handshake confirms it).
-        let mut agreed = [0u8; 32];
-        prk.expand(&[b"agreed key for other links"], hkdf::HKDF_SHA256)
-            .and_then(|okm| okm.fill(&mut agreed))
-            .map_err(|_| HandshakeError::NotAPeer)?;
         let mut sealed = SealedStream::new(stream, key(send)?, key(recv)?, role);
-        sealed.agreed = crate::handshake::AgreedKey(agreed);
+        sealed.agreed = agreed_from(&prk)?;
         Ok(sealed)
     }
+
+    /// Finishes the exchange of a join that asked for no relay ([`Self::join_pake_only`]):
+    /// the key the connect's link handshakes are keyed with (they confirm it).
+    pub fn agreed_only(
+        self,
+        session: &str,
+        pair_id: &str,
+        role: Role,
+        peer_pake: &str,
+    ) -> Result<crate::handshake::AgreedKey, HandshakeError> {
+        agreed_from(&self.schedule(session, pair_id, role, peer_pake)?)
+    }
+}
+
+/// The key another link of the same connect keys its handshake with
+/// ([`crate::handshake::AgreedKey`]; that handshake confirms it).
+fn agreed_from(prk: &hkdf::Prk) -> Result<crate::handshake::AgreedKey, HandshakeError> {
+    let mut agreed = [0u8; 32];
+    prk.expand(&[b"agreed key for other links"], hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut agreed))
+        .map_err(|_| HandshakeError::NotAPeer)?;
+    Ok(crate::handshake::AgreedKey(agreed))
 }
 
 /// What is known of the peer's key confirmation on a [`SealedStream`].

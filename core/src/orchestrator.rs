@@ -356,6 +356,10 @@ impl Orchestrator {
         let key = LinkKey::derive(&params.session, secret);
         let express = (self.express && names.len() == 1 && names[0] == crate::relay_first::RELAY)
             .then(|| ExpressStart::new(&key));
+        // Every other join carries its SPAKE2 message alone: paired with a peer that did the
+        // same (on a server that passes them on), both hold the key every link's handshake is
+        // keyed with, one flight shorter and no PAKE of its own ([`crate::handshake`]).
+        let join_pake = (express.is_none() && !JOIN_PAKE_OFF).then(|| ExpressStart::new(&key));
         // The strategies prepare (bind and observe their ports) while this side joins and
         // waits: their offers then go with the plan offer.
         let preparing = (express.is_none() && self.prepare && !PREPARE_OFF)
@@ -367,7 +371,10 @@ impl Orchestrator {
                 session: &params.session,
                 strategies: &names,
                 token: self.server_token.as_deref(),
-                express: express.as_ref().map(ExpressStart::join),
+                express: express
+                    .as_ref()
+                    .map(ExpressStart::join)
+                    .or_else(|| join_pake.as_ref().map(ExpressStart::join_pake_only)),
             },
             deadline,
             || events(Event::Waiting),
@@ -508,10 +515,20 @@ impl Orchestrator {
                 None => BTreeMap::new(),
             }
         };
-        // The relay half's agreed key (relay-first): it pairs beside this connect, so word
-        // of it comes about now (its relay connection's splice may take a moment more) or
-        // not in time.
+        // This join's own agreed key, else the relay half's (relay-first): that one pairs
+        // beside this connect, so word of it comes about now (its relay connection's splice
+        // may take a moment more) or not in time.
+        let own = match (join_pake, pairing.peer_pake.as_deref()) {
+            (Some(start), Some(theirs)) => start
+                .agreed_only(&params.session, &pairing.pair_id, pairing.role, theirs)
+                .map_err(|e| info!("the peer's PAKE message with the pairing: {e}"))
+                .ok(),
+            _ => None,
+        };
         let agreed = async {
+            if own.is_some() {
+                return own;
+            }
             match &self.agreed {
                 Some(slot) => slot.wait((server_rtt / 2).max(AGREED_KEY_WAIT)).await,
                 None => None,
@@ -1267,6 +1284,11 @@ const UDP_CHECK_OFF: bool = option_env!("NETTOOL_TEST_UDP_CHECK_OFF").is_some();
 fn udp_silence(server_rtt: Duration) -> Duration {
     Duration::from_millis(800) + server_rtt * 2
 }
+
+/// Whether joins carry no PAKE message of their own (a test-only build, to watch the test that
+/// guards the keyed handshakes of a plain connect go red): `NETTOOL_TEST_JOIN_PAKE_OFF=1` at
+/// compile time.
+const JOIN_PAKE_OFF: bool = option_env!("NETTOOL_TEST_JOIN_PAKE_OFF").is_some();
 
 /// Whether the strategies prepare nothing before pairing (a test-only build, to watch the
 /// distance tests that guard it go red): `NETTOOL_TEST_PREPARE_OFF=1` at compile time.

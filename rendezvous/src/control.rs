@@ -136,6 +136,18 @@ pub(crate) async fn serve_control(
                             }
                             (Some(j.pake.clone()), Some(w.pake.clone()))
                         }
+                        // Two joins that carried only their PAKE message (no ticket: no
+                        // express relay): each gets the other's, so both hold the key their
+                        // link handshakes are keyed with. A join with a ticket and one without
+                        // get neither (the express side would wait for a relay).
+                        (Some(w), Some(j), _)
+                            if w.ticket.is_empty()
+                                && j.ticket.is_empty()
+                                && valid_pake(&w.pake)
+                                && valid_pake(&j.pake) =>
+                        {
+                            (Some(j.pake.clone()), Some(w.pake.clone()))
+                        }
                         _ => (None, None),
                     };
                     waiter.outbox.push(Outbound::Paired(
@@ -354,4 +366,10 @@ pub(crate) async fn handle_frame(
         // A message this server build does not know how to handle on a control connection.
         _ => Err("unexpected message on a joined control connection".into()),
     }
+}
+
+/// Whether `pake` looks like a SPAKE2 message over Ed25519 (33 bytes, hex): passed on to the
+/// peer only then (the peer checks it properly).
+fn valid_pake(pake: &str) -> bool {
+    pake.len() == 66 && pake.bytes().all(|b| b.is_ascii_hexdigit())
 }

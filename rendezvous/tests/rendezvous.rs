@@ -599,3 +599,57 @@ async fn a_token_sent_to_an_open_server_is_ignored_and_old_join_frames_still_wor
     assert!(matches!(recv(&mut b).await, ServerToClient::Paired { .. }));
     assert!(matches!(recv(&mut a).await, ServerToClient::Paired { .. }));
 }
+
+/// Joins that carry only their PAKE message (no relay ticket) get each other's with the
+/// pairing; a join with a ticket paired with one without gets none (the express side would
+/// wait for a relay that never comes), nor does a malformed message pass.
+#[tokio::test]
+async fn pake_only_joins_get_each_others_message_and_mixed_ones_none() {
+    use nettool_core::protocol::ExpressJoin;
+    let addr = start(ServerConfig::default()).await;
+    let pake = |b: &str| b.repeat(66);
+    let ticket = "ab".repeat(16);
+    for (session, a, b, want) in [
+        ("pake-only", (pake("1"), ""), (pake("2"), ""), true),
+        (
+            "mixed",
+            (pake("1"), ticket.as_str()),
+            (pake("2"), ""),
+            false,
+        ),
+        ("malformed", ("zz".into(), ""), (pake("2"), ""), false),
+    ] {
+        let mut conns = Vec::new();
+        for (p, t) in [a.clone(), b.clone()] {
+            let mut c = conn(addr).await;
+            c.send(&ClientToServer::Join {
+                version: PROTOCOL_VERSION,
+                session: session.into(),
+                strategies: vec!["tcp-punch".into()],
+                token: None,
+                express: Some(ExpressJoin {
+                    pake: p,
+                    ticket: t.to_owned(),
+                }),
+            })
+            .await
+            .unwrap();
+            if conns.is_empty() {
+                assert!(matches!(recv(&mut c).await, ServerToClient::Waiting { .. }));
+            }
+            conns.push(c);
+        }
+        let mut got = Vec::new();
+        for c in &mut conns {
+            match recv(c).await {
+                ServerToClient::Paired { peer_pake, .. } => got.push(peer_pake),
+                other => panic!("{session}: expected paired, got {other:?}"),
+            }
+        }
+        if want {
+            assert_eq!(got, [Some(b.0.clone()), Some(a.0.clone())], "{session}");
+        } else {
+            assert_eq!(got, [None, None], "{session}");
+        }
+    }
+}

@@ -1,8 +1,9 @@
 //! Relay-first's direct links key their handshake with the express relay's agreed key
 //! (`nettool_core::handshake::AgreedKey`): two peers on loopback get the relay link at once
 //! and then a direct tcp-punch link whose handshake ran the keyed exchange (no second PAKE;
-//! the second peer is the TLS client). A build with `NETTOOL_TEST_KEYED_OFF=1` runs SPAKE2
-//! on every link, and this test goes red.
+//! the second peer is the TLS client); and a plain connect's link is keyed with the key its
+//! joins' PAKE messages agreed. A build with `NETTOOL_TEST_KEYED_OFF=1` runs SPAKE2 on every
+//! link, and this test goes red.
 
 use std::time::Duration;
 
@@ -70,5 +71,40 @@ async fn relay_first_direct_links_use_the_express_relays_agreed_key() {
         keyed_handshakes() - before,
         2,
         "both ends of the direct link ran the keyed exchange"
+    );
+    drop(links);
+    a_plain_connect_keys_its_link_with_the_joins_pake().await;
+}
+
+/// A plain connect (no relay-first) keys its links' handshakes too: each join carries its
+/// SPAKE2 message alone and the server hands each peer the other's with the pairing. A build
+/// with `NETTOOL_TEST_JOIN_PAKE_OFF=1` joins without it (SPAKE2 on the link), and this goes red.
+/// (Run from the test above: the count of keyed handshakes is the process's.)
+async fn a_plain_connect_keys_its_link_with_the_joins_pake() {
+    let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run());
+    let order: Vec<String> = ["tcp-punch"].map(String::from).to_vec();
+    let built = nettool_strategies::registry()
+        .build(&order, &Default::default())
+        .unwrap();
+    let orch = Orchestrator::new(built, Duration::from_secs(20));
+    let params = ConnectParams {
+        server: addr,
+        session: "join-pake".into(),
+        secret: Some("k".into()),
+    };
+    let before = keyed_handshakes();
+    let ((la, ra), (lb, _)) = tokio::join!(orch.connect(&params, &|_| {}), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        orch.connect(&params, &|_| {}).await
+    });
+    assert!(la.is_some() && lb.is_some(), "{ra:?}");
+    assert_eq!(
+        keyed_handshakes() - before,
+        2,
+        "both ends of the link ran the keyed exchange"
     );
 }
