@@ -204,9 +204,7 @@ impl ExpressStart {
                 .map_err(|_| HandshakeError::NotAPeer)?;
             Ok(LessSafeKey::new(UnboundKey::from(okm)))
         };
-        let mut sealed = SealedStream::new(stream, key(send)?, key(recv)?, role);
-        sealed.agreed = agreed_from(&prk)?;
-        Ok(sealed)
+        Ok(SealedStream::new(stream, key(send)?, key(recv)?, role))
     }
 
     /// Finishes the exchange of a join that asked for no relay ([`Self::join_pake_only`]):
@@ -222,8 +220,8 @@ impl ExpressStart {
     }
 }
 
-/// The key another link of the same connect keys its handshake with
-/// ([`crate::handshake::AgreedKey`]; that handshake confirms it).
+/// The key the connect's links key their handshakes with ([`crate::handshake::AgreedKey`];
+/// those handshakes confirm it).
 fn agreed_from(prk: &hkdf::Prk) -> Result<crate::handshake::AgreedKey, HandshakeError> {
     let mut agreed = [0u8; 32];
     prk.expand(&[b"agreed key for other links"], hkdf::HKDF_SHA256)
@@ -287,8 +285,6 @@ pub struct SealedStream<S> {
     settled: Option<Confirmation>,
     eof: bool,
     failed: Option<String>,
-    /// See [`Self::agreed_key`].
-    agreed: crate::handshake::AgreedKey,
 }
 
 impl<S> std::fmt::Debug for SealedStream<S> {
@@ -326,7 +322,6 @@ impl<S> SealedStream<S> {
             settled: None,
             eof: false,
             failed: None,
-            agreed: crate::handshake::AgreedKey([0; 32]),
         };
         let mut confirm = Vec::with_capacity(CONFIRM_LEN);
         confirm.extend_from_slice(CONFIRM_MAGIC);
@@ -338,12 +333,6 @@ impl<S> SealedStream<S> {
         s.seal_record(&confirm)
             .expect("the first record's nonce is fresh");
         s
-    }
-
-    /// A key derived from this exchange for the handshakes of the connect's other links, which
-    /// confirm it on their own channel (a key that differs from the peer's fails them).
-    pub fn agreed_key(&self) -> crate::handshake::AgreedKey {
-        self.agreed
     }
 
     /// Watches the peer's key confirmation (or what [`Self::settle_through`] set).

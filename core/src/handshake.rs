@@ -20,10 +20,10 @@
 //! does not know the secret and runs the exchange itself gets one guess per attempt, and the
 //! victim sees that attempt fail.
 //!
-//! **With a key already agreed** ([`AgreedKey`]: relay-first's express relay ran SPAKE2 on the
-//! same session secret when the peers were paired), the exchange needs no second PAKE and one
-//! flight less; its confirmations are what confirm that key on this channel. Each hello says whether its sender
-//! holds such a key; the second peer sends its confirmation (keyed with the agreed key, over
+//! **With a key already agreed** ([`AgreedKey`]: both joins carried a SPAKE2 message on the
+//! same session secret and the server passed each to the other with the pairing), the
+//! exchange needs no PAKE of its own and one flight less; its confirmations are what confirm
+//! that key on this channel. Each hello says whether its sender holds such a key; the second peer sends its confirmation (keyed with the agreed key, over
 //! the pairing, strategy, channel binding and its own hello) right behind its hello, and when
 //! the first peer's hello says it holds the key too, the first peer checks that confirmation
 //! and answers with its own (still verify before reveal). When either side holds none, both
@@ -200,7 +200,7 @@ pub struct HandshakeContext {
 }
 
 /// A key the two peers of one connect already agreed on through a PAKE on the session secret
-/// (relay-first's express relay, [`crate::express`]): the link handshake's confirmations can
+/// (the joins' PAKE messages, [`crate::express::ExpressStart::agreed_only`]): the link handshake's confirmations can
 /// be keyed with it instead of running SPAKE2 again (and they fail when the two keys differ:
 /// another secret, or someone else's PAKE message).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -209,41 +209,6 @@ pub struct AgreedKey(pub(crate) [u8; 32]);
 impl std::fmt::Debug for AgreedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AgreedKey(..)")
-    }
-}
-
-/// Where the relay half of a relay-first connect leaves its [`AgreedKey`] for the direct
-/// half (shared by both halves' orchestrators): the key once its express exchange finished,
-/// or word that none will come.
-#[derive(Debug, Clone)]
-pub struct AgreedKeySlot(std::sync::Arc<tokio::sync::watch::Sender<Option<Option<AgreedKey>>>>);
-
-impl Default for AgreedKeySlot {
-    fn default() -> Self {
-        Self(std::sync::Arc::new(tokio::sync::watch::channel(None).0))
-    }
-}
-
-impl AgreedKeySlot {
-    /// Leaves `key`, or (`None`) word that no key will come; the first word stays.
-    pub fn set(&self, key: Option<AgreedKey>) {
-        self.0.send_if_modified(|v| {
-            if v.is_some() {
-                return false;
-            }
-            *v = Some(key);
-            true
-        });
-    }
-
-    /// The key, waiting up to `limit` for word of it.
-    pub async fn wait(&self, limit: std::time::Duration) -> Option<AgreedKey> {
-        let mut rx = self.0.subscribe();
-        let word = match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(v)) => v.flatten(),
-            _ => None,
-        };
-        word
     }
 }
 

@@ -91,9 +91,6 @@ pub struct Orchestrator {
     prompt_link: bool,
     /// Let the strategies prepare their offers while joining (see [`Self::with_prepare`]).
     prepare: bool,
-    /// Where an express relay leaves its agreed key, and the attempts take it from (see
-    /// [`Self::with_agreed_key`]).
-    agreed: Option<crate::handshake::AgreedKeySlot>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -132,18 +129,7 @@ impl Orchestrator {
             express: false,
             prompt_link: false,
             prepare: true,
-            agreed: None,
         }
-    }
-
-    /// Shares `slot` between an express relay's connect, which leaves its agreed key there
-    /// as soon as its exchange finished (the keyed link handshake confirms the key itself:
-    /// keys that differ fail it), and the attempts of another connect of the same peers
-    /// (relay-first's direct half), whose link handshakes then need no PAKE of their own and
-    /// one flight less ([`crate::handshake`]).
-    pub fn with_agreed_key(mut self, slot: crate::handshake::AgreedKeySlot) -> Self {
-        self.agreed = Some(slot);
-        self
     }
 
     /// Whether the strategies prepare their offers while this peer joins and waits
@@ -515,27 +501,16 @@ impl Orchestrator {
                 None => BTreeMap::new(),
             }
         };
-        // This join's own agreed key, else the relay half's (relay-first): that one pairs
-        // beside this connect, so word of it comes about now (its relay connection's splice
-        // may take a moment more) or not in time.
-        let own = match (join_pake, pairing.peer_pake.as_deref()) {
+        // The key this join's PAKE message and the peer's agreed: the links' handshakes are
+        // keyed with it when the peer says it holds it too.
+        let agreed = match (join_pake, pairing.peer_pake.as_deref()) {
             (Some(start), Some(theirs)) => start
                 .agreed_only(&params.session, &pairing.pair_id, pairing.role, theirs)
                 .map_err(|e| info!("the peer's PAKE message with the pairing: {e}"))
                 .ok(),
             _ => None,
         };
-        let agreed = async {
-            if own.is_some() {
-                return own;
-            }
-            match &self.agreed {
-                Some(slot) => slot.wait((server_rtt / 2).max(AGREED_KEY_WAIT)).await,
-                None => None,
-            }
-        };
-        let (sighted, found, mut prepared, agreed) =
-            tokio::join!(sight, discovered, prepared, agreed);
+        let (sighted, found, mut prepared) = tokio::join!(sight, discovered, prepared);
         let gw = gateway.await;
         let ((mine, cache4), (mine6, _)) = record_found(state, found, gw.ok().flatten());
         if let Some((server, addr)) = sighted {
@@ -682,9 +657,6 @@ impl Orchestrator {
         let link = made.map(|(mut sealed, local, remote)| {
             // The verdict is passed on once a wrong code is reported (burned).
             let mut raw = sealed.confirmation();
-            if let Some(slot) = &self.agreed {
-                slot.set(Some(sealed.agreed_key()));
-            }
             let (settled, watched) = tokio::sync::watch::channel(express::Verdict::Pending);
             sealed.settle_through(Confirmation(watched));
             let code = crate::code::is_code_session(&params.session);
@@ -1210,10 +1182,6 @@ const DISCOVERY: DiscoverOptions = DiscoverOptions {
 /// goes on without it; four server round trips when that is longer.
 const DISCOVERY_AFTER_PAIRING: Duration = Duration::from_millis(500);
 
-/// Least wait for the relay half's word on its agreed key (see
-/// [`Orchestrator::with_agreed_key`]).
-const AGREED_KEY_WAIT: Duration = Duration::from_millis(50);
-
 /// Longest wait for showing this peer to the server over its other IP family.
 const SIGHTING_WAIT: Duration = Duration::from_millis(1500);
 
@@ -1269,7 +1237,8 @@ struct PlanOffer {
     /// absent from older peers, which then exchange every offer in its attempt).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     offers: BTreeMap<String, serde_json::Value>,
-    /// Whether this peer holds the relay half's agreed key ([`crate::handshake::AgreedKey`]);
+    /// Whether this peer holds the key its join's PAKE message agreed with the peer's
+    /// ([`crate::handshake::AgreedKey`]);
     /// absent (false) from older peers.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     keyed: bool,

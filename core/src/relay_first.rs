@@ -194,20 +194,12 @@ pub async fn connect_named(
     events: &(dyn Fn(Event) + Send + Sync),
     naming: DirectNaming,
 ) -> RelayFirst {
-    // The express relay's agreed key keys the direct links' handshakes when both peers hold
-    // it: no second PAKE, and the second peer's proof rides with its TLS Finished.
-    let agreed = crate::handshake::AgreedKeySlot::default();
     let relay = orch
         .clone()
         .retain(|n| n == RELAY)
         .with_plan(false)
-        .with_express(true)
-        .with_agreed_key(agreed.clone());
-    let direct_orch = orch
-        .clone()
-        .retain(|n| n != RELAY)
-        .with_prompt_link(true)
-        .with_agreed_key(agreed.clone());
+        .with_express(true);
+    let direct_orch = orch.clone().retain(|n| n != RELAY).with_prompt_link(true);
     let start = |dparams: ConnectParams| {
         let direct = direct_orch.clone();
         let progress = DirectProgress::default();
@@ -219,8 +211,6 @@ pub async fn connect_named(
     };
     let early = (naming == DirectNaming::FromKey).then(|| start(direct_params(params)));
     let (link, report) = relay.connect(params, events).await;
-    // No express exchange finished (an express link leaves its key at once): none will come.
-    agreed.set(None);
     if link.is_some() {
         let direct = match (early, &report.pair_id) {
             (Some(d), _) => d,

@@ -1,4 +1,4 @@
-//! Relay-first's direct links key their handshake with the express relay's agreed key
+//! Relay-first's direct links key their handshake with the key their joins' PAKE messages agreed
 //! (`nettool_core::handshake::AgreedKey`): two peers on loopback get the relay link at once
 //! and then a direct tcp-punch link whose handshake ran the keyed exchange (no second PAKE;
 //! the second peer is the TLS client); and a plain connect's link is keyed with the key its
@@ -12,13 +12,19 @@ use nettool_core::{relay_first, ConnectParams, Orchestrator, Outcome};
 use nettool_rendezvous::{RendezvousServer, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_first_direct_links_use_the_express_relays_agreed_key() {
+/// A rendezvous server on loopback, running in the background.
+async fn server() -> std::net::SocketAddr {
     let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
         .await
         .unwrap();
     let addr = server.local_addr().unwrap();
     tokio::spawn(server.run());
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_first_direct_links_run_the_keyed_exchange() {
+    let addr = server().await;
     let order: Vec<String> = ["relay", "tcp-punch"].map(String::from).to_vec();
     let orch = || {
         let built = nettool_strategies::registry()
@@ -81,11 +87,7 @@ async fn relay_first_direct_links_use_the_express_relays_agreed_key() {
 /// with `NETTOOL_TEST_JOIN_PAKE_OFF=1` joins without it (SPAKE2 on the link), and this goes red.
 /// (Run from the test above: the count of keyed handshakes is the process's.)
 async fn a_plain_connect_keys_its_link_with_the_joins_pake() {
-    let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .unwrap();
-    let addr = server.local_addr().unwrap();
-    tokio::spawn(server.run());
+    let addr = server().await;
     let order: Vec<String> = ["tcp-punch"].map(String::from).to_vec();
     let built = nettool_strategies::registry()
         .build(&order, &Default::default())
