@@ -7,9 +7,11 @@
 //! word and the server cannot tie it to the first. When the relay links, data flows at once;
 //! the direct connect's link, when it comes, is handed to the session, which moves to it at a
 //! sequence boundary ([`crate::session::Session::with_upgrades`]). When the relay does not
-//! link (a server that does not relay), the direct connect's outcome is the connect's, as
-//! without relay-first. Which link the session starts on is decided by the relay's outcome
-//! alone, which both peers learn in lock step: they never start on different links.
+//! link although the peers paired (a server that does not relay), the direct connect's outcome
+//! is the connect's, as without relay-first; when the relay's join did not even pair (the
+//! server refused it or was not reached), the connect fails at once with the server's reason.
+//! Which link the session starts on is decided by the relay's outcome alone, which both peers
+//! learn in lock step: they never start on different links.
 //!
 //! The relay half joins for the express relay ([`crate::express`]): the link exists when the
 //! peers are paired, and the peer's key confirmation rides with its first data; the caller
@@ -221,6 +223,21 @@ pub async fn connect_named(
             link,
             report,
             direct: Some(direct),
+        };
+    }
+    if report.pair_id.is_none() {
+        // The relay's join never paired: the server refused it (a session that already has
+        // two peers, a full server, a wrong code's nameplate), could not be reached, or no
+        // peer came in time. The direct half goes through the same server and would fare no
+        // better; after a refusal it would wait out the whole timeout for a peer that is not
+        // coming (the session's pair is someone else's). Say the relay's reason now.
+        if let Some(d) = early {
+            d.handle.abort();
+        }
+        return RelayFirst {
+            link: None,
+            report,
+            direct: None,
         };
     }
     let direct = early.unwrap_or_else(|| start(direct_params(params)));

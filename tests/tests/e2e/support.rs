@@ -210,6 +210,31 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test: show what its processes said (their stderr files), so a failure
+            // in CI can be read without rerunning it.
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&self.0)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "err" || x == "log"))
+                .collect();
+            files.sort();
+            for f in files {
+                let text = std::fs::read_to_string(&f).unwrap_or_default();
+                let mut start = text.len().saturating_sub(6000);
+                while !text.is_char_boundary(start) {
+                    start += 1;
+                }
+                let tail = &text[start..];
+                eprintln!(
+                    "---- {} (last {} bytes) ----\n{tail}",
+                    f.display(),
+                    tail.len()
+                );
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
