@@ -348,8 +348,15 @@ impl Orchestrator {
         let join_pake = (express.is_none() && !JOIN_PAKE_OFF).then(|| ExpressStart::new(&key));
         // The strategies prepare (bind and observe their ports) while this side joins and
         // waits: their offers then go with the plan offer.
-        let preparing = (express.is_none() && self.prepare && !PREPARE_OFF)
-            .then(|| Preparing::start(self.strategies.clone(), &servers, deadline));
+        let preparing = (express.is_none() && self.prepare && !PREPARE_OFF).then(|| {
+            // With port mapping on, a strategy whose offer leads with the gateway's
+            // mapping (made when its attempt runs) prepares nothing.
+            let mut strategies = self.strategies.clone();
+            if self.portmap.is_some() {
+                strategies.retain(|(s, _)| s.prepares_with_port_mapping());
+            }
+            Preparing::start(strategies, &servers, deadline)
+        });
         let join = RendezvousClient::join_request(
             &servers,
             &self.control,
@@ -1263,10 +1270,11 @@ const JOIN_PAKE_OFF: bool = option_env!("NETTOOL_TEST_JOIN_PAKE_OFF").is_some();
 /// distance tests that guard it go red): `NETTOOL_TEST_PREPARE_OFF=1` at compile time.
 const PREPARE_OFF: bool = option_env!("NETTOOL_TEST_PREPARE_OFF").is_some();
 
-/// How long a prepared offer is used: the server holds an observation's connection (and with
-/// it the NAT's mapping) for `observe_hold` (120 s by default), so a side that waits longer
-/// for its peer prepares again every this long.
-const PREPARED_FRESH: Duration = Duration::from_secs(60);
+/// How long a prepared offer is used: the server holds a TCP observation's connection (and
+/// with it the NAT's mapping) for `observe_hold` (120 s by default), and a NAT forgets a UDP
+/// mapping that saw one exchange after about 30 s (Linux conntrack's `udp_timeout`), so a
+/// side that waits longer for its peer prepares again every this long.
+const PREPARED_FRESH: Duration = Duration::from_secs(25);
 
 /// The strategies' prepared offers ([`Strategy::prepare`]), made in a task of their own while
 /// joining and made again every [`PREPARED_FRESH`] until taken.
@@ -1294,25 +1302,38 @@ impl Preparing {
         let slot = latest.clone();
         let task = tokio::spawn(async move {
             loop {
-                let round = futures::future::join_all(strategies.iter().map(|(s, _)| {
-                    let against = &against;
-                    async move {
-                        let name = s.name().to_owned();
-                        match s.prepare(against, deadline).await.and_then(|p| match p {
-                            Some(p) => Ready::new(p).map(Some),
-                            None => Ok(None),
-                        }) {
-                            Ok(r) => r.map(|r| (name, r)),
-                            Err(e) => {
-                                info!(strategy = %name, "nothing prepared: {e}");
-                                None
-                            }
+                // Each strategy's offer is published as soon as it is made: one that takes
+                // long (a UDP observation on a network that drops UDP) holds back no other.
+                let mut round: futures::stream::FuturesUnordered<_> = strategies
+                    .iter()
+                    .map(|(s, _)| {
+                        let against = &against;
+                        async move {
+                            let name = s.name().to_owned();
+                            let made = s.prepare(against, deadline).await.and_then(|p| match p {
+                                Some(p) => Ready::new(p).map(Some),
+                                None => Ok(None),
+                            });
+                            (name, made)
                         }
+                    })
+                    .collect();
+                let mut fresh = std::collections::BTreeSet::new();
+                while let Some((name, made)) = futures::StreamExt::next(&mut round).await {
+                    match made {
+                        Ok(Some(ready)) => {
+                            fresh.insert(name.clone());
+                            let mut latest = slot.lock().unwrap_or_else(|e| e.into_inner());
+                            latest.get_or_insert_with(BTreeMap::new).insert(name, ready);
+                        }
+                        Ok(None) => {}
+                        Err(e) => info!(strategy = %name, "nothing prepared: {e}"),
                     }
-                }))
-                .await;
-                let set: BTreeMap<String, Ready> = round.into_iter().flatten().collect();
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(set);
+                }
+                // What was not made again this round is stale: drop it.
+                if let Some(latest) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    latest.retain(|name, _| fresh.contains(name));
+                }
                 let _ = tx.send(true);
                 tokio::time::sleep(PREPARED_FRESH).await;
             }

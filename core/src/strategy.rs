@@ -535,6 +535,13 @@ pub trait Strategy: Send + Sync {
         Ok(None)
     }
 
+    /// Whether [`Self::prepare`] runs when port mapping is on. `false` for a strategy whose
+    /// offer leads with the gateway's mapping of its port, made by its attempt
+    /// ([`Attempt::map_port`]): a prepared offer would lack it.
+    fn prepares_with_port_mapping(&self) -> bool {
+        true
+    }
+
     /// Whether this strategy (as configured) can link a pair where exactly one side's NAT maps
     /// per destination and the other filters (udp-quic's birthday mode); the plan then tries
     /// it instead of skipping it.

@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nettool_core::strategy::agree_on_link;
-use nettool_core::{stun, Attempt, Link, MultiStream, Role, Strategy, StrategyError};
+use nettool_core::{stun, Attempt, Link, MultiStream, Prepared, Role, Strategy, StrategyError};
 
 use nettool_core::candidates::{canonical, peer_candidates_all};
 use nettool_core::secure::EXPORTER_LABEL;
@@ -158,6 +158,8 @@ pub const NAME: &str = "udp-quic";
 pub const ALPN: &[u8] = nettool_core::secure::ALPN;
 /// Pause between STUN Binding requests until one is answered.
 const STUN_RETRY: Duration = Duration::from_millis(200);
+/// Bound on the STUN observation of a socket prepared before pairing.
+const PREPARE_STUN: Duration = Duration::from_secs(3);
 
 /// UDP hole punching + QUIC.
 #[derive(Debug, Clone)]
@@ -183,20 +185,46 @@ struct QuicOffer {
     punch_key: String,
 }
 
-#[async_trait::async_trait]
-impl Strategy for UdpQuic {
-    fn name(&self) -> &'static str {
-        NAME
+impl QuicOffer {
+    /// The offer naming `opened`'s candidates, with a fresh punch key.
+    fn new(opened: &Opened, server_rtt: Duration) -> Self {
+        let mut punch_key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut punch_key);
+        Self {
+            punch_key: hex::encode(punch_key),
+            candidates: opened.candidates.clone(),
+            server_rtt_us: server_rtt.as_micros().try_into().unwrap_or(u64::MAX),
+        }
     }
+}
 
-    fn punches_hard_nats(&self) -> bool {
-        self.config.birthday
-    }
+/// A bound UDP socket and where it can be reached.
+#[derive(Debug)]
+struct Opened {
+    socket: UdpSocket,
+    port: u16,
+    /// The local address toward the server.
+    via: IpAddr,
+    candidates: Vec<SocketAddr>,
+}
 
-    async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
-        let servers = attempt.rendezvous.servers();
+/// What [`UdpQuic::prepare`] made: the socket and the offer naming it.
+#[derive(Debug)]
+struct PreparedSocket {
+    opened: Opened,
+    offer: QuicOffer,
+}
+
+impl UdpQuic {
+    /// Binds the attempt's UDP socket and observes it through the server's STUN (the first
+    /// server must answer by `until`; another family's is an extra).
+    async fn open_socket(
+        &self,
+        servers: &[SocketAddr],
+        until: Instant,
+    ) -> Result<Opened, StrategyError> {
         let server = servers[0];
-        let unspecified = crate::net::unspecified_for_all(&servers);
+        let unspecified = crate::net::unspecified_for_all(servers);
         let socket = bind_udp(SocketAddr::new(unspecified, self.config.local_port))
             .map_err(|e| StrategyError::io("binding the UDP socket", e))?;
         let port = socket
@@ -209,9 +237,9 @@ impl Strategy for UdpQuic {
             // The control connection's family must answer; another family is an extra that
             // must not eat the attempt.
             let until = if i == 0 {
-                attempt.deadline
+                until
             } else {
-                (Instant::now() + OTHER_FAMILY_STUN).min(attempt.deadline)
+                (Instant::now() + OTHER_FAMILY_STUN).min(until)
             };
             match stun_mapping(&socket, server, until).await {
                 Ok(public) => {
@@ -228,37 +256,89 @@ impl Strategy for UdpQuic {
                 Err(e) => debug!("UDP socket not observed over {server}: {e}"),
             }
         }
-        // With port mapping on, the gateway's mapping of this socket comes first: it takes
-        // datagrams from anywhere, so a peer behind any NAT reaches it (and we answer to
-        // where its punches come from).
-        // (IPv4 only: NAT-PMP, PCP and UPnP-IGD map on the IPv4 gateway.)
-        let mapped = if servers.iter().any(SocketAddr::is_ipv4) {
-            attempt
-                .map_port(nettool_core::port_mapping::Transport::Udp, port)
-                .await
-        } else {
-            None
-        };
-        if let Some(mapped) = mapped {
-            candidates.retain(|c| *c != mapped);
-            candidates.insert(0, mapped);
-        }
-
-        let mut punch_key = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut punch_key);
-        let offer = QuicOffer {
-            punch_key: hex::encode(punch_key),
+        Ok(Opened {
+            socket,
+            port,
+            via,
             candidates,
-            server_rtt_us: attempt
-                .server_rtt
-                .as_micros()
-                .try_into()
-                .unwrap_or(u64::MAX),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Strategy for UdpQuic {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn punches_hard_nats(&self) -> bool {
+        self.config.birthday
+    }
+
+    fn prepares_with_port_mapping(&self) -> bool {
+        false
+    }
+
+    async fn prepare(
+        &self,
+        servers: &[SocketAddr],
+        deadline: Instant,
+    ) -> Result<Option<Prepared>, StrategyError> {
+        // Bounded on its own: a network that drops UDP must not hold the preparation up.
+        let began = Instant::now();
+        let until = (began + PREPARE_STUN).min(deadline);
+        let opened = self.open_socket(servers, until).await?;
+        // Before pairing the observation is the round trip to the server.
+        let offer = QuicOffer::new(&opened, began.elapsed());
+        Ok(Some(Prepared {
+            servers: servers.to_vec(),
+            offer: serde_json::to_value(&offer).expect("offer serializes"),
+            state: Box::new(PreparedSocket { opened, offer }),
+        }))
+    }
+
+    async fn connect(&self, attempt: &mut Attempt<'_>) -> Result<Link, StrategyError> {
+        let servers = attempt.rendezvous.servers();
+        let (
+            Opened {
+                socket, port, via, ..
+            },
+            offer,
+            secured,
+        ) = match attempt
+            .prepared_offers::<PreparedSocket, QuicOffer>(NAME)
+            .await
+        {
+            Some(prepared) => {
+                let (PreparedSocket { opened, offer }, secured) = prepared?;
+                (opened, offer, secured)
+            }
+            None => {
+                let mut opened = self.open_socket(&servers, attempt.deadline).await?;
+                // With port mapping on, the gateway's mapping of this socket comes first: it
+                // takes datagrams from anywhere, so a peer behind any NAT reaches it (and we
+                // answer to where its punches come from).
+                // (IPv4 only: NAT-PMP, PCP and UPnP-IGD map on the IPv4 gateway.)
+                let mapped = if servers.iter().any(SocketAddr::is_ipv4) {
+                    attempt
+                        .map_port(nettool_core::port_mapping::Transport::Udp, opened.port)
+                        .await
+                } else {
+                    None
+                };
+                if let Some(mapped) = mapped {
+                    opened.candidates.retain(|c| *c != mapped);
+                    opened.candidates.insert(0, mapped);
+                }
+                let offer = QuicOffer::new(&opened, attempt.server_rtt);
+                let payload = serde_json::to_value(&offer).expect("offer serializes");
+                let secured = attempt
+                    .exchange_secure_offers::<QuicOffer>(NAME, payload)
+                    .await?;
+                (opened, offer, secured)
+            }
         };
-        let payload = serde_json::to_value(&offer).expect("offer serializes");
-        let secured = attempt
-            .exchange_secure_offers::<QuicOffer>(NAME, payload)
-            .await?;
+        let punch_key = parse_punch_key(&offer.punch_key)?;
         let (identity, peer_fingerprint, theirs) =
             (secured.identity, secured.peer_fingerprint, secured.theirs);
         let peer_seen: Vec<IpAddr> = attempt.pairing.peer_all().iter().map(|a| a.ip()).collect();

@@ -1,4 +1,5 @@
-//! Offers prepared before pairing (`Strategy::prepare`): tcp-punch links on loopback whether
+//! Offers prepared before pairing (`Strategy::prepare`): tcp-punch and udp-quic each prepare
+//! an offer (their ports bound and observed through the server) and link on loopback whether
 //! both peers prepared, only one did (the other, like a peer that predates preparing, sends no
 //! prepared offer: both then exchange offers in the attempt, the preparing side with the
 //! ports it prepared), or neither; and a connect that ends leaves none of the prepared
@@ -20,23 +21,38 @@ fn orchestrator(order: &[&str], prepare: bool) -> Orchestrator {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_punch_links_with_prepared_offers_on_either_side_or_none() {
+async fn tcp_punch_and_udp_quic_link_with_prepared_offers_on_either_side_or_none() {
     let server = RendezvousServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
         .await
         .unwrap();
     let addr = server.local_addr().unwrap();
     tokio::spawn(server.run());
     let baseline = common::open_fds();
-    for (first, second) in [(true, true), (true, false), (false, true), (false, false)] {
+    let registry = nettool_strategies::registry();
+    for name in ["tcp-punch", "udp-quic"] {
+        // Each prepares: an offer naming what the server observed.
+        let built = registry
+            .build(&[name.to_owned()], &Default::default())
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let prepared = built[0].0.prepare(&[addr], deadline).await.unwrap();
+        let prepared = prepared.unwrap_or_else(|| panic!("{name} prepares an offer"));
+        assert_eq!(prepared.servers, vec![addr]);
+        assert!(
+            prepared.offer.to_string().contains("127.0.0.1:"),
+            "{name}: {}",
+            prepared.offer
+        );
+    }
+    for (name, first, second) in ["tcp-punch", "udp-quic"].into_iter().flat_map(|n| {
+        [(true, true), (true, false), (false, true), (false, false)].map(|(f, s)| (n, f, s))
+    }) {
         let params = ConnectParams {
             server: addr,
-            session: format!("prepared-{first}-{second}"),
+            session: format!("prepared-{name}-{first}-{second}"),
             secret: Some("k".into()),
         };
-        let (a, b) = (
-            orchestrator(&["tcp-punch"], first),
-            orchestrator(&["tcp-punch"], second),
-        );
+        let (a, b) = (orchestrator(&[name], first), orchestrator(&[name], second));
         let ((la, ra), (lb, rb)) = tokio::join!(a.connect(&params, &|_| {}), async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             b.connect(&params, &|_| {}).await
@@ -44,7 +60,7 @@ async fn tcp_punch_links_with_prepared_offers_on_either_side_or_none() {
         for (link, report) in [(&la, &ra), (&lb, &rb)] {
             assert!(
                 link.is_some(),
-                "prepared {first}/{second}: no link: {:?}",
+                "{name} prepared {first}/{second}: no link: {:?}",
                 report.attempts
             );
             assert_eq!(report.attempts[0].outcome, Outcome::Connected);

@@ -235,9 +235,11 @@ fn at_100ms_rtt_tcp_punch_alone_links_intact() {
         (256 << 10, 128 << 10),
         Duration::from_secs(2),
         None,
-        &["--no-relay-first", "--strategy", "tcp-punch"],
+        &["--no-relay-first", "--strategy", "tcp-punch", "-vv"],
     );
     let problems = intact_and_clean(&run);
+    std::fs::write("/tmp/tp_a.err", &run.a_err).unwrap();
+    std::fs::write("/tmp/tp_b.err", &run.b_err).unwrap();
     let fb = run.first_byte_ms.unwrap_or(0);
     println!(
         "distance: tcp-punch alone, {a} x {b} at RTT 100 ms: first byte {fb} ms ({:.1} RTT), \
