@@ -376,8 +376,15 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream.flush().await?;
     hello.truncate(hello_len);
 
+    // Keyed, the second peer's proof is out with its hello: a first peer that refuses it
+    // closes the link, on QUIC possibly before its own hello got out, so the link ending
+    // before the first peer's hello arrived means that here.
+    let refused = |e: std::io::Error| match sent_keyed {
+        Some(_) => HandshakeError::PeerRefused(e),
+        None => HandshakeError::from(e),
+    };
     let mut theirs = [0u8; HELLO_LEN];
-    stream.read_exact(&mut theirs[..6]).await?;
+    stream.read_exact(&mut theirs[..6]).await.map_err(refused)?;
     if &theirs[..4] != MAGIC {
         return Err(HandshakeError::NotAPeer);
     }
@@ -390,7 +397,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     if theirs[5] != role_byte(ctx.role.other()) {
         return Err(HandshakeError::SameRole);
     }
-    stream.read_exact(&mut theirs[6..]).await?;
+    stream.read_exact(&mut theirs[6..]).await.map_err(refused)?;
     let their_keyed = theirs[FLAGS_AT] & FLAG_KEYED != 0;
     if let (Some(k), true) = (agreed, their_keyed) {
         let mut their_mac = [0u8; MAC_LEN];

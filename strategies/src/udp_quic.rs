@@ -106,7 +106,7 @@ impl Default for UdpQuicConfig {
             birthday: true,
             birthday_sockets: 256,
             birthday_probes: 2048,
-            birthday_rate: 1000,
+            birthday_rate: 2000,
         }
     }
 }
@@ -359,6 +359,9 @@ impl Strategy for UdpQuic {
             .unwrap_or(attempt.deadline);
         let started = Instant::now();
         let side = birthday_side(attempt.nat).filter(|_| self.config.birthday);
+        // Who dials QUIC: the links' TLS role (the second peer when keyed, so its proof rides
+        // with its QUIC Finished, as on the TCP links).
+        let quic_role = attempt.tls_role();
         let keys = birthday::Keys {
             mine: &punch_key,
             peer: &peer_punch_key,
@@ -380,6 +383,7 @@ impl Strategy for UdpQuic {
                     peer_key: &peer_punch_key,
                     pair_id: &attempt.pairing.pair_id,
                     role: attempt.role(),
+                    accepts_quic: quic_role == Role::Second,
                     interval: self.config.punch_interval,
                     // The peer got its offer at most half the larger server round trip after
                     // us; its low-TTL datagrams are out by then.
@@ -436,7 +440,7 @@ impl Strategy for UdpQuic {
                     &keys,
                     &easy,
                     self.config.birthday_sockets,
-                    true,
+                    (true, quic_role == Role::First),
                     stop,
                 )
                 .await;
@@ -463,14 +467,13 @@ impl Strategy for UdpQuic {
         let socket = socket
             .into_std()
             .map_err(|e| StrategyError::io("taking the UDP socket back from tokio", e))?;
-        let role = attempt.role();
-        let endpoint = quic_endpoint(socket, role, &identity, peer_fingerprint, transport)?;
+        let endpoint = quic_endpoint(socket, quic_role, &identity, peer_fingerprint, transport)?;
         // Closes the endpoint (and with it the socket) unless the link takes it over.
         let guard = EndpointGuard(Some(endpoint.clone()));
 
         let (tx, rx) = mpsc::channel(4);
         let mut tasks = JoinSet::new();
-        match role {
+        match quic_role {
             Role::First => {
                 tasks.spawn(dial_each(endpoint.clone(), paths.clone(), local, tx));
             }
@@ -501,7 +504,7 @@ impl Strategy for UdpQuic {
             );
             none.into_error(msg)
         })?;
-        if role == Role::Second {
+        if quic_role == Role::Second {
             endpoint.set_server_config(None); // no further connections
         }
         guard.disarm();

@@ -79,7 +79,8 @@ pub(crate) struct Miss {
 }
 
 /// The easy side: probes random ports of `peer_ip` from `socket` at `rate` per second, at
-/// most `n` of them, until an authenticated punch confirms.
+/// most `n` of them, until an authenticated punch confirms (or, when the hard side dials
+/// QUIC, its Initial follows an answer: left queued on the socket).
 pub(crate) async fn easy(
     socket: &UdpSocket,
     keys: &Keys<'_>,
@@ -131,9 +132,16 @@ pub(crate) async fn easy(
                 }
                 confirm_next += CONFIRM_EVERY;
             }
-            got = socket.recv_from(&mut buf) => {
+            got = socket.peek_from(&mut buf) => {
+                // An error is an ICMP error of an earlier probe (reading it cleared it).
                 let Ok((len, from)) = got else { continue };
                 let from = nettool_core::candidates::canonical(from);
+                // The hard side dials QUIC as soon as a probe reached it: its Initial, from an
+                // address that answered, stays queued for this side's QUIC endpoint.
+                if heard.contains(&from) && is_quic_initial(&buf[..len]) {
+                    return Ok(Outcome { peer: from, socket: (), probes: sent });
+                }
+                let _ = socket.recv_from(&mut buf).await;
                 // Only the peer's public IP; the punch proves the rest.
                 let Some(p) = keys.check(&buf[..len]).filter(|_| from.ip() == peer_ip) else {
                     continue;
@@ -157,12 +165,18 @@ pub(crate) async fn easy(
 /// The hard side: opens `k` sockets, primes each towards `easy` (the easy side's public
 /// mappings, low TTL), and waits for a probe; answers from the socket it hit until the easy
 /// side confirms. Returns that socket; the others are closed.
+///
+/// With `dials` (this side dials QUIC next), the first authenticated probe is enough: the
+/// path works both ways once a probe came in (the easy side's probe opened its filter for
+/// the very mapping it hit), so this side answers a few times and returns at once; its QUIC
+/// Initial, right behind the answers, is what the easy side's endpoint then takes. A round
+/// trip less than waiting for the easy side's confirmation.
 pub(crate) async fn hard(
     local_ip: IpAddr,
     keys: &Keys<'_>,
     easy: &[SocketAddr],
     k: u16,
-    ipv4: bool,
+    (ipv4, dials): (bool, bool),
     stop: Instant,
 ) -> Result<Outcome<UdpSocket>, Miss> {
     let k = k.clamp(1, MAX_SOCKETS);
@@ -257,7 +271,7 @@ pub(crate) async fn hard(
                     hits.push((i, from));
                 }
                 let _ = sockets[i].send_to(&keys.punch(true), from).await;
-                if heard {
+                if heard || dials {
                     for _ in 0..3 {
                         let _ = sockets[i].send_to(&keys.punch(true), from).await;
                     }
@@ -324,7 +338,7 @@ mod quic_initial_tests {
             &hard_keys,
             &easy_addrs,
             4,
-            true,
+            (true, false),
             stop,
         );
         let easy_side = async {
@@ -366,5 +380,59 @@ mod quic_initial_tests {
             (&buf[..n], from),
             (&[0xc3, 0, 0, 0, 1, 0x55, 0x55][..], easy_addr)
         );
+    }
+
+    /// A hard side that dials QUIC next returns at the first authenticated probe, without the
+    /// easy side's confirmation (which this easy side never sends), from the socket it hit;
+    /// one that accepts QUIC waits for the confirmation (here: until its stop).
+    #[tokio::test]
+    async fn a_hard_side_that_dials_needs_no_confirmation() {
+        let key = |s: &str| -> PunchKey { sha2::Sha256::digest(s.as_bytes()).into() };
+        let (hard_key, easy_key) = (key("hard"), key("easy"));
+        for dials in [true, false] {
+            let easy_socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let easy_addr = easy_socket.local_addr().unwrap();
+            let hard_keys = Keys {
+                mine: &hard_key,
+                peer: &easy_key,
+                pair_id: "p",
+                role: Role::Second,
+            };
+            let stop = Instant::now() + Duration::from_millis(1500);
+            let easy_addrs = [easy_addr];
+            let hard_side = hard(
+                "127.0.0.1".parse().unwrap(),
+                &hard_keys,
+                &easy_addrs,
+                4,
+                (true, dials),
+                stop,
+            );
+            let easy_side = async {
+                // One probe to the first primed socket; answers are read and never confirmed.
+                let mut buf = [0u8; 2048];
+                let (_, to) = easy_socket.recv_from(&mut buf).await.unwrap();
+                let probe = encode_punch(
+                    &easy_key,
+                    "p",
+                    Punch {
+                        role: Role::First,
+                        heard: false,
+                    },
+                );
+                easy_socket.send_to(&probe, to).await.unwrap();
+                to
+            };
+            let (won, to) = tokio::join!(hard_side, easy_side);
+            match (dials, won) {
+                (true, Ok(won)) => {
+                    assert_eq!(won.peer, easy_addr);
+                    assert_eq!(won.socket.local_addr().unwrap(), to);
+                }
+                (true, Err(m)) => panic!("the dialing hard side waited: {}", m.detail),
+                (false, Ok(_)) => panic!("the accepting hard side took an unconfirmed path"),
+                (false, Err(m)) => assert!(m.detail.contains("no confirmation"), "{}", m.detail),
+            }
+        }
     }
 }

@@ -143,6 +143,9 @@ pub(super) struct Puncher<'a> {
     pub(super) peer_key: &'a PunchKey,
     pub(super) pair_id: &'a str,
     pub(super) role: Role,
+    /// This side accepts the QUIC connection (the other dials once it is done punching): a
+    /// QUIC long-header packet from an address that punched through ends the punching.
+    pub(super) accepts_quic: bool,
     pub(super) interval: Duration,
     pub(super) full_ttl_delay: Duration,
 }
@@ -193,8 +196,8 @@ impl Puncher<'_> {
 
     /// Punches until a valid punch from the peer was heard and the peer confirmed hearing
     /// ours; returns the peer's addresses that punched through: first the one the confirming
-    /// punch came from (or, for the second peer, the one the first peer's QUIC packets come
-    /// from), then every other address a valid punch came from, so QUIC can try them all.
+    /// punch came from (or, on the side that accepts QUIC, the one the peer's QUIC packets
+    /// come from), then every other address a valid punch came from, so QUIC can try them all.
     pub(super) async fn run(
         &self,
         peer_candidates: &[SocketAddr],
@@ -284,7 +287,7 @@ impl Puncher<'_> {
                     let packet = &buf[..n];
                     let punch = decode_punch(self.peer_key, self.pair_id, self.role.other(), packet);
                     if punch.is_err()
-                        && self.role == Role::Second
+                        && self.accepts_quic
                         && heard_from.contains(&from)
                         && packet.first().is_some_and(|b| b & 0xc0 == 0xc0)
                     {

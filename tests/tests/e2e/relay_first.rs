@@ -430,11 +430,12 @@ fn a_direct_path_that_dies_falls_back_to_the_relay_and_moves_direct_again() {
 }
 
 /// A relay-first session that ends before the direct connect does (a few bytes each way, at
-/// 200 ms RTT; sym × cone, whose direct path is udp-quic's birthday punching: the session is
-/// done in about 4.5 round trips after pairing, the direct path takes about 8): the report
-/// still lists every direct strategy, as it ended (tcp-punch: skipped by the plan) or
-/// `cancelled` with its elapsed time and the phase. (On cone × cone the direct path, prepared
-/// before pairing, now comes as fast as the session's end: nothing left to cancel.)
+/// 200 ms RTT; sym × cone, whose direct path is udp-quic's birthday punching, its probes paced
+/// at 100 per second so that the punching takes seconds: the session is done in about 4.5
+/// round trips after pairing): the report still lists every direct strategy, as it ended
+/// (tcp-punch: skipped by the plan) or `cancelled` with its elapsed time and the phase. (At
+/// the default pace the direct path now comes about as fast as the session's end, and on
+/// cone × cone, prepared before pairing, faster: nothing left to cancel.)
 #[test]
 fn a_session_that_ends_at_once_lists_the_direct_attempts_as_cancelled() {
     if !require_lab() {
@@ -446,7 +447,18 @@ fn a_session_that_ends_at_once_lists_the_direct_attempts_as_cancelled() {
         .build()
         .unwrap_or_else(|e| panic!("cannot build the lab with delay: {e}"));
     let lab = RunningLab::on(lab, &[]);
-    let r = run_pair_in(&lab, pair, (16, 16), Duration::from_millis(1), None);
+    let dir = TempDir::new("rf-cancel");
+    let config = dir.path("slow-birthday.toml");
+    std::fs::write(&config, "[strategy.udp-quic]\nbirthday-rate = 100\n").unwrap();
+    let config = config.display().to_string();
+    let r = run_pair_with(
+        &lab,
+        pair,
+        (16, 16),
+        Duration::from_millis(1),
+        None,
+        &["--config", &config],
+    );
     assert!(intact_and_clean(&r).is_empty(), "{}\n{}", r.a_err, r.b_err);
     for report in [&r.a_report, &r.b_report] {
         let attempts = report["attempts"].as_array().cloned().unwrap_or_default();
