@@ -16,7 +16,7 @@ use super::{BenchArgs, Capacity, MemoryRow, PairingRate, Verdict};
 
 /// Open files this process may have; raised (soft, and hard when allowed) towards `want`.
 /// Returns the soft limit in force afterwards and why it is lower than `want`, if it is.
-fn raise_nofile(want: u64) -> (u64, Option<String>) {
+pub(super) fn raise_nofile(want: u64) -> (u64, Option<String>) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

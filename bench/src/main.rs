@@ -30,6 +30,10 @@
 //!   `--rounds` rounds in a fresh lab each: A's first byte on B's stdout and the move to the
 //!   direct path, in ms and round trips since A's start, against 5 and 8 round trips
 //!   (`distance.rs`). Without the lab it prints `distance: skipped: <reason>`.
+//! - **Pairs** (`--section pairs`, not in the default set): `--pair-count` relay-first pairs
+//!   (1,000) at once through one server, the peers in this process through the library API
+//!   (`nettool_peer`), `--pair-size` (1 MiB) each way per pair, every byte checked; the
+//!   server's peak RSS and CPU (`pairs.rs`).
 //!
 //! With `--server HOST:PORT --session NAME` this process is one peer against an external
 //! rendezvous server and measures time to link only (its own view: from its "paired" event to
@@ -66,6 +70,7 @@ mod cli_path;
 mod cluster;
 mod distance;
 mod forward;
+mod pairs;
 mod server_memory;
 mod server_proc;
 mod throughput;
@@ -80,9 +85,10 @@ mod time_to_link;
 ///
 /// Runs `nettool` child processes: NETTOOL_BIN, else the `nettool` next to this binary.
 ///
-/// Sections not in the default set: soak, forward, cluster (needs redis-server) and distance
+/// Sections not in the default set: soak, forward, cluster (needs redis-server), distance
 /// (relay-first in the NAT lab at --distance-rtt: first byte and time to the direct path per
-/// pair of NAT kinds; needs root, nftables and iptables, else it prints "distance: skipped").
+/// pair of NAT kinds; needs root, nftables and iptables, else it prints "distance: skipped")
+/// and pairs (--pair-count relay-first pairs at once through one server, by the library API).
 ///
 /// Example (small and quick):
 ///   nettool-bench --runs 10 --size 8MiB --pairings 5000 --sessions 10k
@@ -211,6 +217,19 @@ pub(crate) struct BenchArgs {
     /// Address B's plain-TCP listener binds, reachable from A (default 127.0.0.1).
     #[arg(long)]
     cli_b_ip: Option<IpAddr>,
+    /// Pairs: relay-first pairs at once through one server (twice as many peers in this
+    /// process, through the library API).
+    #[arg(long, default_value_t = 1000)]
+    pair_count: usize,
+    /// Pairs: bytes each way per pair (suffixes as --size).
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    pair_size: u64,
+    /// Internal: run pairs FROM..TO of the pairs section in this process (a worker).
+    #[arg(long, hide = true, value_name = "FROM..TO", requires = "pairs_server")]
+    pairs_worker: Option<String>,
+    /// Internal: the pairs section's server, for a worker.
+    #[arg(long, hide = true)]
+    pairs_server: Option<std::net::SocketAddr>,
     /// Section to run; repeat for several (default: all; with --server only time-to-link).
     #[arg(long = "section", value_enum)]
     sections: Vec<Section>,
@@ -248,6 +267,9 @@ pub(crate) enum Section {
     /// to the direct path per pair of NAT kinds (only when asked for; needs root, nftables and
     /// iptables, else skipped).
     Distance,
+    /// Many relay-first pairs at once through one server, through the library API, every
+    /// byte checked; the server's RSS and CPU (only when asked for: --pair-count, --pair-size).
+    Pairs,
 }
 
 /// How the CLI path feeds and drains the processes.
@@ -404,6 +426,16 @@ pub(crate) async fn run(
     settings: Settings,
     configs: &[ConfiguredStrategy],
 ) -> Result<i32> {
+    if let (Some(range), Some(server)) = (&args.pairs_worker, args.pairs_server) {
+        let parsed = range
+            .split_once("..")
+            .and_then(|(a, b)| Some(a.parse::<usize>().ok()?..b.parse::<usize>().ok()?));
+        let Some(range) = parsed else {
+            bail!("--pairs-worker takes FROM..TO (e.g. 0..250), not '{range}'");
+        };
+        pairs::worker(server, range, args.pair_size).await;
+        return Ok(0);
+    }
     let peer_mode = !args.peer.servers().is_empty();
     let sections: Vec<Section> = if args.sections.is_empty() {
         if peer_mode {
@@ -524,6 +556,10 @@ pub(crate) async fn run(
         }
         if sections.contains(&Section::ServerMemory) {
             report.server_memory = Some(server_memory::measure(&progress).await);
+        }
+        if sections.contains(&Section::Pairs) {
+            let lines = pairs::run(args.pair_count, args.pair_size, &progress);
+            report.notes.extend(lines.await);
         }
         if sections.contains(&Section::Cluster) {
             let measured = cluster::measure(args.pairings, args.concurrency, &progress);

@@ -93,7 +93,13 @@ async fn read_hello<R: AsyncRead + Unpin>(
     resume: bool,
     (sid, nonce): (&mut Option<[u8; SESSION_ID_LEN]>, &[u8; SESSION_ID_LEN]),
 ) -> Result<u64, LinkEnd> {
-    let limit = liveness(cfg, None);
+    // The peer's HELLO is the first thing its session sends on a new link, but its session may
+    // start late (a process busy with many connects, scheduling its tasks seconds behind):
+    // the longest liveness timeout, not the round trip's. A new session that gives up here
+    // cannot resume (it has no id yet), and its peer, which may have had this side's HELLO,
+    // would wait out its whole resume timeout: 1,000 pairs at once on two cores lost a few
+    // pairs to the 3 s of `liveness_min` (`nettool-bench --section pairs`).
+    let limit = cfg.liveness_max;
     let mut raw = [0u8; HEADER_LEN];
     read_timed(rd, &mut raw, limit)
         .await
