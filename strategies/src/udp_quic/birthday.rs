@@ -10,7 +10,9 @@
 //!   the K mappings is let in (the hard NAT has state for exactly that pair); the hard side
 //!   answers from that socket, which the easy NAT lets in (it sent to that port).
 //! - Both stop at the first authenticated punch that confirms the other heard them; QUIC then
-//!   runs on the winning socket and every other socket closes at once.
+//!   runs on the winning socket and every other socket closes at once. A hard side that dials
+//!   QUIC (the keyed second peer) stops at the first probe instead: its Initial, right behind
+//!   its answers, is the confirmation, and the easy side leaves it queued for its endpoint.
 //!
 //! P(hit) = 1 − (1 − K/R)^N for R ≈ 64,512 random ports: K = 256, N = 2048 gives ≈ 99.97%.
 //! Hard caps per attempt: [`MAX_SOCKETS`] sockets, [`MAX_PROBES`] probes, [`MAX_RATE`] probes
