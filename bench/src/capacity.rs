@@ -11,6 +11,7 @@ use nettool_core::protocol::PROTOCOL_VERSION;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
+use super::cli_path::proc_status_kib;
 use super::server_proc::ServerProc;
 use super::{BenchArgs, Capacity, MemoryRow, PairingRate, Verdict};
 
@@ -64,14 +65,6 @@ pub(super) fn raise_nofile(want: u64) -> (u64, Option<String>) {
             "RLIMIT_NOFILE is {cur} (hard {hard}) and raising it failed ({err})"
         )),
     )
-}
-
-fn proc_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// utime + stime of a process, seconds.
@@ -408,7 +401,7 @@ async fn waiting_sessions(
         }
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    row.rss_before_kib = proc_rss_kib(server.pid());
+    row.rss_before_kib = proc_status_kib(server.pid(), "VmRSS:");
     let tag = std::process::id();
     // One source address per 10k connections: each address has its own ephemeral ports.
     let mut streams = Vec::with_capacity(goal as usize);
@@ -444,7 +437,7 @@ async fn waiting_sessions(
     }
     row.reached = streams.len() as u64;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    row.rss_after_kib = proc_rss_kib(server.pid());
+    row.rss_after_kib = proc_status_kib(server.pid(), "VmRSS:");
     if let Some(f) = failure {
         let msg = format!("reached {} of {n} sessions: {f}", row.reached);
         row.error = Some(match row.error.take() {

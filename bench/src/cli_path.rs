@@ -363,7 +363,8 @@ impl Drop for Peer {
     }
 }
 
-fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`).
+pub(crate) fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()

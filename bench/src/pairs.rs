@@ -26,6 +26,7 @@ use nettool_core::control::{ControlSecurity, ServerTrust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::capacity::{proc_cpu_seconds, raise_nofile};
+use super::cli_path::proc_status_kib;
 use super::server_proc::ServerProc;
 
 /// Open files one peer may hold at its busiest (control and relay connections, the direct
@@ -225,20 +226,8 @@ async fn link_pair(
     }
 }
 
-fn own_peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
 fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    proc_status_kib(pid, "VmRSS:")
 }
 
 /// The worker (`--pairs-worker FROM..TO --pairs-server ADDR`): runs pairs FROM..TO against
@@ -306,7 +295,7 @@ pub(crate) async fn worker(server: SocketAddr, range: std::ops::Range<usize>, si
             }
         }
     }
-    out.peak_rss_kib = own_peak_rss_kib().unwrap_or(0);
+    out.peak_rss_kib = proc_status_kib(std::process::id(), "VmHWM:").unwrap_or(0);
     println!(
         "{}",
         serde_json::to_string(&out).expect("the result serializes")

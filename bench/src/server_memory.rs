@@ -108,7 +108,7 @@ pub(crate) async fn measure(progress: &dyn Fn(&str)) -> ServerMemory {
         }
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    out.rss_before_kib = rss_kib(server.pid());
+    out.rss_before_kib = super::cli_path::proc_status_kib(server.pid(), "VmRSS:");
     let mut held = Vec::with_capacity(CONNECTIONS as usize);
     let mut tasks = tokio::task::JoinSet::new();
     let mut failure = None;
@@ -141,7 +141,7 @@ pub(crate) async fn measure(progress: &dyn Fn(&str)) -> ServerMemory {
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    out.rss_after_kib = rss_kib(server.pid());
+    out.rss_after_kib = super::cli_path::proc_status_kib(server.pid(), "VmRSS:");
     // Only connections the server still holds count (it would have closed a dropped one).
     let mut probe = [0u8; 1];
     out.held = held
@@ -238,12 +238,4 @@ fn raise_nofile() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }

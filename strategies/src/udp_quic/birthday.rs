@@ -318,13 +318,33 @@ mod quic_initial_tests {
         assert!(!is_quic_initial(&[0xc3, 0, 0]));
     }
 
+    fn test_key(s: &str) -> PunchKey {
+        sha2::Sha256::digest(s.as_bytes()).into()
+    }
+
+    /// The easy side of a test: waits for the hard side's first prime and answers the socket
+    /// it came from with one probe; returns that socket's address.
+    async fn probe_the_first_prime(easy_socket: &UdpSocket, easy_key: &PunchKey) -> SocketAddr {
+        let mut buf = [0u8; 2048];
+        let (_, to) = easy_socket.recv_from(&mut buf).await.unwrap();
+        let probe = encode_punch(
+            easy_key,
+            "p",
+            Punch {
+                role: Role::First,
+                heard: false,
+            },
+        );
+        easy_socket.send_to(&probe, to).await.unwrap();
+        to
+    }
+
     /// The easy side's QUIC Initial right behind its answer (before its confirmation) stays
     /// queued on the winning socket for the QUIC endpoint: read and dropped by the hard side's
     /// probe readers, QUIC would resend it only after its loss timer.
     #[tokio::test]
     async fn the_easy_sides_quic_initial_waits_on_the_winning_socket() {
-        let key = |s: &str| -> PunchKey { sha2::Sha256::digest(s.as_bytes()).into() };
-        let (hard_key, easy_key) = (key("hard"), key("easy"));
+        let (hard_key, easy_key) = (test_key("hard"), test_key("easy"));
         let easy_socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let easy_addr = easy_socket.local_addr().unwrap();
         let hard_keys = Keys {
@@ -346,17 +366,8 @@ mod quic_initial_tests {
         let easy_side = async {
             // The primes tell where the hard side's sockets are; answer the first with a
             // probe, then at once (as the real easy side dials when it hears back) the Initial.
+            let to = probe_the_first_prime(&easy_socket, &easy_key).await;
             let mut buf = [0u8; 2048];
-            let (_, to) = easy_socket.recv_from(&mut buf).await.unwrap();
-            let probe = encode_punch(
-                &easy_key,
-                "p",
-                Punch {
-                    role: Role::First,
-                    heard: false,
-                },
-            );
-            easy_socket.send_to(&probe, to).await.unwrap();
             loop {
                 let (n, from) = easy_socket.recv_from(&mut buf).await.unwrap();
                 let answer = decode_punch(&hard_key, "p", Role::Second, &buf[..n]);
@@ -389,8 +400,7 @@ mod quic_initial_tests {
     /// one that accepts QUIC waits for the confirmation (here: until its stop).
     #[tokio::test]
     async fn a_hard_side_that_dials_needs_no_confirmation() {
-        let key = |s: &str| -> PunchKey { sha2::Sha256::digest(s.as_bytes()).into() };
-        let (hard_key, easy_key) = (key("hard"), key("easy"));
+        let (hard_key, easy_key) = (test_key("hard"), test_key("easy"));
         for dials in [true, false] {
             let easy_socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
             let easy_addr = easy_socket.local_addr().unwrap();
@@ -410,21 +420,8 @@ mod quic_initial_tests {
                 (true, dials),
                 stop,
             );
-            let easy_side = async {
-                // One probe to the first primed socket; answers are read and never confirmed.
-                let mut buf = [0u8; 2048];
-                let (_, to) = easy_socket.recv_from(&mut buf).await.unwrap();
-                let probe = encode_punch(
-                    &easy_key,
-                    "p",
-                    Punch {
-                        role: Role::First,
-                        heard: false,
-                    },
-                );
-                easy_socket.send_to(&probe, to).await.unwrap();
-                to
-            };
+            // One probe to the first primed socket; answers are never confirmed.
+            let easy_side = probe_the_first_prime(&easy_socket, &easy_key);
             let (won, to) = tokio::join!(hard_side, easy_side);
             match (dials, won) {
                 (true, Ok(won)) => {
