@@ -430,11 +430,11 @@ fn a_direct_path_that_dies_falls_back_to_the_relay_and_moves_direct_again() {
 }
 
 /// A relay-first session that ends before the direct connect does (a few bytes each way, at
-/// 200 ms RTT; sym × cone, whose direct path is udp-quic's birthday punching, its probes paced
-/// at 100 per second so that the punching takes seconds: the session is done in about 4.5
+/// 200 ms RTT; sym × cone, whose direct path is udp-quic's birthday punching, made to miss
+/// (one socket, one probe) so that it is still running: the session is done in about 4.5
 /// round trips after pairing): the report still lists every direct strategy, as it ended
 /// (tcp-punch: skipped by the plan) or `cancelled` with its elapsed time and the phase. (At
-/// the default pace the direct path now comes about as fast as the session's end, and on
+/// the default settings the direct path now comes about as fast as the session's end, and on
 /// cone × cone, prepared before pairing, faster: nothing left to cancel.)
 #[test]
 fn a_session_that_ends_at_once_lists_the_direct_attempts_as_cancelled() {
@@ -448,8 +448,14 @@ fn a_session_that_ends_at_once_lists_the_direct_attempts_as_cancelled() {
         .unwrap_or_else(|e| panic!("cannot build the lab with delay: {e}"));
     let lab = RunningLab::on(lab, &[]);
     let dir = TempDir::new("rf-cancel");
-    let config = dir.path("slow-birthday.toml");
-    std::fs::write(&config, "[strategy.udp-quic]\nbirthday-rate = 100\n").unwrap();
+    let config = dir.path("missing-birthday.toml");
+    // One socket on the hard side and one probe: the punching practically never hits
+    // (1 in 64,512), so udp-quic runs until the session's end cancels it.
+    std::fs::write(
+        &config,
+        "[strategy.udp-quic]\nbirthday-sockets = 1\nbirthday-probes = 1\n",
+    )
+    .unwrap();
     let config = config.display().to_string();
     let r = run_pair_with(
         &lab,
