@@ -41,16 +41,47 @@ use serde::Serialize;
 
 use super::Verdict;
 
-/// The pairs measured (A × B; B waits, A starts) and the path each ends on in the README's
-/// strategy table (`relay`: nothing direct links it).
-const PAIRS: [(NatKind, NatKind, &str); 6] = [
-    (NatKind::None, NatKind::None, "tcp-punch"),
-    (NatKind::Cone, NatKind::Cone, "tcp-punch"),
-    (NatKind::ConeRst, NatKind::Cone, "tcp-punch"),
-    (NatKind::Sym, NatKind::Cone, "udp-quic"),
-    (NatKind::Fw, NatKind::Fw, "tcp-punch"),
-    (NatKind::Sym, NatKind::Sym, "relay"),
+/// One measured case: A × B (B waits, A starts), the path it ends on in the README's strategy
+/// table (`relay`: nothing direct links it), the flags both peers add, and the first byte's
+/// target in round trips.
+struct Case {
+    a: NatKind,
+    b: NatKind,
+    expected: &'static str,
+    flags: &'static [&'static str],
+    first_byte_rtt: u64,
+}
+
+const fn default_connect(a: NatKind, b: NatKind, expected: &'static str) -> Case {
+    Case {
+        a,
+        b,
+        expected,
+        flags: &[],
+        first_byte_rtt: FIRST_BYTE_TARGET_RTT,
+    }
+}
+
+/// The cases: the default connect (relay-first) per pair, and tcp-punch alone on cone × cone
+/// (no relay: the first byte waits for the punched link; target 6 round trips).
+const PAIRS: [Case; 7] = [
+    default_connect(NatKind::None, NatKind::None, "tcp-punch"),
+    default_connect(NatKind::Cone, NatKind::Cone, "tcp-punch"),
+    default_connect(NatKind::ConeRst, NatKind::Cone, "tcp-punch"),
+    default_connect(NatKind::Sym, NatKind::Cone, "udp-quic"),
+    default_connect(NatKind::Fw, NatKind::Fw, "tcp-punch"),
+    default_connect(NatKind::Sym, NatKind::Sym, "relay"),
+    Case {
+        a: NatKind::Cone,
+        b: NatKind::Cone,
+        expected: "tcp-punch",
+        flags: TCP_PUNCH_ALONE,
+        first_byte_rtt: 6,
+    },
 ];
+
+/// The flags of the tcp-punch-alone case.
+const TCP_PUNCH_ALONE: &[&str] = &["--no-relay-first", "--strategy", "tcp-punch"];
 
 /// Bytes A and B send, each paced over [`PACE`].
 const A_BYTES: usize = 256 << 10;
@@ -210,8 +241,8 @@ pub(crate) fn run(rtt_ms: u64, rounds: u32, progress: &(dyn Fn(&str) + Sync)) ->
                 let Some((p, round)) = jobs.lock().expect("jobs lock").pop_front() else {
                     return;
                 };
-                let (a, b, _) = PAIRS[p];
-                let r = one_run(&bin, a, b, delay, round)
+                let (a, b) = (PAIRS[p].a, PAIRS[p].b);
+                let r = one_run(&bin, &PAIRS[p], delay, round)
                     .unwrap_or_else(|e| DistanceRun::failed(round, format!("{e:#}")));
                 let mut results = results.lock().expect("results lock");
                 results.push((p, r.clone()));
@@ -232,13 +263,13 @@ pub(crate) fn run(rtt_ms: u64, rounds: u32, progress: &(dyn Fn(&str) + Sync)) ->
     });
     let mut results = results.into_inner().expect("results lock");
     results.sort_by_key(|(p, r)| (*p, r.round));
-    for (p, (a, b, expected)) in PAIRS.iter().enumerate() {
+    for (p, case) in PAIRS.iter().enumerate() {
         let runs: Vec<DistanceRun> = results
             .iter()
             .filter(|(q, _)| *q == p)
             .map(|(_, r)| r.clone())
             .collect();
-        bench.rows.push(row(*a, *b, expected, runs, rtt_ms));
+        bench.rows.push(row(case, runs, rtt_ms));
     }
     bench
 }
@@ -253,13 +284,10 @@ fn p50(v: &[Option<u64>]) -> Option<u64> {
     Some(v[v.len() / 2]).filter(|x| *x != u64::MAX)
 }
 
-fn row(
-    a: NatKind,
-    b: NatKind,
-    expected: &'static str,
-    runs: Vec<DistanceRun>,
-    rtt_ms: u64,
-) -> DistanceRow {
+fn row(case: &Case, runs: Vec<DistanceRun>, rtt_ms: u64) -> DistanceRow {
+    let (a, b, expected) = (case.a, case.b, case.expected);
+    // Without the relay the whole link is direct: only the first byte has a target.
+    let alone = !case.flags.is_empty();
     let first: Vec<Option<u64>> = runs.iter().map(|r| r.first_byte_ms).collect();
     let direct: Vec<Option<u64>> = runs.iter().map(|r| r.direct_ms).collect();
     let first_byte_p50_ms = p50(&first);
@@ -269,12 +297,16 @@ fn row(
         None
     };
     let direct_p50_ms = p50(&direct);
-    let punchable = expected != "relay";
-    let first_byte_target_ms = FIRST_BYTE_TARGET_RTT * rtt_ms;
+    let punchable = expected != "relay" && !alone;
+    let first_byte_target_ms = case.first_byte_rtt * rtt_ms;
     let direct_target_ms = punchable.then_some(DIRECT_TARGET_RTT * rtt_ms);
     let clean = runs.iter().filter(|r| r.clean()).count() as u32;
     DistanceRow {
-        pair: format!("{a} × {b}"),
+        pair: if alone {
+            format!("{a} × {b}, {}", case.flags.join(" "))
+        } else {
+            format!("{a} × {b}")
+        },
         a: a.name(),
         b: b.name(),
         runs: runs.len() as u32,
@@ -334,7 +366,7 @@ impl Distance {
             "clean",
             "first byte p50",
             "worst",
-            &format!("≤ {FIRST_BYTE_TARGET_RTT} RTT"),
+            "target",
             "direct p50 (A's report)",
             &format!("≤ {DIRECT_TARGET_RTT} RTT"),
             "final path",
@@ -365,7 +397,11 @@ impl Distance {
                 format!("{}/{} {}", r.clean, r.runs, r.clean_verdict.as_str()),
                 ms_rtt(r.first_byte_p50_ms, rtt),
                 ms_rtt(r.first_byte_worst_ms, rtt),
-                r.first_byte_verdict.as_str().into(),
+                format!(
+                    "≤ {} RTT {}",
+                    r.first_byte_target_ms / rtt.max(1),
+                    r.first_byte_verdict.as_str()
+                ),
                 format!(
                     "{}{}",
                     ms_rtt(r.direct_p50_ms, rtt),
@@ -382,7 +418,7 @@ impl Distance {
         }
         format!(
             "Distance (NAT lab, RTT {rtt} ms: {} ms each way at the internet router; default \
-             connect (relay-first), B waiting, A starting; A {} KiB, B {} KiB, paced over {} s; \
+             connect (relay-first) unless the row names flags, B waiting, A starting; A {} KiB, B {} KiB, paced over {} s; \
              {} round(s), a fresh lab each; ms since A's start: first byte on B's stdout, \
              direct = the first non-relay path's from_ms in A's report; targets on the \
              median; clean = both exit 0, both directions' bytes intact)\n{t}\n",
@@ -545,8 +581,10 @@ fn read_report(path: &Path) -> serde_json::Value {
 }
 
 /// One round of one pair in a fresh lab.
-fn one_run(bin: &Path, a: NatKind, b: NatKind, delay: Duration, round: u32) -> Result<DistanceRun> {
-    let tag = format!("{a}-{b}-{round}");
+fn one_run(bin: &Path, case: &Case, delay: Duration, round: u32) -> Result<DistanceRun> {
+    let (a, b) = (case.a, case.b);
+    let alone = if case.flags.is_empty() { "" } else { "-alone" };
+    let tag = format!("{a}-{b}{alone}-{round}");
     let lab = Lab::builder(a, b)
         .delay(delay)
         .build()
@@ -565,7 +603,8 @@ fn one_run(bin: &Path, a: NatKind, b: NatKind, delay: Duration, round: u32) -> R
         cmd.env("NETTOOL_RELAY_FIRST", "true")
             .args(["connect", "--server", &listen, "--session", &session])
             .args(["--secret", "distance", "--timeout", "30s", "--report"])
-            .arg(dir.path(&format!("{name}.report.json")));
+            .arg(dir.path(&format!("{name}.report.json")))
+            .args(case.flags);
         if std::env::var_os(LOG_DIR_VAR).is_some() {
             cmd.env("RUST_LOG", "debug");
         }
