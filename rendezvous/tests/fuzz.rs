@@ -643,10 +643,17 @@ async fn a_live_server_shrugs_off_hostile_connections_while_peers_pair() {
         let len = [1usize, 7, 100, 1000, 4000, 20_000][i % 6];
         let junk: Vec<u8> = (0..len).map(|_| rand::Rng::gen(&mut rng)).collect();
         let connect = connect_hostile;
+        // 0x16 starts a TLS handshake record: such junk gets a TLS handshake that fails, and a
+        // TLS client cannot be told anything in JSON (1 run in 21 drew one of those).
+        let kind = if junk.first() == Some(&0x16) {
+            "random bytes starting like TLS"
+        } else {
+            "random bytes"
+        };
         attacks.spawn(async move {
             let mut s = connect().await;
             let _ = s.write_all(&junk).await;
-            ("random bytes", drain(s).await)
+            (kind, drain(s).await)
         });
     }
     // Truncated frames: a valid join cut short, then the writer closes its side.
@@ -749,6 +756,10 @@ async fn a_live_server_shrugs_off_hostile_connections_while_peers_pair() {
     while let Some(r) = attacks.join_next().await {
         let (kind, answer) = r.expect("attack task");
         count += 1;
+        if kind == "random bytes starting like TLS" {
+            assert_eq!(answer, "", "{kind}: closed without a word");
+            continue;
+        }
         let expected: &[&str] = match kind {
             "random bytes" => &[
                 "malformed frame",
