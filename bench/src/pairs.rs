@@ -150,7 +150,7 @@ async fn one_side(
 #[derive(Clone)]
 struct Start {
     connecting: Arc<tokio::sync::Semaphore>,
-    settled: Arc<tokio::sync::mpsc::UnboundedSender<bool>>,
+    settled: tokio::sync::mpsc::UnboundedSender<bool>,
     go: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -239,7 +239,7 @@ pub(crate) async fn worker(server: SocketAddr, range: std::ops::Range<usize>, si
     let (go_tx, go) = tokio::sync::watch::channel(false);
     let start = Start {
         connecting: Arc::new(tokio::sync::Semaphore::new(CONNECTING)),
-        settled: Arc::new(settled_tx),
+        settled: settled_tx,
         go,
     };
     let count = range.len();
