@@ -229,8 +229,9 @@ pub(crate) fn run(rtt_ms: u64, rounds: u32, progress: &(dyn Fn(&str) + Sync)) ->
             return bench;
         }
     };
+    let chosen: Vec<usize> = (0..PAIRS.len()).filter(|p| chosen(&PAIRS[*p])).collect();
     let jobs: VecDeque<(usize, u32)> = (0..rounds)
-        .flat_map(|r| (0..PAIRS.len()).map(move |p| (p, r)))
+        .flat_map(|r| chosen.iter().map(move |p| (*p, r)))
         .collect();
     let total = jobs.len();
     let jobs = Mutex::new(jobs);
@@ -263,7 +264,7 @@ pub(crate) fn run(rtt_ms: u64, rounds: u32, progress: &(dyn Fn(&str) + Sync)) ->
     });
     let mut results = results.into_inner().expect("results lock");
     results.sort_by_key(|(p, r)| (*p, r.round));
-    for (p, case) in PAIRS.iter().enumerate() {
+    for (p, case) in PAIRS.iter().enumerate().filter(|(p, _)| chosen.contains(p)) {
         let runs: Vec<DistanceRun> = results
             .iter()
             .filter(|(q, _)| *q == p)
@@ -581,10 +582,25 @@ fn read_report(path: &Path) -> serde_json::Value {
 }
 
 /// One round of one pair in a fresh lab.
+/// A case's name in logs and in [`ONLY_VAR`]: `sym-cone`, `cone-cone-alone`.
+fn case_tag(case: &Case) -> String {
+    let alone = if case.flags.is_empty() { "" } else { "-alone" };
+    format!("{}-{}{alone}", case.a, case.b)
+}
+
+/// With this variable set (case names, comma-separated: `cone-cone-alone,sym-cone`), only
+/// those cases run.
+const ONLY_VAR: &str = "NETTOOL_BENCH_DISTANCE_ONLY";
+
+fn chosen(case: &Case) -> bool {
+    std::env::var(ONLY_VAR).map_or(true, |only| {
+        only.split(',').any(|t| t.trim() == case_tag(case))
+    })
+}
+
 fn one_run(bin: &Path, case: &Case, delay: Duration, round: u32) -> Result<DistanceRun> {
     let (a, b) = (case.a, case.b);
-    let alone = if case.flags.is_empty() { "" } else { "-alone" };
-    let tag = format!("{a}-{b}{alone}-{round}");
+    let tag = format!("{}-{round}", case_tag(case));
     let lab = Lab::builder(a, b)
         .delay(delay)
         .build()

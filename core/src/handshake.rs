@@ -44,11 +44,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::protocol::Role;
 
 const MAGIC: &[u8; 4] = b"NTLK";
-/// 4: the hello says whether its sender holds an [`AgreedKey`] (the keyed exchange);
+/// 5: keyed, the certificates below are derived from the [`AgreedKey`] and the second
+/// peer's hello and confirmation are the whole exchange (it selects the link); 4: the hello
+/// says whether its sender holds an agreed key (the keyed exchange, both confirming);
 /// 3 carried the session layer ([`crate::session`]: acknowledged delivery, resume) with a
 /// PAKE on every link; 2 carried bare bytes. The session protocol has its own version in its
 /// HELLO.
-const VERSION: u8 = 4;
+const VERSION: u8 = 5;
 const NONCE_LEN: usize = 32;
 /// Length of a SPAKE2 message over Ed25519 (side byte + point).
 const PAKE_MSG_LEN: usize = 33;
@@ -206,6 +208,20 @@ pub struct HandshakeContext {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct AgreedKey(pub(crate) [u8; 32]);
 
+impl AgreedKey {
+    /// The seed of the certificate `role` presents on a keyed link of `strategy` in the
+    /// pairing `pair_id` ([`crate::secure::Identity::derive`]).
+    pub(crate) fn certificate_seed(&self, pair_id: &str, strategy: &str, role: Role) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
+        mac.update(b"nettool link certificate v1\0");
+        for part in [pair_id.as_bytes(), strategy.as_bytes(), &[role_byte(role)]] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+}
+
 impl std::fmt::Debug for AgreedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AgreedKey(..)")
@@ -226,7 +242,7 @@ pub enum HandshakeError {
     #[error(
         "the peer speaks nettool link protocol {theirs}, this nettool speaks {ours} \
          (3 and later carry the session layer: acknowledged delivery and resume; 4 keys the \
-         handshake with relay-first's agreed key): update both sides to the same nettool"
+         handshake with relay-first's agreed key; 5 derives the links' certificates from it): update both sides to the same nettool"
     )]
     Version {
         /// The peer's version.
@@ -254,9 +270,16 @@ pub enum HandshakeError {
     /// The link has no secure channel to bind the proof to; nettool never accepts such a link.
     #[error("no secure channel below the link handshake (channel binding is empty)")]
     Unbound,
-    /// The first peer closed the link without selecting it.
-    #[error("link not selected by the first peer")]
+    /// The selecting peer closed the link without selecting it.
+    #[error("link not selected by the peer")]
     NotSelected,
+    /// The first peer holds no agreed key and the second does (the second's plan offer
+    /// reached the first too late): no link between them, whatever the strategy.
+    #[error(
+        "the peer holds this connect's agreed key and this side does not (the plan offers \
+         crossed a timeout): no link"
+    )]
+    KeyMismatch,
     /// The secure channel (TLS) below the handshake could not be set up: wrong certificate
     /// (not the one pinned in the offer), not TLS, or the connection failed.
     #[error("TLS failed: {0}")]
@@ -335,11 +358,12 @@ fn confirmation(pake_key: &[u8], transcript: &[u8; 32], sender: Role) -> Hmac<Sh
 }
 
 /// Runs the mutual proof on a raw link (inside its secure channel). Does not select: see
-/// [`select`] and [`await_select`].
+/// [`select`] and [`await_select`]; returns the role that selects (the second peer after the
+/// keyed exchange, the first after SPAKE2).
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     ctx: &HandshakeContext,
-) -> Result<(), HandshakeError> {
+) -> Result<Role, HandshakeError> {
     if ctx.binding.is_empty() {
         return Err(HandshakeError::Unbound);
     }
@@ -360,50 +384,24 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     hello.push(if agreed.is_some() { FLAG_KEYED } else { 0 });
     hello.extend_from_slice(&nonce);
     hello.extend_from_slice(&pake_msg);
-    // Keyed, the second peer's confirmation rides right behind its hello.
-    let sent_keyed = match (agreed, ctx.role) {
+
+    let theirs = match (agreed, ctx.role) {
+        // Keyed, the second peer's hello and confirmation are the whole exchange: its TLS
+        // already proved that the first peer holds the key (the certificates are derived
+        // from it), so it expects no answer and selects the link right behind them.
         (Some(k), Role::Second) => {
             let t = keyed_transcript(ctx, &hello);
-            Some(keyed_confirmation(&k, &t, Role::Second))
+            hello.extend_from_slice(&keyed_confirmation(&k, &t, Role::Second));
+            stream.write_all(&hello).await?;
+            stream.flush().await?;
+            insecure::note_keyed();
+            return Ok(Role::Second);
         }
-        _ => None,
-    };
-    let hello_len = hello.len();
-    if let Some(mac) = &sent_keyed {
-        hello.extend_from_slice(mac);
-    }
-    stream.write_all(&hello).await?;
-    stream.flush().await?;
-    hello.truncate(hello_len);
-
-    // Keyed, the second peer's proof is out with its hello: a first peer that refuses it
-    // closes the link, on QUIC possibly before its own hello got out, so the link ending
-    // before the first peer's hello arrived means that here.
-    let refused = |e: std::io::Error| match sent_keyed {
-        Some(_) => HandshakeError::PeerRefused(e),
-        None => HandshakeError::from(e),
-    };
-    let mut theirs = [0u8; HELLO_LEN];
-    stream.read_exact(&mut theirs[..6]).await.map_err(refused)?;
-    if &theirs[..4] != MAGIC {
-        return Err(HandshakeError::NotAPeer);
-    }
-    if theirs[4] != VERSION {
-        return Err(HandshakeError::Version {
-            theirs: theirs[4],
-            ours: VERSION,
-        });
-    }
-    if theirs[5] != role_byte(ctx.role.other()) {
-        return Err(HandshakeError::SameRole);
-    }
-    stream.read_exact(&mut theirs[6..]).await.map_err(refused)?;
-    let their_keyed = theirs[FLAGS_AT] & FLAG_KEYED != 0;
-    if let (Some(k), true) = (agreed, their_keyed) {
-        let mut their_mac = [0u8; MAC_LEN];
-        match ctx.role {
-            // Verify before reveal, as below.
-            Role::First => {
+        // The keyed first peer speaks only when the second turns out to hold no key.
+        (Some(k), Role::First) => {
+            let theirs = read_hello(stream, ctx).await?;
+            if theirs[FLAGS_AT] & FLAG_KEYED != 0 {
+                let mut their_mac = [0u8; MAC_LEN];
                 stream.read_exact(&mut their_mac).await?;
                 keyed_check(
                     &k,
@@ -411,29 +409,26 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
                     Role::Second,
                     &their_mac,
                 )?;
-                let t = transcript(ctx, &hello, &theirs);
-                stream
-                    .write_all(&keyed_confirmation(&k, &t, Role::First))
-                    .await?;
-                stream.flush().await?;
+                insecure::note_keyed();
+                return Ok(Role::Second);
             }
-            Role::Second => {
-                stream
-                    .read_exact(&mut their_mac)
-                    .await
-                    .map_err(HandshakeError::PeerRefused)?;
-                let t = transcript(ctx, &theirs, &hello);
-                keyed_check(&k, &t, Role::First, &their_mac)?;
-            }
+            stream.write_all(&hello).await?;
+            stream.flush().await?;
+            theirs
         }
-        insecure::note_keyed();
-        return Ok(());
-    }
-    if their_keyed && ctx.role == Role::First {
-        // The second peer's keyed confirmation, of no use to a first peer without the key.
-        let mut unused = [0u8; MAC_LEN];
-        stream.read_exact(&mut unused).await?;
-    }
+        (None, _) => {
+            stream.write_all(&hello).await?;
+            stream.flush().await?;
+            let theirs = read_hello(stream, ctx).await?;
+            if theirs[FLAGS_AT] & FLAG_KEYED != 0 && ctx.role == Role::First {
+                // A keyed second peer sent its confirmation and waits for nothing.
+                return Err(HandshakeError::KeyMismatch);
+            }
+            theirs
+        }
+    };
+
+    // SPAKE2 on the link.
     let pake_key = pake
         .finish(&theirs[FLAGS_AT + 1 + NONCE_LEN..])
         .map_err(|_| HandshakeError::NotAPeer)?;
@@ -469,16 +464,40 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             check(&their_mac)?;
         }
     }
-    Ok(())
+    Ok(Role::First)
 }
 
-/// The first peer: marks an authenticated link as the one both ends use.
+/// The peer's hello, checked for magic, version and role.
+async fn read_hello<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    ctx: &HandshakeContext,
+) -> Result<[u8; HELLO_LEN], HandshakeError> {
+    let mut theirs = [0u8; HELLO_LEN];
+    stream.read_exact(&mut theirs[..6]).await?;
+    if &theirs[..4] != MAGIC {
+        return Err(HandshakeError::NotAPeer);
+    }
+    if theirs[4] != VERSION {
+        return Err(HandshakeError::Version {
+            theirs: theirs[4],
+            ours: VERSION,
+        });
+    }
+    if theirs[5] != role_byte(ctx.role.other()) {
+        return Err(HandshakeError::SameRole);
+    }
+    stream.read_exact(&mut theirs[6..]).await?;
+    Ok(theirs)
+}
+
+/// The selecting peer ([`authenticate`] says which): marks an authenticated link as the one
+/// both ends use.
 pub async fn select<S: AsyncWrite + Unpin>(stream: &mut S) -> std::io::Result<()> {
     stream.write_all(&[SELECT]).await?;
     stream.flush().await
 }
 
-/// The second peer: waits until the first peer selects this authenticated link.
+/// The other peer: waits until the selecting peer selects this authenticated link.
 pub async fn await_select<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(), HandshakeError> {
     let mut b = [0u8; 1];
     match stream.read_exact(&mut b).await {
@@ -516,7 +535,7 @@ mod tests {
     async fn run_pair(
         first: &HandshakeContext,
         second: &HandshakeContext,
-    ) -> (Result<(), HandshakeError>, Result<(), HandshakeError>) {
+    ) -> (Result<Role, HandshakeError>, Result<Role, HandshakeError>) {
         let (mut a, mut b) = tokio::io::duplex(4096);
         tokio::join!(
             async move {
@@ -532,20 +551,28 @@ mod tests {
         )
     }
 
-    /// Both ends authenticate, then the first selects the link and the second sees it.
-    async fn authenticate_and_select(first: &HandshakeContext, second: &HandshakeContext) {
+    /// Both ends authenticate and agree on who selects; it selects the link and the other
+    /// sees it. Returns the role that selected.
+    async fn authenticate_and_select(first: &HandshakeContext, second: &HandshakeContext) -> Role {
         let (mut a, mut b) = tokio::io::duplex(4096);
         let (ra, rb) = tokio::join!(authenticate(&mut a, first), authenticate(&mut b, second));
-        ra.unwrap();
-        rb.unwrap();
-        let (sa, sb) = tokio::join!(select(&mut a), await_select(&mut b));
+        let (selects, also) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(selects, also, "both ends agree on who selects");
+        let (picker, other) = match selects {
+            Role::First => (&mut a, &mut b),
+            Role::Second => (&mut b, &mut a),
+        };
+        let (sa, sb) = tokio::join!(select(picker), await_select(other));
         sa.unwrap();
         sb.unwrap();
+        selects
     }
 
     #[tokio::test]
     async fn matching_peers_authenticate() {
-        authenticate_and_select(&ctx(Role::First, "s"), &ctx(Role::Second, "s")).await;
+        let selects =
+            authenticate_and_select(&ctx(Role::First, "s"), &ctx(Role::Second, "s")).await;
+        assert_eq!(selects, Role::First, "after SPAKE2 the first peer selects");
     }
 
     #[tokio::test]
@@ -624,76 +651,81 @@ mod tests {
 
     #[tokio::test]
     async fn peers_holding_the_agreed_key_authenticate_and_select() {
-        authenticate_and_select(&keyed(Role::First, 1), &keyed(Role::Second, 1)).await;
+        let selects =
+            authenticate_and_select(&keyed(Role::First, 1), &keyed(Role::Second, 1)).await;
+        assert_eq!(selects, Role::Second, "keyed, the second peer selects");
     }
 
-    /// The flight the keyed exchange saves: the second peer's confirmation goes out before
-    /// anything came from the first peer, and the first peer answers it having sent nothing
-    /// but its hello. A first peer that only writes once it has read the second's hello and
-    /// confirmation (what a network a round trip long does to the SPAKE2 exchange) still
-    /// completes; without the key the second peer would wait for the first's hello forever.
+    /// The round trip the keyed exchange saves: the second peer's hello and confirmation are
+    /// its whole exchange, out before anything came from the first peer, and it is done
+    /// without waiting for an answer (its TLS, whose certificates are derived from the key,
+    /// already authenticated the first peer). Its link may carry data right behind them.
     #[tokio::test]
-    async fn the_keyed_second_peer_confirms_in_its_first_flight() {
+    async fn the_keyed_second_peer_is_done_in_one_flight_and_waits_for_nothing() {
         let second = keyed(Role::Second, 1);
         let first = keyed(Role::First, 1);
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let held_back = async move {
-            // Everything the second peer sends before it hears anything.
-            let mut flight = vec![0u8; HELLO_LEN + MAC_LEN];
-            tokio::time::timeout(Duration::from_secs(5), a.read_exact(&mut flight))
-                .await
-                .expect("the second peer's confirmation came in its first flight")
-                .unwrap();
-            // Now the first peer's side, from what has arrived.
-            let (theirs, mac) = flight.split_at(HELLO_LEN);
-            keyed_check(
-                &first.agreed.unwrap(),
-                &keyed_transcript(&first, theirs),
-                Role::Second,
-                mac,
-            )
+        // The first peer's end stays open and silent until the second is done.
+        let selects = tokio::time::timeout(Duration::from_secs(5), authenticate(&mut b, &second))
+            .await
+            .expect("the keyed second peer waits for nothing")
             .unwrap();
-            let mut hello = theirs.to_vec();
-            hello[5] = 1;
-            let t = transcript(&first, &hello, theirs);
-            a.write_all(&hello).await.unwrap();
-            a.write_all(&keyed_confirmation(&first.agreed.unwrap(), &t, Role::First))
-                .await
-                .unwrap();
-            a
-        };
-        let (rb, _a) = tokio::join!(authenticate(&mut b, &second), held_back);
-        rb.unwrap();
+        assert_eq!(selects, Role::Second);
+        let mut flight = vec![0u8; HELLO_LEN + MAC_LEN];
+        a.read_exact(&mut flight).await.unwrap();
+        let (theirs, mac) = flight.split_at(HELLO_LEN);
+        keyed_check(
+            &first.agreed.unwrap(),
+            &keyed_transcript(&first, theirs),
+            Role::Second,
+            mac,
+        )
+        .unwrap();
     }
 
+    /// A keyed first peer refuses another key's confirmation having sent nothing at all.
     #[tokio::test]
-    async fn another_agreed_key_is_refused_without_the_first_peer_confirming() {
-        let (ra, rb) = run_pair(&keyed(Role::First, 1), &keyed(Role::Second, 2)).await;
-        assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
-        assert!(matches!(rb, Err(HandshakeError::PeerRefused(_))), "{rb:?}");
-    }
-
-    #[tokio::test]
-    async fn keyed_confirmations_are_bound_to_the_channel() {
-        let first = keyed(Role::First, 1);
-        let mut second = keyed(Role::Second, 1);
-        second.binding = vec![8; 32];
-        let (ra, rb) = run_pair(&first, &second).await;
-        assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
-        assert!(rb.is_err(), "{rb:?}");
-    }
-
-    #[tokio::test]
-    async fn when_one_side_holds_no_agreed_key_both_run_spake2() {
-        for (first, second) in [
-            (keyed(Role::First, 1), ctx(Role::Second, "s")),
-            (ctx(Role::First, "s"), keyed(Role::Second, 1)),
-        ] {
-            authenticate_and_select(&first, &second).await;
+    async fn another_agreed_key_is_refused_and_the_first_peer_sends_nothing() {
+        for second in [keyed(Role::Second, 2), {
+            // The right key over another channel (a man in the middle's second TLS).
+            let mut other = keyed(Role::Second, 1);
+            other.binding = vec![8; 32];
+            other
+        }] {
+            let first = keyed(Role::First, 1);
+            let (mut a, mut b) = tokio::io::duplex(4096);
+            let (ra, rb) = tokio::join!(
+                async move {
+                    let r = authenticate(&mut a, &first).await;
+                    drop(a);
+                    r
+                },
+                async move {
+                    let r = authenticate(&mut b, &second).await;
+                    let mut got = Vec::new();
+                    b.read_to_end(&mut got).await.unwrap();
+                    (r, got)
+                }
+            );
+            assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
+            let (rb, got) = rb;
+            assert!(rb.is_ok(), "the second peer relies on its TLS: {rb:?}");
+            assert!(got.is_empty(), "the first peer sent {} bytes", got.len());
         }
+    }
+
+    #[tokio::test]
+    async fn a_keyed_first_peer_runs_spake2_with_a_second_peer_without_the_key() {
+        let selects =
+            authenticate_and_select(&keyed(Role::First, 1), &ctx(Role::Second, "s")).await;
+        assert_eq!(selects, Role::First);
         // And then the secret still decides.
         let (ra, _) = run_pair(&keyed(Role::First, 1), &ctx(Role::Second, "other")).await;
         assert!(matches!(ra, Err(HandshakeError::BadProof)), "{ra:?}");
+        // A keyed second peer with a first peer without the key: no link, and a clear error
+        // (the second peer waited for nothing; its TLS role did not match either).
+        let (ra, _) = run_pair(&ctx(Role::First, "s"), &keyed(Role::Second, 1)).await;
+        assert!(matches!(ra, Err(HandshakeError::KeyMismatch)), "{ra:?}");
     }
 
     #[tokio::test]
@@ -726,7 +758,7 @@ mod tests {
         let (ra, ()) = tokio::join!(authenticate(&mut a, &first), older);
         let e = ra.expect_err("another version must be refused");
         assert!(
-            matches!(e, HandshakeError::Version { theirs: 2, ours: 4 }),
+            matches!(e, HandshakeError::Version { theirs: 2, ours: 5 }),
             "{e:?}"
         );
         let text = e.to_string();

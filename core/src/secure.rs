@@ -76,6 +76,38 @@ impl Identity {
         })
     }
 
+    /// The certificate derived from `seed` (a value only the holders of an agreed key can
+    /// compute, [`crate::strategy::Attempt::exchange_secure_offers`]): an Ed25519 key whose
+    /// PKCS#8 holds the seed, in a self-signed certificate whose every field is fixed (rcgen's
+    /// default validity and name, the serial from the public key; Ed25519 signs
+    /// deterministically), so both peers compute the same bytes and each pins the other's
+    /// without an offer carrying it. A TLS peer presenting it proves it holds the seed.
+    pub fn derive(seed: &[u8; 32]) -> Result<Self, StrategyError> {
+        // PKCS#8 v1 of an Ed25519 private key (RFC 8410): a fixed prefix, then the seed.
+        const PREFIX: [u8; 16] = [
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        let failed = |e: rcgen::Error| {
+            StrategyError::NoLink(format!("deriving the certificate from the agreed key: {e}"))
+        };
+        let mut der = PREFIX.to_vec();
+        der.extend_from_slice(seed);
+        let key = PrivatePkcs8KeyDer::from(der);
+        let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key, &rcgen::PKCS_ED25519)
+            .map_err(failed)?;
+        let cert = rcgen::CertificateParams::new(vec!["nettool".to_owned()])
+            .and_then(|p| p.self_signed(&pair))
+            .map_err(failed)?;
+        let cert = cert.der().clone();
+        let fingerprint = Sha256::digest(&cert).into();
+        Ok(Self {
+            cert,
+            key,
+            fingerprint,
+        })
+    }
+
     /// The certificate's private key.
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
@@ -119,8 +151,9 @@ impl Pinned {
         if got == self.fingerprint {
             Ok(())
         } else {
-            Err(rustls::Error::General(
-                "certificate does not match the fingerprint in the offer".into(),
+            // Sent to the peer as `access_denied` ([`auth_failure`] tells the two apart).
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
             ))
         }
     }
@@ -239,6 +272,47 @@ impl ClientCertVerifier for Pinned {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.schemes()
     }
+}
+
+/// Which end refused the other's certificate, when a TLS handshake failed on the pin
+/// ([`Pinned`]); on a keyed link ([`crate::handshake::AgreedKey`]) that is a failed
+/// authentication (another key: a wrong secret or code, or a man in the middle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// This end refused the peer's certificate.
+    Theirs,
+    /// The peer refused this end's (its `access_denied` alert).
+    Ours,
+}
+
+/// Whether `e` (a TLS upgrade's error) is a refused pin, and whose: rustls' own error inside
+/// the I/O error. QUIC's handshake errors take the same form ([`auth_failure_error`]).
+pub fn auth_failure(e: &io::Error) -> Option<AuthFailure> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::ApplicationVerificationFailure,
+        ) => Some(AuthFailure::Theirs),
+        rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied) => {
+            Some(AuthFailure::Ours)
+        }
+        _ => None,
+    }
+}
+
+/// The I/O error [`auth_failure`] reads as `failure`: for transports (QUIC) that report the
+/// pin's refusal in their own terms.
+pub fn auth_failure_error(failure: AuthFailure) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        match failure {
+            AuthFailure::Theirs => rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ),
+            AuthFailure::Ours => {
+                rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied)
+            }
+        },
+    )
 }
 
 /// The fingerprint as lowercase hex, for offers.
@@ -404,11 +478,36 @@ mod tests {
             );
         }
 
-        // A third identity is refused by both sides.
+        // A third identity is refused by both sides: by the client, which checks first, and
+        // the server hears the refusal.
         let c = Identity::generate().unwrap();
         let impostor = LinkTls::new(Role::Second, &c, a.fingerprint).unwrap();
         let (x, y) = tokio::io::duplex(1 << 16);
         let (rx, ry) = tokio::join!(first.upgrade(x), impostor.upgrade(y));
-        assert!(rx.is_err() && ry.is_err());
+        let (ex, ey) = (rx.err().unwrap(), ry.err().unwrap());
+        assert_eq!(auth_failure(&ex), Some(AuthFailure::Theirs), "{ex}");
+        assert_eq!(auth_failure(&ey), Some(AuthFailure::Ours), "{ey}");
+    }
+
+    #[tokio::test]
+    async fn derived_certificates_are_the_same_on_both_sides_and_only_there() {
+        let (seed_a, seed_b) = ([1u8; 32], [2u8; 32]);
+        let a = Identity::derive(&seed_a).unwrap();
+        // The peer computes the very bytes: that is what it pins.
+        assert_eq!(Identity::derive(&seed_a).unwrap().cert, a.cert);
+        let b = Identity::derive(&seed_b).unwrap();
+        assert_ne!(a.fingerprint, b.fingerprint);
+        let first = LinkTls::new(Role::First, &a, b.fingerprint).unwrap();
+        let second = LinkTls::new(Role::Second, &b, a.fingerprint).unwrap();
+        let (x, y) = tokio::io::duplex(1 << 16);
+        let (rx, ry) = tokio::join!(first.upgrade(x), second.upgrade(y));
+        assert_eq!(rx.unwrap().1, ry.unwrap().1);
+        // Another seed (another key) is refused.
+        let c = Identity::derive(&[3u8; 32]).unwrap();
+        let other = LinkTls::new(Role::Second, &c, a.fingerprint).unwrap();
+        let (x, y) = tokio::io::duplex(1 << 16);
+        let (rx, ry) = tokio::join!(first.upgrade(x), other.upgrade(y));
+        assert_eq!(auth_failure(&rx.err().unwrap()), Some(AuthFailure::Theirs));
+        assert!(ry.is_err());
     }
 }

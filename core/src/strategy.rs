@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::client::{ClientError, Pairing, RendezvousClient};
 use crate::handshake::{self, HandshakeContext, HandshakeError, LinkKey};
 use crate::protocol::Role;
-use crate::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls};
+use crate::secure::{fingerprint_hex, parse_fingerprint, AuthFailure, Identity, LinkTls};
 
 /// A byte stream a link runs over.
 pub trait LinkStream: AsyncRead + AsyncWrite + Unpin + Send + Any {}
@@ -432,7 +432,7 @@ impl Attempt<'_> {
             .rendezvous
             .exchange_offer(strategy, offer, self.deadline)
             .await?;
-        secure_offers(identity, theirs)
+        self.secure_offers(strategy, identity, theirs)
     }
 
     /// The state this attempt's strategy prepared before pairing ([`Strategy::prepare`]) and
@@ -474,7 +474,36 @@ impl Attempt<'_> {
                     .await
             }
         };
-        Some(theirs.and_then(|t| secure_offers(identity, t).map(|o| (state, o))))
+        Some(theirs.and_then(|t| {
+            self.secure_offers(strategy, identity, t)
+                .map(|o| (state, o))
+        }))
+    }
+
+    /// The peer's offer with its certificate fingerprint taken out, and the certificates
+    /// the attempt's TLS presents and pins. Keyed ([`Self::agreed`]), both are derived from
+    /// the agreed key, the pairing, the strategy and the role ([`Identity::derive`]), and the
+    /// offers' fingerprints (which the server relays, and could swap) are not used: the TLS
+    /// handshake itself then proves that the other end holds the key, so the second peer may
+    /// send as soon as its TLS is done ([`crate::handshake`]). Otherwise this side's fresh
+    /// certificate and the fingerprint in the peer's offer, bound to the secret by the link
+    /// handshake's PAKE.
+    fn secure_offers<T: serde::de::DeserializeOwned>(
+        &self,
+        strategy: &str,
+        identity: Identity,
+        theirs: serde_json::Value,
+    ) -> Result<SecureOffers<T>, StrategyError> {
+        let mut offers = secure_offers(identity, theirs)?;
+        if let Some(agreed) = self.agreed.filter(|_| !CERT_BINDING_OFF) {
+            let pair_id = &self.pairing.pair_id;
+            let role = self.pairing.role;
+            offers.identity = Identity::derive(&agreed.certificate_seed(pair_id, strategy, role))?;
+            offers.peer_fingerprint =
+                Identity::derive(&agreed.certificate_seed(pair_id, strategy, role.other()))?
+                    .fingerprint;
+        }
+        Ok(offers)
     }
 
     /// The handshake context for a link made by `strategy`.
@@ -490,6 +519,11 @@ impl Attempt<'_> {
         }
     }
 }
+
+/// Whether keyed links use the offers' certificates instead of the ones derived from the
+/// agreed key (a test-only build, to watch the tests that guard the derivation go red):
+/// `NETTOOL_TEST_CERT_BINDING_OFF=1` at compile time.
+const CERT_BINDING_OFF: bool = option_env!("NETTOOL_TEST_CERT_BINDING_OFF").is_some();
 
 /// The peer's offer with its certificate fingerprint taken out and pinned.
 fn secure_offers<T: serde::de::DeserializeOwned>(
@@ -593,8 +627,9 @@ impl std::fmt::Display for NoAgreement {
 }
 
 /// Authenticates raw links as they arrive on `incoming` and returns the one both peers agree
-/// on: the first peer picks the first that authenticates and selects it; the second peer
-/// takes the one the first selects. Links that fail authentication (strangers, stale
+/// on: one peer picks the first that authenticates and selects it, the other takes the one
+/// selected (the second peer picks when keyed, its TLS having authenticated the first; the
+/// first after SPAKE2, see [`handshake::authenticate`]). Links that fail authentication (strangers, stale
 /// connections, another secret) are logged and dropped. Gives up at `deadline`.
 ///
 /// `upgrade` runs first on every raw link (e.g. TLS, concurrently for all links) and returns
@@ -627,14 +662,25 @@ where
                     let upgrading = upgrade(raw.stream);
                     pending.push(async move {
                         let res = tokio::time::timeout(per_link_timeout, async {
-                            let (mut stream, binding) =
-                                upgrading.await.map_err(HandshakeError::Secure)?;
+                            let (mut stream, binding) = upgrading.await.map_err(|e| {
+                                // Keyed, the certificates are derived from the agreed key: a
+                                // refused one is a failed authentication.
+                                match crate::secure::auth_failure(&e) {
+                                    Some(AuthFailure::Theirs) if ctx.agreed.is_some() => {
+                                        HandshakeError::BadProof
+                                    }
+                                    Some(AuthFailure::Ours) if ctx.agreed.is_some() => {
+                                        HandshakeError::PeerRefused(e)
+                                    }
+                                    _ => HandshakeError::Secure(e),
+                                }
+                            })?;
                             ctx.binding = binding;
-                            handshake::authenticate(&mut stream, &ctx).await?;
-                            if ctx.role == Role::Second {
+                            let selects = handshake::authenticate(&mut stream, &ctx).await?;
+                            if selects != ctx.role {
                                 handshake::await_select(&mut stream).await?;
                             }
-                            Ok::<_, HandshakeError>(stream)
+                            Ok::<_, HandshakeError>((stream, selects))
                         })
                         .await;
                         (local, remote, res)
@@ -643,8 +689,8 @@ where
                 None => open = false,
             },
             Some((local, remote, res)) = pending.next(), if !pending.is_empty() => match res {
-                Ok(Ok(mut stream)) => {
-                    if ctx.role == Role::First {
+                Ok(Ok((mut stream, selects))) => {
+                    if selects == ctx.role {
                         if let Err(e) = handshake::select(&mut stream).await {
                             rejected.push(format!("{remote}: {e}"));
                             continue;

@@ -483,7 +483,8 @@ impl Strategy for UdpQuic {
         }
         let ctx = attempt.handshake_context(NAME);
         // QUIC's TLS is the secure channel; bind the link handshake to it.
-        let upgrade = |s: QuicStream| async move {
+        let upgrade = |s: quic::QuicRaw| async move {
+            let s = s?;
             let mut binding = vec![0u8; 32];
             s.connection()
                 .export_keying_material(&mut binding, EXPORTER_LABEL, b"")

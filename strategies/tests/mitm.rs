@@ -208,10 +208,18 @@ struct DoubleState {
     punch_keys: Mutex<HashMap<Role, [u8; 32]>>,
     /// The double's own punch key.
     punch_key: [u8; 32],
+    /// Whether it passes the joins' PAKE messages on (as the real server does): the peers
+    /// then hold an agreed key, swap their TLS roles (the second peer is the client) and
+    /// derive their certificates from the key.
+    keyed: bool,
 }
 
 impl Double {
     async fn start(upstream: SocketAddr, mode: Mode) -> Self {
+        Self::start_keyed(upstream, mode, false).await
+    }
+
+    async fn start_keyed(upstream: SocketAddr, mode: Mode, keyed: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         // STUN on the same port, answered by the double itself.
@@ -237,6 +245,7 @@ impl Double {
             pair_id: Mutex::default(),
             punch_keys: Mutex::default(),
             punch_key: [0x42; 32],
+            keyed,
         });
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
@@ -314,7 +323,7 @@ impl DoubleState {
                     // on each link, with the first peer as the TLS client, as this double
                     // poses (with the messages, their links' TLS roles swap; the keyed
                     // exchange's channel binding is checked by the handshake's unit tests).
-                    if let Some(m) = msg.as_object_mut() {
+                    if let Some(m) = msg.as_object_mut().filter(|_| !me.keyed) {
                         m.remove("peer_pake");
                     }
                     line = format!("{msg}\n");
@@ -330,7 +339,10 @@ impl DoubleState {
                     let posed = role.expect("paired before offers").other();
                     if strategy == nettool_core::protocol::PLAN_OFFER {
                         // The plan offer carries the offers the peer prepared before pairing.
-                        if let Some(offers) = msg["payload"]["offers"].as_object_mut() {
+                        // (`get_mut`: indexing would add `"offers": null` to a plan offer
+                        // without any, which the peer cannot read.)
+                        let offers = msg["payload"].get_mut("offers");
+                        if let Some(offers) = offers.and_then(Value::as_object_mut) {
                             for (name, payload) in offers.iter_mut() {
                                 me.rewrite(name, posed, payload);
                             }
@@ -427,8 +439,8 @@ impl DoubleState {
             }
         };
         let socket = udp.into_std().unwrap();
-        let plain: Plain = match posed {
-            Role::Second => {
+        let plain: Plain = match self.client(posed) {
+            false => {
                 let server = quinn::ServerConfig::with_crypto(Arc::new(
                     quinn::crypto::rustls::QuicServerConfig::try_from(self.tls.server.clone())
                         .unwrap(),
@@ -453,7 +465,7 @@ impl DoubleState {
                     _endpoint: endpoint,
                 })
             }
-            Role::First => {
+            true => {
                 let mut endpoint = quinn::Endpoint::new(
                     quinn::EndpointConfig::default(),
                     None,
@@ -491,21 +503,27 @@ impl DoubleState {
         posed: Role,
         conn: S,
     ) {
-        let plain: Plain = match posed {
-            Role::First => {
+        let plain: Plain = match self.client(posed) {
+            true => {
                 let name = ServerName::try_from("nettool.peer").unwrap();
                 match self.tls.connector.connect(name, conn).await {
                     Ok(s) => Box::new(s),
                     Err(_) => return,
                 }
             }
-            Role::Second => match self.tls.acceptor.accept(conn).await {
+            false => match self.tls.acceptor.accept(conn).await {
                 Ok(s) => Box::new(s),
                 Err(_) => return,
             },
         };
         self.terminated.fetch_add(1, Ordering::SeqCst);
         self.pair_up(strategy, posed, plain).await;
+    }
+
+    /// Whether posing as `posed` the double is the TLS (and QUIC) client: the first peer's
+    /// part, the second's when the peers hold an agreed key.
+    fn client(&self, posed: Role) -> bool {
+        (posed == Role::First) != self.keyed
     }
 
     async fn pair_up(&self, strategy: String, posed: Role, plain: Plain) {
@@ -827,6 +845,48 @@ impl Sinks {
 
     fn contacted(&self) -> Vec<SocketAddr> {
         self.hits.lock().unwrap().keys().copied().collect()
+    }
+}
+
+/// The double passes the joins' PAKE messages on, as the real server does: the peers hold an
+/// agreed key and their links' certificates are derived from it, so the double's own
+/// certificate is refused in the TLS handshake by both peers: it decrypts nothing, and the
+/// keyed second peer (which sends as soon as its TLS is done) never talks to it. Watched red
+/// with `NETTOOL_TEST_CERT_BINDING_OFF=1` (the offers' certificates instead): the double
+/// terminates TLS with both, and the second peer, whose TLS then "authenticated" the double,
+/// sends it its hello and confirmation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mitm_double_passing_the_pake_completes_no_tls_with_a_keyed_peer() {
+    let _switch = SWITCH.lock().await;
+    let upstream = real_server().await;
+    for (i, name) in ["tcp-direct", "tcp-punch", "relay", "udp-quic"]
+        .into_iter()
+        .enumerate()
+    {
+        let double = Double::start_keyed(upstream, Mode::Swap, true).await;
+        let ((a, ra), (b, rb)) = pair(
+            double.addr,
+            &format!("mitm-keyed-{i}"),
+            name,
+            Duration::from_secs(4),
+        )
+        .await;
+        assert!(
+            a.is_none() && b.is_none(),
+            "{name}: a link through the double: {ra:?} {rb:?}"
+        );
+        let errors = format!("{:?} {:?}", ra.attempts, rb.attempts);
+        assert!(
+            errors.contains("failed authentication"),
+            "{name}: the reports must show the authentication failing: {errors}"
+        );
+        // (As a TLS client the double gets as far as its own Finished before the peer
+        // refuses its certificate; as a server the peer refuses it first. Either way no byte
+        // comes through it.)
+        assert!(
+            double.seen.lock().unwrap().is_empty(),
+            "{name}: the double decrypted something"
+        );
     }
 }
 

@@ -89,7 +89,7 @@ impl Strategy for PortForwarded {
         let secured = attempt
             .exchange_secure_offers::<Offer>(NAME, payload)
             .await?;
-        let tls = secured.link_tls(attempt.role())?;
+        let tls = secured.link_tls(attempt.tls_role())?;
         // Untrusted: only the peer's own (observed) or private addresses, at most a few.
         let peer = peer_candidates(&secured.theirs.listen, attempt.pairing.peer.ip(), server);
 

@@ -10,7 +10,9 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use nettool_core::secure::{client_tls, server_tls, tls_error, Identity};
+use nettool_core::secure::{
+    auth_failure_error, client_tls, server_tls, tls_error, AuthFailure, Identity,
+};
 use nettool_core::strategy::RawLink;
 use nettool_core::{LinkStream, LinkStreams, Role, StrategyError};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -147,7 +149,7 @@ pub(super) async fn dial_each(
     endpoint: Endpoint,
     paths: Vec<SocketAddr>,
     local: SocketAddr,
-    tx: mpsc::Sender<RawLink<QuicStream>>,
+    tx: mpsc::Sender<RawLink<QuicRaw>>,
 ) {
     for peer in paths {
         if tx.is_closed() {
@@ -167,12 +169,13 @@ async fn dial(
     endpoint: Endpoint,
     peer: SocketAddr,
     local: SocketAddr,
-    tx: &mpsc::Sender<RawLink<QuicStream>>,
+    tx: &mpsc::Sender<RawLink<QuicRaw>>,
 ) -> Option<Connection> {
     let conn = match endpoint.connect(peer, "nettool") {
         Ok(connecting) => match connecting.await {
             Ok(c) => c,
             Err(e) => {
+                refused(tx, &e, local, peer).await;
                 warn!(%peer, "QUIC connection failed: {e}");
                 return None;
             }
@@ -191,7 +194,7 @@ async fn dial(
     };
     let remote = conn.remote_address();
     tx.send(RawLink {
-        stream: QuicStream::new(endpoint, conn.clone(), send, recv),
+        stream: Ok(QuicStream::new(endpoint, conn.clone(), send, recv)),
         local,
         remote,
     })
@@ -200,10 +203,41 @@ async fn dial(
     Some(conn)
 }
 
+/// What the dialer and the acceptor hand the link agreement: a QUIC stream, or the error of
+/// a handshake that failed on a certificate (which the agreement reads as a failed
+/// authentication on a keyed link, see [`nettool_core::secure::auth_failure`]).
+pub(super) type QuicRaw = io::Result<QuicStream>;
+
+/// Hands a handshake that failed on a certificate to the link agreement, in rustls' terms:
+/// QUIC reports the TLS alert as a transport error code (ours when this end refused, the
+/// peer's close when it did).
+async fn refused(
+    tx: &mpsc::Sender<RawLink<QuicRaw>>,
+    e: &quinn::ConnectionError,
+    local: SocketAddr,
+    remote: SocketAddr,
+) {
+    /// TLS' `access_denied` alert: what a refused pin sends ([`nettool_core::secure`]).
+    const ACCESS_DENIED: u8 = 49;
+    let denied = quinn::TransportErrorCode::crypto(ACCESS_DENIED);
+    let failure = match e {
+        quinn::ConnectionError::TransportError(t) if t.code == denied => AuthFailure::Theirs,
+        quinn::ConnectionError::ConnectionClosed(c) if c.error_code == denied => AuthFailure::Ours,
+        _ => return,
+    };
+    let _ = tx
+        .send(RawLink {
+            stream: Err(auth_failure_error(failure)),
+            local,
+            remote,
+        })
+        .await;
+}
+
 pub(super) async fn accept(
     endpoint: Endpoint,
     local: SocketAddr,
-    tx: mpsc::Sender<RawLink<QuicStream>>,
+    tx: mpsc::Sender<RawLink<QuicRaw>>,
 ) {
     let mut pending = JoinSet::new();
     loop {
@@ -216,6 +250,7 @@ pub(super) async fn accept(
                     let conn = match incoming.await {
                         Ok(c) => c,
                         Err(e) => {
+                            refused(&tx, &e, local, from).await;
                             warn!(%from, "refused QUIC connection: {e}");
                             return;
                         }
@@ -224,7 +259,7 @@ pub(super) async fn accept(
                         Ok((send, recv)) => {
                             let _ = tx
                                 .send(RawLink {
-                                    stream: QuicStream::new(endpoint, conn.clone(), send, recv),
+                                    stream: Ok(QuicStream::new(endpoint, conn.clone(), send, recv)),
                                     local,
                                     remote: conn.remote_address(),
                                 })
