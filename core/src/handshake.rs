@@ -22,18 +22,22 @@
 //!
 //! **With a key already agreed** ([`AgreedKey`]: both joins carried a SPAKE2 message on the
 //! same session secret and the server passed each to the other with the pairing), the
-//! exchange needs no PAKE of its own and one flight less; its confirmations are what confirm
-//! that key on this channel. Each hello says whether its sender holds such a key; the second peer sends its confirmation (keyed with the agreed key, over
-//! the pairing, strategy, channel binding and its own hello) right behind its hello, and when
-//! the first peer's hello says it holds the key too, the first peer checks that confirmation
-//! and answers with its own (still verify before reveal). When either side holds none, both
-//! go on with SPAKE2 as above (the first peer skips the unused confirmation). The agreed key
-//! came from a PAKE on the same password, so an attacker gets no guess here it did not get
-//! there.
+//! exchange needs no PAKE of its own and no answer. The links' certificates are then derived
+//! from that key ([`crate::secure::Identity::derive`], checked right after the TLS or QUIC
+//! handshake), so the second peer, the TLS client on these links, knows when its handshake is
+//! done that the other end holds the key. Its hello (saying it holds the key) and its
+//! confirmation (keyed with the agreed key, over the pairing, strategy, channel binding and
+//! its hello) are its whole exchange, sent with its TLS Finished, and it selects the link and
+//! may send data in that same flight. The first peer checks that confirmation and sends
+//! nothing of its own. When the second peer holds no key, both run SPAKE2 as above (the first
+//! peer, keyed or not, learns it from the second's hello); a keyed second peer meeting a first
+//! peer without the key is refused ([`HandshakeError::KeyMismatch`]). The agreed key came from
+//! a PAKE on the same password, so an attacker gets no guess here it did not get there.
 //!
-//! When a strategy ends up with several authenticated raw links (it dials many candidates), the
-//! first peer picks one and sends [`SELECT`] on it; the second peer uses the link on which it
-//! receives that byte. Both ends thus agree on one link.
+//! When a strategy ends up with several authenticated raw links (it dials many candidates), one
+//! peer picks one and sends [`SELECT`] on it (the first peer after SPAKE2, the second after the
+//! keyed exchange: [`authenticate`] says which); the other uses the link on which it receives
+//! that byte. Both ends thus agree on one link.
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;

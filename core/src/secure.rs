@@ -12,6 +12,11 @@
 //! link handshake that follows inside TLS binds the session secret to this very TLS session
 //! (via a keying-material exporter), so even the rendezvous server, which relays the
 //! fingerprints, cannot sit in the middle without the secret.
+//!
+//! On a keyed link (the peers hold an agreed key, [`crate::handshake::AgreedKey`]) both
+//! certificates are derived from that key instead ([`Identity::derive`], [`PeerPin::Derived`])
+//! and checked right after the handshake, before anything is written: the handshake itself
+//! then authenticates the other end, and the offers' fingerprints are not used.
 
 use std::io;
 use std::sync::Arc;
@@ -138,17 +143,51 @@ pub fn tls_error(what: &str, e: impl std::fmt::Display) -> StrategyError {
     StrategyError::NoLink(format!("{what}: {e}"))
 }
 
-/// Accepts exactly the certificate with this SHA-256 fingerprint.
+/// The certificate a link's TLS accepts from the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPin {
+    /// The one with the fingerprint from the peer's offer, checked in the handshake.
+    Offered([u8; 32]),
+    /// The one derived from the agreed key ([`Identity::derive`]), checked right after the
+    /// handshake and before anything is written ([`PeerPin::check`]): both ends complete TLS
+    /// (each signature still checked), so each refuses another key's certificate itself and
+    /// says so, whatever the path does to a TLS alert.
+    Derived([u8; 32]),
+}
+
+impl PeerPin {
+    /// After the handshake: whether the peer's certificate (`certs`, the peer's chain) is
+    /// the derived one; the error [`auth_failure`] reads as [`AuthFailure::Theirs`].
+    pub fn check(&self, certs: Option<&[CertificateDer<'_>]>) -> io::Result<()> {
+        let Self::Derived(expected) = self else {
+            return Ok(());
+        };
+        let got: Option<[u8; 32]> = certs
+            .and_then(<[_]>::first)
+            .map(|c| Sha256::digest(c.as_ref()).into());
+        if got == Some(*expected) {
+            Ok(())
+        } else {
+            Err(auth_failure_error(AuthFailure::Theirs))
+        }
+    }
+}
+
+/// Accepts exactly the certificate with this SHA-256 fingerprint ([`PeerPin::Offered`]), or
+/// any whose signature checks ([`PeerPin::Derived`]: checked after the handshake).
 #[derive(Debug)]
 pub struct Pinned {
-    fingerprint: [u8; 32],
+    pin: PeerPin,
     provider: Arc<CryptoProvider>,
 }
 
 impl Pinned {
     fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let PeerPin::Offered(fingerprint) = self.pin else {
+            return Ok(());
+        };
         let got: [u8; 32] = Sha256::digest(cert.as_ref()).into();
-        if got == self.fingerprint {
+        if got == fingerprint {
             Ok(())
         } else {
             // Sent to the peer as `access_denied` ([`auth_failure`] tells the two apart).
@@ -332,17 +371,14 @@ pub fn parse_fingerprint(hex_text: &str) -> Result<[u8; 32], StrategyError> {
 /// TLS client configuration: our certificate for client authentication, the peer's pinned.
 pub fn client_tls(
     identity: &Identity,
-    peer_fingerprint: [u8; 32],
+    pin: PeerPin,
 ) -> Result<rustls::ClientConfig, StrategyError> {
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls_error("TLS client config", e))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned {
-            fingerprint: peer_fingerprint,
-            provider,
-        }))
+        .with_custom_certificate_verifier(Arc::new(Pinned { pin, provider }))
         .with_client_auth_cert(vec![identity.cert.clone()], identity.key())
         .map_err(|e| tls_error("TLS client certificate", e))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -352,16 +388,13 @@ pub fn client_tls(
 /// TLS server configuration: our certificate, the peer's required and pinned.
 pub fn server_tls(
     identity: &Identity,
-    peer_fingerprint: [u8; 32],
+    pin: PeerPin,
 ) -> Result<rustls::ServerConfig, StrategyError> {
     let provider = provider();
     let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls_error("TLS server config", e))?
-        .with_client_cert_verifier(Arc::new(Pinned {
-            fingerprint: peer_fingerprint,
-            provider,
-        }))
+        .with_client_cert_verifier(Arc::new(Pinned { pin, provider }))
         .with_single_cert(vec![identity.cert.clone()], identity.key())
         .map_err(|e| tls_error("TLS server certificate", e))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -373,27 +406,19 @@ pub fn server_tls(
 #[derive(Clone)]
 pub struct LinkTls {
     role: Role,
+    pin: PeerPin,
     connector: tokio_rustls::TlsConnector,
     acceptor: tokio_rustls::TlsAcceptor,
 }
 
 impl LinkTls {
-    /// TLS for this attempt: our identity, the peer's fingerprint from its offer.
-    pub fn new(
-        role: Role,
-        identity: &Identity,
-        peer_fingerprint: [u8; 32],
-    ) -> Result<Self, StrategyError> {
+    /// TLS for this attempt: our identity, the peer's certificate pinned.
+    pub fn new(role: Role, identity: &Identity, pin: PeerPin) -> Result<Self, StrategyError> {
         Ok(Self {
             role,
-            connector: tokio_rustls::TlsConnector::from(Arc::new(client_tls(
-                identity,
-                peer_fingerprint,
-            )?)),
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(
-                identity,
-                peer_fingerprint,
-            )?)),
+            pin,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client_tls(identity, pin)?)),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(identity, pin)?)),
         })
     }
 
@@ -412,6 +437,7 @@ impl LinkTls {
             Role::First => {
                 let name = ServerName::try_from("nettool.peer").expect("static name is valid");
                 let s = self.connector.connect(name, stream).await?;
+                self.pin.check(s.get_ref().1.peer_certificates())?;
                 s.get_ref()
                     .1
                     .export_keying_material(&mut binding, EXPORTER_LABEL, None)
@@ -420,6 +446,7 @@ impl LinkTls {
             }
             Role::Second => {
                 let s = self.acceptor.accept(stream).await?;
+                self.pin.check(s.get_ref().1.peer_certificates())?;
                 s.get_ref()
                     .1
                     .export_keying_material(&mut binding, EXPORTER_LABEL, None)
@@ -445,7 +472,7 @@ mod tests {
         let a = Identity::generate().unwrap();
         let b = Identity::generate().unwrap();
         let pinned = Pinned {
-            fingerprint: a.fingerprint,
+            pin: PeerPin::Offered(a.fingerprint),
             provider: provider(),
         };
         assert!(pinned.check(&a.cert).is_ok());
@@ -461,8 +488,8 @@ mod tests {
     #[tokio::test]
     async fn tls_links_pin_both_ends_and_agree_on_the_exporter() {
         let (a, b) = (Identity::generate().unwrap(), Identity::generate().unwrap());
-        let first = LinkTls::new(Role::First, &a, b.fingerprint).unwrap();
-        let second = LinkTls::new(Role::Second, &b, a.fingerprint).unwrap();
+        let first = LinkTls::new(Role::First, &a, PeerPin::Offered(b.fingerprint)).unwrap();
+        let second = LinkTls::new(Role::Second, &b, PeerPin::Offered(a.fingerprint)).unwrap();
         let (x, y) = tokio::io::duplex(1 << 16);
         let (rx, ry) = tokio::join!(first.upgrade(x), second.upgrade(y));
         let ((tx, bx), (ty, by)) = (rx.unwrap(), ry.unwrap());
@@ -481,7 +508,7 @@ mod tests {
         // A third identity is refused by both sides: by the client, which checks first, and
         // the server hears the refusal.
         let c = Identity::generate().unwrap();
-        let impostor = LinkTls::new(Role::Second, &c, a.fingerprint).unwrap();
+        let impostor = LinkTls::new(Role::Second, &c, PeerPin::Offered(a.fingerprint)).unwrap();
         let (x, y) = tokio::io::duplex(1 << 16);
         let (rx, ry) = tokio::join!(first.upgrade(x), impostor.upgrade(y));
         let (ex, ey) = (rx.err().unwrap(), ry.err().unwrap());
@@ -497,17 +524,25 @@ mod tests {
         assert_eq!(Identity::derive(&seed_a).unwrap().cert, a.cert);
         let b = Identity::derive(&seed_b).unwrap();
         assert_ne!(a.fingerprint, b.fingerprint);
-        let first = LinkTls::new(Role::First, &a, b.fingerprint).unwrap();
-        let second = LinkTls::new(Role::Second, &b, a.fingerprint).unwrap();
+        let first = LinkTls::new(Role::First, &a, PeerPin::Derived(b.fingerprint)).unwrap();
+        let second = LinkTls::new(Role::Second, &b, PeerPin::Derived(a.fingerprint)).unwrap();
         let (x, y) = tokio::io::duplex(1 << 16);
         let (rx, ry) = tokio::join!(first.upgrade(x), second.upgrade(y));
         assert_eq!(rx.unwrap().1, ry.unwrap().1);
-        // Another seed (another key) is refused.
+        // Another seed (another key): the TLS handshake completes and each end refuses the
+        // other's certificate itself (no alert needed), before anything is written: the
+        // client ...
         let c = Identity::derive(&[3u8; 32]).unwrap();
-        let other = LinkTls::new(Role::Second, &c, a.fingerprint).unwrap();
+        let other = LinkTls::new(Role::Second, &c, PeerPin::Derived(a.fingerprint)).unwrap();
         let (x, y) = tokio::io::duplex(1 << 16);
-        let (rx, ry) = tokio::join!(first.upgrade(x), other.upgrade(y));
+        let (rx, _) = tokio::join!(first.upgrade(x), other.upgrade(y));
         assert_eq!(auth_failure(&rx.err().unwrap()), Some(AuthFailure::Theirs));
-        assert!(ry.is_err());
+        // ... and the server (here with a client that took its certificate).
+        let lenient = LinkTls::new(Role::First, &a, PeerPin::Derived(c.fingerprint)).unwrap();
+        let strict = LinkTls::new(Role::Second, &c, PeerPin::Derived(b.fingerprint)).unwrap();
+        let (x, y) = tokio::io::duplex(1 << 16);
+        let (rx, ry) = tokio::join!(lenient.upgrade(x), strict.upgrade(y));
+        assert!(rx.is_ok());
+        assert_eq!(auth_failure(&ry.err().unwrap()), Some(AuthFailure::Theirs));
     }
 }

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::client::{ClientError, Pairing, RendezvousClient};
 use crate::handshake::{self, HandshakeContext, HandshakeError, LinkKey};
 use crate::protocol::Role;
-use crate::secure::{fingerprint_hex, parse_fingerprint, AuthFailure, Identity, LinkTls};
+use crate::secure::{fingerprint_hex, parse_fingerprint, AuthFailure, Identity, LinkTls, PeerPin};
 
 /// A byte stream a link runs over.
 pub trait LinkStream: AsyncRead + AsyncWrite + Unpin + Send + Any {}
@@ -357,8 +357,10 @@ pub struct AttemptNotes {
 pub struct SecureOffers<T> {
     /// This peer's certificate for the attempt.
     pub identity: Identity,
-    /// SHA-256 of the certificate the peer will present: pin it.
-    pub peer_fingerprint: [u8; 32],
+    /// The certificate the peer will present: pin it ([`LinkTls`], or
+    /// [`crate::secure::client_tls`] / [`crate::secure::server_tls`] and, for a derived one,
+    /// [`PeerPin::check`] after the handshake).
+    pub peer: PeerPin,
     /// The peer's offer (without the fingerprint). Untrusted: validate its addresses with
     /// [`crate::candidates::peer_candidates`].
     pub theirs: T,
@@ -368,7 +370,7 @@ impl<T> SecureOffers<T> {
     /// TLS for the raw streams of this attempt (the first peer is the TLS client), pinned
     /// both ways.
     pub fn link_tls(&self, role: Role) -> Result<LinkTls, StrategyError> {
-        LinkTls::new(role, &self.identity, self.peer_fingerprint)
+        LinkTls::new(role, &self.identity, self.peer)
     }
 }
 
@@ -499,9 +501,10 @@ impl Attempt<'_> {
             let pair_id = &self.pairing.pair_id;
             let role = self.pairing.role;
             offers.identity = Identity::derive(&agreed.certificate_seed(pair_id, strategy, role))?;
-            offers.peer_fingerprint =
+            offers.peer = PeerPin::Derived(
                 Identity::derive(&agreed.certificate_seed(pair_id, strategy, role.other()))?
-                    .fingerprint;
+                    .fingerprint,
+            );
         }
         Ok(offers)
     }
@@ -539,7 +542,7 @@ fn secure_offers<T: serde::de::DeserializeOwned>(
         serde_json::from_value(theirs).map_err(|e| StrategyError::BadOffer(e.to_string()))?;
     Ok(SecureOffers {
         identity,
-        peer_fingerprint,
+        peer: PeerPin::Offered(peer_fingerprint),
         theirs,
     })
 }

@@ -339,8 +339,7 @@ impl Strategy for UdpQuic {
             }
         };
         let punch_key = parse_punch_key(&offer.punch_key)?;
-        let (identity, peer_fingerprint, theirs) =
-            (secured.identity, secured.peer_fingerprint, secured.theirs);
+        let (identity, pin, theirs) = (secured.identity, secured.peer, secured.theirs);
         let peer_seen: Vec<IpAddr> = attempt.pairing.peer_all().iter().map(|a| a.ip()).collect();
         let peer_candidates = peer_candidates_all(&theirs.candidates, &peer_seen, &servers);
         if peer_candidates.is_empty() {
@@ -467,7 +466,7 @@ impl Strategy for UdpQuic {
         let socket = socket
             .into_std()
             .map_err(|e| StrategyError::io("taking the UDP socket back from tokio", e))?;
-        let endpoint = quic_endpoint(socket, quic_role, &identity, peer_fingerprint, transport)?;
+        let endpoint = quic_endpoint(socket, quic_role, &identity, pin, transport)?;
         // Closes the endpoint (and with it the socket) unless the link takes it over.
         let guard = EndpointGuard(Some(endpoint.clone()));
 
@@ -475,10 +474,10 @@ impl Strategy for UdpQuic {
         let mut tasks = JoinSet::new();
         match quic_role {
             Role::First => {
-                tasks.spawn(dial_each(endpoint.clone(), paths.clone(), local, tx));
+                tasks.spawn(dial_each(endpoint.clone(), paths.clone(), local, tx, pin));
             }
             Role::Second => {
-                tasks.spawn(accept(endpoint.clone(), local, tx));
+                tasks.spawn(accept(endpoint.clone(), local, tx, pin));
             }
         }
         let ctx = attempt.handshake_context(NAME);

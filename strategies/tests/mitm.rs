@@ -849,14 +849,14 @@ impl Sinks {
 }
 
 /// The double passes the joins' PAKE messages on, as the real server does: the peers hold an
-/// agreed key and their links' certificates are derived from it, so the double's own
-/// certificate is refused in the TLS handshake by both peers: it decrypts nothing, and the
-/// keyed second peer (which sends as soon as its TLS is done) never talks to it. Watched red
-/// with `NETTOOL_TEST_CERT_BINDING_OFF=1` (the offers' certificates instead): the double
-/// terminates TLS with both, and the second peer, whose TLS then "authenticated" the double,
-/// sends it its hello and confirmation.
+/// agreed key and their links' certificates are derived from it, so each peer refuses the
+/// double's own certificate as soon as its TLS handshake is done, before it writes anything:
+/// the double decrypts nothing, and the keyed second peer (which sends as soon as its TLS is
+/// done) never talks to it. Watched red with `NETTOOL_TEST_CERT_BINDING_OFF=1` (the offers'
+/// certificates instead): the double terminates TLS with both, and the second peer, whose TLS
+/// then "authenticated" the double, takes the link and sends it its hello and confirmation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mitm_double_passing_the_pake_completes_no_tls_with_a_keyed_peer() {
+async fn mitm_double_passing_the_pake_is_refused_by_keyed_peers_and_reads_nothing() {
     let _switch = SWITCH.lock().await;
     let upstream = real_server().await;
     for (i, name) in ["tcp-direct", "tcp-punch", "relay", "udp-quic"]
@@ -880,9 +880,6 @@ async fn mitm_double_passing_the_pake_completes_no_tls_with_a_keyed_peer() {
             errors.contains("failed authentication"),
             "{name}: the reports must show the authentication failing: {errors}"
         );
-        // (As a TLS client the double gets as far as its own Finished before the peer
-        // refuses its certificate; as a server the peer refuses it first. Either way no byte
-        // comes through it.)
         assert!(
             double.seen.lock().unwrap().is_empty(),
             "{name}: the double decrypted something"

@@ -10,13 +10,12 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use nettool_core::secure::{
-    auth_failure_error, client_tls, server_tls, tls_error, AuthFailure, Identity,
-};
+use nettool_core::secure::{client_tls, server_tls, tls_error, Identity, PeerPin};
 use nettool_core::strategy::RawLink;
 use nettool_core::{LinkStream, LinkStreams, Role, StrategyError};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt};
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -26,6 +25,8 @@ use super::UdpQuic;
 
 /// Application close code of a link that is done (or dropped).
 const CLOSE_DONE: u32 = 0;
+/// The application close code of a connection whose certificate was refused.
+const CLOSE_REFUSED: u32 = 1;
 
 /// Stream receive window and send window of QUIC links nearby (the connection window is
 /// twice it); see [`window_for`].
@@ -76,21 +77,18 @@ impl UdpQuic {
     }
 }
 
-fn client_config(
-    identity: &Identity,
-    peer_fingerprint: [u8; 32],
-) -> Result<quinn::ClientConfig, StrategyError> {
-    let tls = client_tls(identity, peer_fingerprint)?;
+fn client_config(identity: &Identity, pin: PeerPin) -> Result<quinn::ClientConfig, StrategyError> {
+    let tls = client_tls(identity, pin)?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| tls_error("QUIC client config", e))?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
 
 fn server_config(
     identity: &Identity,
-    peer_fingerprint: [u8; 32],
+    pin: PeerPin,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ServerConfig, StrategyError> {
-    let tls = server_tls(identity, peer_fingerprint)?;
+    let tls = server_tls(identity, pin)?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| tls_error("QUIC server config", e))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport);
@@ -101,7 +99,7 @@ pub(super) fn quic_endpoint(
     socket: std::net::UdpSocket,
     role: Role,
     identity: &Identity,
-    peer_fingerprint: [u8; 32],
+    pin: PeerPin,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<Endpoint, StrategyError> {
     let mut config = EndpointConfig::default();
@@ -109,16 +107,12 @@ pub(super) fn quic_endpoint(
     config.grease_quic_bit(false);
     let server = match role {
         Role::First => None,
-        Role::Second => Some(server_config(
-            identity,
-            peer_fingerprint,
-            transport.clone(),
-        )?),
+        Role::Second => Some(server_config(identity, pin, transport.clone())?),
     };
     let mut endpoint = Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
         .map_err(|e| StrategyError::io("starting the QUIC endpoint", e))?;
     if role == Role::First {
-        let mut client = client_config(identity, peer_fingerprint)?;
+        let mut client = client_config(identity, pin)?;
         client.transport_config(transport);
         endpoint.set_default_client_config(client);
     }
@@ -150,12 +144,13 @@ pub(super) async fn dial_each(
     paths: Vec<SocketAddr>,
     local: SocketAddr,
     tx: mpsc::Sender<RawLink<QuicRaw>>,
+    pin: PeerPin,
 ) {
     for peer in paths {
         if tx.is_closed() {
             return;
         }
-        if let Some(conn) = dial(endpoint.clone(), peer, local, &tx).await {
+        if let Some(conn) = dial(endpoint.clone(), peer, local, &tx, pin).await {
             // The agreement refused it when it closes; then try the next address. (When the
             // agreement takes it, the attempt ends and aborts this task.)
             let why = conn.closed().await;
@@ -170,12 +165,13 @@ async fn dial(
     peer: SocketAddr,
     local: SocketAddr,
     tx: &mpsc::Sender<RawLink<QuicRaw>>,
+    pin: PeerPin,
 ) -> Option<Connection> {
     let conn = match endpoint.connect(peer, "nettool") {
         Ok(connecting) => match connecting.await {
-            Ok(c) => c,
+            Ok(c) if checked(&c, pin, tx, local).await => c,
+            Ok(_) => return None,
             Err(e) => {
-                refused(tx, &e, local, peer).await;
                 warn!(%peer, "QUIC connection failed: {e}");
                 return None;
             }
@@ -203,41 +199,43 @@ async fn dial(
     Some(conn)
 }
 
-/// What the dialer and the acceptor hand the link agreement: a QUIC stream, or the error of
-/// a handshake that failed on a certificate (which the agreement reads as a failed
-/// authentication on a keyed link, see [`nettool_core::secure::auth_failure`]).
+/// What the dialer and the acceptor hand the link agreement: a QUIC stream, or why a
+/// connection's certificate was refused (a failed authentication on a keyed link).
 pub(super) type QuicRaw = io::Result<QuicStream>;
 
-/// Hands a handshake that failed on a certificate to the link agreement, in rustls' terms:
-/// QUIC reports the TLS alert as a transport error code (ours when this end refused, the
-/// peer's close when it did).
-async fn refused(
+/// Checks a new connection's certificate when it is the one derived from the agreed key
+/// ([`PeerPin::check`]: QUIC's handshake let any through, its signature checked), before
+/// anything is written on it. A refused one is closed and its error handed to the link
+/// agreement, so both ends say why (the acceptor would otherwise wait for a stream that
+/// never comes).
+async fn checked(
+    conn: &Connection,
+    pin: PeerPin,
     tx: &mpsc::Sender<RawLink<QuicRaw>>,
-    e: &quinn::ConnectionError,
     local: SocketAddr,
-    remote: SocketAddr,
-) {
-    /// TLS' `access_denied` alert: what a refused pin sends ([`nettool_core::secure`]).
-    const ACCESS_DENIED: u8 = 49;
-    let denied = quinn::TransportErrorCode::crypto(ACCESS_DENIED);
-    let failure = match e {
-        quinn::ConnectionError::TransportError(t) if t.code == denied => AuthFailure::Theirs,
-        quinn::ConnectionError::ConnectionClosed(c) if c.error_code == denied => AuthFailure::Ours,
-        _ => return,
+) -> bool {
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let Err(e) = pin.check(certs.as_deref().map(Vec::as_slice)) else {
+        return true;
     };
+    conn.close(VarInt::from_u32(CLOSE_REFUSED), b"certificate refused");
     let _ = tx
         .send(RawLink {
-            stream: Err(auth_failure_error(failure)),
+            stream: Err(e),
             local,
-            remote,
+            remote: conn.remote_address(),
         })
         .await;
+    false
 }
 
 pub(super) async fn accept(
     endpoint: Endpoint,
     local: SocketAddr,
     tx: mpsc::Sender<RawLink<QuicRaw>>,
+    pin: PeerPin,
 ) {
     let mut pending = JoinSet::new();
     loop {
@@ -248,9 +246,9 @@ pub(super) async fn accept(
                 pending.spawn(async move {
                     let from = incoming.remote_address();
                     let conn = match incoming.await {
-                        Ok(c) => c,
+                        Ok(c) if checked(&c, pin, &tx, local).await => c,
+                        Ok(_) => return,
                         Err(e) => {
-                            refused(&tx, &e, local, from).await;
                             warn!(%from, "refused QUIC connection: {e}");
                             return;
                         }
