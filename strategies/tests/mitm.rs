@@ -744,6 +744,21 @@ async fn send_marker(a: Link, b: Link) -> Vec<u8> {
     got
 }
 
+/// Both peers of `session` connect with `name` through the double: neither links and both
+/// reports say the authentication failed.
+async fn refused_through(double: &Double, session: &str, name: &str) {
+    let ((a, ra), (b, rb)) = pair(double.addr, session, name, Duration::from_secs(4)).await;
+    assert!(
+        a.is_none() && b.is_none(),
+        "{name}: a link through the double: {ra:?} {rb:?}"
+    );
+    let errors = format!("{:?} {:?}", ra.attempts, rb.attempts);
+    assert!(
+        errors.contains("failed authentication"),
+        "{name}: the reports must show the authentication failing: {errors}"
+    );
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -758,26 +773,11 @@ async fn mitm_double_is_refused_by_every_strategy_and_wins_without_binding() {
     {
         // With binding (the product): refused, and nothing of the peers' data reaches the double.
         let double = Double::start(upstream, Mode::Swap).await;
-        let ((a, ra), (b, rb)) = pair(
-            double.addr,
-            &format!("mitm-on-{i}"),
-            name,
-            Duration::from_secs(4),
-        )
-        .await;
+        refused_through(&double, &format!("mitm-on-{i}"), name).await;
         assert!(
             double.terminated.load(Ordering::SeqCst) >= 2,
             "{name}: the double must have terminated TLS with both peers for the test to mean \
-             anything ({ra:?} {rb:?})"
-        );
-        assert!(
-            a.is_none() && b.is_none(),
-            "{name}: a link through the double: {ra:?} {rb:?}"
-        );
-        let errors = format!("{:?} {:?}", ra.attempts, rb.attempts);
-        assert!(
-            errors.contains("failed authentication"),
-            "{name}: the reports must show the proof failing: {errors}"
+             anything"
         );
         assert!(!contains(&double.seen.lock().unwrap(), MARKER));
 
@@ -864,22 +864,7 @@ async fn mitm_double_passing_the_pake_is_refused_by_keyed_peers_and_reads_nothin
         .enumerate()
     {
         let double = Double::start_keyed(upstream, Mode::Swap, true).await;
-        let ((a, ra), (b, rb)) = pair(
-            double.addr,
-            &format!("mitm-keyed-{i}"),
-            name,
-            Duration::from_secs(4),
-        )
-        .await;
-        assert!(
-            a.is_none() && b.is_none(),
-            "{name}: a link through the double: {ra:?} {rb:?}"
-        );
-        let errors = format!("{:?} {:?}", ra.attempts, rb.attempts);
-        assert!(
-            errors.contains("failed authentication"),
-            "{name}: the reports must show the authentication failing: {errors}"
-        );
+        refused_through(&double, &format!("mitm-keyed-{i}"), name).await;
         assert!(
             double.seen.lock().unwrap().is_empty(),
             "{name}: the double decrypted something"
