@@ -157,7 +157,7 @@ pub enum PeerPin {
 
 impl PeerPin {
     /// After the handshake: whether the peer's certificate (`certs`, the peer's chain) is
-    /// the derived one; the error [`auth_failure`] reads as [`AuthFailure::Theirs`].
+    /// the derived one ([`NotDerived`] if not).
     pub fn check(&self, certs: Option<&[CertificateDer<'_>]>) -> io::Result<()> {
         let Self::Derived(expected) = self else {
             return Ok(());
@@ -168,7 +168,7 @@ impl PeerPin {
         if got == Some(*expected) {
             Ok(())
         } else {
-            Err(auth_failure_error(AuthFailure::Theirs))
+            Err(io::Error::new(io::ErrorKind::PermissionDenied, NotDerived))
         }
     }
 }
@@ -190,9 +190,8 @@ impl Pinned {
         if got == fingerprint {
             Ok(())
         } else {
-            // Sent to the peer as `access_denied` ([`auth_failure`] tells the two apart).
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
+            Err(rustls::Error::General(
+                "certificate does not match the fingerprint in the offer".into(),
             ))
         }
     }
@@ -313,45 +312,16 @@ impl ClientCertVerifier for Pinned {
     }
 }
 
-/// Which end refused the other's certificate, when a TLS handshake failed on the pin
-/// ([`Pinned`]); on a keyed link ([`crate::handshake::AgreedKey`]) that is a failed
-/// authentication (another key: a wrong secret or code, or a man in the middle).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthFailure {
-    /// This end refused the peer's certificate.
-    Theirs,
-    /// The peer refused this end's (its `access_denied` alert).
-    Ours,
-}
+/// The peer's certificate is not the one derived from the agreed key ([`PeerPin::check`]):
+/// on a keyed link that is a failed authentication (another key: a wrong secret or code, or a
+/// man in the middle).
+#[derive(Debug, thiserror::Error)]
+#[error("the peer's certificate is not the one derived from the agreed key")]
+pub struct NotDerived;
 
-/// Whether `e` (a TLS upgrade's error) is a refused pin, and whose: rustls' own error inside
-/// the I/O error. QUIC's handshake errors take the same form ([`auth_failure_error`]).
-pub fn auth_failure(e: &io::Error) -> Option<AuthFailure> {
-    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::InvalidCertificate(
-            rustls::CertificateError::ApplicationVerificationFailure,
-        ) => Some(AuthFailure::Theirs),
-        rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied) => {
-            Some(AuthFailure::Ours)
-        }
-        _ => None,
-    }
-}
-
-/// The I/O error [`auth_failure`] reads as `failure`: for transports (QUIC) that report the
-/// pin's refusal in their own terms.
-pub fn auth_failure_error(failure: AuthFailure) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::PermissionDenied,
-        match failure {
-            AuthFailure::Theirs => rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ),
-            AuthFailure::Ours => {
-                rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied)
-            }
-        },
-    )
+/// Whether `e` (a TLS or QUIC upgrade's error) is [`NotDerived`].
+pub fn not_derived(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<NotDerived>())
 }
 
 /// The fingerprint as lowercase hex, for offers.
@@ -505,15 +475,12 @@ mod tests {
             );
         }
 
-        // A third identity is refused by both sides: by the client, which checks first, and
-        // the server hears the refusal.
+        // A third identity is refused by both sides.
         let c = Identity::generate().unwrap();
         let impostor = LinkTls::new(Role::Second, &c, PeerPin::Offered(a.fingerprint)).unwrap();
         let (x, y) = tokio::io::duplex(1 << 16);
         let (rx, ry) = tokio::join!(first.upgrade(x), impostor.upgrade(y));
-        let (ex, ey) = (rx.err().unwrap(), ry.err().unwrap());
-        assert_eq!(auth_failure(&ex), Some(AuthFailure::Theirs), "{ex}");
-        assert_eq!(auth_failure(&ey), Some(AuthFailure::Ours), "{ey}");
+        assert!(rx.is_err() && ry.is_err());
     }
 
     #[tokio::test]
@@ -536,13 +503,13 @@ mod tests {
         let other = LinkTls::new(Role::Second, &c, PeerPin::Derived(a.fingerprint)).unwrap();
         let (x, y) = tokio::io::duplex(1 << 16);
         let (rx, _) = tokio::join!(first.upgrade(x), other.upgrade(y));
-        assert_eq!(auth_failure(&rx.err().unwrap()), Some(AuthFailure::Theirs));
+        assert!(not_derived(&rx.err().unwrap()));
         // ... and the server (here with a client that took its certificate).
         let lenient = LinkTls::new(Role::First, &a, PeerPin::Derived(c.fingerprint)).unwrap();
         let strict = LinkTls::new(Role::Second, &c, PeerPin::Derived(b.fingerprint)).unwrap();
         let (x, y) = tokio::io::duplex(1 << 16);
         let (rx, ry) = tokio::join!(lenient.upgrade(x), strict.upgrade(y));
         assert!(rx.is_ok());
-        assert_eq!(auth_failure(&ry.err().unwrap()), Some(AuthFailure::Theirs));
+        assert!(not_derived(&ry.err().unwrap()));
     }
 }

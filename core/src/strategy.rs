@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::client::{ClientError, Pairing, RendezvousClient};
 use crate::handshake::{self, HandshakeContext, HandshakeError, LinkKey};
 use crate::protocol::Role;
-use crate::secure::{fingerprint_hex, parse_fingerprint, AuthFailure, Identity, LinkTls, PeerPin};
+use crate::secure::{fingerprint_hex, parse_fingerprint, Identity, LinkTls, PeerPin};
 
 /// A byte stream a link runs over.
 pub trait LinkStream: AsyncRead + AsyncWrite + Unpin + Send + Any {}
@@ -666,16 +666,12 @@ where
                     pending.push(async move {
                         let res = tokio::time::timeout(per_link_timeout, async {
                             let (mut stream, binding) = upgrading.await.map_err(|e| {
-                                // Keyed, the certificates are derived from the agreed key: a
-                                // refused one is a failed authentication.
-                                match crate::secure::auth_failure(&e) {
-                                    Some(AuthFailure::Theirs) if ctx.agreed.is_some() => {
-                                        HandshakeError::BadProof
-                                    }
-                                    Some(AuthFailure::Ours) if ctx.agreed.is_some() => {
-                                        HandshakeError::PeerRefused(e)
-                                    }
-                                    _ => HandshakeError::Secure(e),
+                                // A keyed link's certificate not derived from the agreed key:
+                                // a failed authentication.
+                                if crate::secure::not_derived(&e) {
+                                    HandshakeError::BadProof
+                                } else {
+                                    HandshakeError::Secure(e)
                                 }
                             })?;
                             ctx.binding = binding;
