@@ -216,8 +216,10 @@ fn at_100ms_rtt_with_1_percent_loss_every_pair_links_intact() {
 }
 
 /// `--no-relay-first --strategy tcp-punch` at 100 ms RTT (cone × cone): links on tcp-punch,
-/// intact both ways, both exit 0; the first byte's time is printed (the issue's target is 6
-/// round trips: not met yet, see docs/session.md).
+/// intact both ways, both exit 0, A's first byte on B's stdout within 7.6 round trips (the
+/// issue's target is 6: not met yet, see docs/session.md; measured 6.9 in this debug build).
+/// Watched red with the session's first frames as they were (8 KiB, each frame its own
+/// record): the first byte a round trip later.
 #[test]
 fn at_100ms_rtt_tcp_punch_alone_links_intact() {
     if !require_lab() {
@@ -238,8 +240,6 @@ fn at_100ms_rtt_tcp_punch_alone_links_intact() {
         &["--no-relay-first", "--strategy", "tcp-punch", "-vv"],
     );
     let problems = intact_and_clean(&run);
-    std::fs::write("/tmp/tp_a.err", &run.a_err).unwrap();
-    std::fs::write("/tmp/tp_b.err", &run.b_err).unwrap();
     let fb = run.first_byte_ms.unwrap_or(0);
     println!(
         "distance: tcp-punch alone, {a} x {b} at RTT 100 ms: first byte {fb} ms ({:.1} RTT), \
@@ -254,4 +254,13 @@ fn at_100ms_rtt_tcp_punch_alone_links_intact() {
         run.b_err
     );
     assert_eq!(run.a_report["strategy"], "tcp-punch", "{}", run.a_report);
+    assert!(
+        run.first_byte_ms
+            .is_some_and(|ms| ms <= TCP_PUNCH_ALONE_LIMIT_MS),
+        "first byte {fb} ms, over {TCP_PUNCH_ALONE_LIMIT_MS} ms (7.6 round trips)"
+    );
 }
+
+/// The tcp-punch-alone test's bound on the first byte at 100 ms RTT: 7.6 round trips
+/// (measured 6.9–7.0; 8.0 with the first frames as they were).
+const TCP_PUNCH_ALONE_LIMIT_MS: u64 = 760;
