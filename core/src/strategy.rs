@@ -420,7 +420,10 @@ impl Attempt<'_> {
         strategy: &str,
         mut offer: serde_json::Value,
     ) -> Result<SecureOffers<T>, StrategyError> {
-        let identity = Identity::generate()?;
+        let identity = match self.derived(strategy, self.pairing.role) {
+            Some(derived) => derived?,
+            None => Identity::generate()?,
+        };
         let serde_json::Value::Object(map) = &mut offer else {
             return Err(StrategyError::BadOffer(
                 "an offer must be a JSON object".into(),
@@ -458,6 +461,12 @@ impl Attempt<'_> {
         let Ready {
             prepared, identity, ..
         } = early.ready;
+        // Made before the pairing, when no key was agreed yet.
+        let identity = match self.derived(strategy, self.pairing.role) {
+            Some(Ok(derived)) => derived,
+            Some(Err(e)) => return Some(Err(e)),
+            None => identity,
+        };
         let state = match prepared.state.downcast::<S>() {
             Ok(s) => *s,
             Err(_) => {
@@ -482,14 +491,12 @@ impl Attempt<'_> {
         }))
     }
 
-    /// The peer's offer with its certificate fingerprint taken out, and the certificates
-    /// the attempt's TLS presents and pins. Keyed ([`Self::agreed`]), both are derived from
-    /// the agreed key, the pairing, the strategy and the role ([`Identity::derive`]), and the
+    /// The peer's offer with its certificate fingerprint taken out, and the certificate the
+    /// attempt's TLS pins: keyed, the one derived for the peer ([`Self::derived`]), and the
     /// offers' fingerprints (which the server relays, and could swap) are not used: the TLS
     /// handshake itself then proves that the other end holds the key, so the second peer may
-    /// send as soon as its TLS is done ([`crate::handshake`]). Otherwise this side's fresh
-    /// certificate and the fingerprint in the peer's offer, bound to the secret by the link
-    /// handshake's PAKE.
+    /// send as soon as its TLS is done ([`crate::handshake`]). Otherwise the fingerprint in
+    /// the peer's offer, bound to the secret by the link handshake's PAKE.
     fn secure_offers<T: serde::de::DeserializeOwned>(
         &self,
         strategy: &str,
@@ -497,16 +504,19 @@ impl Attempt<'_> {
         theirs: serde_json::Value,
     ) -> Result<SecureOffers<T>, StrategyError> {
         let mut offers = secure_offers(identity, theirs)?;
-        if let Some(agreed) = self.agreed.filter(|_| !CERT_BINDING_OFF) {
-            let pair_id = &self.pairing.pair_id;
-            let role = self.pairing.role;
-            offers.identity = Identity::derive(&agreed.certificate_seed(pair_id, strategy, role))?;
-            offers.peer = PeerPin::Derived(
-                Identity::derive(&agreed.certificate_seed(pair_id, strategy, role.other()))?
-                    .fingerprint,
-            );
+        if let Some(peer) = self.derived(strategy, self.pairing.role.other()) {
+            offers.peer = PeerPin::Derived(peer?.fingerprint);
         }
         Ok(offers)
+    }
+
+    /// Keyed ([`Self::agreed`]): the certificate `role` presents on this attempt's links,
+    /// derived from the agreed key, the pairing, the strategy and the role
+    /// ([`Identity::derive`]). `None` without an agreed key.
+    fn derived(&self, strategy: &str, role: Role) -> Option<Result<Identity, StrategyError>> {
+        let agreed = self.agreed.filter(|_| !CERT_BINDING_OFF)?;
+        let seed = agreed.certificate_seed(&self.pairing.pair_id, strategy, role);
+        Some(Identity::derive(&seed))
     }
 
     /// The handshake context for a link made by `strategy`.

@@ -322,6 +322,16 @@ mod quic_initial_tests {
         sha2::Sha256::digest(s.as_bytes()).into()
     }
 
+    /// The hard side's keys in the tests (the second peer, pairing "p").
+    fn hard_side_keys<'a>(hard_key: &'a PunchKey, easy_key: &'a PunchKey) -> Keys<'a> {
+        Keys {
+            mine: hard_key,
+            peer: easy_key,
+            pair_id: "p",
+            role: Role::Second,
+        }
+    }
+
     /// The easy side of a test: waits for the hard side's first prime and answers the socket
     /// it came from with one probe; returns that socket's address.
     async fn probe_the_first_prime(easy_socket: &UdpSocket, easy_key: &PunchKey) -> SocketAddr {
@@ -347,12 +357,7 @@ mod quic_initial_tests {
         let (hard_key, easy_key) = (test_key("hard"), test_key("easy"));
         let easy_socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let easy_addr = easy_socket.local_addr().unwrap();
-        let hard_keys = Keys {
-            mine: &hard_key,
-            peer: &easy_key,
-            pair_id: "p",
-            role: Role::Second,
-        };
+        let hard_keys = hard_side_keys(&hard_key, &easy_key);
         let stop = Instant::now() + Duration::from_secs(5);
         let easy_addrs = [easy_addr];
         let hard_side = hard(
@@ -404,12 +409,7 @@ mod quic_initial_tests {
         for dials in [true, false] {
             let easy_socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
             let easy_addr = easy_socket.local_addr().unwrap();
-            let hard_keys = Keys {
-                mine: &hard_key,
-                peer: &easy_key,
-                pair_id: "p",
-                role: Role::Second,
-            };
+            let hard_keys = hard_side_keys(&hard_key, &easy_key);
             let stop = Instant::now() + Duration::from_millis(1500);
             let easy_addrs = [easy_addr];
             let hard_side = hard(
