@@ -105,10 +105,25 @@ pub struct Pairing {
     /// The peer's express PAKE message, when the server paired two express joins and splices
     /// their relay connections ([`crate::express`]).
     pub peer_pake: Option<String>,
+    /// The offers the peer prepared before joining, by strategy, when both joins carried
+    /// some ([`JoinRequest::offers`]). Untrusted, like every offer.
+    pub peer_offers: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Offers a join carries when they are ready in time ([`JoinRequest::offers`]): a future
+/// that gives them once made (by strategy), or `None` when there are none.
+pub struct JoinOffers(
+    pub futures::future::BoxFuture<'static, Option<serde_json::Map<String, serde_json::Value>>>,
+);
+
+impl std::fmt::Debug for JoinOffers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinOffers")
+    }
 }
 
 /// What a join asks for ([`RendezvousClient::join_request`]).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct JoinRequest<'a> {
     /// The session name.
     pub session: &'a str,
@@ -118,6 +133,10 @@ pub struct JoinRequest<'a> {
     pub token: Option<&'a str>,
     /// The express relay's part of the join.
     pub express: Option<crate::protocol::ExpressJoin>,
+    /// Prepared offers to go with a join that carries its PAKE message alone: sent when
+    /// they are ready by the time the connection to the server is (or half the TCP
+    /// connect's round trip after it, 10 to 250 ms), else the join goes without them.
+    pub offers: Option<JoinOffers>,
 }
 
 impl Pairing {
@@ -237,6 +256,13 @@ pub async fn connect_happy(
 /// How long the writer task may take to write one frame before it gives up on the server
 /// (it then closes the connection; the reading side sees the end).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest a join waits for its prepared offers once its connection to the server is up:
+/// half the TCP connect's round trip (a round trip saved after pairing is worth it), within
+/// these bounds (the offers' own exchanges with the server take longer than a loopback
+/// connect).
+const JOIN_OFFERS_WAIT: Duration = Duration::from_millis(250);
+const JOIN_OFFERS_WAIT_MIN: Duration = Duration::from_millis(10);
 
 /// The sending side of the control connection: a task owns the socket's write half and
 /// writes whole frames from a queue.
@@ -394,6 +420,7 @@ impl RendezvousClient {
             strategies,
             token,
             express: None,
+            offers: None,
         };
         Self::join_request(servers, security, join, deadline, on_waiting).await
     }
@@ -412,11 +439,26 @@ impl RendezvousClient {
             strategies,
             token,
             express,
+            offers,
         } = join;
+        let connecting = Instant::now();
         let stream = connect_happy(servers, deadline).await?;
+        let connect_rtt = connecting.elapsed();
         let server = peer_of(&stream)?;
         let _ = stream.set_nodelay(true);
         let stream = secure(stream, server, security, deadline).await?;
+        let express = match (express, offers) {
+            (Some(mut x), Some(JoinOffers(ready))) if x.ticket.is_empty() => {
+                let wait = (connect_rtt / 2).clamp(JOIN_OFFERS_WAIT_MIN, JOIN_OFFERS_WAIT);
+                x.offers = tokio::time::timeout(wait, ready).await.ok().flatten();
+                tracing::debug!(
+                    offers = x.offers.as_ref().map_or(0, |o| o.len()),
+                    "prepared offers with the join"
+                );
+                Some(x)
+            }
+            (x, _) => x,
+        };
         let (read, write) = tokio::io::split(stream);
         let writer = FrameWriter::spawn(write);
         let mut conn = FramedConn::new(read, DEFAULT_MAX_FRAME_LEN);
@@ -449,6 +491,7 @@ impl RendezvousClient {
                     relay_token,
                     relay_addrs,
                     peer_pake,
+                    peer_offers,
                 }) => {
                     let client = Self {
                         conn,
@@ -473,6 +516,7 @@ impl RendezvousClient {
                         peer_other: None,
                         relay_addrs,
                         peer_pake,
+                        peer_offers,
                     };
                     return Ok((client, pairing));
                 }
@@ -907,6 +951,7 @@ mod tests {
             peer_other: None,
             relay_addrs: relay_addrs.iter().map(|a| a.parse().unwrap()).collect(),
             peer_pake: None,
+            peer_offers: None,
         }
     }
 

@@ -130,6 +130,7 @@ impl ExpressStart {
         ExpressJoin {
             pake: hex::encode(&self.msg),
             ticket: self.ticket.clone(),
+            offers: None,
         }
     }
 
@@ -145,6 +146,7 @@ impl ExpressStart {
         ExpressJoin {
             pake: hex::encode(&self.msg),
             ticket: String::new(),
+            offers: None,
         }
     }
 

@@ -17,6 +17,12 @@
 //! shows itself to the server over its other family right after pairing (so the peer may use
 //! its candidates there), and the plan keeps a strategy when it can work on any family both
 //! peers have.
+//!
+//! The first attempt can start at the pairing: each join carries the prepared offer of its
+//! first strategy, the server hands it to the other peer with the pairing, and with both
+//! offers and the agreed key each peer starts that attempt while the plan offers cross. It
+//! counts only when both did and the plan tries that strategy first (both decide alike);
+//! otherwise both drop it and the strategy runs in its turn with fresh offers.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,7 +41,10 @@ use crate::plan::{attempt_timeout, feasible, share_budget, NatSummary};
 use crate::port_mapping::PortMapping;
 use crate::protocol::{Role, PLAN_OFFER};
 use crate::report::{AttemptReport, NatCacheReport, NatPair, Outcome, PortMapReport, Report};
-use crate::strategy::{Attempt, AttemptNotes, Early, Link, Offers, Ready, Strategy, StrategyError};
+use crate::strategy::{Attempt, AttemptNotes, Early, Link, Offers, Strategy, StrategyError};
+use prepared::{
+    EarlyAttempt, EarlyStart, JoinedSlot, Preparing, EARLY_START_OFF, PREPARED_FRESH, PREPARE_OFF,
+};
 
 /// What the orchestrator reports while it works (for progress output).
 #[derive(Debug, Clone)]
@@ -91,6 +100,8 @@ pub struct Orchestrator {
     prompt_link: bool,
     /// Let the strategies prepare their offers while joining (see [`Self::with_prepare`]).
     prepare: bool,
+    /// Start the first attempt at the pairing (see [`Self::with_early_start`]).
+    early_start: bool,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -129,7 +140,19 @@ impl Orchestrator {
             express: false,
             prompt_link: false,
             prepare: true,
+            early_start: true,
         }
+    }
+
+    /// Whether the first strategy's attempt may start at the pairing, with the prepared
+    /// offers both joins carried, while the plan offers cross (on by default; a round trip
+    /// sooner). It counts only when the peer started it too and the plan tries that strategy
+    /// first (the report says `at_pairing`). Off, this peer starts none (its join still
+    /// carries its offer: a peer that started the attempt drops it when the plan offers
+    /// have crossed) and every attempt waits for the plan offers.
+    pub fn with_early_start(mut self, on: bool) -> Self {
+        self.early_start = on;
+        self
     }
 
     /// Whether the strategies prepare their offers while this peer joins and waits
@@ -286,6 +309,7 @@ impl Orchestrator {
                         error: Some("the overall deadline was reached".into()),
                         mode: None,
                         probes: None,
+                        at_pairing: false,
                     };
                     events(Event::AttemptFinished(entry.clone()));
                     state.report.attempts.push(entry);
@@ -357,6 +381,15 @@ impl Orchestrator {
             }
             Preparing::start(strategies, &servers, deadline)
         });
+        // The join carries the offer of this side's first strategy when it is ready in time
+        // (only with the PAKE message: the attempt it allows is keyed).
+        let join_offer: JoinedSlot = Arc::default();
+        let join_offers = match (&preparing, &join_pake, names.first()) {
+            (Some(p), Some(_), Some(first)) if p.prepares(first) => {
+                Some(p.for_join(first.clone(), join_offer.clone()))
+            }
+            _ => None,
+        };
         let join = RendezvousClient::join_request(
             &servers,
             &self.control,
@@ -368,6 +401,7 @@ impl Orchestrator {
                     .as_ref()
                     .map(ExpressStart::join)
                     .or_else(|| join_pake.as_ref().map(ExpressStart::join_pake_only)),
+                offers: join_offers,
             },
             deadline,
             || events(Event::Waiting),
@@ -517,7 +551,65 @@ impl Orchestrator {
                 .ok(),
             _ => None,
         };
+        // Both joins' offers for the first strategy are here and both peers hold the key:
+        // that attempt starts now, while the plan offers cross.
+        let one_guess =
+            crate::code::is_code_session(&params.session).then(|| Arc::new(OneGuess::default()));
+        let mut spare = None;
+        let mut early_start = None;
+        let joined_offer = join_offer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((name, ready)) = joined_offer {
+            let theirs = pairing.peer_offers.as_ref().and_then(|o| o.get(&name));
+            let strategy = self.strategies.iter().find(|(s, _)| s.name() == name);
+            match (agreed, theirs, strategy) {
+                (Some(agreed), Some(theirs), Some((strategy, timeout)))
+                    if self.early_start
+                        && !EARLY_START_OFF
+                        && pairing.strategies.first() == Some(&name)
+                        && ready.made().elapsed() < PREPARED_FRESH
+                        && ready.servers() == client.servers() =>
+                {
+                    let began = now();
+                    let attempt_deadline = self.attempt_deadline(
+                        *timeout,
+                        server_rtt,
+                        began,
+                        deadline,
+                        pairing.strategies.len() - 1,
+                    );
+                    early_start = Some(EarlyStart::spawn(EarlyAttempt {
+                        strategy: strategy.clone(),
+                        name: name.clone(),
+                        session: params.session.clone(),
+                        pairing: pairing.clone(),
+                        key: key.clone(),
+                        servers: client.servers(),
+                        server_rtt,
+                        agreed,
+                        one_guess: one_guess.clone(),
+                        early: Early {
+                            ready,
+                            theirs: Some(theirs.clone()),
+                        },
+                        began,
+                        deadline: attempt_deadline,
+                    }));
+                }
+                _ => spare = Some((name, ready)),
+            }
+        }
         let (sighted, found, mut prepared) = tokio::join!(sight, discovered, prepared);
+        // The join's offer, when no attempt started with it: as prepared as any (unless
+        // remade since, or too old).
+        if let Some((name, ready)) = spare {
+            if ready.made().elapsed() < PREPARED_FRESH {
+                prepared.entry(name).or_insert(ready);
+            }
+        }
+        // The early attempt holds its strategy's prepared state: none is offered for it.
+        if let Some(e) = &early_start {
+            prepared.remove(&e.name);
+        }
         let gw = gateway.await;
         let ((mine, cache4), (mine6, _)) = record_found(state, found, gw.ok().flatten());
         if let Some((server, addr)) = sighted {
@@ -546,6 +638,7 @@ impl Orchestrator {
                 .map(|(name, ready)| (name.clone(), ready.offer().clone()))
                 .collect(),
             keyed: agreed.is_some(),
+            early: early_start.as_ref().map(|e| e.name.clone()),
         };
         debug!(offers = plan_offer.offers.len(), "plan offer sent");
         let plan_wait = (now() + PLAN_WAIT + server_rtt * 4).min(deadline);
@@ -588,6 +681,15 @@ impl Orchestrator {
         }
         // Keyed handshakes (and TLS roles swapped) only when both said they hold the key.
         let agreed = agreed.filter(|_| theirs.as_ref().is_some_and(|t| t.keyed));
+        // The attempt started at the pairing counts only when the peer started it too.
+        let peer_early = theirs.as_ref().and_then(|t| t.early.as_deref());
+        let early_start = early_start.filter(|e| {
+            let both = agreed.is_some() && peer_early == Some(e.name.as_str());
+            if !both {
+                info!(strategy = %e.name, "the peer did not start it at the pairing: dropped (it runs in its turn)");
+            }
+            both
+        });
         let (peer_nat, peer_nat6, peer_offers) = theirs
             .map_or((None, None, BTreeMap::new()), |t| {
                 (t.nat, t.nat_v6, t.offers)
@@ -622,6 +724,8 @@ impl Orchestrator {
             families,
             early,
             agreed,
+            early_start,
+            one_guess,
         };
         let link = self.attempts(params, events, deadline, state, paired).await;
         if let Some(c) = &cache4 {
@@ -713,6 +817,7 @@ impl Orchestrator {
             error: link.as_ref().err().cloned(),
             mode: Some("express".into()),
             probes: None,
+            at_pairing: false,
         };
         events(Event::AttemptFinished(entry.clone()));
         (link, entry)
@@ -902,6 +1007,30 @@ impl Orchestrator {
         (nat, cache_use)
     }
 
+    /// When an attempt that begins at `began` must end: its strategy's `timeout` (from the
+    /// round trip `rtt` with a plan), leaving a turn for each of the `after` strategies
+    /// after it, within the overall `deadline`.
+    fn attempt_deadline(
+        &self,
+        timeout: Duration,
+        rtt: Duration,
+        began: Instant,
+        deadline: Instant,
+        after: usize,
+    ) -> Instant {
+        let timeout = if self.plan {
+            attempt_timeout(rtt, timeout)
+        } else {
+            timeout
+        };
+        let share = share_budget(
+            deadline.saturating_duration_since(began),
+            after,
+            BUDGET_RESERVE.max(rtt * 10),
+        );
+        (began + timeout.min(share)).min(deadline)
+    }
+
     /// Runs the agreed strategies in order (the part of [`Self::run`] after pairing).
     async fn attempts(
         &self,
@@ -920,12 +1049,12 @@ impl Orchestrator {
             families,
             mut early,
             agreed,
+            mut early_start,
+            one_guess,
         } = paired;
         let count = pairing.strategies.len();
-        // A code session allows one guess: a failed key confirmation (here, or the peer's
-        // reported by the server) ends the connect; no other strategy is tried.
-        let one_guess =
-            crate::code::is_code_session(&params.session).then(|| Arc::new(OneGuess::default()));
+        // A code session allows one guess (`one_guess`): a failed key confirmation (here, or
+        // the peer's reported by the server) ends the connect; no other strategy is tried.
         for (index, name) in pairing.strategies.iter().enumerate() {
             let Some((strategy, timeout)) = self.strategies.iter().find(|(s, _)| s.name() == name)
             else {
@@ -954,53 +1083,57 @@ impl Orchestrator {
                     continue;
                 }
             }
+            // The attempt started at the pairing is this one, or none: it stops.
+            let started = early_start.take().filter(|e| e.name == *name);
             events(Event::AttemptStarted {
                 strategy: name.clone(),
             });
-            state.current = Some((name.clone(), began));
-            let timeout = if self.plan {
-                attempt_timeout(rtt, *timeout)
-            } else {
-                *timeout
-            };
-            // Keep a turn for every strategy after this one.
-            let share = share_budget(
-                deadline.saturating_duration_since(began),
-                count - index - 1,
-                BUDGET_RESERVE.max(rtt * 10),
-            );
-            let attempt_deadline = (began + timeout.min(share)).min(deadline);
-            let mut notes = AttemptNotes::default();
-            // The strategy sees the IPv4 NATs (birthday punching is for IPv4) unless plain
-            // punching works on IPv6, which it then tries alongside.
-            let nat = match families {
-                [(Some(me), Some(peer)), v6] if self.plan => {
-                    let v6_plain =
-                        matches!(v6, (Some(a), Some(b)) if feasible(name, &a, &b, false).is_ok());
-                    (!v6_plain).then_some((me, peer))
+            let at_pairing = started.is_some();
+            let (res, began, attempt_deadline, mut notes) = match started {
+                Some(e) => {
+                    let (began, attempt_deadline) = (e.began, e.deadline);
+                    state.current = Some((name.clone(), began));
+                    let (res, notes) = e.finish().await;
+                    (res, began, attempt_deadline, notes)
                 }
-                _ => None,
+                None => {
+                    state.current = Some((name.clone(), began));
+                    let attempt_deadline =
+                        self.attempt_deadline(*timeout, rtt, began, deadline, count - index - 1);
+                    let mut notes = AttemptNotes::default();
+                    // The strategy sees the IPv4 NATs (birthday punching is for IPv4) unless
+                    // plain punching works on IPv6, which it then tries alongside.
+                    let nat = match families {
+                        [(Some(me), Some(peer)), v6] if self.plan => {
+                            let v6_plain = matches!(v6, (Some(a), Some(b)) if feasible(name, &a, &b, false).is_ok());
+                            (!v6_plain).then_some((me, peer))
+                        }
+                        _ => None,
+                    };
+                    let mut attempt = Attempt {
+                        session: &params.session,
+                        pairing: &pairing,
+                        key: &key,
+                        rendezvous: Offers::new(&mut client, name),
+                        server_rtt,
+                        deadline: attempt_deadline,
+                        nat,
+                        notes: &mut notes,
+                        portmap: self.portmap.as_deref().filter(|m| m.available()),
+                        one_guess: one_guess.clone(),
+                        agreed,
+                        early: early.remove(name),
+                    };
+                    let span = info_span!("attempt", strategy = %name);
+                    let res = tokio::time::timeout_at(
+                        attempt_deadline.into(),
+                        strategy.connect(&mut attempt).instrument(span),
+                    )
+                    .await;
+                    drop(attempt);
+                    (res, began, attempt_deadline, notes)
+                }
             };
-            let mut attempt = Attempt {
-                session: &params.session,
-                pairing: &pairing,
-                key: &key,
-                rendezvous: Offers::new(&mut client, name),
-                server_rtt,
-                deadline: attempt_deadline,
-                nat,
-                notes: &mut notes,
-                portmap: self.portmap.as_deref().filter(|m| m.available()),
-                one_guess: one_guess.clone(),
-                agreed,
-                early: early.remove(name),
-            };
-            let span = info_span!("attempt", strategy = %name);
-            let res = tokio::time::timeout_at(
-                attempt_deadline.into(),
-                strategy.connect(&mut attempt).instrument(span),
-            )
-            .await;
             let told = matches!(
                 &res,
                 Ok(Err(StrategyError::Rendezvous(ClientError::WrongCode)))
@@ -1084,6 +1217,7 @@ impl Orchestrator {
                 error,
                 mode: notes.mode.take(),
                 probes: notes.probes,
+                at_pairing,
             };
             state.current = None;
             events(Event::AttemptFinished(entry.clone()));
@@ -1249,6 +1383,10 @@ struct PlanOffer {
     /// absent (false) from older peers.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     keyed: bool,
+    /// The strategy whose attempt this peer started at the pairing with both joins' offers
+    /// ([`prepared::EarlyStart`]); absent when none (and from older peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    early: Option<String>,
 }
 
 /// Whether silence from the server's STUN is ignored (a test-only build, to watch the test
@@ -1265,96 +1403,6 @@ fn udp_silence(server_rtt: Duration) -> Duration {
 /// guards the keyed handshakes of a plain connect go red): `NETTOOL_TEST_JOIN_PAKE_OFF=1` at
 /// compile time.
 const JOIN_PAKE_OFF: bool = option_env!("NETTOOL_TEST_JOIN_PAKE_OFF").is_some();
-
-/// Whether the strategies prepare nothing before pairing (a test-only build, to watch the
-/// distance tests that guard it go red): `NETTOOL_TEST_PREPARE_OFF=1` at compile time.
-const PREPARE_OFF: bool = option_env!("NETTOOL_TEST_PREPARE_OFF").is_some();
-
-/// How long a prepared offer is used: the server holds a TCP observation's connection (and
-/// with it the NAT's mapping) for `observe_hold` (120 s by default), and a NAT forgets a UDP
-/// mapping that saw one exchange after about 30 s (Linux conntrack's `udp_timeout`), so a
-/// side that waits longer for its peer prepares again every this long.
-const PREPARED_FRESH: Duration = Duration::from_secs(25);
-
-/// The strategies' prepared offers ([`Strategy::prepare`]), made in a task of their own while
-/// joining and made again every [`PREPARED_FRESH`] until taken.
-struct Preparing {
-    latest: Arc<std::sync::Mutex<Option<BTreeMap<String, Ready>>>>,
-    made: tokio::sync::watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Preparing {
-    fn start(
-        strategies: Vec<(Arc<dyn Strategy>, Duration)>,
-        servers: &[SocketAddr],
-        deadline: Instant,
-    ) -> Self {
-        // The addresses the control connection will most likely use: the first tried, and
-        // the first of the other family (as after being seen there).
-        let order = crate::client::happy_eyeballs_order(servers);
-        let mut against: Vec<SocketAddr> = order.first().copied().into_iter().collect();
-        if let Some(other) = order.iter().find(|a| a.is_ipv4() != order[0].is_ipv4()) {
-            against.push(*other);
-        }
-        let latest = Arc::new(std::sync::Mutex::new(None));
-        let (tx, made) = tokio::sync::watch::channel(false);
-        let slot = latest.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                // Each strategy's offer is published as soon as it is made: one that takes
-                // long (a UDP observation on a network that drops UDP) holds back no other.
-                let mut round: futures::stream::FuturesUnordered<_> = strategies
-                    .iter()
-                    .map(|(s, _)| {
-                        let against = &against;
-                        async move {
-                            let name = s.name().to_owned();
-                            let made = s.prepare(against, deadline).await.and_then(|p| match p {
-                                Some(p) => Ready::new(p).map(Some),
-                                None => Ok(None),
-                            });
-                            (name, made)
-                        }
-                    })
-                    .collect();
-                let mut fresh = std::collections::BTreeSet::new();
-                while let Some((name, made)) = futures::StreamExt::next(&mut round).await {
-                    match made {
-                        Ok(Some(ready)) => {
-                            fresh.insert(name.clone());
-                            let mut latest = slot.lock().unwrap_or_else(|e| e.into_inner());
-                            latest.get_or_insert_with(BTreeMap::new).insert(name, ready);
-                        }
-                        Ok(None) => {}
-                        Err(e) => info!(strategy = %name, "nothing prepared: {e}"),
-                    }
-                }
-                // What was not made again this round is stale: drop it.
-                if let Some(latest) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                    latest.retain(|name, _| fresh.contains(name));
-                }
-                let _ = tx.send(true);
-                tokio::time::sleep(PREPARED_FRESH).await;
-            }
-        });
-        Self { latest, made, task }
-    }
-
-    /// The latest prepared offers, waiting at most `wait` for the first; stops preparing.
-    async fn take(mut self, wait: Duration) -> BTreeMap<String, Ready> {
-        let _ = tokio::time::timeout(wait, self.made.wait_for(|m| *m)).await;
-        self.task.abort();
-        let set = self.latest.lock().unwrap_or_else(|e| e.into_inner()).take();
-        set.unwrap_or_default()
-    }
-}
-
-impl Drop for Preparing {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// Whether the NAT cache's quick check is ignored (a test-only build, to watch the tests that
 /// guard it go red): `NETTOOL_TEST_CACHE_VERIFY_OFF=1` at compile time.
@@ -1404,6 +1452,10 @@ struct Paired {
     early: BTreeMap<String, Early>,
     /// The agreed key, when both peers hold it.
     agreed: Option<crate::handshake::AgreedKey>,
+    /// The first strategy's attempt, when both peers started it at the pairing.
+    early_start: Option<EarlyStart>,
+    /// Set in a code session (one guess).
+    one_guess: Option<Arc<OneGuess>>,
 }
 
 /// What [`Orchestrator::connect`] knows so far; kept outside the running future so a deadline
@@ -1433,6 +1485,7 @@ fn skipped(name: &str, why: &str) -> AttemptReport {
         error: Some(why.to_owned()),
         mode: None,
         probes: None,
+        at_pairing: false,
     }
 }
 
@@ -1440,5 +1493,6 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX)
 }
 
+mod prepared;
 #[cfg(test)]
 mod tests;

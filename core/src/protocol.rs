@@ -184,13 +184,19 @@ pub enum ClientToServer {
 /// message, which the server hands to the other peer in [`ServerToClient::Paired`], and the
 /// ticket of the plain relay connection it opened beside the control connection
 /// ([`ClientToServer::RelayTicket`]). Neither lets the server learn or test the link key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExpressJoin {
     /// The SPAKE2 message (hex).
     pub pake: String,
     /// The relay connection's ticket (32 hex digits).
     pub ticket: String,
+    /// Offers this peer prepared before joining, by strategy (a strategy's offer, as in
+    /// [`ClientToServer::Offer`]): only with a PAKE message and no ticket. The server hands
+    /// them to the other peer in [`ServerToClient::Paired`] when both joins carried some, so
+    /// the first strategy can start at the pairing. Absent when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offers: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Messages the rendezvous server sends to a peer.
@@ -231,6 +237,10 @@ pub enum ServerToClient {
         /// Absent otherwise: the peers go on as without it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         peer_pake: Option<String>,
+        /// The peer's prepared offers from its [`ExpressJoin`], verbatim (untrusted), when
+        /// both peers' joins carried a PAKE message and offers. Absent otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer_offers: Option<serde_json::Map<String, serde_json::Value>>,
     },
     /// Answer to [`ClientToServer::Relay`]: both peers are attached. From here on the server
     /// sends relay frames (see [`crate::relay`]) and the client sends raw link bytes.
@@ -530,6 +540,7 @@ mod tests {
             relay_token: Some("t".into()),
             relay_addrs: Vec::new(),
             peer_pake: None,
+            peer_offers: None,
         };
         let line = encode(&msg);
         assert!(!String::from_utf8_lossy(&line).contains("relay_addrs"));

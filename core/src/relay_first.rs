@@ -84,6 +84,7 @@ impl DirectProgress {
                     error: Some("the session ended before this attempt finished".into()),
                     mode: None,
                     probes: None,
+                    at_pairing: false,
                 });
             }
         }
@@ -109,6 +110,7 @@ impl DirectProgress {
                     )),
                     mode: None,
                     probes: None,
+                    at_pairing: false,
                 });
             }
         }

@@ -54,6 +54,10 @@ pub struct AttemptReport {
     /// Probes sent (birthday mode's easy side) or received (its hard side).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probes: Option<u64>,
+    /// It began at the pairing, with the offers both joins carried, while the plan offers
+    /// crossed (a round trip sooner); absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub at_pairing: bool,
 }
 
 /// The report of one connect.

@@ -178,21 +178,42 @@ impl StrategyError {
 
 /// A strategy's narrow view of the control connection: it can exchange its own offer with the
 /// peer, and nothing else. Results (the lock step) belong to the orchestrator.
+///
+/// An attempt started at the pairing with both peers' offers from their joins has none
+/// ([`Offers::without_channel`]): it needs no exchange, and the control connection is busy
+/// with the plan offers meanwhile.
 #[derive(Debug)]
 pub struct Offers<'a> {
-    client: &'a mut RendezvousClient,
+    client: Option<&'a mut RendezvousClient>,
+    servers: Vec<SocketAddr>,
     strategy: &'a str,
 }
 
 impl<'a> Offers<'a> {
     /// The offer channel of one attempt with `strategy`.
     pub fn new(client: &'a mut RendezvousClient, strategy: &'a str) -> Self {
-        Self { client, strategy }
+        let servers = client.servers();
+        Self {
+            client: Some(client),
+            servers,
+            strategy,
+        }
+    }
+
+    /// For an attempt that has the peer's offer already and exchanges none: knows the
+    /// server's addresses (`servers`, the control connection's first), and refuses to
+    /// exchange offers.
+    pub fn without_channel(servers: Vec<SocketAddr>, strategy: &'a str) -> Self {
+        Self {
+            client: None,
+            servers,
+            strategy,
+        }
     }
 
     /// The rendezvous server's address (its STUN, observe and relay endpoints are here).
     pub fn server(&self) -> SocketAddr {
-        self.client.server()
+        self.servers[0]
     }
 
     /// The server's addresses this peer reached it on, one per IP family (the control
@@ -200,7 +221,7 @@ impl<'a> Offers<'a> {
     /// STUN (UDP) at the address of that family. Validate the peer's candidates of these
     /// families with [`crate::candidates::peer_candidates_all`].
     pub fn servers(&self) -> Vec<SocketAddr> {
-        self.client.servers()
+        self.servers.clone()
     }
 
     /// Sends this peer's offer and waits for the peer's (the server delivers both at the same
@@ -218,17 +239,24 @@ impl<'a> Offers<'a> {
                 self.strategy
             )));
         }
-        Ok(self
-            .client
-            .exchange_offer(strategy, payload, deadline)
-            .await?)
+        let Some(client) = self.client.as_mut() else {
+            return Err(StrategyError::NoLink(format!(
+                "{strategy} started at the pairing with the offers from the joins and has \
+                 no offer channel: it cannot exchange offers"
+            )));
+        };
+        Ok(client.exchange_offer(strategy, payload, deadline).await?)
     }
 
     /// Sends this peer's offer for this attempt's strategy without waiting for the peer's
     /// (a copy for a peer that fetches it; see [`Attempt::prepared_offers`]). A failure to
     /// queue it is logged: the connection is gone, which the attempt finds out by itself.
+    /// Without a channel the peer has this side's offer from its join: nothing is sent.
     fn send_offer(&self, strategy: &str, payload: serde_json::Value) {
-        if let Err(e) = self.client.send_offer(strategy, payload) {
+        let Some(client) = &self.client else {
+            return;
+        };
+        if let Err(e) = client.send_offer(strategy, payload) {
             debug!("could not send the offer's copy: {e}");
         }
     }

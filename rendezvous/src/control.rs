@@ -45,6 +45,10 @@ pub(crate) async fn serve_control(
         .await;
         return;
     }
+    if let Some(why) = express.as_ref().and_then(|x| bad_offers(x, &strategies)) {
+        refuse(&mut framed, &why).await;
+        return;
+    }
     // Join: either wait, or pair with the waiter.
     let joined = {
         let mut sessions = lock(&shared.sessions);
@@ -119,37 +123,42 @@ pub(crate) async fn serve_control(
                     // The express relay: both joins asked for it and this server relays.
                     // Each peer gets the other's PAKE message; the relay connections named
                     // by the tickets attach as this pairing's relay.
-                    let (first_pake, second_pake) = match (&waiter.express, &express, &relay_token)
-                    {
-                        (Some(w), Some(j), Some(token))
-                            if valid_ticket(&w.ticket) && valid_ticket(&j.ticket) =>
-                        {
-                            for (ticket, role) in
-                                [(&w.ticket, Role::First), (&j.ticket, Role::Second)]
+                    let (first_pake, second_pake, first_offers, second_offers) =
+                        match (&waiter.express, &express, &relay_token) {
+                            (Some(w), Some(j), Some(token))
+                                if valid_ticket(&w.ticket) && valid_ticket(&j.ticket) =>
                             {
-                                let assigned = TicketAssignment {
-                                    session: session.clone(),
-                                    token: token.clone(),
-                                    role,
-                                };
-                                shared.assign_ticket(ticket, assigned);
+                                for (ticket, role) in
+                                    [(&w.ticket, Role::First), (&j.ticket, Role::Second)]
+                                {
+                                    let assigned = TicketAssignment {
+                                        session: session.clone(),
+                                        token: token.clone(),
+                                        role,
+                                    };
+                                    shared.assign_ticket(ticket, assigned);
+                                }
+                                (Some(j.pake.clone()), Some(w.pake.clone()), None, None)
                             }
-                            (Some(j.pake.clone()), Some(w.pake.clone()))
-                        }
-                        // Two joins that carried only their PAKE message (no ticket: no
-                        // express relay): each gets the other's, so both hold the key their
-                        // link handshakes are keyed with. A join with a ticket and one without
-                        // get neither (the express side would wait for a relay).
-                        (Some(w), Some(j), _)
-                            if w.ticket.is_empty()
-                                && j.ticket.is_empty()
-                                && valid_pake(&w.pake)
-                                && valid_pake(&j.pake) =>
-                        {
-                            (Some(j.pake.clone()), Some(w.pake.clone()))
-                        }
-                        _ => (None, None),
-                    };
+                            // Two joins that carried only their PAKE message (no ticket: no
+                            // express relay): each gets the other's, so both hold the key their
+                            // link handshakes are keyed with. A join with a ticket and one without
+                            // get neither (the express side would wait for a relay). Their
+                            // prepared offers go along when both brought some.
+                            (Some(w), Some(j), _)
+                                if w.ticket.is_empty()
+                                    && j.ticket.is_empty()
+                                    && valid_pake(&w.pake)
+                                    && valid_pake(&j.pake) =>
+                            {
+                                let (wo, jo) = match (&w.offers, &j.offers) {
+                                    (Some(wo), Some(jo)) => (Some(jo.clone()), Some(wo.clone())),
+                                    _ => (None, None),
+                                };
+                                (Some(j.pake.clone()), Some(w.pake.clone()), wo, jo)
+                            }
+                            _ => (None, None, None, None),
+                        };
                     waiter.outbox.push(Outbound::Paired(
                         pair.clone(),
                         Role::First,
@@ -162,6 +171,7 @@ pub(crate) async fn serve_control(
                             relay_token: relay_token.clone(),
                             relay_addrs: Vec::new(),
                             peer_pake: first_pake,
+                            peer_offers: first_offers,
                         },
                     ));
                     outbox.push(Outbound::Paired(
@@ -176,6 +186,7 @@ pub(crate) async fn serve_control(
                             relay_token,
                             relay_addrs: Vec::new(),
                             peer_pake: second_pake,
+                            peer_offers: second_offers,
                         },
                     ));
                     Ok(Some(pair))
@@ -366,6 +377,34 @@ pub(crate) async fn handle_frame(
         // A message this server build does not know how to handle on a control connection.
         _ => Err("unexpected message on a joined control connection".into()),
     }
+}
+
+/// Why a join's prepared offers are refused, if they are: each must be a JSON object named by
+/// a strategy of the join (the frame's size limit bounds the rest; the peer checks what they
+/// say, as it does every offer).
+fn bad_offers(
+    express: &nettool_core::protocol::ExpressJoin,
+    strategies: &[String],
+) -> Option<String> {
+    let offers = express.offers.as_ref()?;
+    if !express.ticket.is_empty() {
+        return Some(
+            "a join's offers go only with its PAKE message, not with a relay ticket".into(),
+        );
+    }
+    offers.iter().find_map(|(name, offer)| {
+        if !strategies.contains(name) {
+            Some(format!(
+                "the join's offers name '{name}', which is not among its strategies"
+            ))
+        } else if !offer.is_object() {
+            Some(format!(
+                "the join's offer for '{name}' must be a JSON object"
+            ))
+        } else {
+            None
+        }
+    })
 }
 
 /// Whether `pake` looks like a SPAKE2 message over Ed25519 (33 bytes, hex): passed on to the

@@ -120,6 +120,7 @@ pub(crate) fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg:
                     relay_token: relay_token.clone(),
                     relay_addrs: Vec::new(),
                     peer_pake: None,
+                    peer_offers: None,
                 },
             ));
             info!(session = %session, node = %from, "paired with a peer on another node");
@@ -198,6 +199,7 @@ pub(crate) fn on_node_msg(shared: &Shared, cluster: &Arc<dyn SessionStore>, msg:
                     relay_token,
                     relay_addrs,
                     peer_pake: None,
+                    peer_offers: None,
                 },
             ));
         }

@@ -49,6 +49,14 @@ fn text() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Offers by strategy, as joins carry them and pairings pass them on.
+fn offers() -> impl Strategy<Value = Option<serde_json::Map<String, serde_json::Value>>> {
+    prop::option::of(
+        prop::collection::btree_map(text(), json_value(), 0..3)
+            .prop_map(|m| m.into_iter().collect()),
+    )
+}
+
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(serde_json::Value::Null),
@@ -85,7 +93,7 @@ fn client_msg() -> impl Strategy<Value = ClientToServer> {
             text(),
             prop::collection::vec(text(), 0..5),
             prop::option::of(text()),
-            prop::option::of((text(), text()))
+            prop::option::of((text(), text(), offers()))
         )
             .prop_map(|(version, session, strategies, token, express)| {
                 ClientToServer::Join {
@@ -93,7 +101,11 @@ fn client_msg() -> impl Strategy<Value = ClientToServer> {
                     session,
                     strategies,
                     token,
-                    express: express.map(|(pake, ticket)| ExpressJoin { pake, ticket }),
+                    express: express.map(|(pake, ticket, offers)| ExpressJoin {
+                        pake,
+                        ticket,
+                        offers,
+                    }),
                 }
             }),
         any::<u32>().prop_map(|version| ClientToServer::Observe { version }),
@@ -131,7 +143,8 @@ fn server_msg() -> impl Strategy<Value = ServerToClient> {
             socket_addr(),
             prop::option::of(text()),
             prop::collection::vec(socket_addr(), 0..3),
-            prop::option::of(text())
+            prop::option::of(text()),
+            offers(),
         )
             .prop_map(
                 |(
@@ -143,6 +156,7 @@ fn server_msg() -> impl Strategy<Value = ServerToClient> {
                     relay_token,
                     relay_addrs,
                     peer_pake,
+                    peer_offers,
                 )| {
                     ServerToClient::Paired {
                         role,
@@ -153,6 +167,7 @@ fn server_msg() -> impl Strategy<Value = ServerToClient> {
                         relay_token,
                         relay_addrs,
                         peer_pake,
+                        peer_offers,
                     }
                 }
             ),

@@ -630,6 +630,7 @@ async fn pake_only_joins_get_each_others_message_and_mixed_ones_none() {
                 express: Some(ExpressJoin {
                     pake: p,
                     ticket: t.to_owned(),
+                    offers: None,
                 }),
             })
             .await
@@ -652,4 +653,94 @@ async fn pake_only_joins_get_each_others_message_and_mixed_ones_none() {
             assert_eq!(got, [None, None], "{session}");
         }
     }
+}
+
+/// Prepared offers in PAKE-only joins: each peer gets the other's with the pairing when both
+/// joins carried some, neither when one did not; a join whose offers name a strategy it does
+/// not list, or are not objects, or go with a relay ticket, is refused with the reason.
+#[tokio::test]
+async fn join_offers_pass_when_both_joins_carry_them_and_bad_ones_are_refused() {
+    use nettool_core::protocol::ExpressJoin;
+    use serde_json::{json, Map, Value};
+    let addr = start(ServerConfig::default()).await;
+    let pake = |b: &str| b.repeat(66);
+    let offers = |v: Value| -> Option<Map<String, Value>> {
+        Some(v.as_object().expect("an object").clone())
+    };
+    let join = |session: &str, pake: String, ticket: &str, offers| ClientToServer::Join {
+        version: PROTOCOL_VERSION,
+        session: session.into(),
+        strategies: vec!["tcp-punch".into(), "udp-quic".into()],
+        token: None,
+        express: Some(ExpressJoin {
+            pake,
+            ticket: ticket.into(),
+            offers,
+        }),
+    };
+    let a_offers = offers(json!({"tcp-punch": {"receive": ["192.0.2.1:1"]}}));
+    let b_offers = offers(json!({"udp-quic": {"candidates": []}}));
+    for (session, a, b, want) in [
+        ("both", a_offers.clone(), b_offers.clone(), true),
+        ("one", a_offers.clone(), None, false),
+    ] {
+        let mut first = conn(addr).await;
+        first.send(&join(session, pake("1"), "", a)).await.unwrap();
+        assert!(matches!(
+            recv(&mut first).await,
+            ServerToClient::Waiting { .. }
+        ));
+        let mut second = conn(addr).await;
+        second.send(&join(session, pake("2"), "", b)).await.unwrap();
+        let mut got = Vec::new();
+        for c in [&mut first, &mut second] {
+            match recv(c).await {
+                ServerToClient::Paired { peer_offers, .. } => got.push(peer_offers),
+                other => panic!("{session}: expected paired, got {other:?}"),
+            }
+        }
+        if want {
+            assert_eq!(got, [b_offers.clone(), a_offers.clone()], "{session}");
+        } else {
+            assert_eq!(got, [None, None], "{session}");
+        }
+    }
+    let ticket = "ab".repeat(16);
+    for (session, msg, why) in [
+        (
+            "unlisted",
+            join("unlisted", pake("1"), "", offers(json!({"tcp-direct": {}}))),
+            "'tcp-direct', which is not among its strategies",
+        ),
+        (
+            "not-object",
+            join(
+                "not-object",
+                pake("1"),
+                "",
+                offers(json!({"tcp-punch": [1]})),
+            ),
+            "offer for 'tcp-punch' must be a JSON object",
+        ),
+        (
+            "ticket",
+            join("ticket", pake("1"), &ticket, a_offers.clone()),
+            "not with a relay ticket",
+        ),
+    ] {
+        let mut c = conn(addr).await;
+        c.send(&msg).await.unwrap();
+        match recv(&mut c).await {
+            ServerToClient::Error { message } => {
+                assert!(message.contains(why), "{session}: {message}")
+            }
+            other => panic!("{session}: expected an error, got {other:?}"),
+        }
+    }
+    // The server still serves.
+    let mut c = conn(addr).await;
+    c.send(&join("after", pake("1"), "", a_offers))
+        .await
+        .unwrap();
+    assert!(matches!(recv(&mut c).await, ServerToClient::Waiting { .. }));
 }

@@ -491,6 +491,7 @@ async fn early_results_are_capped_per_attempt() {
             relay_token: None,
             relay_addrs: Vec::new(),
             peer_pake: None,
+            peer_offers: None,
         });
         for i in 0..20_000u32 {
             let strategy = match i % 3 {

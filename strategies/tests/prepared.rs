@@ -3,7 +3,9 @@
 //! both peers prepared, only one did (the other, like a peer that predates preparing, sends no
 //! prepared offer: both then exchange offers in the attempt, the preparing side with the
 //! ports it prepared), or neither; and a connect that ends leaves none of the prepared
-//! sockets behind.
+//! sockets behind. With both prepared, each join carries its offer and both start the attempt
+//! at the pairing; when only one starts it (the other has early starts off), it drops it once
+//! the plan offers crossed and both link in the attempt's turn.
 
 mod common;
 
@@ -19,6 +21,14 @@ fn orchestrator(order: &[&str], prepare: bool) -> Orchestrator {
         .unwrap();
     Orchestrator::new(built, Duration::from_secs(20)).with_prepare(prepare)
 }
+
+/// Both peers prepared: (first's early start, second's early start, whether the attempt
+/// counted as started at the pairing).
+const EARLY: [(bool, bool, bool); 3] = [
+    (true, true, true),
+    (true, false, false),
+    (false, true, false),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_punch_and_udp_quic_link_with_prepared_offers_on_either_side_or_none() {
@@ -44,15 +54,23 @@ async fn tcp_punch_and_udp_quic_link_with_prepared_offers_on_either_side_or_none
             prepared.offer
         );
     }
-    for (name, first, second) in ["tcp-punch", "udp-quic"].into_iter().flat_map(|n| {
-        [(true, true), (true, false), (false, true), (false, false)].map(|(f, s)| (n, f, s))
-    }) {
+    let cases = [(true, true), (true, false), (false, true), (false, false)]
+        .map(|(f, s)| (f, s, true, true, f && s))
+        .into_iter()
+        .chain(EARLY.map(|(ea, eb, at)| (true, true, ea, eb, at)));
+    for (name, (first, second, early_a, early_b, at_pairing)) in ["tcp-punch", "udp-quic"]
+        .into_iter()
+        .flat_map(|n| cases.clone().map(move |c| (n, c)))
+    {
         let params = ConnectParams {
             server: addr,
-            session: format!("prepared-{name}-{first}-{second}"),
+            session: format!("prepared-{name}-{first}-{second}-{early_a}-{early_b}"),
             secret: Some("k".into()),
         };
-        let (a, b) = (orchestrator(&[name], first), orchestrator(&[name], second));
+        let (a, b) = (
+            orchestrator(&[name], first).with_early_start(early_a),
+            orchestrator(&[name], second).with_early_start(early_b),
+        );
         let ((la, ra), (lb, rb)) = tokio::join!(a.connect(&params, &|_| {}), async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             b.connect(&params, &|_| {}).await
@@ -64,6 +82,10 @@ async fn tcp_punch_and_udp_quic_link_with_prepared_offers_on_either_side_or_none
                 report.attempts
             );
             assert_eq!(report.attempts[0].outcome, Outcome::Connected);
+            assert_eq!(
+                report.attempts[0].at_pairing, at_pairing,
+                "{name} prepared {first}/{second}, early starts {early_a}/{early_b}"
+            );
         }
         // Both ends of the same link.
         let (la, lb) = (la.unwrap(), lb.unwrap());
