@@ -326,12 +326,20 @@ impl DoubleState {
                     if let Some(m) = msg.as_object_mut().filter(|_| !me.keyed) {
                         m.remove("peer_pake");
                     }
-                    line = format!("{msg}\n");
-                    role = Some(if msg["role"] == "first" {
+                    let mine = if msg["role"] == "first" {
                         Role::First
                     } else {
                         Role::Second
-                    });
+                    };
+                    role = Some(mine);
+                    // The offers the peer's join carried, posing as it, as in its plan offer
+                    // (a flood of at most 1,000 candidates per list: the pairing is one frame
+                    // of at most 64 KiB, and a larger one would only end the pairing).
+                    let joined = msg.get_mut("peer_offers").and_then(Value::as_object_mut);
+                    for (name, payload) in joined.into_iter().flat_map(|o| o.iter_mut()) {
+                        me.rewrite_capped(name, mine.other(), payload, 1000);
+                    }
+                    line = format!("{msg}\n");
                 }
                 if msg["type"] == "offer" {
                     let strategy = msg["strategy"].as_str().unwrap_or_default().to_owned();
@@ -361,8 +369,19 @@ impl DoubleState {
     }
 
     fn rewrite(self: &Arc<Self>, strategy: &str, posed: Role, payload: &mut Value) {
+        self.rewrite_capped(strategy, posed, payload, usize::MAX);
+    }
+
+    /// As [`Self::rewrite`], a flood at most `cap` candidates long.
+    fn rewrite_capped(
+        self: &Arc<Self>,
+        strategy: &str,
+        posed: Role,
+        payload: &mut Value,
+        cap: usize,
+    ) {
         let replacement: Vec<SocketAddr> = match &self.mode {
-            Mode::Flood(list) => list.to_vec(),
+            Mode::Flood(list) => list.iter().take(cap).copied().collect(),
             Mode::Swap => vec![self.pose(strategy, posed)],
         };
         let Some(obj) = payload.as_object_mut() else {
