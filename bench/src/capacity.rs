@@ -381,6 +381,7 @@ async fn waiting_sessions(
         bytes_per_session: None,
         projected_100k_mb: None,
         target_100k_mb: TARGET_100K_MB,
+        target_session_bytes: tls.then_some(TARGET_TLS_SESSION_BYTES),
         verdict: Verdict::NotApplicable,
         projected_verdict: Verdict::NotApplicable,
         error: None,
@@ -452,8 +453,12 @@ async fn waiting_sessions(
             row.projected_100k_mb = Some((b * 1024) as f64 / 1e6 + per * 100_000.0 / 1e6);
         }
     }
-    if n >= 100_000 || tls {
-        // The TLS run is the smaller size only: its projection is what 100k TLS sessions cost.
+    if tls {
+        // What each waiting TLS session costs the server, against its own target.
+        row.verdict = row.bytes_per_session.map_or(Verdict::Miss, |b| {
+            Verdict::of(b <= TARGET_TLS_SESSION_BYTES)
+        });
+    } else if n >= 100_000 {
         match row.rss_after_kib {
             Some(a) if row.reached >= 100_000 => {
                 row.verdict = Verdict::of((a * 1024) as f64 / 1e6 <= TARGET_100K_MB);
@@ -474,3 +479,5 @@ const TARGET_PAIRINGS_PER_SECOND: f64 = 10_000.0;
 /// Pairings per second over the control channel's TLS, server-only on this machine's cores.
 const TARGET_TLS_PAIRINGS_PER_SECOND: f64 = 5_000.0;
 const TARGET_100K_MB: f64 = 500.0;
+/// Server memory per waiting session over the control channel's TLS, bytes.
+const TARGET_TLS_SESSION_BYTES: f64 = 6_000.0;

@@ -412,7 +412,10 @@ struct MemoryRow {
     /// Server RSS projected to 100k sessions from this size's per-session figure, MB.
     projected_100k_mb: Option<f64>,
     target_100k_mb: f64,
-    /// Against the target, for 100k sessions actually reached (`n/a` otherwise).
+    /// Over TLS: the target per waiting session, bytes (the verdict is on it).
+    target_session_bytes: Option<f64>,
+    /// Against the target, for 100k sessions actually reached (`n/a` otherwise); over TLS,
+    /// against the per-session target.
     verdict: Verdict,
     /// The projection against the target (for sizes of 100k that could not be reached).
     projected_verdict: Verdict,
@@ -791,7 +794,9 @@ fn render(r: &BenchReport) -> String {
                     if m.tls { " over TLS" } else { "" }
                 ),
                 opt(m.rss_after_kib.map(|k| k as f64 * 1024.0 / 1e6), 1, " MB"),
-                if m.sessions >= 100_000 || m.tls {
+                if let Some(b) = m.target_session_bytes {
+                    format!("≤ {b} B per session")
+                } else if m.sessions >= 100_000 {
                     format!("≤ {} MB at 100k", m.target_100k_mb)
                 } else {
                     String::new()

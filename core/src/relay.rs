@@ -275,6 +275,20 @@ impl AsyncWrite for RelayStream {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
+    /// Several buffers in one write: TLS over the relay hands over a record per buffer (16
+    /// KiB each), which without this went out in a system call each.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }

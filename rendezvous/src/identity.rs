@@ -136,6 +136,8 @@ impl ServerIdentity {
         // no session cache to hold.
         tls.send_tls13_tickets = 0;
         tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        // After the handshake the server protects the records itself ([`crate::sealed`]).
+        tls.enable_secret_extraction = true;
         Ok(Arc::new(tls))
     }
 }

@@ -74,6 +74,7 @@ mod outbox;
 mod pairing;
 mod relay;
 mod remote;
+mod sealed;
 mod stream;
 mod stun_service;
 #[cfg(test)]

@@ -17,8 +17,8 @@ use crate::Shared;
 pub(crate) enum ServerStream {
     /// Plain JSON lines (observe and relay connections; joins with `--insecure-control`).
     Plain(TcpStream),
-    /// TLS (the control channel).
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS (the control channel): rustls' handshake, then [`crate::sealed`]'s record layer.
+    Tls(Box<crate::sealed::SealedTls>),
 }
 
 impl ServerStream {
@@ -55,8 +55,8 @@ pub(crate) async fn open(
     }
     match (&shared.config.tls, first[0]) {
         (Some(tls), TLS_FIRST_BYTE) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-            match tokio::time::timeout_at(started + limit, acceptor.accept(stream)).await {
+            let accept = crate::sealed::accept(stream, tls.clone());
+            match tokio::time::timeout_at(started + limit, accept).await {
                 Ok(Ok(tls)) => Ok(ServerStream::Tls(Box::new(tls))),
                 Ok(Err(e)) => Err(OpenError::Dropped(format!("TLS handshake failed: {e}"))),
                 Err(_) => Err(OpenError::Dropped(format!(
