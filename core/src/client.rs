@@ -111,9 +111,12 @@ pub struct Pairing {
 }
 
 /// Offers a join carries when they are ready in time ([`JoinRequest::offers`]): a future
-/// that gives them once made (by strategy), or `None` when there are none.
+/// that gives them once made (by strategy), or `None` when there are none; and how long the
+/// join waits for them once connected (`None`: half the TCP connect's round trip, 10 to 250
+/// ms).
 pub struct JoinOffers(
     pub futures::future::BoxFuture<'static, Option<serde_json::Map<String, serde_json::Value>>>,
+    pub Option<Duration>,
 );
 
 impl std::fmt::Debug for JoinOffers {
@@ -448,8 +451,10 @@ impl RendezvousClient {
         let _ = stream.set_nodelay(true);
         let stream = secure(stream, server, security, deadline).await?;
         let express = match (express, offers) {
-            (Some(mut x), Some(JoinOffers(ready))) if x.ticket.is_empty() => {
-                let wait = (connect_rtt / 2).clamp(JOIN_OFFERS_WAIT_MIN, JOIN_OFFERS_WAIT);
+            (Some(mut x), Some(JoinOffers(ready, wait))) if x.ticket.is_empty() => {
+                let wait = wait.unwrap_or_else(|| {
+                    (connect_rtt / 2).clamp(JOIN_OFFERS_WAIT_MIN, JOIN_OFFERS_WAIT)
+                });
                 x.offers = tokio::time::timeout(wait, ready).await.ok().flatten();
                 tracing::debug!(
                     offers = x.offers.as_ref().map_or(0, |o| o.len()),

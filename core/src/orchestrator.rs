@@ -102,6 +102,8 @@ pub struct Orchestrator {
     prepare: bool,
     /// Start the first attempt at the pairing (see [`Self::with_early_start`]).
     early_start: bool,
+    /// How long a join waits for its prepared offer (see [`Self::with_join_offers_wait`]).
+    join_offers_wait: Option<Duration>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -141,6 +143,7 @@ impl Orchestrator {
             prompt_link: false,
             prepare: true,
             early_start: true,
+            join_offers_wait: None,
         }
     }
 
@@ -152,6 +155,15 @@ impl Orchestrator {
     /// have crossed) and every attempt waits for the plan offers.
     pub fn with_early_start(mut self, on: bool) -> Self {
         self.early_start = on;
+        self
+    }
+
+    /// How long the join waits, once connected to the server, for the prepared offer it
+    /// carries (`None`, the default: half the TCP connect's round trip, 10 to 250 ms; a join
+    /// whose offer is not ready by then goes without it, and no attempt starts at the
+    /// pairing). Longer where preparing takes more than that (a loaded machine, loopback).
+    pub fn with_join_offers_wait(mut self, wait: Option<Duration>) -> Self {
+        self.join_offers_wait = wait;
         self
     }
 
@@ -386,7 +398,7 @@ impl Orchestrator {
         let join_offer: JoinedSlot = Arc::default();
         let join_offers = match (&preparing, &join_pake, names.first()) {
             (Some(p), Some(_), Some(first)) if p.prepares(first) => {
-                Some(p.for_join(first.clone(), join_offer.clone()))
+                Some(p.for_join(first.clone(), join_offer.clone(), self.join_offers_wait))
             }
             _ => None,
         };

@@ -493,11 +493,21 @@ impl RendezvousServer {
 impl Endpoint {
     /// Binds TCP on `addr`, then UDP on the same address and port number, and the RFC 5780
     /// sockets with `other`.
+    /// With port 0 the system picks the TCP port, and the same number may be taken for UDP
+    /// (by any other socket of the host): then it tries another, a few times.
     async fn bind(addr: SocketAddr, other: Option<SocketAddr>) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
-        let port = listener.local_addr()?.port();
-        let addr = SocketAddr::new(addr.ip(), port);
-        let (stun, other_listeners) = stun_service::bind(addr, other).await?;
+        let mut tries = if addr.port() == 0 { 16 } else { 1 };
+        let (listener, addr, (stun, other_listeners)) = loop {
+            tries -= 1;
+            let listener = TcpListener::bind(addr).await?;
+            let port = listener.local_addr()?.port();
+            let addr = SocketAddr::new(addr.ip(), port);
+            match stun_service::bind(addr, other).await {
+                Ok(udp) => break (listener, addr, udp),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries > 0 => continue,
+                Err(e) => return Err(e),
+            }
+        };
         Ok(Self {
             addr,
             dual_stack: false,

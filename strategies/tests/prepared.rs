@@ -19,7 +19,11 @@ fn orchestrator(order: &[&str], prepare: bool) -> Orchestrator {
     let built = nettool_strategies::registry()
         .build(&order, &Default::default())
         .unwrap();
-    Orchestrator::new(built, Duration::from_secs(20)).with_prepare(prepare)
+    // The joins wait for their offers (made by then on any machine, however loaded): the
+    // early start is then up to the peers, not to the machine's load.
+    Orchestrator::new(built, Duration::from_secs(20))
+        .with_prepare(prepare)
+        .with_join_offers_wait(Some(Duration::from_secs(5)))
 }
 
 /// Both peers prepared: (first's early start, second's early start, whether the attempt

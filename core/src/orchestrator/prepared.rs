@@ -121,33 +121,42 @@ impl Preparing {
     /// The offer of strategy `name` for the join, once made: taken out of the prepared set
     /// into `slot` (what the join offers is then what an early attempt uses, and the
     /// periodic remaking does not replace it). `None` when a round ended without it.
-    pub(super) fn for_join(&self, name: String, slot: JoinedSlot) -> JoinOffers {
+    pub(super) fn for_join(
+        &self,
+        name: String,
+        slot: JoinedSlot,
+        wait: Option<Duration>,
+    ) -> JoinOffers {
         let latest = self.latest.clone();
         let mut made = self.made.clone();
         let mut inserted = self.inserted.clone();
-        JoinOffers(Box::pin(async move {
-            loop {
-                inserted.borrow_and_update();
-                let done = *made.borrow_and_update();
-                let taken = latest
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_mut()
-                    .and_then(|m| m.remove(&name));
-                if let Some(ready) = taken {
-                    let offer = ready.offer().clone();
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((name.clone(), ready));
-                    return Some(serde_json::Map::from_iter([(name, offer)]));
+        JoinOffers(
+            Box::pin(async move {
+                loop {
+                    inserted.borrow_and_update();
+                    let done = *made.borrow_and_update();
+                    let taken = latest
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_mut()
+                        .and_then(|m| m.remove(&name));
+                    if let Some(ready) = taken {
+                        let offer = ready.offer().clone();
+                        *slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some((name.clone(), ready));
+                        return Some(serde_json::Map::from_iter([(name, offer)]));
+                    }
+                    if done {
+                        return None;
+                    }
+                    tokio::select! {
+                        r = inserted.changed() => r.ok()?,
+                        r = made.changed() => r.ok()?,
+                    }
                 }
-                if done {
-                    return None;
-                }
-                tokio::select! {
-                    r = inserted.changed() => r.ok()?,
-                    r = made.changed() => r.ok()?,
-                }
-            }
-        }))
+            }),
+            wait,
+        )
     }
 
     /// The latest prepared offers, waiting at most `wait` for the first; stops preparing.
