@@ -201,7 +201,7 @@ pub(super) struct EarlyAttempt {
 }
 
 /// What an attempt returns: its result within its deadline, and its notes.
-type Outcome = (
+type Finished = (
     Result<Result<Link, StrategyError>, tokio::time::error::Elapsed>,
     AttemptNotes,
 );
@@ -211,7 +211,7 @@ pub(super) struct EarlyStart {
     pub name: String,
     pub began: Instant,
     pub deadline: Instant,
-    task: tokio::task::JoinHandle<Outcome>,
+    task: tokio::task::JoinHandle<Finished>,
 }
 
 impl EarlyStart {
@@ -253,7 +253,7 @@ impl EarlyStart {
     }
 
     /// Its outcome (waits for it).
-    pub(super) async fn finish(mut self) -> Outcome {
+    pub(super) async fn finish(mut self) -> Finished {
         match (&mut self.task).await {
             Ok(done) => done,
             Err(e) => (
