@@ -117,6 +117,12 @@ impl ServerIdentity {
         })
     }
 
+    /// Its certificate (the first of the chain): a test's trust anchor.
+    #[cfg(test)]
+    pub(crate) fn certificate(&self) -> CertificateDer<'static> {
+        self.certs[0].clone()
+    }
+
     /// The fingerprint peers pin (`--server-key`).
     pub fn fingerprint(&self) -> KeyFingerprint {
         self.fingerprint

@@ -413,73 +413,29 @@ impl AsyncWrite for SealedTls {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    use rustls::{DigitallySignedStruct, SignatureScheme};
+    use rustls::pki_types::ServerName;
     use tokio::net::TcpListener;
-
-    /// Accepts any server certificate (these tests are about the records, not the key).
-    #[derive(Debug)]
-    struct AnyKey(Arc<rustls::crypto::CryptoProvider>);
-
-    impl ServerCertVerifier for AnyKey {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            Ok(HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
 
     /// A server accepting one connection through [`accept`], and a rustls client to it
     /// (offering only `suite` when given).
     async fn pair(
         suite: Option<rustls::SupportedCipherSuite>,
     ) -> (SealedTls, tokio_rustls::client::TlsStream<TcpStream>) {
-        let config = crate::ServerIdentity::ephemeral()
-            .unwrap()
-            .tls_config()
-            .unwrap();
+        let identity = crate::ServerIdentity::ephemeral().unwrap();
+        let config = identity.tls_config().unwrap();
+        // The server's own (self-signed) certificate is the client's trust anchor.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(identity.certificate()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut provider = nettool_core::secure::provider().as_ref().clone();
         if let Some(suite) = suite {
             provider.cipher_suites = vec![suite];
         }
-        let provider = Arc::new(provider);
-        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyKey(provider)))
+            .with_root_certificates(roots)
             .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let (server, client) = tokio::join!(
@@ -489,7 +445,7 @@ mod tests {
             },
             async {
                 let s = TcpStream::connect(addr).await.unwrap();
-                let name = ServerName::try_from("127.0.0.1").unwrap();
+                let name = ServerName::try_from("nettool-rendezvous").unwrap();
                 connector.connect(name, s).await.unwrap()
             }
         );
